@@ -1,0 +1,55 @@
+# anime2vec — every target sets up what it needs on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The stamp changes when the pins change, so `make` reinstalls exactly then.
+STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+PROTOS := $(wildcard protos/anime2vec/v1/*.proto)
+GEN_STAMP := anime2vec/v1/.stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup proto test test-all run bench train evaluate clean help
+
+help:
+	@echo "make run    - set up, train a bundle if none exists, index it, start the services"
+	@echo "make test   - set up and run the test suite (CI runs this)"
+	@echo "make bench  - benchmarks (JSON + markdown + plots under reports/bench/)"
+	@echo "make train  - train the default bundle on the full data (see README)"
+
+setup: $(STAMP) $(GEN_STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, from the CPU wheel: anything later that asks for torch finds it satisfied.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps -e .
+	rm -f $(VENV)/.stamp-*; touch $@
+
+proto: $(GEN_STAMP)
+
+$(GEN_STAMP): $(STAMP) $(PROTOS)
+	mkdir -p anime2vec/v1
+	@if [ -n "$(PROTOS)" ]; then \
+	  $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS); fi
+	touch anime2vec/v1/__init__.py $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+train: setup
+	$(PY) -m anime2vec.cli train
+
+evaluate: setup
+	$(PY) -m anime2vec.cli evaluate
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf anime2vec/v1 .pytest_cache
