@@ -67,3 +67,81 @@ class Dataset:
             "cold_test_nnz": int(self.cold_test.nnz), "heldout_nnz": int(self.heldout.nnz),
             **self.params,
         }
+
+
+def _csr(users, items, vals, shape) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.asarray(vals, np.float32), (users, items)), shape=shape, dtype=np.float32)
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
+def build_dataset(
+    catalog,
+    interactions,
+    seed: int = 0,
+    item_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    user_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    warm_fractions: tuple[float, float] = (0.1, 0.2),
+    min_user_positives: int = 2,
+) -> Dataset:
+    """Index the positives and cut every split from one seeded generator (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    has_text = catalog["synopsis"].astype(str).str.strip().str.len() > 0
+    item_ids = np.asarray(catalog.index[has_text], dtype=np.int64)
+    item_ids.sort()
+    item_pos = {int(a): i for i, a in enumerate(item_ids)}
+
+    pos = interactions[interactions["positive"]]
+    pos = pos[pos["anime_id"].isin(item_pos)]
+    counts = pos.groupby("user_id").size()
+    keep_users = counts.index[counts >= min_user_positives]
+    pos = pos[pos["user_id"].isin(keep_users)]
+    user_ids = np.sort(np.asarray(keep_users, dtype=np.int64))
+    u = np.searchsorted(user_ids, pos["user_id"].to_numpy())
+    i = np.fromiter((item_pos[int(a)] for a in pos["anime_id"].to_numpy()), np.int64, len(pos))
+    c = pos["confidence"].to_numpy(np.float32)
+    n_users, n_items = len(user_ids), len(item_ids)
+
+    # cold-item split over items that have at least one positive
+    observed = np.unique(i)
+    perm = rng.permutation(observed)
+    n_tr = int(round(item_fractions[0] * len(perm)))
+    n_va = int(round(item_fractions[1] * len(perm)))
+    train_items, val_items, test_items = (np.sort(perm[:n_tr]), np.sort(perm[n_tr:n_tr + n_va]),
+                                          np.sort(perm[n_tr + n_va:]))
+    item_role = np.full(n_items, -1, np.int8)  # -1 unobserved, 0 train, 1 val, 2 test
+    item_role[train_items], item_role[val_items], item_role[test_items] = 0, 1, 2
+
+    # user split
+    uperm = rng.permutation(n_users)
+    n_tru = int(round(user_fractions[0] * n_users))
+    n_vau = int(round(user_fractions[1] * n_users))
+    train_users, val_users, test_users = (np.sort(uperm[:n_tru]), np.sort(uperm[n_tru:n_tru + n_vau]),
+                                          np.sort(uperm[n_tru + n_vau:]))
+    user_is_train = np.zeros(n_users, bool)
+    user_is_train[train_users] = True
+
+    role = item_role[i]
+    tr_u = user_is_train[u]
+    # warm holdout: per train user, a random 10% / 20% of their positives on train items
+    warm_mask = tr_u & (role == 0)
+    draw = rng.random(len(u))
+    wv, wt = warm_fractions
+    to_val = warm_mask & (draw < wv)
+    to_test = warm_mask & (draw >= wv) & (draw < wv + wt)
+    to_train = warm_mask & ~to_val & ~to_test
+
+    shape = (n_users, n_items)
+    sel = lambda m: _csr(u[m], i[m], c[m], shape)  # noqa: E731
+    return Dataset(
+        item_ids=item_ids, user_ids=user_ids,
+        train_items=train_items, val_items=val_items, test_items=test_items,
+        train_users=train_users, val_users=val_users, test_users=test_users,
+        train=sel(to_train), warm_val=sel(to_val), warm_test=sel(to_test),
+        cold_val=sel(tr_u & (role == 1)), cold_test=sel(tr_u & (role == 2)),
+        heldout=sel(~tr_u & (role == 0)),
+        seed=seed,
+        params={"item_fractions": list(item_fractions), "user_fractions": list(user_fractions),
+                "warm_fractions": list(warm_fractions), "min_user_positives": min_user_positives},
+    )
