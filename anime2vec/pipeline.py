@@ -35,6 +35,7 @@ from .paths import REPO_ROOT, default_cache_dir, default_model_store
 
 log = logging.getLogger(__name__)
 
+SERVING_MODEL = "dropoutnet-minilm"
 ALL_MODELS = ("popularity", "item-knn", "wmf", "content-knn-tfidf", "content-knn-minilm",
               "dropoutnet-tfidf", "dropoutnet-minilm")
 
@@ -146,7 +147,7 @@ def val_recall(model: Recommender, scs: list[Scenario], k: int = 100) -> dict[st
     out = {}
     for s in scs:
         recs, _ = model.recommend(s.queries, k, items=s.candidates, exclude=s.exclude)
-        out[s.name] = float(np.mean([recall_at_k(recs[j], s.truth[j].indices, k) for j in range(len(recs))]))
+        out[s.name] = recall_at_k(recs, s.truth, k)
     return out
 
 
@@ -204,8 +205,13 @@ def evaluate(p: Prepared, models: dict[str, Recommender], split: str = "test"):
     return exp.run(progress=p.config.progress)
 
 
+def summarise(results, model: str = SERVING_MODEL) -> dict[str, dict[str, float]]:
+    """scenario → metric → value for one model (what a bundle manifest records)."""
+    t = results.table[results.table["model"] == model]
+    return {sc: dict(zip(g["metric"], g["value"].astype(float))) for sc, g in t.groupby("scenario", sort=False)}
+
+
 # ---- bundle -------------------------------------------------------------------------------
-SERVING_MODEL = "dropoutnet-minilm"
 
 
 def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, results,
@@ -233,7 +239,7 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     for col in ("synonyms", "genres"):
         cat[col] = cat[col].map(list)
     cat["year"] = cat["year"].astype("Int64")
-    summary = results.summary() if results is not None else {}
+    summary = summarise(results) if results is not None else {}
     manifest = {
         "model": SERVING_MODEL,
         "data": {"fingerprint": p.data.fingerprint, "files": p.data.files, "source": p.data.source},

@@ -255,20 +255,29 @@ class DropoutNet(Recommender):
         self.item_emb = np.concatenate(
             [self.item_tower(pref[s:s + 8192], self.content[s:s + 8192]) for s in range(0, len(pref), 8192)])
 
-    @torch.inference_mode()
     def user_tower(self, queries: Queries) -> np.ndarray:
         """Û for known users (own factors) or favourites queries (transform of the liked items)."""
-        self.f_u.eval()
         h = queries.history_matrix(self.train)
-        cu = self.inputs.cont_u(self._weighted_mean(h, self.content))
+        mean_content = self._weighted_mean(h, self.content)
         if queries.users is not None:
-            pref = self.inputs.pref_u(self.wmf.U[queries.users])
-            pref[~np.any(self.wmf.U[queries.users] != 0, axis=1)] = 0.0
+            return self.user_tower_from(self.wmf.U[queries.users], mean_content, transformed=False)
+        return self.user_tower_from(self._weighted_mean(h, self.wmf.V), mean_content, transformed=True)
+
+    @torch.inference_mode()
+    def user_tower_from(self, pref: np.ndarray | None, mean_content: np.ndarray,
+                        transformed: bool = True) -> np.ndarray:
+        """Û from raw inputs: pref is a user's own U (transformed=False) or the mean V of the items
+        they like (transformed=True); None or all-zero rows mean content alone (e.g. a free-text
+        query, or favourites that are all cold items)."""
+        self.f_u.eval()
+        mean_content = np.atleast_2d(np.asarray(mean_content, np.float32))
+        if pref is None:
+            p = np.zeros((len(mean_content), self.wmf.factors), np.float32)
         else:
-            mean_v = self._weighted_mean(h, self.wmf.V)
-            pref = self.inputs.pref_t(mean_v)
-            pref[~np.any(mean_v != 0, axis=1)] = 0.0   # only cold items liked: content alone
-        out = self.f_u(self._t(np.concatenate([pref, cu], axis=1)))
+            pref = np.atleast_2d(np.asarray(pref, np.float32))
+            p = (self.inputs.pref_t if transformed else self.inputs.pref_u)(pref)
+            p[~np.any(pref != 0, axis=1)] = 0.0
+        out = self.f_u(self._t(np.concatenate([p, self.inputs.cont_u(mean_content)], axis=1)))
         return out.cpu().numpy().astype(np.float32)
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:

@@ -1,0 +1,63 @@
+"""Durable record of anime added through UpsertAnime (SQLite, WAL).
+
+The Qdrant collection is derived data: it is rebuilt for every model version. The anime added
+at run time are the one thing no bundle holds, so they are committed here *before* the RPC is
+acknowledged, with the raw encoder vector, and replayed into whichever collection serves (at
+start-up and after a model switch, when the new item tower must re-embed them).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class AddedAnime:
+    anime_id: int
+    fields: dict             # AnimeInput as a dict (title, synopsis, genres, ...)
+    raw_vector: np.ndarray   # encoder output, before whitening
+    encoder_fingerprint: str
+    updated_at: float
+
+
+class AddedAnimeStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
+        self._db.execute("""CREATE TABLE IF NOT EXISTS added_anime (
+            anime_id INTEGER PRIMARY KEY, fields TEXT NOT NULL, raw_vector BLOB NOT NULL,
+            encoder_fingerprint TEXT NOT NULL, updated_at REAL NOT NULL)""")
+        self._lock = threading.Lock()
+
+    def put(self, anime_id: int, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str) -> bool:
+        """Insert or replace; returns True when the id was new."""
+        blob = np.asarray(raw_vector, np.float32).tobytes()
+        with self._lock:
+            existed = self._db.execute("SELECT 1 FROM added_anime WHERE anime_id=?", (anime_id,)).fetchone()
+            self._db.execute(
+                "INSERT OR REPLACE INTO added_anime VALUES (?, ?, ?, ?, ?)",
+                (anime_id, json.dumps(fields, ensure_ascii=False), blob, encoder_fingerprint, time.time()))
+        return existed is None
+
+    def all(self) -> list[AddedAnime]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM added_anime ORDER BY anime_id").fetchall()
+        return [AddedAnime(r[0], json.loads(r[1]), np.frombuffer(r[2], np.float32).copy(), r[3], r[4]) for r in rows]
+
+    def max_id(self) -> int:
+        with self._lock:
+            r = self._db.execute("SELECT MAX(anime_id) FROM added_anime").fetchone()
+        return int(r[0] or 0)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,142 @@
+"""The serving model: one loaded bundle turned into the vectors a request needs.
+
+Every query becomes one vector in the towers' space (Û), so a single Qdrant search over the item
+tower vectors (V̂) ranks the whole catalogue, cold and warm items alike:
+  favourites   → f_U([transform(mean V of liked) ; mean φ of liked])
+  known user   → f_U([U_u ; mean φ of the user's history])
+  free text    → f_U([0 ; φ(text)])           (a content-only user)
+  similar item → a favourites query of that one anime
+  new anime    → V̂ = f_V([0 ; φ(text)])      (a cold item, recommendable at once)
+The WMF fallback scores in memory (V·U over the bundle's items); popularity needs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from anime2vec.bundle import Bundle
+from anime2vec.features.whiten import Whitener
+from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
+from anime2vec.models.wmf import WMF
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemMeta:
+    """What the ranker knows about an anime that is not in the bundle arrays (added via UpsertAnime)."""
+    anime_id: int
+    content: np.ndarray          # whitened content vector
+    payload: dict
+
+
+class ServingModel:
+    def __init__(self, bundle: Bundle, device: str | None = None):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.version: str = m["version"]
+        self.manifest = m
+        self.item_ids = np.asarray(bundle.arrays["item_ids"], np.int64)
+        self.pos = {int(a): i for i, a in enumerate(self.item_ids)}
+        self.user_ids = np.asarray(bundle.arrays["user_ids"], np.int64)
+        self.user_pos = {int(u): i for i, u in enumerate(self.user_ids)}
+        self.catalog = bundle.catalog
+        self.content = np.asarray(bundle.arrays["content"], np.float32)
+        self.whitener = Whitener.from_dict(bundle.prefixed("whitener"))
+        train = bundle.train
+        hp = m.get("hyperparameters", {})
+        wmf_params = {k: v for k, v in hp.get("wmf", {}).items() if k in ("regularization", "alpha", "iterations", "seed")}
+        self.wmf = WMF.from_factors(bundle.arrays["wmf_U"], bundle.arrays["wmf_V"], train, **wmf_params)
+        self.train = train
+        self.dropoutnet: DropoutNet | None = None
+        state = bundle.prefixed("dropoutnet")
+        if state:
+            cfg = DropoutNetConfig.from_dict(hp.get("dropoutnet", {}))
+            self.dropoutnet = DropoutNet.from_state(state, cfg, self.content, self.wmf, device=device)
+            self.item_tower = self.dropoutnet.item_emb
+        else:
+            log.warning("bundle %s has no DropoutNet weights: serving WMF and popularity only", self.version)
+            self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
+        members = self.catalog["members"].fillna(0).to_numpy(np.float64) if "members" in self.catalog else None
+        train_pop = np.asarray((train > 0).sum(axis=0)).ravel().astype(np.float64)
+        # popularity prior: MAL members where known, training counts to break ties
+        self.popularity = (members if members is not None else train_pop) + 1e-3 * train_pop
+        self.warm = np.any(self.wmf.V != 0, axis=1)
+
+    # ---- item metadata -------------------------------------------------------------------
+    def payload(self, i: int) -> dict:
+        row = self.catalog.iloc[i]
+        year = row.get("year")
+        return {
+            "anime_id": int(self.item_ids[i]), "title": str(row.get("title", "")),
+            "genres": [str(g) for g in (row.get("genres") or [])], "type": str(row.get("type") or ""),
+            "year": None if year is None or year != year else int(year),
+            "members": int(row.get("members") or 0), "cold": not bool(self.warm[i]), "source": "bundle",
+        }
+
+    # ---- query vectors -----------------------------------------------------------------
+    @property
+    def has_dropoutnet(self) -> bool:
+        return self.dropoutnet is not None
+
+    def _mean(self, vecs: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return (w[:, None] * vecs).sum(axis=0) / max(float(w.sum()), 1e-9)
+
+    def favourites_vector(self, liked: list[int], weights: list[float] | None,
+                          extra: dict[int, ItemMeta] | None = None) -> np.ndarray:
+        """Û for a set of liked anime ids (bundle items and/or added anime)."""
+        assert self.dropoutnet is not None
+        w = np.ones(len(liked), np.float32) if not weights else np.asarray(weights, np.float32)
+        content, pref, pw = [], [], []
+        for a, wi in zip(liked, w):
+            if a in self.pos:
+                i = self.pos[a]
+                content.append(self.content[i])
+                if self.warm[i]:
+                    pref.append(self.wmf.V[i]); pw.append(wi)
+            elif extra and a in extra:
+                content.append(extra[a].content)
+        mean_c = self._mean(np.asarray(content), w[: len(content)] if len(content) == len(w) else np.ones(len(content), np.float32))
+        mean_v = self._mean(np.asarray(pref), np.asarray(pw, np.float32)) if pref else None
+        return self.dropoutnet.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)[0]
+
+    def user_vector(self, user_id: int) -> np.ndarray:
+        assert self.dropoutnet is not None
+        u = self.user_pos[user_id]
+        h = self.train[u]
+        w = h.data.astype(np.float32)
+        mean_c = self._mean(self.content[h.indices], w) if h.nnz else np.zeros(self.content.shape[1], np.float32)
+        return self.dropoutnet.user_tower_from(self.wmf.U[u][None], mean_c[None], transformed=False)[0]
+
+    def whiten(self, raw: np.ndarray) -> np.ndarray:
+        return self.whitener.transform(np.atleast_2d(np.asarray(raw, np.float32)))
+
+    def text_vector(self, raw: np.ndarray) -> np.ndarray:
+        """Û of a content-only user from a raw encoder vector (free-text queries)."""
+        assert self.dropoutnet is not None
+        return self.dropoutnet.user_tower_from(None, self.whiten(raw), transformed=True)[0]
+
+    def new_item_vector(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(V̂, whitened content) of a brand-new anime from its raw encoder vector."""
+        assert self.dropoutnet is not None
+        c = self.whiten(raw)
+        return self.dropoutnet.item_tower(None, c)[0], c[0]
+
+    # ---- fallbacks (in memory, bundle items only) -----------------------------------------
+    def wmf_scores_favourites(self, liked: list[int], weights: list[float] | None) -> np.ndarray | None:
+        idx = [self.pos[a] for a in liked if a in self.pos and self.warm[self.pos[a]]]
+        if not idx:
+            return None
+        import scipy.sparse as sp
+        w = np.ones(len(idx), np.float32) if not weights else np.asarray(
+            [wt for a, wt in zip(liked, weights) if a in self.pos and self.warm[self.pos[a]]], np.float32)
+        h = sp.csr_matrix((w, (np.zeros(len(idx), int), idx)), shape=(1, len(self.item_ids)))
+        u = self.wmf.fold_in(h)[0]
+        return self.wmf.V @ u
+
+    def wmf_scores_user(self, user_id: int) -> np.ndarray | None:
+        u = self.wmf.U[self.user_pos[user_id]]
+        return None if not np.any(u) else self.wmf.V @ u

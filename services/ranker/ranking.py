@@ -1,0 +1,179 @@
+"""Pure ranking helpers: request validation, filters over the in-memory catalogue, MMR and
+dislike re-ranking, explanations. No gRPC, no Qdrant: unit-testable on arrays."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from anime2vec.serving.errors import invalid_argument
+from anime2vec.v1 import common_pb2
+
+from .index import SearchFilter
+
+MAX_FILTER_VALUES = 50
+MAX_FILTER_CHARS = 100
+YEAR_RANGE = (1900, 2100)
+
+
+@dataclass
+class Candidate:
+    anime_id: int
+    score: float
+    payload: dict
+    content: np.ndarray | None = None     # whitened content vector (MMR, explanations)
+    reasons: list = field(default_factory=list)
+
+
+def validate_options(opts: common_pb2.RecommendOptions, default_limit: int, max_limit: int,
+                     max_ids: int) -> tuple[int, float]:
+    """(limit, diversity) or INVALID_ARGUMENT naming every bad field."""
+    bad: list[tuple[str, str]] = []
+    limit = opts.limit or default_limit
+    if opts.limit < 0:
+        bad.append(("options.limit", f"must be >= 0 (0 means the default {default_limit}), got {opts.limit}"))
+    elif limit > max_limit:
+        bad.append(("options.limit", f"at most {max_limit}, got {opts.limit}"))
+    d = opts.diversity
+    if not math.isfinite(d) or d < 0 or d > 1:
+        bad.append(("options.diversity", f"must be in [0, 1], got {d}"))
+    if opts.strategy not in common_pb2.Strategy.values():
+        bad.append(("options.strategy", f"unknown strategy {opts.strategy}"))
+    f = opts.filters
+    for name in ("include_genres", "exclude_genres", "types"):
+        values = list(getattr(f, name))
+        if len(values) > MAX_FILTER_VALUES:
+            bad.append((f"options.filters.{name}", f"at most {MAX_FILTER_VALUES} values, got {len(values)}"))
+        for i, v in enumerate(values[:MAX_FILTER_VALUES]):
+            if not v.strip() or len(v) > MAX_FILTER_CHARS:
+                bad.append((f"options.filters.{name}[{i}]", f"must be 1-{MAX_FILTER_CHARS} non-blank characters"))
+    for name in ("year_min", "year_max"):
+        if f.HasField(name) and not YEAR_RANGE[0] <= getattr(f, name) <= YEAR_RANGE[1]:
+            bad.append((f"options.filters.{name}", f"must be in {YEAR_RANGE[0]}..{YEAR_RANGE[1]}, got {getattr(f, name)}"))
+    if f.HasField("year_min") and f.HasField("year_max") and f.year_min > f.year_max:
+        bad.append(("options.filters.year_min", f"{f.year_min} is after year_max {f.year_max}"))
+    if len(f.exclude_ids) > max_ids:
+        bad.append(("options.filters.exclude_ids", f"at most {max_ids} ids, got {len(f.exclude_ids)}"))
+    if bad:
+        raise invalid_argument(bad)
+    return limit, float(d)
+
+
+def search_filter(f: common_pb2.Filters, excluded: set[int]) -> SearchFilter:
+    return SearchFilter(
+        include_genres=tuple(g.strip() for g in f.include_genres), exclude_genres=tuple(g.strip() for g in f.exclude_genres),
+        types=tuple(t.strip() for t in f.types),
+        year_min=f.year_min if f.HasField("year_min") else None,
+        year_max=f.year_max if f.HasField("year_max") else None,
+        exclude_ids=tuple(sorted(excluded | set(f.exclude_ids))))
+
+
+class CatalogueFilter:
+    """The same filter semantics as the Qdrant payload filter, over the bundle's items in numpy
+    (for the WMF and popularity fallbacks, which rank in memory)."""
+
+    def __init__(self, item_ids: np.ndarray, genres: list, types: list, years: list):
+        self.item_ids = item_ids
+        vocab = sorted({g.casefold() for gs in genres for g in gs})
+        self.genre_col = {g: j for j, g in enumerate(vocab)}
+        self.genre = np.zeros((len(item_ids), max(len(vocab), 1)), bool)
+        for i, gs in enumerate(genres):
+            for g in gs:
+                self.genre[i, self.genre_col[g.casefold()]] = True
+        self.types = np.array([(t or "").casefold() for t in types])
+        self.years = np.array([np.nan if y is None or y != y else float(y) for y in years])
+        self.pos = {int(a): i for i, a in enumerate(item_ids)}
+
+    def _any_genre(self, names) -> np.ndarray:
+        cols = [self.genre_col[g.casefold()] for g in names if g.casefold() in self.genre_col]
+        return self.genre[:, cols].any(axis=1) if cols else np.zeros(len(self.item_ids), bool)
+
+    def mask(self, f: SearchFilter) -> np.ndarray:
+        m = np.ones(len(self.item_ids), bool)
+        if f.include_genres:
+            m &= self._any_genre(f.include_genres)
+        if f.exclude_genres:
+            m &= ~self._any_genre(f.exclude_genres)
+        if f.types:
+            m &= np.isin(self.types, [t.casefold() for t in f.types])
+        if f.year_min is not None:
+            m &= self.years >= f.year_min       # NaN compares False: unknown years drop out
+        if f.year_max is not None:
+            m &= self.years <= f.year_max
+        idx = [self.pos[a] for a in f.exclude_ids if a in self.pos]
+        m[idx] = False
+        return m
+
+
+def mmr(cands: list[Candidate], diversity: float, dislikes: np.ndarray | None = None,
+        dislike_weight: float = 0.5) -> list[Candidate]:
+    """Maximal marginal relevance over content vectors (Carbonell & Goldstein): greedily pick
+    argmax (1-λ)·relevance − λ·max-similarity-to-picked, with λ = diversity and relevance the
+    min-max normalised model score. Disliked items' content is a standing penalty. Deterministic:
+    ties break by input order, and the same pool always yields the same sequence."""
+    if not cands:
+        return []
+    s = np.array([c.score for c in cands], np.float64)
+    rel = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.ones_like(s)
+    X = np.stack([c.content if c.content is not None else np.zeros_like(_first_content(cands)) for c in cands])
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-9)
+    if dislikes is not None and len(dislikes):
+        D = dislikes / np.maximum(np.linalg.norm(dislikes, axis=1, keepdims=True), 1e-9)
+        rel = rel - dislike_weight * np.clip(X @ D.T, 0, None).max(axis=1)
+    if diversity <= 0:
+        return [cands[i] for i in np.argsort(-rel, kind="stable")]
+    picked: list[int] = []
+    max_sim = np.full(len(cands), -np.inf)
+    left = np.ones(len(cands), bool)
+    for _ in range(len(cands)):
+        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
+        obj = np.where(left, (1 - diversity) * rel - diversity * penalty, -np.inf)
+        j = int(np.argmax(obj))
+        picked.append(j)
+        left[j] = False
+        max_sim = np.maximum(max_sim, X @ X[j])
+    return [cands[i] for i in picked]
+
+
+def _first_content(cands: list[Candidate]) -> np.ndarray:
+    for c in cands:
+        if c.content is not None:
+            return c.content
+    return np.zeros(1, np.float32)
+
+
+def explain(c: Candidate, anchors: list[tuple[int, str, np.ndarray, list[str]]], kind: str,
+            query_content: np.ndarray | None = None) -> list[common_pb2.Reason]:
+    """Reasons for one recommendation. anchors: the query's own anime (id, title, content, genres):
+    favourites, or the most confident items of a known user's history."""
+    R = common_pb2
+    reasons: list[tuple[float, common_pb2.Reason]] = []
+    if c.content is not None and anchors:
+        sims = [(float(np.dot(c.content, a[2]) / (np.linalg.norm(c.content) * np.linalg.norm(a[2]) + 1e-9)), a)
+                for a in anchors]
+        sims.sort(key=lambda t: -t[0])
+        for sim, (aid, title, _, _) in sims[:2]:
+            if sim > 0.15:
+                reasons.append((sim, R.Reason(kind=R.REASON_KIND_SIMILAR_TO_FAVOURITE, anime_id=aid, title=title,
+                                              detail=f"close in story and themes to {title} (cosine {sim:.2f})")))
+    mine = list(c.payload.get("genres") or [])
+    theirs = {g.casefold() for a in anchors for g in a[3]}
+    shared = [g for g in mine if g.casefold() in theirs]
+    if shared:
+        reasons.append((0.1 * len(shared), R.Reason(kind=R.REASON_KIND_SHARED_GENRES,
+                                                    detail="shares " + ", ".join(shared[:5]) + " with your favourites")))
+    if kind == "text" and query_content is not None and c.content is not None:
+        sim = float(np.dot(c.content, query_content) / (np.linalg.norm(c.content) * np.linalg.norm(query_content) + 1e-9))
+        reasons.append((max(sim, 0.05), R.Reason(kind=R.REASON_KIND_TEXT_MATCH, detail=f"its synopsis matches your description (cosine {sim:.2f})")))
+    if kind == "wmf":
+        reasons.append((0.3, R.Reason(kind=R.REASON_KIND_NEIGHBOUR, detail="liked by viewers whose taste resembles yours")))
+    if kind == "popularity":
+        reasons.append((0.3, R.Reason(kind=R.REASON_KIND_POPULAR, detail=f"widely watched ({int(c.payload.get('members') or 0):,} MAL members)")))
+    total = sum(w for w, _ in reasons) or 1.0
+    out = []
+    for w, r in sorted(reasons, key=lambda t: -t[0]):
+        r.weight = float(w / total)
+        out.append(r)
+    return out

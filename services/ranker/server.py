@@ -1,0 +1,73 @@
+"""Ranker process: `python -m services.ranker.server` (settings: A2V_RANKER_*, QDRANT_URL)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+from anime2vec.bundle import BundleError, load_bundle
+from anime2vec.serving.logging import configure_logging
+from anime2vec.serving.metrics import Metrics, create_metrics
+from anime2vec.serving.server import RunningServer, build_server
+from anime2vec.serving.settings import SettingsError
+from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
+
+from .added_anime import AddedAnimeStore
+from .index import IndexUnavailable, open_index
+from .model import ServingModel
+from .service import RankerServicer, pick_bundle
+from .settings import RankerSettings
+
+log = logging.getLogger("services.ranker")
+SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
+
+
+def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[RunningServer, RankerServicer]:
+    metrics = metrics or create_metrics()
+    index = open_index(settings.data_dir / "qdrant", settings.qdrant_url or None, settings.qdrant_api_key or None,
+                       on_query=lambda op, sec: metrics.qdrant_query.labels(operation=op).observe(sec))
+    store = AddedAnimeStore(settings.data_dir / "added_anime.sqlite")
+    servicer = RankerServicer(settings, index, store, metrics)
+    path = pick_bundle(settings, index)
+    model = ServingModel(load_bundle(path), device=settings.device or None)
+    servicer.activate(model)
+    if index.alias_target() is None:
+        index.set_alias(model.version)
+    stop = threading.Event()
+
+    def follow():
+        while not stop.wait(settings.alias_poll_s):
+            servicer.maybe_follow_alias()
+    if settings.alias_poll_s > 0:
+        threading.Thread(target=follow, name="alias-follower", daemon=True).start()
+
+    def close():
+        stop.set()
+        servicer.encoder.close()
+        index.close()
+        store.close()
+    running = build_server(settings, "ranker",
+                           lambda server: ranker_pb2_grpc.add_RankerServiceServicer_to_server(servicer, server),
+                           [SERVICE_NAME], metrics=metrics, on_stop=[close])
+    return running, servicer
+
+
+def main() -> int:
+    try:
+        settings = RankerSettings.from_env()
+    except SettingsError as e:
+        print(e, file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, "ranker")
+    try:
+        running, _ = start(settings)
+    except (BundleError, IndexUnavailable) as e:
+        log.error("cannot start: %s", e)
+        return 1
+    running.wait_for_termination()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Ranker configuration (`A2V_RANKER_*`; `QDRANT_URL` / `QDRANT_API_KEY` also honoured)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from anime2vec.paths import REPO_ROOT, default_model_store
+from anime2vec.serving.settings import ServiceSettings
+
+
+class RankerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="A2V_RANKER_", frozen=True, extra="forbid")
+
+    grpc_port: int = Field(50052, ge=0, le=65535)
+    metrics_port: int = Field(9102, ge=0, le=65535)
+    model_store: Path = Field(default_factory=default_model_store, description="directory of model bundles")
+    bundle: str = Field("", description="bundle version or path to serve first; empty: the alias target, else the newest")
+    data_dir: Path = Field(REPO_ROOT / "var" / "ranker", description="embedded Qdrant and the store of added anime")
+    qdrant_url: str = Field("", description="Qdrant server URL; empty: embedded Qdrant under data_dir")
+    qdrant_api_key: str = Field("", description="API key for the Qdrant server", repr=False)
+    encoder_address: str = Field("127.0.0.1:50051", description="encoder service host:port (UpsertAnime)")
+    encoder_timeout_s: float = Field(10.0, gt=0, le=120)
+    default_limit: int = Field(10, ge=1, le=100)
+    max_limit: int = Field(100, ge=1, le=1000)
+    rerank_pool: int = Field(500, ge=50, le=5000, description="candidates re-ranked for diversity / dislikes; also the deepest page then")
+    max_page_depth: int = Field(1000, ge=100, le=100000, description="offset + limit beyond which paging stops")
+    max_ids: int = Field(500, ge=1, description="most liked / disliked / excluded ids per request")
+    alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
+    device: str = Field("", description="torch device for the towers; empty: cuda when present")
+
+    @model_validator(mode="after")
+    def _qdrant_env(self):
+        # QDRANT_URL is the conventional variable (Kubernetes manifests set it)
+        if not self.qdrant_url and os.environ.get("QDRANT_URL"):
+            object.__setattr__(self, "qdrant_url", os.environ["QDRANT_URL"])
+        if not self.qdrant_api_key and os.environ.get("QDRANT_API_KEY"):
+            object.__setattr__(self, "qdrant_api_key", os.environ["QDRANT_API_KEY"])
+        if self.default_limit > self.max_limit:
+            raise ValueError("default_limit must not exceed max_limit")
+        return self
