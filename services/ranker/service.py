@@ -58,7 +58,8 @@ def load_serving(model: ServingModel) -> Serving:
 
 
 def payload_from_fields(anime_id: int, f: dict, cold: bool = True) -> dict:
-    return {"anime_id": anime_id, "title": f.get("title", ""), "genres": list(f.get("genres", [])),
+    return {"anime_id": anime_id, "title": f.get("title", ""), "title_english": f.get("title_english", ""),
+            "synonyms": list(f.get("synonyms", [])), "genres": list(f.get("genres", [])),
             "type": f.get("type", ""), "year": f.get("year"), "members": int(f.get("members") or 0),
             "cold": cold, "source": "upsert"}
 
@@ -326,6 +327,19 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         s = self.serving()
         return common_pb2.GetModelInfoResponse(model=model_info(s))
 
+    def ListCatalog(self, request, context):
+        s = self.serving()
+        size = request.page_size or 1000
+        if not 0 < size <= 5000:
+            raise invalid_argument({"page_size": f"must be in 1..5000 (0 means 1000), got {request.page_size}"})
+        digest = request_digest(ranker_pb2.ListCatalogRequest(), s.version)
+        offset = decode_page_token(request.page_token, digest, field="page_token")
+        entries = catalog_entries(s)
+        page = entries[offset: offset + size]
+        more = offset + size < len(entries)
+        return ranker_pb2.ListCatalogResponse(entries=page, model_version=s.version,
+                                              next_page_token=encode_page_token(offset + size, digest) if more else "")
+
 
 def model_info(s: Serving) -> common_pb2.ModelInfo:
     m = s.model.manifest
@@ -384,3 +398,35 @@ def pick_bundle(settings: RankerSettings, index: ItemIndex):
     if not found:
         raise SystemExit(f"no model bundle in {store}: train one with `make train` (or `anime2vec train --sample`)")
     return found[-1]
+
+
+def catalog_entries(s: Serving) -> list[ranker_pb2.CatalogEntry]:
+    """Bundle catalogue then added anime (by id); an added anime that replaces a catalogue
+    entry's text keeps its catalogue position."""
+    cat = s.model.catalog
+    out = []
+    for i in range(len(cat)):
+        row = cat.iloc[i]
+        aid = int(s.model.item_ids[i])
+        if aid in s.extra:
+            out.append(_entry_from_payload(aid, s.extra[aid].payload, s.extra[aid]))
+            continue
+        e = ranker_pb2.CatalogEntry(anime_id=aid, title=str(row["title"]), title_english=str(row.get("title_english") or ""),
+                                    title_japanese=str(row.get("title_japanese") or ""),
+                                    synonyms=[str(x) for x in (row.get("synonyms") or [])], members=int(row.get("members") or 0),
+                                    type=str(row.get("type") or ""), genres=[str(g) for g in (row.get("genres") or [])])
+        if not pd.isna(row.get("year")):
+            e.year = int(row["year"])
+        out.append(e)
+    for aid in sorted(a for a in s.extra if a not in s.model.pos):
+        out.append(_entry_from_payload(aid, s.extra[aid].payload, s.extra[aid]))
+    return out
+
+
+def _entry_from_payload(aid: int, p: dict, meta: ItemMeta) -> ranker_pb2.CatalogEntry:
+    e = ranker_pb2.CatalogEntry(anime_id=aid, title=p.get("title", ""), title_english=p.get("title_english", ""),
+                                synonyms=p.get("synonyms", []), members=int(p.get("members") or 0),
+                                type=p.get("type") or "", genres=p.get("genres") or [])
+    if p.get("year") is not None:
+        e.year = int(p["year"])
+    return e

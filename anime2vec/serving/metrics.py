@@ -1,0 +1,110 @@
+"""Every Prometheus metric the services export, created in one place with its unit and help.
+
+One `Metrics` (one registry) per process, served over HTTP on the metrics port. Metrics a process
+never touches (a gateway's encoder queue) simply stay at zero or absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+_QDRANT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    rpc_requests: Counter        # a2v_rpc_requests_total{service,method,code}
+    rpc_latency: Histogram       # a2v_rpc_latency_seconds{service,method}
+    rpc_in_flight: Gauge         # a2v_rpc_in_flight{service,method}
+    fallbacks: Counter           # a2v_fallbacks_total{service,reason}
+    model_info: Gauge            # a2v_model_info{service,version,encoder,dim} = 1
+    encoder_batch_size: Histogram     # a2v_encoder_batch_size
+    encoder_queue_wait: Histogram     # a2v_encoder_queue_wait_seconds
+    encoder_queue_depth: Gauge        # a2v_encoder_queue_depth
+    qdrant_query: Histogram           # a2v_qdrant_query_seconds{operation}
+    model_offline_metric: Gauge       # a2v_model_offline_metric{version,scenario,metric}
+
+
+def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    """Create every metric in `registry` (a fresh one by default)."""
+    r = registry if registry is not None else CollectorRegistry()
+    return Metrics(
+        registry=r,
+        rpc_requests=Counter(
+            "a2v_rpc_requests_total", "Completed RPCs by final status code (unit: requests).",
+            ["service", "method", "code"], registry=r),
+        rpc_latency=Histogram(
+            "a2v_rpc_latency_seconds", "Server-side RPC handling time.",
+            ["service", "method"], unit="seconds", buckets=_LATENCY_BUCKETS, registry=r),
+        rpc_in_flight=Gauge(
+            "a2v_rpc_in_flight", "RPCs being handled now (unit: requests).",
+            ["service", "method"], registry=r),
+        fallbacks=Counter(
+            "a2v_fallbacks_total", "Requests served by a fallback instead of the requested path "
+            "(unit: requests).", ["service", "reason"], registry=r),
+        model_info=Gauge(
+            "a2v_model_info", "The model this process serves; always 1, the labels carry the information.",
+            ["service", "version", "encoder", "dim"], registry=r),
+        encoder_batch_size=Histogram(
+            "a2v_encoder_batch_size", "Texts per encoder model call after micro-batching (unit: texts).",
+            buckets=_BATCH_BUCKETS, registry=r),
+        encoder_queue_wait=Histogram(
+            "a2v_encoder_queue_wait_seconds", "Time an encode request waited in the batching queue.",
+            unit="seconds", buckets=_QUEUE_WAIT_BUCKETS, registry=r),
+        encoder_queue_depth=Gauge(
+            "a2v_encoder_queue_depth", "Texts waiting in the encoder batching queue (unit: texts).",
+            registry=r),
+        qdrant_query=Histogram(
+            "a2v_qdrant_query_seconds", "Qdrant call latency by operation (search, upsert, ...).",
+            ["operation"], unit="seconds", buckets=_QDRANT_BUCKETS, registry=r),
+        model_offline_metric=Gauge(
+            "a2v_model_offline_metric", "Offline evaluation result of the served model version (dimensionless).",
+            ["version", "scenario", "metric"], registry=r),
+    )
+
+
+def set_model_info(
+    metrics: Metrics, service: str, version: str, encoder: str, dim: int,
+    offline_metrics: Mapping[str, float] | None = None,
+) -> None:
+    """Publish the model now served, replacing the previous one's series (after a rollout the old
+    version must disappear, not linger as a second 1). `offline_metrics` keys are
+    "<scenario>/<metric>", as in ModelInfo.offline_metrics."""
+    offline = []
+    for key, value in (offline_metrics or {}).items():
+        scenario, sep, metric = key.partition("/")
+        if not sep:
+            raise ValueError(f"offline metric key {key!r} is not '<scenario>/<metric>'")
+        offline.append((scenario, metric, float(value)))
+    metrics.model_info.clear()
+    metrics.model_info.labels(service=service, version=version, encoder=encoder, dim=str(dim)).set(1)
+    metrics.model_offline_metric.clear()
+    for scenario, metric, value in offline:
+        metrics.model_offline_metric.labels(version=version, scenario=scenario, metric=metric).set(value)
+
+
+@dataclass
+class MetricsHttpServer:
+    port: int
+    _httpd: WSGIServer
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> MetricsHttpServer:
+    """Serve `registry` at http://host:port/metrics from a daemon thread; port 0 picks a free one."""
+    try:
+        httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise RuntimeError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
+    return MetricsHttpServer(port=httpd.server_port, _httpd=httpd)

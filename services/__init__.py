@@ -1,0 +1,1 @@
+"""The anime2vec gRPC services, one process each (`python -m services.<name>.server`)."""

@@ -1,0 +1,1 @@
+"""The encoder service: text → anime2vec vectors, micro-batched across concurrent requests."""

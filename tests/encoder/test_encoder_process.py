@@ -1,0 +1,108 @@
+"""The encoder as operators run it: `python -m services.encoder.server` in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from anime2vec.paths import REPO_ROOT
+from anime2vec.v1 import encoder_pb2, encoder_pb2_grpc
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_ENCODER_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", A2V_ENCODER_HOST="127.0.0.1",
+               A2V_ENCODER_GRPC_PORT="0", A2V_ENCODER_METRICS_PORT="0", **extra)
+    return env
+
+
+def _launch(env: dict) -> tuple[subprocess.Popen, queue.Queue]:
+    proc = subprocess.Popen([sys.executable, "-m", "services.encoder.server"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines: queue.Queue, msg: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("msg") == msg:
+            return entry
+    raise AssertionError(f"no {msg!r} log line; stderr was:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def encoder_process():
+    proc, lines = _launch(_env(A2V_ENCODER_MODEL="tiny-random"))
+    yield proc, lines
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_serves_over_a_socket_and_exits_cleanly_on_sigterm(encoder_process):
+    proc, lines = encoder_process
+    started = _wait_for(lines, "serving")
+    channel = grpc.insecure_channel(f"127.0.0.1:{started['grpc_port']}")
+
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "anime2vec.v1.EncoderService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    assert "anime2vec.v1.EncoderService" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+    stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+    resp = stub.Encode(encoder_pb2.EncodeRequest(texts=["A boy becomes a ninja.", "Alchemist brothers."]), timeout=30)
+    assert resp.dim == 32 and resp.model_name.startswith("tiny-random") and len(resp.model_version) == 16
+    vectors = np.array([v.values for v in resp.vectors])
+    assert vectors.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{started['metrics_port']}/metrics", timeout=30).read().decode()
+    assert "a2v_encoder_batch_size_count 1.0" in body
+    assert "a2v_encoder_batch_size_sum 2.0" in body
+    assert 'a2v_rpc_requests_total{code="OK",method="anime2vec.v1.EncoderService/Encode",service="encoder"} 1.0' in body
+    channel.close()
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    _wait_for(lines, "stopped", timeout=10)
+
+
+def test_invalid_configuration_exits_2_naming_the_variable():
+    proc, lines = _launch(_env(A2V_ENCODER_MODEL="gpt-9", A2V_ENCODER_MAX_WAIT_MS="-1"))
+    assert proc.wait(120) == 2
+    err = "".join(iter(lines.get, None))
+    assert "A2V_ENCODER_MODEL" in err and "A2V_ENCODER_MAX_WAIT_MS" in err
