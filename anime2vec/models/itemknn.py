@@ -26,7 +26,7 @@ class ItemKNN(Recommender):
 
     def fit(self, train: sp.csr_matrix) -> "ItemKNN":
         self.train = train.tocsr().astype(np.float32)
-        x = self.train.copy()
+        x = self.train.copy().tocsr()
         if self.binary:  # cosine on who-watched-what; confidence only weighs the query side
             x.data[:] = 1.0
         model = CosineRecommender(K=self.K)

@@ -16,8 +16,9 @@ class Popularity(Recommender):
     name = "popularity"
     learns_preferences = False
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
         super().__init__()
+        self.seed = seed
         self.counts: np.ndarray | None = None
         self._scores: np.ndarray | None = None
 
@@ -25,13 +26,19 @@ class Popularity(Recommender):
         self.train = train.tocsr().astype(np.float32)
         n_items = self.train.shape[1]
         self.counts = np.asarray((self.train > 0).sum(axis=0)).ravel().astype(np.int64)
-        # Score = 1 - rank / n_items in the order (count desc, item index asc): monotone in the
-        # count with ties broken by index, and every item distinct in float32, which a count
-        # plus a tiny epsilon would not be once counts reach the thousands.
-        order = np.lexsort((np.arange(n_items), -self.counts))
+        # Score = 1 - rank / n_items in the order (count desc, then a seeded random order): monotone
+        # in the count, every item distinct in float32 (a count plus a tiny epsilon would not be
+        # once counts reach the thousands). Ties must not follow the item index: MAL ids grow
+        # with air date, so index order would smuggle an "older is more watched" signal into
+        # the ranking of cold items, which all have a count of 0.
+        tiebreak = np.random.default_rng(self.seed).permutation(n_items)
+        order = np.lexsort((tiebreak, -self.counts))
         self._scores = np.empty(n_items, np.float32)
         self._scores[order] = 1.0 - np.arange(n_items, dtype=np.float64) / n_items
         return self
+
+    def params(self) -> dict:
+        return {"seed": self.seed}
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
         assert self._scores is not None, "fit() first"

@@ -1,0 +1,168 @@
+"""Write an evaluation run as report.md (tables), report.json (everything) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .protocol import FAMILIES, Results  # noqa: E402
+
+# Metrics without a "better" direction are never bolded: a lower popularity percentile is less
+# popularity-biased, not more accurate.
+NO_DIRECTION = ("popularity_pct",)
+DEFINITIONS = [
+    "recall@k: |top-k ∩ relevant| / |relevant| per query (DropoutNet), mean over queries.",
+    "ndcg@k: binary gains, ideal = min(k, |relevant|) hits on top.",
+    "mrr: 1 / rank of the first relevant item in the full ranking of the candidates.",
+    "coverage@k: share of the candidate items that appear in at least one top-k list.",
+    "popularity_pct@k: mean percentile (0-100) of the recommended items' training popularity among all items.",
+    "diversity@k: mean pairwise cosine distance within each top-k list, in one fixed content space for all models.",
+    "Exact score ties are broken in a seeded random candidate order, the same for every model.",
+]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _fmt(metric: str, v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{v:.1f}" if metric.startswith("popularity_pct") else f"{v:.4f}"
+
+
+def _markdown_table(wide: pd.DataFrame) -> list[str]:
+    """models as rows, metrics as columns, the best value of each column in bold."""
+    cols = list(wide.columns)
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    best = {c: wide[c].max() for c in cols if not c.startswith(NO_DIRECTION)}
+    for model, row in wide.iterrows():
+        cells = []
+        for c in cols:
+            text = _fmt(c, row[c])
+            if c in best and math.isfinite(row[c]) and row[c] == best[c] and len(wide) > 1:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown(results: Results, title: str, command: str, dataset_description: dict) -> str:
+    r = results
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             f"Split: **{r.split}** · seed {r.seed} · ks {list(r.ks)} · "
+             f"max queries per family: {r.max_queries if r.max_queries is not None else 'all'}", "",
+             "## Dataset", "", "| | |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in dataset_description.items()]
+    lines += ["", "## Models", "", "| model | parameters | fit seconds |", "|---|---|---:|"]
+    for name, info in r.models.items():
+        fit = info.get("fit_seconds")
+        params = json.dumps(_jsonable(info.get("params", {})), sort_keys=True)
+        lines.append(f"| {name} | `{params}` | {'fitted before' if fit is None else f'{fit:.1f}'} |")
+    for family, heading in FAMILIES.items():
+        scs = r.scenarios[r.scenarios["family"] == family]
+        if scs.empty:
+            continue
+        lines += ["", f"## {heading}"]
+        for sc in scs.itertuples():
+            lines += ["", f"### {sc.name}", "",
+                      f"{sc.description}; {sc.n_queries} queries, {sc.n_candidates} candidates.", ""]
+            lines += _markdown_table(r.metrics(sc.name))
+    if r.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
+    lines += ["", "## Metrics", ""] + [f"- {d}" for d in DEFINITIONS]
+    return "\n".join(lines) + "\n"
+
+
+def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _plot_curves(results: Results, path: Path) -> None:
+    names = list(results.scenarios["name"])
+    fig, axes = _grid(len(names))
+    for ax, name in zip(axes, names):
+        sub = results.curves[results.curves["scenario"] == name]
+        for model, g in sub.groupby("model", sort=False):
+            ax.plot(g["k"], g["recall"], label=model)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("K")
+        ax.set_ylabel("recall@K")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"recall@K ({results.split} split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_diversity(results: Results, path: Path) -> None:
+    k = results.ks[0]
+    t = results.table
+    y_metric = f"diversity@{k}" if (t["metric"] == f"diversity@{k}").any() else f"coverage@{k}"
+    names = list(results.scenarios["name"])
+    fig, axes = _grid(len(names))
+    for ax, name in zip(axes, names):
+        wide = results.metrics(name)
+        for model, row in wide.iterrows():
+            ax.scatter(row[f"recall@{k}"], row[y_metric])
+            ax.annotate(model, (row[f"recall@{k}"], row[y_metric]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(f"recall@{k}")
+        ax.set_ylabel(y_metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{y_metric} vs recall@{k} ({results.split} split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: Results, out_dir: str | Path, title: str, command: str,
+                 dataset_description: dict) -> list[Path]:
+    """Write report.md, report.json, recall_curves.png and diversity_accuracy.png into out_dir
+    (created if needed) and return their paths in that order."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "report.md", out / "report.json"
+    curves_png, div_png = out / "recall_curves.png", out / "diversity_accuracy.png"
+    md.write_text(_markdown(results, title, command, dataset_description), encoding="utf-8")
+    curves = {name: {model: g.sort_values("k")["recall"].tolist() for model, g in sub.groupby("model", sort=False)}
+              for name, sub in results.curves.groupby("scenario", sort=False)}
+    doc = {
+        "title": title, "command": command, "split": results.split, "seed": results.seed,
+        "ks": list(results.ks), "max_queries": results.max_queries, "dataset": dataset_description,
+        "models": results.models, "scenarios": results.scenarios.to_dict(orient="records"),
+        "metrics": results.table.to_dict(orient="records"), "recall_curves": curves,
+        "timings": results.timings.to_dict(orient="records"), "notes": results.notes,
+    }
+    js.write_text(json.dumps(_jsonable(doc), indent=2, allow_nan=False), encoding="utf-8")
+    _plot_curves(results, curves_png)
+    _plot_diversity(results, div_png)
+    return [md, js, curves_png, div_png]

@@ -1,0 +1,259 @@
+"""The ranker's item index: V̂ item-tower vectors in Qdrant, one collection per model version behind
+one alias, so that promoting or rolling back a version is a single atomic alias switch.
+
+Two backends implement `ItemIndex`:
+- `EdgeItemIndex` (index_edge.py, the default): the Qdrant engine embedded in-process through
+  qdrant-edge, one shard directory per version under a root directory and an `aliases.json` record.
+- `QdrantItemIndex` (index_client.py): a Qdrant server or cluster via qdrant-client when
+  `QDRANT_URL` is set; collections `anime2vec_items_<version>` behind the alias `anime2vec_items`.
+
+Scores are dot products (V̂·Û). Point ids are anime ids. Filters are pushed down into Qdrant as
+payload conditions, so a filtered page is the exact filtered top-k, not a post-filtered one.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+ALIAS = "anime2vec_items"
+COLLECTION_PREFIX = ALIAS + "_"
+# Derived payload fields that carry case-folded copies of `genres` and `type`, because Qdrant
+# keyword matching is case-sensitive while the API's genre/type filters are not. They are indexed,
+# written on every upsert and stripped from the payload callers see.
+GENRES_KEY = "_genres"
+TYPE_KEY = "_type"
+_DERIVED = (GENRES_KEY, TYPE_KEY)
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+QueryHook = Callable[[str, float], None]
+"""on_query(operation, seconds): called after every data-plane call ("search", "search_batch",
+"get", "count", "upsert"), e.g. to observe a2v_qdrant_query_seconds{operation}."""
+
+
+class ItemIndexError(Exception):
+    """Base of the errors this module raises on purpose."""
+
+
+class IndexUnavailable(ItemIndexError):
+    """The backend cannot be reached (server down, timeout) or its storage cannot be opened
+    (e.g. a shard directory locked by another process)."""
+
+
+class UnknownVersion(ItemIndexError, KeyError):
+    """No (complete) collection for this version, or no version promoted behind the alias."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class VersionExists(ItemIndexError):
+    """create_version on a version that is already built, without overwrite=True."""
+
+
+class VersionInUse(ItemIndexError):
+    """Deleting or rebuilding the version the alias points at (demote it first)."""
+
+
+@dataclass
+class ItemPoint:
+    """One anime in the index. `vector` is None only in `get(..., with_vectors=False)` results."""
+
+    anime_id: int
+    vector: np.ndarray | None
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Hit:
+    anime_id: int
+    score: float
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Payload filter; all given parts must hold. Genre and type matching is case-insensitive.
+    A year bound drops anime whose year is unknown (null)."""
+
+    include_genres: Sequence[str] = ()   # at least one of these genres
+    exclude_genres: Sequence[str] = ()   # none of these genres
+    types: Sequence[str] = ()            # type is one of these
+    year_min: int | None = None          # inclusive
+    year_max: int | None = None          # inclusive
+    exclude_ids: Sequence[int] = ()
+
+
+class ItemIndex(Protocol):
+    """What the ranker needs from Qdrant. `version=None` always means "the alias target" and is
+    resolved per call, so a promotion takes effect on the next call without a restart."""
+
+    def create_version(self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024,
+                       overwrite: bool = False) -> int:
+        """Build the collection for a bundle version completely, then mark it complete; returns the
+        number of points written. Does not touch the alias. Raises VersionExists unless
+        overwrite=True, and VersionInUse when overwriting the alias target."""
+
+    def has_version(self, version: str) -> bool:
+        """True when a complete collection exists for `version`."""
+
+    def versions(self) -> list[str]:
+        """Complete versions, sorted."""
+
+    def set_alias(self, version: str) -> None:
+        """Atomically point the alias at `version` (promotion and rollback alike)."""
+
+    def alias_target(self) -> str | None:
+        """The version the alias points at, or None before the first promotion."""
+
+    def upsert(self, points: Sequence[ItemPoint], version: str | None = None) -> None:
+        """Insert or replace points; searchable when this returns."""
+
+    def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
+               version: str | None = None, exact: bool = True) -> list[Hit]:
+        """Top `limit` points by dot product after skipping `offset`, best first. exact=True scans
+        every candidate, so the ranking equals numpy's exact one."""
+
+    def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
+                     version: str | None = None, exact: bool = True) -> list[list[Hit]]:
+        """`search` for each row of `vectors` (filters aligned with the rows), in one engine call."""
+
+    def get(self, anime_ids: Sequence[int], version: str | None = None,
+            with_vectors: bool = False) -> list[ItemPoint]:
+        """The points that exist among `anime_ids`, in the order asked."""
+
+    def count(self, version: str | None = None) -> int: ...
+
+    def delete_version(self, version: str) -> None:
+        """Drop a version's collection; refuses (VersionInUse) the alias target."""
+
+    def close(self) -> None: ...
+
+
+def open_index(root: Path | None, url: str | None, api_key: str | None = None, *,
+               on_query: QueryHook | None = None, timeout_s: float = 5.0) -> ItemIndex:
+    """A Qdrant server index when `url` is set (checked reachable now: IndexUnavailable within
+    about `timeout_s` otherwise), else the embedded index stored under `root`."""
+    if url:
+        from services.ranker.index_client import QdrantItemIndex
+        return QdrantItemIndex.connect(url, api_key=api_key, timeout_s=timeout_s, on_query=on_query)
+    if root is None:
+        raise ValueError("open_index needs a root directory when no Qdrant URL is given")
+    from services.ranker.index_edge import EdgeItemIndex
+    return EdgeItemIndex(Path(root), on_query=on_query)
+
+
+# ---- helpers shared by the backends -------------------------------------------------------------
+
+def check_version(version: str) -> str:
+    """Versions become directory and collection names, so keep them to a safe alphabet."""
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+        raise ValueError(f"invalid index version {version!r}: use 1-100 of [A-Za-z0-9._-], "
+                         "starting with a letter or digit")
+    return version
+
+
+def as_query_vector(vector: np.ndarray) -> list[float]:
+    v = np.asarray(vector, dtype=np.float32)
+    if v.ndim != 1 or not np.isfinite(v).all():
+        raise ValueError(f"query vector must be 1-D and finite, got shape {v.shape}")
+    return v.tolist()
+
+
+def as_query_matrix(vectors: np.ndarray) -> list[list[float]]:
+    m = np.asarray(vectors, dtype=np.float32)
+    if m.ndim != 2 or not np.isfinite(m).all():
+        raise ValueError(f"query vectors must be a finite 2-D array, got shape {m.shape}")
+    return m.tolist()
+
+
+def check_page(limit: int, offset: int) -> None:
+    if limit < 1 or offset < 0:
+        raise ValueError(f"need limit >= 1 and offset >= 0, got limit={limit} offset={offset}")
+
+
+def aligned_filters(filters: Sequence[SearchFilter | None] | None, n: int) -> list[SearchFilter | None]:
+    if filters is None:
+        return [None] * n
+    if len(filters) != n:
+        raise ValueError(f"{len(filters)} filters for {n} query vectors")
+    return list(filters)
+
+
+def stored_point(point: ItemPoint, dim: int) -> tuple[int, list[float], dict[str, Any]]:
+    """Validate one point and give (id, vector, payload as stored). Validation happens before any
+    write so that a bad point fails its whole batch instead of leaving it half-applied."""
+    anime_id = int(point.anime_id)
+    if anime_id < 0:
+        raise ValueError(f"anime_id must be >= 0 (Qdrant point ids are unsigned), got {anime_id}")
+    if point.vector is None:
+        raise ValueError(f"anime {anime_id}: missing vector")
+    v = np.asarray(point.vector, dtype=np.float32)
+    if v.shape != (dim,) or not np.isfinite(v).all():
+        raise ValueError(f"anime {anime_id}: vector must be finite with shape ({dim},), got {v.shape}")
+    payload = {k: _plain(x) for k, x in point.payload.items() if k not in _DERIVED}
+    payload["anime_id"] = anime_id
+    payload[GENRES_KEY] = folded(payload.get("genres") or [])
+    kind = payload.get("type")
+    payload[TYPE_KEY] = str(kind).casefold() if kind is not None else None
+    return anime_id, v.tolist(), payload
+
+
+def folded(values: Iterable[Any]) -> list[str]:
+    """The case-folded form filters match against (see GENRES_KEY)."""
+    return sorted({str(v).casefold() for v in values})
+
+
+def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: x for k, x in (payload or {}).items() if k not in _DERIVED}
+
+
+def ordered_points(records: Iterable[tuple[int, list[float] | None, dict | None]],
+                   anime_ids: Sequence[int]) -> list[ItemPoint]:
+    by_id = {int(i): ItemPoint(int(i), None if v is None else np.asarray(v, np.float32), public_payload(p))
+             for i, v, p in records}
+    return [by_id[int(a)] for a in anime_ids if int(a) in by_id]
+
+
+def batched(points: Iterable[ItemPoint], size: int) -> Iterator[list[ItemPoint]]:
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    chunk: list[ItemPoint] = []
+    for p in points:
+        chunk.append(p)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@contextmanager
+def timed(hook: QueryHook | None, operation: str) -> Iterator[None]:
+    """Report the call's duration to `hook`, failed calls included (a slow timeout is latency too)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook(operation, time.perf_counter() - start)
+
+
+def _plain(x: Any) -> Any:
+    """Payloads often come from pandas rows: turn numpy scalars/arrays into JSON-native values."""
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and x != x:   # NaN: pandas' missing value, not JSON
+        return None
+    if isinstance(x, (list, tuple)):
+        return [_plain(e) for e in x]
+    return x

@@ -1,0 +1,263 @@
+"""Embedded backend: the Qdrant engine in-process through qdrant-edge (no server to run).
+
+Layout under the root directory:
+    aliases.json               {"anime2vec_items": "<version>"}, replaced atomically (os.replace)
+    versions/<version>/shard/  the qdrant-edge shard (segments + WAL)
+    versions/<version>/meta.json  written last: a version directory without it is not a version
+    versions/.build-*          a build in progress (renamed into place only when complete)
+
+Concurrency, as measured on qdrant-edge 0.9: an EdgeShard call holds the GIL for its whole duration,
+so calls from many threads are serialised by the GIL itself and concurrent search + upsert is safe
+without a lock of ours (it also means a search blocks other Python threads for its few
+milliseconds). The lock below guards only our own state: the table of open shards and the
+version directories. A shard directory is locked by the engine to the one process (and the one
+EdgeShard) that opened it, so shards open lazily on first use: an offline `index` command can build
+and promote a new version beside a running ranker, which follows the alias on its next call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import qdrant_edge as qe
+
+from services.ranker.index import (ALIAS, GENRES_KEY, TYPE_KEY, Hit, IndexUnavailable, ItemPoint, QueryHook,
+                                   SearchFilter, UnknownVersion, VersionExists, VersionInUse, aligned_filters,
+                                   as_query_matrix, as_query_vector, batched, check_page, check_version, folded,
+                                   ordered_points, public_payload, stored_point, timed)
+
+_INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
+                   ("year", qe.PayloadSchemaType.Integer))
+
+
+def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
+    """SearchFilter → engine filter (evaluated inside the search, using the payload indexes)."""
+    if flt is None:
+        return None
+    must: list = []
+    must_not: list = []
+    if flt.include_genres:
+        must.append(qe.FieldCondition(GENRES_KEY, match=qe.MatchAny(folded(flt.include_genres))))
+    if flt.exclude_genres:
+        must_not.append(qe.FieldCondition(GENRES_KEY, match=qe.MatchAny(folded(flt.exclude_genres))))
+    if flt.types:
+        must.append(qe.FieldCondition(TYPE_KEY, match=qe.MatchAny(folded(flt.types))))
+    if flt.year_min is not None or flt.year_max is not None:
+        must.append(qe.FieldCondition("year", range=qe.RangeFloat(gte=flt.year_min, lte=flt.year_max)))
+    if flt.exclude_ids:
+        must_not.append(qe.HasIdCondition({int(i) for i in flt.exclude_ids}))
+    if not must and not must_not:
+        return None
+    return qe.Filter(must=must or None, must_not=must_not or None)
+
+
+class EdgeItemIndex:
+    """ItemIndex on qdrant-edge shards under `root` (see the module docstring)."""
+
+    def __init__(self, root: Path, on_query: QueryHook | None = None):
+        self._root = Path(root)
+        self._versions_dir = self._root / "versions"
+        self._versions_dir.mkdir(parents=True, exist_ok=True)
+        self._alias_file = self._root / "aliases.json"
+        self._on_query = on_query
+        self._lock = threading.Lock()
+        self._shards: dict[str, qe.EdgeShard] = {}
+        self._dims: dict[str, int] = {}
+        self._alias_seen: tuple[tuple[int, int, int] | None, str | None] = (None, None)
+        self._closed = False
+
+    # ---- versions and alias ----
+
+    def create_version(self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024,
+                       overwrite: bool = False) -> int:
+        check_version(version)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if self.has_version(version):
+            if not overwrite:
+                raise VersionExists(f"index version {version} already exists (pass overwrite=True to rebuild)")
+            if version == self.alias_target():
+                raise VersionInUse(f"index version {version} is the alias target; promote another first")
+        build = self._versions_dir / f".build-{version}-{uuid.uuid4().hex[:8]}"
+        shard = qe.EdgeShard.create(str(build / "shard"),
+                                    qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot)))
+        try:
+            for name, schema in _INDEXED_FIELDS:
+                shard.update(qe.UpdateOperation.create_field_index(name, schema))
+            written = 0
+            for chunk in batched(points, batch):
+                shard.update(qe.UpdateOperation.upsert_points([qe.Point(*stored_point(p, dim)) for p in chunk]))
+                written += len(chunk)
+            shard.close()   # flushes; the directory is only moved once nothing holds it
+            _write_json(build / "meta.json", {"version": version, "dim": dim, "points": written,
+                                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            self._install(version, build, overwrite)
+            return written
+        except BaseException:
+            shard.close()
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+    def _install(self, version: str, build: Path, overwrite: bool) -> None:
+        """Move a complete build into place, replacing an existing version only when allowed."""
+        final = self._versions_dir / version
+        with self._lock:
+            if not final.exists():
+                os.rename(build, final)
+                return
+            if not overwrite:   # another process built it meanwhile
+                raise VersionExists(f"index version {version} already exists (pass overwrite=True to rebuild)")
+            trash = self._retire(version)
+            os.rename(build, final)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def has_version(self, version: str) -> bool:
+        return (self._versions_dir / check_version(version) / "meta.json").is_file()
+
+    def versions(self) -> list[str]:
+        return sorted(p.name for p in self._versions_dir.iterdir()
+                      if not p.name.startswith(".") and (p / "meta.json").is_file())
+
+    def set_alias(self, version: str) -> None:
+        if not self.has_version(version):
+            raise UnknownVersion(f"no index version {version} to promote; have {self.versions()}")
+        _write_json(self._alias_file, {ALIAS: version})
+
+    def alias_target(self) -> str | None:
+        """Re-read when aliases.json changes (another process may promote), else cached."""
+        try:
+            st = os.stat(self._alias_file)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        seen_key, target = self._alias_seen
+        if key != seen_key:
+            target = json.loads(self._alias_file.read_text()).get(ALIAS)
+            self._alias_seen = (key, target)
+        return target
+
+    def delete_version(self, version: str) -> None:
+        if not self.has_version(version):
+            raise UnknownVersion(f"no index version {version}")
+        if version == self.alias_target():
+            raise VersionInUse(f"index version {version} is the alias target; promote another first")
+        with self._lock:
+            trash = self._retire(version)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _retire(self, version: str) -> Path:
+        """Close our shard of `version` and move its directory aside (caller holds the lock and
+        deletes the returned path). Refuses while another process holds the shard: deleting files
+        under a live reader would only surface as its errors later."""
+        path = self._versions_dir / version
+        shard = self._shards.pop(version, None)
+        self._dims.pop(version, None)
+        if shard is None:
+            try:
+                shard = qe.EdgeShard.load(str(path / "shard"))
+            except Exception as e:
+                raise VersionInUse(f"index version {version} is open in another process: {e}") from e
+        shard.close()
+        trash = self._versions_dir / f".trash-{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        return trash
+
+    # ---- data plane ----
+
+    def upsert(self, points: Sequence[ItemPoint], version: str | None = None) -> None:
+        shard, dim = self._open(version)
+        ops = [qe.Point(*stored_point(p, dim)) for p in points]
+        if not ops:
+            return
+        with timed(self._on_query, "upsert"):
+            shard.update(qe.UpdateOperation.upsert_points(ops))
+            shard.flush()   # new anime are rare and must survive a crash, not just a clean close
+
+    def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
+               version: str | None = None, exact: bool = True) -> list[Hit]:
+        request = _query(as_query_vector(vector), limit, offset, flt, exact)
+        shard, _ = self._open(version)
+        with timed(self._on_query, "search"):
+            found = shard.query(request)
+        return [_hit(p) for p in found]
+
+    def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
+                     version: str | None = None, exact: bool = True) -> list[list[Hit]]:
+        rows = as_query_matrix(vectors)
+        requests = [_query(v, limit, 0, f, exact) for v, f in zip(rows, aligned_filters(filters, len(rows)))]
+        if not requests:
+            return []
+        shard, _ = self._open(version)
+        with timed(self._on_query, "search_batch"):
+            found = shard.query_batch(qe.QueryBatchRequest(requests))
+        return [[_hit(p) for p in ps] for ps in found]
+
+    def get(self, anime_ids: Sequence[int], version: str | None = None,
+            with_vectors: bool = False) -> list[ItemPoint]:
+        shard, _ = self._open(version)
+        with timed(self._on_query, "get"):
+            records = shard.retrieve([int(a) for a in anime_ids], True, with_vectors)
+        return ordered_points(((r.id, r.vector if with_vectors else None, r.payload) for r in records), anime_ids)
+
+    def count(self, version: str | None = None) -> int:
+        shard, _ = self._open(version)
+        with timed(self._on_query, "count"):
+            return shard.count(qe.CountRequest(exact=True))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            shards, self._shards = list(self._shards.values()), {}
+            for shard in shards:
+                shard.close()
+
+    def _open(self, version: str | None) -> tuple[qe.EdgeShard, int]:
+        """The shard of `version` (None: the alias target), opened on first use."""
+        if version is None:
+            version = self.alias_target()
+            if version is None:
+                raise UnknownVersion("no index version has been promoted (the alias is unset)")
+        with self._lock:
+            if self._closed:
+                raise IndexUnavailable("the index is closed")
+            shard = self._shards.get(version)
+            if shard is not None:
+                return shard, self._dims[version]
+            if not self.has_version(version):
+                raise UnknownVersion(f"no index version {version}; have {self.versions()}")
+            path = self._versions_dir / version
+            try:
+                shard = qe.EdgeShard.load(str(path / "shard"))
+            except Exception as e:   # the engine raises bare Exception; a held lock is the usual cause
+                raise IndexUnavailable(f"cannot open index version {version} at {path}: {e}") from e
+            self._shards[version] = shard
+            self._dims[version] = int(json.loads((path / "meta.json").read_text())["dim"])
+            return shard, self._dims[version]
+
+
+def _query(vector: list[float], limit: int, offset: int, flt: SearchFilter | None, exact: bool) -> qe.QueryRequest:
+    check_page(limit, offset)
+    return qe.QueryRequest(limit=limit, offset=offset, query=qe.Query.Nearest(vector), filter=edge_filter(flt),
+                           params=qe.SearchParams(exact=exact), with_payload=True)
+
+
+def _hit(p: qe.ScoredPoint) -> Hit:
+    return Hit(int(p.id), float(p.score), public_payload(p.payload))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write-then-rename so readers (maybe in another process) see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,216 @@
+"""One behavioural suite every recommender must pass, on a tiny two-cluster dataset.
+
+Register a model by adding a factory to MODEL_FACTORIES: it takes (dataset, content) and returns an
+UNFITTED model whose randomness is fixed by its own seed. Models with `learns_preferences = True`
+must also beat popularity at recommending in-cluster items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from anime2vec.data.dataset import Dataset
+from anime2vec.models.base import Queries, Recommender
+from anime2vec.models.content_knn import ContentKNN
+from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
+from anime2vec.models.itemknn import ItemKNN
+from anime2vec.models.popularity import Popularity
+from anime2vec.models.wmf import WMF
+
+Factory = Callable[[Dataset, np.ndarray], Recommender]
+MODEL_FACTORIES: list[tuple[str, Factory]] = [
+    ("popularity", lambda ds, content: Popularity()),
+    ("item-knn", lambda ds, content: ItemKNN(K=20)),
+    ("wmf", lambda ds, content: WMF(factors=8, regularization=0.1, alpha=5.0, iterations=10, seed=0, threads=1)),
+    ("content-knn", lambda ds, content: ContentKNN(content, name="content-knn")),
+    ("dropoutnet", lambda ds, content: DropoutNet(
+        content, WMF(factors=8, regularization=0.1, alpha=5.0, iterations=10, seed=0, threads=1),
+        DropoutNetConfig(hidden=(32,), out_dim=16, epochs=30, batch_users=16, top_pool=10, n_top=8, n_rand=8,
+                         lr=3e-3, seed=0), device="cpu")),
+]
+
+# Two clusters of items (A: 0-19, B: 20-39) and users (A: 24, B: 36). Users like items of their
+# own cluster and, now and then, one of the other. B has more users, so B items are the popular
+# ones and popularity recommends B items to everybody: a preference learner must do better on A.
+N_ITEMS, N_A_ITEMS, N_A_USERS, N_USERS, DIM = 40, 20, 24, 60, 8
+VAL_ITEMS, TEST_ITEMS = np.array([18, 19, 38, 39]), np.array([16, 17, 36, 37])
+VAL_USERS, TEST_USERS = np.array([0, 1, 2, 24, 25, 26]), np.array([3, 4, 5, 27, 28, 29])
+
+
+def _split(ds_rng: np.random.Generator, likes: sp.coo_matrix) -> Dataset:
+    """Cut the splits the way anime2vec.data.dataset documents them."""
+    u, i, c = likes.row, likes.col, likes.data
+    cold = np.isin(i, np.r_[VAL_ITEMS, TEST_ITEMS])
+    held_user = np.isin(u, np.r_[VAL_USERS, TEST_USERS])
+    draw = ds_rng.random(len(u))
+    warm = ~cold & ~held_user
+    to_val, to_test = warm & (draw < 0.1), warm & (draw >= 0.1) & (draw < 0.3)
+
+    def m(mask):
+        out = sp.csr_matrix((c[mask], (u[mask], i[mask])), shape=(N_USERS, N_ITEMS), dtype=np.float32)
+        out.sort_indices()
+        return out
+
+    train_users = np.setdiff1d(np.arange(N_USERS), np.r_[VAL_USERS, TEST_USERS])
+    return Dataset(
+        item_ids=np.arange(1, N_ITEMS + 1), user_ids=np.arange(1, N_USERS + 1),
+        train_items=np.setdiff1d(np.arange(N_ITEMS), np.r_[VAL_ITEMS, TEST_ITEMS]),
+        val_items=VAL_ITEMS, test_items=TEST_ITEMS,
+        train_users=train_users, val_users=VAL_USERS, test_users=TEST_USERS,
+        train=m(warm & ~to_val & ~to_test), warm_val=m(to_val), warm_test=m(to_test),
+        cold_val=m(~held_user & np.isin(i, VAL_ITEMS)), cold_test=m(~held_user & np.isin(i, TEST_ITEMS)),
+        heldout=m(held_user & ~cold), seed=0,
+    )
+
+
+def block_dataset(seed: int = 0) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """(dataset, content (N_ITEMS, DIM) float32, item cluster (N_ITEMS,) 0/1)."""
+    rng = np.random.default_rng(seed)
+    item_cluster = (np.arange(N_ITEMS) >= N_A_ITEMS).astype(int)
+    rows, cols = [], []
+    for user in range(N_USERS):
+        own = np.flatnonzero(item_cluster == int(user >= N_A_USERS))
+        liked = list(rng.choice(own, size=10, replace=False))
+        if rng.random() < 0.3:
+            liked.append(rng.choice(np.flatnonzero(item_cluster != int(user >= N_A_USERS))))
+        rows += [user] * len(liked)
+        cols += liked
+    conf = rng.integers(1, 6, size=len(rows)).astype(np.float32)
+    likes = sp.coo_matrix((conf, (rows, cols)), shape=(N_USERS, N_ITEMS))
+    centre = np.where(item_cluster[:, None] == 0, 1.0, -1.0) * np.eye(DIM)[0]
+    content = (centre + 0.3 * rng.normal(size=(N_ITEMS, DIM))).astype(np.float32)
+    return _split(rng, likes), content, item_cluster
+
+
+@pytest.fixture(scope="module")
+def world():
+    return block_dataset()
+
+
+@pytest.fixture(scope="module", params=MODEL_FACTORIES, ids=[name for name, _ in MODEL_FACTORIES])
+def fitted(request, world) -> Recommender:
+    ds, content, _ = world
+    return request.param[1](ds, content).fit(ds.train)
+
+
+def _query_kinds(ds: Dataset) -> dict[str, Queries]:
+    return {
+        "users": Queries.of_users(ds.train_users[::4]),
+        # favourites, one of them a cold (val) item: a user may like an anime nobody rated yet
+        "liked": Queries.of_liked([[0, 1, 2], [25], [3, 18], [20, 21, 22, 23, 30]],
+                                  weights=[[5, 1, 1], [2], [1, 3], [1, 1, 1, 1, 1]]),
+    }
+
+
+KINDS = ("users", "liked")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_score_shape_dtype_and_finite(fitted, world, kind):
+    ds = world[0]
+    q = _query_kinds(ds)[kind]
+    items = np.r_[np.arange(N_ITEMS)[::3], TEST_ITEMS]  # warm and cold items together
+    s = fitted.score(q, items)
+    assert isinstance(s, np.ndarray) and s.shape == (len(q), len(items)) and s.dtype == np.float32
+    assert np.isfinite(s).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scores_follow_the_item_order(fitted, world, kind):
+    q = _query_kinds(world[0])[kind]
+    items = np.arange(N_ITEMS)
+    perm = np.random.default_rng(1).permutation(N_ITEMS)
+    np.testing.assert_allclose(fitted.score(q, items[perm]), fitted.score(q, items)[:, perm], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_invariance(fitted, world, kind):
+    q = _query_kinds(world[0])[kind]
+    items = np.arange(N_ITEMS)
+    together = fitted.score(q, items)
+    one_by_one = np.vstack([fitted.score(q.slice(i, i + 1), items) for i in range(len(q))])
+    np.testing.assert_allclose(one_by_one, together, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recommend_respects_candidates_and_exclusions(fitted, world, kind):
+    ds = world[0]
+    q = _query_kinds(ds)[kind]
+    rng = np.random.default_rng(2)
+    items = np.sort(rng.choice(N_ITEMS, size=25, replace=False))
+    exclude = sp.csr_matrix((rng.random((len(q), N_ITEMS)) < 0.3).astype(np.float32))
+    idx, scores = fitted.recommend(q, k=10, items=items, exclude=exclude, batch_size=3)
+    assert idx.shape == scores.shape == (len(q), 10)
+    full = fitted.score(q, items)
+    for r in range(len(q)):
+        got = idx[r][idx[r] >= 0]
+        assert set(got) <= set(items.tolist())
+        assert not set(got) & set(exclude[r].indices.tolist())
+        assert len(set(got)) == len(got)
+        assert np.all(np.diff(scores[r][idx[r] >= 0]) <= 0)  # best first
+        # the returned scores are the model's scores for those items
+        np.testing.assert_allclose(scores[r][idx[r] >= 0], full[r, np.searchsorted(items, got)], rtol=1e-5, atol=1e-6)
+        # nothing admissible scores above the last returned item
+        admissible = np.setdiff1d(items, exclude[r].indices)
+        if len(got) == 10:
+            rest = np.setdiff1d(admissible, got)
+            assert full[r, np.searchsorted(items, rest)].max(initial=-np.inf) <= scores[r][-1] + 1e-6
+
+
+def test_recommend_pads_when_too_few_candidates_remain(fitted, world):
+    q = _query_kinds(world[0])["liked"]
+    items = np.arange(6)
+    exclude = sp.csr_matrix((np.ones(len(q) * 3, np.float32),
+                             (np.repeat(np.arange(len(q)), 3), np.tile([0, 2, 4], len(q)))), shape=(len(q), N_ITEMS))
+    idx, scores = fitted.recommend(q, k=6, items=items, exclude=exclude)
+    assert (np.sort(idx[:, :3], axis=1) == [1, 3, 5]).all()
+    assert (idx[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+
+
+def test_determinism(world):
+    ds, content, _ = world
+    for name, factory in MODEL_FACTORIES:
+        for kind, q in _query_kinds(ds).items():
+            a = factory(ds, content).fit(ds.train).score(q, np.arange(N_ITEMS))
+            b = factory(ds, content).fit(ds.train).score(q, np.arange(N_ITEMS))
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} / {kind}")
+
+
+def in_cluster_precision(model: Recommender, ds: Dataset, item_cluster: np.ndarray, kind: str, k: int = 5) -> float:
+    """Mean share of cluster-A items in the top-k train-item recommendations for cluster-A
+    queries: favourites (each A held-out user's three highest-confidence items) or A train users."""
+    if kind == "liked":
+        users = [u for u in np.r_[VAL_USERS, TEST_USERS] if u < N_A_USERS]
+        liked = []
+        for u in users:
+            row = ds.heldout[u]
+            liked.append(row.indices[np.argsort(-row.data, kind="stable")[:3]])
+        q = Queries.of_liked(liked)
+    else:
+        q = Queries.of_users([u for u in ds.train_users if u < N_A_USERS])
+    exclude = q.history_matrix(ds.train)
+    idx, _ = model.recommend(q, k=k, items=ds.train_items, exclude=exclude)
+    return float((item_cluster[idx] == 0).mean())
+
+
+def test_the_fixture_defeats_popularity(world):
+    """The quality bar means something: popularity puts almost no cluster-A item in front of
+    cluster-A queries, because cluster B is more popular."""
+    ds, _, item_cluster = world
+    pop = Popularity().fit(ds.train)
+    for kind in KINDS:
+        assert in_cluster_precision(pop, ds, item_cluster, kind) <= 0.2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quality_beats_popularity(fitted, world, kind):
+    if not getattr(fitted, "learns_preferences", False):
+        pytest.skip(f"{fitted.name} does not learn preferences")
+    ds, _, item_cluster = world
+    baseline = in_cluster_precision(Popularity().fit(ds.train), ds, item_cluster, kind)
+    got = in_cluster_precision(fitted, ds, item_cluster, kind)
+    assert got > baseline + 0.3, f"{fitted.name}: in-cluster precision {got:.2f} vs popularity {baseline:.2f}"

@@ -1,0 +1,328 @@
+"""The ranker's Qdrant layer against both backends: qdrant-edge in a temporary directory and
+qdrant-client's local mode (the same client calls a Qdrant server gets). Expected rankings come from
+numpy's exact dot products; filter expectations are hand-listed id sets."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from services.ranker.index import (ItemIndex, ItemPoint, SearchFilter, UnknownVersion, VersionExists, VersionInUse,
+                                   IndexUnavailable, open_index)
+from services.ranker.index_client import QdrantItemIndex
+from services.ranker.index_edge import EdgeItemIndex
+
+# Local mode warns that it ignores payload indexes and search params; the calls are still the server's.
+pytestmark = [pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning")]
+
+DIM = 16
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    m = rng.standard_normal((n, dim)).astype(np.float32)
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def points_of(ids, vectors, payloads=None) -> list[ItemPoint]:
+    payloads = payloads or [{"title": f"anime {i}"} for i in ids]
+    return [ItemPoint(int(i), v, dict(p)) for i, v, p in zip(ids, vectors, payloads)]
+
+
+def numpy_top(ids: np.ndarray, vectors: np.ndarray, q: np.ndarray, k: int, keep=None) -> tuple[list[int], np.ndarray]:
+    """Exact top-k ids and scores, in float64, optionally restricted to the ids in `keep`."""
+    scores = vectors.astype(np.float64) @ q.astype(np.float64)
+    order = [j for j in np.argsort(-scores, kind="stable") if keep is None or int(ids[j]) in keep][:k]
+    return [int(ids[j]) for j in order], scores[order]
+
+
+@pytest.fixture(params=["edge", "client"])
+def make_index(request, tmp_path) -> Iterator[Callable[[], ItemIndex]]:
+    """make_index() opens the index stored in this test's directory (again, after a close). Local
+    mode keeps it in memory unless persistent=True: its on-disk storage commits point by point."""
+    opened: list[ItemIndex] = []
+
+    def make(persistent: bool = False, **kw) -> ItemIndex:
+        if request.param == "edge":
+            index = EdgeItemIndex(tmp_path / "edge", **kw)
+        else:
+            client = QdrantClient(path=str(tmp_path / "local")) if persistent else QdrantClient(":memory:")
+            index = QdrantItemIndex(client, **kw)
+        opened.append(index)
+        return index
+
+    yield make
+    for index in opened:
+        index.close()
+
+
+@pytest.fixture
+def index(make_index) -> ItemIndex:
+    return make_index()
+
+
+@pytest.fixture
+def random_items():
+    rng = np.random.default_rng(7)
+    ids = rng.choice(np.arange(1, 60_000), size=300, replace=False)
+    return ids, unit_rows(rng, len(ids)), unit_rows(rng, 4)
+
+
+def test_exact_search_matches_numpy_and_pages_are_disjoint(index, random_items):
+    ids, vectors, queries = random_items
+    assert index.create_version("v1", DIM, points_of(ids, vectors), batch=64) == len(ids)
+    index.set_alias("v1")
+    assert index.count() == len(ids)
+    for q in queries:
+        want_ids, want_scores = numpy_top(ids, vectors, q, 30)
+        hits = index.search(q, limit=30)
+        assert [h.anime_id for h in hits] == want_ids
+        np.testing.assert_allclose([h.score for h in hits], want_scores, atol=1e-4)
+        assert hits[0].payload == {"title": f"anime {want_ids[0]}", "anime_id": want_ids[0]}
+        pages = [index.search(q, limit=10, offset=off) for off in (0, 10, 20)]
+        paged = [h.anime_id for page in pages for h in page]
+        assert paged == want_ids and len(set(paged)) == 30
+
+
+def test_search_batch_equals_single_searches(index, random_items):
+    ids, vectors, queries = random_items
+    index.create_version("v1", DIM, points_of(ids, vectors))
+    index.set_alias("v1")
+    filters = [None, SearchFilter(exclude_ids=[int(i) for i in ids[:150]]), None, SearchFilter()]
+    batch = index.search_batch(queries, limit=5, filters=filters)
+    singles = [index.search(q, limit=5, flt=f) for q, f in zip(queries, filters)]
+    assert [[h.anime_id for h in hs] for hs in batch] == [[h.anime_id for h in hs] for hs in singles]
+    assert all(h.anime_id not in set(ids[:150].tolist()) for h in batch[1])
+
+
+# Hand-made catalogue: (id, genres, type, year). Casing varies on purpose (filters are case-insensitive).
+CATALOGUE = [
+    (1, ["Action", "Adventure"], "TV", 1998),
+    (2, ["Comedy"], "TV", 2005),
+    (3, ["Action", "Comedy"], "Movie", 2005),
+    (4, ["Drama"], "OVA", None),
+    (5, [], "TV", 2010),
+    (6, ["Drama", "Romance"], "Movie", 2001),
+    (7, ["sci-fi", "Action"], "ONA", 2020),
+    (8, ["Comedy", "Romance"], "Special", None),
+    (9, ["Adventure"], None, 2015),
+    (10, ["Drama", "Comedy"], "tv", 1990),
+]
+FILTER_CASES = [
+    (SearchFilter(), {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}),
+    (SearchFilter(include_genres=["action"]), {1, 3, 7}),
+    (SearchFilter(include_genres=["DRAMA", "Sci-Fi"]), {4, 6, 7, 10}),
+    (SearchFilter(exclude_genres=["Comedy"]), {1, 4, 5, 6, 7, 9}),
+    (SearchFilter(exclude_genres=["comedy", "Drama"]), {1, 5, 7, 9}),
+    (SearchFilter(types=["TV"]), {1, 2, 5, 10}),
+    (SearchFilter(types=["movie", "Ova"]), {3, 4, 6}),
+    (SearchFilter(year_min=2005), {2, 3, 5, 7, 9}),
+    (SearchFilter(year_max=2001), {1, 6, 10}),
+    (SearchFilter(year_min=2001, year_max=2010), {2, 3, 5, 6}),
+    (SearchFilter(exclude_ids=[1, 2, 99]), {3, 4, 5, 6, 7, 8, 9, 10}),
+    (SearchFilter(include_genres=["Comedy"], exclude_genres=["Romance"], types=["TV", "Movie"], year_min=2000,
+                  exclude_ids=[3]), {2}),
+]
+
+
+def test_every_filter_gives_the_exact_filtered_top_k(index):
+    rng = np.random.default_rng(3)
+    ids = np.array([c[0] for c in CATALOGUE])
+    vectors = unit_rows(rng, len(ids))
+    payloads = [{"genres": g, "type": t, "year": y, "members": 100 * i} for i, g, t, y in CATALOGUE]
+    index.create_version("v1", DIM, points_of(ids, vectors, payloads))
+    index.set_alias("v1")
+    q = unit_rows(rng, 1)[0]
+    for flt, allowed in FILTER_CASES:
+        for k in (3, 10):
+            want, _ = numpy_top(ids, vectors, q, k, keep=allowed)
+            got = index.search(q, limit=k, flt=flt)
+            assert [h.anime_id for h in got] == want, (flt, k)
+    hit = index.search(q, limit=1, flt=SearchFilter(include_genres=["SCI-FI"]))[0]
+    assert hit.payload == {"genres": ["sci-fi", "Action"], "type": "ONA", "year": 2020, "members": 700,
+                           "anime_id": 7}
+
+
+def test_upsert_is_searchable_at_once_and_survives_reopen(make_index, random_items):
+    ids, vectors, queries = random_items
+    ids, vectors = ids[:100], vectors[:100]
+    index = make_index(persistent=True)
+    index.create_version("v1", DIM, points_of(ids, vectors))
+    index.set_alias("v1")
+    q = queries[0]
+    new = ItemPoint(70_001, q * 3.0, {"title": "brand new", "genres": ["Mecha"], "cold": True, "source": "upsert"})
+    replaced = ItemPoint(int(ids[0]), -q, {"title": "rewritten"})
+    index.upsert([new, replaced])
+    top = index.search(q, limit=1)[0]
+    assert (top.anime_id, round(top.score, 4)) == (70_001, 3.0)
+    assert index.count() == len(ids) + 1
+    assert index.search(q, limit=1, flt=SearchFilter(include_genres=["mecha"]))[0].anime_id == 70_001
+    index.close()
+
+    index = make_index(persistent=True)
+    assert index.alias_target() == "v1"
+    assert index.search(q, limit=1)[0].anime_id == 70_001
+    got = index.get([70_001, 123_456_789, int(ids[0])], with_vectors=True)
+    assert [p.anime_id for p in got] == [70_001, int(ids[0])]
+    np.testing.assert_allclose(got[0].vector, q * 3.0, atol=1e-6)
+    np.testing.assert_allclose(got[1].vector, -q, atol=1e-6)
+    assert got[1].payload == {"title": "rewritten", "anime_id": int(ids[0])}
+    assert index.get([70_001])[0].vector is None
+
+
+def test_searches_follow_the_alias_through_promotion_and_rollback(index, random_items):
+    ids, v1, queries = random_items
+    v2 = unit_rows(np.random.default_rng(99), len(ids))
+    assert index.alias_target() is None
+    index.create_version("v1", DIM, points_of(ids, v1))
+    index.create_version("20250101-000000-abcdef12", DIM, points_of(ids, v2))
+    assert index.versions() == ["20250101-000000-abcdef12", "v1"]
+    q = queries[1]
+    top_v1, _ = numpy_top(ids, v1, q, 10)
+    top_v2, _ = numpy_top(ids, v2, q, 10)
+    assert top_v1 != top_v2
+    for version, want in (("v1", top_v1), ("20250101-000000-abcdef12", top_v2), ("v1", top_v1)):
+        index.set_alias(version)
+        assert index.alias_target() == version
+        assert [h.anime_id for h in index.search(q, limit=10)] == want
+    assert [h.anime_id for h in index.search(q, limit=10, version="20250101-000000-abcdef12")] == top_v2
+
+    index.upsert([ItemPoint(70_002, q, {})])    # goes to the alias target only
+    assert (index.count("v1"), index.count("20250101-000000-abcdef12")) == (len(ids) + 1, len(ids))
+
+
+def test_versions_are_never_half_built_or_silently_replaced(index, random_items):
+    ids, vectors, queries = random_items
+
+    def failing_after_50():
+        yield from points_of(ids[:50], vectors[:50])
+        raise RuntimeError("bundle read failed")
+
+    with pytest.raises(RuntimeError, match="bundle read failed"):
+        index.create_version("v1", DIM, failing_after_50(), batch=16)
+    bad = points_of(ids[:20], vectors[:20]) + [ItemPoint(5, np.ones(DIM + 1, np.float32), {})]
+    with pytest.raises(ValueError, match="shape"):
+        index.create_version("v1", DIM, bad, batch=8)
+    assert not index.has_version("v1") and index.versions() == []
+    with pytest.raises(UnknownVersion):
+        index.set_alias("v1")
+
+    index.create_version("v1", DIM, points_of(ids, vectors))
+    index.set_alias("v1")
+    with pytest.raises(VersionExists):
+        index.create_version("v1", DIM, points_of(ids[:5], vectors[:5]))
+    with pytest.raises(VersionInUse):
+        index.create_version("v1", DIM, points_of(ids[:5], vectors[:5]), overwrite=True)
+    with pytest.raises(VersionInUse):
+        index.delete_version("v1")
+    with pytest.raises(ValueError, match="shape"):
+        index.upsert([ItemPoint(70_003, np.full(DIM, np.nan, np.float32), {})])
+    assert index.count() == len(ids)
+
+    index.create_version("v2", DIM, points_of(ids, vectors))
+    assert index.create_version("v2", DIM, points_of(ids[:5], vectors[:5]), overwrite=True) == 5
+    assert index.count("v2") == 5
+    index.delete_version("v2")
+    assert index.versions() == ["v1"]
+
+
+def test_unknown_versions_raise_unknown_version(index, random_items):
+    ids, vectors, queries = random_items
+    with pytest.raises(UnknownVersion, match="alias"):
+        index.search(queries[0], limit=3)
+    index.create_version("v1", DIM, points_of(ids[:10], vectors[:10]))
+    for call in (lambda: index.search(queries[0], limit=3, version="v9"), lambda: index.count("v9"),
+                 lambda: index.get([1], version="v9"), lambda: index.upsert(points_of(ids[:1], vectors[:1]), "v9"),
+                 lambda: index.set_alias("v9"), lambda: index.delete_version("v9")):
+        with pytest.raises(UnknownVersion) as err:
+            call()
+        assert isinstance(err.value, KeyError) and "v9" in str(err.value)
+    with pytest.raises(ValueError, match="invalid index version"):
+        index.create_version("../escape", DIM, [])
+
+
+def test_query_hook_times_each_data_call(make_index, random_items):
+    ids, vectors, queries = random_items
+    seen: list[tuple[str, float]] = []
+    index = make_index(on_query=lambda op, s: seen.append((op, s)))
+    index.create_version("v1", DIM, points_of(ids[:20], vectors[:20]))
+    index.set_alias("v1")
+    index.search(queries[0], limit=3)
+    index.search_batch(queries, limit=3)
+    index.get([int(ids[0])])
+    index.upsert(points_of(ids[:2], vectors[:2]))
+    index.count()
+    assert [op for op, _ in seen] == ["search", "search_batch", "get", "upsert", "count"]
+    assert all(s >= 0 for _, s in seen)
+
+
+def test_edge_follows_an_alias_switched_by_another_process(tmp_path, random_items):
+    """An offline `index` command (here a second EdgeItemIndex on the same root) builds and promotes
+    a version while the ranker's index is open; the ranker's next search uses it."""
+    ids, vectors, queries = random_items
+    ranker = EdgeItemIndex(tmp_path)
+    ranker.create_version("v1", DIM, points_of(ids, vectors))
+    ranker.set_alias("v1")
+    assert ranker.search(queries[0], limit=1)[0].anime_id == numpy_top(ids, vectors, queries[0], 1)[0][0]
+
+    job = EdgeItemIndex(tmp_path)
+    flipped = -vectors
+    job.create_version("v2", DIM, points_of(ids, flipped))
+    job.set_alias("v2")
+    with pytest.raises(IndexUnavailable, match="v1"):   # the ranker holds v1's shard
+        job.count("v1")
+    job.close()
+
+    assert ranker.search(queries[0], limit=5)[0].anime_id == numpy_top(ids, flipped, queries[0], 1)[0][0]
+
+    job = EdgeItemIndex(tmp_path)   # roll back, then try to drop v2 while the ranker still has it open
+    job.set_alias("v1")
+    with pytest.raises(VersionInUse, match="another process"):
+        job.delete_version("v2")
+    assert job.versions() == ["v1", "v2"]
+    job.close()
+    assert ranker.search(queries[0], limit=1)[0].anime_id == numpy_top(ids, vectors, queries[0], 1)[0][0]
+    ranker.close()
+
+
+def test_edge_serves_searches_from_many_threads_during_upserts(tmp_path, random_items):
+    ids, vectors, queries = random_items
+    index = EdgeItemIndex(tmp_path)
+    index.create_version("v1", DIM, points_of(ids, vectors))
+    index.set_alias("v1")
+    want = [numpy_top(ids, vectors, q, 5)[0] for q in queries]
+    errors: list[BaseException] = []
+
+    def searcher(q, expected):
+        try:
+            for _ in range(40):
+                assert [h.anime_id for h in index.search(q, limit=5)] == expected
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    def upserter():
+        try:
+            for k in range(40):   # zero vectors score 0, below every query's top 5
+                index.upsert([ItemPoint(80_000 + k, np.zeros(DIM, np.float32), {})])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher, args=(q, w)) for q, w in zip(queries, want)]
+    threads.append(threading.Thread(target=upserter))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert index.count() == len(ids) + 40
+    index.close()
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_server_raises_index_unavailable():
+    with pytest.raises(IndexUnavailable, match="unreachable"):
+        open_index(None, "http://127.0.0.1:1", timeout_s=2)
