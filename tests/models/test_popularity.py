@@ -38,4 +38,4 @@ def test_scores_stay_distinct_in_float32_at_large_counts():
     n_users = 200_000
     train = sp.csr_matrix(np.ones((n_users, 3), dtype=np.float32))
     s = Popularity().fit(train).score(Queries.of_users([0]), np.arange(3))
-    assert s.dtype == np.float32 and s[0, 0] > s[0, 1] > s[0, 2]
+    assert s.dtype == np.float32 and len(set(s[0].tolist())) == 3
