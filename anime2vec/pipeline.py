@@ -191,8 +191,11 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
             continue
         with _step(p.timings, f"fit {name}"):
             dn = DropoutNet(content, wmf, cfg.dropoutnet, name=name)
-            dn.fit(ds.train, validation=lambda m: float(np.mean(list(val_recall(m, scs).values()))))
-            selection[name] = {"best_epoch": dn.best_epoch, "history": dn.history}
+            val = lambda m: float(np.mean(list(val_recall(m, scs).values())))  # noqa: E731
+            dn.fit(ds.train, validation=val)
+            dn.calibrate(val)
+            selection[name] = {"best_epoch": dn.best_epoch, "history": dn.history,
+                               "cold_bias": dn.cold_bias, "calibration": dn.calibration}
             models[name] = dn
     selection["val_final"] = {n: val_recall(m, scs) for n, m in models.items()}
     return models, selection
@@ -227,7 +230,8 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     wmf = dn.wmf
     arrays: dict[str, np.ndarray] = {
         "item_ids": p.ds.item_ids, "user_ids": p.ds.user_ids,
-        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm, "item_tower": dn.item_emb,
+        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm,
+        "item_tower": dn.serving_item_vectors(dn.item_emb, dn.cold_items),
         "split.train_items": p.ds.train_items, "split.val_items": p.ds.val_items,
         "split.test_items": p.ds.test_items,
     }
@@ -248,7 +252,7 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
                     "recipe": RECIPES.get(p.config.recipe, p.config.recipe), "whiten": p.config.whiten,
                     "max_length": getattr(p.encoder, "max_length", None)},
         "dims": {"n_items": int(p.ds.n_items), "n_users": int(p.ds.n_users), "factors": int(wmf.factors),
-                 "content_dim": int(p.minilm.shape[1]), "tower_dim": int(dn.item_emb.shape[1])},
+                 "content_dim": int(p.minilm.shape[1]), "tower_dim": int(dn.item_emb.shape[1]) + 1},
         "hyperparameters": {"wmf": wmf.params(), "dropoutnet": dn.config.to_dict(),
                             "train_config": p.config.describe()},
         "selection": selection,

@@ -121,6 +121,11 @@ class DropoutNet(Recommender):
         self.device = _device(device)
         self.history: list[dict] = []
         self.item_emb: np.ndarray | None = None
+        # Additive score offset for items without preference data (V = 0), selected on the
+        # validation split by `calibrate`: the text-only tower output is a shrunk estimate and
+        # would otherwise lose every whole-catalogue comparison against warm items.
+        self.cold_bias: float = 0.0
+        self.calibration: list[dict] = []
 
     def params(self) -> dict:
         return {"dropoutnet": self.config.to_dict(), "wmf": self.wmf.params(),
@@ -280,8 +285,43 @@ class DropoutNet(Recommender):
         out = self.f_u(self._t(np.concatenate([p, self.inputs.cont_u(mean_content)], axis=1)))
         return out.cpu().numpy().astype(np.float32)
 
+    @property
+    def cold_items(self) -> np.ndarray:
+        return ~np.any(self.wmf.V != 0, axis=1)
+
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
-        return self.user_tower(queries) @ self.item_emb[items].T
+        s = self.user_tower(queries) @ self.item_emb[items].T
+        if self.cold_bias:
+            s += np.float32(self.cold_bias) * self.cold_items[items][None, :]
+        return s
+
+    # Serving form: one dot product. Û gets a constant 1 and V̂ the cold offset as an extra
+    # coordinate, so a vector index ranks exactly like `score`.
+    def serving_item_vectors(self, item_emb: np.ndarray, cold: np.ndarray) -> np.ndarray:
+        extra = (np.float32(self.cold_bias) * np.asarray(cold, np.float32))[:, None]
+        return np.hstack([np.atleast_2d(item_emb), extra]).astype(np.float32)
+
+    def serving_user_vectors(self, user_emb: np.ndarray) -> np.ndarray:
+        u = np.atleast_2d(user_emb)
+        return np.hstack([u, np.ones((len(u), 1), np.float32)]).astype(np.float32)
+
+    def calibrate(self, validation: Callable[["DropoutNet"], float],
+                  grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)) -> float:
+        """Pick `cold_bias` (in units of the std of user-item scores) by the validation score."""
+        rng = np.random.default_rng(self.config.seed)
+        users = np.flatnonzero(self.train.getnnz(axis=1))
+        sample = self.score(Queries.of_users(rng.choice(users, min(256, len(users)), replace=False)),
+                            rng.choice(self.train.shape[1], min(2048, self.train.shape[1]), replace=False))
+        scale = float(np.std(sample)) or 1.0
+        self.calibration, best, best_b = [], -math.inf, 0.0
+        for g in grid:
+            self.cold_bias = g * scale
+            v = float(validation(self))
+            self.calibration.append({"bias_std": g, "bias": self.cold_bias, "val": v})
+            if v > best:
+                best, best_b = v, self.cold_bias
+        self.cold_bias = best_b
+        return best_b
 
     # ---- persistence --------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
@@ -293,6 +333,7 @@ class DropoutNet(Recommender):
         for name in ("pref_u", "pref_t", "pref_v", "cont_u", "cont_v"):
             st = getattr(self.inputs, name)
             out[f"std.{name}.mean"], out[f"std.{name}.std"] = st.mean, st.std
+        out["cold_bias"] = np.asarray([self.cold_bias], np.float32)
         return out
 
     @classmethod
@@ -307,5 +348,6 @@ class DropoutNet(Recommender):
             sd = {k[len(tower) + 1:]: torch.from_numpy(np.asarray(v)) for k, v in state.items()
                   if k.startswith(tower + ".")}
             mod.load_state_dict(sd)
+        m.cold_bias = float(state["cold_bias"][0]) if "cold_bias" in state else 0.0
         m._refresh_items()
         return m

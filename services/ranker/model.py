@@ -55,8 +55,8 @@ class ServingModel:
         state = bundle.prefixed("dropoutnet")
         if state:
             cfg = DropoutNetConfig.from_dict(hp.get("dropoutnet", {}))
-            self.dropoutnet = DropoutNet.from_state(state, cfg, self.content, self.wmf, device=device)
-            self.item_tower = self.dropoutnet.item_emb
+            dn = self.dropoutnet = DropoutNet.from_state(state, cfg, self.content, self.wmf, device=device)
+            self.item_tower = dn.serving_item_vectors(dn.item_emb, dn.cold_items)
         else:
             log.warning("bundle %s has no DropoutNet weights: serving WMF and popularity only", self.version)
             self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
@@ -101,7 +101,9 @@ class ServingModel:
                 content.append(extra[a].content)
         mean_c = self._mean(np.asarray(content), w[: len(content)] if len(content) == len(w) else np.ones(len(content), np.float32))
         mean_v = self._mean(np.asarray(pref), np.asarray(pw, np.float32)) if pref else None
-        return self.dropoutnet.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)[0]
+        dn = self.dropoutnet
+        return dn.serving_user_vectors(dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None],
+                                                          transformed=True))[0]
 
     def user_vector(self, user_id: int) -> np.ndarray:
         assert self.dropoutnet is not None
@@ -109,7 +111,8 @@ class ServingModel:
         h = self.train[u]
         w = h.data.astype(np.float32)
         mean_c = self._mean(self.content[h.indices], w) if h.nnz else np.zeros(self.content.shape[1], np.float32)
-        return self.dropoutnet.user_tower_from(self.wmf.U[u][None], mean_c[None], transformed=False)[0]
+        dn = self.dropoutnet
+        return dn.serving_user_vectors(dn.user_tower_from(self.wmf.U[u][None], mean_c[None], transformed=False))[0]
 
     def whiten(self, raw: np.ndarray) -> np.ndarray:
         return self.whitener.transform(np.atleast_2d(np.asarray(raw, np.float32)))
@@ -117,13 +120,15 @@ class ServingModel:
     def text_vector(self, raw: np.ndarray) -> np.ndarray:
         """Û of a content-only user from a raw encoder vector (free-text queries)."""
         assert self.dropoutnet is not None
-        return self.dropoutnet.user_tower_from(None, self.whiten(raw), transformed=True)[0]
+        dn = self.dropoutnet
+        return dn.serving_user_vectors(dn.user_tower_from(None, self.whiten(raw), transformed=True))[0]
 
-    def new_item_vector(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(V̂, whitened content) of a brand-new anime from its raw encoder vector."""
+    def item_vector(self, pref: np.ndarray | None, content: np.ndarray) -> np.ndarray:
+        """Serving V̂ of one item from its WMF factors (None: cold) and whitened content."""
         assert self.dropoutnet is not None
-        c = self.whiten(raw)
-        return self.dropoutnet.item_tower(None, c)[0], c[0]
+        dn = self.dropoutnet
+        v = dn.item_tower(None if pref is None else np.atleast_2d(pref), np.atleast_2d(content))
+        return dn.serving_item_vectors(v, np.array([pref is None]))[0]
 
     # ---- fallbacks (in memory, bundle items only) -----------------------------------------
     def wmf_scores_favourites(self, liked: list[int], weights: list[float] | None) -> np.ndarray | None:

@@ -310,7 +310,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold))
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
-        log.info("upserted anime", extra={"anime_id": aid, "created": created, "version": s.version})
+        log.info("upserted anime", extra={"anime_id": aid, "new": created, "version": s.version})
         return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=created, model_version=s.version)
 
     def _item_vectors(self, s: Serving, aid: int, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -318,10 +318,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         m = s.model
         content = m.whiten(raw)[0]
         i = m.pos.get(aid)
-        pref = m.wmf.V[i][None] if i is not None and m.warm[i] else None
+        pref = m.wmf.V[i] if i is not None and m.warm[i] else None
         if m.dropoutnet is None:
             raise unavailable(f"model {s.version} has no item tower; cannot add anime", reason="NO_ITEM_TOWER")
-        return m.dropoutnet.item_tower(pref, content[None])[0], content, pref is None
+        return m.item_vector(pref, content), content, pref is None
 
     def GetModelInfo(self, request, context):
         s = self.serving()

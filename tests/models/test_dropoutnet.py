@@ -74,3 +74,29 @@ def test_validation_selects_the_best_epoch(world):
         return score[len(calls)]
     m = DropoutNet(world["content"], wmf, cfg, device="cpu").fit(world["train"], validation=validation)
     assert m.best_epoch == 2 and len(m.history) == 6
+
+
+def test_serving_vectors_rank_exactly_like_score_including_the_cold_offset(model, world):
+    q, items = Queries.of_users(np.arange(12)), np.arange(40)
+    try:
+        model.cold_bias = 0.7
+        served = model.serving_user_vectors(model.user_tower(q)) @ model.serving_item_vectors(
+            model.item_emb, model.cold_items).T
+        np.testing.assert_allclose(served, model.score(q, items), rtol=1e-5, atol=1e-5)
+        # the offset lifts exactly the cold items
+        lifted = model.score(q, items) - (model.user_tower(q) @ model.item_emb.T)
+        np.testing.assert_allclose(lifted[:, world["cold"]], 0.7, atol=1e-5)
+        assert np.all(lifted[:, :32] == 0)
+    finally:
+        model.cold_bias = 0.0
+
+
+def test_calibration_picks_the_offset_the_validation_prefers(model):
+    try:
+        chosen = model.calibrate(lambda m: -abs(m.cold_bias - 0.5), grid=(0.0, 0.1, 0.2))
+        scale = model.calibration[1]["bias"] / 0.1
+        assert [c["bias_std"] for c in model.calibration] == [0.0, 0.1, 0.2]
+        best = min((abs(g * scale - 0.5), g * scale) for g in (0.0, 0.1, 0.2))[1]
+        assert chosen == pytest.approx(best) and model.cold_bias == pytest.approx(best)
+    finally:
+        model.cold_bias = 0.0
