@@ -1,0 +1,1 @@
+"""The public gateway: title resolution, MyAnimeList list import, and (later) the gRPC server."""
