@@ -58,8 +58,8 @@ def _run(a: argparse.Namespace, write_bundle: bool) -> int:
     from .pipeline import SERVING_MODEL, evaluate, export_bundle, fit_models, prepare
 
     cfg = _config(a)
-    if write_bundle and SERVING_MODEL not in cfg.models:
-        cfg.models = tuple(cfg.models) + (SERVING_MODEL,)
+    if write_bundle:   # the served blend needs its DropoutNet
+        cfg.models = tuple(dict.fromkeys((*cfg.models, "dropoutnet-minilm", SERVING_MODEL)))
     command = "anime2vec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     p = prepare(cfg)
     models, selection = fit_models(p)

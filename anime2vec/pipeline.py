@@ -25,9 +25,10 @@ from .features.cache import EncodingCache, encode_cached
 from .features.encoder import TextEncoder
 from .features.tfidf import TfidfFeatures
 from .features.whiten import Whitener
-from .models.base import Recommender
+from .models.base import Queries, Recommender
 from .models.content_knn import ContentKNN
 from .models.dropoutnet import DropoutNet, DropoutNetConfig
+from .models.hybrid import Hybrid
 from .models.itemknn import ItemKNN
 from .models.popularity import Popularity
 from .models.wmf import WMF
@@ -35,9 +36,9 @@ from .paths import REPO_ROOT, default_cache_dir, default_model_store
 
 log = logging.getLogger(__name__)
 
-SERVING_MODEL = "dropoutnet-minilm"
+SERVING_MODEL = "anime2vec-hybrid"
 ALL_MODELS = ("popularity", "item-knn", "wmf", "content-knn-tfidf", "content-knn-minilm",
-              "dropoutnet-tfidf", "dropoutnet-minilm")
+              "dropoutnet-tfidf", "dropoutnet-minilm", "anime2vec-hybrid")
 
 
 @dataclass
@@ -52,10 +53,10 @@ class TrainConfig:
     store: Path = field(default_factory=default_model_store)
     models: tuple[str, ...] = ALL_MODELS
     wmf_grid: tuple[dict, ...] = (
+        {"factors": 32, "regularization": 0.05, "alpha": 10.0},
         {"factors": 64, "regularization": 0.05, "alpha": 10.0},
-        {"factors": 128, "regularization": 0.05, "alpha": 10.0},
         {"factors": 64, "regularization": 0.5, "alpha": 20.0},
-        {"factors": 128, "regularization": 0.5, "alpha": 20.0},
+        {"factors": 128, "regularization": 0.05, "alpha": 10.0},
     )
     wmf_iterations: int = 15
     dropoutnet: DropoutNetConfig = field(default_factory=DropoutNetConfig)
@@ -197,8 +198,29 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
             selection[name] = {"best_epoch": dn.best_epoch, "history": dn.history,
                                "cold_bias": dn.cold_bias, "calibration": dn.calibration}
             models[name] = dn
+    if "anime2vec-hybrid" in cfg.models and "dropoutnet-minilm" in models:
+        with _step(p.timings, "tune anime2vec-hybrid"):
+            hy = Hybrid(models["dropoutnet-minilm"]).fit(ds.train)   # type: ignore[arg-type]
+            hy.tune(_hybrid_objective(p, scs))
+            models["anime2vec-hybrid"] = hy
+            selection["anime2vec-hybrid"] = {"params": hy.params(), "tuning": hy.tuning}
     selection["val_final"] = {n: val_recall(m, scs) for n, m in models.items()}
     return models, selection
+
+
+def _hybrid_objective(p: Prepared, scs: list[Scenario]):
+    """Validation objective per request type. Known users: cold-whole + warm. Favourites: the
+    favourites scenario plus cold-whole asked as favourites queries (each user's training
+    history given as liked items), so the cold-item offset is tuned for that request type too."""
+    by = {s.name: s for s in scs}
+    cw = by["cold_whole"]
+    rows = p.ds.train[cw.users]
+    cw_liked = Scenario(name="cold_whole_liked", split=cw.split, family=cw.family, users=cw.users,
+                        queries=Queries.of_liked([rows[j].indices for j in range(rows.shape[0])],
+                                                 [rows[j].data for j in range(rows.shape[0])]),
+                        candidates=cw.candidates, truth=cw.truth, exclude=cw.exclude)
+    groups = {"users": [cw, by["warm"]], "favourites": [by["fav_k5"], cw_liked]}
+    return lambda model, kind: float(np.mean(list(val_recall(model, groups[kind]).values())))
 
 
 def evaluate(p: Prepared, models: dict[str, Recommender], split: str = "test"):
@@ -226,12 +248,13 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
 
     from .bundle import code_fingerprint, write_bundle
 
-    dn: DropoutNet = models[SERVING_MODEL]  # type: ignore[assignment]
+    hy: Hybrid = models[SERVING_MODEL]  # type: ignore[assignment]
+    dn = hy.dn
     wmf = dn.wmf
     arrays: dict[str, np.ndarray] = {
         "item_ids": p.ds.item_ids, "user_ids": p.ds.user_ids,
         "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm,
-        "item_tower": dn.serving_item_vectors(dn.item_emb, dn.cold_items),
+        "item_tower": hy.serving_item_vectors(np.arange(p.ds.n_items)),
         "split.train_items": p.ds.train_items, "split.val_items": p.ds.val_items,
         "split.test_items": p.ds.test_items,
     }
@@ -252,8 +275,8 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
                     "recipe": RECIPES.get(p.config.recipe, p.config.recipe), "whiten": p.config.whiten,
                     "max_length": getattr(p.encoder, "max_length", None)},
         "dims": {"n_items": int(p.ds.n_items), "n_users": int(p.ds.n_users), "factors": int(wmf.factors),
-                 "content_dim": int(p.minilm.shape[1]), "tower_dim": int(dn.item_emb.shape[1]) + 1},
-        "hyperparameters": {"wmf": wmf.params(), "dropoutnet": dn.config.to_dict(),
+                 "content_dim": int(p.minilm.shape[1]), "tower_dim": int(hy.serving_item_vectors(np.arange(1)).shape[1])},
+        "hyperparameters": {"wmf": wmf.params(), "dropoutnet": dn.config.to_dict(), "hybrid": hy.params(),
                             "train_config": p.config.describe()},
         "selection": selection,
         "split": p.ds.describe(),

@@ -42,7 +42,7 @@ class DropoutNetConfig:
     p_user_dropout: float = 0.1
     lr: float = 1e-3
     weight_decay: float = 1e-6
-    epochs: int = 30
+    epochs: int = 40
     patience: int = 6                  # epochs without validation gain before stopping
     batch_users: int = 256
     top_pool: int = 100                # each user's top-scored WMF items to sample from

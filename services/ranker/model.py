@@ -20,6 +20,7 @@ import numpy as np
 from anime2vec.bundle import Bundle
 from anime2vec.features.whiten import Whitener
 from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
+from anime2vec.models.hybrid import Hybrid, _unit
 from anime2vec.models.wmf import WMF
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,15 @@ class ServingModel:
         self.train = train
         self.dropoutnet: DropoutNet | None = None
         state = bundle.prefixed("dropoutnet")
+        self.hybrid: Hybrid | None = None
         if state:
             cfg = DropoutNetConfig.from_dict(hp.get("dropoutnet", {}))
             dn = self.dropoutnet = DropoutNet.from_state(state, cfg, self.content, self.wmf, device=device)
-            self.item_tower = dn.serving_item_vectors(dn.item_emb, dn.cold_items)
+            if "hybrid" in hp:
+                self.hybrid = Hybrid.from_params(dn, hp["hybrid"], train)
+                self.item_tower = self.hybrid.serving_item_vectors(np.arange(len(self.item_ids)))
+            else:
+                self.item_tower = dn.serving_item_vectors(dn.item_emb, dn.cold_items)
         else:
             log.warning("bundle %s has no DropoutNet weights: serving WMF and popularity only", self.version)
             self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
@@ -87,48 +93,63 @@ class ServingModel:
 
     def favourites_vector(self, liked: list[int], weights: list[float] | None,
                           extra: dict[int, ItemMeta] | None = None) -> np.ndarray:
-        """Û for a set of liked anime ids (bundle items and/or added anime)."""
+        """Query vector for a set of liked anime ids (bundle items and/or added anime)."""
         assert self.dropoutnet is not None
-        w = np.ones(len(liked), np.float32) if not weights else np.asarray(weights, np.float32)
-        content, pref, pw = [], [], []
-        for a, wi in zip(liked, w):
+        w_all = np.ones(len(liked), np.float32) if not weights else np.asarray(weights, np.float32)
+        content, cw, pref, pw, warm_idx = [], [], [], [], []
+        for a, wi in zip(liked, w_all):
             if a in self.pos:
                 i = self.pos[a]
-                content.append(self.content[i])
+                content.append(self.content[i]); cw.append(wi)
                 if self.warm[i]:
-                    pref.append(self.wmf.V[i]); pw.append(wi)
+                    pref.append(self.wmf.V[i]); pw.append(wi); warm_idx.append(i)
             elif extra and a in extra:
-                content.append(extra[a].content)
-        mean_c = self._mean(np.asarray(content), w[: len(content)] if len(content) == len(w) else np.ones(len(content), np.float32))
+                content.append(extra[a].content); cw.append(wi)
+        content, cw = np.asarray(content, np.float32), np.asarray(cw, np.float32)
+        mean_c = self._mean(content, cw)
         mean_v = self._mean(np.asarray(pref), np.asarray(pw, np.float32)) if pref else None
         dn = self.dropoutnet
-        return dn.serving_user_vectors(dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None],
-                                                          transformed=True))[0]
+        uh = dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)
+        if self.hybrid is None:
+            return dn.serving_user_vectors(uh)[0]
+        import scipy.sparse as sp
+        h = sp.csr_matrix((np.asarray(pw, np.float32), (np.zeros(len(warm_idx), int), warm_idx)),
+                          shape=(1, len(self.item_ids)))
+        u = self.wmf.fold_in(h)
+        phi_u = self._mean(_unit(content), cw)[None]
+        return self.hybrid.serving_user_vectors(uh, u, phi_u, self.hybrid.favourites)[0]
 
     def user_vector(self, user_id: int) -> np.ndarray:
         assert self.dropoutnet is not None
-        u = self.user_pos[user_id]
-        h = self.train[u]
-        w = h.data.astype(np.float32)
-        mean_c = self._mean(self.content[h.indices], w) if h.nnz else np.zeros(self.content.shape[1], np.float32)
-        dn = self.dropoutnet
-        return dn.serving_user_vectors(dn.user_tower_from(self.wmf.U[u][None], mean_c[None], transformed=False))[0]
+        from anime2vec.models.base import Queries
+        q = Queries.of_users([self.user_pos[user_id]])
+        if self.hybrid is None:
+            return self.dropoutnet.serving_user_vectors(self.dropoutnet.user_tower(q))[0]
+        return self.hybrid.serving_user_vectors(*self.hybrid.parts(q), self.hybrid.users)[0]
 
     def whiten(self, raw: np.ndarray) -> np.ndarray:
         return self.whitener.transform(np.atleast_2d(np.asarray(raw, np.float32)))
 
     def text_vector(self, raw: np.ndarray) -> np.ndarray:
-        """Û of a content-only user from a raw encoder vector (free-text queries)."""
+        """Query vector of a content-only user from a raw encoder vector (free-text queries)."""
         assert self.dropoutnet is not None
-        dn = self.dropoutnet
-        return dn.serving_user_vectors(dn.user_tower_from(None, self.whiten(raw), transformed=True))[0]
+        dn, c = self.dropoutnet, self.whiten(raw)
+        uh = dn.user_tower_from(None, c, transformed=True)
+        if self.hybrid is None:
+            return dn.serving_user_vectors(uh)[0]
+        u = np.zeros((1, self.wmf.factors), np.float32)
+        return self.hybrid.serving_user_vectors(uh, u, c, self.hybrid.favourites)[0]
 
     def item_vector(self, pref: np.ndarray | None, content: np.ndarray) -> np.ndarray:
-        """Serving V̂ of one item from its WMF factors (None: cold) and whitened content."""
+        """Serving vector of one item from its WMF factors (None: cold) and whitened content."""
         assert self.dropoutnet is not None
         dn = self.dropoutnet
         v = dn.item_tower(None if pref is None else np.atleast_2d(pref), np.atleast_2d(content))
-        return dn.serving_item_vectors(v, np.array([pref is None]))[0]
+        if self.hybrid is None:
+            return dn.serving_item_vectors(v, np.array([pref is None]))[0]
+        V = np.zeros((1, self.wmf.factors), np.float32) if pref is None else np.atleast_2d(pref)
+        return self.hybrid.serving_item_vectors(item_emb=v, V=V, phi=np.atleast_2d(content),
+                                                cold=np.array([pref is None]))[0]
 
     # ---- fallbacks (in memory, bundle items only) -----------------------------------------
     def wmf_scores_favourites(self, liked: list[int], weights: list[float] | None) -> np.ndarray | None:
