@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup proto test test-all run bench train evaluate clean help
 
 help:
-	@echo "make run    - set up, train a bundle if none exists, index it, start the services"
+	@echo "make run    - set up, train a bundle if none exists, start encoder, ranker and gateway (SAMPLE=1: sample data)"
 	@echo "make test   - set up and run the test suite (CI runs this)"
 	@echo "make bench  - benchmarks (JSON + markdown + plots under reports/bench/)"
 	@echo "make train  - train the default bundle on the full data (see README)"
@@ -44,6 +44,10 @@ test: setup
 
 train: setup
 	$(PY) -m anime2vec.cli train
+
+# SAMPLE=1 serves a bundle trained on the small sample (trained on first use either way).
+run: setup
+	$(PY) -m anime2vec.runlocal $(if $(filter 1 yes true,$(SAMPLE)),--sample) $(RUN_ARGS)
 
 evaluate: setup
 	$(PY) -m anime2vec.cli evaluate

@@ -91,7 +91,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     def _replay_added(self, serving: Serving) -> None:
         m, points = serving.model, []
-        for a in self.store.all():
+        added = self.store.all()
+        if added and m.dropoutnet is None:   # no item tower to embed them: serve the rest, keep them stored
+            log.warning("model %s has no item tower: %d added anime are not served by it", m.version, len(added))
+            return
+        for a in added:
             if a.encoder_fingerprint != m.manifest["encoder"]["fingerprint"]:
                 log.warning("added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
                             a.anime_id, a.encoder_fingerprint, m.version, m.manifest["encoder"]["fingerprint"])

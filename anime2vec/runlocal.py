@@ -1,0 +1,273 @@
+"""`make run`: the whole system on one machine, on loopback.
+
+Trains a bundle when the model store has none for the requested data (full by default, the sample
+with --sample), starts the encoder, ranker and gateway as child processes, waits until each one's
+health check says SERVING, prints how to call them, and on Ctrl-C / SIGTERM stops them in order
+(gateway, ranker, encoder), each through its own graceful SIGTERM shutdown. If any of them dies,
+the others are stopped too and the exit status is 1. The services run in their own sessions, so a
+runner killed with SIGKILL leaves them running (it prints their pids once they serve).
+
+`ServiceProcess` is also what the end-to-end tests start the services with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .paths import REPO_ROOT, default_model_store
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class ServiceSpec:
+    name: str                 # "encoder", "ranker" or "gateway": also its env prefix A2V_<NAME>_
+    module: str               # python -m <module>
+    health_service: str       # full proto name reported SERVING when ready
+    host: str
+    grpc_port: int
+    metrics_port: int
+    env: dict[str, str] = field(default_factory=dict)   # settings without the prefix, e.g. {"MODEL": "minilm"}
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        prefix = f"A2V_{self.name.upper()}_"
+        env = {k: v for k, v in base.items() if not k.startswith(prefix)} | OFFLINE_ENV
+        settings = {"HOST": self.host, "GRPC_PORT": str(self.grpc_port), "METRICS_PORT": str(self.metrics_port),
+                    **self.env}
+        env.update({prefix + k: v for k, v in settings.items()})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), base.get("PYTHONPATH", "")]))
+        return env
+
+
+def standard_specs(host: str, ports: Mapping[str, tuple[int, int]], *, encoder_model: str,
+                   model_store: Path, bundle: str, ranker_data_dir: Path, gateway_env: Mapping[str, str]
+                   ) -> list[ServiceSpec]:
+    """The three services wired to each other. ports: name → (gRPC, metrics)."""
+    encoder_address = f"{host}:{ports['encoder'][0]}"
+    return [
+        ServiceSpec("encoder", "services.encoder.server", "anime2vec.v1.EncoderService", host, *ports["encoder"],
+                    env={"MODEL": encoder_model}),
+        ServiceSpec("ranker", "services.ranker.server", "anime2vec.v1.RankerService", host, *ports["ranker"],
+                    env={"MODEL_STORE": str(model_store), "BUNDLE": bundle, "DATA_DIR": str(ranker_data_dir),
+                         "ENCODER_ADDRESS": encoder_address,
+                         "ALIAS_POLL_S": "0"}),   # serve exactly `bundle`, not whatever the alias says
+        ServiceSpec("gateway", "services.gateway.server", "anime2vec.v1.GatewayService", host, *ports["gateway"],
+                    env={"RANKER_ADDRESS": f"{host}:{ports['ranker'][0]}", "ENCODER_ADDRESS": encoder_address,
+                         **gateway_env}),
+    ]
+
+
+class ServiceProcess:
+    """One service as a child process, its stdout and stderr (JSON log lines) appended to log_path."""
+
+    def __init__(self, spec: ServiceSpec, log_path: Path, base_env: Mapping[str, str] | None = None):
+        self.spec, self.log_path = spec, log_path
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.alive():
+            raise RuntimeError(f"{self.spec.name} is already running (pid {self.proc.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # Its own session: a terminal's Ctrl-C reaches only the parent, which stops the services
+            # one by one, instead of all of them at once racing the parent's orderly SIGTERMs.
+            self.proc = subprocess.Popen([sys.executable, "-m", self.spec.module], cwd=REPO_ROOT,
+                                         env=self.spec.environment(self.base_env), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_serving(self, timeout_s: float) -> None:
+        """Block until the health check reports the service SERVING; RuntimeError (with the log's
+        tail) when the process exits first or the time runs out."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.spec.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=self.spec.health_service)
+            while True:
+                if not self.alive():
+                    code = None if self.proc is None else self.proc.returncode
+                    raise RuntimeError(f"{self.spec.name} exited with status {code} before serving; "
+                                       f"last log lines:\n{self.log_tail()}")
+                try:
+                    if health.Check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass   # not listening yet, or the service is not registered yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.spec.name} not SERVING after {timeout_s:.0f} s; "
+                                       f"last log lines:\n{self.log_tail()}")
+                time.sleep(0.25)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (graceful shutdown), then SIGKILL if it has not exited in timeout_s."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+
+# ---- make run ----------------------------------------------------------------------------------
+
+def newest_bundle(store: Path, source: str) -> Path | None:
+    """The newest bundle in `store` trained on `source` data ("full" or "sample")."""
+    from .bundle import list_bundles
+
+    matching = [p for p in list_bundles(store)
+                if json.loads((p / "manifest.json").read_text()).get("data", {}).get("source") == source]
+    return matching[-1] if matching else None
+
+
+def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> Path:
+    """The newest bundle for the data, trained first when there is none (its evaluation report goes
+    to report_dir, not over the repository's reports/)."""
+    source = "sample" if sample else "full"
+    found = newest_bundle(store, source)
+    if found is not None:
+        return found
+    print(f"No {source}-data bundle in {store}: training one (the first run encodes every synopsis with "
+          f"MiniLM, which takes a while on a CPU; encodings are cached for next time).", flush=True)
+    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--store", str(store), "--report-dir", str(report_dir)]
+    cmd += ["--sample"] if sample else []
+    rc = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV).returncode
+    found = newest_bundle(store, source) if rc == 0 else None
+    if found is None:
+        raise SystemExit(f"training failed (exit status {rc}); see the output above")
+    return found
+
+
+def api_key_env(key_file: Path) -> tuple[dict[str, str], str | None]:
+    """(gateway env, key to print). Keys already configured are used as they are (and not printed);
+    otherwise a local key is generated once into key_file (mode 0600) and reused afterwards."""
+    if os.environ.get("A2V_GATEWAY_API_KEYS") or os.environ.get("A2V_GATEWAY_API_KEYS_FILE"):
+        return {}, None
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(20) + "\n")
+    return {"API_KEYS_FILE": str(key_file)}, key_file.read_text().strip()
+
+
+def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, logs: Path) -> str:
+    gw = procs["gateway"].spec
+
+    def line(name: str, role: str) -> str:
+        p = procs[name]
+        return (f"  {name:8s} {p.spec.address}  ({role}metrics http://{p.spec.host}:{p.spec.metrics_port}/metrics, "
+                f"pid {p.proc.pid})")
+
+    key_line = (f"  export A2V_API_KEY={key}        # generated for this machine ({key_file})"
+                if key else "  export A2V_API_KEY=<one of the configured A2V_GATEWAY_API_KEYS>")
+    return f"""
+anime2vec is running (Ctrl-C stops it):
+{line("gateway", "public API, ")}
+{line("ranker", "")}
+{line("encoder", "")}
+  logs     {logs}/
+
+Try it:
+{key_line}
+  export A2V_GATEWAY_ADDRESS={gw.address}
+  .venv/bin/python -m anime2vec.client recommend "Naruto" "Bleach" "Fullmetal Alchemist" --explain
+  .venv/bin/python -m anime2vec.client similar "Cowboy Bebop"
+  .venv/bin/python -m anime2vec.client search-text "two brothers search for a stone that restores bodies"
+  .venv/bin/python -m anime2vec.client info
+
+  grpcurl -plaintext -H "authorization: Bearer $A2V_API_KEY" \\
+    -d '{{"favourites": [{{"title": "Naruto"}}], "options": {{"limit": 5}}}}' \\
+    {gw.address} anime2vec.v1.GatewayService/Recommend
+"""
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m anime2vec.runlocal", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sample", action="store_true", help="serve a bundle trained on the small sample data")
+    ap.add_argument("--store", type=Path, default=None,
+                    help="model store (default: $A2V_MODEL_STORE or models/, models/sample with --sample)")
+    ap.add_argument("--state-dir", type=Path, default=REPO_ROOT / "var" / "run",
+                    help="logs, the local API key and the ranker's data (embedded Qdrant, added anime)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--encoder-model", default="minilm", choices=["minilm", "tiny-random"])
+    ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds each service may take to serve")
+    a = ap.parse_args(argv)
+
+    mode = "sample" if a.sample else "full"
+    store = a.store or (default_model_store() / "sample" if a.sample else default_model_store())
+    bundle = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
+    gateway_env, key = api_key_env(a.state_dir / "api-key")
+    specs = standard_specs(a.host, {"gateway": (50050, 9100), "encoder": (50051, 9101), "ranker": (50052, 9102)},
+                           encoder_model=a.encoder_model, model_store=store, bundle=bundle.name,
+                           ranker_data_dir=a.state_dir / mode / "ranker", gateway_env=gateway_env)
+    logs = a.state_dir / "logs"
+    procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
+
+    for sig in (signal.SIGINT, signal.SIGTERM):   # also when started with SIGINT ignored (in the background)
+        signal.signal(sig, _interrupt)
+    status = 0
+    try:
+        print(f"serving bundle {bundle.name} from {store}", flush=True)
+        for name in ("encoder", "ranker"):          # both load models: start them together
+            procs[name].start()
+        for name in ("encoder", "ranker"):
+            procs[name].wait_serving(a.startup_timeout)
+        procs["gateway"].start()
+        procs["gateway"].wait_serving(a.startup_timeout)
+        print(usage(procs, key, a.state_dir / "api-key", logs), flush=True)
+        while not (dead := [p for p in procs.values() if not p.alive()]):
+            time.sleep(0.5)
+        print(f"{dead[0].spec.name} exited with status {dead[0].proc.returncode}; stopping the others. "
+              f"Last log lines:\n{dead[0].log_tail()}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        for name in ("gateway", "ranker", "encoder"):
+            rc = procs[name].stop()
+            if rc is not None:
+                print(f"stopped {name} (exit status {rc})", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Calls from the gateway to the ranker: one channel with gRPC's own retry policy for the idempotent
+methods, a deadline on every call (the configured one, never past the caller's), and failures
+mapped to what the gateway's caller can act on, with the ranker's field names rewritten to the
+gateway request's ("liked_ids[2]" → "favourites[3].anime_id")."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+import grpc
+from google.rpc import error_details_pb2
+
+from anime2vec.serving.errors import ServiceError, unavailable
+from anime2vec.serving.server import time_remaining
+from anime2vec.v1 import ranker_pb2_grpc
+
+RANKER_SERVICE = "anime2vec.v1.RankerService"
+# Safe to send twice: reads. UpsertAnime is not (without an id, a retry would add a second anime).
+IDEMPOTENT_METHODS = ("RecommendFromFavourites", "RecommendForUser", "SimilarItems", "RecommendFromVector",
+                      "GetModelInfo", "ListCatalog")
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": RANKER_SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+# Reconnect quickly after a ranker restart instead of gRPC's default backoff of up to 2 minutes.
+_CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG),
+                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+# Leave this much of the caller's deadline for the gateway's own work after the downstream answer.
+_MARGIN_S = 0.05
+
+
+def deadline(context: grpc.ServicerContext | None, configured_s: float) -> float:
+    """Timeout for one downstream call: `configured_s`, shortened to the caller's remaining time.
+    DEADLINE_EXCEEDED at once when the caller has no time left to wait."""
+    remaining = time_remaining(context) if context is not None else None
+    if remaining is None:
+        return configured_s
+    if remaining <= _MARGIN_S:
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the ranker was called")
+    return min(configured_s, remaining - _MARGIN_S)
+
+
+def rename_fields(error: ServiceError, fields: Mapping[str, str]) -> ServiceError:
+    """The same error with the ranker's request field paths replaced by the caller's."""
+    if not fields:
+        return error
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(fields, key=len, reverse=True)))
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: fields[m.group(0)], text)
+
+    details = []
+    for d in error.details:
+        if isinstance(d, error_details_pb2.BadRequest):
+            d = error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=sub(v.field), description=sub(v.description))
+                for v in d.field_violations])
+        elif isinstance(d, error_details_pb2.ResourceInfo):
+            d = error_details_pb2.ResourceInfo(resource_type=d.resource_type, resource_name=d.resource_name,
+                                               owner=d.owner, description=sub(d.description))
+        details.append(d)
+    return ServiceError(error.code, sub(error.message), details)
+
+
+class Ranker:
+    def __init__(self, address: str, timeout_s: float, max_message_bytes: int):
+        self.address, self.timeout_s = address, timeout_s
+        self._channel = grpc.insecure_channel(address, options=[
+            *_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel)
+
+    def call(self, method: str, request, context: grpc.ServicerContext | None = None, *,
+             timeout_s: float | None = None, fields: Mapping[str, str] | None = None):
+        """stub.<method>(request) with a bounded deadline; ServiceError on failure."""
+        timeout = deadline(context, timeout_s or self.timeout_s)
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            code, error = e.code(), ServiceError.from_rpc_error(e)
+            answered = any(isinstance(d, error_details_pb2.ErrorInfo) for d in error.details)
+            if code == grpc.StatusCode.UNAVAILABLE and not answered:   # unreachable, not the ranker's own answer
+                raise unavailable(f"the ranker at {self.address} is unavailable ({e.details()})",
+                                  reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                remaining = time_remaining(context) if context is not None else None
+                if remaining is not None and remaining <= _MARGIN_S:
+                    raise ServiceError(code, "the deadline passed while waiting for the ranker") from None
+                raise unavailable(f"the ranker did not answer within {timeout:.1f} s",
+                                  reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
+            raise rename_fields(error, fields or {}) from None
+
+    def close(self) -> None:
+        self._channel.close()

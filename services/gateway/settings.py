@@ -1,0 +1,50 @@
+"""Gateway configuration (environment prefix `A2V_GATEWAY_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from anime2vec.serving.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="A2V_GATEWAY_", frozen=True, extra="forbid")
+
+    grpc_port: int = Field(50050, ge=0, le=65535)
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    # A MAL export of a long list is a few MB; the XML limit below is what callers meet first.
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=2**31 - 1)
+
+    ranker_address: str = Field("127.0.0.1:50052", min_length=1, description="ranker service host:port")
+    encoder_address: str = Field("127.0.0.1:50051", min_length=1, description="encoder service host:port (free text)")
+    ranker_timeout_s: float = Field(5.0, gt=0, le=120, description="deadline of one ranker call (capped by the caller's)")
+    encoder_timeout_s: float = Field(5.0, gt=0, le=120, description="deadline of one encoder call (capped by the caller's)")
+    catalog_timeout_s: float = Field(30.0, gt=0, le=600, description="deadline of one ListCatalog page while (re)building the title index")
+    catalog_poll_s: float = Field(
+        15.0, gt=0, le=3600, description="how often to ask the ranker whether its model version or item count "
+                                          "changed (then the title index is rebuilt, off the request path)")
+
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys callers may present")
+    api_keys_file: Path | None = Field(
+        None, description="file with one API key per line ('#' comments), e.g. a mounted Kubernetes Secret")
+
+    max_favourites: int = Field(100, ge=1, le=500, description="most favourites (and, separately, disliked) per request")
+    max_ranker_ids: int = Field(500, ge=1, description="the ranker's A2V_RANKER_MAX_IDS: most disliked / excluded ids sent")
+    max_title_chars: int = Field(256, ge=1, le=256, description="longest title in an AnimeRef or ResolveTitles query")
+    max_query_chars: int = Field(2000, ge=1, le=20_000, description="longest free-text query")
+    max_mal_xml_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest MAL export, after gzip decompression")
+    default_min_score: int = Field(7, ge=1, le=10, description="ImportMalList: lowest MAL score that counts as a favourite")
+    text_cache_size: int = Field(
+        1024, ge=0, description="free-text query vectors kept, so the pages of one search rank the same vector")
+
+    @model_validator(mode="after")
+    def _keys_configured(self):
+        if not self.api_keys.get_secret_value().strip() and self.api_keys_file is None:
+            raise ValueError("no API keys: set A2V_GATEWAY_API_KEYS (comma list) or A2V_GATEWAY_API_KEYS_FILE")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
+        return self

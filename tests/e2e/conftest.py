@@ -1,0 +1,64 @@
+"""End-to-end fixtures: a bundle trained once per session with the real MiniLM encoder, and the
+encoder, ranker and gateway as real processes on free loopback ports, started once per session.
+
+Tests that stop a service leave it stopped; the `stack` fixture restarts whatever is down before
+the next test, so tests do not depend on their order (test_outage.py, which stops the encoder,
+sorts last so that the restart is normally not needed).
+
+A2V_E2E_BUNDLE=<bundle dir> serves that bundle instead of training one (for iterating on the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from anime2vec.bundle import list_bundles
+from anime2vec.paths import REPO_ROOT
+from anime2vec.runlocal import OFFLINE_ENV
+from anime2vec.v1 import gateway_pb2_grpc
+from tests.e2e.support import Stack, start_services
+
+TRAIN_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def bundle(e2e_dir) -> Path:
+    """A sample-data bundle trained through the CLI with the real MiniLM encoder."""
+    if os.environ.get("A2V_E2E_BUNDLE"):
+        return Path(os.environ["A2V_E2E_BUNDLE"]).resolve()
+    store, cache = e2e_dir / "models", e2e_dir / "cache"
+    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--epochs", "8", "--quiet",
+           "--store", str(store), "--report-dir", str(e2e_dir / "report")]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(cache)},
+                         capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
+    (path,) = list_bundles(store)
+    return path
+
+
+@pytest.fixture(scope="session")
+def services(e2e_dir, bundle):
+    procs = start_services(e2e_dir / "stack", bundle)
+    channel = grpc.insecure_channel(procs["gateway"].spec.address)
+    stack = Stack(procs, channel, gateway_pb2_grpc.GatewayServiceStub(channel), bundle)
+    yield stack
+    channel.close()
+    for name in ("gateway", "ranker", "encoder"):
+        procs[name].stop()
+
+
+@pytest.fixture
+def stack(services) -> Stack:
+    services.ensure_running()
+    return services

@@ -1,0 +1,99 @@
+"""What the end-to-end tests share: keys, free ports, and the services as processes."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from anime2vec.runlocal import ServiceProcess, standard_specs
+from anime2vec.v1 import common_pb2, gateway_pb2_grpc
+
+API_KEYS = ("e2e-key-1", "e2e-key-2")
+AUTH = [("authorization", f"Bearer {API_KEYS[0]}")]
+STARTUP_TIMEOUT_S = 300
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (bound together so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Stack:
+    procs: dict[str, ServiceProcess]
+    channel: grpc.Channel
+    gateway: gateway_pb2_grpc.GatewayServiceStub
+    bundle: Path
+
+    def metrics_url(self, name: str) -> str:
+        spec = self.procs[name].spec
+        return f"http://{spec.host}:{spec.metrics_port}/metrics"
+
+    def stop(self, name: str) -> None:
+        assert self.procs[name].stop() == 0, f"{name} did not exit cleanly:\n{self.procs[name].log_tail()}"
+
+    def start(self, name: str) -> None:
+        self.procs[name].start()
+        self.procs[name].wait_serving(STARTUP_TIMEOUT_S)
+
+    def ensure_running(self) -> None:
+        for name in ("encoder", "ranker", "gateway"):
+            if not self.procs[name].alive():
+                self.start(name)
+        self.wait_answering()
+
+    def wait_answering(self, timeout_s: float = 60) -> None:
+        """Until the gateway answers a ranker-backed call (its channel reconnects after a restart)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.gateway.GetModelInfo(common_pb2.GetModelInfoRequest(), metadata=AUTH, timeout=5)
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def start_services(root: Path, bundle: Path, names: tuple[str, ...] = ("encoder", "ranker", "gateway"),
+                   encoder_address: str | None = None) -> dict[str, ServiceProcess]:
+    """Start `names` of the standard three (ranker data and logs under root), wired together;
+    encoder_address points the others at an encoder already running instead."""
+    ports = free_ports(6)
+    specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
+                                         "gateway": tuple(ports[4:6])},
+                           encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
+                           ranker_data_dir=root / "ranker", gateway_env={"API_KEYS": ",".join(API_KEYS),
+                                                                          "CATALOG_POLL_S": "2"})
+    procs = {}
+    for spec in specs:
+        if encoder_address and spec.name != "encoder":
+            spec.env["ENCODER_ADDRESS"] = encoder_address
+        if spec.name in names:
+            procs[spec.name] = ServiceProcess(spec, root / "logs" / f"{spec.name}.log")
+    try:
+        for name in ("encoder", "ranker"):   # both load models: start them together
+            if name in procs:
+                procs[name].start()
+        for name in ("encoder", "ranker"):
+            if name in procs:
+                procs[name].wait_serving(STARTUP_TIMEOUT_S)
+        if "gateway" in procs:
+            procs["gateway"].start()
+            procs["gateway"].wait_serving(STARTUP_TIMEOUT_S)
+    except BaseException:
+        for p in procs.values():
+            p.stop()
+        raise
+    return procs
