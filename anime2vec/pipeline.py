@@ -200,7 +200,7 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
             models[name] = dn
     if "anime2vec-hybrid" in cfg.models and "dropoutnet-minilm" in models:
         with _step(p.timings, "tune anime2vec-hybrid"):
-            hy = Hybrid(models["dropoutnet-minilm"]).fit(ds.train)   # type: ignore[arg-type]
+            hy = Hybrid(models["dropoutnet-minilm"], tfidf=p.tfidf_dense).fit(ds.train)   # type: ignore[arg-type]
             hy.tune(_hybrid_objective(p, scs))
             models["anime2vec-hybrid"] = hy
             selection["anime2vec-hybrid"] = {"params": hy.params(), "tuning": hy.tuning}
@@ -209,9 +209,9 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
 
 
 def _hybrid_objective(p: Prepared, scs: list[Scenario]):
-    """Validation objective per request type. Known users: cold-whole + warm. Favourites: the
-    favourites scenario plus cold-whole asked as favourites queries (each user's training
-    history given as liked items), so the cold-item offset is tuned for that request type too."""
+    """Validation objective per request type: its own scenario (known users: warm; favourites:
+    the favourites scenario) and cold items in the whole catalogue, asked as that request type
+    (for favourites: each user's training history given as liked items)."""
     by = {s.name: s for s in scs}
     cw = by["cold_whole"]
     rows = p.ds.train[cw.users]
@@ -219,8 +219,9 @@ def _hybrid_objective(p: Prepared, scs: list[Scenario]):
                         queries=Queries.of_liked([rows[j].indices for j in range(rows.shape[0])],
                                                  [rows[j].data for j in range(rows.shape[0])]),
                         candidates=cw.candidates, truth=cw.truth, exclude=cw.exclude)
-    groups = {"users": [cw, by["warm"]], "favourites": [by["fav_k5"], cw_liked]}
-    return lambda model, kind: float(np.mean(list(val_recall(model, groups[kind]).values())))
+    groups = {("users", "own"): by["warm"], ("users", "cold"): cw,
+              ("favourites", "own"): by["fav_k5"], ("favourites", "cold"): cw_liked}
+    return lambda model, kind, target: val_recall(model, [groups[kind, target]])[groups[kind, target].name]
 
 
 def evaluate(p: Prepared, models: dict[str, Recommender], split: str = "test"):
@@ -253,7 +254,7 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     wmf = dn.wmf
     arrays: dict[str, np.ndarray] = {
         "item_ids": p.ds.item_ids, "user_ids": p.ds.user_ids,
-        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm,
+        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm, "tfidf_content": p.tfidf_dense,
         "item_tower": hy.serving_item_vectors(np.arange(p.ds.n_items)),
         "split.train_items": p.ds.train_items, "split.val_items": p.ds.val_items,
         "split.test_items": p.ds.test_items,

@@ -1,14 +1,20 @@
-"""The served scorer: DropoutNet blended with WMF and content cosine, as ONE dot product.
+"""The served scorer: DropoutNet blended with WMF and content cosines, as ONE dot product.
 
-    score(u, i) = a·Û_u·V̂_i/s_dn + b·U_u·V_i/s_wmf + c·cos(φ_u, φ_i)/s_c + d·[i is cold]
+    score(u, i) = a·Û_u·V̂_i/s_dn + b·U_u·V_i/s_wmf + c·cos(φ_u, φ_i)/s_c
+                  + e·cos(ψ_u, ψ_i)/s_t + d·[i is cold]
 
-Each term is divided by the spread (std) of its scores so the weights are comparable. Because
-every term is a dot product, the blend is a dot product of concatenations:
-    user  [a·Û ; b·U ; c·φ̂_u ; d]      item  [V̂/s_dn ; V/s_wmf ; φ̂_i/s_c ; cold_i]
-so a vector index ranks exactly like `score`. Cold items have V = 0: only their text speaks
-(through V̂ and the cosine), plus the offset d that puts them on the warm items' scale.
-Weights are chosen per request type on the validation split (known users: cold-whole + warm;
-favourites queries: favourites + cold-whole), by coordinate ascent over a small grid.
+(φ: centred MiniLM vectors, ψ: SVD-reduced TF-IDF.) Each term is divided by the spread (std)
+of its scores so the weights are comparable. Every term is a dot product, so the blend is a dot
+product of concatenations:
+    user  [a·Û ; b·U ; c·φ̂_u ; e·ψ̂_u ; d]     item  [V̂/s_dn ; V/s_wmf ; φ̂_i/s_c ; ψ̂_i/s_t ; cold_i]
+and a vector index ranks exactly like `score`. Cold items have V = 0: only their text speaks,
+plus the offset d that puts them on the warm items' scale.
+
+Weights are chosen per request type on the validation split, in two stages: (1) a, b, c, e by
+coordinate ascent on the request type's own scenario (known users: warm; favourites queries:
+favourites), with d = 0; (2) all five by coordinate ascent on cold-item recall, accepting only
+moves that keep the stage-1 score within `tolerance` (2%): new anime get shown, but not at the
+cost of the warm recommendations.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from .base import Queries, Recommender
 from .dropoutnet import DropoutNet
 
 log = logging.getLogger(__name__)
-GRIDS = {"a": (0.0, 0.5, 1.0, 2.0), "b": (0.0, 0.5, 1.0, 2.0), "c": (0.0, 0.25, 0.5, 1.0, 2.0),
-         "d": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)}
+GRIDS = {"a": (0.0, 0.25, 0.5, 1.0, 2.0), "b": (0.0, 0.5, 1.0, 2.0), "c": (0.0, 0.25, 0.5, 1.0, 2.0),
+         "e": (0.0, 0.25, 0.5, 1.0, 2.0), "d": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -36,11 +42,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 class Weights:
     a: float = 1.0   # DropoutNet
     b: float = 1.0   # WMF
-    c: float = 0.5   # content cosine
+    c: float = 0.5   # MiniLM content cosine
     d: float = 0.0   # cold-item offset
+    e: float = 0.0   # TF-IDF content cosine
 
     def as_dict(self) -> dict:
-        return {"a": self.a, "b": self.b, "c": self.c, "d": self.d}
+        return {"a": self.a, "b": self.b, "c": self.c, "d": self.d, "e": self.e}
 
 
 @dataclass
@@ -48,24 +55,32 @@ class Scales:
     dn: float = 1.0
     wmf: float = 1.0
     content: float = 1.0
+    tfidf: float = 1.0
 
 
 class Hybrid(Recommender):
     learns_preferences = True
 
-    def __init__(self, dn: DropoutNet, name: str = "anime2vec-hybrid"):
-        """dn: a fitted DropoutNet; its own cold_bias is not used (the offset here is `d`)."""
+    def __init__(self, dn: DropoutNet, tfidf: np.ndarray | None = None, name: str = "anime2vec-hybrid"):
+        """dn: a fitted DropoutNet (its own cold_bias is not used: the offset here is `d`).
+        tfidf: (n_items, k) dense TF-IDF projection; None leaves the e-term out."""
         super().__init__()
         self.dn, self.name = dn, name
         self.users = Weights()
         self.favourites = Weights()
+        # Free text has no interaction data to tune on: rank by text similarity alone (a
+        # content-only Û was measurably worse in spot checks, and a cold offset would flood text
+        # results with cold items).
+        self.text = Weights(a=0.0, b=0.0, c=1.0, d=0.0, e=0.0)
         self.scales = Scales()
         self.tuning: dict = {}
         self.phi = _unit(dn.content)
+        self.psi = _unit(tfidf) if tfidf is not None else np.zeros((len(self.phi), 1), np.float32)
 
     def params(self) -> dict:
         return {"users": self.users.as_dict(), "favourites": self.favourites.as_dict(),
-                "scales": vars(self.scales), "dropoutnet": self.dn.name}
+                "text": self.text.as_dict(), "scales": vars(self.scales), "dropoutnet": self.dn.name,
+                "tfidf_dim": int(self.psi.shape[1])}
 
     def fit(self, train: sp.csr_matrix) -> "Hybrid":
         """The DropoutNet (and its WMF) must be fitted; this measures the score scales."""
@@ -74,27 +89,31 @@ class Hybrid(Recommender):
         users = np.flatnonzero(self.train.getnnz(axis=1))
         q = Queries.of_users(rng.choice(users, min(256, len(users)), replace=False))
         items = rng.choice(self.train.shape[1], min(2048, self.train.shape[1]), replace=False)
-        uh, u, phi_u = self.parts(q)
+        uh, u, phi_u, psi_u = self.parts(q)
         warm = items[~self.dn.cold_items[items]]
         self.scales = Scales(dn=float(np.std(uh @ self.dn.item_emb[items].T)) or 1.0,
                              wmf=float(np.std(u @ self.dn.wmf.V[warm].T)) or 1.0,
-                             content=float(np.std(phi_u @ self.phi[items].T)) or 1.0)
+                             content=float(np.std(phi_u @ self.phi[items].T)) or 1.0,
+                             tfidf=float(np.std(psi_u @ self.psi[items].T)) or 1.0)
         return self
 
-    def parts(self, queries: Queries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(Û, U, unit φ_u) for a batch: own factors for known users, ALS fold-in for favourites."""
+    def parts(self, queries: Queries) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(Û, U, φ_u, ψ_u) for a batch: own factors for known users, ALS fold-in for favourites;
+        content profiles are confidence-weighted means of the items' unit vectors."""
         h = queries.history_matrix(self.train)
         uh = self.dn.user_tower(queries)
         u = self.dn.wmf.U[queries.users] if queries.users is not None else self.dn.wmf.fold_in(h)
-        phi_u = _unit(np.asarray(h @ self.phi))
-        return uh, u, phi_u
+        return uh, u, np.asarray(h @ self.phi, np.float32), np.asarray(h @ self.psi, np.float32)
 
     @classmethod
-    def from_params(cls, dn: DropoutNet, params: dict, train: sp.csr_matrix, name: str = "anime2vec-hybrid") -> "Hybrid":
+    def from_params(cls, dn: DropoutNet, params: dict, train: sp.csr_matrix, tfidf: np.ndarray | None = None,
+                    name: str = "anime2vec-hybrid") -> "Hybrid":
         """Rebuild from `params()` (bundles) without re-measuring or re-tuning."""
-        h = cls(dn, name=name)
+        h = cls(dn, tfidf=tfidf, name=name)
         h.train = train.tocsr().astype(np.float32)
         h.users, h.favourites = Weights(**params["users"]), Weights(**params["favourites"])
+        if "text" in params:
+            h.text = Weights(**params["text"])
         h.scales = Scales(**params["scales"])
         return h
 
@@ -107,40 +126,59 @@ class Hybrid(Recommender):
 
     # ---- serving form ------------------------------------------------------------------
     def serving_item_vectors(self, items: np.ndarray | None = None, item_emb=None, V=None, phi=None,
-                             cold=None) -> np.ndarray:
-        """[V̂/s_dn ; V/s_wmf ; φ̂/s_c ; cold] for catalogue items, or for raw parts (new items)."""
+                             psi=None, cold=None) -> np.ndarray:
+        """[V̂/s_dn ; V/s_wmf ; φ̂/s_c ; ψ̂/s_t ; cold] for catalogue items, or from raw parts (new
+        items; psi=None when no TF-IDF is available)."""
         if items is not None:
-            item_emb, V, phi, cold = (self.dn.item_emb[items], self.dn.wmf.V[items], self.phi[items],
-                                      self.dn.cold_items[items])
+            item_emb, V, phi, psi, cold = (self.dn.item_emb[items], self.dn.wmf.V[items], self.phi[items],
+                                           self.psi[items], self.dn.cold_items[items])
+        phi = np.atleast_2d(phi)
+        psi = np.zeros((len(phi), self.psi.shape[1]), np.float32) if psi is None else np.atleast_2d(psi)
         s = self.scales
-        return np.hstack([item_emb / s.dn, V / s.wmf, _unit(np.atleast_2d(phi)) / s.content,
+        return np.hstack([item_emb / s.dn, V / s.wmf, _unit(phi) / s.content, _unit(psi) / s.tfidf,
                           np.asarray(cold, np.float32)[:, None]]).astype(np.float32)
 
-    def serving_user_vectors(self, uh: np.ndarray, u: np.ndarray, phi_u: np.ndarray, w: Weights) -> np.ndarray:
+    def serving_user_vectors(self, uh: np.ndarray, u: np.ndarray, phi_u: np.ndarray, psi_u: np.ndarray,
+                             w: Weights) -> np.ndarray:
         n = len(uh)
-        return np.hstack([w.a * uh, w.b * u, w.c * _unit(phi_u), np.full((n, 1), w.d, np.float32)]).astype(np.float32)
+        return np.hstack([w.a * uh, w.b * u, w.c * _unit(phi_u), w.e * _unit(psi_u),
+                          np.full((n, 1), w.d, np.float32)]).astype(np.float32)
 
     # ---- selection on validation ---------------------------------------------------------
-    def tune(self, evaluate: Callable[["Hybrid", str], float], passes: int = 2) -> None:
-        """Coordinate ascent per request type. evaluate(model, kind) → validation score, where
-        kind is "users" or "favourites" (the caller decides which scenarios count)."""
+    def tune(self, evaluate: Callable[["Hybrid", str, str], float], passes: int = 2,
+             tolerance: float = 0.02) -> None:
+        """Two-stage coordinate ascent per request type (see the module docstring).
+        evaluate(model, kind, target) → validation score, kind "users" / "favourites", target
+        "own" (warm / favourites scenario) or "cold" (cold items in the whole catalogue)."""
         for kind in ("users", "favourites"):
             w: Weights = getattr(self, kind)
-            best = evaluate(self, kind)
-            trail = [{**w.as_dict(), "val": best}]
-            for _ in range(passes):
-                for name, grid in GRIDS.items():
-                    keep = getattr(w, name)
-                    for g in grid:
-                        if g == keep:
-                            continue
-                        setattr(w, name, g)
-                        if w.a == w.b == w.c == 0:
-                            continue
-                        v = evaluate(self, kind)
-                        if v > best + 1e-6:
-                            best, keep = v, g
-                            trail.append({**w.as_dict(), "val": v})
-                    setattr(w, name, keep)
-            self.tuning[kind] = {"best": w.as_dict(), "val": best, "trail": trail}
-            log.info("hybrid %s weights %s (val %.4f)", kind, w.as_dict(), best)
+            w.d = 0.0
+            own = self._ascend(w, lambda: evaluate(self, kind, "own"), ("a", "b", "c", "e"), passes)
+            floor = own * (1 - tolerance)
+
+            def constrained() -> float:
+                return evaluate(self, kind, "cold") if evaluate(self, kind, "own") >= floor else -np.inf
+            cold = self._ascend(w, constrained, ("d", "a", "c", "e", "b"), passes)
+            self.tuning[kind] = {"best": w.as_dict(), "own_stage1": own, "own": evaluate(self, kind, "own"),
+                                 "cold": cold, "tolerance": tolerance}
+            log.info("hybrid %s weights %s (%s)", kind, w.as_dict(), self.tuning[kind])
+
+    def _ascend(self, w: Weights, objective: Callable[[], float], names, passes: int) -> float:
+        best = objective()
+        for _ in range(passes):
+            improved = False
+            for name in names:
+                keep = getattr(w, name)
+                for g in GRIDS[name]:
+                    if g == keep:
+                        continue
+                    setattr(w, name, g)
+                    if w.a == w.b == w.c == w.e == 0:
+                        continue
+                    v = objective()
+                    if v > best + 1e-6:
+                        best, keep, improved = v, g, True
+                setattr(w, name, keep)
+            if not improved:
+                break
+        return best

@@ -32,6 +32,7 @@ class ItemMeta:
     anime_id: int
     content: np.ndarray          # whitened content vector
     payload: dict
+    tfidf: np.ndarray | None = None   # dense TF-IDF projection of its text
 
 
 class ServingModel:
@@ -59,13 +60,19 @@ class ServingModel:
             cfg = DropoutNetConfig.from_dict(hp.get("dropoutnet", {}))
             dn = self.dropoutnet = DropoutNet.from_state(state, cfg, self.content, self.wmf, device=device)
             if "hybrid" in hp:
-                self.hybrid = Hybrid.from_params(dn, hp["hybrid"], train)
+                tf = bundle.arrays.get("tfidf_content")
+                self.hybrid = Hybrid.from_params(dn, hp["hybrid"], train,
+                                                 tfidf=None if tf is None else np.asarray(tf, np.float32))
                 self.item_tower = self.hybrid.serving_item_vectors(np.arange(len(self.item_ids)))
             else:
                 self.item_tower = dn.serving_item_vectors(dn.item_emb, dn.cold_items)
         else:
             log.warning("bundle %s has no DropoutNet weights: serving WMF and popularity only", self.version)
             self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
+        self.tfidf = None
+        if (bundle.path / "tfidf.npz").is_file():
+            from anime2vec.features.tfidf import TfidfFeatures
+            self.tfidf = TfidfFeatures.load(bundle.path / "tfidf.npz")
         members = self.catalog["members"].fillna(0).to_numpy(np.float64) if "members" in self.catalog else None
         train_pop = np.asarray((train > 0).sum(axis=0)).ravel().astype(np.float64)
         # popularity prior: MAL members where known, training counts to break ties
@@ -96,15 +103,21 @@ class ServingModel:
         """Query vector for a set of liked anime ids (bundle items and/or added anime)."""
         assert self.dropoutnet is not None
         w_all = np.ones(len(liked), np.float32) if not weights else np.asarray(weights, np.float32)
-        content, cw, pref, pw, warm_idx = [], [], [], [], []
+        content, psi, cw, pref, pw, warm_idx = [], [], [], [], [], []
+        zero_psi = None if self.hybrid is None else np.zeros(self.hybrid.psi.shape[1], np.float32)
         for a, wi in zip(liked, w_all):
             if a in self.pos:
                 i = self.pos[a]
                 content.append(self.content[i]); cw.append(wi)
+                if self.hybrid is not None:
+                    psi.append(self.hybrid.psi[i])
                 if self.warm[i]:
                     pref.append(self.wmf.V[i]); pw.append(wi); warm_idx.append(i)
             elif extra and a in extra:
                 content.append(extra[a].content); cw.append(wi)
+                if self.hybrid is not None:
+                    t = extra[a].tfidf
+                    psi.append(zero_psi if t is None else _unit(np.atleast_2d(t))[0])
         content, cw = np.asarray(content, np.float32), np.asarray(cw, np.float32)
         mean_c = self._mean(content, cw)
         mean_v = self._mean(np.asarray(pref), np.asarray(pw, np.float32)) if pref else None
@@ -117,7 +130,8 @@ class ServingModel:
                           shape=(1, len(self.item_ids)))
         u = self.wmf.fold_in(h)
         phi_u = self._mean(_unit(content), cw)[None]
-        return self.hybrid.serving_user_vectors(uh, u, phi_u, self.hybrid.favourites)[0]
+        psi_u = self._mean(np.asarray(psi, np.float32), cw)[None]
+        return self.hybrid.serving_user_vectors(uh, u, phi_u, psi_u, self.hybrid.favourites)[0]
 
     def user_vector(self, user_id: int) -> np.ndarray:
         assert self.dropoutnet is not None
@@ -130,7 +144,13 @@ class ServingModel:
     def whiten(self, raw: np.ndarray) -> np.ndarray:
         return self.whitener.transform(np.atleast_2d(np.asarray(raw, np.float32)))
 
-    def text_vector(self, raw: np.ndarray) -> np.ndarray:
+    def tfidf_vector(self, text: str | None) -> np.ndarray | None:
+        """Dense TF-IDF projection of a text with the bundle's fitted vocabulary (None: unknown)."""
+        if self.tfidf is None or not text:
+            return None
+        return self.tfidf.dense(self.tfidf.transform([text]))[0]
+
+    def text_vector(self, raw: np.ndarray, text: str | None = None) -> np.ndarray:
         """Query vector of a content-only user from a raw encoder vector (free-text queries)."""
         assert self.dropoutnet is not None
         dn, c = self.dropoutnet, self.whiten(raw)
@@ -138,10 +158,13 @@ class ServingModel:
         if self.hybrid is None:
             return dn.serving_user_vectors(uh)[0]
         u = np.zeros((1, self.wmf.factors), np.float32)
-        return self.hybrid.serving_user_vectors(uh, u, c, self.hybrid.favourites)[0]
+        t = self.tfidf_vector(text)
+        psi = np.zeros((1, self.hybrid.psi.shape[1]), np.float32) if t is None else t[None]
+        return self.hybrid.serving_user_vectors(uh, u, c, psi, self.hybrid.text)[0]
 
-    def item_vector(self, pref: np.ndarray | None, content: np.ndarray) -> np.ndarray:
-        """Serving vector of one item from its WMF factors (None: cold) and whitened content."""
+    def item_vector(self, pref: np.ndarray | None, content: np.ndarray, tfidf: np.ndarray | None = None) -> np.ndarray:
+        """Serving vector of one item from its WMF factors (None: cold), whitened content and
+        TF-IDF projection (None: that term is left empty)."""
         assert self.dropoutnet is not None
         dn = self.dropoutnet
         v = dn.item_tower(None if pref is None else np.atleast_2d(pref), np.atleast_2d(content))
@@ -149,6 +172,7 @@ class ServingModel:
             return dn.serving_item_vectors(v, np.array([pref is None]))[0]
         V = np.zeros((1, self.wmf.factors), np.float32) if pref is None else np.atleast_2d(pref)
         return self.hybrid.serving_item_vectors(item_emb=v, V=V, phi=np.atleast_2d(content),
+                                                psi=None if tfidf is None else np.atleast_2d(tfidf),
                                                 cold=np.array([pref is None]))[0]
 
     # ---- fallbacks (in memory, bundle items only) -----------------------------------------

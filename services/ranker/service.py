@@ -57,6 +57,13 @@ def load_serving(model: ServingModel) -> Serving:
     return Serving(model, filt, {})
 
 
+def anime_text(model: ServingModel, fields: dict) -> str:
+    """The text an anime is encoded from: the bundle's own recipe, so it matches training."""
+    row = {**fields, "synonyms": tuple(fields.get("synonyms", ())), "genres": tuple(fields.get("genres", ())),
+           "review": "", "title_japanese": ""}
+    return build_texts(pd.DataFrame([row], index=[0]), model.manifest["encoder"]["recipe"]).iloc[0]
+
+
 def payload_from_fields(anime_id: int, f: dict, cold: bool = True) -> dict:
     return {"anime_id": anime_id, "title": f.get("title", ""), "title_english": f.get("title_english", ""),
             "synonyms": list(f.get("synonyms", [])), "genres": list(f.get("genres", [])),
@@ -100,8 +107,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 log.warning("added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
                             a.anime_id, a.encoder_fingerprint, m.version, m.manifest["encoder"]["fingerprint"])
                 continue
-            vec, content, cold = self._item_vectors(serving, a.anime_id, a.raw_vector)
-            serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold))
+            vec, content, tfidf, cold = self._item_vectors(serving, a.anime_id, a.raw_vector,
+                                                           anime_text(m, a.fields))
+            serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold),
+                                                 tfidf)
             points.append(ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload))
         if points:
             self.index.upsert(points, version=m.version)
@@ -292,10 +301,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def UpsertAnime(self, request, context):
         s = self.serving()
         fields = validate_anime_input(request.anime)
-        text = build_texts(pd.DataFrame([{**fields, "synonyms": tuple(fields["synonyms"]),
-                                          "genres": tuple(fields["genres"]), "review": "",
-                                          "title_japanese": ""}], index=[0]),
-                           s.model.manifest["encoder"]["recipe"]).iloc[0]
+        text = anime_text(s.model, fields)
         raw, fingerprint = self.encoder.encode([text])
         if fingerprint != s.model.manifest["encoder"]["fingerprint"]:
             raise failed_precondition(f"encoder serves {fingerprint}, model {s.version} was trained with "
@@ -309,23 +315,25 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 aid = max(NEW_ID_BASE, int(s.model.item_ids.max()) + 1, self.store.max_id() + 1)
             if aid in s.model.pos and not fields["members"]:
                 fields["members"] = int(s.model.payload(s.model.pos[aid])["members"])
-            vec, content, cold = self._item_vectors(s, aid, raw[0])
+            vec, content, tfidf, cold = self._item_vectors(s, aid, raw[0], text)
             created = self.store.put(aid, fields, raw[0], fingerprint) and aid not in s.model.pos
-            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold))
+            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf)
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
         log.info("upserted anime", extra={"anime_id": aid, "new": created, "version": s.version})
         return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=created, model_version=s.version)
 
-    def _item_vectors(self, s: Serving, aid: int, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-        """V̂ and whitened content for an added anime; a catalogue anime keeps its WMF factors."""
+    def _item_vectors(self, s: Serving, aid: int, raw: np.ndarray, text: str):
+        """(serving vector, whitened content, TF-IDF projection, cold) for an added anime; a
+        catalogue anime keeps its WMF factors."""
         m = s.model
         content = m.whiten(raw)[0]
+        tfidf = m.tfidf_vector(text)
         i = m.pos.get(aid)
         pref = m.wmf.V[i] if i is not None and m.warm[i] else None
         if m.dropoutnet is None:
             raise unavailable(f"model {s.version} has no item tower; cannot add anime", reason="NO_ITEM_TOWER")
-        return m.item_vector(pref, content), content, pref is None
+        return m.item_vector(pref, content, tfidf), content, tfidf, pref is None
 
     def GetModelInfo(self, request, context):
         s = self.serving()
