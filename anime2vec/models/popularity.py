@@ -16,7 +16,9 @@ class Popularity(Recommender):
     name = "popularity"
     learns_preferences = False
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int | None = 0) -> None:
+        """seed: order of ties (a seeded random permutation); None breaks ties by item index,
+        which only hand-computed examples should use."""
         super().__init__()
         self.seed = seed
         self.counts: np.ndarray | None = None
@@ -31,7 +33,8 @@ class Popularity(Recommender):
         # once counts reach the thousands). Ties must not follow the item index: MAL ids grow
         # with air date, so index order would smuggle an "older is more watched" signal into
         # the ranking of cold items, which all have a count of 0.
-        tiebreak = np.random.default_rng(self.seed).permutation(n_items)
+        tiebreak = (np.arange(n_items) if self.seed is None
+                    else np.random.default_rng(self.seed).permutation(n_items))
         order = np.lexsort((tiebreak, -self.counts))
         self._scores = np.empty(n_items, np.float32)
         self._scores[order] = 1.0 - np.arange(n_items, dtype=np.float64) / n_items

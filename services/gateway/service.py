@@ -89,12 +89,6 @@ def _first_mentions(resolved: list[Resolved]) -> dict[int, str]:
     return out
 
 
-def _too_large(e: mal_import.MalImportError) -> bool:
-    """Size limits (compressed, decompressed, entry count) are RESOURCE_EXHAUSTED, not bad input."""
-    return (e.field in ("data", "anime") and "the limit is" in e.problem) or (
-        e.field == "gzip" and e.problem.startswith("decompresses to more than"))
-
-
 def validate_options(opts: common_pb2.RecommendOptions, problems: _Problems) -> None:
     """What the gateway can check before any downstream call (the ranker checks the rest)."""
     if opts.limit < 0:
@@ -288,7 +282,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             export = mal_import.parse_mal_export(request.mal_xml, max_bytes=s.max_mal_xml_bytes)
         except mal_import.MalImportError as e:
-            if _too_large(e):
+            if e.too_large:   # size limits (upload, decompressed, entries): RESOURCE_EXHAUSTED, not bad input
                 raise resource_exhausted(f"mal_xml: {e}", reason="MAL_XML_TOO_LARGE") from None
             raise invalid_argument({"mal_xml": str(e)}) from None
         known = tuple(e for e in export.entries if e.anime_id in catalogue)

@@ -21,7 +21,7 @@ PCT_ZERO, PCT_ONE, PCT_1, PCT_0 = 100 * 2.5 / 12, 100 * 7.5 / 12, 100 * 10.5 / 1
 
 @pytest.fixture
 def results(tiny, titles, space):
-    exp = Experiment(tiny, [Popularity()], split="test", ks=(2, 10), fav_ks=(1, 2),
+    exp = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
                      diversity_space=space, titles=titles, batch_size=2)  # batch 2: chunks are averaged
     return exp.run(progress=False)
 
@@ -82,7 +82,7 @@ def test_table_is_tidy_and_complete(results):
 
 
 def test_max_queries_caps_every_scenario(tiny):
-    r = Experiment(tiny, [Popularity()], split="test", ks=(2, 10), fav_ks=(1, 2), max_queries=2).run(progress=False)
+    r = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2), max_queries=2).run(progress=False)
     assert r.scenarios["n_queries"].max() == 2
     assert r.table["n_queries"].max() == 2
     assert any("diversity" in note for note in r.notes) and any("nofranchise" in n for n in r.notes)
@@ -90,12 +90,12 @@ def test_max_queries_caps_every_scenario(tiny):
 
 def test_experiment_rejects_bad_setups(tiny):
     with pytest.raises(ValueError, match="distinct names"):
-        Experiment(tiny, [Popularity(), Popularity()])
+        Experiment(tiny, [Popularity(seed=None), Popularity(seed=None)])
     with pytest.raises(ValueError, match="split"):
-        Experiment(tiny, [Popularity()], split="train")
+        Experiment(tiny, [Popularity(seed=None)], split="train")
     with pytest.raises(ValueError, match="diversity_space"):
-        Experiment(tiny, [Popularity()], diversity_space=np.zeros((3, 2)))
-    fitted_elsewhere = Popularity().fit(tiny.train[:, :5])
+        Experiment(tiny, [Popularity(seed=None)], diversity_space=np.zeros((3, 2)))
+    fitted_elsewhere = Popularity(seed=None).fit(tiny.train[:, :5])
     with pytest.raises(ValueError, match="fitted on"):
         Experiment(tiny, [fitted_elsewhere], fav_ks=(1, 2)).run(progress=False)
 
@@ -127,7 +127,7 @@ def test_report_bolds_the_best_value_per_column(tiny, tmp_path):
         def score(self, queries, items):
             return -super().score(queries, items)
 
-    r = Experiment(tiny, [Popularity(), Reversed()], split="test", ks=(2, 10), fav_ks=(1, 2)).run(progress=False)
+    r = Experiment(tiny, [Popularity(seed=None), Reversed()], split="test", ks=(2, 10), fav_ks=(1, 2)).run(progress=False)
     text = write_report(r, tmp_path, "t", "cmd", {})[0].read_text()
     table = text.split("### warm")[1].split("\n\n")[2].splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]

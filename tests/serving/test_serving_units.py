@@ -47,9 +47,11 @@ def test_settings_reject_one_port_for_both_servers():
     assert DemoSettings.from_env(grpc_port=0, metrics_port=0).grpc_port == 0   # both "pick a free one"
 
 
-def _request(offset_token: str = "", limit: int = 10) -> ranker_pb2.SimilarItemsRequest:
+def _request(offset_token: str = "", limit: int = 10, diversity: float = 0.0,
+             explain: bool = False) -> ranker_pb2.SimilarItemsRequest:
     return ranker_pb2.SimilarItemsRequest(
-        anime_id=20, options=common_pb2.RecommendOptions(limit=limit, page_token=offset_token))
+        anime_id=20, options=common_pb2.RecommendOptions(limit=limit, page_token=offset_token,
+                                                         diversity=diversity, explain=explain))
 
 
 def test_page_token_round_trip_and_binding():
@@ -59,7 +61,9 @@ def test_page_token_round_trip_and_binding():
     assert request_digest(_request(token), "v1") == digest
     assert decode_page_token(token, request_digest(_request(token), "v1")) == 30
     assert decode_page_token("", digest) == 0
-    for other in (request_digest(_request(limit=20), "v1"), request_digest(_request(), "v2")):
+    # page size and explanations may change between pages: the ranking they continue is the same
+    assert request_digest(_request(limit=20, explain=True), "v1") == digest
+    for other in (request_digest(_request(diversity=0.5), "v1"), request_digest(_request(), "v2")):
         with pytest.raises(errors.ServiceError) as ei:
             decode_page_token(token, other)
         assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
