@@ -1,13 +1,15 @@
 """The serving model: one loaded bundle turned into the vectors a request needs.
 
-Every query becomes one vector in the towers' space (Û), so a single Qdrant search over the item
-tower vectors (V̂) ranks the whole catalogue, cold and warm items alike:
-  favourites   → f_U([transform(mean V of liked) ; mean φ of liked])
-  known user   → f_U([U_u ; mean φ of the user's history])
-  free text    → f_U([0 ; φ(text)])           (a content-only user)
+Every query becomes one vector, so a single Qdrant search over the bundle's item vectors ranks
+the whole catalogue, cold and warm items alike. With the served blend (models/hybrid.py) the
+item vector is [V̂ ; V ; φ ; ψ ; cold] and the query vector, per request type:
+  favourites   → [a·f_U(transform(mean V of liked), mean φ) ; b·fold-in U ; c·mean φ ; e·mean ψ ; d]
+  known user   → the same from the user's own U and history (the "users" weights)
+  free text    → [· ; 0 ; φ(text) ; 0 ; 0] with the "text" weights (text similarity)
   similar item → a favourites query of that one anime
-  new anime    → V̂ = f_V([0 ; φ(text)])      (a cold item, recommendable at once)
-The WMF fallback scores in memory (V·U over the bundle's items); popularity needs nothing.
+  new anime    → [f_V(0, φ) ; 0 ; φ ; ψ ; 1]   (a cold item, recommendable at once)
+A bundle without the blend serves DropoutNet alone (Û·V̂ plus its cold offset). The WMF
+fallback scores in memory (U·V over the bundle's items); popularity needs nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from anime2vec.bundle import Bundle
+from anime2vec.models.base import Queries
 from anime2vec.features.whiten import Whitener
 from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
 from anime2vec.models.hybrid import Hybrid, _unit
@@ -125,7 +129,6 @@ class ServingModel:
         uh = dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)
         if self.hybrid is None:
             return dn.serving_user_vectors(uh)[0]
-        import scipy.sparse as sp
         h = sp.csr_matrix((np.asarray(pw, np.float32), (np.zeros(len(warm_idx), int), warm_idx)),
                           shape=(1, len(self.item_ids)))
         u = self.wmf.fold_in(h)
@@ -135,7 +138,6 @@ class ServingModel:
 
     def user_vector(self, user_id: int) -> np.ndarray:
         assert self.dropoutnet is not None
-        from anime2vec.models.base import Queries
         q = Queries.of_users([self.user_pos[user_id]])
         if self.hybrid is None:
             return self.dropoutnet.serving_user_vectors(self.dropoutnet.user_tower(q))[0]
@@ -180,7 +182,6 @@ class ServingModel:
         idx = [self.pos[a] for a in liked if a in self.pos and self.warm[self.pos[a]]]
         if not idx:
             return None
-        import scipy.sparse as sp
         w = np.ones(len(idx), np.float32) if not weights else np.asarray(
             [wt for a, wt in zip(liked, weights) if a in self.pos and self.warm[self.pos[a]]], np.float32)
         h = sp.csr_matrix((w, (np.zeros(len(idx), int), idx)), shape=(1, len(self.item_ids)))

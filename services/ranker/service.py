@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -188,9 +189,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             cands = [Candidate(int(s.model.item_ids[i]), float(scores[i]), s.model.payload(i), s.model.content[i])
                      for i in top]
             break
-        if reasons or served != requested:
-            for r in reasons:
-                self.metrics.fallbacks.labels(service="ranker", reason=r).inc()
+        for r in reasons:
+            self.metrics.fallbacks.labels(service="ranker", reason=r).inc()
         if rerank:
             cands = mmr(cands, diversity, dislikes)
         page = [c for c in cands[offset: offset + limit] if c is not None]
@@ -401,8 +401,7 @@ def pick_bundle(settings: RankerSettings, index: ItemIndex):
     """The bundle to serve first: explicit setting, else the alias target, else the newest."""
     store = settings.model_store
     if settings.bundle:
-        p = settings.model_store / settings.bundle if not settings.bundle.startswith("/") else settings.model_store.__class__(settings.bundle)
-        return p
+        return Path(settings.bundle) if Path(settings.bundle).is_absolute() else store / settings.bundle
     target = index.alias_target()
     if target and (store / target).is_dir():
         return store / target

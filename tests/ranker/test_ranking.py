@@ -1,0 +1,46 @@
+"""Ranker helpers on arrays: the in-memory filter matches the Qdrant filter semantics; MMR."""
+
+import numpy as np
+import pytest
+
+from anime2vec.serving.errors import ServiceError
+from anime2vec.v1 import common_pb2
+from services.ranker.index import SearchFilter
+from services.ranker.ranking import Candidate, CatalogueFilter, mmr, validate_options
+
+
+@pytest.fixture
+def filt():
+    return CatalogueFilter(np.array([10, 20, 30, 40]),
+                           genres=[["Action", "Drama"], ["Comedy"], [], ["action"]],
+                           types=["TV", "Movie", "TV", "OVA"], years=[2001, None, 1995, 2010])
+
+
+def test_filter_semantics(filt):
+    ids = lambda f: filt.item_ids[filt.mask(f)].tolist()  # noqa: E731
+    assert ids(SearchFilter(include_genres=("ACTION",))) == [10, 40]          # case-insensitive, any-of
+    assert ids(SearchFilter(exclude_genres=("comedy",))) == [10, 30, 40]
+    assert ids(SearchFilter(types=("tv",))) == [10, 30]
+    assert ids(SearchFilter(year_min=2000)) == [10, 40]                      # unknown year dropped
+    assert ids(SearchFilter(year_max=2005, exclude_ids=(10,))) == [30]
+    assert ids(SearchFilter(include_genres=("Nope",))) == []
+
+
+def test_mmr_without_diversity_is_the_relevance_order_and_with_it_spreads_out():
+    x = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.98, 0.2]], np.float32)
+    cands = [Candidate(i, s, {}, x[i]) for i, s in enumerate([1.0, 0.95, 0.9, 0.85])]
+    assert [c.anime_id for c in mmr(cands, 0.0)] == [0, 1, 2, 3]
+    # with diversity the orthogonal item 2 moves ahead of the near-duplicate 1
+    assert [c.anime_id for c in mmr(cands, 0.7)][:2] == [0, 2]
+    # a disliked direction pushes similar items down
+    assert [c.anime_id for c in mmr(cands, 0.0, dislikes=x[[1]])] == [0, 2, 1, 3]
+
+
+def test_options_are_validated_with_the_field_named():
+    with pytest.raises(ServiceError) as e:
+        validate_options(common_pb2.RecommendOptions(limit=1000, diversity=1.5,
+                                                     filters=common_pb2.Filters(year_min=2010, year_max=2000)),
+                         default_limit=10, max_limit=100, max_ids=10)
+    msg = e.value.message
+    assert "options.limit" in msg and "options.diversity" in msg and "options.filters.year_min" in msg
+    assert validate_options(common_pb2.RecommendOptions(), 10, 100, 10) == (10, 0.0)
