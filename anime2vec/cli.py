@@ -1,4 +1,5 @@
-"""Command line for the offline pipeline: `anime2vec train | evaluate | inspect-bundle`.
+"""Command line for the offline pipeline: `anime2vec train | evaluate | inspect-bundle`, and model
+rollout: `anime2vec index | promote | rollback | versions` (see anime2vec/rollout.py).
 
 Full data by default (`A2V_DATA_DIR` or ../shared/data/mal); `--sample` for the small subset.
 """
@@ -111,6 +112,56 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, default=None,
+                   help="bundle store (default: $A2V_RANKER_MODEL_STORE, else $A2V_MODEL_STORE or models/)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", type=Path, default=None,
+                       help="the ranker's data dir; embedded index under <dir>/qdrant (default: $A2V_RANKER_DATA_DIR or var/ranker)")
+    where.add_argument("--qdrant-url", default=os.environ.get("QDRANT_URL") or os.environ.get("A2V_RANKER_QDRANT_URL") or None,
+                       help="Qdrant server (default: $QDRANT_URL; API key from $QDRANT_API_KEY)")
+
+
+def cmd_rollout(a: argparse.Namespace) -> int:
+    """index / promote / rollback / versions. Exit 2: refused (RolloutError); 1: index unreachable."""
+    from services.ranker.index import IndexUnavailable
+
+    from .rollout import RolloutError, open_rollout
+
+    try:
+        r = open_rollout(a.store, a.data_dir, a.qdrant_url,
+                         os.environ.get("QDRANT_API_KEY") or os.environ.get("A2V_RANKER_QDRANT_API_KEY") or None)
+    except IndexUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        if a.cmd == "index":
+            built, n = r.build(a.version)
+            print(f"{a.version}: built collection with {n} items in {r.where}" if built
+                  else f"{a.version}: collection already complete in {r.where}; left as is")
+        elif a.cmd == "promote":
+            old, new = r.promote(a.version)
+            print(f"{old or '(none)'} → {new}" + ("  (already live)" if old == new else ""))
+        elif a.cmd == "rollback":
+            old, new = r.rollback()
+            print(f"{old} → {new}")
+        else:
+            rows = r.versions()
+            print(f"{'VERSION':40s} {'BUNDLE':6s} {'COLLECTION':10s} LIVE")
+            for v in rows:
+                print(f"{v.version:40s} {'yes' if v.bundle else '-':6s} {'yes' if v.collection else '-':10s} "
+                      f"{'*' if v.live else ''}")
+        return 0
+    except RolloutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except IndexUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        r.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="anime2vec", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,11 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("bundle", nargs="?", type=Path, default=None, help="bundle directory (default: newest in the store)")
     ins.add_argument("--store", type=Path, default=None)
     ins.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    ix = sub.add_parser("index", help="build the Qdrant collection of a bundle version (the alias is not moved)")
+    ix.add_argument("version")
+    pr = sub.add_parser("promote", help="point the served alias at a built, verified version")
+    pr.add_argument("version")
+    rb = sub.add_parser("rollback", help="point the served alias back at the previous version")
+    vs = sub.add_parser("versions", help="list bundles, which have collections, and which is live")
+    for p in (ix, pr, rb, vs):
+        _rollout_args(p)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if a.cmd == "inspect-bundle":
         return cmd_inspect(a)
+    if a.cmd in ("index", "promote", "rollback", "versions"):
+        return cmd_rollout(a)
     return _run(a, write_bundle=(a.cmd == "train"))
 
 

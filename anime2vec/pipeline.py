@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,16 +92,14 @@ class Prepared:
     timings: dict = field(default_factory=dict)
 
 
+@contextmanager
 def _step(timings: dict, name: str):
-    class _T:
-        def __enter__(self):
-            self.t = time.perf_counter()
-            log.info("▶ %s", name)
-
-        def __exit__(self, *exc):
-            timings[name] = round(time.perf_counter() - self.t, 2)
-            log.info("✔ %s (%.1f s)", name, timings[name])
-    return _T()
+    """Log a pipeline step's start and end, and record its seconds (progress for long runs)."""
+    start = time.perf_counter()
+    log.info("▶ %s", name)
+    yield
+    timings[name] = round(time.perf_counter() - start, 2)
+    log.info("✔ %s (%.1f s)", name, timings[name])
 
 
 def make_encoder(kind: str) -> TextEncoder:
