@@ -12,6 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+.PHONY: promtool
 .PHONY: setup proto test test-all run bench train evaluate clean help
 
 help:
@@ -39,6 +40,12 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	  $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS); fi
 	touch anime2vec/v1/__init__.py $@
 
+# promtool (Debian/Ubuntu package `prometheus`) checks and unit-tests deploy/prometheus/rules.yml;
+# apt needs root, as in CI.
+promtool:
+	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+
+test: promtool
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
