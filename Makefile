@@ -12,8 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: promtool
-.PHONY: setup proto test test-all run bench train evaluate clean help
+.PHONY: setup proto promtool test run bench train evaluate clean help
 
 help:
 	@echo "make run    - set up, train a bundle if none exists, start encoder, ranker and gateway (SAMPLE=1: sample data)"
@@ -45,8 +44,7 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 promtool:
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
-test: promtool
-test: setup
+test: setup promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 train: setup

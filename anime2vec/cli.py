@@ -118,8 +118,8 @@ def _rollout_args(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--data-dir", type=Path, default=None,
                        help="the ranker's data dir; embedded index under <dir>/qdrant (default: $A2V_RANKER_DATA_DIR or var/ranker)")
-    where.add_argument("--qdrant-url", default=os.environ.get("QDRANT_URL") or os.environ.get("A2V_RANKER_QDRANT_URL") or None,
-                       help="Qdrant server (default: $QDRANT_URL; API key from $QDRANT_API_KEY)")
+    where.add_argument("--qdrant-url", default=None,
+                       help="Qdrant server (default: $QDRANT_URL unless --data-dir is given; API key from $QDRANT_API_KEY)")
 
 
 def cmd_rollout(a: argparse.Namespace) -> int:
@@ -128,9 +128,11 @@ def cmd_rollout(a: argparse.Namespace) -> int:
 
     from .rollout import RolloutError, open_rollout
 
+    env = os.environ
+    url = None if a.data_dir else (a.qdrant_url or env.get("A2V_RANKER_QDRANT_URL") or env.get("QDRANT_URL") or None)
     try:
-        r = open_rollout(a.store, a.data_dir, a.qdrant_url,
-                         os.environ.get("QDRANT_API_KEY") or os.environ.get("A2V_RANKER_QDRANT_API_KEY") or None)
+        r = open_rollout(a.store, a.data_dir, url,
+                         env.get("A2V_RANKER_QDRANT_API_KEY") or env.get("QDRANT_API_KEY") or None)
     except IndexUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
