@@ -1,0 +1,53 @@
+"""Rollout fixtures: one small sample bundle (tiny-random encoder, 2 epochs) trained through the CLI
+once per session as version A, and version B derived from it as a properly checksummed bundle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anime2vec.bundle import list_bundles, load_bundle, write_bundle
+from anime2vec.paths import REPO_ROOT
+from anime2vec.runlocal import OFFLINE_ENV
+
+TRAIN_TIMEOUT_S = 600
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "anime2vec.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=os.environ | OFFLINE_ENV, timeout=timeout)
+
+
+def derive_bundle(src: Path, store: Path, version: str, seed: int) -> Path:
+    """A new bundle version with the same catalogue and slightly perturbed WMF item factors (so its
+    served item vectors differ), written through write_bundle: checksummed like any other."""
+    b = load_bundle(src)
+    rng = np.random.default_rng(seed)
+    arrays = {k: v for k, v in b.arrays.items() if not k.startswith("train_")}
+    arrays["wmf_V"] = (b.arrays["wmf_V"] * (1 + 0.01 * rng.standard_normal(b.arrays["wmf_V"].shape))).astype(
+        b.arrays["wmf_V"].dtype)
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "version", "created_at")}
+    extra = {rel: (src / rel).read_bytes() for rel in b.manifest["files"]
+             if not rel.startswith("arrays/") and rel != "catalog.jsonl"}
+    return write_bundle(store, manifest, b.catalog, arrays, b.train, version=version, extra_files=extra)
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory) -> tuple[Path, Path]:
+    """(A, B) in one store."""
+    root = tmp_path_factory.mktemp("rollout")
+    store = root / "models"
+    run = subprocess.run(
+        [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--encoder", "tiny-random", "--epochs", "2",
+         "--models", "wmf", "--test-queries", "50", "--quiet", "--store", str(store),
+         "--report-dir", str(root / "report")],
+        cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
+        capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
+    (a,) = list_bundles(store)
+    return a, derive_bundle(a, store, "b-" + a.name, seed=1)
