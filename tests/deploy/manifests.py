@@ -12,7 +12,7 @@ from anime2vec.paths import REPO_ROOT
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 # Every tree an operator applies: the three environments and the release Jobs.
-TREES = ("overlays/local", "overlays/gpu", "overlays/production", "jobs")
+TREES = ("overlays/local", "overlays/gpu", "overlays/production", "jobs", "release")
 # Prometheus Operator CRDs: kubernetes-validate ships core schemas only, so these kinds are checked
 # by the structural tests here, not by the strict schema test.
 CRD_KINDS = frozenset({"ServiceMonitor"})
