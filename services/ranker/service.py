@@ -45,10 +45,19 @@ class Serving:
     model: ServingModel
     filt: CatalogueFilter
     extra: dict[int, ItemMeta]
+    # ListCatalog pages come from one list built once per change of `extra` (not once per page)
+    _catalog: tuple[int, list] | None = None
+    generation: int = 0
 
     @property
     def version(self) -> str:
         return self.model.version
+
+    def catalog(self) -> list:
+        cached = self._catalog
+        if cached is None or cached[0] != self.generation:
+            cached = self._catalog = (self.generation, catalog_entries(self))
+        return cached[1]
 
 
 def load_serving(model: ServingModel) -> Serving:
@@ -320,6 +329,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf)
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
+            s.generation += 1
         log.info("upserted anime", extra={"anime_id": aid, "new": created, "version": s.version})
         return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=created, model_version=s.version)
 
@@ -346,7 +356,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             raise invalid_argument({"page_size": f"must be in 1..5000 (0 means 1000), got {request.page_size}"})
         digest = request_digest(ranker_pb2.ListCatalogRequest(), s.version)
         offset = decode_page_token(request.page_token, digest, field="page_token")
-        entries = catalog_entries(s)
+        entries = s.catalog()
         page = entries[offset: offset + size]
         more = offset + size < len(entries)
         return ranker_pb2.ListCatalogResponse(entries=page, model_version=s.version,
