@@ -38,10 +38,12 @@ class ServiceError(Exception):
         self.code, self.message, self.details = code, message, tuple(details)
 
     def to_status(self) -> grpc.Status:
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        # Errors quote the caller's input; clients refuse trailers past ~8 KiB and would see
+        # RESOURCE_EXHAUSTED instead of this status, so the size is bounded here, for every caller.
+        status = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, MAX_MESSAGE_CHARS))
         for d in self.details:
             packed = any_pb2.Any()
-            packed.Pack(d)
+            packed.Pack(_bounded(d))
             status.details.append(packed)
         return rpc_status.to_status(status)
 
@@ -58,6 +60,36 @@ class ServiceError(Exception):
                     packed.Unpack(msg)
                     details.append(msg)
         return cls(err.code(), err.details() or "", details)
+
+
+MAX_MESSAGE_CHARS = 512
+MAX_VIOLATIONS = 10
+MAX_DETAIL_CHARS = 200
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded(d: Message) -> Message:
+    """A copy of one detail message whose caller-derived text fits the trailer budget."""
+    out = type(d)()
+    out.CopyFrom(d)
+    if isinstance(out, error_details_pb2.BadRequest):
+        kept = [(v.field, v.description) for v in out.field_violations]
+        extra = len(kept) - MAX_VIOLATIONS
+        del out.field_violations[:]
+        for f, desc in kept[:MAX_VIOLATIONS]:
+            out.field_violations.add(field=_clip(f, MAX_DETAIL_CHARS), description=_clip(desc, MAX_DETAIL_CHARS))
+        if extra > 0:
+            out.field_violations.add(field="…", description=f"and {extra} more problems of the same request")
+    elif isinstance(out, error_details_pb2.ResourceInfo):
+        out.resource_name = _clip(out.resource_name, MAX_DETAIL_CHARS)
+        out.description = _clip(out.description, MAX_MESSAGE_CHARS)
+    elif isinstance(out, error_details_pb2.ErrorInfo):
+        for k in list(out.metadata):
+            out.metadata[k] = _clip(out.metadata[k], 4 * MAX_DETAIL_CHARS)
+    return out
 
 
 def _error_info(reason: str, metadata: Mapping[str, str] | None = None) -> error_details_pb2.ErrorInfo:

@@ -328,7 +328,7 @@ def _check(query: str) -> list[str]:
         raise ValueError(f"query is {len(query)} characters long; at most {MAX_QUERY_CHARS} allowed")
     query_words = words(query)
     if not query_words:
-        raise ValueError(f"query {query!r} has no letters or digits")
+        raise ValueError("query has no letters or digits")
     return query_words
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 S = common_pb2
 NEW_ID_BASE = 100_000_000          # ids assigned to added anime: far above MAL's
 MAX_TITLE, MAX_SYNOPSIS, MAX_GENRES = 300, 20_000, 30
+MAX_WEIGHT = 100.0                 # liked_weights upper bound
 TYPES = ("TV", "Movie", "OVA", "ONA", "Special", "Music")
 
 
@@ -256,8 +257,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         weights = list(request.liked_weights)
         if weights and len(weights) != len(liked):
             raise invalid_argument({"liked_weights": f"{len(weights)} weights for {len(liked)} liked ids"})
-        if any(not np.isfinite(w) or w <= 0 for w in weights):
-            raise invalid_argument({"liked_weights": "each weight must be finite and > 0"})
+        if any(not np.isfinite(w) or w <= 0 or w > MAX_WEIGHT for w in weights):
+            # confidences are 0.5-5 in training; huge ones make the ALS fold-in ill-conditioned
+            raise invalid_argument({"liked_weights": f"each weight must be in (0, {MAX_WEIGHT:g}]"})
         excluded = set(disliked) | (set() if request.options.filters.include_liked else set(liked))
         dis = np.stack([self._content(s, a) for a in disliked]) if disliked else None
         return self._page(request, context, s, request.options, query_kind="favourites",
@@ -298,7 +300,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             raise invalid_argument({"content_vector": "must be finite and non-zero"})
         fp = m.manifest["encoder"]["fingerprint"]
         if request.encoder_fingerprint and request.encoder_fingerprint != fp:
-            raise failed_precondition(f"content vector from encoder {request.encoder_fingerprint}, model uses {fp}",
+            raise failed_precondition(f"content vector from encoder {request.encoder_fingerprint[:40]!r}, model uses {fp}",
                                       reason="ENCODER_MISMATCH")
         liked = self._known_ids(s, request.liked_ids, "liked_ids")
         excluded = set() if request.options.filters.include_liked else set(liked)
