@@ -125,7 +125,13 @@ def options(a: argparse.Namespace) -> common_pb2.RecommendOptions:
                                        strategy=STRATEGIES[a.strategy], explain=a.explain)
 
 
-def _print_ranked(resp, a: argparse.Namespace) -> None:
+def _print_ranked(resp, a: argparse.Namespace, header: str = "") -> None:
+    """The raw response with --json; else `header` (what the query resolved to) and the table."""
+    if a.json:
+        print(MessageToJson(resp))
+        return
+    if header:
+        print(header)
     print(format_recommendations(resp.recommendations, a.explain))
     print(format_served_by(resp.served_by, resp.next_page_token))
 
@@ -136,12 +142,10 @@ def cmd_recommend(stub, a, md):
     req = gateway_pb2.RecommendRequest(favourites=[_ref(t) for t in a.titles] + [_ref(i) for i in a.id],
                                        disliked=[_ref(t) for t in a.dislike], options=options(a))
     resp = stub.Recommend(req, timeout=a.timeout, metadata=md)
-    if a.json:
-        return print(MessageToJson(resp))
-    print(format_resolved("favourites", resp.favourites))
+    header = format_resolved("favourites", resp.favourites)
     if resp.disliked:
-        print(format_resolved("disliked", resp.disliked))
-    _print_ranked(resp, a)
+        header += "\n" + format_resolved("disliked", resp.disliked)
+    _print_ranked(resp, a, header)
 
 
 def cmd_similar(stub, a, md):
@@ -149,25 +153,18 @@ def cmd_similar(stub, a, md):
         raise UsageError("give exactly one of a title or --id")
     req = gateway_pb2.SimilarRequest(anime=_ref(a.id if a.id is not None else a.title), options=options(a))
     resp = stub.Similar(req, timeout=a.timeout, metadata=md)
-    if a.json:
-        return print(MessageToJson(resp))
-    print(format_resolved("similar to", resp.favourites))
-    _print_ranked(resp, a)
+    _print_ranked(resp, a, format_resolved("similar to", resp.favourites))
 
 
 def cmd_search_text(stub, a, md):
     resp = stub.SearchText(gateway_pb2.SearchTextRequest(query=a.query, options=options(a)),
                            timeout=a.timeout, metadata=md)
-    if a.json:
-        return print(MessageToJson(resp))
     _print_ranked(resp, a)
 
 
 def cmd_for_user(stub, a, md):
     resp = stub.RecommendForUser(common_pb2.RecommendForUserRequest(user_id=a.user_id, options=options(a)),
                                  timeout=a.timeout, metadata=md)
-    if a.json:
-        return print(MessageToJson(resp))
     _print_ranked(resp, a)
 
 
