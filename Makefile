@@ -57,8 +57,9 @@ run: setup
 evaluate: setup
 	$(PY) -m anime2vec.cli evaluate
 
+# BENCH_ARGS: e.g. --quick, --only gateway,encoder (see python -m bench --help)
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf anime2vec/v1 .pytest_cache

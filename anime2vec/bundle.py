@@ -6,7 +6,8 @@ Layout of `<store>/<version>/`:
   catalog.jsonl        one JSON object per item, in item-index order
   arrays/*.npy         item_ids, user_ids, wmf_U, wmf_V, content (whitened item content vectors),
                        item_tower (V̂), train_{data,indices,indptr,shape} (training matrix),
-                       plus one file per DropoutNet / whitener / TF-IDF tensor
+                       plus one file per DropoutNet / whitener / TF-IDF tensor, and optionally
+                       graph_content (graph features the DropoutNet reads beside content)
 A bundle is written into a temporary directory and renamed into place, so a half-written bundle
 never appears under its version; files are made read-only. `load_bundle` re-hashes every file and
 checks dimensions before anything is used.
@@ -195,6 +196,9 @@ def _check_dims(path: Path, manifest: dict, catalog: pd.DataFrame, a: dict[str, 
         ("item_tower dim", a["item_tower"].shape[1], dims.get("tower_dim")),
         ("train shape", tuple(int(x) for x in a["train_shape"]), (n_users, n_items)),
     ]
+    if "graph_content" in a:   # optional: graph features the DropoutNet reads beside the text
+        checks += [("graph_content rows", a["graph_content"].shape[0], n_items),
+                   ("graph_content dim", a["graph_content"].shape[1], dims.get("graph_dim"))]
     for what, got, want in checks:
         if got != want:
             raise BundleError(f"{path}: incompatible bundle: {what} is {got}, expected {want}")

@@ -6,10 +6,14 @@
     add-anime --title "Sea Dogs" --synopsis "Pirates hunt for treasure..." --genre Adventure
     import-mal animelist.xml.gz
     resolve "fullmetal alch"
+    feedback --user 42 --completed "Naruto" --rated "Bleach=9" --dropped id:269
+    for-user 42
     info
 
 The gateway address and API key come from --address / --api-key or A2V_GATEWAY_ADDRESS /
-A2V_API_KEY. Results print as an aligned table; a degraded answer says so; errors print their status,
+A2V_API_KEY. --tls (public roots) or --tls-ca-file dials the gateway over TLS; --tls-cert-file and
+--tls-key-file present a client certificate (env A2V_CLIENT_TLS_CA_FILE, ..._CERT_FILE, ..._KEY_FILE,
+..._SERVER_NAME). Results print as an aligned table; a degraded answer says so; errors print their status,
 the fields at fault and any suggestions (exit status 1), never a traceback.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import grpc
 from google.protobuf.json_format import MessageToJson
 
 from anime2vec.serving.errors import ErrorDetails
+from anime2vec.serving.tls import ClientTLS, TLSFileError, open_channel
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
@@ -58,11 +64,15 @@ def format_recommendations(recs: Sequence[common_pb2.Recommendation], explain: b
         rows.append([str(r.rank), title, f"{r.score:.4f}", r.type or "-", str(r.year) if r.HasField("year") else "-",
                      _clip(", ".join(r.genres), _GENRES_WIDTH) or "-"])
     out = table(["rank", "title", "score", "type", "year", "genres"], rows, right=(0, 2)).splitlines()
-    if explain:   # reasons under each row, indented past the rank column
+    if explain:   # why, under each row, indented past the rank column: the server's one line, else its reasons
         lines = out[:2]
         for r, line in zip(recs, out[2:]):
             lines.append(line)
-            lines.extend(f"        - {x.detail or common_pb2.ReasonKind.Name(x.kind)} ({x.weight:.0%})" for x in r.reasons)
+            if r.explanation:
+                lines.append(f"        - {r.explanation}")
+            else:
+                lines.extend(f"        - {x.detail or common_pb2.ReasonKind.Name(x.kind)} ({x.weight:.0%})"
+                             for x in r.reasons)
         out = lines
     if any(r.cold_start for r in recs):
         out.append("* cold start: no ratings yet, recommended from its text")
@@ -215,6 +225,54 @@ def cmd_resolve(stub, a, md):
                   str(c.members)] for c in resp.candidates], right=(0, 2, 6)))
 
 
+FEEDBACK_KINDS = {"rated": common_pb2.FEEDBACK_KIND_RATED, "completed": common_pb2.FEEDBACK_KIND_COMPLETED,
+                  "dropped": common_pb2.FEEDBACK_KIND_DROPPED, "added": common_pb2.FEEDBACK_KIND_ADDED,
+                  "removed": common_pb2.FEEDBACK_KIND_REMOVED}
+
+
+class _EventAction(argparse.Action):
+    """--rated/--completed/... append (kind, value) to one list, keeping command-line order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.events = [*(getattr(namespace, "events", None) or []), (self.dest, value)]
+
+
+def feedback_event(kind: str, value: str, user_id: int, event_id: str) -> gateway_pb2.FeedbackEvent:
+    """One event from `TITLE`, `TITLE=SCORE`, `id:ANIME_ID` or `id:ANIME_ID=SCORE`."""
+    anime, score = value, 0
+    head, sep, tail = value.rpartition("=")
+    if sep and tail.strip().isdigit():
+        anime, score = head, int(tail)
+    if kind == "rated" and not score:
+        raise UsageError(f"--rated needs TITLE=SCORE (1..10), got {value!r}")
+    ref = common_pb2.AnimeRef(title=anime)
+    if anime.startswith("id:"):
+        if not anime[3:].strip().isdigit():
+            raise UsageError(f"id:ANIME_ID needs a number, got {anime!r}")
+        ref = common_pb2.AnimeRef(anime_id=int(anime[3:]))
+    return gateway_pb2.FeedbackEvent(event_id=event_id, user_id=user_id, anime=ref, kind=FEEDBACK_KINDS[kind],
+                                     score=score)
+
+
+def cmd_feedback(stub, a, md):
+    given = list(a.event_id)
+    events = getattr(a, "events", None) or []
+    if not events:
+        raise UsageError("give at least one event: --rated, --completed, --dropped, --added or --removed")
+    if len(given) > len(events):
+        raise UsageError(f"{len(given)} --event-id for {len(events)} events")
+    ids = given + [str(uuid.uuid4()) for _ in range(len(events) - len(given))]
+    req = gateway_pb2.RecordFeedbackRequest(events=[feedback_event(k, v, a.user, i) for (k, v), i in zip(events, ids)])
+    resp = stub.RecordFeedback(req, timeout=a.timeout, metadata=md)
+    if a.json:
+        return print(MessageToJson(resp))
+    print(table(["event id", "kind", "anime", "id", "score"],
+                [[e.event_id, k, _clip(r.title or "?", _TITLE_WIDTH), str(r.anime_id), str(e.score or "-")]
+                 for e, (k, _), r in zip(req.events, events, resp.anime)], right=(3, 4)))
+    users = ", ".join(map(str, resp.updated_user_ids)) or "none (all duplicates)"
+    print(f"applied {resp.applied}, duplicates {resp.duplicates}; users updated: {users} (model {resp.model_version})")
+
+
 def cmd_info(stub, a, md):
     m = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=a.timeout, metadata=md).model
     if a.json:
@@ -251,6 +309,30 @@ def _connection_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="gateway host:port (env A2V_GATEWAY_ADDRESS)")
     p.add_argument("--api-key", default=d(os.environ.get("A2V_API_KEY", "")), help="API key (env A2V_API_KEY)")
     p.add_argument("--timeout", type=float, default=d(30.0), help="deadline per call, seconds")
+    env = os.environ.get
+    p.add_argument("--tls", action="store_true", default=d(False),
+                   help="dial over TLS, verifying the gateway against the public roots (implied by --tls-ca-file)")
+    p.add_argument("--tls-ca-file", default=d(env("A2V_CLIENT_TLS_CA_FILE", "")),
+                   help="PEM CA bundle the gateway's certificate must chain to (env A2V_CLIENT_TLS_CA_FILE)")
+    p.add_argument("--tls-cert-file", default=d(env("A2V_CLIENT_TLS_CERT_FILE", "")),
+                   help="PEM client certificate, for mutual TLS (env A2V_CLIENT_TLS_CERT_FILE)")
+    p.add_argument("--tls-key-file", default=d(env("A2V_CLIENT_TLS_KEY_FILE", "")),
+                   help="PEM key of --tls-cert-file (env A2V_CLIENT_TLS_KEY_FILE)")
+    p.add_argument("--tls-server-name", default=d(env("A2V_CLIENT_TLS_SERVER_NAME", "")),
+                   help="name expected in the gateway's certificate, if not the address's host "
+                        "(env A2V_CLIENT_TLS_SERVER_NAME)")
+
+
+def client_tls(a: argparse.Namespace) -> ClientTLS | None:
+    """The TLS settings of the command line, checked; None for plaintext. UsageError for a bad file."""
+    files = (a.tls_ca_file, a.tls_cert_file, a.tls_key_file)
+    if not (a.tls or any(files) or a.tls_server_name):
+        return None
+    ca, cert, key = (Path(f) if f else None for f in files)
+    try:
+        return ClientTLS(ca, cert, key, a.tls_server_name).check()
+    except TLSFileError as e:
+        raise UsageError(f"TLS: {e}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -283,7 +365,21 @@ def parser() -> argparse.ArgumentParser:
     _ranking_options(p)
     p.set_defaults(run=cmd_search_text)
 
-    p = add("for-user", help="recommendations for a user of the training data")
+    p = add("feedback", help="record what a user did (rated, completed, dropped, added, removed); "
+                             "their recommendations change at once")
+    p.add_argument("--user", type=int, required=True, help="user id (a new id becomes a known user)")
+    for kind, what in (("rated", "TITLE=SCORE (1..10)"), ("completed", "TITLE or TITLE=SCORE"),
+                       ("dropped", "TITLE or TITLE=SCORE"), ("added", "TITLE (plan to watch)"),
+                       ("removed", "TITLE (off the list)")):
+        p.add_argument(f"--{kind}", dest=kind, action=_EventAction, metavar="ANIME",
+                       help=f"{what}; id:ANIME_ID instead of a title; repeatable, order kept")
+    p.add_argument("--event-id", action="append", default=[],
+                   help="id of the next event, in order (repeatable; default a new UUID each): resend the same "
+                        "ids to retry safely")
+    p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    p.set_defaults(run=cmd_feedback)
+
+    p = add("for-user", help="recommendations for a user of the training data or known through feedback")
     p.add_argument("user_id", type=int)
     _ranking_options(p)
     p.set_defaults(run=cmd_for_user)
@@ -321,7 +417,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     metadata = [("authorization", f"Bearer {a.api_key}")] if a.api_key else []
-    with grpc.insecure_channel(a.address) as channel:
+    try:
+        tls = client_tls(a)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open_channel(a.address, tls) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         try:
             a.run(stub, a, metadata)

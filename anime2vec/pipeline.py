@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .evaluation.metrics import recall_at_k
 from .evaluation.protocol import Experiment, Scenario, scenarios
 from .features.cache import EncodingCache, encode_cached
 from .features.encoder import TextEncoder
+from .features.graph import graph_preference_features, propagate, rec_graph
 from .features.tfidf import TfidfFeatures
 from .features.whiten import Whitener
 from .models.base import Queries, Recommender
@@ -38,8 +40,15 @@ from .paths import REPO_ROOT, default_cache_dir, default_model_store
 log = logging.getLogger(__name__)
 
 SERVING_MODEL = "anime2vec-hybrid"
-ALL_MODELS = ("popularity", "item-knn", "wmf", "content-knn-tfidf", "content-knn-minilm",
-              "dropoutnet-tfidf", "dropoutnet-minilm", "anime2vec-hybrid")
+ALL_MODELS = ("popularity", "item-knn", "wmf", "content-knn-tfidf", "content-knn-tfidf-graph", "content-knn-minilm",
+              "dropoutnet-tfidf", "dropoutnet-tfidf-graph", "dropoutnet-minilm", "dropoutnet-minilm-graph",
+              "dropoutnet-pretrained", "dropoutnet-pretrained-graph", "anime2vec-hybrid")
+# DropoutNet variants by the content their item tower reads: text encodings ("tfidf": SVD of
+# TF-IDF, "minilm": static MiniLM, "pretrained": the in-domain MLM-adapted MiniLM), optionally
+# with the recommendation-graph block (features/graph.py). Only MiniLM-family text can serve the
+# hybrid: the encoder service must be able to encode a new anime's text the same way.
+DROPOUTNET_VARIANTS = {f"dropoutnet-{text}{'-graph' if g else ''}": (text, g)
+                       for text in ("tfidf", "minilm", "pretrained") for g in (False, True)}
 
 
 @dataclass
@@ -49,6 +58,16 @@ class TrainConfig:
     seed: int = 0
     recipe: str = "default"
     encoder: str = "minilm"              # "minilm" (real weights) or "tiny-random" (plumbing tests)
+    # directory of an in-domain pre-trained encoder (`anime2vec pretrain`); enables the
+    # dropoutnet-pretrained* variants. "tiny-random" here means a second tiny encoder (tests).
+    pretrained_encoder: str | None = None
+    graph_alphas: tuple[float, ...] = (0.5, 0.8)   # APPNP teleport weights tried for content-kNN + graph
+    graph_hops: int = 2
+    # DropoutNet under the served hybrid: "auto" picks the best MiniLM-family variant on validation
+    serving_dropoutnet: str = "auto"
+    # own-scenario recall the hybrid may give up for cold-item recall, climbed only until the blend
+    # reaches its DropoutNet's cold recall (models/hybrid.py): a product decision, made explicit
+    hybrid_tolerance: tuple[float, ...] = (0.02, 0.05, 0.10)
     whiten: str = "center"               # see features/whiten.py
     cache_dir: Path = field(default_factory=default_cache_dir)
     store: Path = field(default_factory=default_model_store)
@@ -89,7 +108,21 @@ class Prepared:
     minilm_raw: np.ndarray
     whitener: Whitener
     minilm: np.ndarray                   # whitened, L2-normalised
+    graph: sp.csr_matrix | None = None   # recommendation-pair adjacency over ds.item_ids
+    pretrained_encoder: TextEncoder | None = None
+    pretrained_whitener: Whitener | None = None
+    pretrained: np.ndarray | None = None # whitened encodings of the pre-trained encoder
     timings: dict = field(default_factory=dict)
+
+    def text_content(self, text: str) -> tuple[np.ndarray, TextEncoder | None, Whitener | None]:
+        """(item vectors, encoder, whitener) of a text representation."""
+        if text == "tfidf":
+            return self.tfidf_dense, None, None
+        if text == "minilm":
+            return self.minilm, self.encoder, self.whitener
+        if text == "pretrained" and self.pretrained is not None:
+            return self.pretrained, self.pretrained_encoder, self.pretrained_whitener
+        raise KeyError(text)
 
 
 @contextmanager
@@ -103,37 +136,61 @@ def _step(timings: dict, name: str):
 
 
 def make_encoder(kind: str) -> TextEncoder:
+    """"minilm", "tiny-random", or a transformers model directory (e.g. a pre-trained encoder)."""
     if kind == "minilm":
         return TextEncoder()
     if kind == "tiny-random":
         return TextEncoder.tiny_random(seed=0)
-    raise ValueError(f"unknown encoder {kind!r} (minilm | tiny-random)")
+    if Path(kind).is_dir():
+        return TextEncoder(Path(kind))
+    raise ValueError(f"unknown encoder {kind!r} (minilm | tiny-random | a model directory)")
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Load data, cut the splits, build both content representations (cached encodings)."""
+def _encode_whitened(cfg: TrainConfig, encoder: TextEncoder, texts: list[str], ds: Dataset, t: dict, key: str):
+    with EncodingCache(Path(cfg.cache_dir) / "encodings.sqlite") as cache:
+        raw = encode_cached(encoder, texts, cache, progress=cfg.progress)
+        t[f"{key}_cache"] = {"hits": cache.last_stats.hits, "encoded": cache.last_stats.encoded}
+    # statistics from training items only: val/test items are unseen at training time
+    whitener = Whitener.fit(raw[ds.train_items], mode=cfg.whiten)
+    return raw, whitener, whitener.transform(raw)
+
+
+def prepare(cfg: TrainConfig, extend_dataset: Callable[[Dataset], Dataset] | None = None) -> Prepared:
+    """Load data, cut the splits, build both content representations (cached encodings).
+
+    `extend_dataset` (retraining, anime2vec/retrain.py): applied to the split dataset before any
+    feature or model sees it, to add feedback interactions; it keeps the item universe and the
+    base data's splits."""
     t: dict = {}
     with _step(t, "load data"):
         data = load_mal(cfg.data_dir, sample=cfg.sample)
     with _step(t, "build splits"):
         ds = build_dataset(data.catalog, data.interactions, seed=cfg.seed)
+        if extend_dataset is not None:
+            ds = extend_dataset(ds)
         catalog = data.catalog.loc[ds.item_ids]
         texts = build_texts(catalog, RECIPES.get(cfg.recipe, cfg.recipe)).tolist()
     with _step(t, "tf-idf"):
         tfidf = TfidfFeatures(svd_dim=min(300, max(2, len(texts) // 4)), seed=cfg.seed)
         tf_sparse = tfidf.fit_transform(texts)
         tf_dense = tfidf.dense(tf_sparse)
-    with _step(t, "encode (cached)"):
+    with _step(t, "encode (cached) + whiten"):
         encoder = make_encoder(cfg.encoder)
-        with EncodingCache(Path(cfg.cache_dir) / "encodings.sqlite") as cache:
-            raw = encode_cached(encoder, texts, cache, progress=cfg.progress)
-            t["encode_cache"] = {"hits": cache.last_stats.hits, "encoded": cache.last_stats.encoded}
-    with _step(t, "whiten"):
-        # statistics from training items only: val/test items are unseen at training time
-        whitener = Whitener.fit(raw[ds.train_items], mode=cfg.whiten)
-        minilm = whitener.transform(raw)
-    return Prepared(cfg, data, ds, catalog, texts, tfidf, tf_sparse, tf_dense, encoder, raw,
-                    whitener, minilm, t)
+        raw, whitener, minilm = _encode_whitened(cfg, encoder, texts, ds, t, "encode")
+    p = Prepared(cfg, data, ds, catalog, texts, tfidf, tf_sparse, tf_dense, encoder, raw, whitener, minilm, timings=t)
+    if cfg.pretrained_encoder:
+        with _step(t, "encode with the pre-trained encoder (cached) + whiten"):
+            p.pretrained_encoder = (TextEncoder.tiny_random(seed=1) if cfg.pretrained_encoder == "tiny-random"
+                                    else TextEncoder(Path(cfg.pretrained_encoder)))
+            _, p.pretrained_whitener, p.pretrained = _encode_whitened(cfg, p.pretrained_encoder, texts, ds, t,
+                                                                      "encode_pretrained")
+    with _step(t, "recommendation graph"):
+        p.graph = rec_graph(data.recs, ds.item_ids)
+        deg = np.asarray(p.graph.getnnz(axis=1))
+        t["graph"] = {"edges": int(p.graph.nnz // 2),
+                      **{f"{n}_items_with_edges": round(float(np.mean(deg[idx] > 0)), 4)
+                         for n, idx in (("train", ds.train_items), ("val", ds.val_items), ("test", ds.test_items))}}
+    return p
 
 
 # ---- selection on the validation split ---------------------------------------------------
@@ -179,32 +236,78 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
         "item-knn": lambda: ItemKNN(K=100),
         "wmf": lambda: wmf,
         "content-knn-tfidf": lambda: ContentKNN(p.tfidf_sparse, name="content-knn-tfidf"),
+        "content-knn-tfidf-graph": lambda: _graph_knn(p, scs, selection),
         "content-knn-minilm": lambda: ContentKNN(p.minilm, name="content-knn-minilm"),
     }
     for name in cfg.models:
         if name in builders:
             with _step(p.timings, f"fit {name}"):
                 m = builders[name]()
-                models[name] = m if m is wmf else m.fit(ds.train)
-    for name, content in (("dropoutnet-tfidf", p.tfidf_dense), ("dropoutnet-minilm", p.minilm)):
+                models[name] = m if m is wmf or m.train is not None else m.fit(ds.train)
+    # the graph block: mean WMF factors of each item's training-item neighbours (+ edge weight)
+    known = np.zeros(ds.n_items, bool)
+    known[ds.train_items] = True
+    graph_block = graph_preference_features(wmf.V, p.graph, known) if p.graph is not None else None
+    for name, (text, graph) in DROPOUTNET_VARIANTS.items():
         if name not in cfg.models:
             continue
+        if text == "pretrained" and p.pretrained is None:
+            log.info("skipping %s: no pre-trained encoder configured (TrainConfig.pretrained_encoder)", name)
+            continue
+        content = p.text_content(text)[0]
+        if graph:
+            content = np.hstack([content, graph_block]).astype(np.float32)
         with _step(p.timings, f"fit {name}"):
             dn = DropoutNet(content, wmf, cfg.dropoutnet, name=name)
             val = lambda m: float(np.mean(list(val_recall(m, scs).values())))  # noqa: E731
             dn.fit(ds.train, validation=val)
             dn.calibrate(val)
             selection[name] = {"best_epoch": dn.best_epoch, "history": dn.history,
-                               "cold_bias": dn.cold_bias, "calibration": dn.calibration}
+                               "cold_bias": dn.cold_bias, "calibration": dn.calibration,
+                               "val_mean": max((h.get("val", -1) for h in dn.history), default=None)}
             models[name] = dn
-    if "anime2vec-hybrid" in cfg.models and "dropoutnet-minilm" in models:
-        with _step(p.timings, "tune anime2vec-hybrid"):
-            hy = Hybrid(models["dropoutnet-minilm"], tfidf=p.tfidf_dense).fit(ds.train)   # type: ignore[arg-type]
-            hy.tune(_hybrid_objective(p, scs))
+    base = serving_dropoutnet(cfg, models, scs)
+    if "anime2vec-hybrid" in cfg.models and base is not None:
+        with _step(p.timings, f"tune anime2vec-hybrid over {base}"):
+            dn = models[base]
+            text = DROPOUTNET_VARIANTS[base][0]
+            hy = Hybrid(dn, tfidf=p.tfidf_dense, content=p.text_content(text)[0]).fit(ds.train)   # type: ignore[arg-type]
+            objective = _hybrid_objective(p, scs)
+            target = {kind: objective(dn, kind, "cold") for kind in ("users", "favourites")}
+            hy.tune(objective, tolerance=cfg.hybrid_tolerance, cold_target=target)
             models["anime2vec-hybrid"] = hy
-            selection["anime2vec-hybrid"] = {"params": hy.params(), "tuning": hy.tuning}
+            selection["anime2vec-hybrid"] = {"params": hy.params(), "tuning": hy.tuning, "dropoutnet": base}
     selection["val_final"] = {n: val_recall(m, scs) for n, m in models.items()}
     return models, selection
+
+
+def _graph_knn(p: Prepared, scs: list[Scenario], selection: dict) -> ContentKNN:
+    """Content-kNN over TF-IDF (SVD) vectors propagated over the recommendation graph; the
+    teleport weight is chosen on validation (mean recall@100 of the validation scenarios)."""
+    best, trials = None, []
+    for alpha in p.config.graph_alphas:
+        m = ContentKNN(propagate(p.tfidf_dense, p.graph, alpha=alpha, hops=p.config.graph_hops),
+                       name="content-knn-tfidf-graph").fit(p.ds.train)
+        r = val_recall(m, scs)
+        trials.append({"alpha": alpha, "hops": p.config.graph_hops, "val_recall@100": r})
+        if best is None or np.mean(list(r.values())) > best[0]:
+            best = (float(np.mean(list(r.values()))), m)
+    selection["content-knn-tfidf-graph"] = trials
+    return best[1]
+
+
+def serving_dropoutnet(cfg: TrainConfig, models: dict[str, Recommender], scs: list[Scenario]) -> str | None:
+    """The DropoutNet variant the served hybrid is built on: the configured one, or ("auto") the
+    MiniLM-family variant with the best mean validation recall. TF-IDF variants are excluded:
+    serving a new anime needs its text vector from the encoder service."""
+    servable = [n for n in models if n in DROPOUTNET_VARIANTS and DROPOUTNET_VARIANTS[n][0] != "tfidf"]
+    if cfg.serving_dropoutnet != "auto":
+        if cfg.serving_dropoutnet not in servable:
+            raise ValueError(f"serving_dropoutnet={cfg.serving_dropoutnet!r} was not fitted (have {servable})")
+        return cfg.serving_dropoutnet
+    if not servable:
+        return None
+    return max(servable, key=lambda n: float(np.mean(list(val_recall(models[n], scs).values()))))
 
 
 def _hybrid_objective(p: Prepared, scs: list[Scenario]):
@@ -251,15 +354,19 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     hy: Hybrid = models[SERVING_MODEL]  # type: ignore[assignment]
     dn = hy.dn
     wmf = dn.wmf
+    text, graph = DROPOUTNET_VARIANTS.get(dn.name, ("minilm", False))
+    content, encoder, whitener = p.text_content(text)
     arrays: dict[str, np.ndarray] = {
         "item_ids": p.ds.item_ids, "user_ids": p.ds.user_ids,
-        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm, "tfidf_content": p.tfidf_dense,
+        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": content, "tfidf_content": p.tfidf_dense,
         "item_tower": hy.serving_item_vectors(np.arange(p.ds.n_items)),
         "split.train_items": p.ds.train_items, "split.val_items": p.ds.val_items,
         "split.test_items": p.ds.test_items,
     }
     arrays.update({f"dropoutnet.{k}": v for k, v in dn.state().items()})
-    arrays.update({f"whitener.{k}": np.asarray(v) for k, v in p.whitener.to_dict().items()})
+    arrays.update({f"whitener.{k}": np.asarray(v) for k, v in whitener.to_dict().items()})
+    if graph:   # the DropoutNet reads [content ; graph block]
+        arrays["graph_content"] = np.ascontiguousarray(dn.content[:, content.shape[1]:])
     buf = io.BytesIO()
     p.tfidf.save(buf)
     cat = p.catalog.reset_index()
@@ -271,11 +378,14 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
         "model": SERVING_MODEL,
         "data": {"fingerprint": p.data.fingerprint, "files": p.data.files, "source": p.data.source},
         "code": code_fingerprint(),
-        "encoder": {"name": p.encoder.name, "fingerprint": p.encoder.fingerprint, "dim": p.encoder.dim,
+        "encoder": {"name": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim,
                     "recipe": RECIPES.get(p.config.recipe, p.config.recipe), "whiten": p.config.whiten,
-                    "max_length": getattr(p.encoder, "max_length", None)},
+                    "max_length": getattr(encoder, "max_length", None),
+                    "model_dir": p.config.pretrained_encoder if text == "pretrained" else None},
         "dims": {"n_items": int(p.ds.n_items), "n_users": int(p.ds.n_users), "factors": int(wmf.factors),
-                 "content_dim": int(p.minilm.shape[1]), "tower_dim": int(hy.serving_item_vectors(np.arange(1)).shape[1])},
+                 "content_dim": int(content.shape[1]), "tower_dim": int(hy.serving_item_vectors(np.arange(1)).shape[1]),
+                 **({"graph_dim": int(arrays["graph_content"].shape[1])} if graph else {})},
+        "dropoutnet": dn.name,
         "hyperparameters": {"wmf": wmf.params(), "dropoutnet": dn.config.to_dict(), "hybrid": hy.params(),
                             "train_config": p.config.describe()},
         "selection": selection,

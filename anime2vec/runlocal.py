@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .paths import REPO_ROOT, default_model_store
+from .serving.tls import ClientTLS, open_channel
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -41,6 +42,7 @@ class ServiceSpec:
     grpc_port: int
     metrics_port: int
     env: dict[str, str] = field(default_factory=dict)   # settings without the prefix, e.g. {"MODEL": "minilm"}
+    tls: ClientTLS | None = None   # how to dial it when it serves TLS (TLS_CERT_FILE in env); None: plaintext
 
     @property
     def address(self) -> str:
@@ -100,7 +102,7 @@ class ServiceProcess:
         """Block until the health check reports the service SERVING; RuntimeError (with the log's
         tail) when the process exits first or the time runs out."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.spec.address) as channel:
+        with open_channel(self.spec.address, self.spec.tls) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             request = health_pb2.HealthCheckRequest(service=self.spec.health_service)
             while True:

@@ -1,45 +1,257 @@
-"""`python -m bench [--quick] [--only search|encoder] [--out DIR]`: run the benchmarks, write
-reports/bench/{bench.json,bench.md,*.png} and print the markdown table."""
+"""`python -m bench [--quick] [--only PART[,PART...]] [--compile] [--out DIR]`: run the benchmarks,
+write reports/bench/{bench.json,bench.md,*.png} and print the markdown.
+
+Parts, in the order they run: gateway (end to end, against a gRPC echo ceiling), search (Qdrant vs
+numpy), encoder (vs a plain transformers loop), training (real data: WMF, DropoutNet, encoding
+cache), scale (synthetic curves). Every figure has its baseline measured in the same run, because
+the machine is shared and absolute times swing. A part that fails is reported, the others still run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import sys
 import time
+import traceback
 from pathlib import Path
-
-import torch
 
 from anime2vec.paths import REPO_ROOT
 from bench.report import markdown, write_report
 
+PARTS = ("gateway", "search", "encoder", "training", "scale")
+
+# Sizes: the full run fits in ~20 min on the 2-core shared machine; --quick is a smoke run.
+FULL = {
+    "gateway": {"concurrency": (1, 2, 4, 8, 16, 32), "step_s": 4.0, "warmup_s": 1.0, "open_loop_s": 6.0,
+                "profile_calls": 200},
+    "search": {"n_queries": 200},
+    "encoder": {"n_texts": 256, "rounds": 2},
+    "training": {"wmf_iterations": 5, "dn_epochs": 3, "fresh_texts": 24},
+    "scale": {},
+}
+QUICK = {
+    "gateway": {"concurrency": (1, 4, 16), "step_s": 2.0, "warmup_s": 0.5, "open_loop_s": 3.0, "profile_calls": 30},
+    "search": {"n_queries": 50},
+    "encoder": {"n_texts": 64, "rounds": 1},
+    "training": {"wmf_iterations": 2, "dn_epochs": 2, "fresh_texts": 8},
+    "scale": {"measure_items": (2_000, 10_000), "measure_users": (2_000, 10_000), "als_iterations": 2,
+              "dn_steps": 3, "n_queries": 20},
+}
+
 
 def machine() -> dict:
     """Where the numbers were taken: ratios travel between machines, absolute timings do not."""
+    import torch
+
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cpu = platform.processor() or platform.machine()
-    return {"summary": cuda or f"cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"summary": f"cuda {cuda}" if cuda else f"cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "loadavg_start": _loadavg()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer queries and encoder rounds")
-    parser.add_argument("--only", choices=("search", "encoder"), help="run one benchmark")
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "–"
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        print(f"[bench {int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {message}", flush=True)
+
+
+def summary(result: dict) -> list[dict]:
+    """One row per figure with a target (or a headline), for the top of the report."""
+    rows = []
+    if g := result.get("gateway"):
+        half = g["open_loop_half_max"]
+        rows.append({"figure": "gateway throughput, favourites query", "baseline": "gRPC echo server (Python gRPC ceiling)",
+                     "result": f"{g['ratio_gateway_to_echo']:.2f}× ({g['best']['gateway']['throughput_rps']:.0f} vs "
+                               f"{g['best']['echo']['throughput_rps']:.0f} req/s)",
+                     "target": f"≥ {g['targets']['ratio']:g}×", "met": g["targets"]["ratio_met"]})
+        rows.append({"figure": "gateway p99 at half its best throughput", "baseline":
+                     f"echo at the same rate: p99 {half.get('echo', {}).get('p99_ms', float('nan')):.1f} ms",
+                     "result": f"{half.get('gateway', {}).get('p99_ms', float('nan')):.1f} ms at "
+                               f"{half.get('gateway', {}).get('offered_rps', 0):.0f} req/s",
+                     "target": f"≤ {g['targets']['p99_ms_at_half_max']:g} ms", "met": g["targets"]["p99_met"]})
+    if s := result.get("search"):
+        rows.append({"figure": f"ranker search recall, {s['items']:,} items", "baseline": "exact numpy top-k",
+                     "result": f"{min(s['recall_at_100'].values()):.3f}", "target": "1.0",
+                     "met": s["targets"]["recall_met"]})
+        rows.append({"figure": "ranker search p99 (unfiltered / filtered)",
+                     "baseline": f"numpy p99 {s['cases']['numpy']['p99_ms']:.1f} / {s['cases']['numpy_filtered']['p99_ms']:.1f} ms",
+                     "result": f"{s['cases']['qdrant']['p99_ms']:.1f} / {s['cases']['qdrant_filtered']['p99_ms']:.1f} ms",
+                     "target": f"≤ {s['targets']['p99_ms']:g} ms", "met": s["targets"]["p99_met"]})
+    if e := result.get("encoder"):
+        rows.append({"figure": f"encoder throughput ({e['device']})", "baseline": "plain transformers eager loop",
+                     "result": f"{e['speedup']:.2f}× ({e['texts_per_s']['encoder']:.1f} vs {e['texts_per_s']['plain']:.1f} texts/s)",
+                     "target": "≥ 1.5×", "met": e["targets"]["speedup_met"]})
+        if e["device"] != "cuda":
+            rows.append({"figure": "encoder on CUDA", "baseline": "–", "result": "cuda: not available",
+                         "target": "≥ 5,000 texts/s", "met": None})
+    if t := result.get("training"):
+        enc = t["encoding"]
+        if enc.get("speedup_cache_vs_fresh"):
+            rows.append({"figure": f"encodings of {enc['cached_texts']:,} texts from the cache",
+                         "baseline": f"fresh MiniLM encoding ({enc['fresh_all_s_extrapolated'] / 60:.0f} min, extrapolated)",
+                         "result": f"{enc['lookup_s']:.2f} s ({enc['speedup_cache_vs_fresh']:,.0f}×)", "target": "–",
+                         "met": None})
+        rows.append({"figure": "WMF ALS iteration / DropoutNet epoch, real data",
+                     "baseline": f"GEMM {t['gemm_gflops_start']:.0f} GFLOP/s in the same run",
+                     "result": f"{t['wmf'][0]['iteration_s']:.2f} s / {t['dropoutnet']['epoch_s']:.1f} s",
+                     "target": "–", "met": None})
+    if s := result.get("scale"):
+        lim = s["limits"]
+        rows.append({"figure": "one machine: exact-search p99 reaches 20 ms", "baseline": "numpy exact search",
+                     "result": f"~{_n(lim['items_at_qdrant_p99_budget'])} items (numpy ~{_n(lim['items_at_numpy_p99_budget'])})",
+                     "target": "–", "met": None})
+        rows.append({"figure": "one machine: ALS peak memory fills RAM", "baseline": "CSR matrix bytes",
+                     "result": f"~{_n(lim['users_filling_memory_als'])} users ({lim['memory_gib']:.0f} GiB)",
+                     "target": "–", "met": None})
+    return rows
+
+
+def _n(x) -> str:
+    if x is None:
+        return "–"
+    if x >= 1e6:
+        return f"{x / 1e6:.2g}M"
+    return f"{x / 1e3:.0f}k" if x >= 1e4 else f"{x / 1e3:.1f}k"
+
+
+def gateway_analysis(g: dict) -> list[str]:
+    """What the measurements say about the gateway's gap to the echo ceiling."""
+    lines = []
+    prof = g.get("profile_ranker_in_process", {})
+    r_ratio, g_ratio = g["ratio_ranker_to_echo"], g["ratio_gateway_to_echo"]
+    lines.append(f"Reading: the ranker alone reaches {r_ratio:.2f}× the echo ceiling and the gateway "
+                 f"{g_ratio:.2f}×: the gateway hop costs {1 - g_ratio / r_ratio:.0%} of the ranker's throughput, and "
+                 f"the ranker's own work is what separates both from the ceiling.")
+    if "top_self" in prof and prof["top_self"]:
+        top = prof["top_self"][:3]
+        share = sum(r["self_share"] for r in top)
+        lines.append(f"In-process the ranker's handler takes p50 {prof['p50_ms']:.2f} ms per request; the top costs "
+                     f"({share:.0%} of it) are " + "; ".join(f"`{r['function']}` {r['self_ms_per_request']:.2f} ms"
+                                                            for r in top) + ".")
+        query = next((r for r in prof["top_self"] if "EdgeShard" in r["function"]), None)
+        mb = g["bundle"].get("bytes_scanned_per_query", 0) / 1e6
+        if query and mb:
+            need = 0.35 * g["best"]["echo"]["throughput_rps"]
+            lines.append(f"The exact search reads every item vector ({g['bundle']['items']:,} × {g['bundle']['vector_dim']} "
+                         f"float32 = {mb:.0f} MB per query) and holds the GIL while it does: "
+                         f"{query['self_share']:.0%} of the handler's in-process time. 0.35× the echo ceiling is "
+                         f"{need:.0f} req/s, i.e. ≤ {1e3 / need:.2f} ms of serialised work per request on this machine, "
+                         f"which an exact scan of {mb:.0f} MB cannot meet: it needs an approximate index (HNSW), "
+                         f"quantised vectors or more ranker processes, not a cheaper Python path.")
+    return lines
+
+
+def scale_conclusion(s: dict) -> list[str]:
+    lim, it, us = s["limits"], s["items"], s["users"]
+
+    def at(c, n):
+        return next((p["value"] for p in c["points"] if p["size"] == n), None)
+
+    big_i, big_u = max(s["items_axis_sizes"]), max(s["users_axis_sizes"])
+    res_big, q_big = at(it["resident_mib"], big_i), at(it["qdrant_p99_ms"], big_i)
+    als_big, mem_big = at(us["als_iteration_s"], big_u), at(us["als_peak_mib"], big_u)
+    dn_big = at(us["dropoutnet_epoch_s"], big_u)
+    return [
+        f"- **Serving latency** (items axis): exact search scans every vector, so the favourites query's p99 grows "
+        f"linearly with the catalogue and crosses the gateway's 20 ms budget at ~{_n(lim['items_at_qdrant_p99_budget'])} "
+        f"items by p99 on this shared machine (~{_n(lim['items_at_qdrant_p50_budget'])} by p50; numpy baseline "
+        f"~{_n(lim['items_at_numpy_p99_budget'])} by p99; the 5 ms ranker target at "
+        f"~{_n(lim['items_at_qdrant_5ms_p99'])}). At {_n(big_i)} items one exact query takes ~{_f0(q_big)} ms p99 "
+        f"and the index holds ~{_f0(res_big / 1024 if res_big else None)} GiB resident.",
+        f"- **Training memory and time** (users axis): ALS at {_n(big_u)} users (~{big_u * s['positives_per_user'] / 1e6:.0f}M positives) "
+        f"needs ~{_f0(mem_big / 1024 if mem_big else None)} GiB at peak and ~{_f0(als_big)} s per iteration; this "
+        f"machine's {lim['memory_gib']:.0f} GiB fill at ~{_n(lim['users_filling_memory_als'])} users. A DropoutNet epoch "
+        f"at {_n(big_u)} users is ~{_f0(dn_big / 60 if dn_big else None)} min (steps are fixed-size; epochs grow with users).",
+        "- **What the production overlay is for** (deploy/k8s/overlays/production): Qdrant as a 3-node cluster splits a "
+        "collection into shards across nodes, so an exact (or HNSW) search fans out and each node scans a third of the "
+        "vectors, and the memory of a million-item index is spread too; replicas of a shard add read throughput and "
+        "survive a node loss. Ranker replicas (3–8, HPA at 70% CPU) scale the request path, which is bound by one "
+        "Python process per replica (the search holds the GIL), and the gateway (3–10) and encoder (2–6) scale the same "
+        "way. Training is not served: past a few million users it needs a bigger node (memory) or a GPU train Job, "
+        "not more replicas.",
+    ]
+
+
+def _f0(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma list of parts to run (default: all): {', '.join(PARTS)}")
+    parser.add_argument("--compile", action="store_true", help="also time TextEncoder(compile=True) (slow to compile)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "bench")
     args = parser.parse_args(argv)
-    result: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick}
-    if args.only in (None, "search"):
-        from bench.search import run_search_bench
-        result["search"] = run_search_bench(n_queries=50 if args.quick else 200)
-    if args.only in (None, "encoder"):
-        from bench.encoder import run_encoder_bench
-        result["encoder"] = run_encoder_bench(rounds=1 if args.quick else 3)
-    write_report(result, args.out)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    sizes = QUICK if args.quick else FULL
+    progress = Progress()
+    result: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+                    "parts": parts, "errors": {}}
+    progress(f"{result['machine']['summary']}; cuda: {result['machine']['cuda'] or 'not available'}; "
+             f"load average {result['machine']['loadavg_start']}; parts: {', '.join(parts)}")
+    for part in PARTS:
+        if part not in parts:
+            continue
+        started = time.perf_counter()
+        progress(f"── {part}")
+        try:
+            if part == "gateway":
+                from bench.gateway import run_gateway_bench
+                result["gateway"] = run_gateway_bench(**sizes["gateway"], progress=progress)
+                result["gateway"]["analysis"] = gateway_analysis(result["gateway"])
+            elif part == "search":
+                from bench.search import run_search_bench
+                result["search"] = run_search_bench(**sizes["search"])
+            elif part == "encoder":
+                from bench.encoder import run_encoder_bench
+                result["encoder"] = run_encoder_bench(**sizes["encoder"], compile=args.compile, progress=progress)
+            elif part == "training":
+                from bench.training import run_training_bench
+                result["training"] = run_training_bench(**sizes["training"], progress=progress)
+            elif part == "scale":
+                from bench.scale import run_scale_bench
+                result["scale"] = run_scale_bench(**sizes["scale"], progress=progress)
+                result["scale"]["conclusion"] = scale_conclusion(result["scale"])
+        except Exception as e:   # one broken part must not lose the others' measurements
+            result["errors"][part] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        result.setdefault("part_seconds", {})[part] = round(time.perf_counter() - started, 1)
+        progress(f"{part} done in {result['part_seconds'][part]:.0f} s")
+    result["elapsed_s"] = time.perf_counter() - progress.start
+    result["loadavg_end"] = _loadavg()
+    result["summary"] = summary(result)
+    written = write_report(result, args.out)
     print(markdown(result))
+    progress(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written)}")
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,10 @@
-"""Writes a bench result as JSON, a markdown table and PNG bar charts under one directory."""
+"""Writes a bench result as JSON, a markdown report and PNG plots under one directory. Every figure
+is shown beside the baseline measured in the same run; extrapolated scale points are marked."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,36 +13,227 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _yes(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def _f(x, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, (int,)) or abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k"
+
+
+# ---- markdown --------------------------------------------------------------------------------
+def _md_search(s: dict) -> list[str]:
+    t = s.get("targets", {})
+    lines = [f"## Ranker search: {s['items']:,} items × {s['dim']} dims, top-{s['top_k']}, {s['queries']} queries",
+             "", "Baseline: exact numpy dot-product top-k over the same vectors.", "",
+             "| case | p50 ms | p99 ms |", "|---|---:|---:|"]
+    lines += [f"| {name} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |" for name, c in s["cases"].items()]
+    lines += ["", f"- Qdrant / numpy p50: **{s['ratio_p50']['unfiltered']:.2f}×** unfiltered, "
+                  f"**{s['ratio_p50']['filtered']:.2f}×** filtered ({s['filter']['matching_items']} items match the filter)",
+              f"- recall@{s['top_k']} of Qdrant vs exact numpy: {s['recall_at_100']['unfiltered']:.3f} unfiltered, "
+              f"{s['recall_at_100']['filtered']:.3f} filtered — target 1.0: {_yes(t.get('recall_met'))}",
+              f"- p99 target ≤ {t.get('p99_ms', 5):g} ms at ~16k items: {_yes(t.get('p99_met'))}", ""]
+    return lines
+
+
+def _md_encoder(e: dict) -> list[str]:
+    p = e["padding"]
+    lines = [f"## Encoder: {e['model']} on {e['device']}"
+             + (f" ({e['cuda']})" if e.get("cuda") else " (cuda: not available)"),
+             "", f"{e['texts']} texts ({e['text_source']}), max_length {e['max_length']}, batch {e['batch_size']}, "
+                 f"{e['torch_threads']} torch threads, best of {e['rounds']} alternating round(s).",
+             f"Baseline (`plain`): the same model in a plain transformers eager loop, batches in input order "
+             f"padded to each batch's longest, no compile.", "",
+             "| loop | texts/s (best) | texts/s (median) | lowest cosine vs plain |", "|---|---:|---:|---:|"]
+    for name, rate in e["texts_per_s"].items():
+        cos = e["min_cosine_vs_plain"].get(name)
+        lines.append(f"| {name} | {rate:.1f} | {e['median_texts_per_s'][name]:.1f} | {'–' if cos is None else f'{cos:.6f}'} |")
+    lines += ["", f"- encoder / plain: **{e['speedup']:.2f}×** — target ≥ {e['targets']['speedup']:g}×: "
+                  f"{_yes(e['targets']['speedup_met'])}",
+              f"- why: tokens through the model, plain {p['plain_padded_tokens']:,} vs bucketed "
+              f"{p['bucketed_padded_tokens']:,} ({p['padded_tokens_ratio_plain_vs_bucketed']:.2f}×; real tokens "
+              f"{p['real_tokens']:,}; token length p10/p50/p90 {p['tokens_p10']:.0f}/{p['tokens_p50']:.0f}/"
+              f"{p['tokens_p90']:.0f}, {p['truncated_share']:.0%} truncated at {e['max_length']})"]
+    if e.get("speedup_compiled") is not None:
+        lines.append(f"- torch.compile: {e['speedup_compiled']:.2f}× plain after {e['compile_s']:.0f} s of compiling")
+    else:
+        lines.append("- torch.compile: not measured in this run (`--compile`)")
+    if e["device"] != "cuda":
+        lines.append(f"- CUDA target (≥ {5000:,} texts/s at 256 tokens): not measured, no GPU on this machine")
+    return lines + [""]
+
+
+def _md_gateway(g: dict) -> list[str]:
+    b, t = g["best"], g["targets"]
+    half = g["open_loop_half_max"]
+    lines = [f"## Gateway end to end: favourites query (Recommend, {g['request']['favourites_per_request']} "
+             f"favourite ids, API key)", "",
+             f"Bundle {g['bundle']['version']} ({g['bundle']['kind']}; {_f(g['bundle']['items'])} items, "
+             f"{g['bundle']['vector_dim']}-dim vectors). Encoder, ranker and gateway as processes on loopback; "
+             f"{g['server_settings']}.",
+             f"Baseline: a trivial gRPC echo server (same grpcio and thread-pool settings, answers "
+             f"{g['request']['reply_bytes']} bytes like the gateway, no work) driven the same way in the same run: "
+             f"the Python gRPC ceiling here. The ranker called directly shows the gateway hop's cost.",
+             f"Client: {g['client']}. Closed-loop steps of {g['step_s']:g} s after {g['warmup_s']:g} s warm-up, "
+             f"the three targets alternating at each step.", "",
+             "| in flight | echo req/s | ranker req/s | gateway req/s | gateway / echo | gateway p50 ms | gateway p99 ms "
+             "| echo p99 ms | client CPU (gateway step) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e, r, gw in zip(g["sweep"]["echo"], g["sweep"]["ranker"], g["sweep"]["gateway"]):
+        lines.append(f"| {gw['concurrency']} | {e['throughput_rps']:.0f} | {r['throughput_rps']:.0f} | "
+                     f"{gw['throughput_rps']:.0f} | {gw['throughput_rps'] / e['throughput_rps']:.2f} | "
+                     f"{_f(gw.get('p50_ms'))} | {_f(gw.get('p99_ms'))} | {_f(e.get('p99_ms'))} | "
+                     f"{gw['client_cpu_share']:.0%} |")
+    og, oe = half.get("gateway", {}), half.get("echo", {})
+    lines += ["", f"- best throughput: gateway {b['gateway']['throughput_rps']:.0f} req/s (at {b['gateway']['concurrency']} "
+                  f"in flight), ranker {b['ranker']['throughput_rps']:.0f}, echo {b['echo']['throughput_rps']:.0f}",
+              f"- gateway / echo ceiling: **{g['ratio_gateway_to_echo']:.2f}×** — target ≥ {t['ratio']:g}×: "
+              f"{_yes(t['ratio_met'])} (ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×)",
+              f"- open loop at half the gateway's best ({og.get('offered_rps', 0):.0f} req/s): gateway p50 "
+              f"{_f(og.get('p50_ms'))} ms, **p99 {_f(og.get('p99_ms'))} ms** — target ≤ {t['p99_ms_at_half_max']:g} ms: "
+              f"{_yes(t['p99_met'])}; echo at the same rate: p50 {_f(oe.get('p50_ms'))} ms, p99 {_f(oe.get('p99_ms'))} ms",
+              f"- one request alone (1 in flight, p50): echo {_f(g['latency_c1_ms']['echo'], 2)} ms, ranker "
+              f"{_f(g['latency_c1_ms']['ranker'], 2)} ms, gateway {_f(g['latency_c1_ms']['gateway'], 2)} ms",
+              f"- errors: {g['errors']}"]
+    prof = g.get("profile_ranker_in_process", {})
+    if "top_self" in prof:
+        lines += ["", f"Where the ranker's time goes (RecommendFromFavourites called in-process, no gRPC, "
+                      f"{prof['calls']} calls: p50 {prof['p50_ms']:.2f} ms, p99 {prof['p99_ms']:.2f} ms; cProfile, "
+                      f"self time per request):", "", "| function | ms / request | share | calls / request |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| `{r['function']}` | {r['self_ms_per_request']:.3f} | {r['self_share']:.0%} | "
+                  f"{r['calls_per_request']:g} |" for r in prof["top_self"][:8]]
+    elif prof:
+        lines.append(f"- profile failed: {prof.get('error')}")
+    if g.get("analysis"):
+        lines += ["", *g["analysis"]]
+    return lines + [""]
+
+
+def _md_training(t: dict) -> list[str]:
+    d, enc, dn = t["data"], t["encoding"], t["dropoutnet"]
+    lines = [f"## Training cost on the real data ({d['users']:,} users, {d['items']:,} items, "
+             f"{d['train_nnz']:,} training positives)", "",
+             f"Machine speed in the same run (baseline for the absolute times): float32 GEMM "
+             f"{t['gemm_gflops_start']:.1f} GFLOP/s at the start, {t['gemm_gflops_end']:.1f} at the end.", "",
+             "| step | time | note |", "|---|---:|---|",
+             f"| load the MAL files | {t['load_s']:.1f} s | |",
+             f"| splits + texts | {t['split_and_texts_s']:.1f} s | |"]
+    for w in t["wmf"]:
+        lines.append(f"| WMF (ALS) iteration, rank {w['factors']} | {w['iteration_s']:.2f} s | "
+                     f"{w['ns_per_positive_per_factor']:.1f} ns per positive per factor; median of {w['iterations']} |")
+    lines += [f"| DropoutNet epoch | {dn['epoch_s']:.1f} s | {dn['steps_per_epoch']} steps of {dn['config']['batch_users']} "
+              f"users ({dn['step_s'] * 1e3:.0f} ms/step); = {dn['epoch_vs_als_iteration']:.1f} ALS iterations; "
+              f"first epoch with set-up {dn['first_epoch_s']:.1f} s; content: {dn['content']} |"]
+    if enc.get("lookup_s"):
+        lines += [f"| encodings from the cache, all {enc['cached_texts']:,} texts | {enc['lookup_s']:.2f} s | "
+                  f"{enc['hits']:,} hits, {enc['lookup_ms_per_text'] * 1e3:.0f} µs/text |"]
+    lines += [f"| encodings fresh (MiniLM), all {d['texts']:,} texts | {enc['fresh_all_s_extrapolated'] / 60:.1f} min | "
+              f"extrapolated from {enc['fresh_sample']} random texts at {enc['fresh_ms_per_text']:.0f} ms/text |", ""]
+    if enc.get("speedup_cache_vs_fresh"):
+        lines.append(f"- encoding cache vs fresh encoding: **{enc['speedup_cache_vs_fresh']:,.0f}×** faster "
+                     f"(baseline: fresh encoding, same run)")
+    return lines + [""]
+
+
+def _md_scale(s: dict) -> list[str]:
+    sh = s["shape"]
+    lines = [f"## Scale curves (synthetic data shaped like the real one)", "",
+             f"Shape from {sh['source']}: item popularity a power law with exponent {sh['popularity_exponent']:.2f} over "
+             f"its body (flatter head; the real curve is stretched to each catalogue size), positives per user "
+             f"drawn from the real distribution (mean {s['positives_per_user']:.0f} here; real mean "
+             f"{sh['real'].get('mean_per_user', float('nan')):.0f}, median {sh['real'].get('median_per_user', float('nan')):.0f}), "
+             f"real confidence values. *Italic* = extrapolated with the stated model, not measured.", "",
+             f"### Items axis: embedded Qdrant at {s['dim']} dims, favourites query (top {s['query']['limit']}, "
+             f"{s['query']['excluded_ids']} ids excluded), {s['query']['queries']} queries", "",
+             "Baselines: raw float32 vectors (memory) and exact numpy search (latency) on the same vectors.", "",
+             "| items | build s | build peak MiB | resident MiB | raw vectors MiB | disk MiB | Qdrant p50 / p99 ms "
+             "| numpy p50 / p99 ms | Qdrant / numpy p50 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    it = s["items"]
+
+    def at(c: dict, n: int):
+        return next((p for p in c["points"] if p["size"] == n), None)
+
+    measured_items = [p["n_items"] for p in s["measured"]["index"]]
+    for n in sorted({*s["items_axis_sizes"], *measured_items}):
+        cells = [at(it[k], n) for k in ("build_s", "build_peak_mib", "resident_mib", "disk_mib", "qdrant_p50_ms",
+                                         "qdrant_p99_ms", "numpy_p50_ms", "numpy_p99_ms")]
+        ext = any(c and c["extrapolated"] for c in cells)
+        v = [c["value"] if c else None for c in cells]
+        row = [_size(n), _f(v[0]), _f(v[1]), _f(v[2]), _f(n * s["dim"] * 4 / 2**20), _f(v[3]),
+               f"{_f(v[4])} / {_f(v[5])}", f"{_f(v[6])} / {_f(v[7])}",
+               f"{v[4] / v[6]:.2f}" if v[4] and v[6] else "–"]
+        lines.append("| " + " | ".join(f"*{c}*" if ext else c for c in row) + " |")
+    idx = s["measured"]["index"]
+    recalls = ", ".join(f"{p['recall_vs_numpy']:.3f}" for p in idx)
+    lines += ["", f"- recall of Qdrant vs numpy (exact): {recalls}",
+              f"- latency model: {it['qdrant_p99_ms']['model']} (x = items); the numpy baseline likewise",
+              f"- memory and build-time model: {it['resident_mib']['model']} (x = items)", ""]
+    us = s["users"]
+    lines += [f"### Users axis: {s['users_axis_items']:,} items, {s['positives_per_user']:.0f} positives per user", "",
+              "Baselines: the CSR matrix's own bytes (memory); the real data's ALS iteration and DropoutNet epoch "
+              "(training section) for time.", "",
+              "| users | positives | ALS s / iteration (rank 32) | ALS peak MiB | CSR MiB | DropoutNet s / epoch |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    measured_users = [p["n_users"] for p in s["measured"]["als"]]
+    for n in sorted({*s["users_axis_sizes"], *measured_users}):
+        cells = [at(us[k], n) for k in ("als_iteration_s", "als_peak_mib", "csr_mib", "dropoutnet_epoch_s")]
+        ext = any(c and c["extrapolated"] for c in cells)
+        v = [c["value"] if c else None for c in cells]
+        row = [_size(n), _f(n * s["positives_per_user"]), _f(v[0], 2), _f(v[1]), _f(v[2]), _f(v[3])]
+        lines.append("| " + " | ".join(f"*{c}*" if ext else c for c in row) + " |")
+    dn = s["measured"]["dropoutnet"]
+    lines += ["", f"- ALS time model: {us['als_iteration_s']['model']} (x = positives)",
+              f"- ALS memory model: {us['als_peak_mib']['model']} (x = positives)",
+              f"- DropoutNet: {us['dropoutnet_epoch_s']['model']}; measured step "
+              + ", ".join(f"{p['step_s'] * 1e3:.0f} ms at {_size(p['n_items'])} items ({p['distinct_items_per_step']:.0f} "
+                          f"distinct items per batch)" for p in dn), ""]
+    if s.get("conclusion"):
+        lines += ["### Where one machine stops", "", *s["conclusion"], ""]
+    return lines
+
+
 def markdown(result: dict) -> str:
-    lines = [f"# anime2vec bench ({result['machine']['summary']})", ""]
-    s = result.get("search")
-    if s:
-        lines += [f"## Ranker search: {s['items']} items × {s['dim']} dims, top-{s['top_k']}, {s['queries']} queries",
-                  "", "| case | p50 ms | p99 ms |", "|---|---:|---:|"]
-        lines += [f"| {name} | {c['p50_ms']:.3f} | {c['p99_ms']:.3f} |" for name, c in s["cases"].items()]
-        lines += ["", f"- qdrant / numpy p50: **{s['ratio_p50']['unfiltered']:.2f}×** unfiltered, "
-                      f"**{s['ratio_p50']['filtered']:.2f}×** filtered "
-                      f"({s['filter']['matching_items']} items match the filter)",
-                  f"- recall@{s['top_k']} of Qdrant vs exact numpy: {s['recall_at_100']['unfiltered']:.3f} unfiltered, "
-                  f"{s['recall_at_100']['filtered']:.3f} filtered", ""]
-    e = result.get("encoder")
-    if e:
-        lines += [f"## Encoder: {e['model']} on {e['device']}, {e['texts']} synopses, batch {e['batch_size']}",
-                  "", "| loop | texts/s |", "|---|---:|"]
-        lines += [f"| {name} | {rate:.1f} |" for name, rate in e["texts_per_s"].items()]
-        lines += ["", f"- encode() / plain loop: **{e['speedup']:.2f}×** (best of {e['rounds']} rounds each)",
-                  f"- lowest cosine between the two loops' vectors: {e['min_cosine_encoder_vs_plain']:.6f}", ""]
+    m = result["machine"]
+    lines = [f"# anime2vec bench ({m['summary']})", "",
+             f"Started {result['started']}, {result.get('elapsed_s', 0) / 60:.1f} min"
+             + (", quick mode" if result.get("quick") else "")
+             + f". Load average at start {m.get('loadavg_start', '–')}, at end {result.get('loadavg_end', '–')} "
+               f"(a shared {m['cpu_count']}-core machine: absolute times swing; compare the ratios). "
+               f"cuda: {m['cuda'] or 'not available'}.", ""]
+    if result.get("summary"):
+        lines += ["## Summary", "", "| figure | baseline (same run) | result | target | |", "|---|---|---:|---|---|"]
+        lines += [f"| {r['figure']} | {r['baseline']} | {r['result']} | {r['target']} | {_yes(r['met'])} |"
+                  for r in result["summary"]]
+        lines.append("")
+    for key, fn in (("gateway", _md_gateway), ("search", _md_search), ("encoder", _md_encoder),
+                    ("training", _md_training), ("scale", _md_scale)):
+        if result.get(key):
+            lines += fn(result[key])
+    if result.get("errors"):
+        lines += ["## Parts that failed", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()] + [""]
     return "\n".join(lines)
 
 
-def _bar(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+# ---- plots -----------------------------------------------------------------------------------
+def _bar(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str,
+         log: bool = False) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
+    if log:
+        ax.set_yscale("log")
     if len(series) > 1:
         ax.legend()
     fig.tight_layout()
@@ -48,22 +241,130 @@ def _bar(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: 
     plt.close(fig)
 
 
+def _curve(ax, c: dict, label: str, style: str = "o-") -> None:
+    """Measured points solid, extrapolated ones hollow on a dashed continuation."""
+    pts = c["points"]
+    meas = [p for p in pts if not p["extrapolated"]]
+    line = ax.plot([p["size"] for p in meas], [p["value"] for p in meas], style, label=label)[0]
+    if any(p["extrapolated"] for p in pts):
+        ext = [p for p in pts if p["extrapolated"]]
+        join = [meas[-1]] + [p for p in ext if p["size"] > meas[-1]["size"]] if meas else ext
+        ax.plot([p["size"] for p in join], [p["value"] for p in join], "--", color=line.get_color())
+        ax.plot([p["size"] for p in ext], [p["value"] for p in ext], "o", mfc="none", color=line.get_color())
+
+
+def _gateway_plot(path: Path, g: dict, device: str) -> None:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("echo", "ranker", "gateway"):
+        steps = g["sweep"][name]
+        xs = [s["concurrency"] for s in steps]
+        a1.plot(xs, [s["throughput_rps"] for s in steps], "o-", label=name + (" (baseline)" if name == "echo" else ""))
+        a2.plot(xs, [s.get("p99_ms") for s in steps], "o-", label=f"{name} p99")
+        if name == "gateway":
+            a2.plot(xs, [s.get("p50_ms") for s in steps], "s--", label="gateway p50")
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("requests in flight (closed loop)")
+        a.legend(fontsize=8)
+    a1.set_yscale("log")
+    a1.set_ylabel("requests/s (log)")
+    a1.set_title(f"throughput: gateway {g['ratio_gateway_to_echo']:.2f}× echo ({device})", fontsize=10)
+    a2.set_yscale("log")
+    a2.set_ylabel("latency (ms, log)")
+    a2.legend(fontsize=8)
+    a2.axhline(g["targets"]["p99_ms_at_half_max"], color="grey", lw=0.8, ls=":", label="p99 target")
+    a2.set_title("latency", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
+    it, us = s["items"], s["users"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    _curve(axes[0], it["build_s"], "Qdrant build")
+    axes[0].set_ylabel("seconds")
+    axes[0].set_title("index build time", fontsize=10)
+    raw = {"points": [{"size": n, "value": n * s["dim"] * 4 / 2**20, "extrapolated": False}
+                      for n in s["items_axis_sizes"]]}
+    _curve(axes[1], it["resident_mib"], "Qdrant resident")
+    _curve(axes[1], it["build_peak_mib"], "build peak", "s-")
+    _curve(axes[1], raw, "raw float32 vectors (baseline)", "k^:")
+    axes[1].set_ylabel("MiB")
+    axes[1].set_title("index memory", fontsize=10)
+    _curve(axes[2], it["qdrant_p99_ms"], "Qdrant exact p99")
+    _curve(axes[2], it["numpy_p99_ms"], "numpy exact p99 (baseline)", "s-")
+    axes[2].axhline(20, color="grey", lw=0.8, ls=":")
+    axes[2].set_ylabel("ms")
+    axes[2].set_title("favourites query latency", fontsize=10)
+    for a in axes:
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("items")
+        a.legend(fontsize=8)
+    fig.suptitle(f"items axis, {s['dim']}-dim vectors (hollow/dashed = extrapolated)", fontsize=10)
+    fig.tight_layout()
+    p1 = out_dir / "scale_items.png"
+    fig.savefig(p1, dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    _curve(axes[0], us["als_iteration_s"], "ALS iteration (rank 32)")
+    axes[0].set_ylabel("seconds")
+    axes[0].set_title("ALS time per iteration", fontsize=10)
+    _curve(axes[1], us["als_peak_mib"], "ALS peak")
+    _curve(axes[1], us["csr_mib"], "CSR matrix (baseline)", "k^:")
+    axes[1].axhline(s["machine_memory_gib"] * 1024, color="red", lw=0.8, ls=":", label="this machine's RAM")
+    axes[1].set_ylabel("MiB")
+    axes[1].set_title("ALS memory", fontsize=10)
+    _curve(axes[2], us["dropoutnet_epoch_s"], "DropoutNet epoch")
+    axes[2].set_ylabel("seconds")
+    axes[2].set_title("DropoutNet time per epoch", fontsize=10)
+    for a in axes:
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("users")
+        a.legend(fontsize=8)
+    fig.suptitle(f"users axis, {s['users_axis_items']:,} items (hollow/dashed = extrapolated)", fontsize=10)
+    fig.tight_layout()
+    p2 = out_dir / "scale_users.png"
+    fig.savefig(p2, dpi=100)
+    plt.close(fig)
+    return [p1, p2]
+
+
 def write_report(result: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "bench.json", out_dir / "bench.md"]
-    written[0].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    written[0].write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     written[1].write_text(markdown(result), encoding="utf-8")
     device = result["machine"]["summary"]
     if s := result.get("search"):
         cases = list(s["cases"])
         path = out_dir / "search_latency.png"
         _bar(path, cases, {q: [s["cases"][c][f"{q}_ms"] for c in cases] for q in ("p50", "p99")},
-             "latency (ms)", f"top-{s['top_k']} search, {s['items']} items ({device})")
+             "latency (ms)", f"top-{s['top_k']} search, {s['items']:,} items: Qdrant vs numpy baseline ({device})")
         written.append(path)
     if e := result.get("encoder"):
         path = out_dir / "encoder_throughput.png"
         names = list(e["texts_per_s"])
-        _bar(path, names, {"texts/s": [e["texts_per_s"][n] for n in names]},
-             "texts/s", f"{e['model']}, {e['texts']} synopses ({e['device']})")
+        _bar(path, names, {"texts/s": [e["texts_per_s"][n] for n in names]}, "texts/s",
+             f"{e['model']}, {e['texts']} catalogue texts: encoder {e['speedup']:.2f}× plain baseline ({e['device']})")
         written.append(path)
+    if g := result.get("gateway"):
+        path = out_dir / "gateway_load.png"
+        _gateway_plot(path, g, device)
+        written.append(path)
+    if t := result.get("training"):
+        path = out_dir / "training_cost.png"
+        labels = [f"ALS iter r{w['factors']}" for w in t["wmf"]] + ["DropoutNet epoch"]
+        values = [w["iteration_s"] for w in t["wmf"]] + [t["dropoutnet"]["epoch_s"]]
+        enc = t["encoding"]
+        if enc.get("lookup_s"):
+            labels += ["encodings: cache", "encodings: fresh (baseline, extrap.)"]
+            values += [enc["lookup_s"], enc["fresh_all_s_extrapolated"]]
+        _bar(path, labels, {"seconds": values}, "seconds (log)", f"training cost, full data ({device})", log=True)
+        written.append(path)
+    if s := result.get("scale"):
+        written += _scale_plots(out_dir, s)
     return written

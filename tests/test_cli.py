@@ -9,6 +9,10 @@ import pytest
 
 from anime2vec.bundle import load_bundle
 
+# one of each kind (baselines, graph kNN, text and graph DropoutNets, pre-trained, the blend) keeps
+# this under a couple of minutes; the full list is the default of `train`
+MODELS = ("popularity", "wmf", "content-knn-tfidf", "content-knn-tfidf-graph", "dropoutnet-tfidf",
+          "dropoutnet-minilm", "dropoutnet-minilm-graph", "dropoutnet-pretrained-graph", "anime2vec-hybrid")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -21,7 +25,10 @@ def cli(*args, env=None):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     env = {"A2V_CACHE_DIR": str(root / "cache")}
+    # serve the graph variant and fit the pre-trained-encoder variants too (a second tiny encoder)
     r = cli("train", "--sample", "--encoder", "tiny-random", "--epochs", "2", "--quiet",
+            "--pretrained-encoder", "tiny-random", "--serving-dropoutnet", "dropoutnet-minilm-graph",
+            "--models", ",".join(MODELS),
             "--store", str(root / "store"), "--report-dir", str(root / "report"), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return root, r
@@ -38,10 +45,13 @@ def test_train_writes_a_report_comparing_every_model(trained):
     root, _ = trained
     report = json.loads((root / "report" / "report.json").read_text())
     md = (root / "report" / "report.md").read_text()
-    for model in ("popularity", "item-knn", "wmf", "content-knn-tfidf", "content-knn-minilm",
-                  "dropoutnet-tfidf", "dropoutnet-minilm", "anime2vec-hybrid"):
+    for model in MODELS:
         assert f"| {model} |" in md
     assert "anime2vec train --sample" in md            # the command that produced it
+    assert "## DeepAniNet's table on our data" in md
+    rows = {r["variant"]: r for r in report["deepaninet_table"]}
+    assert rows["static MiniLM + graph"]["model"] == "dropoutnet-minilm-graph"
+    assert 0 <= rows["pre-trained MiniLM + graph"]["cold whole R@100"] <= 1
     assert (root / "report" / "recall_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report
 
@@ -75,3 +85,28 @@ def test_inspect_refuses_a_corrupt_bundle(trained, tmp_path):
 def test_unknown_model_names_are_refused():
     r = cli("evaluate", "--sample", "--models", "wmf,nonsense")
     assert r.returncode != 0 and "nonsense" in (r.stderr + r.stdout)
+
+
+def test_a_graph_bundle_serves_its_item_vectors(trained):
+    """The served DropoutNet reads [text ; graph block]. The ranker rebuilds an item's vector from
+    its text with an empty graph block (a new anime has no recommendation pairs): for a cold
+    catalogue item without pairs that must reproduce the trained item vector exactly, and for a
+    cold item with pairs it must not (the graph block carries its neighbours' factors)."""
+    import numpy as np
+
+    from services.ranker.model import ServingModel
+
+    root, _ = trained
+    (bundle,) = [p for p in (root / "store").iterdir() if not p.name.startswith(".")]
+    b = load_bundle(bundle)
+    assert b.manifest["dropoutnet"] == "dropoutnet-minilm-graph"
+    graph = b.arrays["graph_content"]
+    assert graph.shape == (800, b.manifest["dims"]["graph_dim"]) == (800, b.manifest["dims"]["factors"] + 1)
+    m = ServingModel(b, device="cpu")
+    cold = ~m.warm
+    lonely = np.flatnonzero(cold & ~np.any(graph != 0, axis=1))
+    paired = np.flatnonzero(cold & np.any(graph != 0, axis=1))
+    assert len(lonely) and len(paired)
+    for i in lonely[:3]:
+        np.testing.assert_allclose(m.item_vector(None, m.content[i]), m.item_tower[i], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(m.item_vector(None, m.content[paired[0]]), m.item_tower[paired[0]], atol=1e-4)

@@ -88,10 +88,60 @@ def _markdown(results: Results, title: str, command: str, dataset_description: d
             lines += ["", f"### {sc.name}", "",
                       f"{sc.description}; {sc.n_queries} queries, {sc.n_candidates} candidates.", ""]
             lines += _markdown_table(r.metrics(sc.name))
+    lines += _deepaninet_markdown(r)
     if r.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
     lines += ["", "## Metrics", ""] + [f"- {d}" for d in DEFINITIONS]
     return "\n".join(lines) + "\n"
+
+
+# DeepAniNet's ablation (content representation of the DropoutNet item tower) on our protocol:
+# (row label, model names in preference order; the first one present in the run fills the row).
+DEEPANINET_ROWS = [
+    ("TF-IDF", ("dropoutnet-tfidf",)),
+    ("TF-IDF + graph", ("dropoutnet-tfidf-graph",)),
+    ("static MiniLM", ("dropoutnet-minilm",)),
+    ("static MiniLM + graph", ("dropoutnet-minilm-graph",)),
+    ("pre-trained MiniLM (in-domain MLM)", ("dropoutnet-pretrained",)),
+    ("pre-trained MiniLM + graph", ("dropoutnet-pretrained-graph",)),
+    ("best combination (served hybrid)", ("anime2vec-hybrid",)),
+    ("baseline: content-kNN TF-IDF", ("content-knn-tfidf",)),
+    ("baseline: content-kNN TF-IDF + graph", ("content-knn-tfidf-graph",)),
+    ("baseline: WMF", ("wmf",)),
+]
+DEEPANINET_COLUMNS = [("cold_whole", "recall@100", "cold whole R@100"),
+                      ("cold_whole_nofranchise", "recall@100", "cold whole, no franchise R@100"),
+                      ("cold_test_items", "recall@100", "cold test-only R@100"),
+                      ("warm", "recall@100", "warm R@100"),
+                      ("fav_k5", "recall@100", "fav k5 R@100"),
+                      ("warm", "coverage@20", "warm coverage@20"),
+                      ("warm", "diversity@20", "warm ILD@20")]
+
+
+def deepaninet_table(results: Results) -> pd.DataFrame:
+    """One row per DeepAniNet variant present in the run, the columns above (NaN where absent)."""
+    t = results.table
+    value = {(r.model, r.scenario, r.metric): float(r.value) for r in t.itertuples()}
+    rows = []
+    for label, names in DEEPANINET_ROWS:
+        model = next((n for n in names if (n, "warm", "recall@100") in value or
+                      (n, "cold_whole", "recall@100") in value), None)
+        if model is None:
+            continue
+        rows.append({"variant": label, "model": model,
+                     **{col: value.get((model, sc, m), float("nan")) for sc, m, col in DEEPANINET_COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+def _deepaninet_markdown(results: Results) -> list[str]:
+    table = deepaninet_table(results)
+    if table.empty or len(table) < 2:
+        return []
+    wide = table.set_index("variant").drop(columns="model")
+    lines = ["", "## DeepAniNet's table on our data", "",
+             "DropoutNet item-tower content variants (rows) and baselines; model names: "
+             + ", ".join(f"{r.variant} = `{r.model}`" for r in table.itertuples()) + ".", ""]
+    return lines + _markdown_table(wide)
 
 
 def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
@@ -161,6 +211,7 @@ def write_report(results: Results, out_dir: str | Path, title: str, command: str
         "models": results.models, "scenarios": results.scenarios.to_dict(orient="records"),
         "metrics": results.table.to_dict(orient="records"), "recall_curves": curves,
         "timings": results.timings.to_dict(orient="records"), "notes": results.notes,
+        "deepaninet_table": deepaninet_table(results).to_dict(orient="records"),
     }
     js.write_text(json.dumps(_jsonable(doc), indent=2, allow_nan=False), encoding="utf-8")
     _plot_curves(results, curves_png)

@@ -13,8 +13,9 @@ plus the offset d that puts them on the warm items' scale.
 Weights are chosen per request type on the validation split, in two stages: (1) a, b, c, e by
 coordinate ascent on the request type's own scenario (known users: warm; favourites queries:
 favourites), with d = 0; (2) all five by coordinate ascent on cold-item recall, accepting only
-moves that keep the stage-1 score within `tolerance` (2%): new anime get shown, but not at the
-cost of the warm recommendations.
+moves that keep the stage-1 score within `tolerance`: new anime get shown, but not at the cost of
+the warm recommendations. The tolerance climbs a ladder (2% → 5% → 10% by default in the
+pipeline) only as far as needed for the blend to reach its DropoutNet's own cold-item recall.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ class Scales:
 class Hybrid(Recommender):
     learns_preferences = True
 
-    def __init__(self, dn: DropoutNet, tfidf: np.ndarray | None = None, name: str = "anime2vec-hybrid"):
+    def __init__(self, dn: DropoutNet, tfidf: np.ndarray | None = None, name: str = "anime2vec-hybrid",
+                 content: np.ndarray | None = None):
         """dn: a fitted DropoutNet (its own cold_bias is not used: the offset here is `d`).
-        tfidf: (n_items, k) dense TF-IDF projection; None leaves the e-term out."""
+        tfidf: (n_items, k) dense TF-IDF projection; None leaves the e-term out.
+        content: the text vectors of the c-term (φ); None: the DropoutNet's content. Pass the
+        text vectors when the DropoutNet also reads non-text blocks (graph features)."""
         super().__init__()
         self.dn, self.name = dn, name
         self.users = Weights()
@@ -74,7 +78,7 @@ class Hybrid(Recommender):
         self.text = Weights(a=0.0, b=0.0, c=1.0, d=0.0, e=0.0)
         self.scales = Scales()
         self.tuning: dict = {}
-        self.phi = _unit(dn.content)
+        self.phi = _unit(dn.content if content is None else content)
         self.psi = _unit(tfidf) if tfidf is not None else np.zeros((len(self.phi), 1), np.float32)
 
     def params(self) -> dict:
@@ -107,9 +111,9 @@ class Hybrid(Recommender):
 
     @classmethod
     def from_params(cls, dn: DropoutNet, params: dict, train: sp.csr_matrix, tfidf: np.ndarray | None = None,
-                    name: str = "anime2vec-hybrid") -> "Hybrid":
+                    name: str = "anime2vec-hybrid", content: np.ndarray | None = None) -> "Hybrid":
         """Rebuild from `params()` (bundles) without re-measuring or re-tuning."""
-        h = cls(dn, tfidf=tfidf, name=name)
+        h = cls(dn, tfidf=tfidf, name=name, content=content)
         h.train = train.tocsr().astype(np.float32)
         h.users, h.favourites = Weights(**params["users"]), Weights(**params["favourites"])
         if "text" in params:
@@ -146,21 +150,34 @@ class Hybrid(Recommender):
 
     # ---- selection on validation ---------------------------------------------------------
     def tune(self, evaluate: Callable[["Hybrid", str, str], float], passes: int = 2,
-             tolerance: float = 0.02) -> None:
+             tolerance: float | tuple[float, ...] = 0.02, cold_target: dict[str, float] | None = None) -> None:
         """Two-stage coordinate ascent per request type (see the module docstring).
         evaluate(model, kind, target) → validation score, kind "users" / "favourites", target
-        "own" (warm / favourites scenario) or "cold" (cold items in the whole catalogue)."""
+        "own" (warm / favourites scenario) or "cold" (cold items in the whole catalogue).
+        tolerance: one value, or a ladder tried in order until the cold score reaches
+        cold_target[kind] (e.g. the DropoutNet's own cold recall: the blend should not recommend
+        new anime worse than its DropoutNet does); the last rung is kept when none does."""
+        ladder = (tolerance,) if isinstance(tolerance, (int, float)) else tuple(tolerance)
         for kind in ("users", "favourites"):
             w: Weights = getattr(self, kind)
             w.d = 0.0
             own = self._ascend(w, lambda: evaluate(self, kind, "own"), ("a", "b", "c", "e"), passes)
-            floor = own * (1 - tolerance)
+            stage1 = w.as_dict()
+            trials = []
+            for tol in ladder:
+                for k, v in stage1.items():
+                    setattr(w, k, v)
+                floor = own * (1 - tol)
 
-            def constrained() -> float:
-                return evaluate(self, kind, "cold") if evaluate(self, kind, "own") >= floor else -np.inf
-            cold = self._ascend(w, constrained, ("d", "a", "c", "e", "b"), passes)
+                def constrained() -> float:
+                    return evaluate(self, kind, "cold") if evaluate(self, kind, "own") >= floor else -np.inf
+                cold = self._ascend(w, constrained, ("d", "a", "c", "e", "b"), passes)
+                trials.append({"tolerance": tol, "weights": w.as_dict(), "cold": cold})
+                target = None if cold_target is None else cold_target.get(kind)
+                if target is None or cold >= target:
+                    break
             self.tuning[kind] = {"best": w.as_dict(), "own_stage1": own, "own": evaluate(self, kind, "own"),
-                                 "cold": cold, "tolerance": tolerance}
+                                 "cold": cold, "tolerance": tol, "cold_target": target, "ladder": trials}
             log.info("hybrid %s weights %s (%s)", kind, w.as_dict(), self.tuning[kind])
 
     def _ascend(self, w: Weights, objective: Callable[[], float], names, passes: int) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 from anime2vec.v1 import encoder_pb2, encoder_pb2_grpc
 
 from .errors import ServiceError, unavailable
+from .tls import ClientTLS, open_channel
 
 _RETRY_CONFIG = json.dumps({
     "methodConfig": [{
@@ -25,11 +26,14 @@ _RETRY_CONFIG = json.dumps({
 
 
 class EncoderClient:
-    def __init__(self, address: str, timeout_s: float = 10.0, max_message_bytes: int = 16 * 1024 * 1024):
+    def __init__(self, address: str, timeout_s: float = 10.0, max_message_bytes: int = 16 * 1024 * 1024,
+                 tls: ClientTLS | None = None):
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.insecure_channel(address, options=[
+        self._channel = open_channel(address, tls, options=[
             ("grpc.service_config", _RETRY_CONFIG), ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # after an encoder restart, reconnect within ~2 s instead of gRPC's default back-off (up to 2 min)
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = encoder_pb2_grpc.EncoderServiceStub(self._channel)
 
     def encode(self, texts: list[str], timeout_s: float | None = None) -> tuple[np.ndarray, str]:

@@ -137,6 +137,14 @@ def not_found(
     return ServiceError(grpc.StatusCode.NOT_FOUND, message, details)
 
 
+def already_exists(message: str, *, reason: str, field: str | None = None) -> ServiceError:
+    """A caller-chosen identifier is taken by something different (e.g. an event id reused)."""
+    details: list[Message] = [_error_info(reason)]
+    if field:
+        details.append(_bad_request([(field, message)]))
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message, details)
+
+
 def resource_exhausted(message: str, *, reason: str, retry_after_s: float | None = None) -> ServiceError:
     return _with_reason(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason, retry_after_s)
 

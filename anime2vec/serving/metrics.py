@@ -31,6 +31,10 @@ class Metrics:
     encoder_queue_depth: Gauge        # a2v_encoder_queue_depth
     qdrant_query: Histogram           # a2v_qdrant_query_seconds{operation}
     model_offline_metric: Gauge       # a2v_model_offline_metric{version,scenario,metric}
+    bundle_load_failures: Counter     # a2v_bundle_load_failures_total{service,reason}
+    feedback_events: Counter          # a2v_feedback_events_total{kind,outcome}
+    user_vector_updates: Counter      # a2v_user_vector_updates_total{reason}
+    fold_in_latency: Histogram        # a2v_user_fold_in_seconds
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -68,6 +72,22 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         model_offline_metric=Gauge(
             "a2v_model_offline_metric", "Offline evaluation result of the served model version (dimensionless).",
             ["version", "scenario", "metric"], registry=r),
+        bundle_load_failures=Counter(
+            "a2v_bundle_load_failures_total", "Model versions the alias pointed at that could not be served, by "
+            "reason: missing (no such bundle in the store), invalid (the bundle does not verify: checksum, format, "
+            "dimensions) or error (loading or indexing it failed); the previous version keeps serving "
+            "(unit: refusals).", ["service", "reason"], registry=r),
+        feedback_events=Counter(
+            "a2v_feedback_events_total", "Feedback events received by the ranker, by kind and outcome: "
+            "applied (stored now) or duplicate (event id already stored) (unit: events).",
+            ["kind", "outcome"], registry=r),
+        user_vector_updates=Counter(
+            "a2v_user_vector_updates_total", "User vectors recomputed and stored in the users collection, by "
+            "reason: feedback (new events), stale (the stored vector missed events), version (first request "
+            "after a new model version) (unit: updates).", ["reason"], registry=r),
+        fold_in_latency=Histogram(
+            "a2v_user_fold_in_seconds", "Time to recompute one user (ALS fold-in, user vector) and store it.",
+            unit="seconds", buckets=_QDRANT_BUCKETS, registry=r),
     )
 
 

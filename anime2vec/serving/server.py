@@ -1,6 +1,7 @@
 """Build a gRPC server the way every anime2vec service runs: bounded thread pool and concurrency,
 an observing interceptor (metrics, one JSON log line per call, errors mapped to statuses), standard
-health checking and reflection, Prometheus metrics over HTTP, and a graceful SIGTERM shutdown.
+health checking and reflection, Prometheus metrics over HTTP, TLS or mutual TLS when configured
+(with an optional plaintext health-only port for probes), and a graceful SIGTERM shutdown.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from .errors import ServiceError, invalid_argument
 from .metrics import Metrics, MetricsHttpServer, create_metrics, start_metrics_server
 from .settings import ServiceSettings
+from .tls import ServerTLS
 
 log = logging.getLogger("anime2vec.serving")
 rpc_log = logging.getLogger("anime2vec.rpc")
@@ -128,9 +130,12 @@ class RunningServer:
 
     def __init__(self, settings: ServiceSettings, service_name: str, server: grpc.Server, port: int,
                  health_servicer: health.HealthServicer, metrics: Metrics, metrics_http: MetricsHttpServer,
-                 on_stop: Sequence[Callable[[], None]]):
+                 on_stop: Sequence[Callable[[], None]], health_server: grpc.Server | None = None,
+                 health_port: int | None = None):
         self.settings, self.service_name, self.server, self.port = settings, service_name, server, port
         self.health, self.metrics, self._metrics_http = health_servicer, metrics, metrics_http
+        self.health_port = health_port   # the plaintext health-only port, if any
+        self._health_server = health_server
         self._on_stop = list(on_stop)
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()
@@ -172,6 +177,8 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         log.info("stopping", extra={"grace_s": self.settings.shutdown_grace_s})
         self.server.stop(self.settings.shutdown_grace_s).wait()
+        if self._health_server is not None:
+            self._health_server.stop(None)
         for callback in self._on_stop:
             callback()
         self._metrics_http.close()
@@ -215,19 +222,48 @@ def build_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*health_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    address = f"{settings.host}:{settings.grpc_port}"
+    tls = settings.server_tls()
+    port = _bind(server, f"{settings.host}:{settings.grpc_port}", tls)
+    health_server = health_port = None
     try:
-        port = server.add_insecure_port(address)
+        if settings.health_port is not None:
+            health_server, health_port = _health_only_server(health_servicer, settings)
+        metrics_http = start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
+    except RuntimeError:
+        server.stop(None)   # release the ports bound so far
+        if health_server is not None:
+            health_server.stop(None)
+        raise
+    server.start()
+    if health_server is not None:
+        health_server.start()
+    if tls is None:
+        log.warning("TLS is off: gRPC is served in plaintext (set %s and %s to serve TLS)",
+                    settings.env_name("tls_cert_file"), settings.env_name("tls_key_file"))
+    log.info("serving", extra={"grpc_port": port, "metrics_port": metrics_http.port, "health_port": health_port,
+                               "tls": "off" if tls is None else tls.mode, "services": list(health_services)})
+    return RunningServer(settings, service_name, server, port, health_servicer, metrics, metrics_http, on_stop,
+                         health_server=health_server, health_port=health_port)
+
+
+def _bind(server: grpc.Server, address: str, tls: ServerTLS | None) -> int:
+    try:
+        port = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.credentials())
     except RuntimeError as e:
         raise RuntimeError(f"cannot bind gRPC to {address}: {e}") from e
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC to {address}")
+    return port
+
+
+def _health_only_server(health_servicer: health.HealthServicer, settings: ServiceSettings) -> tuple[grpc.Server, int]:
+    """A plaintext server with the standard health service only (the same servicer, so it reports
+    exactly what the main port does): Kubernetes gRPC probes cannot speak TLS. It exposes no data."""
+    server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="health"), maximum_concurrent_rpcs=16,
+                         options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        metrics_http = start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
+        return server, _bind(server, f"{settings.host}:{settings.health_port}", None)
     except RuntimeError:
-        server.stop(None)   # release the gRPC port too
+        server.stop(None)
         raise
-    server.start()
-    log.info("serving", extra={"grpc_port": port, "metrics_port": metrics_http.port,
-                               "services": list(health_services)})
-    return RunningServer(settings, service_name, server, port, health_servicer, metrics, metrics_http, on_stop)

@@ -12,14 +12,16 @@ from collections.abc import Mapping
 import grpc
 from google.rpc import error_details_pb2
 
-from anime2vec.serving.errors import ServiceError, unavailable
+from anime2vec.serving.errors import ServiceError, resource_exhausted, unavailable
 from anime2vec.serving.server import time_remaining
+from anime2vec.serving.tls import ClientTLS, open_channel
 from anime2vec.v1 import ranker_pb2_grpc
 
 RANKER_SERVICE = "anime2vec.v1.RankerService"
-# Safe to send twice: reads. UpsertAnime is not (without an id, a retry would add a second anime).
+# Safe to send twice: reads, and RecordFeedback (idempotent by event id). UpsertAnime is not
+# (without an id, a retry would add a second anime).
 IDEMPOTENT_METHODS = ("RecommendFromFavourites", "RecommendForUser", "SimilarItems", "RecommendFromVector",
-                      "GetModelInfo", "ListCatalog")
+                      "GetModelInfo", "ListCatalog", "RecordFeedback")
 RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": RANKER_SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
     "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
@@ -30,6 +32,8 @@ _CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SE
                     ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 # Leave this much of the caller's deadline for the gateway's own work after the downstream answer.
 _MARGIN_S = 0.05
+# What grpc answers (RESOURCE_EXHAUSTED, no details) when a server's maximum_concurrent_rpcs sheds a call.
+_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
 
 
 def deadline(context: grpc.ServicerContext | None, configured_s: float) -> float:
@@ -66,9 +70,9 @@ def rename_fields(error: ServiceError, fields: Mapping[str, str]) -> ServiceErro
 
 
 class Ranker:
-    def __init__(self, address: str, timeout_s: float, max_message_bytes: int):
+    def __init__(self, address: str, timeout_s: float, max_message_bytes: int, tls: ClientTLS | None = None):
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.insecure_channel(address, options=[
+        self._channel = open_channel(address, tls, options=[
             *_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)])
         self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel)
 
@@ -84,6 +88,10 @@ class Ranker:
             if code == grpc.StatusCode.UNAVAILABLE and not answered:   # unreachable, not the ranker's own answer
                 raise unavailable(f"the ranker at {self.address} is unavailable ({e.details()})",
                                   reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
+            shed = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _CONCURRENCY_LIMIT in (e.details() or "")
+            if shed and not answered:   # the ranker shed it; not retried here (that would only add load)
+                raise resource_exhausted(f"the ranker at {self.address} is at its concurrency limit; retry shortly",
+                                         reason="RANKER_OVERLOADED", retry_after_s=1.0) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 remaining = time_remaining(context) if context is not None else None
                 if remaining is not None and remaining <= _MARGIN_S:

@@ -32,8 +32,9 @@ def start(settings: GatewaySettings, metrics: Metrics | None = None) -> tuple[Ru
     """Start serving; the caller owns the returned server (wait_for_termination or stop)."""
     metrics = metrics or create_metrics()
     keys = load_api_keys(settings)
-    ranker = Ranker(settings.ranker_address, settings.ranker_timeout_s, settings.max_message_bytes)
-    encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s)
+    tls = settings.outbound_tls()
+    ranker = Ranker(settings.ranker_address, settings.ranker_timeout_s, settings.max_message_bytes, tls=tls)
+    encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=tls)
     running: RunningServer | None = None
 
     def on_loaded(info: common_pb2.ModelInfo) -> None:

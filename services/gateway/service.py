@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2
 
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.errors import ServiceError, invalid_argument, not_found, resource_exhausted, unavailable
+from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems
 from anime2vec.serving.metrics import Metrics
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 
@@ -36,6 +37,8 @@ MAL_STATUS_NAMES = {"watching": "Watching", "completed": "Completed", "on_hold":
                     "plan_to_watch": "Plan to Watch"}
 # Ranker UpsertAnime encodes the text before it answers: give it the encoder's time on top.
 _UPSERT_EXTRA_S = 10.0
+# Ranker RecordFeedback fsyncs, then recomputes every user of the batch (a fold-in each).
+_FEEDBACK_EXTRA_S = 10.0
 
 
 @dataclass
@@ -243,7 +246,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         vector, fingerprint = self._encode(query, context)
         try:
             ranked = self.ranker.call("RecommendFromVector", ranker_pb2.RecommendFromVectorRequest(
-                content_vector=vector.tolist(), options=request.options, encoder_fingerprint=fingerprint), context)
+                content_vector=vector.tolist(), options=request.options, encoder_fingerprint=fingerprint,
+                query_text=query), context)
         except ServiceError as e:
             if e.code == grpc.StatusCode.FAILED_PRECONDITION:   # encoder and model disagree: forget old vectors
                 self.text_vectors.clear()
@@ -349,6 +353,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if f["year"] is not None:
                 c.year = f["year"]
         return out
+
+    def RecordFeedback(self, request, context):
+        problems = _Problems()
+        n, most = len(request.events), self.settings.max_feedback_events
+        if not n:
+            problems.invalid.append(("events", "give at least one event"))
+        elif n > most:   # before resolving anything: a request this big is not looked at
+            problems.invalid.append(("events", f"at most {most} events per call, got {n}: split the batch"))
+        problems.raise_if_any()
+        resolved: list[Resolved | None] = []
+        for i, e in enumerate(request.events):
+            problems.invalid.extend((f"events[{i}].{f}", d) for f, d in feedback_problems(e, FEEDBACK_KINDS.get(e.kind)))
+            resolved.append(self._resolve_one(e.anime, f"events[{i}].anime", problems))
+        problems.raise_if_any()
+        batch = ranker_pb2.FeedbackBatch()
+        for e, r in zip(request.events, resolved):
+            out = batch.events.add(event_id=e.event_id, user_id=e.user_id, anime_id=r.anime_id, kind=e.kind,
+                                   score=e.score)
+            if e.HasField("occurred_at"):   # left unset otherwise: a retry must send the same event
+                out.occurred_at.CopyFrom(e.occurred_at)
+        fields = {f"events[{i}].anime_id": r.field for i, r in enumerate(resolved)}
+        result = self.ranker.call("RecordFeedback", batch, context, fields=fields,
+                                  timeout_s=self.settings.ranker_timeout_s + _FEEDBACK_EXTRA_S)
+        self.catalogue.notice_version(result.model_version)
+        return gateway_pb2.RecordFeedbackResponse(
+            applied=result.applied, duplicates=result.duplicates, updated_user_ids=result.updated_user_ids,
+            model_version=result.model_version, anime=[r.message() for r in resolved])
 
     def GetModelInfo(self, request, context):
         resp = self.ranker.call("GetModelInfo", request, context)

@@ -7,10 +7,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from anime2vec.serving.settings import ServiceSettings
+from anime2vec.serving.settings import OutboundTLSSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(OutboundTLSSettings):
     model_config = SettingsConfigDict(env_prefix="A2V_GATEWAY_", frozen=True, extra="forbid")
 
     grpc_port: int = Field(50050, ge=0, le=65535)
@@ -32,6 +32,9 @@ class GatewaySettings(ServiceSettings):
         None, description="file with one API key per line ('#' comments), e.g. a mounted Kubernetes Secret")
 
     max_favourites: int = Field(100, ge=1, le=500, description="most favourites (and, separately, disliked) per request")
+    max_feedback_events: int = Field(
+        500, ge=1, le=1000, description="most events per RecordFeedback call (more: INVALID_ARGUMENT); at most the "
+                                        "ranker's A2V_RANKER_MAX_FEEDBACK_EVENTS")
     max_ranker_ids: int = Field(500, ge=1, description="the ranker's A2V_RANKER_MAX_IDS: most disliked / excluded ids sent")
     max_title_chars: int = Field(256, ge=1, le=256, description="longest title in an AnimeRef or ResolveTitles query")
     max_query_chars: int = Field(2000, ge=1, le=20_000, description="longest free-text query")

@@ -25,6 +25,9 @@ import numpy as np
 
 ALIAS = "anime2vec_items"
 COLLECTION_PREFIX = ALIAS + "_"
+# Users updated online (feedback): one collection per model version, because a user's serving
+# vector only means something against that version's item vectors. Point ids are user ids.
+USERS_PREFIX = "anime2vec_users_"
 # Derived payload fields that carry case-folded copies of `genres` and `type`, because Qdrant
 # keyword matching is case-sensitive while the API's genre/type filters are not. They are indexed,
 # written on every upsert and stripped from the payload callers see.
@@ -68,6 +71,15 @@ class ItemPoint:
 
     anime_id: int
     vector: np.ndarray | None
+    payload: dict[str, Any]
+
+
+@dataclass
+class UserPoint:
+    """One user's serving query vector for a model version, and what it was computed from."""
+
+    user_id: int
+    vector: np.ndarray
     payload: dict[str, Any]
 
 
@@ -131,6 +143,17 @@ class ItemIndex(Protocol):
 
     def count(self, version: str | None = None) -> int: ...
 
+    def upsert_users(self, version: str, dim: int, users: Sequence[UserPoint]) -> None:
+        """Insert or replace user vectors in `version`'s users collection (created with `dim` on
+        first use); durable and readable by every process on the same storage when this returns."""
+
+    def get_users(self, version: str, user_ids: Sequence[int]) -> list[UserPoint]:
+        """The stored users among `user_ids` (with vectors), in the order asked; none when the
+        version has no users collection yet."""
+
+    def count_users(self, version: str) -> int:
+        """Users stored for `version` (0 when none)."""
+
     def delete_version(self, version: str) -> None:
         """Drop a version's collection; refuses (VersionInUse) the alias target."""
 
@@ -172,6 +195,22 @@ def as_query_matrix(vectors: np.ndarray) -> list[list[float]]:
     if m.ndim != 2 or not np.isfinite(m).all():
         raise ValueError(f"query vectors must be a finite 2-D array, got shape {m.shape}")
     return m.tolist()
+
+
+def stored_user(user: UserPoint, dim: int) -> tuple[int, list[float], dict[str, Any]]:
+    """Validate one user point: (id, vector, payload) as stored."""
+    user_id = int(user.user_id)
+    if user_id < 0:
+        raise ValueError(f"user_id must be >= 0 (Qdrant point ids are unsigned), got {user_id}")
+    v = np.asarray(user.vector, dtype=np.float32)
+    if v.shape != (dim,) or not np.isfinite(v).all():
+        raise ValueError(f"user {user_id}: vector must be finite with shape ({dim},), got {v.shape}")
+    return user_id, v.tolist(), {**{k: _plain(x) for k, x in user.payload.items()}, "user_id": user_id}
+
+
+def ordered_users(records: Iterable[tuple[int, Any, dict | None]], user_ids: Sequence[int]) -> list[UserPoint]:
+    by_id = {int(i): UserPoint(int(i), np.asarray(v, np.float32), dict(p or {})) for i, v, p in records}
+    return [by_id[int(u)] for u in user_ids if int(u) in by_id]
 
 
 def check_page(limit: int, offset: int) -> None:

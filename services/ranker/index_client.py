@@ -14,6 +14,7 @@ included; it ignores payload indexes and search params (it always scans exactly)
 from __future__ import annotations
 
 import math
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -21,11 +22,11 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from services.ranker.index import (ALIAS, COLLECTION_PREFIX, GENRES_KEY, TYPE_KEY, Hit, IndexUnavailable,
-                                   ItemPoint, QueryHook, SearchFilter, UnknownVersion, VersionExists,
-                                   VersionInUse, aligned_filters, as_query_matrix, as_query_vector, batched,
-                                   check_page, check_version, folded, ordered_points, public_payload,
-                                   stored_point, timed)
+from services.ranker.index import (ALIAS, COLLECTION_PREFIX, GENRES_KEY, TYPE_KEY, USERS_PREFIX, Hit,
+                                   IndexUnavailable, ItemPoint, QueryHook, SearchFilter, UnknownVersion,
+                                   UserPoint, VersionExists, VersionInUse, aligned_filters, as_query_matrix,
+                                   as_query_vector, batched, check_page, check_version, folded, ordered_points,
+                                   ordered_users, public_payload, stored_point, stored_user, timed)
 
 _COMPLETE = "anime2vec_complete"
 _INDEXED_FIELDS = ((GENRES_KEY, models.PayloadSchemaType.KEYWORD), (TYPE_KEY, models.PayloadSchemaType.KEYWORD),
@@ -53,8 +54,17 @@ def client_filter(flt: SearchFilter | None) -> models.Filter | None:
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def collection_name(version: str) -> str:
     return COLLECTION_PREFIX + check_version(version)
+
+
+def users_collection_name(version: str) -> str:
+    return USERS_PREFIX + check_version(version)
 
 
 class QdrantItemIndex:
@@ -73,8 +83,11 @@ class QdrantItemIndex:
         client = QdrantClient(url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)),
                               check_compatibility=False)
         index = cls(client, on_query)
-        with index._reachable():
-            client.get_collections()
+        try:
+            with index._reachable():
+                client.get_collections()
+        except IndexUnavailable as e:   # say which server: the start-up log line is all an operator sees
+            raise IndexUnavailable(f"{e} (Qdrant URL {_without_credentials(url)}, timeout {timeout_s:g} s)") from e
         return index
 
     # ---- versions and alias ----
@@ -198,6 +211,50 @@ class QdrantItemIndex:
     def count(self, version: str | None = None) -> int:
         with timed(self._on_query, "count"), self._serving(version):
             return self._client.count(self._target(version), exact=True).count
+
+    # ---- users (online updates) ----
+
+    def upsert_users(self, version: str, dim: int, users: Sequence[UserPoint]) -> None:
+        if not users:
+            return
+        name = users_collection_name(version)
+        with self._reachable():
+            if not self._client.collection_exists(name):
+                try:
+                    self._client.create_collection(
+                        name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT))
+                except Exception:
+                    if not self._client.collection_exists(name):   # else another replica made it first
+                        raise
+            have = self._client.get_collection(name).config.params.vectors.size
+        if have != dim:
+            raise ValueError(f"users of {version} have dim {have}, got {dim}")
+        structs = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in (stored_user(u, dim) for u in users)]
+        with timed(self._on_query, "upsert_users"), self._reachable():
+            self._client.upsert(name, structs, wait=True)
+
+    def get_users(self, version: str, user_ids: Sequence[int]) -> list[UserPoint]:
+        name = users_collection_name(version)
+        try:
+            with timed(self._on_query, "get_users"), self._reachable():
+                records = self._client.retrieve(name, ids=[int(u) for u in user_ids], with_payload=True,
+                                                with_vectors=True)
+        except IndexUnavailable:
+            raise
+        except Exception:
+            # looked up only after a failure, so the usual hit is one request
+            with self._reachable():
+                if not self._client.collection_exists(name):
+                    return []
+            raise
+        return ordered_users(((r.id, r.vector, r.payload) for r in records), user_ids)
+
+    def count_users(self, version: str) -> int:
+        name = users_collection_name(version)
+        with self._reachable():
+            if not self._client.collection_exists(name):
+                return 0
+            return self._client.count(name, exact=True).count
 
     def close(self) -> None:
         self._client.close()

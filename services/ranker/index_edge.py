@@ -5,6 +5,8 @@ Layout under the root directory:
     versions/<version>/shard/  the qdrant-edge shard (segments + WAL)
     versions/<version>/meta.json  written last: a version directory without it is not a version
     versions/.build-*          a build in progress (renamed into place only when complete)
+    users/<version>/shard/     users updated online for that version (see `upsert_users`), created
+    users/<version>/meta.json  on first use; derived data, rebuilt from the feedback store if lost
 
 Concurrency, as measured on qdrant-edge 0.9: an EdgeShard call holds the GIL for its whole duration,
 so calls from many threads are serialised by the GIL itself and concurrent search + upsert is safe
@@ -30,9 +32,10 @@ import numpy as np
 import qdrant_edge as qe
 
 from services.ranker.index import (ALIAS, GENRES_KEY, TYPE_KEY, Hit, IndexUnavailable, ItemPoint, QueryHook,
-                                   SearchFilter, UnknownVersion, VersionExists, VersionInUse, aligned_filters,
-                                   as_query_matrix, as_query_vector, batched, check_page, check_version, folded,
-                                   ordered_points, public_payload, stored_point, timed)
+                                   SearchFilter, UnknownVersion, UserPoint, VersionExists, VersionInUse,
+                                   aligned_filters, as_query_matrix, as_query_vector, batched, check_page,
+                                   check_version, folded, ordered_points, ordered_users, public_payload,
+                                   stored_point, stored_user, timed)
 
 _INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
                    ("year", qe.PayloadSchemaType.Integer))
@@ -71,6 +74,8 @@ class EdgeItemIndex:
         self._lock = threading.Lock()
         self._shards: dict[str, qe.EdgeShard] = {}
         self._dims: dict[str, int] = {}
+        self._users_dir = self._root / "users"
+        self._user_shards: dict[str, tuple[qe.EdgeShard, int]] = {}
         self._alias_seen: tuple[tuple[int, int, int] | None, str | None] = (None, None)
         self._closed = False
 
@@ -212,10 +217,64 @@ class EdgeItemIndex:
         with timed(self._on_query, "count"):
             return shard.count(qe.CountRequest(exact=True))
 
+    # ---- users (online updates) ----
+
+    def upsert_users(self, version: str, dim: int, users: Sequence[UserPoint]) -> None:
+        if not users:
+            return
+        shard, have = self._open_users(version, dim)
+        if have != dim:
+            raise ValueError(f"users of {version} have dim {have}, got {dim}")
+        ops = [qe.Point(*stored_user(u, dim)) for u in users]
+        with timed(self._on_query, "upsert_users"):
+            shard.update(qe.UpdateOperation.upsert_points(ops))
+            shard.flush()   # another replica (or this one after a crash) must read what we wrote
+
+    def get_users(self, version: str, user_ids: Sequence[int]) -> list[UserPoint]:
+        opened = self._open_users(version, None)
+        if opened is None:
+            return []
+        with timed(self._on_query, "get_users"):
+            records = opened[0].retrieve([int(u) for u in user_ids], True, True)
+        return ordered_users(((r.id, r.vector, r.payload) for r in records), user_ids)
+
+    def count_users(self, version: str) -> int:
+        opened = self._open_users(version, None)
+        return 0 if opened is None else opened[0].count(qe.CountRequest(exact=True))
+
+    def _open_users(self, version: str, dim: int | None):
+        """The users shard of `version`, opened (or, given `dim`, created) on first use; None if it
+        does not exist and dim is None."""
+        check_version(version)
+        with self._lock:
+            if self._closed:
+                raise IndexUnavailable("the index is closed")
+            if version in self._user_shards:
+                return self._user_shards[version]
+            path = self._users_dir / version
+            try:
+                if (path / "meta.json").is_file():
+                    opened = (qe.EdgeShard.load(str(path / "shard")),
+                              int(json.loads((path / "meta.json").read_text())["dim"]))
+                elif dim is None:
+                    return None
+                else:   # a directory without meta.json is a creation that crashed: start over
+                    shutil.rmtree(path, ignore_errors=True)
+                    shard = qe.EdgeShard.create(str(path / "shard"), qe.EdgeConfig(
+                        vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot)))
+                    _write_json(path / "meta.json", {"version": version, "dim": dim})
+                    opened = (shard, dim)
+            except Exception as e:   # the engine raises bare Exception; a held lock is the usual cause
+                raise IndexUnavailable(f"cannot open the users of {version} at {path}: {e}") from e
+            self._user_shards[version] = opened
+            return opened
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             shards, self._shards = list(self._shards.values()), {}
+            shards += [s for s, _ in self._user_shards.values()]
+            self._user_shards = {}
             for shard in shards:
                 shard.close()
 

@@ -37,6 +37,7 @@ class ItemMeta:
     content: np.ndarray          # whitened content vector
     payload: dict
     tfidf: np.ndarray | None = None   # dense TF-IDF projection of its text
+    text: str = ""                     # its synopsis (explanations name the terms it shares)
 
 
 class ServingModel:
@@ -51,6 +52,12 @@ class ServingModel:
         self.user_pos = {int(u): i for i, u in enumerate(self.user_ids)}
         self.catalog = bundle.catalog
         self.content = np.asarray(bundle.arrays["content"], np.float32)
+        # DropoutNet may read graph features beside the text (features/graph.py): its input is
+        # [content ; graph]. Anime added at serving time have no recommendation pairs yet: zeros.
+        graph = bundle.arrays.get("graph_content")
+        self.graph_dim = 0 if graph is None else int(np.asarray(graph).shape[1])
+        self.dn_content = self.content if graph is None else \
+            np.hstack([self.content, np.asarray(graph, np.float32)]).astype(np.float32)
         self.whitener = Whitener.from_dict(bundle.prefixed("whitener"))
         train = bundle.train
         hp = m.get("hyperparameters", {})
@@ -62,11 +69,12 @@ class ServingModel:
         self.hybrid: Hybrid | None = None
         if state:
             cfg = DropoutNetConfig.from_dict(hp.get("dropoutnet", {}))
-            dn = self.dropoutnet = DropoutNet.from_state(state, cfg, self.content, self.wmf, device=device)
+            dn = self.dropoutnet = DropoutNet.from_state(state, cfg, self.dn_content, self.wmf, device=device)
             if "hybrid" in hp:
                 tf = bundle.arrays.get("tfidf_content")
                 self.hybrid = Hybrid.from_params(dn, hp["hybrid"], train,
-                                                 tfidf=None if tf is None else np.asarray(tf, np.float32))
+                                                 tfidf=None if tf is None else np.asarray(tf, np.float32),
+                                                 content=self.content)
                 self.item_tower = self.hybrid.serving_item_vectors(np.arange(len(self.item_ids)))
             else:
                 self.item_tower = dn.serving_item_vectors(dn.item_emb, dn.cold_items)
@@ -99,6 +107,13 @@ class ServingModel:
     def has_dropoutnet(self) -> bool:
         return self.dropoutnet is not None
 
+    def dn_input(self, content: np.ndarray) -> np.ndarray:
+        """DropoutNet content input for text vectors of anime outside the bundle (no graph edges)."""
+        content = np.atleast_2d(np.asarray(content, np.float32))
+        if not self.graph_dim:
+            return content
+        return np.hstack([content, np.zeros((len(content), self.graph_dim), np.float32)])
+
     def _mean(self, vecs: np.ndarray, w: np.ndarray) -> np.ndarray:
         return (w[:, None] * vecs).sum(axis=0) / max(float(w.sum()), 1e-9)
 
@@ -107,23 +122,24 @@ class ServingModel:
         """Query vector for a set of liked anime ids (bundle items and/or added anime)."""
         assert self.dropoutnet is not None
         w_all = np.ones(len(liked), np.float32) if not weights else np.asarray(weights, np.float32)
-        content, psi, cw, pref, pw, warm_idx = [], [], [], [], [], []
+        content, dn_content, psi, cw, pref, pw, warm_idx = [], [], [], [], [], [], []
         zero_psi = None if self.hybrid is None else np.zeros(self.hybrid.psi.shape[1], np.float32)
         for a, wi in zip(liked, w_all):
             if a in self.pos:
                 i = self.pos[a]
-                content.append(self.content[i]); cw.append(wi)
+                content.append(self.content[i]); dn_content.append(self.dn_content[i]); cw.append(wi)
                 if self.hybrid is not None:
                     psi.append(self.hybrid.psi[i])
                 if self.warm[i]:
                     pref.append(self.wmf.V[i]); pw.append(wi); warm_idx.append(i)
             elif extra and a in extra:
-                content.append(extra[a].content); cw.append(wi)
+                content.append(extra[a].content); dn_content.append(self.dn_input(extra[a].content)[0])
+                cw.append(wi)
                 if self.hybrid is not None:
                     t = extra[a].tfidf
                     psi.append(zero_psi if t is None else _unit(np.atleast_2d(t))[0])
         content, cw = np.asarray(content, np.float32), np.asarray(cw, np.float32)
-        mean_c = self._mean(content, cw)
+        mean_c = self._mean(np.asarray(dn_content, np.float32), cw)
         mean_v = self._mean(np.asarray(pref), np.asarray(pw, np.float32)) if pref else None
         dn = self.dropoutnet
         uh = dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)
@@ -156,7 +172,7 @@ class ServingModel:
         """Query vector of a content-only user from a raw encoder vector (free-text queries)."""
         assert self.dropoutnet is not None
         dn, c = self.dropoutnet, self.whiten(raw)
-        uh = dn.user_tower_from(None, c, transformed=True)
+        uh = dn.user_tower_from(None, self.dn_input(c), transformed=True)
         if self.hybrid is None:
             return dn.serving_user_vectors(uh)[0]
         u = np.zeros((1, self.wmf.factors), np.float32)
@@ -169,7 +185,7 @@ class ServingModel:
         TF-IDF projection (None: that term is left empty)."""
         assert self.dropoutnet is not None
         dn = self.dropoutnet
-        v = dn.item_tower(None if pref is None else np.atleast_2d(pref), np.atleast_2d(content))
+        v = dn.item_tower(None if pref is None else np.atleast_2d(pref), self.dn_input(content))
         if self.hybrid is None:
             return dn.serving_item_vectors(v, np.array([pref is None]))[0]
         V = np.zeros((1, self.wmf.factors), np.float32) if pref is None else np.atleast_2d(pref)

@@ -1,5 +1,5 @@
 """Pure ranking helpers: request validation, filters over the in-memory catalogue, MMR and
-dislike re-ranking, explanations. No gRPC, no Qdrant: unit-testable on arrays."""
+dislike re-ranking (explanations: explanations.py). No gRPC, no Qdrant: unit-testable on arrays."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from anime2vec.models.mmr import cosine_matrix, mmr_order
 from anime2vec.serving.errors import invalid_argument
 from anime2vec.v1 import common_pb2
 
@@ -109,32 +110,22 @@ class CatalogueFilter:
 
 def mmr(cands: list[Candidate], diversity: float, dislikes: np.ndarray | None = None,
         dislike_weight: float = 0.5) -> list[Candidate]:
-    """Maximal marginal relevance over content vectors (Carbonell & Goldstein): greedily pick
-    argmax (1-λ)·relevance − λ·max-similarity-to-picked, with λ = diversity and relevance the
-    min-max normalised model score. Disliked items' content is a standing penalty. Deterministic:
-    ties break by input order, and the same pool always yields the same sequence."""
+    """Maximal marginal relevance over content vectors with λ = diversity (anime2vec.models.mmr,
+    the implementation the offline trade-off curve measures). Disliked items' content is a
+    standing penalty: dislike_weight × the candidate's largest positive cosine to a disliked
+    anime, off the normalised relevance. Deterministic: ties break by input order."""
     if not cands:
         return []
     s = np.array([c.score for c in cands], np.float64)
-    rel = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.ones_like(s)
     X = np.stack([c.content if c.content is not None else np.zeros_like(_first_content(cands)) for c in cands])
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-9)
+    penalty = None
     if dislikes is not None and len(dislikes):
+        X_unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-9)
         D = dislikes / np.maximum(np.linalg.norm(dislikes, axis=1, keepdims=True), 1e-9)
-        rel = rel - dislike_weight * np.clip(X @ D.T, 0, None).max(axis=1)
-    if diversity <= 0:
-        return [cands[i] for i in np.argsort(-rel, kind="stable")]
-    picked: list[int] = []
-    max_sim = np.full(len(cands), -np.inf)
-    left = np.ones(len(cands), bool)
-    for _ in range(len(cands)):
-        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
-        obj = np.where(left, (1 - diversity) * rel - diversity * penalty, -np.inf)
-        j = int(np.argmax(obj))
-        picked.append(j)
-        left[j] = False
-        max_sim = np.maximum(max_sim, X @ X[j])
-    return [cands[i] for i in picked]
+        penalty = dislike_weight * np.clip(X_unit @ D.T, 0, None).max(axis=1)
+    sim = cosine_matrix(X) if diversity > 0 else None
+    order = mmr_order(s, sim, diversity, penalty=penalty)
+    return [cands[i] for i in order if i >= 0]
 
 
 def _first_content(cands: list[Candidate]) -> np.ndarray:
@@ -142,38 +133,3 @@ def _first_content(cands: list[Candidate]) -> np.ndarray:
         if c.content is not None:
             return c.content
     return np.zeros(1, np.float32)
-
-
-def explain(c: Candidate, anchors: list[tuple[int, str, np.ndarray, list[str]]], kind: str,
-            query_content: np.ndarray | None = None) -> list[common_pb2.Reason]:
-    """Reasons for one recommendation. anchors: the query's own anime (id, title, content, genres):
-    favourites, or the most confident items of a known user's history."""
-    R = common_pb2
-    reasons: list[tuple[float, common_pb2.Reason]] = []
-    if c.content is not None and anchors:
-        sims = [(float(np.dot(c.content, a[2]) / (np.linalg.norm(c.content) * np.linalg.norm(a[2]) + 1e-9)), a)
-                for a in anchors]
-        sims.sort(key=lambda t: -t[0])
-        for sim, (aid, title, _, _) in sims[:2]:
-            if sim > 0.15:
-                reasons.append((sim, R.Reason(kind=R.REASON_KIND_SIMILAR_TO_FAVOURITE, anime_id=aid, title=title,
-                                              detail=f"close in story and themes to {title} (cosine {sim:.2f})")))
-    mine = list(c.payload.get("genres") or [])
-    theirs = {g.casefold() for a in anchors for g in a[3]}
-    shared = [g for g in mine if g.casefold() in theirs]
-    if shared:
-        reasons.append((0.1 * len(shared), R.Reason(kind=R.REASON_KIND_SHARED_GENRES,
-                                                    detail="shares " + ", ".join(shared[:5]) + " with your favourites")))
-    if kind == "text" and query_content is not None and c.content is not None:
-        sim = float(np.dot(c.content, query_content) / (np.linalg.norm(c.content) * np.linalg.norm(query_content) + 1e-9))
-        reasons.append((max(sim, 0.05), R.Reason(kind=R.REASON_KIND_TEXT_MATCH, detail=f"its synopsis matches your description (cosine {sim:.2f})")))
-    if kind == "wmf":
-        reasons.append((0.3, R.Reason(kind=R.REASON_KIND_NEIGHBOUR, detail="liked by viewers whose taste resembles yours")))
-    if kind == "popularity":
-        reasons.append((0.3, R.Reason(kind=R.REASON_KIND_POPULAR, detail=f"widely watched ({int(c.payload.get('members') or 0):,} MAL members)")))
-    total = sum(w for w, _ in reasons) or 1.0
-    out = []
-    for w, r in sorted(reasons, key=lambda t: -t[0]):
-        r.weight = float(w / total)
-        out.append(r)
-    return out

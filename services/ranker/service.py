@@ -18,18 +18,23 @@ import grpc
 import numpy as np
 import pandas as pd
 
-from anime2vec.bundle import list_bundles, load_bundle
+from anime2vec.bundle import BundleError, list_bundles, load_bundle
+from anime2vec.feedback import FeedbackConflict, FeedbackEvent, FeedbackStore
 from anime2vec.data.text import build_texts
 from anime2vec.serving.encoder_client import EncoderClient
-from anime2vec.serving.errors import ServiceError, failed_precondition, invalid_argument, not_found, unavailable
+from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems, occurred_at_seconds
+from anime2vec.serving.errors import (ServiceError, already_exists, failed_precondition, invalid_argument, not_found,
+                                      unavailable)
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving.pagination import decode_page_token, encode_page_token, request_digest
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 from .added_anime import AddedAnimeStore
-from .index import ItemIndex, ItemPoint, SearchFilter
+from .index import IndexUnavailable, ItemIndex, ItemPoint, SearchFilter
 from .model import ItemMeta, ServingModel
-from .ranking import Candidate, CatalogueFilter, explain, mmr, search_filter, validate_options
+from .online_users import OnlineUsers, wmf_scores
+from .explanations import Anchor, Subject, TermIndex, explain, term_index
+from .ranking import Candidate, CatalogueFilter, mmr, search_filter, validate_options
 from .settings import RankerSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class Serving:
     # ListCatalog pages come from one list built once per change of `extra` (not once per page)
     _catalog: tuple[int, list] | None = None
     generation: int = 0
+    terms: TermIndex | None = None   # explanation terms of this version's catalogue
 
     @property
     def version(self) -> str:
@@ -65,7 +71,7 @@ def load_serving(model: ServingModel) -> Serving:
     cat = model.catalog
     filt = CatalogueFilter(model.item_ids, [list(g or []) for g in cat["genres"]],
                            list(cat["type"]), [None if pd.isna(y) else int(y) for y in cat["year"]])
-    return Serving(model, filt, {})
+    return Serving(model, filt, {}, terms=term_index(cat, model.content))
 
 
 def anime_text(model: ServingModel, fields: dict) -> str:
@@ -84,11 +90,14 @@ def payload_from_fields(anime_id: int, f: dict, cold: bool = True) -> dict:
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def __init__(self, settings: RankerSettings, index: ItemIndex, store: AddedAnimeStore,
-                 metrics: Metrics, encoder: EncoderClient | None = None):
+                 metrics: Metrics, encoder: EncoderClient | None = None, feedback: FeedbackStore | None = None):
         self.settings, self.index, self.store, self.metrics = settings, index, store, metrics
+        self.feedback = feedback or FeedbackStore(settings.data_dir / "feedback.sqlite")
+        self.users = OnlineUsers(self.feedback, index, metrics)
         self.encoder = encoder or EncoderClient(settings.encoder_address, settings.encoder_timeout_s)
         self._serving: Serving | None = None
         self._swap = threading.Lock()
+        self._refused: tuple[str, tuple] | None = None   # (alias target, bundle files) last refused
         self._upsert = threading.Lock()
 
     # ---- model lifecycle ---------------------------------------------------------------
@@ -102,7 +111,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 ItemPoint(int(a), model.item_tower[i], model.payload(i)) for i, a in enumerate(model.item_ids)))
         self._replay_added(serving)
         with self._swap:
-            self._serving = serving
+            previous, self._serving = self._serving, serving
+        self.users.version_switched(previous.version if previous else None, model.version)
         set_model_info(self.metrics, "ranker", model.version, model.manifest["encoder"]["name"],
                        int(model.item_tower.shape[1]), offline_metrics(model.manifest))
         log.info("serving model %s", model.version)
@@ -121,7 +131,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             vec, content, tfidf, cold = self._item_vectors(serving, a.anime_id, a.raw_vector,
                                                            anime_text(m, a.fields))
             serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold),
-                                                 tfidf)
+                                                 tfidf, a.fields.get("synopsis") or "")
             points.append(ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload))
         if points:
             self.index.upsert(points, version=m.version)
@@ -134,25 +144,48 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         return s
 
     def maybe_follow_alias(self) -> None:
-        """Called periodically: load and serve the version the alias points to, if it moved."""
-        target = self.index.alias_target()
+        """Called periodically: load and serve the version the alias points to, if it moved.
+        A target that cannot be served (no bundle, a bundle that does not verify, a failed load)
+        is refused while the current version keeps serving, and counted in
+        a2v_bundle_load_failures_total. A missing or invalid bundle is logged and counted once, then
+        tried again only when the alias or the bundle's files change (re-hashing a large bundle on
+        every poll would cost a core); a failed load (e.g. Qdrant unreachable) is retried each poll."""
+        try:
+            target = self.index.alias_target()
+        except Exception as e:   # e.g. a Qdrant server down for a moment: ask again next poll, keep the thread
+            log.warning("cannot read the alias: %s", e)
+            return
         current = self._serving.version if self._serving else None
         if not target or target == current:
             return
         path = self.settings.model_store / target
+        attempt = (target, _bundle_files(path))
+        if attempt == self._refused:
+            return
         if not path.is_dir():
-            log.error("alias points to %s but no such bundle in %s; still serving %s", target,
-                      self.settings.model_store, current)
+            self._refuse(attempt, "missing", f"alias points to {target} but no such bundle in "
+                                             f"{self.settings.model_store}; still serving {current}")
             return
         try:
-            self.activate(ServingModel(load_bundle(path), device=self.settings.device or None))
+            bundle = load_bundle(path)
+        except BundleError as e:
+            self._refuse(attempt, "invalid", f"refusing to serve {target}: {e}; still serving {current}")
+            return
+        try:
+            self.activate(ServingModel(bundle, device=self.settings.device or None))
         except Exception:
             log.exception("could not switch to %s; still serving %s", target, current)
+            self.metrics.bundle_load_failures.labels(service="ranker", reason="error").inc()
+
+    def _refuse(self, attempt: tuple[str, tuple], reason: str, message: str) -> None:
+        self._refused = attempt
+        self.metrics.bundle_load_failures.labels(service="ranker", reason=reason).inc()
+        log.error(message, extra={"version": attempt[0], "reason": reason})
 
     # ---- shared request path ---------------------------------------------------------
     def _page(self, request, context, s: Serving, opts, *, query_kind: str,
               vector_fn, wmf_fn, excluded: set[int], anchors: list, dislikes: np.ndarray | None = None,
-              query_content: np.ndarray | None = None) -> ranker_pb2.RankedList:
+              query_content: np.ndarray | None = None, query_text: str = "") -> ranker_pb2.RankedList:
         limit, diversity = validate_options(opts, self.settings.default_limit, self.settings.max_limit,
                                             self.settings.max_ids)
         offset = decode_page_token(opts.page_token, request_digest(request, s.version))
@@ -212,7 +245,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                                  scorer={S.STRATEGY_DROPOUTNET: s.model.manifest.get("model", "dropoutnet"),
                                          S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}[served]
                                  + (f" + mmr({diversity:g})" if diversity > 0 else "")))
-        kind = {S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}.get(served, query_kind)
+        fallback = {S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}.get(served)
         for rank, c in enumerate(page, start=offset + 1):
             p = c.payload
             rec = resp.recommendations.add(anime_id=c.anime_id, title=p.get("title", ""), score=c.score,
@@ -221,7 +254,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             if p.get("year") is not None:
                 rec.year = int(p["year"])
             if opts.explain:
-                rec.reasons.extend(explain(c, anchors, kind, query_content))
+                why, rec.explanation = explain(self._subject(s, c), anchors, query_kind, fallback=fallback,
+                                               terms=s.terms, query_content=query_content, query_text=query_text)
+                rec.reasons.extend(why)
         return resp
 
     def _content(self, s: Serving, anime_id: int) -> np.ndarray | None:
@@ -230,13 +265,27 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         i = s.model.pos.get(anime_id)
         return None if i is None else s.model.content[i]
 
-    def _anchor(self, s: Serving, anime_id: int):
+    def _text(self, s: Serving, anime_id: int) -> str:
+        """The synopsis explanations read (an added anime's own, else the catalogue's)."""
+        if anime_id in s.extra:
+            return s.extra[anime_id].text
+        i = s.model.pos.get(anime_id)
+        syn = None if i is None or "synopsis" not in s.model.catalog else s.model.catalog["synopsis"].iat[i]
+        return syn if isinstance(syn, str) else ""
+
+    def _anchor(self, s: Serving, anime_id: int) -> Anchor:
         if anime_id in s.extra:
             p = s.extra[anime_id].payload
-            return (anime_id, p.get("title", ""), s.extra[anime_id].content, p.get("genres", []))
+            return Anchor(anime_id, p.get("title", ""), s.extra[anime_id].content, p.get("genres", []),
+                          s.extra[anime_id].text)
         i = s.model.pos[anime_id]
         row = s.model.catalog.iloc[i]
-        return (anime_id, str(row["title"]), s.model.content[i], list(row["genres"] or []))
+        return Anchor(anime_id, str(row["title"]), s.model.content[i], list(row["genres"] or []),
+                      self._text(s, anime_id))
+
+    def _subject(self, s: Serving, c: Candidate) -> Subject:
+        return Subject(c.anime_id, c.content, c.payload.get("genres") or [], self._text(s, c.anime_id),
+                       int(c.payload.get("members") or 0))
 
     def _known_ids(self, s: Serving, ids, field: str) -> list[int]:
         ids = [int(a) for a in ids]
@@ -269,7 +318,20 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
 
     def RecommendForUser(self, request, context):
         s = self.serving()
-        u = s.model.user_pos.get(int(request.user_id))
+        uid = int(request.user_id)
+        try:
+            online = self.users.get(s, uid) if uid > 0 else None
+        except IndexUnavailable as e:
+            # no users collection: a training user still gets their trained vector; a user known
+            # only through feedback cannot be served right now
+            log.warning("users collection unavailable: %s", e)
+            online = None
+            if uid not in s.model.user_pos and self.feedback.has_user(uid):
+                raise unavailable("the users collection cannot be reached", reason="USERS_UNAVAILABLE",
+                                  retry_after_s=2.0)
+        if online is not None:
+            return self._online_user_page(request, context, s, online)
+        u = s.model.user_pos.get(uid)
         if u is None:
             raise not_found("user", str(request.user_id), reason="USER_NOT_FOUND", field="user_id")
         h = s.model.train[u]
@@ -281,10 +343,61 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                           wmf_fn=lambda s: s.model.wmf_scores_user(int(request.user_id)),
                           excluded=excluded, anchors=[self._anchor(s, a) for a in top])
 
+    def _online_user_page(self, request, context, s: Serving, online):
+        """A user updated by feedback: their stored vector; their whole list (history and
+        feedback, liked or not) is never recommended back, the liked part is with include_liked."""
+        liked = online.liked
+        listed = set(online.listed)
+        excluded = (listed - set(liked)) if request.options.filters.include_liked else listed
+        top = [a for a, _ in sorted(liked.items(), key=lambda p: -p[1])
+               if a in s.model.pos or a in s.extra][:10]
+        return self._page(request, context, s, request.options, query_kind="user",
+                          vector_fn=lambda s: online.vector,
+                          wmf_fn=lambda s: wmf_scores(s.model, online.listed),
+                          excluded=excluded, anchors=[self._anchor(s, a) for a in top])
+
+    def RecordFeedback(self, request, context):
+        s = self.serving()
+        events = self._feedback_events(s, request.events)
+        try:
+            result, updated = self.users.record(s, events)
+        except FeedbackConflict as e:
+            i, eid = e.conflicts[0]
+            raise already_exists(f"event_id {eid!r} was already used for a different event; nothing recorded",
+                                 reason="EVENT_ID_REUSED", field=f"events[{i}].event_id")
+        log.info("feedback recorded", extra={"applied": result.applied, "duplicates": result.duplicates,
+                                             "users": len(updated), "version": s.version})
+        return ranker_pb2.FeedbackResult(applied=result.applied, duplicates=result.duplicates,
+                                         updated_user_ids=updated, model_version=s.version)
+
+    def _feedback_events(self, s: Serving, raw) -> list[FeedbackEvent]:
+        """Validate a batch (every problem, by field path) into store events."""
+        if not raw:
+            raise invalid_argument({"events": "give at least one event"})
+        if len(raw) > self.settings.max_feedback_events:
+            raise invalid_argument({"events": f"at most {self.settings.max_feedback_events} events per call, "
+                                              f"got {len(raw)}: split the batch"})
+        bad, out = [], []
+        for i, e in enumerate(raw):
+            kind = FEEDBACK_KINDS.get(e.kind)
+            problems = feedback_problems(e, kind)
+            if e.anime_id <= 0:
+                problems.append(("anime_id", "must be > 0"))
+            bad += [(f"events[{i}].{f}", d) for f, d in problems]
+            if not problems:
+                out.append(FeedbackEvent(e.event_id, int(e.user_id), int(e.anime_id), kind, e.score or None,
+                                         occurred_at_seconds(e)))
+        if bad:
+            raise invalid_argument(bad)
+        for i, e in enumerate(out):
+            if e.anime_id not in s.model.pos and e.anime_id not in s.extra:
+                raise not_found("anime", str(e.anime_id), reason="ANIME_NOT_FOUND", field=f"events[{i}].anime_id")
+        return out
+
     def SimilarItems(self, request, context):
         s = self.serving()
         (aid,) = self._known_ids(s, [request.anime_id], "anime_id")
-        return self._page(request, context, s, request.options, query_kind="favourites",
+        return self._page(request, context, s, request.options, query_kind="similar",
                           vector_fn=lambda s: s.model.favourites_vector([aid], None, s.extra),
                           wmf_fn=lambda s: s.model.wmf_scores_favourites([aid], None),
                           excluded={aid}, anchors=[self._anchor(s, aid)])
@@ -302,12 +415,15 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         if request.encoder_fingerprint and request.encoder_fingerprint != fp:
             raise failed_precondition(f"content vector from encoder {request.encoder_fingerprint[:40]!r}, model uses {fp}",
                                       reason="ENCODER_MISMATCH")
+        if len(request.query_text) > MAX_SYNOPSIS:
+            raise invalid_argument({"query_text": f"at most {MAX_SYNOPSIS} characters, got {len(request.query_text)}"})
         liked = self._known_ids(s, request.liked_ids, "liked_ids")
         excluded = set() if request.options.filters.include_liked else set(liked)
         content = m.whiten(vec)[0]
         return self._page(request, context, s, request.options, query_kind="text",
                           vector_fn=lambda s: s.model.text_vector(vec), wmf_fn=None, excluded=excluded,
-                          anchors=[self._anchor(s, a) for a in liked[:20]], query_content=content)
+                          anchors=[self._anchor(s, a) for a in liked[:20]], query_content=content,
+                          query_text=request.query_text)
 
     def UpsertAnime(self, request, context):
         s = self.serving()
@@ -328,7 +444,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 fields["members"] = int(s.model.payload(s.model.pos[aid])["members"])
             vec, content, tfidf, cold = self._item_vectors(s, aid, raw[0], text)
             created = self.store.put(aid, fields, raw[0], fingerprint) and aid not in s.model.pos
-            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf)
+            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf, fields["synopsis"])
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
             s.generation += 1
@@ -407,6 +523,15 @@ def validate_anime_input(a: common_pb2.AnimeInput) -> dict:
             "synopsis": a.synopsis.strip(), "genres": [g.strip() for g in a.genres], "type": a.type,
             "year": a.year if a.HasField("year") else None,
             "episodes": a.episodes if a.HasField("episodes") else None, "members": int(a.members)}
+
+
+def _bundle_files(path: Path) -> tuple:
+    """(relative path, size, mtime) of every file of a bundle directory: changes when it is
+    replaced or repaired. () when there is no such directory."""
+    if not path.is_dir():
+        return ()
+    return tuple(sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
+                        for p in path.rglob("*") if p.is_file() for st in [p.stat()]))
 
 
 def pick_bundle(settings: RankerSettings, index: ItemIndex):

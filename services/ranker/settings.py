@@ -9,17 +9,17 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from anime2vec.paths import REPO_ROOT, default_model_store
-from anime2vec.serving.settings import ServiceSettings
+from anime2vec.serving.settings import OutboundTLSSettings
 
 
-class RankerSettings(ServiceSettings):
+class RankerSettings(OutboundTLSSettings):
     model_config = SettingsConfigDict(env_prefix="A2V_RANKER_", frozen=True, extra="forbid")
 
     grpc_port: int = Field(50052, ge=0, le=65535)
     metrics_port: int = Field(9102, ge=0, le=65535)
     model_store: Path = Field(default_factory=default_model_store, description="directory of model bundles")
     bundle: str = Field("", description="bundle version or path to serve first; empty: the alias target, else the newest")
-    data_dir: Path = Field(REPO_ROOT / "var" / "ranker", description="embedded Qdrant and the store of added anime")
+    data_dir: Path = Field(REPO_ROOT / "var" / "ranker", description="embedded Qdrant, the store of added anime and the feedback store")
     qdrant_url: str = Field("", description="Qdrant server URL; empty: embedded Qdrant under data_dir")
     qdrant_api_key: str = Field("", description="API key for the Qdrant server", repr=False)
     encoder_address: str = Field("127.0.0.1:50051", description="encoder service host:port (UpsertAnime)")
@@ -29,6 +29,7 @@ class RankerSettings(ServiceSettings):
     rerank_pool: int = Field(500, ge=50, le=5000, description="candidates re-ranked for diversity / dislikes; also the deepest page then")
     max_page_depth: int = Field(1000, ge=100, le=100000, description="offset + limit beyond which paging stops")
     max_ids: int = Field(500, ge=1, description="most liked / disliked / excluded ids per request")
+    max_feedback_events: int = Field(1000, ge=1, le=100000, description="most events per RecordFeedback call")
     alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
     device: str = Field("", description="torch device for the towers; empty: cuda when present")
 

@@ -11,12 +11,12 @@ import yaml
 from anime2vec.paths import REPO_ROOT
 
 K8S = REPO_ROOT / "deploy" / "k8s"
-# Every tree an operator applies: the three environments and the release Jobs.
-TREES = ("overlays/local", "overlays/gpu", "overlays/production", "jobs", "release")
+# Every tree an operator applies: the environments (production also with TLS) and the release Jobs.
+TREES = ("overlays/local", "overlays/gpu", "overlays/production", "overlays/production-tls", "jobs", "release")
 # Prometheus Operator CRDs: kubernetes-validate ships core schemas only, so these kinds are checked
 # by the structural tests here, not by the strict schema test.
 CRD_KINDS = frozenset({"ServiceMonitor"})
-WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "Job"})
+WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "Job", "CronJob"})
 SERVICE_UID = 10001
 
 
@@ -36,6 +36,8 @@ def by_kind(tree: str, kind: str) -> dict[str, dict]:
 
 
 def pod_spec(obj: dict) -> dict:
+    if obj["kind"] == "CronJob":   # the pod template of the Jobs it creates
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return obj["spec"]["template"]["spec"]
 
 

@@ -40,7 +40,7 @@ def test_every_container_is_hardened(tree):
     for obj, spec, c in _containers(tree):
         where = f"{tree}: {obj['kind']}/{obj['metadata']['name']} container {c['name']}"
         seen += 1
-        if obj["kind"] != "Job":   # a Job runs to completion; probes would only kill a long training run
+        if obj["kind"] not in ("Job", "CronJob"):   # runs to completion; probes would only kill a long training run
             assert "livenessProbe" in c and "readinessProbe" in c, f"{where}: needs liveness and readiness probes"
         res = c.get("resources", {})
         for part in ("requests", "limits"):

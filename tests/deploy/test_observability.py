@@ -5,7 +5,9 @@ Metric names are checked against two sources: the encoder's real /metrics, scrap
 `python -m services.encoder.server` subprocess (A2V_ENCODER_MODEL=tiny-random, free ports) after one
 Encode call, for every a2v_rpc_* and a2v_encoder_* series; and, for the ranker/gateway-only metrics
 (fallbacks, Qdrant latency, offline metrics), the text exposition of
-`anime2vec.serving.metrics.create_metrics()` after one observation of each metric.
+`anime2vec.serving.metrics.create_metrics()` after one observation of each metric; and, for the
+retrain job's a2v_retrain_* metrics (a batch job: pushed to a Pushgateway, no live service exports
+them), the exposition `anime2vec.retrain.export_metrics` writes after one decision.
 """
 
 from __future__ import annotations
@@ -129,12 +131,24 @@ def _library_exposition() -> str:
     m.encoder_queue_wait.observe(0.001)
     m.encoder_queue_depth.set(0)
     m.qdrant_query.labels(operation="search").observe(0.001)
+    m.bundle_load_failures.labels(service="ranker", reason="invalid").inc()
     return generate_latest(m.registry).decode()
 
 
-def test_every_queried_metric_is_exported(encoder_exposition):
+def retrain_exposition(store) -> str:
+    """What the retrain job writes and pushes after one logged decision (store: an empty directory)."""
+    from anime2vec.retrain import Decision, append_decision, export_metrics
+
+    d = Decision("promoted", "v0", "v1", passed=True, metrics={"candidate": {"warm/recall@100": 0.5}},
+                 details={"events": {"used": 1}})
+    append_decision(store, d)
+    return generate_latest(export_metrics(store, d)[0]).decode()
+
+
+def test_every_queried_metric_is_exported(encoder_exposition, tmp_path):
     encoder_names = _exposed_names(encoder_exposition)
     library_names = _exposed_names(_library_exposition())
+    retrain_names = _exposed_names(retrain_exposition(tmp_path))
     # Sanity: the scrape really came from an encoder that served a request.
     assert {"a2v_encoder_batch_size_count", "a2v_rpc_requests_total", "a2v_encoder_queue_depth"} <= encoder_names
 
@@ -146,5 +160,7 @@ def test_every_queried_metric_is_exported(encoder_exposition):
     for name in sorted(used):
         if name.startswith(("a2v_rpc_", "a2v_encoder_")):
             assert name in encoder_names, f"{name} is queried but the encoder does not export it"
+        elif name.startswith("a2v_retrain_"):
+            assert name in retrain_names, f"{name} is queried but the retrain job does not export it"
         else:
             assert name in library_names, f"{name} is queried but create_metrics() does not export it"

@@ -36,6 +36,7 @@ SENT: Counter[str] = Counter()   # requests actually sent, by method; checked by
 
 BAD_INPUT = {C.INVALID_ARGUMENT}
 LOOKUP = {C.INVALID_ARGUMENT, C.NOT_FOUND}
+FEEDBACK = LOOKUP | {C.ALREADY_EXISTS}   # an event id reused for a different event
 NEVER = {C.INTERNAL, C.UNKNOWN}
 
 
@@ -177,6 +178,20 @@ def anime_inputs(draw, valid: bool) -> S.AnimeInput:
     return a
 
 
+@st.composite
+def feedback_events(draw, message, anime):
+    """A FeedbackEvent (gateway) or ResolvedFeedbackEvent (ranker): mostly invalid; valid ones are
+    for user ids far from the training users', so the fuzzing never changes a known user."""
+    e = message(event_id=draw(st.one_of(st.just(""), TEXT, st.uuids().map(str), st.sampled_from(["dup-1", "dup-2"]))),
+                user_id=draw(st.one_of(INT64, st.integers(10**13, 10**13 + 20))),
+                kind=draw(st.one_of(st.integers(0, 5), INT32)), score=draw(st.one_of(st.integers(-1, 11), INT32)),
+                **anime(draw))
+    when = draw(optional(st.tuples(st.one_of(st.integers(-10, 2 * 10**9), INT64), st.one_of(st.integers(0, 999), INT32))))
+    if when is not None:
+        e.occurred_at.seconds, e.occurred_at.nanos = when
+    return e
+
+
 def mal_xml():
     entry = st.builds(
         lambda i, score, status: (f"<anime><series_animedb_id>{i}</series_animedb_id><my_score>{score}</my_score>"
@@ -254,6 +269,15 @@ def test_gateway_resolve_titles(live, query, limit):
     send("gateway.ResolveTitles", live.gateway.ResolveTitles, request, BAD_INPUT)
 
 
+@fuzz(250)
+@given(data=st.data())
+def test_gateway_record_feedback(live, data):
+    events = data.draw(st.lists(feedback_events(gateway_pb2.FeedbackEvent,
+                                                lambda draw: {"anime": draw(optional(anime_refs()))}), max_size=4))
+    send("gateway.RecordFeedback", live.gateway.RecordFeedback, gateway_pb2.RecordFeedbackRequest(events=events),
+         FEEDBACK)
+
+
 # --- ranker ----------------------------------------------------------------------------------------
 
 @fuzz(700)
@@ -306,6 +330,14 @@ def test_ranker_upsert_anime_rejects_invalid(ranker, data):
     assert code != C.OK, f"an invalid anime was upserted: {request!r}"
 
 
+@fuzz(250)
+@given(data=st.data())
+def test_ranker_record_feedback(ranker, data):
+    events = data.draw(st.lists(feedback_events(ranker_pb2.ResolvedFeedbackEvent,
+                                                lambda draw: {"anime_id": draw(INT64)}), max_size=4))
+    send("ranker.RecordFeedback", ranker.RecordFeedback, ranker_pb2.FeedbackBatch(events=events), FEEDBACK)
+
+
 @fuzz(500)
 @given(data=st.data())
 def test_ranker_list_catalog(ranker, data):
@@ -339,6 +371,7 @@ METHODS = {  # full method name -> (request type, statuses allowed for a well-fo
     "/anime2vec.v1.GatewayService/AddAnime": (gateway_pb2.AddAnimeRequest, LOOKUP),
     "/anime2vec.v1.GatewayService/ResolveTitles": (gateway_pb2.ResolveTitlesRequest, BAD_INPUT),
     "/anime2vec.v1.GatewayService/GetModelInfo": (S.GetModelInfoRequest, set()),
+    "/anime2vec.v1.GatewayService/RecordFeedback": (gateway_pb2.RecordFeedbackRequest, FEEDBACK),
     "/anime2vec.v1.RankerService/RecommendFromFavourites": (ranker_pb2.RecommendFromFavouritesRequest, LOOKUP),
     "/anime2vec.v1.RankerService/RecommendForUser": (S.RecommendForUserRequest, LOOKUP),
     "/anime2vec.v1.RankerService/SimilarItems": (ranker_pb2.SimilarItemsRequest, LOOKUP),
@@ -347,9 +380,17 @@ METHODS = {  # full method name -> (request type, statuses allowed for a well-fo
     "/anime2vec.v1.RankerService/UpsertAnime": (ranker_pb2.UpsertAnimeRequest, LOOKUP),
     "/anime2vec.v1.RankerService/GetModelInfo": (S.GetModelInfoRequest, set()),
     "/anime2vec.v1.RankerService/ListCatalog": (ranker_pb2.ListCatalogRequest, BAD_INPUT),
+    "/anime2vec.v1.RankerService/RecordFeedback": (ranker_pb2.FeedbackBatch, FEEDBACK),
     "/anime2vec.v1.EncoderService/Encode": (encoder_pb2.EncodeRequest, BAD_INPUT),
     "/anime2vec.v1.EncoderService/GetInfo": (encoder_pb2.GetInfoRequest, set()),
 }
+
+
+def test_every_rpc_is_fuzzed():
+    """A new RPC must be added to METHODS (and get a fuzz test of its own)."""
+    declared = {f"/{svc.full_name}/{m.name}" for pb in (gateway_pb2, ranker_pb2, encoder_pb2)
+                for svc in pb.DESCRIPTOR.services_by_name.values() for m in svc.methods}
+    assert declared == set(METHODS), declared ^ set(METHODS)
 
 
 def varint(n: int) -> bytes:

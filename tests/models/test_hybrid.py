@@ -70,3 +70,20 @@ def test_params_round_trip(hybrid):
     again = Hybrid.from_params(hybrid.dn, hybrid.params(), hybrid.train, tfidf=hybrid.psi)
     q = Queries.of_liked([[0, 4, 8]])
     np.testing.assert_allclose(again.score(q, np.arange(40)), hybrid.score(q, np.arange(40)), rtol=1e-6)
+
+
+def test_the_tolerance_ladder_climbs_only_until_the_cold_target_is_met(hybrid):
+    def evaluate(model, kind, target):
+        w = model.users if kind == "users" else model.favourites
+        own = 1.0 - 0.1 * abs(w.b - 2.0) - 0.05 * max(0.0, w.d - 1.0)
+        return own if target == "own" else w.d + 0.1 * w.c
+    # d=1 (+c=2) gives cold 1.2 at 2%; d=2 costs 5% of own, so reaching 2.2 needs the 5% rung
+    hybrid.users, hybrid.favourites = Weights(), Weights()
+    hybrid.tune(evaluate, tolerance=(0.02, 0.05, 0.10), cold_target={"users": 2.1, "favourites": 1.0})
+    assert hybrid.tuning["users"]["tolerance"] == 0.05 and hybrid.users.d == 2.0
+    assert [t["tolerance"] for t in hybrid.tuning["users"]["ladder"]] == [0.02, 0.05]
+    assert hybrid.tuning["favourites"]["tolerance"] == 0.02 and hybrid.favourites.d == 1.0
+    # an unreachable target keeps the last rung
+    hybrid.users, hybrid.favourites = Weights(), Weights()
+    hybrid.tune(evaluate, tolerance=(0.02, 0.05), cold_target={"users": 99.0, "favourites": 99.0})
+    assert hybrid.tuning["users"]["tolerance"] == 0.05

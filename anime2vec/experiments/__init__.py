@@ -1,0 +1,1 @@
+"""Experiments on public benchmarks outside the MyAnimeList pipeline (e.g. `citeulike`)."""

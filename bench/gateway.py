@@ -1,0 +1,261 @@
+"""Gateway end to end: the favourites query (GatewayService.Recommend with favourite ids and an API
+key) through encoder + ranker + gateway running as processes on loopback, against the Python gRPC
+ceiling measured in the same run (bench/echo.py: same grpcio, same thread pool, no work).
+
+One load-generator process (bench/loadgen.py, grpc.aio) drives, at each concurrency step, the echo
+server, the ranker directly (RecommendFromFavourites: what the gateway calls) and the gateway, one
+after another, so all three see the same machine load. Then an open loop at half of the gateway's
+best throughput gives the latency a caller sees below saturation. Last, the ranker's request path
+is profiled in-process (cProfile) to say where the time goes.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import os
+import pstats
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anime2vec.paths import REPO_ROOT, default_model_store
+from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, newest_bundle, standard_specs
+from bench.echo import METHOD as ECHO_METHOD
+from bench.loadgen import Step, run_plan
+
+API_KEY = "bench-key"
+GATEWAY_METHOD = "/anime2vec.v1.GatewayService/Recommend"
+RANKER_METHOD = "/anime2vec.v1.RankerService/RecommendFromFavourites"
+CONCURRENCY = (1, 2, 4, 8, 16, 32)
+TARGET_RATIO, TARGET_P99_MS = 0.35, 20.0
+STARTUP_TIMEOUT_S = 600
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def find_bundle(work: Path, progress) -> tuple[Path, str]:
+    """The newest full-data bundle in the model store, else a sample one, else one trained here on
+    the sample (a few minutes); returns (bundle dir, what it is)."""
+    store = default_model_store()
+    if (b := newest_bundle(store, "full")) is not None:
+        return b, "full data (models/)"
+    if (store / "sample").is_dir() and (b := newest_bundle(store / "sample", "sample")) is not None:
+        return b, "sample data (models/sample/)"
+    progress("no bundle in the model store: training one on the sample data (a few minutes)")
+    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--epochs", "8", "--quiet",
+           "--store", str(work / "models"), "--report-dir", str(work / "train-report")]
+    subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, check=True, capture_output=True)
+    b = newest_bundle(work / "models", "sample")
+    if b is None:
+        raise RuntimeError("training a sample bundle for the gateway bench produced none")
+    return b, "sample data (trained for this run)"
+
+
+def favourites_requests(bundle: Path, n: int = 64, k: int = 3, seed: int = 0) -> list[list[int]]:
+    """n favourites lists of k popular anime ids (the top 500 by members), all different."""
+    with open(bundle / "catalog.jsonl", encoding="utf-8") as f:   # lines end at "\n" only (titles hold U+2028)
+        rows = [json.loads(line) for line in f if line.strip()]
+    popular = [r["anime_id"] for r in sorted(rows, key=lambda r: -(r.get("members") or 0))[:500]]
+    rng = np.random.default_rng(seed)
+    return [[int(a) for a in rng.choice(popular, size=k, replace=False)] for _ in range(n)]
+
+
+class EchoProcess:
+    def __init__(self, reply_bytes: int, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.echo", "--port", "0", "--reply-bytes",
+                                      str(reply_bytes)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                     stderr=open(log, "ab"), text=True, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+        line = self.proc.stdout.readline()
+        if not line.startswith("port "):
+            self.stop()
+            raise RuntimeError(f"echo server did not start: {line!r}; see {log}")
+        self.address = f"127.0.0.1:{int(line.split()[1])}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class _Context:
+    """Stands in for grpc.ServicerContext when a handler is called in-process for profiling."""
+
+    def time_remaining(self):
+        return None
+
+    def is_active(self):
+        return True
+
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self):
+        return "in-process"
+
+
+def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], calls: int) -> dict:
+    """RecommendFromFavourites called in-process (no gRPC): its own time, and cProfile's top costs."""
+    from anime2vec.v1 import ranker_pb2
+    from services.ranker.server import start
+    from services.ranker.settings import RankerSettings
+
+    settings = RankerSettings.from_env(model_store=bundle.parent, bundle=bundle.name, data_dir=ranker_dir,
+                                       host="127.0.0.1", grpc_port=0, metrics_port=0, alias_poll_s=0)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as services/ranker/server.py main() runs it
+    running, servicer = start(settings)
+    try:
+        requests = [ranker_pb2.RecommendFromFavouritesRequest(liked_ids=f) for f in favourites]
+        ctx = _Context()
+        for r in requests[:5]:
+            servicer.RecommendFromFavourites(r, ctx)
+        times = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            servicer.RecommendFromFavourites(requests[i % len(requests)], ctx)
+            times.append(time.perf_counter() - t0)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for i in range(calls):
+            servicer.RecommendFromFavourites(requests[i % len(requests)], ctx)
+        profiler.disable()
+    finally:
+        running.stop()
+        torch.set_num_threads(threads)
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    total = stats.total_tt
+    rows = []
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
+        rows.append({"function": f"{Path(filename).name}:{line}({func})", "calls_per_request": ncalls / calls,
+                     "self_ms_per_request": tottime / calls * 1e3, "cum_ms_per_request": cumtime / calls * 1e3,
+                     "self_share": tottime / total if total else 0.0})
+    rows.sort(key=lambda r: -r["self_ms_per_request"])
+    t = np.asarray(times) * 1e3
+    return {"calls": calls, "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "mean_ms": float(t.mean()), "top_self": rows[:12],
+            "top_cumulative": sorted(rows, key=lambda r: -r["cum_ms_per_request"])[:12]}
+
+
+def _best(steps: list[dict]) -> dict:
+    return max(steps, key=lambda s: s["throughput_rps"])
+
+
+def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float = 4.0, warmup_s: float = 1.0,
+                      open_loop_s: float = 6.0, profile_calls: int = 200, progress=print) -> dict:
+    import grpc
+
+    from anime2vec.v1 import gateway_pb2, gateway_pb2_grpc, ranker_pb2
+
+    with tempfile.TemporaryDirectory(prefix="a2v-bench-gw-") as tmp:
+        work = Path(tmp)
+        bundle, bundle_kind = find_bundle(work, progress)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        favourites = favourites_requests(bundle)
+        gw_payloads = [_gateway_request(f).SerializeToString() for f in favourites]
+        rk_payloads = [ranker_pb2.RecommendFromFavouritesRequest(liked_ids=f).SerializeToString() for f in favourites]
+        ports = free_ports(6)
+        specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
+                                             "gateway": tuple(ports[4:6])},
+                               encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
+                               ranker_data_dir=work / "ranker", gateway_env={"API_KEYS": API_KEY})
+        procs = {s.name: ServiceProcess(s, work / "logs" / f"{s.name}.log") for s in specs}
+        echo = None
+        started = time.perf_counter()
+        try:
+            progress(f"starting encoder, ranker, gateway on loopback (bundle {bundle.name}, {bundle_kind})")
+            for name in ("encoder", "ranker"):
+                procs[name].start()
+            for name in ("encoder", "ranker"):
+                procs[name].wait_serving(STARTUP_TIMEOUT_S)
+            procs["gateway"].start()
+            procs["gateway"].wait_serving(STARTUP_TIMEOUT_S)
+            startup_s = time.perf_counter() - started
+            metadata = (("authorization", f"Bearer {API_KEY}"),)
+            with grpc.insecure_channel(procs["gateway"].spec.address) as ch:
+                reply = gateway_pb2_grpc.GatewayServiceStub(ch).Recommend(
+                    _gateway_request(favourites[0]), metadata=metadata, timeout=30)
+            reply_bytes = reply.ByteSize()
+            echo = EchoProcess(reply_bytes, work / "logs" / "echo.log")
+            targets = {"echo": (echo.address, ECHO_METHOD, gw_payloads, ()),
+                       "ranker": (procs["ranker"].spec.address, RANKER_METHOD, rk_payloads, ()),
+                       "gateway": (procs["gateway"].spec.address, GATEWAY_METHOD, gw_payloads, metadata)}
+            plan = [Step(name, addr, method, payloads, md, concurrency=c, duration_s=step_s, warmup_s=warmup_s)
+                    for c in concurrency for name, (addr, method, payloads, md) in targets.items()]
+            progress(f"closed loop: {len(concurrency)} concurrency steps × {len(targets)} targets × "
+                     f"{warmup_s + step_s:.0f} s (services up in {startup_s:.0f} s)")
+            sweep = run_plan(plan)
+            by = {name: [s for s in sweep if s["name"] == name] for name in targets}
+            best = {name: _best(steps) for name, steps in by.items()}
+            half = best["gateway"]["throughput_rps"] / 2
+            progress(f"open loop at {half:.0f} req/s (half the gateway's best) on gateway and echo")
+            open_plan = [Step(name, *targets[name][:2], targets[name][2], targets[name][3], rate_rps=half,
+                              duration_s=open_loop_s, warmup_s=warmup_s) for name in ("gateway", "echo")]
+            open_loop = {r["name"]: r for r in run_plan(open_plan)}
+            errors = {name: sum(sum(s["errors"].values()) for s in steps) for name, steps in by.items()}
+        finally:
+            if echo is not None:
+                echo.stop()
+            for name in ("gateway", "ranker", "encoder"):
+                procs[name].stop()
+        profile: dict
+        try:
+            progress(f"profiling the ranker's favourites path in-process ({profile_calls} calls, cProfile)")
+            profile = profile_ranker(bundle, work / "ranker", favourites, profile_calls)
+        except Exception as e:   # the profile explains a miss; its failure must not lose the measurements
+            profile = {"error": f"{type(e).__name__}: {e}"}
+
+    ratio = best["gateway"]["throughput_rps"] / best["echo"]["throughput_rps"]
+    p99_half = open_loop["gateway"].get("p99_ms", float("nan"))
+    c1 = {name: steps[0] for name, steps in by.items()}
+    return {
+        "bundle": {"version": bundle.name, "kind": bundle_kind, "items": manifest.get("dims", {}).get("n_items"),
+                   "vector_dim": manifest.get("dims", {}).get("tower_dim"),
+                   "bytes_scanned_per_query": 4 * (manifest.get("dims", {}).get("n_items") or 0)
+                   * (manifest.get("dims", {}).get("tower_dim") or 0)},
+        "request": {"favourites_per_request": len(favourites[0]), "distinct_requests": len(favourites),
+                    "limit": "default (10)", "reply_bytes": reply_bytes},
+        "client": "one separate process, grpc.aio, one channel per step, raw bytes (no protobuf work); "
+                  "closed loop = N callers each waiting for its answer; open loop = fixed arrival rate, "
+                  "latency from the scheduled start",
+        "server_settings": "services and echo: grpcio thread pool of 8 workers, 64 concurrent RPCs (defaults)",
+        "startup_s": startup_s, "step_s": step_s, "warmup_s": warmup_s,
+        "sweep": by, "best": {k: {"throughput_rps": v["throughput_rps"], "concurrency": v["concurrency"],
+                                  "p50_ms": v.get("p50_ms"), "p99_ms": v.get("p99_ms")} for k, v in best.items()},
+        "errors": errors,
+        "ratio_gateway_to_echo": ratio,
+        "ratio_ranker_to_echo": best["ranker"]["throughput_rps"] / best["echo"]["throughput_rps"],
+        "open_loop_half_max": open_loop,
+        "latency_c1_ms": {name: s.get("p50_ms") for name, s in c1.items()},
+        "profile_ranker_in_process": profile,
+        "targets": {"ratio": TARGET_RATIO, "p99_ms_at_half_max": TARGET_P99_MS,
+                    "ratio_met": ratio >= TARGET_RATIO, "p99_met": bool(p99_half <= TARGET_P99_MS)},
+    }
+
+
+def _gateway_request(ids: list[int]):
+    from anime2vec.v1 import common_pb2, gateway_pb2
+
+    return gateway_pb2.RecommendRequest(favourites=[common_pb2.AnimeRef(anime_id=a) for a in ids])

@@ -1,0 +1,217 @@
+"""Users updated online from feedback: fold-in, the user's serving vector, the users collection.
+
+After RecordFeedback stores events (anime2vec.feedback.FeedbackStore, fsynced), each affected
+user is recomputed at once:
+  1. their list: the training history (if the model was trained on them) with every anime an
+     event named replaced by what the events say (`user_confidences`, the training rules);
+  2. their WMF factors re-solved against the fixed item factors (ALS fold-in of that list);
+  3. their serving vector, built exactly as the serving path builds one: a training user as a
+     known user (Û = f_U(U, mean φ), the blend's "users" weights), a user known only through
+     feedback as a favourites query of their liked anime (the "favourites" weights);
+  4. stored in the users collection of the serving version, keyed by user id, with the events
+     themselves in the payload.
+
+The users collection is derived data, the feedback store is the truth. A stored vector is used
+only while it reflects every event this replica's store holds for the user (a crash between the
+commit and the upsert, or another replica's write, is repaired on the next read) and only for the
+version it was computed for: after a new bundle is promoted the collection of the new version is
+empty, and each user is recomputed lazily on their next request from the events (from the local
+store, or from the payload of the version served before, so a replica without the events still
+serves them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from anime2vec.feedback import FeedbackEvent, FeedbackStore, RecordResult, user_confidences
+from anime2vec.serving.metrics import Metrics
+
+from .index import IndexUnavailable, ItemIndex, UserPoint
+
+log = logging.getLogger(__name__)
+_STRIPES = 64
+
+
+@dataclass
+class OnlineUser:
+    """What RecommendForUser needs for one feedback-updated user."""
+    user_id: int
+    version: str
+    vector: np.ndarray | None           # serving query vector; None when nothing liked is in the model
+    listed: dict[int, float]            # the user's whole list: anime_id -> confidence (0: not liked)
+    updated_at: float = 0.0
+    event_ids: set[str] = field(default_factory=set)
+
+    @property
+    def liked(self) -> dict[int, float]:
+        return {a: c for a, c in self.listed.items() if c > 0}
+
+
+def _pack(e: FeedbackEvent) -> list:
+    return [e.event_id, int(e.anime_id), e.kind, e.score, e.occurred_at, e.received_at]
+
+
+def _unpack(user_id: int, row: list) -> FeedbackEvent:
+    eid, aid, kind, score, occurred, received = row
+    return FeedbackEvent(str(eid), user_id, int(aid), str(kind), None if score is None else int(score),
+                         None if occurred is None else float(occurred), None if received is None else float(received))
+
+
+class OnlineUsers:
+    def __init__(self, store: FeedbackStore, index: ItemIndex, metrics: Metrics):
+        self.store, self.index, self.metrics = store, index, metrics
+        self._locks = [threading.Lock() for _ in range(_STRIPES)]
+        self.previous_versions: list[str] = []   # versions served before the current one, newest first
+
+    def version_switched(self, old: str | None, new: str) -> None:
+        if old and old != new:
+            self.previous_versions = [old] + [v for v in self.previous_versions if v not in (old, new)][:4]
+
+    # ---- writing ------------------------------------------------------------------------------
+    def record(self, serving, events: list[FeedbackEvent]) -> tuple[RecordResult, list[int]]:
+        """Store `events` (FeedbackConflict / ValueError propagate, nothing written), then bring
+        every user of the batch up to date. Returns the store's result and the users recomputed.
+        A failed vector update does not fail the call: the events are durable and the user is
+        recomputed on their next request."""
+        result = self.store.record(events)
+        for e, outcome in zip(events, result.outcomes):
+            self.metrics.feedback_events.labels(kind=e.kind, outcome=outcome).inc()
+        updated = []
+        for uid in sorted({int(e.user_id) for e in events}):
+            try:
+                _, recomputed = self.current(serving, uid, reason="feedback")
+            except IndexUnavailable as err:
+                log.warning("user %d: events stored, vector update failed (%s); recomputed on next read", uid, err)
+                continue
+            if recomputed:
+                updated.append(uid)
+        return result, updated
+
+    # ---- reading ------------------------------------------------------------------------------
+    def get(self, serving, user_id: int) -> OnlineUser | None:
+        """The user's up-to-date state for the serving version, or None when no event is known
+        for them (a training user without feedback, or an unknown user)."""
+        return self.current(serving, user_id, reason="stale")[0]
+
+    def current(self, serving, user_id: int, reason: str) -> tuple[OnlineUser | None, bool]:
+        """(state, whether it was recomputed now)."""
+        version = serving.version
+        with self._locks[user_id % _STRIPES]:
+            stored, stored_events = self._stored(version, user_id)
+            local = self.store.events_for_user(user_id)
+            if stored is not None and {e.event_id for e in local} <= stored.event_ids:
+                return stored, False
+            if stored is None:
+                stored_events = self._earlier_events(user_id)
+                if stored_events and not local:
+                    reason = "version"
+            events = {e.event_id: e for e in stored_events}
+            events.update({e.event_id: e for e in local})   # same ids, same content (the store refuses conflicts)
+            if not events:
+                return None, False
+            start = time.perf_counter()
+            user = compute_user(serving, user_id, list(events.values()))
+            self._put(serving, user, list(events.values()))
+            self.metrics.fold_in_latency.observe(time.perf_counter() - start)
+            self.metrics.user_vector_updates.labels(reason=reason).inc()
+            return user, True
+
+    def _stored(self, version: str, user_id: int) -> tuple[OnlineUser | None, list[FeedbackEvent]]:
+        found = self.index.get_users(version, [user_id])
+        if not found:
+            return None, []
+        p = found[0].payload
+        events = [_unpack(user_id, r) for r in p.get("events") or []]
+        vec = np.asarray(found[0].vector, np.float32) if p.get("has_vector") else None
+        listed = {int(a): float(c) for a, c in zip(p.get("listed", []), p.get("confidences", []))}
+        return (OnlineUser(user_id, version, vec, listed, float(p.get("updated_at") or 0.0),
+                           {e.event_id for e in events}), events)
+
+    def _earlier_events(self, user_id: int) -> list[FeedbackEvent]:
+        """Events kept in the user's point of the newest earlier version: how a replica without
+        the events in its own store recomputes a user after a promotion."""
+        for v in self.previous_versions:
+            try:
+                _, events = self._stored(v, user_id)
+            except IndexUnavailable:
+                continue
+            if events:
+                return events
+        return []
+
+    def _put(self, serving, user: OnlineUser, events: list[FeedbackEvent]) -> None:
+        dim = int(serving.model.item_tower.shape[1])
+        vec = user.vector if user.vector is not None else np.zeros(dim, np.float32)
+        payload = {"model_version": user.version, "has_vector": user.vector is not None,
+                   "listed": list(user.listed), "confidences": [round(c, 4) for c in user.listed.values()],
+                   "updated_at": user.updated_at, "events": [_pack(e) for e in events]}
+        self.index.upsert_users(user.version, dim, [UserPoint(user.user_id, vec, payload)])
+
+
+# ---- the fold-in ------------------------------------------------------------------------------
+def compute_user(serving, user_id: int, events: list[FeedbackEvent]) -> OnlineUser:
+    """A user's list and serving vector for the serving version, from their events (steps 1-3 of
+    the module docstring). With no events, a training user gets their training history re-solved."""
+    m = serving.model
+    feedback = user_confidences(events)
+    named = {int(e.anime_id) for e in events}
+    listed: dict[int, float] = {}
+    u = m.user_pos.get(user_id)
+    if u is not None:   # training history, minus whatever the events now say about those anime
+        row = m.train[u]
+        listed = {int(m.item_ids[i]): float(c) for i, c in zip(row.indices, row.data)
+                  if int(m.item_ids[i]) not in named}
+    listed.update(feedback)
+    vector = None
+    if m.has_dropoutnet:
+        vector = known_user_vector(m, listed) if u is not None else favourites_user_vector(serving, listed)
+    return OnlineUser(user_id, m.version, vector, listed, time.time(), {e.event_id for e in events})
+
+
+def history_row(m, listed: dict[int, float]) -> sp.csr_matrix:
+    """The liked bundle items of a list as one confidence row over the model's items."""
+    idx = [(m.pos[a], c) for a, c in listed.items() if c > 0 and a in m.pos]
+    cols = np.asarray([i for i, _ in idx], np.int64)
+    vals = np.asarray([c for _, c in idx], np.float32)
+    return sp.csr_matrix((vals, (np.zeros(len(cols), np.int64), cols)), shape=(1, len(m.item_ids)))
+
+
+def known_user_vector(m, listed: dict[int, float]) -> np.ndarray | None:
+    """A training user's vector from a re-solved U, as ServingModel.user_vector builds one from the
+    trained U (DropoutNet.user_tower and Hybrid.parts with a user's own factors)."""
+    h = history_row(m, listed)
+    if h.nnz == 0:
+        return None
+    dn = m.dropoutnet
+    U = m.wmf.fold_in(h)                                      # the ALS re-solve
+    uh = dn.user_tower_from(U, dn._weighted_mean(h, dn.content), transformed=False)
+    if m.hybrid is None:
+        return dn.serving_user_vectors(uh)[0]
+    hy = m.hybrid
+    return hy.serving_user_vectors(uh, U, np.asarray(h @ hy.phi, np.float32),
+                                   np.asarray(h @ hy.psi, np.float32), hy.users)[0]
+
+
+def favourites_user_vector(serving, listed: dict[int, float]) -> np.ndarray | None:
+    """A user known only through feedback: a favourites query of their liked anime, weighted by
+    confidence (ServingModel.favourites_vector, which folds them in)."""
+    m = serving.model
+    liked = [(a, c) for a, c in listed.items() if c > 0 and (a in m.pos or a in serving.extra)]
+    if not liked:
+        return None
+    return m.favourites_vector([a for a, _ in liked], [c for _, c in liked], serving.extra)
+
+
+def wmf_scores(m, listed: dict[int, float]) -> np.ndarray | None:
+    """WMF fallback scores from the re-solved factors (None when no liked anime is warm)."""
+    h = history_row(m, listed)
+    if not any(m.warm[i] for i in h.indices):
+        return None
+    return m.wmf.V @ m.wmf.fold_in(h)[0]

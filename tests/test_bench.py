@@ -1,0 +1,88 @@
+"""Smoke test of `make bench`: the cheapest parts at minimal sizes, through the real code paths
+(a real Qdrant edge index, real ALS, the subprocess runner, a real gRPC echo server and the load
+generator), then the report files and their fields. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.__main__ import scale_conclusion, summary
+from bench.gateway import EchoProcess
+from bench.loadgen import Step, run_plan
+from bench.report import markdown, write_report
+from bench.scale import curve, run_scale_bench
+from bench.search import run_search_bench
+from bench.synthetic import DEFAULT_SHAPE, fit_power_law, interactions
+
+
+def test_synthetic_interactions_keep_the_real_shape():
+    m = interactions(DEFAULT_SHAPE, 3000, 5000, seed=1)
+    per_user = np.diff(m.indptr)
+    assert m.shape == (3000, 5000) and m.dtype == np.float32
+    assert per_user.min() >= 1
+    # no repeated (user, item) pair, and confidences only from the real values
+    assert all(np.all(np.diff(m.indices[m.indptr[u]:m.indptr[u + 1]]) > 0) for u in range(0, 3000, 97))
+    assert set(np.unique(m.data)) <= set(np.float32(DEFAULT_SHAPE.confidence_values))
+    # activity and popularity follow the real data's (median 59 positives; exponent ~1.57)
+    assert 40 <= np.median(per_user) <= 80
+    assert abs(fit_power_law(np.bincount(m.indices, minlength=5000)) - DEFAULT_SHAPE.popularity_exponent) < 0.4
+
+
+def test_curve_marks_extrapolated_points():
+    measured = [{"n": 10, "y": 2.0}, {"n": 20, "y": 3.0}]
+    prop = curve(measured, "n", "y", (10, 20, 40))
+    assert [(p["size"], p["value"], p["extrapolated"]) for p in prop["points"]] == [
+        (10, 2.0, False), (20, 3.0, False), (40, 6.0, True)]
+    marginal = curve(measured, "n", "y", (40,), model="marginal")
+    assert marginal["points"][-1] == {"size": 40, "value": 5.0, "extrapolated": True}
+
+
+def test_loadgen_drives_the_echo_server(tmp_path):
+    echo = EchoProcess(100, tmp_path / "echo.log")
+    try:
+        steps = [Step("echo", echo.address, "/bench.Echo/Echo", [b"ping"], concurrency=c, duration_s=0.5,
+                      warmup_s=0.2) for c in (1, 4)]
+        steps.append(Step("echo", echo.address, "/bench.Echo/Echo", [b"ping"], rate_rps=50, duration_s=0.5,
+                          warmup_s=0.2))
+        closed1, closed4, opened = run_plan(steps)
+    finally:
+        echo.stop()
+    for r in (closed1, closed4, opened):
+        assert r["errors"] == {} and r["requests"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert closed4["concurrency"] == 4 and opened["offered_rps"] == 50 and opened["concurrency"] is None
+
+
+@pytest.mark.timeout(120)
+def test_cheapest_parts_write_a_complete_report(tmp_path):
+    result = {"machine": {"summary": "test", "cpu_count": 2, "cuda": None, "loadavg_start": "0"},
+              "started": "now", "quick": True, "errors": {}}
+    result["search"] = run_search_bench(n_queries=5, n_items=1500, dim=32)
+    result["scale"] = run_scale_bench(item_sizes=(500, 4000), user_sizes=(300, 3000), measure_items=(500,),
+                                      measure_users=(300,), n_items_users_axis=500, dim=32, n_queries=5,
+                                      als_iterations=1, dn_steps=1, shape=DEFAULT_SHAPE, progress=lambda m: None)
+    result["scale"]["conclusion"] = scale_conclusion(result["scale"])
+    result["summary"] = summary(result)
+    written = write_report(result, tmp_path)
+
+    assert {p.name for p in written} == {"bench.json", "bench.md", "search_latency.png", "scale_items.png",
+                                         "scale_users.png"}
+    assert all(p.stat().st_size > 0 for p in written)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    s = data["search"]
+    assert s["recall_at_100"] == {"unfiltered": 1.0, "filtered": 1.0} and s["targets"]["recall_met"] is True
+    sc = data["scale"]
+    (idx,) = sc["measured"]["index"]
+    assert idx["n_items"] == 500 and idx["recall_vs_numpy"] == 1.0 and idx["disk_mib"] > 0
+    (als,) = sc["measured"]["als"]
+    assert als["n_users"] == 300 and als["nnz"] > 300 and len(als["iteration_times_s"]) == 1
+    flags = {p["size"]: p["extrapolated"] for p in sc["items"]["qdrant_p99_ms"]["points"]}
+    assert flags == {500: False, 4000: True}
+    assert {p["size"]: p["extrapolated"] for p in sc["users"]["als_iteration_s"]["points"]} == {300: False, 3000: True}
+    md = (tmp_path / "bench.md").read_text()
+    assert md == markdown(data)
+    for heading in ("## Summary", "## Ranker search", "## Scale curves", "### Where one machine stops"):
+        assert heading in md
+    assert "*4k*" in md   # extrapolated rows are set in italics
