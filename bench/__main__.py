@@ -138,9 +138,10 @@ def gateway_analysis(g: dict) -> list[str]:
     lines = []
     prof = g.get("profile_ranker_in_process", {})
     r_ratio, g_ratio = g["ratio_ranker_to_echo"], g["ratio_gateway_to_echo"]
-    lines.append(f"Reading: the ranker alone reaches {r_ratio:.2f}× the echo ceiling and the gateway "
-                 f"{g_ratio:.2f}×: the gateway hop costs {1 - g_ratio / r_ratio:.0%} of the ranker's throughput, and "
-                 f"the ranker's own work is what separates both from the ceiling.")
+    hop = (f"the gateway hop costs {1 - g_ratio / r_ratio:.0%} of the ranker's throughput" if g_ratio < 0.95 * r_ratio
+           else "the gateway hop costs nothing measurable here (the two are within the machine's noise)")
+    lines.append(f"Reading: the ranker alone reaches {r_ratio:.2f}× the echo ceiling and the gateway {g_ratio:.2f}×: "
+                 f"{hop}; the ranker's own work is what separates both from the ceiling.")
     if "top_self" in prof and prof["top_self"]:
         top = prof["top_self"][:3]
         share = sum(r["self_share"] for r in top)

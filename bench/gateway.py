@@ -68,7 +68,7 @@ def find_bundle(work: Path, progress) -> tuple[Path, str]:
 
 
 def favourites_requests(bundle: Path, n: int = 64, k: int = 3, seed: int = 0) -> list[list[int]]:
-    """n favourites lists of k popular anime ids (the top 500 by members), all different."""
+    """n favourites lists, each of k distinct popular anime ids (drawn from the top 500 by members)."""
     with open(bundle / "catalog.jsonl", encoding="utf-8") as f:   # lines end at "\n" only (titles hold U+2028)
         rows = [json.loads(line) for line in f if line.strip()]
     popular = [r["anime_id"] for r in sorted(rows, key=lambda r: -(r.get("members") or 0))[:500]]
@@ -167,7 +167,7 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
                       open_loop_s: float = 6.0, profile_calls: int = 200, progress=print) -> dict:
     import grpc
 
-    from anime2vec.v1 import gateway_pb2, gateway_pb2_grpc, ranker_pb2
+    from anime2vec.v1 import gateway_pb2_grpc, ranker_pb2
 
     with tempfile.TemporaryDirectory(prefix="a2v-bench-gw-") as tmp:
         work = Path(tmp)

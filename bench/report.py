@@ -225,11 +225,12 @@ def markdown(result: dict) -> str:
 # ---- plots -----------------------------------------------------------------------------------
 def _bar(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str,
          log: bool = False) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels)), 4))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     if log:
@@ -319,7 +320,7 @@ def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     axes[1].set_title("ALS memory", fontsize=10)
     _curve(axes[2], us["dropoutnet_epoch_s"], "DropoutNet epoch")
     axes[2].set_ylabel("seconds")
-    axes[2].set_title("DropoutNet time per epoch", fontsize=10)
+    axes[2].set_title("DropoutNet time per epoch (from the measured step)", fontsize=10)
     for a in axes:
         a.set_xscale("log")
         a.set_yscale("log")
@@ -357,11 +358,11 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
         written.append(path)
     if t := result.get("training"):
         path = out_dir / "training_cost.png"
-        labels = [f"ALS iter r{w['factors']}" for w in t["wmf"]] + ["DropoutNet epoch"]
+        labels = [f"ALS iteration\nrank {w['factors']}" for w in t["wmf"]] + ["DropoutNet\nepoch"]
         values = [w["iteration_s"] for w in t["wmf"]] + [t["dropoutnet"]["epoch_s"]]
         enc = t["encoding"]
         if enc.get("lookup_s"):
-            labels += ["encodings: cache", "encodings: fresh (baseline, extrap.)"]
+            labels += ["all encodings\nfrom the cache", "all encodings fresh\n(baseline, extrapolated)"]
             values += [enc["lookup_s"], enc["fresh_all_s_extrapolated"]]
         _bar(path, labels, {"seconds": values}, "seconds (log)", f"training cost, full data ({device})", log=True)
         written.append(path)

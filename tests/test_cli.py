@@ -108,5 +108,7 @@ def test_a_graph_bundle_serves_its_item_vectors(trained):
     paired = np.flatnonzero(cold & np.any(graph != 0, axis=1))
     assert len(lonely) and len(paired)
     for i in lonely[:3]:
-        np.testing.assert_allclose(m.item_vector(None, m.content[i]), m.item_tower[i], rtol=1e-4, atol=1e-5)
-    assert not np.allclose(m.item_vector(None, m.content[paired[0]]), m.item_tower[paired[0]], atol=1e-4)
+        np.testing.assert_allclose(m.item_vector(None, m.content[i], m.hybrid.psi[i]), m.item_tower[i],
+                                   rtol=1e-4, atol=1e-5)
+    j = paired[0]
+    assert not np.allclose(m.item_vector(None, m.content[j], m.hybrid.psi[j]), m.item_tower[j], atol=1e-4)

@@ -77,7 +77,8 @@ def test_free_text_names_the_query_words_the_synopsis_shares(stack: Stack, synop
         lead = r.reasons[0]
         assert lead.kind == S.REASON_KIND_TEXT_MATCH and r.explanation
         for term in lead.terms:
-            assert {term_key(w) for w in TOKEN.findall(term)} <= asked and in_text(term, synopses[r.anime_id])
+            assert {term_key(w) for w in TOKEN.findall(term)} <= asked
+            assert r.anime_id not in synopses or in_text(term, synopses[r.anime_id])   # other tests add anime
         matched += len(lead.terms) >= 2
         if lead.terms:
             assert r.explanation == "Matches your description: " + ", ".join(lead.terms)
@@ -92,7 +93,9 @@ def test_an_added_anime_explains_and_is_explained_by_its_own_text(stack: Stack, 
     for r in resp.recommendations:
         first = next(x for x in r.reasons if x.kind == S.REASON_KIND_SIMILAR_TO_FAVOURITE)
         assert (first.anime_id, first.title) == (added.anime_id, CORSAIRS.title) and CORSAIRS.title in r.explanation
-        assert all(in_text(t, CORSAIRS.synopsis) and in_text(t, synopses[r.anime_id]) for t in first.terms)
+        # other tests of the session add anime too; their synopses are not in the catalogue file
+        other = synopses.get(r.anime_id)
+        assert all(in_text(t, CORSAIRS.synopsis) and (other is None or in_text(t, other)) for t in first.terms)
     # as a recommendation: its own synopsis is what matches the words of a query
     found = stack.gateway.SearchText(gateway_pb2.SearchTextRequest(
         query="pirates hunting buried treasure across the sea",
