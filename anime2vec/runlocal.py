@@ -58,14 +58,29 @@ class ServiceSpec:
         return env
 
 
+def bundle_encoder_dir(bundle: Path) -> Path | None:
+    """The encoder directory a bundle's manifest names (bundles built on a pre-trained encoder), so
+    the encoder service encodes new text the way the model was trained; None for the stock MiniLM."""
+    try:
+        model_dir = json.loads((bundle / "manifest.json").read_text())["encoder"].get("model_dir")
+    except (OSError, ValueError, KeyError):
+        return None
+    if not model_dir:
+        return None
+    path = Path(model_dir)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def standard_specs(host: str, ports: Mapping[str, tuple[int, int]], *, encoder_model: str,
-                   model_store: Path, bundle: str, ranker_data_dir: Path, gateway_env: Mapping[str, str]
-                   ) -> list[ServiceSpec]:
-    """The three services wired to each other. ports: name → (gRPC, metrics)."""
+                   model_store: Path, bundle: str, ranker_data_dir: Path, gateway_env: Mapping[str, str],
+                   encoder_model_dir: Path | None = None) -> list[ServiceSpec]:
+    """The three services wired to each other. ports: name → (gRPC, metrics). encoder_model_dir:
+    the encoder the bundle was trained with when it is not the stock MiniLM (a pre-trained one)."""
     encoder_address = f"{host}:{ports['encoder'][0]}"
+    encoder_env = {"MODEL": encoder_model, **({"MODEL_DIR": str(encoder_model_dir)} if encoder_model_dir else {})}
     return [
         ServiceSpec("encoder", "services.encoder.server", "anime2vec.v1.EncoderService", host, *ports["encoder"],
-                    env={"MODEL": encoder_model}),
+                    env=encoder_env),
         ServiceSpec("ranker", "services.ranker.server", "anime2vec.v1.RankerService", host, *ports["ranker"],
                     env={"MODEL_STORE": str(model_store), "BUNDLE": bundle, "DATA_DIR": str(ranker_data_dir),
                          "ENCODER_ADDRESS": encoder_address,
@@ -237,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     gateway_env, key = api_key_env(a.state_dir / "api-key")
     specs = standard_specs(a.host, {"gateway": (50050, 9100), "encoder": (50051, 9101), "ranker": (50052, 9102)},
                            encoder_model=a.encoder_model, model_store=store, bundle=bundle.name,
-                           ranker_data_dir=a.state_dir / mode / "ranker", gateway_env=gateway_env)
+                           ranker_data_dir=a.state_dir / mode / "ranker", gateway_env=gateway_env,
+                           encoder_model_dir=bundle_encoder_dir(bundle))
     logs = a.state_dir / "logs"
     procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
 
