@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,18 @@ class ServiceSpec:
         env.update({prefix + k: v for k, v in settings.items()})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), base.get("PYTHONPATH", "")]))
         return env
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (bound together so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def bundle_encoder_dir(bundle: Path) -> Path | None:

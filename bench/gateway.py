@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pstats
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from anime2vec.paths import REPO_ROOT, default_model_store
-from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, newest_bundle, standard_specs
+from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, free_ports, newest_bundle, standard_specs
 from bench.echo import METHOD as ECHO_METHOD
 from bench.loadgen import Step, run_plan
 
@@ -36,17 +35,6 @@ RANKER_METHOD = "/anime2vec.v1.RankerService/RecommendFromFavourites"
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 TARGET_RATIO, TARGET_P99_MS = 0.35, 20.0
 STARTUP_TIMEOUT_S = 600
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def find_bundle(work: Path, progress) -> tuple[Path, str]:

@@ -280,6 +280,20 @@ def _gateway_plot(path: Path, g: dict, device: str) -> None:
     plt.close(fig)
 
 
+def _save_loglog(fig, axes, xlabel: str, title: str, path: Path) -> Path:
+    """Log-log axes, legends, title; write the figure to path and close it."""
+    for a in axes:
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel(xlabel)
+        a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     it, us = s["items"], s["users"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -298,16 +312,8 @@ def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     axes[2].axhline(20, color="grey", lw=0.8, ls=":")
     axes[2].set_ylabel("ms")
     axes[2].set_title("favourites query latency", fontsize=10)
-    for a in axes:
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel("items")
-        a.legend(fontsize=8)
-    fig.suptitle(f"items axis, {s['dim']}-dim vectors (hollow/dashed = extrapolated)", fontsize=10)
-    fig.tight_layout()
-    p1 = out_dir / "scale_items.png"
-    fig.savefig(p1, dpi=100)
-    plt.close(fig)
+    p1 = _save_loglog(fig, axes, "items", f"items axis, {s['dim']}-dim vectors (hollow/dashed = extrapolated)",
+                      out_dir / "scale_items.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     _curve(axes[0], us["als_iteration_s"], "ALS iteration (rank 32)")
@@ -321,16 +327,8 @@ def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     _curve(axes[2], us["dropoutnet_epoch_s"], "DropoutNet epoch")
     axes[2].set_ylabel("seconds")
     axes[2].set_title("DropoutNet time per epoch (from the measured step)", fontsize=10)
-    for a in axes:
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel("users")
-        a.legend(fontsize=8)
-    fig.suptitle(f"users axis, {s['users_axis_items']:,} items (hollow/dashed = extrapolated)", fontsize=10)
-    fig.tight_layout()
-    p2 = out_dir / "scale_users.png"
-    fig.savefig(p2, dpi=100)
-    plt.close(fig)
+    p2 = _save_loglog(fig, axes, "users", f"users axis, {s['users_axis_items']:,} items (hollow/dashed = extrapolated)",
+                      out_dir / "scale_users.png")
     return [p1, p2]
 
 

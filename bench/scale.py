@@ -155,14 +155,14 @@ def als_point(n_users: int, n_items: int, iterations: int, shape: dict, seed: in
 
 
 def dropoutnet_point(n_items: int, steps: int, pool_users: int, shape: dict, seed: int = 0) -> dict:
-    """One DropoutNet training step as dropoutnet.DropoutNet.fit runs it (same towers, sampling, loss
-    and optimiser, default config) on random standardised inputs, each user's pool of top items drawn
+    """One DropoutNet training step, the function dropoutnet.DropoutNet.fit runs (`training_step`:
+    same towers, sampling, loss and optimiser, default config) on random standardised inputs, each user's pool of top items drawn
     from the real popularity curve (real pools overlap on popular items, which sets how many distinct
     items a batch sends through the item tower); and the per-user cost of the top-pool
     precomputation (each user's scores against every item) that precedes the epochs."""
     import torch
 
-    from anime2vec.models.dropoutnet import DropoutNetConfig, Tower
+    from anime2vec.models.dropoutnet import DropoutNetConfig, Tower, training_step
     from bench.synthetic import Shape
 
     c = DropoutNetConfig()
@@ -199,26 +199,8 @@ def dropoutnet_point(n_items: int, steps: int, pool_users: int, shape: dict, see
     for step in range(steps + 2):                        # 2 warm-up steps
         start = time.perf_counter()
         b = rng.choice(n_users, c.batch_users, replace=False)
-        tj = top[b][np.arange(len(b))[:, None], rng.integers(0, pool, (len(b), c.n_top))]
-        rj = items[rng.integers(0, n_items, (len(b), c.n_rand))]
-        cand = np.concatenate([tj, rj], axis=1)
-        target = np.einsum("bf,bsf->bs", U[b], V[cand])
-        uniq, inv = np.unique(cand, return_inverse=True)
-        uniques.append(len(uniq))
-        mode = rng.random(len(b))
-        upref = pu[b].copy()
-        tr = mode < c.p_user_transform
-        upref[tr] = pt[b[tr]]
-        upref[(mode >= c.p_user_transform) & (mode < c.p_user_transform + c.p_user_dropout)] = 0.0
-        vpref = pv[uniq].copy()
-        vpref[rng.random(len(uniq)) < c.p_item_dropout] = 0.0
-        uh = f_u(t(np.concatenate([upref, cu[b]], axis=1)))
-        vh = f_v(t(np.concatenate([vpref, cv[uniq]], axis=1)))
-        pred = (uh[:, None, :] * vh[t(inv.reshape(cand.shape)).long()]).sum(-1)
-        loss = torch.mean((pred - t(target)) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _, distinct = training_step(f_u, f_v, opt, c, rng, b, top[b], items, U, V, pu, pt, cu, pv, cv, t)
+        uniques.append(distinct)
         if step >= 2:
             times.append(time.perf_counter() - start)
     return {"n_items": n_items, "batch_users": c.batch_users, "steps": steps,

@@ -106,6 +106,40 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def training_step(f_u: nn.Module, f_v: nn.Module, opt: torch.optim.Optimizer, c: DropoutNetConfig,
+                  rng: np.random.Generator, ub: np.ndarray, top_b: np.ndarray, items: np.ndarray,
+                  U: np.ndarray, V: np.ndarray, pu: np.ndarray, pt: np.ndarray, cu: np.ndarray,
+                  pv: np.ndarray, cv: np.ndarray, tensor: Callable[[np.ndarray], torch.Tensor]) -> tuple[float, int]:
+    """One optimiser step for the batch of users `ub` (rows of U, pu, pt, cu; top_b: each one's pool
+    of top-scored items): candidates are n_top items from the pool plus n_rand random `items`, the
+    target is the WMF score, with user transform/dropout and item dropout applied to the preference
+    inputs. Returns (loss, distinct items through the item tower). `DropoutNet.fit` and the scale
+    benchmark (bench/scale.py) both run this, so the benchmark times the real step."""
+    pool = top_b.shape[1]
+    tj = top_b[np.arange(len(ub))[:, None], rng.integers(0, pool, (len(ub), c.n_top))]
+    rj = items[rng.integers(0, len(items), (len(ub), c.n_rand))]
+    cand = np.concatenate([tj, rj], axis=1)                      # (B, S)
+    target = np.einsum("bf,bsf->bs", U[ub], V[cand])
+    uniq, inv = np.unique(cand, return_inverse=True)
+    # user preference input: own factors, transform, or dropped
+    mode = rng.random(len(ub))
+    upref = pu[ub].copy()
+    tr = mode < c.p_user_transform
+    upref[tr] = pt[ub[tr]]
+    upref[(mode >= c.p_user_transform) & (mode < c.p_user_transform + c.p_user_dropout)] = 0.0
+    # item dropout per unique item in the batch
+    vpref = pv[uniq].copy()
+    vpref[rng.random(len(uniq)) < c.p_item_dropout] = 0.0
+    uh = f_u(tensor(np.concatenate([upref, cu[ub]], axis=1)))
+    vh = f_v(tensor(np.concatenate([vpref, cv[uniq]], axis=1)))
+    pred = (uh[:, None, :] * vh[tensor(inv.reshape(cand.shape)).long()]).sum(-1)
+    loss = torch.mean((pred - tensor(target)) ** 2)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), len(uniq)
+
+
 class DropoutNet(Recommender):
     learns_preferences = True
 
@@ -198,29 +232,9 @@ class DropoutNet(Recommender):
                 b = order[s:s + c.batch_users]
                 if len(b) < 2:
                     continue
-                ub = users[b]
-                tj = top[b][np.arange(len(b))[:, None], rng.integers(0, pool, (len(b), c.n_top))]
-                rj = items[rng.integers(0, len(items), (len(b), c.n_rand))]
-                cand = np.concatenate([tj, rj], axis=1)                      # (B, S)
-                target = np.einsum("bf,bsf->bs", U[ub], V[cand])
-                uniq, inv = np.unique(cand, return_inverse=True)
-                # user preference input: own factors, transform, or dropped
-                mode = rng.random(len(b))
-                upref = pu[ub].copy()
-                tr = mode < c.p_user_transform
-                upref[tr] = pt[ub[tr]]
-                upref[(mode >= c.p_user_transform) & (mode < c.p_user_transform + c.p_user_dropout)] = 0.0
-                # item dropout per unique item in the batch
-                vpref = pv[uniq].copy()
-                vpref[rng.random(len(uniq)) < c.p_item_dropout] = 0.0
-                uh = self.f_u(self._t(np.concatenate([upref, cu[ub]], axis=1)))
-                vh = self.f_v(self._t(np.concatenate([vpref, cv[uniq]], axis=1)))
-                pred = (uh[:, None, :] * vh[self._t(inv.reshape(cand.shape)).long()]).sum(-1)
-                loss = torch.mean((pred - self._t(target)) ** 2)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(b); n += len(b)
+                loss, _ = training_step(self.f_u, self.f_v, opt, c, rng, users[b], top[b], items,
+                                        U, V, pu, pt, cu, pv, cv, self._t)
+                total += loss * len(b); n += len(b)
             self._refresh_items()
             rec = {"epoch": epoch + 1, "train_mse": total / max(n, 1)}
             if validation is not None:

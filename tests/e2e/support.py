@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from anime2vec.runlocal import ServiceProcess, standard_specs
+from anime2vec.runlocal import ServiceProcess, free_ports, standard_specs
 from anime2vec.v1 import common_pb2, gateway_pb2_grpc
 
 API_KEYS = ("e2e-key-1", "e2e-key-2")
 AUTH = [("authorization", f"Bearer {API_KEYS[0]}")]
 STARTUP_TIMEOUT_S = 300
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (bound together so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
