@@ -28,6 +28,7 @@ from anime2vec.paths import REPO_ROOT, default_model_store
 from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, free_ports, newest_bundle, standard_specs
 from bench.echo import METHOD as ECHO_METHOD
 from bench.loadgen import Step, run_plan
+from services.ranker.settings import RankerSettings
 
 API_KEY = "bench-key"
 GATEWAY_METHOD = "/anime2vec.v1.GatewayService/Recommend"
@@ -221,7 +222,9 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
     return {
         "bundle": {"version": bundle.name, "kind": bundle_kind, "items": manifest.get("dims", {}).get("n_items"),
                    "vector_dim": manifest.get("dims", {}).get("tower_dim"),
-                   "bytes_scanned_per_query": 4 * (manifest.get("dims", {}).get("n_items") or 0)
+                   # the ranker's default search mode scans the int8 copies: one byte per coordinate
+                   "search_mode": RankerSettings.model_fields["search_mode"].default,
+                   "bytes_scanned_per_query": (manifest.get("dims", {}).get("n_items") or 0)
                    * (manifest.get("dims", {}).get("tower_dim") or 0)},
         "request": {"favourites_per_request": len(favourites[0]), "distinct_requests": len(favourites),
                     "limit": "default (10)", "reply_bytes": reply_bytes},

@@ -59,7 +59,7 @@ def test_loadgen_drives_the_echo_server(tmp_path):
 def test_cheapest_parts_write_a_complete_report(tmp_path):
     result = {"machine": {"summary": "test", "cpu_count": 2, "cuda": None, "loadavg_start": "0"},
               "started": "now", "quick": True, "errors": {}}
-    result["search"] = run_search_bench(n_queries=5, n_items=1500, dim=32)
+    result["search"] = run_search_bench(n_queries=5, n_items=1500, dim=32, use_bundle=False)
     result["scale"] = run_scale_bench(item_sizes=(500, 4000), user_sizes=(300, 3000), measure_items=(500,),
                                       measure_users=(300,), n_items_users_axis=500, dim=32, n_queries=5,
                                       als_iterations=1, dn_steps=1, shape=DEFAULT_SHAPE, progress=lambda m: None)
@@ -72,7 +72,11 @@ def test_cheapest_parts_write_a_complete_report(tmp_path):
     assert all(p.stat().st_size > 0 for p in written)
     data = json.loads((tmp_path / "bench.json").read_text())
     s = data["search"]
-    assert s["recall_at_100"] == {"unfiltered": 1.0, "filtered": 1.0} and s["targets"]["recall_met"] is True
+    assert s["source"].startswith("synthetic") and s["items"] == 1500 and s["dim"] == 32
+    exact = {n: r for n, r in s["recall"].items() if n.startswith("qdrant exact")}
+    assert len(exact) == 4 and set(exact.values()) == {1.0} and s["targets"]["recall_met"] is True
+    assert len(s["recall"]) == 8 and all(0.5 <= r <= 1.0 for r in s["recall"].values())
+    assert s["targets"]["served_recall"] == min(r for n, r in s["recall"].items() if "quantized" in n)
     sc = data["scale"]
     (idx,) = sc["measured"]["index"]
     assert idx["n_items"] == 500 and idx["recall_vs_numpy"] == 1.0 and idx["disk_mib"] > 0

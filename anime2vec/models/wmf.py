@@ -69,6 +69,28 @@ class WMF(Recommender):
             out[nonempty] = self.model.recalculate_user(np.arange(len(nonempty)), history[nonempty])
         return out
 
+    def fold_in_one(self, items: np.ndarray, confidences: np.ndarray) -> np.ndarray:
+        """`fold_in` of one history given as item positions and confidences, without a sparse matrix
+        (the serving path: a few liked anime per request, where building the CSR cost more than the
+        solve). The same normal equations as implicit's `recalculate_user`:
+        (VᵀV + λI + Σᵢ (αcᵢ − 1) vᵢvᵢᵀ) u = Σᵢ αcᵢ vᵢ, repeated items summed as a CSR would."""
+        items = np.asarray(items, np.int64)
+        if len(items) == 0:
+            return np.zeros(self.factors, np.float32)
+        items, where = np.unique(items, return_inverse=True)
+        c = self.alpha * np.bincount(where, weights=np.asarray(confidences, np.float64))
+        Y = self.V[items].astype(np.float64)
+        A = self._gram() + (Y.T * (c - 1.0)) @ Y
+        return np.linalg.solve(A, Y.T @ c).astype(np.float32)
+
+    def _gram(self) -> np.ndarray:
+        """VᵀV + λI, computed once per item-factor matrix."""
+        cached = getattr(self, "_gram_cache", None)
+        if cached is None or cached[0] is not self.V:
+            g = self.V.T.astype(np.float64) @ self.V.astype(np.float64) + self.regularization * np.eye(self.factors)
+            cached = self._gram_cache = (self.V, g)
+        return cached[1]
+
     def user_vectors(self, queries: Queries) -> np.ndarray:
         if queries.users is not None:
             return self.U[queries.users]

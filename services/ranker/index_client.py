@@ -22,11 +22,13 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from services.ranker.index import (ALIAS, COLLECTION_PREFIX, GENRES_KEY, TYPE_KEY, USERS_PREFIX, Hit,
+from services.ranker.index import (ALIAS, COLLECTION_PREFIX, DEFAULT_OVERSAMPLING, GENRES_KEY,
+                                   QUANTIZATION_QUANTILE, TYPE_KEY, USERS_PREFIX, Hit,
                                    IndexUnavailable, ItemPoint, QueryHook, SearchFilter, UnknownVersion,
                                    UserPoint, VersionExists, VersionInUse, aligned_filters, as_query_matrix,
-                                   as_query_vector, batched, check_page, check_version, folded, ordered_points,
-                                   ordered_users, public_payload, stored_point, stored_user, timed)
+                                   as_query_vector, batched, check_page, check_version, effective_oversampling,
+                                   folded, ordered_points,
+                                   ordered_users, plan_fetch, public_payload, stored_point, stored_user, timed)
 
 _COMPLETE = "anime2vec_complete"
 _INDEXED_FIELDS = ((GENRES_KEY, models.PayloadSchemaType.KEYWORD), (TYPE_KEY, models.PayloadSchemaType.KEYWORD),
@@ -105,9 +107,12 @@ class QdrantItemIndex:
                     if version == self.alias_target():
                         raise VersionInUse(f"index version {version} is the alias target; promote another first")
                 self._client.delete_collection(name)
+            # int8 copies and no HNSW graph, as the embedded backend (index_edge._items_config)
             self._client.create_collection(
                 name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT),
-                metadata={_COMPLETE: False})
+                quantization_config=models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+                    type=models.ScalarType.INT8, quantile=QUANTIZATION_QUANTILE, always_ram=True)),
+                hnsw_config=models.HnswConfigDiff(m=0), metadata={_COMPLETE: False})
         try:
             with self._reachable():
                 for field, schema in _INDEXED_FIELDS:
@@ -179,21 +184,25 @@ class QdrantItemIndex:
             self._client.upsert(target, structs, wait=True)
 
     def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
-               version: str | None = None, exact: bool = True) -> list[Hit]:
+               version: str | None = None, exact: bool = True,
+               oversampling: float = DEFAULT_OVERSAMPLING) -> list[Hit]:
         query = as_query_vector(vector)
-        check_page(limit, offset)
+        check_page(limit, offset, oversampling)
+        fetch = plan_fetch(flt, limit, offset)
         with timed(self._on_query, "search"), self._serving(version):
             found = self._client.query_points(
-                self._target(version), query=query, limit=limit, offset=offset, query_filter=client_filter(flt),
-                search_params=models.SearchParams(exact=exact), with_payload=True).points
-        return [_hit(p) for p in found]
+                self._target(version), query=query, limit=fetch.limit, offset=fetch.offset,
+                query_filter=client_filter(fetch.flt), search_params=_params(exact, oversampling, fetch.limit, fetch.offset),
+                with_payload=True).points
+        return fetch.apply([_hit(p) for p in found])
 
     def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
-                     version: str | None = None, exact: bool = True) -> list[list[Hit]]:
+                     version: str | None = None, exact: bool = True,
+                     oversampling: float = DEFAULT_OVERSAMPLING) -> list[list[Hit]]:
         rows = as_query_matrix(vectors)
-        check_page(limit, 0)
+        check_page(limit, 0, oversampling)
         requests = [models.QueryRequest(query=v, limit=limit, filter=client_filter(f),
-                                        params=models.SearchParams(exact=exact), with_payload=True)
+                                        params=_params(exact, oversampling, limit, 0), with_payload=True)
                     for v, f in zip(rows, aligned_filters(filters, len(rows)))]
         if not requests:
             return []
@@ -303,6 +312,13 @@ class QdrantItemIndex:
 
     def _missing(self, version: str | None) -> bool:
         return self.alias_target() is None if version is None else not self.has_version(version)
+
+
+def _params(exact: bool, oversampling: float, limit: int, offset: int) -> models.SearchParams:
+    if exact:
+        return models.SearchParams(exact=True)
+    return models.SearchParams(exact=False, quantization=models.QuantizationSearchParams(
+        rescore=True, oversampling=effective_oversampling(limit, offset, oversampling)))
 
 
 def _hit(p: models.ScoredPoint) -> Hit:

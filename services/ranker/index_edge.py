@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from services.ranker.index import (ALIAS, GENRES_KEY, TYPE_KEY, Hit, IndexUnavailable, ItemPoint, QueryHook,
-                                   SearchFilter, UnknownVersion, UserPoint, VersionExists, VersionInUse,
-                                   aligned_filters, as_query_matrix, as_query_vector, batched, check_page,
-                                   check_version, folded, ordered_points, ordered_users, public_payload,
-                                   stored_point, stored_user, timed)
+from services.ranker.index import (ALIAS, DEFAULT_OVERSAMPLING, GENRES_KEY, QUANTIZATION_QUANTILE, TYPE_KEY, Hit,
+                                   IndexUnavailable, ItemPoint, QueryHook, SearchFilter, UnknownVersion, UserPoint,
+                                   VersionExists, VersionInUse, aligned_filters, as_query_matrix, as_query_vector,
+                                   batched, check_page, check_version, effective_oversampling, folded,
+                                   ordered_points, ordered_users, plan_fetch, public_payload, stored_point,
+                                   stored_user, timed)
 
 _INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
                    ("year", qe.PayloadSchemaType.Integer))
@@ -92,8 +93,7 @@ class EdgeItemIndex:
             if version == self.alias_target():
                 raise VersionInUse(f"index version {version} is the alias target; promote another first")
         build = self._versions_dir / f".build-{version}-{uuid.uuid4().hex[:8]}"
-        shard = qe.EdgeShard.create(str(build / "shard"),
-                                    qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot)))
+        shard = qe.EdgeShard.create(str(build / "shard"), _items_config(dim))
         try:
             for name, schema in _INDEXED_FIELDS:
                 shard.update(qe.UpdateOperation.create_field_index(name, schema))
@@ -101,6 +101,7 @@ class EdgeItemIndex:
             for chunk in batched(points, batch):
                 shard.update(qe.UpdateOperation.upsert_points([qe.Point(*stored_point(p, dim)) for p in chunk]))
                 written += len(chunk)
+            shard.optimize()   # seals the segment and builds its int8 copies (quantised search)
             shard.close()   # flushes; the directory is only moved once nothing holds it
             _write_json(build / "meta.json", {"version": version, "dim": dim, "points": written,
                                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -187,17 +188,22 @@ class EdgeItemIndex:
             shard.flush()   # new anime are rare and must survive a crash, not just a clean close
 
     def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
-               version: str | None = None, exact: bool = True) -> list[Hit]:
-        request = _query(as_query_vector(vector), limit, offset, flt, exact)
+               version: str | None = None, exact: bool = True,
+               oversampling: float = DEFAULT_OVERSAMPLING) -> list[Hit]:
+        check_page(limit, offset, oversampling)
+        fetch = plan_fetch(flt, limit, offset)
+        request = _query(as_query_vector(vector), fetch.limit, fetch.offset, fetch.flt, exact, oversampling)
         shard, _ = self._open(version)
         with timed(self._on_query, "search"):
             found = shard.query(request)
-        return [_hit(p) for p in found]
+        return fetch.apply([_hit(p) for p in found])
 
     def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
-                     version: str | None = None, exact: bool = True) -> list[list[Hit]]:
+                     version: str | None = None, exact: bool = True,
+                     oversampling: float = DEFAULT_OVERSAMPLING) -> list[list[Hit]]:
         rows = as_query_matrix(vectors)
-        requests = [_query(v, limit, 0, f, exact) for v, f in zip(rows, aligned_filters(filters, len(rows)))]
+        requests = [_query(v, limit, 0, f, exact, oversampling)
+                    for v, f in zip(rows, aligned_filters(filters, len(rows)))]
         if not requests:
             return []
         shard, _ = self._open(version)
@@ -302,10 +308,25 @@ class EdgeItemIndex:
             return shard, self._dims[version]
 
 
-def _query(vector: list[float], limit: int, offset: int, flt: SearchFilter | None, exact: bool) -> qe.QueryRequest:
-    check_page(limit, offset)
+def _items_config(dim: int) -> qe.EdgeConfig:
+    """Dot-product vectors with int8 copies, and no HNSW graph (m=0): at catalogue sizes a scan of
+    the int8 copies beats the graph on both latency and recall for these vectors (bench/search.py).
+    indexing_threshold=1 KB lets `optimize` seal any non-empty segment, which is what builds the
+    copies; points upserted later (added anime) land in an appendable segment scanned in float32."""
+    return qe.EdgeConfig(
+        vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot, quantization_config=qe.ScalarQuantizationConfig(
+            qe.ScalarType.Int8, quantile=QUANTIZATION_QUANTILE, always_ram=True)),
+        hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1))
+
+
+def _query(vector: list[float], limit: int, offset: int, flt: SearchFilter | None, exact: bool,
+           oversampling: float) -> qe.QueryRequest:
+    check_page(limit, offset, oversampling)
+    params = qe.SearchParams(exact=True) if exact else qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(
+        rescore=True, oversampling=effective_oversampling(limit, offset, oversampling)))
     return qe.QueryRequest(limit=limit, offset=offset, query=qe.Query.Nearest(vector), filter=edge_filter(flt),
-                           params=qe.SearchParams(exact=exact), with_payload=True)
+                           params=params, with_payload=True)
 
 
 def _hit(p: qe.ScoredPoint) -> Hit:

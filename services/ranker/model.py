@@ -51,6 +51,12 @@ class ServingModel:
         self.user_ids = np.asarray(bundle.arrays["user_ids"], np.int64)
         self.user_pos = {int(u): i for i, u in enumerate(self.user_ids)}
         self.catalog = bundle.catalog
+        # Plain Python columns: a request reads a few rows, and a pandas row lookup costs ~50 µs
+        cat = self.catalog
+        self.titles: list[str] = [str(t) for t in cat["title"]]
+        self.genres: list[list[str]] = [[str(g) for g in (gs if gs is not None else [])] for gs in cat["genres"]]
+        self.synopses: list[str] = [x if isinstance(x, str) else "" for x in cat["synopsis"]] \
+            if "synopsis" in cat else [""] * len(cat)
         self.content = np.asarray(bundle.arrays["content"], np.float32)
         # DropoutNet may read graph features beside the text (features/graph.py): its input is
         # [content ; graph]. Anime added at serving time have no recommendation pairs yet: zeros.
@@ -145,9 +151,7 @@ class ServingModel:
         uh = dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)
         if self.hybrid is None:
             return dn.serving_user_vectors(uh)[0]
-        h = sp.csr_matrix((np.asarray(pw, np.float32), (np.zeros(len(warm_idx), int), warm_idx)),
-                          shape=(1, len(self.item_ids)))
-        u = self.wmf.fold_in(h)
+        u = self.wmf.fold_in_one(np.asarray(warm_idx, np.int64), np.asarray(pw, np.float32))[None]
         phi_u = self._mean(_unit(content), cw)[None]
         psi_u = self._mean(np.asarray(psi, np.float32), cw)[None]
         return self.hybrid.serving_user_vectors(uh, u, phi_u, psi_u, self.hybrid.favourites)[0]

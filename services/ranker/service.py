@@ -213,7 +213,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                     continue
                 pool = self.settings.rerank_pool if rerank else need
                 hits = self.index.search(vec, limit=pool if rerank else need - offset, offset=0 if rerank else offset,
-                                         flt=flt, version=s.version)
+                                         flt=flt, version=s.version, exact=self.settings.search_mode == "exact",
+                                         oversampling=self.settings.search_oversampling)
                 cands = [Candidate(h.anime_id, h.score, h.payload, self._content(s, h.anime_id)) for h in hits]
                 if not rerank:
                     cands = [None] * offset + cands   # align with absolute positions
@@ -270,8 +271,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         if anime_id in s.extra:
             return s.extra[anime_id].text
         i = s.model.pos.get(anime_id)
-        syn = None if i is None or "synopsis" not in s.model.catalog else s.model.catalog["synopsis"].iat[i]
-        return syn if isinstance(syn, str) else ""
+        return "" if i is None else s.model.synopses[i]
 
     def _anchor(self, s: Serving, anime_id: int) -> Anchor:
         if anime_id in s.extra:
@@ -279,9 +279,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             return Anchor(anime_id, p.get("title", ""), s.extra[anime_id].content, p.get("genres", []),
                           s.extra[anime_id].text)
         i = s.model.pos[anime_id]
-        row = s.model.catalog.iloc[i]
-        return Anchor(anime_id, str(row["title"]), s.model.content[i], list(row["genres"] or []),
-                      self._text(s, anime_id))
+        return Anchor(anime_id, s.model.titles[i], s.model.content[i], s.model.genres[i], s.model.synopses[i])
 
     def _subject(self, s: Serving, c: Candidate) -> Subject:
         return Subject(c.anime_id, c.content, c.payload.get("genres") or [], self._text(s, c.anime_id),

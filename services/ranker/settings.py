@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from anime2vec.paths import REPO_ROOT, default_model_store
 from anime2vec.serving.settings import OutboundTLSSettings
+from services.ranker.index import DEFAULT_OVERSAMPLING
 
 
 class RankerSettings(OutboundTLSSettings):
@@ -32,6 +34,11 @@ class RankerSettings(OutboundTLSSettings):
     max_feedback_events: int = Field(1000, ge=1, le=100000, description="most events per RecordFeedback call")
     alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
     device: str = Field("", description="torch device for the towers; empty: cuda when present")
+    search_mode: Literal["quantized", "exact"] = Field(
+        "quantized", description="quantized: scan int8 copies of the item vectors, rescore the best in float32 "
+                                 "(services/ranker/index.py); exact: scan every float32 vector")
+    search_oversampling: float = Field(DEFAULT_OVERSAMPLING, ge=1.0, le=32.0,
+                                       description="quantized mode: candidates rescored per result wanted")
 
     @model_validator(mode="after")
     def _qdrant_env(self):

@@ -100,3 +100,29 @@ def test_calibration_picks_the_offset_the_validation_prefers(model):
         assert chosen == pytest.approx(best) and model.cold_bias == pytest.approx(best)
     finally:
         model.cold_bias = 0.0
+
+
+def test_small_batches_in_numpy_equal_the_torch_forward_and_follow_weight_changes(model, world):
+    """Serving computes one row at a time in numpy (Tower.forward_numpy); it must be the trained
+    tower, BatchNorm's running statistics included, and must not serve stale weights."""
+    import copy
+
+    import torch
+
+    from anime2vec.models.dropoutnet import SMALL_BATCH
+
+    tower = copy.deepcopy(model.f_u).eval()
+    x = np.random.default_rng(0).standard_normal((SMALL_BATCH, tower.net[0].in_features)).astype(np.float32)
+    with torch.inference_mode():
+        want = tower(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(tower.forward_numpy(x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():   # an optimiser step or load_state_dict changes the weights in place
+        tower.net[0].weight.mul_(-1.0)
+        tower.net[1].running_mean.add_(0.5)
+        want = tower(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(tower.forward_numpy(x), want, rtol=1e-5, atol=1e-5)
+    # the model's own small- and large-batch paths agree (numpy below SMALL_BATCH rows, torch above)
+    content = world["content"][: 3 * SMALL_BATCH]
+    big = model.item_tower(None, content)
+    small = np.concatenate([model.item_tower(None, content[i:i + 1]) for i in range(len(content))])
+    np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-5)

@@ -88,6 +88,88 @@ def test_exact_search_matches_numpy_and_pages_are_disjoint(index, random_items):
         assert paged == want_ids and len(set(paged)) == 30
 
 
+def clustered_items(n: int = 3000, dim: int = 64, seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectors with structure like the served ones (clusters of related anime, uneven norms), and
+    queries that are means of a few items, like a favourites query."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    vectors *= rng.uniform(0.5, 1.5, (n, 1)).astype(np.float32)
+    queries = np.stack([vectors[rng.choice(n, 3, replace=False)].mean(axis=0) for _ in range(25)])
+    return np.arange(1, n + 1), vectors, queries
+
+
+def test_quantised_search_rescores_in_float32_and_finds_the_exact_top_k(index):
+    """exact=False scans int8 copies then rescores: the scores must be the float32 dot products
+    (an unrescored int8 score would be off by far more than 1e-4), and the ids the exact top-k
+    (measured here: identical sets; 0.98 leaves room for a rounding swap at the boundary)."""
+    ids, vectors, queries = clustered_items()
+    index.create_version("v1", vectors.shape[1], points_of(ids, vectors))
+    index.set_alias("v1")
+    overlaps = []
+    for q in queries:
+        want_ids, _ = numpy_top(ids, vectors, q, 20)
+        hits = index.search(q, limit=20, exact=False, oversampling=4.0)
+        got = [h.anime_id for h in hits]
+        np.testing.assert_allclose([h.score for h in hits], vectors[np.asarray(got) - 1] @ q, rtol=1e-5, atol=1e-4)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        overlaps.append(len(set(got) & set(want_ids)) / 20)
+        assert got[0] == want_ids[0]
+    assert np.mean(overlaps) >= 0.98
+    with pytest.raises(ValueError, match="oversampling"):
+        index.search(queries[0], limit=5, exact=False, oversampling=0.5)
+
+
+def test_quantised_search_sees_points_upserted_after_the_build_and_honours_filters(index):
+    ids, vectors, queries = clustered_items(n=1000)
+    payloads = [{"genres": ["Mecha" if i % 2 else "Drama"]} for i in ids]
+    index.create_version("v1", vectors.shape[1], points_of(ids, vectors, payloads))
+    index.set_alias("v1")
+    q = queries[0]
+    index.upsert([ItemPoint(90_001, q * 3.0, {"genres": ["Drama"]})])   # lands outside the sealed segment
+    assert index.search(q, limit=1, exact=False)[0].anime_id == 90_001
+    mecha = index.search(q, limit=10, exact=False, flt=SearchFilter(include_genres=["mecha"]))
+    want, _ = numpy_top(ids, vectors, q, 10, keep={int(i) for i in ids if i % 2})
+    assert [h.anime_id for h in mecha] == want
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_pages_with_a_few_excluded_ids_equal_the_exact_filtered_pages(index, random_items, exact):
+    """Few exclusions are dropped after the search (POST_FILTER_MAX_IDS), many go to the engine:
+    both must give the exact filtered ranking on every page, also when the excluded ids are the
+    best-scoring ones and when other conditions are pushed down beside them."""
+    from services.ranker.index import POST_FILTER_MAX_IDS
+
+    ids, vectors, queries = random_items
+    payloads = [{"genres": ["Mecha" if i % 3 else "Drama"]} for i in ids]
+    index.create_version("v1", DIM, points_of(ids, vectors, payloads))
+    index.set_alias("v1")
+    q = queries[1]
+    ranked, _ = numpy_top(ids, vectors, q, len(ids))
+    mecha = {int(i) for i in ids if i % 3}
+    for n_excluded in (3, POST_FILTER_MAX_IDS + 6):
+        excluded = ranked[:n_excluded:2] + ranked[-3:]          # the best, interleaved, and some worst
+        for genres in ((), ("mecha",)):
+            keep = (set(map(int, ids)) if not genres else mecha) - set(excluded)
+            want = [a for a in ranked if a in keep][:40]
+            flt = SearchFilter(include_genres=genres, exclude_ids=excluded)
+            pages = [index.search(q, limit=10, offset=off, flt=flt, exact=exact) for off in (0, 10, 20, 30)]
+            assert [h.anime_id for page in pages for h in page] == want, (n_excluded, genres)
+
+
+def test_edge_builds_the_int8_copies_when_a_version_is_created(tmp_path):
+    """The copies come from sealing the segment (`optimize`); without them quantised search would
+    silently scan float32."""
+    ids, vectors, _ = clustered_items(n=500)
+    index = EdgeItemIndex(tmp_path / "edge")
+    try:
+        index.create_version("v1", vectors.shape[1], points_of(ids, vectors))
+        shard, _ = index._open("v1")
+        assert shard.info().indexed_vectors_count == len(ids)
+    finally:
+        index.close()
+
+
 def test_search_batch_equals_single_searches(index, random_items):
     ids, vectors, queries = random_items
     index.create_version("v1", DIM, points_of(ids, vectors))
