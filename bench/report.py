@@ -233,18 +233,22 @@ def markdown(result: dict) -> str:
 
 # ---- plots -----------------------------------------------------------------------------------
 def _bar(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str,
-         log: bool = False) -> None:
+         log: bool = False, target: tuple[float, str] | None = None) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels)), 4))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
+    long = max(len(label) for label in labels) > 14
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels,
+                  rotation=25 if long else 0, ha="right" if long else "center")
     ax.tick_params(axis="x", labelsize=8)
+    if target is not None:
+        ax.axhline(target[0], color="grey", linestyle="--", linewidth=1, label=target[1])
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     if log:
         ax.set_yscale("log")
-    if len(series) > 1:
+    if len(series) > 1 or target is not None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -351,7 +355,8 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
         cases = list(s["cases"])
         path = out_dir / "search_latency.png"
         _bar(path, cases, {q: [s["cases"][c][f"{q}_ms"] for c in cases] for q in ("p50", "p99")},
-             "latency (ms)", f"search, {s['items']:,} items: Qdrant modes vs numpy baseline ({device})")
+             "latency (ms)", f"search, {s['items']:,} items: Qdrant modes vs numpy baseline ({device})",
+             target=(s["targets"]["p99_ms"], f"target p99 (served mode, top-{s.get('served_page', 11)})"))
         written.append(path)
     if e := result.get("encoder"):
         path = out_dir / "encoder_throughput.png"
