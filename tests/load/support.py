@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from anime2vec.runlocal import ServiceProcess, standard_specs
+from anime2vec.runlocal import ServiceProcess
 from anime2vec.serving.errors import ErrorDetails
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.support import API_KEYS, AUTH, STARTUP_TIMEOUT_S, Stack, free_ports
+from tests.e2e.support import AUTH, STARTUP_TIMEOUT_S, Stack, stack_processes
 
 S = common_pb2
 LOAD_SECONDS = float(os.environ.get("A2V_LOAD_SECONDS", "20"))
@@ -41,31 +41,6 @@ def scaled(n: int) -> int:
 
 
 # ---- processes -----------------------------------------------------------------------------------
-
-def stack_processes(root: Path, bundle: Path, *, names: Sequence[str] = ("encoder", "ranker", "gateway"),
-                    env: Mapping[str, Mapping[str, str]] | None = None, encoder_address: str | None = None,
-                    ranker_address: str | None = None) -> dict[str, ServiceProcess]:
-    """The services `names` as in tests.e2e.support.start_services (ranker data and logs under
-    root, serving `bundle` from its store), not started yet, with settings per service (`env`:
-    name → {"MAX_WORKERS": "2", ...}, without the prefix) and an encoder or ranker already
-    running elsewhere (`*_address`)."""
-    ports = free_ports(6)
-    specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
-                                         "gateway": tuple(ports[4:6])},
-                           encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
-                           ranker_data_dir=root / "ranker", gateway_env={"API_KEYS": ",".join(API_KEYS),
-                                                                          "CATALOG_POLL_S": "2"})
-    procs: dict[str, ServiceProcess] = {}
-    for spec in specs:
-        if encoder_address and spec.name != "encoder":
-            spec.env["ENCODER_ADDRESS"] = encoder_address
-        if ranker_address and spec.name == "gateway":
-            spec.env["RANKER_ADDRESS"] = ranker_address
-        spec.env.update((env or {}).get(spec.name, {}))
-        if spec.name in names:
-            procs[spec.name] = ServiceProcess(spec, root / "logs" / f"{spec.name}.log")
-    return procs
-
 
 def start_together(procs: Mapping[str, ServiceProcess]) -> None:
     """Start every process at once (a gateway retries until its ranker answers), then wait until
