@@ -79,7 +79,10 @@ def summary(result: dict) -> list[dict]:
     rows = []
     if g := result.get("gateway"):
         half = g["open_loop_half_max"]
-        rows.append({"figure": "gateway throughput, favourites query", "baseline": "gRPC echo server (Python gRPC ceiling)",
+        relay = (f"; a relay in front of it, two hops and no work: {g['ratio_relay_to_echo']:.2f}×"
+                 if "ratio_relay_to_echo" in g else "")
+        rows.append({"figure": "gateway throughput, favourites query",
+                     "baseline": f"gRPC echo server (Python gRPC ceiling){relay}",
                      "result": f"{g['ratio_gateway_to_echo']:.2f}× ({g['best']['gateway']['throughput_rps']:.0f} vs "
                                f"{g['best']['echo']['throughput_rps']:.0f} req/s)",
                      "target": f"≥ {g['targets']['ratio']:g}×", "met": g["targets"]["ratio_met"]})
@@ -143,6 +146,14 @@ def gateway_analysis(g: dict) -> list[str]:
            else "the gateway hop costs nothing measurable here (the two are within the machine's noise)")
     lines.append(f"Reading: the ranker alone reaches {r_ratio:.2f}× the echo ceiling and the gateway {g_ratio:.2f}×: "
                  f"{hop}; the ranker's own work is what separates both from the ceiling.")
+    if "ratio_relay_to_echo" in g:
+        relay = g["ratio_relay_to_echo"]
+        lines.append(f"The chain itself has a ceiling: a relay that passes each call to the echo server (the gateway → "
+                     f"ranker shape, two Python gRPC servers and one client hop, no work) reaches {relay:.2f}× the echo "
+                     f"server; the gateway reaches {g['ratio_gateway_to_relay']:.2f}× that relay. "
+                     + (f"0.35× echo is {0.35 / relay:.0%} of the relay's throughput: every request's model work, "
+                        f"search, protobuf and logging would have to fit in {relay / 0.35 - 1:.0%} of what two "
+                        f"empty hops cost." if relay > 0.35 else "0.35× echo is beyond even that relay."))
     if "top_self" in prof and prof["top_self"]:
         top = prof["top_self"][:3]
         share = sum(r["self_share"] for r in top)

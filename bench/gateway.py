@@ -3,8 +3,9 @@ key) through encoder + ranker + gateway running as processes on loopback, agains
 ceiling measured in the same run (bench/echo.py: same grpcio, same thread pool, no work).
 
 One load-generator process (bench/loadgen.py, grpc.aio) drives, at each concurrency step, the echo
-server, the ranker directly (RecommendFromFavourites: what the gateway calls) and the gateway, one
-after another, so all three see the same machine load. Then an open loop at half of the gateway's
+server, a relay in front of it (the same two Python gRPC hops as gateway → ranker, with no work),
+the ranker directly (RecommendFromFavourites: what the gateway calls) and the gateway, one after
+another, so all four see the same machine load. Then an open loop at half of the gateway's
 best throughput gives the latency a caller sees below saturation. Last, the ranker's request path
 is profiled in-process (cProfile) to say where the time goes.
 """
@@ -66,10 +67,12 @@ def favourites_requests(bundle: Path, n: int = 64, k: int = 3, seed: int = 0) ->
 
 
 class EchoProcess:
-    def __init__(self, reply_bytes: int, log: Path):
+    """bench/echo.py as a process: an echo server, or with `forward` a relay to one."""
+
+    def __init__(self, reply_bytes: int, log: Path, forward: str | None = None):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.echo", "--port", "0", "--reply-bytes",
-                                      str(reply_bytes)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        args = ["--port", "0", "--reply-bytes", str(reply_bytes)] + (["--forward", forward] if forward else [])
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.echo", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                      stderr=open(log, "ab"), text=True, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
         line = self.proc.stdout.readline()
         if not line.startswith("port "):
@@ -171,7 +174,7 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
                                encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
                                ranker_data_dir=work / "ranker", gateway_env={"API_KEYS": API_KEY})
         procs = {s.name: ServiceProcess(s, work / "logs" / f"{s.name}.log") for s in specs}
-        echo = None
+        echo = relay = None
         started = time.perf_counter()
         try:
             progress(f"starting encoder, ranker, gateway on loopback (bundle {bundle.name}, {bundle_kind})")
@@ -188,7 +191,9 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
                     _gateway_request(favourites[0]), metadata=metadata, timeout=30)
             reply_bytes = reply.ByteSize()
             echo = EchoProcess(reply_bytes, work / "logs" / "echo.log")
+            relay = EchoProcess(0, work / "logs" / "relay.log", forward=echo.address)
             targets = {"echo": (echo.address, ECHO_METHOD, gw_payloads, ()),
+                       "relay": (relay.address, ECHO_METHOD, gw_payloads, ()),
                        "ranker": (procs["ranker"].spec.address, RANKER_METHOD, rk_payloads, ()),
                        "gateway": (procs["gateway"].spec.address, GATEWAY_METHOD, gw_payloads, metadata)}
             plan = [Step(name, addr, method, payloads, md, concurrency=c, duration_s=step_s, warmup_s=warmup_s)
@@ -205,8 +210,9 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
             open_loop = {r["name"]: r for r in run_plan(open_plan)}
             errors = {name: sum(sum(s["errors"].values()) for s in steps) for name, steps in by.items()}
         finally:
-            if echo is not None:
-                echo.stop()
+            for baseline in (relay, echo):
+                if baseline is not None:
+                    baseline.stop()
             for name in ("gateway", "ranker", "encoder"):
                 procs[name].stop()
         profile: dict
@@ -238,6 +244,8 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
         "errors": errors,
         "ratio_gateway_to_echo": ratio,
         "ratio_ranker_to_echo": best["ranker"]["throughput_rps"] / best["echo"]["throughput_rps"],
+        "ratio_relay_to_echo": best["relay"]["throughput_rps"] / best["echo"]["throughput_rps"],
+        "ratio_gateway_to_relay": best["gateway"]["throughput_rps"] / best["relay"]["throughput_rps"],
         "open_loop_half_max": open_loop,
         "latency_c1_ms": {name: s.get("p50_ms") for name, s in c1.items()},
         "profile_ranker_in_process": profile,

@@ -90,21 +90,29 @@ def _md_gateway(g: dict) -> list[str]:
              f"{g['server_settings']}.",
              f"Baseline: a trivial gRPC echo server (same grpcio and thread-pool settings, answers "
              f"{g['request']['reply_bytes']} bytes like the gateway, no work) driven the same way in the same run: "
-             f"the Python gRPC ceiling here. The ranker called directly shows the gateway hop's cost.",
+             f"the Python gRPC ceiling here. Relay: a second such server that passes each call on to the echo "
+             f"server over a blocking channel, as the gateway calls the ranker: the ceiling of two Python gRPC hops "
+             f"with no work. The ranker called directly shows the gateway hop's cost.",
              f"Client: {g['client']}. Closed-loop steps of {g['step_s']:g} s after {g['warmup_s']:g} s warm-up, "
-             f"the three targets alternating at each step.", "",
-             "| in flight | echo req/s | ranker req/s | gateway req/s | gateway / echo | gateway p50 ms | gateway p99 ms "
-             "| echo p99 ms | client CPU (gateway step) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e, r, gw in zip(g["sweep"]["echo"], g["sweep"]["ranker"], g["sweep"]["gateway"]):
-        lines.append(f"| {gw['concurrency']} | {e['throughput_rps']:.0f} | {r['throughput_rps']:.0f} | "
+             f"the targets alternating at each step.", "",
+             "| in flight | echo req/s | relay req/s | ranker req/s | gateway req/s | gateway / echo | gateway p50 ms "
+             "| gateway p99 ms | echo p99 ms | client CPU (gateway step) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    relay = g["sweep"].get("relay") or [{}] * len(g["sweep"]["echo"])   # reports from before the relay
+    for e, rl, r, gw in zip(g["sweep"]["echo"], relay, g["sweep"]["ranker"], g["sweep"]["gateway"]):
+        lines.append(f"| {gw['concurrency']} | {e['throughput_rps']:.0f} | {_f(rl.get('throughput_rps'), 0)} | "
+                     f"{r['throughput_rps']:.0f} | "
                      f"{gw['throughput_rps']:.0f} | {gw['throughput_rps'] / e['throughput_rps']:.2f} | "
                      f"{_f(gw.get('p50_ms'))} | {_f(gw.get('p99_ms'))} | {_f(e.get('p99_ms'))} | "
                      f"{gw['client_cpu_share']:.0%} |")
     og, oe = half.get("gateway", {}), half.get("echo", {})
+    relay_best = f", relay {b['relay']['throughput_rps']:.0f}" if "relay" in b else ""
+    relay_ratio = (f"; relay (two hops, no work) / echo: {g['ratio_relay_to_echo']:.2f}×, gateway / relay: "
+                   f"{g['ratio_gateway_to_relay']:.2f}×" if "ratio_relay_to_echo" in g else "")
     lines += ["", f"- best throughput: gateway {b['gateway']['throughput_rps']:.0f} req/s (at {b['gateway']['concurrency']} "
-                  f"in flight), ranker {b['ranker']['throughput_rps']:.0f}, echo {b['echo']['throughput_rps']:.0f}",
+                  f"in flight), ranker {b['ranker']['throughput_rps']:.0f}{relay_best}, echo {b['echo']['throughput_rps']:.0f}",
               f"- gateway / echo ceiling: **{g['ratio_gateway_to_echo']:.2f}×** — target ≥ {t['ratio']:g}×: "
-              f"{_yes(t['ratio_met'])} (ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×)",
+              f"{_yes(t['ratio_met'])} (ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×{relay_ratio})",
               f"- open loop at half the gateway's best ({og.get('offered_rps', 0):.0f} req/s): gateway p50 "
               f"{_f(og.get('p50_ms'))} ms, **p99 {_f(og.get('p99_ms'))} ms** — target ≤ {t['p99_ms_at_half_max']:g} ms: "
               f"{_yes(t['p99_met'])}; echo at the same rate: p50 {_f(oe.get('p50_ms'))} ms, p99 {_f(oe.get('p99_ms'))} ms",
@@ -269,10 +277,10 @@ def _curve(ax, c: dict, label: str, style: str = "o-") -> None:
 
 def _gateway_plot(path: Path, g: dict, device: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("echo", "ranker", "gateway"):
+    for name in [n for n in ("echo", "relay", "ranker", "gateway") if n in g["sweep"]]:
         steps = g["sweep"][name]
         xs = [s["concurrency"] for s in steps]
-        a1.plot(xs, [s["throughput_rps"] for s in steps], "o-", label=name + (" (baseline)" if name == "echo" else ""))
+        a1.plot(xs, [s["throughput_rps"] for s in steps], "o-", label={"echo": "echo (baseline)", "relay": "relay → echo (two hops, no work)"}.get(name, name))
         a2.plot(xs, [s.get("p99_ms") for s in steps], "o-", label=f"{name} p99")
         if name == "gateway":
             a2.plot(xs, [s.get("p50_ms") for s in steps], "s--", label="gateway p50")

@@ -55,6 +55,23 @@ def test_loadgen_drives_the_echo_server(tmp_path):
     assert closed4["concurrency"] == 4 and opened["offered_rps"] == 50 and opened["concurrency"] is None
 
 
+def test_relay_passes_calls_to_the_echo_server(tmp_path):
+    import grpc
+
+    echo = EchoProcess(100, tmp_path / "echo.log")
+    relay = EchoProcess(0, tmp_path / "relay.log", forward=echo.address)
+    try:
+        with grpc.insecure_channel(relay.address) as ch:
+            # the relay itself would echo "ping" (reply_bytes 0): 100 bytes prove the call went through
+            assert ch.unary_unary("/bench.Echo/Echo")(b"ping", timeout=10) == b"x" * 100
+        (closed,) = run_plan([Step("relay", relay.address, "/bench.Echo/Echo", [b"ping"], concurrency=4,
+                                   duration_s=0.5, warmup_s=0.2)])
+    finally:
+        relay.stop()
+        echo.stop()
+    assert closed["errors"] == {} and closed["requests"] > 0
+
+
 @pytest.mark.timeout(120)
 def test_cheapest_parts_write_a_complete_report(tmp_path):
     result = {"machine": {"summary": "test", "cpu_count": 2, "cuda": None, "loadavg_start": "0"},

@@ -40,6 +40,7 @@ class Catalogue:
     version: str
     frame: pd.DataFrame      # index anime_id; the _COLUMNS
     index: TitleIndex
+    titles: dict[int, str]   # anime_id → title: every favourites request names its anime (a frame lookup is ~50 µs)
 
     @classmethod
     def build(cls, version: str, rows: dict[int, dict]) -> "Catalogue":
@@ -47,7 +48,7 @@ class Catalogue:
         frame.index = frame.index.astype("int64")
         frame["year"] = frame["year"].astype("Int64")
         frame.index.name = "anime_id"
-        return cls(version, frame, TitleIndex(frame))
+        return cls(version, frame, TitleIndex(frame), {int(a): str(t) for a, t in frame["title"].items()})
 
     @classmethod
     def from_entries(cls, version: str, entries: Iterable[ranker_pb2.CatalogEntry]) -> "Catalogue":
@@ -60,7 +61,7 @@ class Catalogue:
         return anime_id in self.frame.index
 
     def title(self, anime_id: int) -> str:
-        return str(self.frame.at[anime_id, "title"]) if anime_id in self else ""
+        return self.titles.get(anime_id, "")
 
     def facets(self, anime_id: int) -> dict:
         """type (str), year (int or None), members (int) and genres (tuple) of a listed anime."""
