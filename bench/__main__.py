@@ -167,11 +167,13 @@ def gateway_analysis(g: dict) -> list[str]:
             lines.append(f"The Qdrant query ({g['bundle'].get('search_mode', 'quantized')} mode: a scan of the int8 copies "
                          f"of {g['bundle']['items']:,} × {g['bundle']['vector_dim']} = {mb:.0f} MB, then float32 "
                          f"rescoring) is {query['self_ms_per_request']:.2f} ms, {query['self_share']:.0%} of the handler, "
-                         f"and holds the GIL: one ranker process serves at most ~{1e3 / prof['p50_ms']:.0f} req/s before "
-                         f"gRPC's own cost, whatever the concurrency. 0.35× the echo ceiling is {need:.0f} req/s, i.e. "
-                         f"≤ {1e3 / need:.2f} ms of serialised work per request on this machine, where the client, the "
-                         f"gateway and the ranker share 2 cores"
-                         + (": less than the search alone" if query["self_ms_per_request"] > 1e3 / need else "")
+                         f"and holds the GIL, so one ranker process runs one search at a time; searches that meet "
+                         f"are coalesced into one engine call sharing a pass over the vectors (A2V_RANKER_SEARCH_BATCH"
+                         + (f"; {g['search_batches']['mean']:.1f} searches per call in the sweep"
+                            if (g.get("search_batches") or {}).get("mean") else "")
+                         + f"), the rest of each request stays serial. 0.35× the echo ceiling is {need:.0f} req/s, i.e. "
+                         f"≤ {2e3 / need:.2f} ms of CPU per request for client, gateway and ranker together on 2 cores"
+                         + (": less than one unbatched search alone" if query["self_ms_per_request"] > 2e3 / need else "")
                          + ". Beyond this, throughput "
                          f"comes from more ranker processes, which the embedded engine cannot give (it locks its "
                          f"directory to one process) and the server backend can (Qdrant server + ranker replicas, "

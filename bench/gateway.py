@@ -151,6 +151,19 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
             "top_cumulative": sorted(rows, key=lambda r: -r["cum_ms_per_request"])[:12]}
 
 
+def search_batches(spec, since: dict | None = None) -> dict:
+    """The ranker's a2v_search_batch_size counters from its /metrics: engine calls, searches in
+    them and their mean (searches per call), minus `since`."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{spec.host}:{spec.metrics_port}/metrics", timeout=10).read().decode()
+    values = {name: float(v) for line in text.splitlines() if line.startswith("a2v_search_batch_size_")
+              for name, v in [line.split()[:2]]}
+    calls = values.get("a2v_search_batch_size_count", 0.0) - (since or {}).get("calls", 0.0)
+    searches = values.get("a2v_search_batch_size_sum", 0.0) - (since or {}).get("searches", 0.0)
+    return {"calls": calls, "searches": searches, "mean": searches / calls if calls else None}
+
+
 def _best(steps: list[dict]) -> dict:
     return max(steps, key=lambda s: s["throughput_rps"])
 
@@ -200,7 +213,9 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
                     for c in concurrency for name, (addr, method, payloads, md) in targets.items()]
             progress(f"closed loop: {len(concurrency)} concurrency steps × {len(targets)} targets × "
                      f"{warmup_s + step_s:.0f} s (services up in {startup_s:.0f} s)")
+            batches_before = search_batches(procs["ranker"].spec)
             sweep = run_plan(plan)
+            batches = search_batches(procs["ranker"].spec, since=batches_before)
             by = {name: [s for s in sweep if s["name"] == name] for name in targets}
             best = {name: _best(steps) for name, steps in by.items()}
             half = best["gateway"]["throughput_rps"] / 2
@@ -242,6 +257,8 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
         "sweep": by, "best": {k: {"throughput_rps": v["throughput_rps"], "concurrency": v["concurrency"],
                                   "p50_ms": v.get("p50_ms"), "p99_ms": v.get("p99_ms")} for k, v in best.items()},
         "errors": errors,
+        # engine calls and searches in them during the closed-loop sweep (ranker + gateway steps)
+        "search_batches": batches,
         "ratio_gateway_to_echo": ratio,
         "ratio_ranker_to_echo": best["ranker"]["throughput_rps"] / best["echo"]["throughput_rps"],
         "ratio_relay_to_echo": best["relay"]["throughput_rps"] / best["echo"]["throughput_rps"],

@@ -119,6 +119,9 @@ def _md_gateway(g: dict) -> list[str]:
               f"- one request alone (1 in flight, p50): echo {_f(g['latency_c1_ms']['echo'], 2)} ms, ranker "
               f"{_f(g['latency_c1_ms']['ranker'], 2)} ms, gateway {_f(g['latency_c1_ms']['gateway'], 2)} ms",
               f"- errors: {g['errors']}"]
+    if (sb := g.get("search_batches")) and sb.get("mean"):
+        lines.append(f"- the ranker's searches during the sweep: {sb['searches']:,.0f} in {sb['calls']:,.0f} engine calls, "
+                     f"{sb['mean']:.2f} per call (concurrent searches coalesced, A2V_RANKER_SEARCH_BATCH)")
     prof = g.get("profile_ranker_in_process", {})
     if "top_self" in prof:
         lines += ["", f"Where the ranker's time goes (RecommendFromFavourites called in-process, no gRPC, "

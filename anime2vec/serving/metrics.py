@@ -30,6 +30,7 @@ class Metrics:
     encoder_queue_wait: Histogram     # a2v_encoder_queue_wait_seconds
     encoder_queue_depth: Gauge        # a2v_encoder_queue_depth
     qdrant_query: Histogram           # a2v_qdrant_query_seconds{operation}
+    search_batch_size: Histogram      # a2v_search_batch_size
     model_offline_metric: Gauge       # a2v_model_offline_metric{version,scenario,metric}
     bundle_load_failures: Counter     # a2v_bundle_load_failures_total{service,reason}
     feedback_events: Counter          # a2v_feedback_events_total{kind,outcome}
@@ -69,6 +70,9 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         qdrant_query=Histogram(
             "a2v_qdrant_query_seconds", "Qdrant call latency by operation (search, upsert, ...).",
             ["operation"], unit="seconds", buckets=_QDRANT_BUCKETS, registry=r),
+        search_batch_size=Histogram(
+            "a2v_search_batch_size", "Searches per call of the embedded Qdrant engine after coalescing concurrent "
+            "searches (unit: searches).", buckets=_BATCH_BUCKETS, registry=r),
         model_offline_metric=Gauge(
             "a2v_model_offline_metric", "Offline evaluation result of the served model version (dimensionless).",
             ["version", "scenario", "metric"], registry=r),

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import numpy as np
 
@@ -154,6 +154,10 @@ class ItemIndex(Protocol):
         copies and rescores `oversampling` times as many (see QUANTIZATION_QUANTILE). Scores
         returned are always the float32 dot products."""
 
+    def search_expected(self) -> ContextManager[None]:
+        """Context around the work that leads to a `search` from this thread: a backend that
+        batches concurrent searches waits (briefly) for it instead of running without it."""
+
     def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
                      version: str | None = None, exact: bool = True,
                      oversampling: float = DEFAULT_OVERSAMPLING) -> list[list[Hit]]:
@@ -183,16 +187,19 @@ class ItemIndex(Protocol):
 
 
 def open_index(root: Path | None, url: str | None, api_key: str | None = None, *,
-               on_query: QueryHook | None = None, timeout_s: float = 5.0) -> ItemIndex:
+               on_query: QueryHook | None = None, timeout_s: float = 5.0, search_batch: int = 16,
+               on_batch: Callable[[int], None] | None = None) -> ItemIndex:
     """A Qdrant server index when `url` is set (checked reachable now: IndexUnavailable within
-    about `timeout_s` otherwise), else the embedded index stored under `root`."""
+    about `timeout_s` otherwise), else the embedded index stored under `root`, where up to
+    `search_batch` concurrent searches share one engine call, each call's size passed to `on_batch`
+    (the server backend's calls release the GIL and overlap on their own)."""
     if url:
         from services.ranker.index_client import QdrantItemIndex
         return QdrantItemIndex.connect(url, api_key=api_key, timeout_s=timeout_s, on_query=on_query)
     if root is None:
         raise ValueError("open_index needs a root directory when no Qdrant URL is given")
     from services.ranker.index_edge import EdgeItemIndex
-    return EdgeItemIndex(Path(root), on_query=on_query)
+    return EdgeItemIndex(Path(root), on_query=on_query, max_batch=search_batch, on_batch=on_batch)
 
 
 # ---- helpers shared by the backends -------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -195,6 +195,10 @@ class QdrantItemIndex:
                 query_filter=client_filter(fetch.flt), search_params=_params(exact, oversampling, fetch.limit, fetch.offset),
                 with_payload=True).points
         return fetch.apply([_hit(p) for p in found])
+
+    def search_expected(self):
+        """No batching here: the client's calls release the GIL, so concurrent searches overlap."""
+        return nullcontext()
 
     def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
                      version: str | None = None, exact: bool = True,

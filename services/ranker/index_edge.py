@@ -11,7 +11,8 @@ Layout under the root directory:
 Concurrency, as measured on qdrant-edge 0.9: an EdgeShard call holds the GIL for its whole duration,
 so calls from many threads are serialised by the GIL itself and concurrent search + upsert is safe
 without a lock of ours (it also means a search blocks other Python threads for its few
-milliseconds). The lock below guards only our own state: the table of open shards and the
+milliseconds). Searches that arrive while one runs are therefore coalesced into one
+`query_batch` (services/ranker/coalesce.py), which shares one pass over the vectors. The lock below guards only our own state: the table of open shards and the
 version directories. A shard directory is locked by the engine to the one process (and the one
 EdgeShard) that opened it, so shards open lazily on first use: an offline `index` command can build
 and promote a new version beside a running ranker, which follows the alias on its next call.
@@ -25,7 +26,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from services.ranker.index import (ALIAS, DEFAULT_OVERSAMPLING, GENRES_KEY, QUAN
                                    batched, check_page, check_version, effective_oversampling, folded,
                                    ordered_points, ordered_users, plan_fetch, public_payload, stored_point,
                                    stored_user, timed)
+from services.ranker.coalesce import Coalescer
 
 _INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
                    ("year", qe.PayloadSchemaType.Integer))
@@ -66,8 +68,13 @@ def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
 class EdgeItemIndex:
     """ItemIndex on qdrant-edge shards under `root` (see the module docstring)."""
 
-    def __init__(self, root: Path, on_query: QueryHook | None = None):
+    def __init__(self, root: Path, on_query: QueryHook | None = None, max_batch: int = 16,
+                 on_batch: Callable[[int], None] | None = None):
+        """max_batch: at most this many concurrent searches share one engine call (1: none do);
+        on_batch(size) observes each engine call's number of searches."""
         self._root = Path(root)
+        self._searches: Coalescer[qe.QueryRequest, list[qe.ScoredPoint]] = Coalescer(
+            self._query_many, max_batch, on_batch=on_batch)
         self._versions_dir = self._root / "versions"
         self._versions_dir.mkdir(parents=True, exist_ok=True)
         self._alias_file = self._root / "aliases.json"
@@ -193,10 +200,23 @@ class EdgeItemIndex:
         check_page(limit, offset, oversampling)
         fetch = plan_fetch(flt, limit, offset)
         request = _query(as_query_vector(vector), fetch.limit, fetch.offset, fetch.flt, exact, oversampling)
-        shard, _ = self._open(version)
-        with timed(self._on_query, "search"):
-            found = shard.query(request)
+        if version is None:
+            version = self._alias_or_raise()
+        self._open(version)   # UnknownVersion / IndexUnavailable here, in the caller's own thread
+        with timed(self._on_query, "search"):   # includes any wait for a running batch
+            found = self._searches.run(version, request)
         return fetch.apply([_hit(p) for p in found])
+
+    def search_expected(self):
+        """Context: a search from this thread is coming; concurrent searches wait for it (briefly)
+        so that they run as one batch."""
+        return self._searches.expect()
+
+    def _query_many(self, version: str, requests: Sequence[qe.QueryRequest]) -> list[list[qe.ScoredPoint]]:
+        shard, _ = self._open(version)
+        if len(requests) == 1:
+            return [shard.query(requests[0])]
+        return shard.query_batch(qe.QueryBatchRequest(list(requests)))
 
     def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
                      version: str | None = None, exact: bool = True,
@@ -284,12 +304,16 @@ class EdgeItemIndex:
             for shard in shards:
                 shard.close()
 
+    def _alias_or_raise(self) -> str:
+        version = self.alias_target()
+        if version is None:
+            raise UnknownVersion("no index version has been promoted (the alias is unset)")
+        return version
+
     def _open(self, version: str | None) -> tuple[qe.EdgeShard, int]:
         """The shard of `version` (None: the alias target), opened on first use."""
         if version is None:
-            version = self.alias_target()
-            if version is None:
-                raise UnknownVersion("no index version has been promoted (the alias is unset)")
+            version = self._alias_or_raise()
         with self._lock:
             if self._closed:
                 raise IndexUnavailable("the index is closed")

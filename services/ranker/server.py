@@ -30,7 +30,8 @@ SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[RunningServer, RankerServicer]:
     metrics = metrics or create_metrics()
     index = open_index(settings.data_dir / "qdrant", settings.qdrant_url or None, settings.qdrant_api_key or None,
-                       on_query=lambda op, sec: metrics.qdrant_query.labels(operation=op).observe(sec))
+                       on_query=lambda op, sec: metrics.qdrant_query.labels(operation=op).observe(sec),
+                       search_batch=settings.search_batch, on_batch=metrics.search_batch_size.observe)
     store = AddedAnimeStore(settings.data_dir / "added_anime.sqlite")
     feedback = FeedbackStore(settings.data_dir / "feedback.sqlite")
     encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=settings.outbound_tls())

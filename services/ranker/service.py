@@ -207,14 +207,16 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 if not s.model.has_dropoutnet:
                     reasons.append("this model has no DropoutNet weights")
                     continue
-                vec = vector_fn(s)
-                if vec is None:
-                    reasons.append("DropoutNet cannot build a query vector for this request")
-                    continue
-                pool = self.settings.rerank_pool if rerank else need
-                hits = self.index.search(vec, limit=pool if rerank else need - offset, offset=0 if rerank else offset,
-                                         flt=flt, version=s.version, exact=self.settings.search_mode == "exact",
-                                         oversampling=self.settings.search_oversampling)
+                with self.index.search_expected():   # searches running meanwhile wait for ours: one batch
+                    vec = vector_fn(s)
+                    if vec is None:
+                        reasons.append("DropoutNet cannot build a query vector for this request")
+                        continue
+                    pool = self.settings.rerank_pool if rerank else need
+                    hits = self.index.search(vec, limit=pool if rerank else need - offset,
+                                             offset=0 if rerank else offset, flt=flt, version=s.version,
+                                             exact=self.settings.search_mode == "exact",
+                                             oversampling=self.settings.search_oversampling)
                 cands = [Candidate(h.anime_id, h.score, h.payload, self._content(s, h.anime_id)) for h in hits]
                 if not rerank:
                     cands = [None] * offset + cands   # align with absolute positions

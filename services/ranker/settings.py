@@ -39,6 +39,9 @@ class RankerSettings(OutboundTLSSettings):
                                  "(services/ranker/index.py); exact: scan every float32 vector")
     search_oversampling: float = Field(DEFAULT_OVERSAMPLING, ge=1.0, le=32.0,
                                        description="quantized mode: candidates rescored per result wanted")
+    search_batch: int = Field(16, ge=1, le=256,
+                              description="embedded index: at most this many concurrent searches share one engine "
+                                          "call (1: each runs alone); a search never waits for others to arrive")
 
     @model_validator(mode="after")
     def _qdrant_env(self):

@@ -131,6 +131,7 @@ def _library_exposition() -> str:
     m.encoder_queue_wait.observe(0.001)
     m.encoder_queue_depth.set(0)
     m.qdrant_query.labels(operation="search").observe(0.001)
+    m.search_batch_size.observe(1)
     m.bundle_load_failures.labels(service="ranker", reason="invalid").inc()
     return generate_latest(m.registry).decode()
 

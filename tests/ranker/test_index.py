@@ -408,3 +408,35 @@ def test_edge_serves_searches_from_many_threads_during_upserts(tmp_path, random_
 def test_unreachable_server_raises_index_unavailable():
     with pytest.raises(IndexUnavailable, match="unreachable"):
         open_index(None, "http://127.0.0.1:1", timeout_s=2)
+
+
+def test_edge_concurrent_searches_share_engine_calls_and_answer_like_single_searches(tmp_path, random_items):
+    """Searches from many threads, announced as the ranker announces them, run as batches
+    (services/ranker/coalesce.py) and still get exactly their own pages: offsets, excluded ids
+    and both search modes mixed in one batch."""
+    ids, vectors, queries = random_items
+    index = EdgeItemIndex(tmp_path, max_batch=8)
+    index.create_version("v1", DIM, points_of(ids, vectors))
+    index.set_alias("v1")
+    cases = [(q, limit, offset, SearchFilter(exclude_ids=tuple(int(a) for a in ids[:n])) if n else None, exact)
+             for q in queries for limit, offset, n, exact in ((5, 0, 0, True), (11, 3, 0, False), (7, 0, 4, False),
+                                                             (3, 20, 70, True))]
+    alone = [[(h.anime_id, h.score) for h in index.search(q, limit=k, offset=o, flt=f, exact=e)]
+             for q, k, o, f, e in cases]
+    before = index._searches.batches
+    start = threading.Barrier(len(cases))
+    got: dict[int, list] = {}
+
+    def searcher(j, q, k, o, f, e):
+        with index.search_expected():   # as the ranker's request path does, before building its vector
+            start.wait(10)
+            got[j] = [(h.anime_id, h.score) for h in index.search(q, limit=k, offset=o, flt=f, exact=e)]
+
+    threads = [threading.Thread(target=searcher, args=(j, *case)) for j, case in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [got[j] for j in range(len(cases))] == alone
+    assert index._searches.batches - before < len(cases) and index._searches.largest_batch > 1
+    index.close()
