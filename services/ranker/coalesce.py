@@ -45,7 +45,7 @@ class Coalescer(Generic[T, R]):
     may share one `execute`. execute must return one result per item, in order."""
 
     def __init__(self, execute: Callable[[Hashable, Sequence[T]], Sequence[R]], max_batch: int = 16,
-                 max_wait_s: float = 0.005, on_batch: Callable[[int], None] | None = None):
+                 max_wait_s: float = 0.002, on_batch: Callable[[int], None] | None = None):
         """on_batch(size) is called before each execute (a metric)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")

@@ -12,10 +12,11 @@ Concurrency, as measured on qdrant-edge 0.9: an EdgeShard call holds the GIL for
 so calls from many threads are serialised by the GIL itself and concurrent search + upsert is safe
 without a lock of ours (it also means a search blocks other Python threads for its few
 milliseconds). Searches that arrive while one runs are therefore coalesced into one
-`query_batch` (services/ranker/coalesce.py), which shares one pass over the vectors. The lock below guards only our own state: the table of open shards and the
-version directories. A shard directory is locked by the engine to the one process (and the one
-EdgeShard) that opened it, so shards open lazily on first use: an offline `index` command can build
-and promote a new version beside a running ranker, which follows the alias on its next call.
+`query_batch` (services/ranker/coalesce.py), which shares one pass over the vectors. The lock
+below guards only our own state: the table of open shards and the version directories. A shard
+directory is locked by the engine to the one process (and the one EdgeShard) that opened it, so
+shards open lazily on first use: an offline `index` command can build and promote a new version
+beside a running ranker, which follows the alias on its next call.
 """
 
 from __future__ import annotations
