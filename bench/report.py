@@ -291,6 +291,9 @@ def _gateway_plot(path: Path, g: dict, device: str) -> None:
         a.set_xscale("log", base=2)
         a.set_xlabel("requests in flight (closed loop)")
         a.legend(fontsize=8)
+    a1.axhline(g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"], color="grey", lw=0.8, ls=":")
+    a1.annotate(f"target: {g['targets']['ratio']:g}× echo", (xs[0], g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"]),
+                textcoords="offset points", xytext=(2, 3), fontsize=8, color="grey")
     a1.set_yscale("log")
     a1.set_ylabel("requests/s (log)")
     a1.set_title(f"throughput: gateway {g['ratio_gateway_to_echo']:.2f}× echo ({device})", fontsize=10)
