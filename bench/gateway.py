@@ -156,9 +156,11 @@ def search_batches(spec, since: dict | None = None) -> dict:
     them and their mean (searches per call), minus `since`."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(f"http://{spec.host}:{spec.metrics_port}/metrics", timeout=10).read().decode()
-    values = {name: float(v) for line in text.splitlines() if line.startswith("a2v_search_batch_size_")
-              for name, v in [line.split()[:2]]}
+    values = {sample.name: sample.value for family in text_string_to_metric_families(text)
+              if family.name == "a2v_search_batch_size" for sample in family.samples}
     calls = values.get("a2v_search_batch_size_count", 0.0) - (since or {}).get("calls", 0.0)
     searches = values.get("a2v_search_batch_size_sum", 0.0) - (since or {}).get("searches", 0.0)
     return {"calls": calls, "searches": searches, "mean": searches / calls if calls else None}

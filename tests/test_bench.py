@@ -107,3 +107,23 @@ def test_cheapest_parts_write_a_complete_report(tmp_path):
     for heading in ("## Summary", "## Ranker search", "## Scale curves", "### Where one machine stops"):
         assert heading in md
     assert "*4k*" in md   # extrapolated rows are set in italics
+
+
+def test_search_batches_reads_the_ranker_metric_over_http():
+    from types import SimpleNamespace
+
+    from anime2vec.serving.metrics import create_metrics, start_metrics_server
+    from bench.gateway import search_batches
+
+    m = create_metrics()
+    for size in (1, 4, 4):
+        m.search_batch_size.observe(size)
+    http = start_metrics_server(m.registry, "127.0.0.1", 0)
+    try:
+        spec = SimpleNamespace(host="127.0.0.1", metrics_port=http.port)
+        first = search_batches(spec)
+        m.search_batch_size.observe(8)
+        assert first == {"calls": 3.0, "searches": 9.0, "mean": 3.0}
+        assert search_batches(spec, since=first) == {"calls": 1.0, "searches": 8.0, "mean": 8.0}
+    finally:
+        http.close()

@@ -58,8 +58,6 @@ class Coalescer(Generic[T, R]):
         self._leading = False
         self._expected = 0                    # announced callers not queued yet
         self._announced = threading.local()   # .pending: this thread is counted in _expected
-        self.batches = 0          # how many execute calls ran (for tests and metrics)
-        self.largest_batch = 0
 
     @contextmanager
     def expect(self) -> Iterator[None]:
@@ -122,8 +120,6 @@ class Coalescer(Generic[T, R]):
                 nxt.wake.set()   # not done: it leads the next batch
 
     def _answer(self, batch: list[_Call[T, R]]) -> None:
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
         if self._on_batch is not None:
             self._on_batch(len(batch))
         try:

@@ -53,7 +53,7 @@ def test_concurrent_calls_share_batches_and_each_gets_its_own_answer():
     assert out == {i: f"k/{i}" for i in range(40)}
     sizes = [len(items) for _, items in ex.batches]
     assert sum(sizes) == 40 and max(sizes) <= 8
-    assert len(ex.batches) < 40 and c.largest_batch == max(sizes) > 1   # calls piled up behind a running batch
+    assert len(ex.batches) < 40 and max(sizes) > 1   # calls piled up behind a running batch
 
 
 def test_a_bad_item_fails_only_its_own_call():
@@ -87,22 +87,31 @@ def test_max_batch_one_runs_every_call_alone():
     assert [len(items) for _, items in ex.batches] == [1] * 10
 
 
-def test_a_leader_waits_for_an_announced_caller_and_not_for_one_that_left():
-    ex = Recorder(delay=0.0)
-    c = Coalescer(ex, max_batch=8, max_wait_s=30.0)
+def announced_caller(c: Coalescer, then=None) -> tuple[threading.Thread, threading.Event]:
+    """A thread inside c.expect() (already counted when this returns) that, once the returned
+    event is set, calls then() and leaves."""
     announced, go = threading.Event(), threading.Event()
-    result = {}
 
-    def late_caller():
+    def body():
         with c.expect():
             announced.set()
             go.wait(10)
-            result["late"] = c.run("k", "late")
+            if then is not None:
+                then()
 
-    t = threading.Thread(target=late_caller)
+    t = threading.Thread(target=body)
     t.start()
     assert announced.wait(10)
-    leader = threading.Thread(target=lambda: result.setdefault("first", c.run("k", "first")))
+    return t, go
+
+
+def test_a_leader_waits_for_an_announced_caller_and_not_for_one_that_left():
+    ex = Recorder(delay=0.0)
+    c = Coalescer(ex, max_batch=8, max_wait_s=30.0)
+    result = {}
+
+    t, go = announced_caller(c, then=lambda: result.__setitem__("late", c.run("k", "late")))
+    leader = threading.Thread(target=lambda: result.__setitem__("first", c.run("k", "first")))
     leader.start()
     time.sleep(0.2)
     assert ex.batches == []   # the leader is waiting for the announced caller
@@ -114,21 +123,11 @@ def test_a_leader_waits_for_an_announced_caller_and_not_for_one_that_left():
 
     # a caller that announces itself and leaves without running releases the leader at once,
     # not after max_wait_s (30 s: the join below would time out)
-    left = threading.Event()
-
-    def leaves():
-        with c.expect():
-            announced.set()
-            left.wait(10)
-
-    announced.clear()
-    t = threading.Thread(target=leaves)
-    t.start()
-    assert announced.wait(10)
+    t, leave = announced_caller(c)
     leader = threading.Thread(target=lambda: result.__setitem__("second", c.run("k", "second")))
     leader.start()
     time.sleep(0.1)
-    left.set()
+    leave.set()
     leader.join(10)
     t.join(10)
     assert not leader.is_alive() and result["second"] == "k/second"
