@@ -55,7 +55,8 @@ def test_every_container_is_hardened(tree):
         assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities.drop [ALL]"
         seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
         assert seccomp.get("type") == "RuntimeDefault", f"{where}: seccompProfile RuntimeDefault"
-        name, _, tag = c["image"].rpartition(":")
+        # An exact tag everywhere (the digest policy of the production trees is tests/deploy/test_images.py).
+        name, _, tag = c["image"].partition("@")[0].rpartition(":")
         assert name and "/" not in tag and tag not in ("", "latest"), f"{where}: image {c['image']!r} is not pinned"
         mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
         assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
@@ -79,18 +80,20 @@ def test_services_probe_their_grpc_ports_and_qdrant_its_health_endpoints(tree):
         assert env[f"A2V_{name.upper()}_METRICS_PORT"] == str(metrics_port)
     q = by_kind(tree, "StatefulSet")["qdrant"]
     qc = pod_spec(q)["containers"][0]
-    assert re.fullmatch(r"qdrant/qdrant:v\d+\.\d+\.\d+", qc["image"])
+    assert re.fullmatch(r"qdrant/qdrant:v\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", qc["image"])
     assert qc["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 6333}
     assert qc["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 6333}
     assert q["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] in {m["name"] for m in qc["volumeMounts"]}
 
 
 def _env(tree: str, container: dict) -> dict[str, str]:
-    """The container's environment as the pod sees it: its ConfigMaps (envFrom), then `env`."""
+    """The container's environment as the pod sees it: its ConfigMaps (envFrom), then `env`. Secrets
+    (envFrom secretRef, valueFrom) are not in the tree: tests/deploy/test_qdrant_security.py checks those."""
     maps = by_kind(tree, "ConfigMap")
     env: dict[str, str] = {}
     for src in container.get("envFrom", []):
-        env.update(maps[src["configMapRef"]["name"]]["data"])
+        if "configMapRef" in src:
+            env.update(maps[src["configMapRef"]["name"]]["data"])
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     return env
 
@@ -177,7 +180,9 @@ def test_network_policies_allow_exactly_the_request_paths():
     for name, (_, metrics_port) in PORTS.items():
         assert _allows(policies, None, name, metrics_port, namespace="monitoring")
         assert not _allows(policies, None, name, metrics_port, namespace="default")
-    assert _allows(policies, None, "qdrant", 6333, namespace="monitoring")
+    # Qdrant: its metrics-only port, never its APIs (tests/deploy/test_qdrant_security.py has the rest).
+    assert _allows(policies, None, "qdrant", 9103, namespace="monitoring")
+    assert not _allows(policies, None, "qdrant", 6333, namespace="monitoring")
 
 
 def test_gpu_overlay_puts_the_encoder_on_a_gpu():
@@ -234,7 +239,8 @@ def test_production_scales_spreads_and_clusters_qdrant():
     qc = pod_spec(q)["containers"][0]
     assert {"name": "QDRANT__CLUSTER__ENABLED", "value": "true"} in qc["env"]
     script = qc["args"][0]
-    assert "--bootstrap \"http://qdrant-0.qdrant-headless:6335\"" in script and "--uri" in script
+    assert "--bootstrap \"${scheme}://qdrant-0.qdrant-headless:6335\"" in script and "--uri" in script
+    assert 'scheme="${A2V_QDRANT_P2P_SCHEME:-http}"' in script   # https under components/tls
     headless = by_kind(tree, "Service")["qdrant-headless"]["spec"]
     assert headless["clusterIP"] == "None" and 6335 in {p["port"] for p in headless["ports"]}
     assert pdbs["qdrant"]["spec"]["maxUnavailable"] == 1
@@ -243,6 +249,7 @@ def test_production_scales_spreads_and_clusters_qdrant():
     monitors = by_kind(tree, "ServiceMonitor")
     assert monitors["anime2vec"]["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitors["anime2vec"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitors["qdrant"]["spec"]["endpoints"][0]["port"] == "metrics"   # 9103, not the REST port
     selected = [s for s in by_kind(tree, "Service").values()
                 if all(s["metadata"]["labels"].get(k) == v for k, v in monitors["qdrant"]["spec"]["selector"]["matchLabels"].items())]
     assert [s["metadata"]["name"] for s in selected] == ["qdrant"], "one scrape target per Qdrant pod (job=qdrant)"

@@ -21,7 +21,8 @@ def _env(container: dict) -> dict[str, str]:
     maps = by_kind(TREE, "ConfigMap")
     env: dict[str, str] = {}
     for src in container.get("envFrom", []):
-        env.update(maps[src["configMapRef"]["name"]]["data"])
+        if "configMapRef" in src:
+            env.update(maps[src["configMapRef"]["name"]]["data"])
     return env
 
 
