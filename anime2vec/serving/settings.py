@@ -31,11 +31,26 @@ class ServiceSettings(BaseSettings):
     host: str = Field("0.0.0.0", min_length=1, description="address the gRPC and metrics servers bind")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one")
-    max_workers: int = Field(8, ge=1, le=1024, description="threads running RPC handlers")
+    max_workers: int = Field(8, ge=1, le=1024, description="RPC handlers running at once (an admitted call "
+                                                           "waits for one once its request message arrived)")
     max_concurrent_rpcs: int = Field(
         64, ge=1, description="RPCs in progress at once; beyond it new RPCs get RESOURCE_EXHAUSTED")
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="largest request or response message")
+    max_concurrent_rpcs_per_connection: int | None = Field(
+        None, ge=1, description="calls one client connection may have in progress (HTTP/2 max concurrent "
+                                "streams; its further calls wait in the client); unset: no bound beyond "
+                                "max_concurrent_rpcs")
+    max_probe_calls: int = Field(
+        8, ge=1, le=1024, description="health checking and reflection calls (which need no API key) in progress "
+                                      "at once; beyond it they get RESOURCE_EXHAUSTED at once, so they can never "
+                                      "hold the slots the API needs")
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="how long a call may wait for its request message after its headers; "
+                                        "then DEADLINE_EXCEEDED (a stalled client holds no thread or slot longer)")
+    max_call_s: float = Field(
+        60.0, gt=0, le=3600, description="the server's deadline for every call: a caller's longer deadline, or "
+                                         "none, is cut to this; past it the call ends with DEADLINE_EXCEEDED")
     log_level: LogLevel = "INFO"
     shutdown_grace_s: float = Field(
         10.0, ge=0, le=300, description="on SIGTERM, how long in-flight RPCs may take to finish")
