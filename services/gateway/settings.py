@@ -17,6 +17,8 @@ class GatewaySettings(OutboundTLSSettings):
     metrics_port: int = Field(9100, ge=0, le=65535)
     # A MAL export of a long list is a few MB; the XML limit below is what callers meet first.
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    # Callers are many applications: one connection may hold half of MAX_CONCURRENT_RPCS (64).
+    max_concurrent_rpcs_per_connection: int | None = Field(32, ge=1)
 
     ranker_address: str = Field("127.0.0.1:50052", min_length=1, description="ranker service host:port")
     encoder_address: str = Field("127.0.0.1:50051", min_length=1, description="encoder service host:port (free text)")
@@ -27,9 +29,11 @@ class GatewaySettings(OutboundTLSSettings):
         15.0, gt=0, le=3600, description="how often to ask the ranker whether its model version or item count "
                                           "changed (then the title index is rebuilt, off the request path)")
 
-    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys callers may present")
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys callers may present, each "
+                                                           "'<key>' (scopes read, feedback) or '<key>:<scope>+...'")
     api_keys_file: Path | None = Field(
-        None, description="file with one API key per line ('#' comments), e.g. a mounted Kubernetes Secret")
+        None, description="file with one API key per line, as in api_keys ('#' comments), e.g. a mounted "
+                          "Kubernetes Secret")
 
     max_favourites: int = Field(100, ge=1, le=500, description="most favourites (and, separately, disliked) per request")
     max_feedback_events: int = Field(
@@ -38,6 +42,8 @@ class GatewaySettings(OutboundTLSSettings):
     max_ranker_ids: int = Field(500, ge=1, description="the ranker's A2V_RANKER_MAX_IDS: most disliked / excluded ids sent")
     max_title_chars: int = Field(256, ge=1, le=256, description="longest title in an AnimeRef or ResolveTitles query")
     max_query_chars: int = Field(2000, ge=1, le=20_000, description="longest free-text query")
+    max_synopsis_chars: int = Field(
+        20_000, ge=1, le=20_000, description="AddAnime: longest synopsis (at most the ranker's own limit, 20,000)")
     max_mal_xml_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="largest MAL export, after gzip decompression")
     default_min_score: int = Field(7, ge=1, le=10, description="ImportMalList: lowest MAL score that counts as a favourite")

@@ -14,7 +14,9 @@ from google.rpc import error_details_pb2
 from anime2vec.runlocal import api_key_env
 from anime2vec.serving.errors import ServiceError, not_found
 from anime2vec.v1 import common_pb2, ranker_pb2
-from services.gateway.auth import ApiKeyInterceptor
+from anime2vec.v1 import gateway_pb2
+from services.gateway.auth import DEFAULT_SCOPES, METHOD_SCOPES, SCOPES, ApiKey, ApiKeyInterceptor, load_api_keys
+from services.gateway.settings import GatewaySettings
 from services.gateway.catalog import CatalogueSync
 from services.gateway.downstream import deadline, rename_fields
 from services.gateway.service import TextVectors, _Problems
@@ -141,6 +143,37 @@ def test_api_keys_match_exactly():
     assert not any(check.is_allowed(k) for k in ("alpha", "alpha-key ", "ALPHA-KEY", "", "beta-keyx"))
     with pytest.raises(ValueError):
         ApiKeyInterceptor([])
+
+
+def test_api_key_scopes_are_parsed_and_checked(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# one per line\nfile-key:catalog\n\nplain-file-key\n")
+    keys = load_api_keys(GatewaySettings(api_keys=" bare , admin:read+feedback+catalog,reader:read ",
+                                         api_keys_file=keys_file))
+    assert {k.key: k.scopes for k in keys} == {
+        "bare": DEFAULT_SCOPES, "admin": frozenset(SCOPES), "reader": {"read"}, "file-key": {"catalog"},
+        "plain-file-key": DEFAULT_SCOPES}
+    check = ApiKeyInterceptor(keys)
+    assert check.scopes_of("admin") == frozenset(SCOPES) and check.scopes_of("admin:read+feedback+catalog") is None
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ("s3cret-k3y:write", "unknown scope(s) 'write'"), ("s3cret-k3y:", "unknown scope(s) ''"),
+    (":read", "no key before ':'"), ("s3cret-k3y:read,s3cret-k3y:catalog", "different scopes"),
+])
+def test_bad_api_key_entries_stop_the_start_without_echoing_the_key(entry, fragment):
+    with pytest.raises(ValueError) as e:
+        load_api_keys(GatewaySettings(api_keys=entry))
+    assert fragment in str(e.value) and "A2V_GATEWAY_API_KEYS" in str(e.value)
+    assert "s3cret-k3y" not in str(e.value)
+
+
+def test_every_gateway_method_has_a_scope():
+    methods = {f"/anime2vec.v1.GatewayService/{m.name}"
+               for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
+    assert set(METHOD_SCOPES) == methods and set(METHOD_SCOPES.values()) == set(SCOPES)
+    assert METHOD_SCOPES["/anime2vec.v1.GatewayService/AddAnime"] == "catalog"
+    assert ApiKey("k", DEFAULT_SCOPES).scopes == {"read", "feedback"}
 
 
 def test_text_vectors_keep_the_most_recent_queries():

@@ -213,7 +213,7 @@ def chain(tmp_path_factory, pki, bundle):
                            encoder_model="tiny-random" if manifest["encoder"]["name"].startswith("tiny-random")
                            else "minilm",
                            model_store=bundle.parent, bundle=bundle.name, ranker_data_dir=root / "ranker",
-                           gateway_env={"API_KEYS": API_KEY, "CATALOG_POLL_S": "2"})
+                           gateway_env={"API_KEYS": f"{API_KEY}:read+feedback+catalog", "CATALOG_POLL_S": "2"})
     tls = ClientTLS(ca.ca_file, client.cert, client.key)
     procs = {}
     for spec, health_port in zip(specs, ports[6:]):
