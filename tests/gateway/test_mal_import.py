@@ -186,8 +186,36 @@ def test_size_limits():
     assert len(bomb) < 20_000
     error = _error(bomb)
     assert error.field == "gzip" and "more than 5,000,000 bytes" in error.problem and error.too_large
-    many = _error(LIST, max_entries=3)
-    assert many.field == "anime" and "10 entries" in many.problem and many.too_large
+    many = _error(LIST, max_entries=3)   # refused at the fourth entry, before the rest is read
+    assert many.field == "anime" and "more than 3 entries" in many.problem and many.too_large
+
+
+@pytest.mark.parametrize("body, field, fragment, too_large", [
+    (b"<a>" * 1_390_000, "xml", "nested more than 8 deep", False),                  # the element bomb
+    (b"<a/>" * 1_000_000, "xml", "more than 601,000 elements", True),                # legal depth, huge count
+    (b"<anime>" + b"<f/>" * 65 + b"</anime>", "anime[0]", "more than 64 fields", True),
+])
+def test_element_bombs_are_refused_while_parsing(body, field, fragment, too_large):
+    error = _error(b"<myanimelist>" + body + b"</myanimelist>")
+    assert (error.field, error.too_large) == (field, too_large) and fragment in error.problem
+
+
+@pytest.mark.parametrize("encoding", ["utf-7", "rot13", "foo-bar", "utf-32", "hex", "idna", "undefined", "x" * 500])
+def test_unknown_or_unusable_encodings_are_named(encoding):
+    error = _error(f'<?xml version="1.0" encoding="{encoding}"?><myanimelist/>'.encode())
+    assert error.field == "xml" and "encoding" in error.problem and len(error.problem) < 200
+
+
+def test_encodings_an_export_may_have():
+    entry = ("<myanimelist><anime><series_animedb_id>5</series_animedb_id><series_title>Café</series_title>"
+             "</anime></myanimelist>")
+    for name, codec in (("UTF-8", "utf-8"), ("ISO-8859-1", "latin-1"), ("windows-1252", "cp1252"),
+                        ("utf-16", "utf-16")):
+        parsed = parse_mal_export(f'<?xml version="1.0" encoding="{name}"?>{entry}'.encode(codec))
+        assert parsed.entries[0].title == "Café"
+    # a UTF-16 document that declares what it cannot be: still a precise error, not a crash
+    error = _error('<?xml version="1.0" encoding="utf-7"?><myanimelist/>'.encode("utf-16"))
+    assert error.field == "xml"
 
 
 @pytest.mark.parametrize("anime_xml, field, fragment", [
