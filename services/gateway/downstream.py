@@ -6,6 +6,7 @@ gateway request's ("liked_ids[2]" → "favourites[3].anime_id")."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 
@@ -16,6 +17,8 @@ from anime2vec.serving.errors import ServiceError, resource_exhausted, unavailab
 from anime2vec.serving.server import time_remaining
 from anime2vec.serving.tls import ClientTLS, open_channel
 from anime2vec.v1 import ranker_pb2_grpc
+
+log = logging.getLogger("services.gateway")
 
 RANKER_SERVICE = "anime2vec.v1.RankerService"
 # Safe to send twice: reads, and RecordFeedback (idempotent by event id). UpsertAnime is not
@@ -69,6 +72,29 @@ def rename_fields(error: ServiceError, fields: Mapping[str, str]) -> ServiceErro
     return ServiceError(error.code, sub(error.message), details)
 
 
+# Statuses that describe the ranker's own trouble (or the encoder's behind it) rather than the
+# caller's request: their text may name internal hosts and ports, so callers get the gateway's words
+# (the ErrorInfo reason and RetryInfo are kept) and only the log gets the original.
+_OWN_TROUBLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS}
+_ERROR_ID = re.compile(r"\(id [0-9a-f]{12}\)")   # the ranker's INTERNAL answers carry one: it matches its log
+
+
+def _in_own_words(error: ServiceError, address: str) -> ServiceError:
+    reason = next((d.reason for d in error.details if isinstance(d, error_details_pb2.ErrorInfo)), "")
+    log.warning("ranker answered %s (%s): %s", error.code.name, reason or "no reason", error.message,
+                extra={"ranker": address})
+    if reason == "ENCODER_UNAVAILABLE":
+        message = "the encoder is unavailable (the ranker needs it for this call); retry shortly"
+    elif error.code == grpc.StatusCode.INTERNAL:
+        error_id = _ERROR_ID.search(error.message)
+        message = "the ranker failed" + (f" {error_id.group(0)}" if error_id else "")
+    else:
+        message = f"the ranker could not serve this call ({error.code.name})"
+    return ServiceError(error.code, message, error.details)
+
+
 class Ranker:
     def __init__(self, address: str, timeout_s: float, max_message_bytes: int, tls: ClientTLS | None = None):
         self.address, self.timeout_s = address, timeout_s
@@ -78,19 +104,24 @@ class Ranker:
 
     def call(self, method: str, request, context: grpc.ServicerContext | None = None, *,
              timeout_s: float | None = None, fields: Mapping[str, str] | None = None):
-        """stub.<method>(request) with a bounded deadline; ServiceError on failure."""
+        """stub.<method>(request) with a bounded deadline; ServiceError on failure. Messages never
+        name the ranker's address (it is logged instead)."""
         timeout = deadline(context, timeout_s or self.timeout_s)
+        # Fields this gateway does not know (a caller may pad a message with megabytes of them) are
+        # not passed on: what the ranker gets is what the gateway validated.
+        request.DiscardUnknownFields()
         try:
             return getattr(self.stub, method)(request, timeout=timeout)
         except grpc.RpcError as e:
             code, error = e.code(), ServiceError.from_rpc_error(e)
             answered = any(isinstance(d, error_details_pb2.ErrorInfo) for d in error.details)
             if code == grpc.StatusCode.UNAVAILABLE and not answered:   # unreachable, not the ranker's own answer
-                raise unavailable(f"the ranker at {self.address} is unavailable ({e.details()})",
+                log.warning("ranker unreachable: %s", e.details(), extra={"ranker": self.address})
+                raise unavailable("the ranker is unavailable; retry shortly",
                                   reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
             shed = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _CONCURRENCY_LIMIT in (e.details() or "")
             if shed and not answered:   # the ranker shed it; not retried here (that would only add load)
-                raise resource_exhausted(f"the ranker at {self.address} is at its concurrency limit; retry shortly",
+                raise resource_exhausted("the ranker is at its concurrency limit; retry shortly",
                                          reason="RANKER_OVERLOADED", retry_after_s=1.0) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 remaining = time_remaining(context) if context is not None else None
@@ -98,6 +129,8 @@ class Ranker:
                     raise ServiceError(code, "the deadline passed while waiting for the ranker") from None
                 raise unavailable(f"the ranker did not answer within {timeout:.1f} s",
                                   reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
+            if code in _OWN_TROUBLE:
+                raise _in_own_words(error, self.address) from None
             raise rename_fields(error, fields or {}) from None
 
     def close(self) -> None:

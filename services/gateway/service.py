@@ -8,6 +8,7 @@ UNAVAILABLE and everything else keeps working.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -24,9 +25,12 @@ from anime2vec.serving.metrics import Metrics
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 
 from . import mal_import
+from .anime_input import anime_id_problem, anime_input_problems
 from .catalog import CatalogueSync, entry_from_input
 from .downstream import Ranker, deadline, rename_fields
 from .settings import GatewaySettings
+
+log = logging.getLogger("services.gateway")
 
 MAX_LIMIT = 100            # RecommendOptions.limit, as documented in common.proto
 DEFAULT_RESOLVE_LIMIT, MAX_RESOLVE_LIMIT = 10, 50
@@ -165,11 +169,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if kind is None:
             problems.invalid.append((path, "set anime_id or title"))
         elif kind == "anime_id":
-            if ref.anime_id > 0:
+            why = anime_id_problem(ref.anime_id)
+            if why is None:
                 current = self.catalogue.current
                 return Resolved(f"{path}.anime_id", ref, ref.anime_id, current.title(ref.anime_id) if current else "",
                                 100.0, "")
-            problems.invalid.append((f"{path}.anime_id", f"must be positive, got {ref.anime_id}"))
+            problems.invalid.append((f"{path}.anime_id", why))
         elif self._check_title(f"{path}.title", ref.title, problems):
             catalogue = self.catalogue.get()
             try:
@@ -261,9 +266,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             vectors, fingerprint = self.encoder.encode([query], timeout_s=deadline(context, self.settings.encoder_timeout_s))
         except ServiceError as e:
-            if e.code == grpc.StatusCode.UNAVAILABLE:
+            if e.code == grpc.StatusCode.UNAVAILABLE:   # e.message names the encoder's address: logged only
+                log.warning("encoder unavailable for free text: %s", e.message)
                 raise unavailable(
-                    f"free-text search needs the encoder, which is unavailable ({e.message}); favourites, similar "
+                    "free-text search needs the encoder, which is unavailable; favourites, similar "
                     "and title queries still work", reason="ENCODER_UNAVAILABLE", retry_after_s=2.0) from None
             raise rename_fields(e, {"texts[0]": "query", "texts": "query"}) from None
         self.text_vectors.put(query, vectors[0], fingerprint)
@@ -322,6 +328,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             served_by=relayed.served_by)
 
     def AddAnime(self, request, context):
+        problems = _Problems()
+        if request.HasField("anime_id") and (why := anime_id_problem(request.anime_id)):
+            problems.invalid.append(("anime_id", why))
+        problems.invalid += anime_input_problems(request.anime, self.settings.max_title_chars,
+                                                 self.settings.max_synopsis_chars)
+        problems.raise_if_any()
         resp = self.ranker.call("UpsertAnime", ranker_pb2.UpsertAnimeRequest(
             anime_id=request.anime_id if request.HasField("anime_id") else None, anime=request.anime),
             context, timeout_s=self.settings.ranker_timeout_s + _UPSERT_EXTRA_S)
