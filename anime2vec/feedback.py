@@ -85,21 +85,47 @@ class FeedbackConflict(ValueError):
                          + ", ".join(f"events[{i}] {eid!r}" for i, eid in conflicts[:5]))
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_file(path: Path) -> None:
+    """sqlite3.DatabaseError if `path` exists and is not an SQLite database, checked before SQLite
+    opens it: SQLite, failing on such a file, may still delete or reset the -wal beside it, which
+    is evidence (and maybe data) worth keeping."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    if head and head != SQLITE_HEADER:
+        raise sqlite3.DatabaseError(f"file is not a database (it starts with {head[:8]!r}, not the SQLite header)")
+
+
 class FeedbackStore:
-    """The events table (see `COLUMNS`), one connection behind a lock (thread-safe)."""
+    """The events table (see `COLUMNS`), one connection behind a lock (thread-safe). Opening a
+    file that is not a sound SQLite database raises sqlite3.DatabaseError and changes nothing."""
 
     def __init__(self, path: Path | str):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        check_sqlite_file(path)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
-        self._db.execute("PRAGMA busy_timeout=10000")  # a second process (retraining) may read
-        self._db.execute("""CREATE TABLE IF NOT EXISTS events (
-            event_id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, anime_id INTEGER NOT NULL,
-            kind TEXT NOT NULL, score INTEGER, occurred_at REAL, received_at REAL NOT NULL)""")
-        self._db.execute("CREATE INDEX IF NOT EXISTS events_user ON events(user_id)")
+        try:
+            self._db.execute("PRAGMA busy_timeout=10000")  # a second process (retraining) may read
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
+            self._db.execute("""CREATE TABLE IF NOT EXISTS events (
+                event_id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, anime_id INTEGER NOT NULL,
+                kind TEXT NOT NULL, score INTEGER, occurred_at REAL, received_at REAL NOT NULL)""")
+            self._db.execute("CREATE INDEX IF NOT EXISTS events_user ON events(user_id)")
+            # a damaged page may only surface when read: find out at opening, not in a request
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+        except sqlite3.DatabaseError:   # not a database, or a damaged one: the caller decides
+            self._db.close()
+            raise
         self._lock = threading.Lock()
 
     # --- writing -------------------------------------------------------------------------------

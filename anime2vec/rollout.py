@@ -70,7 +70,12 @@ class FileAliasHistory:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
-        return list(doc.get("previous", [])) if target is not None and doc.get("target") == target else []
+        except (OSError, ValueError):   # damaged: no history (a rollback is refused, a promotion rewrites it)
+            return []
+        if not isinstance(doc, dict) or target is None or doc.get("target") != target:
+            return []
+        previous = doc.get("previous")
+        return [v for v in previous if isinstance(v, str)] if isinstance(previous, list) else []
 
     def record(self, target: str, previous: list[str]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}")
@@ -133,8 +138,9 @@ class Rollout:
             return False, 0
 
     def promote(self, version: str) -> tuple[str | None, str]:
-        """Point the alias at `version`; returns (old target, new target)."""
-        old = self.index.alias_target()
+        """Point the alias at `version`; returns (old target, new target). An alias record that
+        does not name a version is overwritten (with no history to roll back to)."""
+        old = self._alias_or_none()
         self._check_promotable(version)
         if old == version:
             return old, version
@@ -145,7 +151,12 @@ class Rollout:
 
     def rollback(self) -> tuple[str, str]:
         """Point the alias back at the previous target; returns (old target, new target)."""
-        old = self.index.alias_target()
+        from services.ranker.index import AliasUnreadable
+
+        try:
+            old = self.index.alias_target()
+        except AliasUnreadable as e:
+            raise RolloutError(f"{e}: nothing to roll back from; promote a version to rewrite it") from None
         previous = self.history.previous(old)
         if old is None or not previous:
             raise RolloutError(f"nothing to roll back to: no earlier alias target recorded for {old or 'an unset alias'} "
@@ -159,9 +170,19 @@ class Rollout:
     def versions(self) -> list[VersionRow]:
         bundles = [p.name for p in list_bundles(self.store)]
         collections = set(self.index.versions())
-        live = self.index.alias_target()
+        live = self._alias_or_none()
         names = bundles + sorted(collections - set(bundles))
         return [VersionRow(v, v in bundles, v in collections, v == live) for v in names]
+
+    def _alias_or_none(self) -> str | None:
+        """The alias target; None when unset or when its record is damaged (the ranker moves a
+        damaged one aside at start-up; a promotion overwrites it)."""
+        from services.ranker.index import AliasUnreadable
+
+        try:
+            return self.index.alias_target()
+        except AliasUnreadable:
+            return None
 
     def _verified_bundle(self, version: str):
         from services.ranker.index import check_version

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from anime2vec.feedback import check_sqlite_file
+
+
+class StoreUnreadable(sqlite3.DatabaseError):
+    """The store's file is not a readable SQLite database of ours (garbage, truncated, malformed)."""
+
 
 @dataclass
 class AddedAnime:
@@ -29,14 +35,30 @@ class AddedAnime:
 
 class AddedAnimeStore:
     def __init__(self, path: Path):
+        """Opens (or creates) the store and reads it once through: StoreUnreadable when the file
+        is not a sound database (the caller decides what to do with it; nothing is changed)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
-        self._db.execute("""CREATE TABLE IF NOT EXISTS added_anime (
-            anime_id INTEGER PRIMARY KEY, fields TEXT NOT NULL, raw_vector BLOB NOT NULL,
-            encoder_fingerprint TEXT NOT NULL, updated_at REAL NOT NULL)""")
+        self.path = path
         self._lock = threading.Lock()
+        try:
+            check_sqlite_file(path)
+        except sqlite3.DatabaseError as e:
+            raise StoreUnreadable(str(e)) from None
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
+            self._db.execute("""CREATE TABLE IF NOT EXISTS added_anime (
+                anime_id INTEGER PRIMARY KEY, fields TEXT NOT NULL, raw_vector BLOB NOT NULL,
+                encoder_fingerprint TEXT NOT NULL, updated_at REAL NOT NULL)""")
+            # a damaged page may only surface when read: find out now, not in a request
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            self.all()
+        except (sqlite3.DatabaseError, ValueError) as e:   # ValueError: a row that does not decode
+            self._db.close()
+            raise StoreUnreadable(str(e)) from e
 
     def put(self, anime_id: int, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str) -> bool:
         """Insert or replace; returns True when the id was new."""

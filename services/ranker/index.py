@@ -68,6 +68,10 @@ class IndexUnavailable(ItemIndexError):
     (e.g. a shard directory locked by another process)."""
 
 
+class AliasUnreadable(IndexUnavailable):
+    """The alias record exists but does not name a version (garbage, truncated, hand-edited)."""
+
+
 class UnknownVersion(ItemIndexError, KeyError):
     """No (complete) collection for this version, or no version promoted behind the alias."""
 

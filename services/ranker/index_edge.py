@@ -33,13 +33,15 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from services.ranker.index import (ALIAS, DEFAULT_OVERSAMPLING, GENRES_KEY, QUANTIZATION_QUANTILE, TYPE_KEY, Hit,
-                                   IndexUnavailable, ItemPoint, QueryHook, SearchFilter, UnknownVersion, UserPoint,
+from services.ranker.index import (ALIAS, DEFAULT_OVERSAMPLING, GENRES_KEY, QUANTIZATION_QUANTILE, TYPE_KEY,
+                                   AliasUnreadable, Hit, IndexUnavailable, ItemPoint, QueryHook, SearchFilter,
+                                   UnknownVersion, UserPoint,
                                    VersionExists, VersionInUse, aligned_filters, as_query_matrix, as_query_vector,
                                    batched, check_page, check_version, effective_oversampling, folded,
                                    ordered_points, ordered_users, plan_fetch, public_payload, stored_point,
                                    stored_user, timed)
 from services.ranker.coalesce import Coalescer
+from services.ranker.shard_check import IN_USE, ShardHealth, check_shard
 
 _INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
                    ("year", qe.PayloadSchemaType.Integer))
@@ -154,9 +156,32 @@ class EdgeItemIndex:
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         seen_key, target = self._alias_seen
         if key != seen_key:
-            target = json.loads(self._alias_file.read_text()).get(ALIAS)
+            target = _read_alias(self._alias_file)
             self._alias_seen = (key, target)
         return target
+
+    @property
+    def alias_file(self) -> Path:
+        return self._alias_file
+
+    # ---- start-up checks (services/ranker/recovery.py) ----
+
+    def version_dir(self, version: str) -> Path:
+        return self._versions_dir / check_version(version)
+
+    def users_dir(self, version: str) -> Path:
+        return self._users_dir / check_version(version)
+
+    def check_stored_version(self, version: str) -> ShardHealth:
+        """Whether the stored collection of `version` can be served: its meta.json reads and its
+        shard opens and reads back, in a child process (services/ranker/shard_check.py). A
+        directory without meta.json is a damaged version too (builds are renamed into place whole).
+        Call before this process opens the version."""
+        return _check_dir(self.version_dir(version), with_points=True)
+
+    def check_stored_users(self, version: str) -> ShardHealth:
+        """The same for the users collection of `version` (sound when there is none yet)."""
+        return _check_dir(self.users_dir(version), with_points=False)
 
     def delete_version(self, version: str) -> None:
         if not self.has_version(version):
@@ -176,10 +201,13 @@ class EdgeItemIndex:
         self._dims.pop(version, None)
         if shard is None:
             try:
-                shard = qe.EdgeShard.load(str(path / "shard"))
-            except Exception as e:
-                raise VersionInUse(f"index version {version} is open in another process: {e}") from e
-        shard.close()
+                shard = _load_shard(path / "shard")
+            except IndexUnavailable as e:
+                if IN_USE in str(e):
+                    raise VersionInUse(f"index version {version} is open in another process: {e}") from e
+                shard = None   # damaged beyond opening: nothing holds it, move it aside all the same
+        if shard is not None:
+            shard.close()
         trash = self._versions_dir / f".trash-{version}-{uuid.uuid4().hex[:8]}"
         os.rename(path, trash)
         return trash
@@ -281,8 +309,7 @@ class EdgeItemIndex:
             path = self._users_dir / version
             try:
                 if (path / "meta.json").is_file():
-                    opened = (qe.EdgeShard.load(str(path / "shard")),
-                              int(json.loads((path / "meta.json").read_text())["dim"]))
+                    opened = (_load_shard(path / "shard"), int(json.loads((path / "meta.json").read_text())["dim"]))
                 elif dim is None:
                     return None
                 else:   # a directory without meta.json is a creation that crashed: start over
@@ -291,7 +318,7 @@ class EdgeItemIndex:
                         vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot)))
                     _write_json(path / "meta.json", {"version": version, "dim": dim})
                     opened = (shard, dim)
-            except Exception as e:   # the engine raises bare Exception; a held lock is the usual cause
+            except Exception as e:   # a held lock is the usual cause
                 raise IndexUnavailable(f"cannot open the users of {version} at {path}: {e}") from e
             self._user_shards[version] = opened
             return opened
@@ -325,8 +352,8 @@ class EdgeItemIndex:
                 raise UnknownVersion(f"no index version {version}; have {self.versions()}")
             path = self._versions_dir / version
             try:
-                shard = qe.EdgeShard.load(str(path / "shard"))
-            except Exception as e:   # the engine raises bare Exception; a held lock is the usual cause
+                shard = _load_shard(path / "shard")
+            except IndexUnavailable as e:   # a held lock is the usual cause
                 raise IndexUnavailable(f"cannot open index version {version} at {path}: {e}") from e
             self._shards[version] = shard
             self._dims[version] = int(json.loads((path / "meta.json").read_text())["dim"])
@@ -356,6 +383,48 @@ def _query(vector: list[float], limit: int, offset: int, flt: SearchFilter | Non
 
 def _hit(p: qe.ScoredPoint) -> Hit:
     return Hit(int(p.id), float(p.score), public_payload(p.payload))
+
+
+def _load_shard(path: Path) -> qe.EdgeShard:
+    """EdgeShard.load with the engine's failures as IndexUnavailable: it raises bare Exception, and
+    a Rust panic (damaged files) arrives as pyo3's PanicException, which is a BaseException."""
+    try:
+        return qe.EdgeShard.load(str(path))
+    except BaseException as e:   # noqa: B902
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise   # KeyboardInterrupt, SystemExit
+        raise IndexUnavailable(f"{type(e).__name__}: {e}") from e
+
+
+def _read_alias(path: Path) -> str | None:
+    """The version aliases.json names (None: it names none); AliasUnreadable when it is not a
+    JSON object whose alias is a version name."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:   # ValueError: bad JSON or bad UTF-8
+        raise AliasUnreadable(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:100]})") from e
+    target = doc.get(ALIAS) if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and target is None:
+        return None
+    try:
+        return check_version(target)
+    except ValueError:
+        raise AliasUnreadable(f"{path} does not name a version: {json.dumps(doc)[:100]}") from None
+
+
+def _check_dir(path: Path, with_points: bool) -> ShardHealth:
+    if not path.exists():
+        return ShardHealth()
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        dim, points = int(meta["dim"]), int(meta["points"]) if with_points else 0
+    except FileNotFoundError:
+        return ShardHealth("its meta.json is missing")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return ShardHealth(f"its meta.json is unreadable ({type(e).__name__}: {str(e)[:100]})")
+    return check_shard(path / "shard", dim, points)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,8 @@ from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
 from .added_anime import AddedAnimeStore
 from .index import IndexUnavailable, open_index
 from .model import ServingModel
-from .service import RankerServicer, pick_bundle
+from .recovery import open_store, recover_alias, recover_collections
+from .service import RankerServicer, pick_bundles
 from .settings import RankerSettings
 
 log = logging.getLogger("services.ranker")
@@ -32,12 +34,18 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
     index = open_index(settings.data_dir / "qdrant", settings.qdrant_url or None, settings.qdrant_api_key or None,
                        on_query=lambda op, sec: metrics.qdrant_query.labels(operation=op).observe(sec),
                        search_batch=settings.search_batch, on_batch=metrics.search_batch_size.observe)
-    store = AddedAnimeStore(settings.data_dir / "added_anime.sqlite")
-    feedback = FeedbackStore(settings.data_dir / "feedback.sqlite")
+    embedded = not settings.qdrant_url   # its state is ours to check and repair (services/ranker/recovery.py)
+    if embedded:
+        recover_alias(index, settings.data_dir)
+    store = open_store(AddedAnimeStore, settings.data_dir / "added_anime.sqlite", settings.data_dir,
+                       "the store of added anime")
+    feedback = open_store(FeedbackStore, settings.data_dir / "feedback.sqlite", settings.data_dir,
+                          "the feedback store")
     encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=settings.outbound_tls())
     servicer = RankerServicer(settings, index, store, metrics, encoder=encoder, feedback=feedback)
-    path = pick_bundle(settings, index)
-    model = ServingModel(load_bundle(path), device=settings.device or None)
+    model = ServingModel(first_valid_bundle(pick_bundles(settings, index)), device=settings.device or None)
+    if embedded:
+        recover_collections(index, model.version, settings.data_dir)
     servicer.activate(model)
     if index.alias_target() is None:
         index.set_alias(model.version)
@@ -59,6 +67,19 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
                            lambda server: ranker_pb2_grpc.add_RankerServiceServicer_to_server(servicer, server),
                            [SERVICE_NAME], metrics=metrics, on_stop=[close])
     return running, servicer
+
+
+def first_valid_bundle(paths: list[Path]):
+    """The first of `paths` that loads and verifies; when none does, the first one's error."""
+    first_error = None
+    for path in paths:
+        try:
+            return load_bundle(path)
+        except BundleError as e:
+            first_error = first_error or e
+            if len(paths) > 1:
+                log.error("not serving %s: %s; trying an older bundle", path.name, e)
+    raise first_error
 
 
 def main() -> int:

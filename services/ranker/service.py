@@ -98,6 +98,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         self._serving: Serving | None = None
         self._swap = threading.Lock()
         self._refused: tuple[str, tuple] | None = None   # (alias target, bundle files) last refused
+        self._alias_problem: str | None = None             # why the alias could not be read, last poll
         self._upsert = threading.Lock()
 
     # ---- model lifecycle ---------------------------------------------------------------
@@ -153,8 +154,12 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         try:
             target = self.index.alias_target()
         except Exception as e:   # e.g. a Qdrant server down for a moment: ask again next poll, keep the thread
-            log.warning("cannot read the alias: %s", e)
+            if str(e) != self._alias_problem:   # once per problem, not once per poll
+                log.warning("cannot read the alias: %s; still serving %s", e,
+                            self._serving.version if self._serving else None)
+            self._alias_problem = str(e)
             return
+        self._alias_problem = None
         current = self._serving.version if self._serving else None
         if not target or target == current:
             return
@@ -534,18 +539,19 @@ def _bundle_files(path: Path) -> tuple:
                         for p in path.rglob("*") if p.is_file() for st in [p.stat()]))
 
 
-def pick_bundle(settings: RankerSettings, index: ItemIndex):
-    """The bundle to serve first: explicit setting, else the alias target, else the newest."""
+def pick_bundles(settings: RankerSettings, index: ItemIndex) -> list[Path]:
+    """The bundle to serve first: [explicit setting], else [the alias target], else every bundle,
+    newest first (the ranker serves the first that verifies)."""
     store = settings.model_store
     if settings.bundle:
-        return Path(settings.bundle) if Path(settings.bundle).is_absolute() else store / settings.bundle
+        return [Path(settings.bundle) if Path(settings.bundle).is_absolute() else store / settings.bundle]
     target = index.alias_target()
     if target and (store / target).is_dir():
-        return store / target
+        return [store / target]
     found = list_bundles(store)
     if not found:
         raise SystemExit(f"no model bundle in {store}: train one with `make train` (or `anime2vec train --sample`)")
-    return found[-1]
+    return found[::-1]
 
 
 def catalog_entries(s: Serving) -> list[ranker_pb2.CatalogEntry]:

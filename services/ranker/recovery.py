@@ -1,0 +1,94 @@
+"""Start-up recovery of the ranker's state on disk: derived data is rebuilt, records are kept.
+
+Under A2V_RANKER_DATA_DIR:
+  qdrant/versions/<v>/  derived from the bundle (and the added anime): a collection that does not
+                        open and read back (services/ranker/shard_check.py) is moved aside and
+                        built again from the bundle
+  qdrant/users/<v>/     derived from the feedback store: moved aside, user vectors are recomputed
+                        on each user's next request
+  qdrant/aliases.json   which version serves: unreadable → moved aside; the ranker serves the
+                        configured bundle, else the newest bundle that verifies, and writes a
+                        new alias for it
+  added_anime.sqlite,   stores of record: unreadable → moved aside (never deleted), an ERROR line
+  feedback.sqlite       says where, and the ranker starts with an empty store
+Each thing moved aside goes to <data dir>/quarantine/<UTC time>/, its path under the data dir kept,
+and gets one log line naming the problem, where it went and what happens instead. The ranker
+used to exit with a traceback on each of these and, restarted, fail the same way forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from .index import AliasUnreadable, IndexUnavailable
+from .index_edge import EdgeItemIndex
+
+log = logging.getLogger("services.ranker")
+Store = TypeVar("Store")
+
+
+def quarantine(path: Path, data_dir: Path) -> Path:
+    """Move `path` (and an SQLite file's -wal / -shm beside it) to the quarantine folder; returns
+    where it went."""
+    try:
+        rel = path.resolve().relative_to(data_dir.resolve())
+    except ValueError:
+        rel = Path(path.name)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    dest = data_dir / "quarantine" / stamp / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, dest)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.rename(side, dest.with_name(dest.name + suffix))
+    return dest
+
+
+def open_store(open_fn: Callable[[Path], Store], path: Path, data_dir: Path, what: str) -> Store:
+    """open_fn(path); when the file is not a sound SQLite database: quarantine it, log an ERROR,
+    and open an empty store in its place. `what` names the store in the log ("the feedback store")."""
+    try:
+        return open_fn(path)
+    except sqlite3.DatabaseError as e:
+        moved = quarantine(path, data_dir)
+        log.error("%s at %s is unreadable (%s): moved to %s and kept, NOT deleted; this ranker starts with an "
+                  "EMPTY store. What it acknowledged before is in the moved file (try `sqlite3 %s .recover`)",
+                  what, path, str(e)[:200], moved, moved,
+                  extra={"reason": "store_unreadable", "quarantined": str(moved)})
+        return open_fn(path)
+
+
+def recover_alias(index: EdgeItemIndex, data_dir: Path) -> None:
+    """An aliases.json that does not name a version is moved aside (the alias is then unset)."""
+    try:
+        index.alias_target()
+    except AliasUnreadable as e:
+        moved = quarantine(index.alias_file, data_dir)
+        log.error("the collection alias is unreadable (%s): moved to %s; serving the configured bundle or "
+                  "the newest bundle that verifies, and pointing the alias at it", e, moved,
+                  extra={"reason": "alias_unreadable", "quarantined": str(moved)})
+
+
+def recover_collections(index: EdgeItemIndex, version: str, data_dir: Path) -> None:
+    """Check the stored collections of `version` before this process opens them; move a damaged
+    one aside (activation then builds the items again from the bundle; users are recomputed)."""
+    for kind, check, where, then in (
+            ("collection", index.check_stored_version, index.version_dir,
+             "rebuilding it from the bundle"),
+            ("users collection", index.check_stored_users, index.users_dir,
+             "user vectors are recomputed from the feedback store on each user's next request")):
+        health = check(version)
+        if health.in_use:
+            raise IndexUnavailable(f"the Qdrant {kind} of {version} at {where(version)} is held by another process")
+        if health.problem:
+            moved = quarantine(where(version), data_dir)
+            log.error("the Qdrant %s of %s is damaged (%s): moved to %s; %s", kind, version, health.problem,
+                      moved, then, extra={"reason": "collection_damaged", "quarantined": str(moved)})
