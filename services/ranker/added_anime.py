@@ -1,9 +1,16 @@
-"""Durable record of anime added through UpsertAnime (SQLite, WAL).
+"""Durable record of anime added through UpsertAnime (SQLite, WAL), and the rules for their ids.
 
 The Qdrant collection is derived data: it is rebuilt for every model version. The anime added
 at run time are the one thing no bundle holds, so they are committed here *before* the RPC is
 acknowledged, with the raw encoder vector, and replayed into whichever collection serves (at
 start-up and after a model switch, when the new item tower must re-embed them).
+
+Ids. Every anime id is in 1..MAX_ANIME_ID (2**31 - 1: MyAnimeList's ids are below 100,000, and an
+id of this size is exact everywhere it travels: SQLite, Qdrant, JSON doubles). The ranker assigns
+the ids of new anime from ASSIGNED_IDS, a range callers may not create ids in, so an assigned id
+can never collide with a caller's. The next one is one above the largest *in that range*: an id
+outside it (an earlier version accepted any positive int64, and `2**63 - 1` made MAX(id) + 1
+overflow) cannot steer or break the allocation.
 """
 
 from __future__ import annotations
@@ -19,9 +26,16 @@ import numpy as np
 
 from anime2vec.feedback import check_sqlite_file
 
+MAX_ANIME_ID = 2**31 - 1
+ASSIGNED_IDS = range(100_000_000, MAX_ANIME_ID + 1)   # far above MAL's ids
+
 
 class StoreUnreadable(sqlite3.DatabaseError):
     """The store's file is not a readable SQLite database of ours (garbage, truncated, malformed)."""
+
+
+class IdsExhausted(Exception):
+    """Every id of ASSIGNED_IDS is taken."""
 
 
 @dataclass
@@ -70,15 +84,25 @@ class AddedAnimeStore:
                 (anime_id, json.dumps(fields, ensure_ascii=False), blob, encoder_fingerprint, time.time()))
         return existed is None
 
+    def has(self, anime_id: int) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM added_anime WHERE anime_id=?", (anime_id,)).fetchone() is not None
+
     def all(self) -> list[AddedAnime]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM added_anime ORDER BY anime_id").fetchall()
         return [AddedAnime(r[0], json.loads(r[1]), np.frombuffer(r[2], np.float32).copy(), r[3], r[4]) for r in rows]
 
-    def max_id(self) -> int:
+    def next_assigned_id(self, taken_above: int = 0) -> int:
+        """The id for a new anime: above every assigned id stored so far and above `taken_above`
+        (e.g. the largest bundle id in ASSIGNED_IDS); IdsExhausted past the range."""
         with self._lock:
-            r = self._db.execute("SELECT MAX(anime_id) FROM added_anime").fetchone()
-        return int(r[0] or 0)
+            (top,) = self._db.execute("SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN ? AND ?",
+                                      (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1)).fetchone()
+        nxt = max(ASSIGNED_IDS.start, (top or 0) + 1, taken_above + 1)
+        if nxt not in ASSIGNED_IDS:
+            raise IdsExhausted(f"every id in {ASSIGNED_IDS.start}..{ASSIGNED_IDS.stop - 1} is taken")
+        return nxt
 
     def close(self) -> None:
         with self._lock:

@@ -24,12 +24,12 @@ from anime2vec.data.text import build_texts
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems, occurred_at_seconds
 from anime2vec.serving.errors import (ServiceError, already_exists, failed_precondition, invalid_argument, not_found,
-                                      unavailable)
+                                      resource_exhausted, unavailable)
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving.pagination import decode_page_token, encode_page_token, request_digest
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
-from .added_anime import AddedAnimeStore
+from .added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
 from .index import IndexUnavailable, ItemIndex, ItemPoint, SearchFilter
 from .model import ItemMeta, ServingModel
 from .online_users import OnlineUsers, wmf_scores
@@ -39,9 +39,17 @@ from .settings import RankerSettings
 
 log = logging.getLogger(__name__)
 S = common_pb2
-NEW_ID_BASE = 100_000_000          # ids assigned to added anime: far above MAL's
 MAX_TITLE, MAX_SYNOPSIS, MAX_GENRES = 300, 20_000, 30
-MAX_WEIGHT = 100.0                 # liked_weights upper bound
+MAX_EPISODES = 10_000              # the longest-running series have a few thousand
+# liked_weights are confidences, 0.5-5 in training: huge ones make the ALS fold-in ill-conditioned,
+# and below ~1e-3 the fold-in and the weighted means vanish, so every score is 0
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
+# content vectors come from the encoder, L2-normalised (norm 1); far from it they were not, and a
+# vector near 0 or near float32's limits ranks nothing meaningful (every score 0, or not finite)
+MIN_VECTOR_NORM, MAX_VECTOR_NORM = 0.5, 2.0
+# UpsertAnime replaces a *catalogue* anime (one the bundle holds) only when the call carries this
+# metadata with that anime's id: an id sent by mistake, or to vandalise, cannot rewrite the catalogue
+REPLACE_CATALOGUE_KEY = "a2v-replace-catalogue-anime"
 TYPES = ("TV", "Movie", "OVA", "ONA", "Special", "Music")
 
 
@@ -121,6 +129,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def _replay_added(self, serving: Serving) -> None:
         m, points = serving.model, []
         added = self.store.all()
+        for a in added:
+            if a.anime_id > MAX_ANIME_ID:
+                log.warning("added anime %d has an id above %d (accepted before ids were bounded): still served; "
+                            "ids for new anime are assigned from %d on regardless", a.anime_id, MAX_ANIME_ID,
+                            ASSIGNED_IDS.start)
         if added and m.dropoutnet is None:   # no item tower to embed them: serve the rest, keep them stored
             log.warning("model %s has no item tower: %d added anime are not served by it", m.version, len(added))
             return
@@ -311,9 +324,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         weights = list(request.liked_weights)
         if weights and len(weights) != len(liked):
             raise invalid_argument({"liked_weights": f"{len(weights)} weights for {len(liked)} liked ids"})
-        if any(not np.isfinite(w) or w <= 0 or w > MAX_WEIGHT for w in weights):
-            # confidences are 0.5-5 in training; huge ones make the ALS fold-in ill-conditioned
-            raise invalid_argument({"liked_weights": f"each weight must be in (0, {MAX_WEIGHT:g}]"})
+        bad = [(f"liked_weights[{j}]", f"must be in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {w:.3g}")
+               for j, w in enumerate(weights)
+               if not np.float32(MIN_WEIGHT) <= w <= MAX_WEIGHT]   # as float32, as sent; NaN fails too
+        if bad:
+            raise invalid_argument(bad[:10])
         excluded = set(disliked) | (set() if request.options.filters.include_liked else set(liked))
         dis = np.stack([self._content(s, a) for a in disliked]) if disliked else None
         return self._page(request, context, s, request.options, query_kind="favourites",
@@ -414,8 +429,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         vec = np.asarray(request.content_vector, np.float32)
         if len(vec) != dim:
             raise invalid_argument({"content_vector": f"length {len(vec)}, the model's encoder gives {dim}"})
-        if not np.all(np.isfinite(vec)) or not np.any(vec):
-            raise invalid_argument({"content_vector": "must be finite and non-zero"})
+        norm = float(np.linalg.norm(vec.astype(np.float64)))   # float64: no overflow for huge entries
+        if not np.all(np.isfinite(vec)) or not MIN_VECTOR_NORM <= norm <= MAX_VECTOR_NORM:
+            raise invalid_argument({"content_vector": f"must be finite with L2 norm in [{MIN_VECTOR_NORM:g}, "
+                                                      f"{MAX_VECTOR_NORM:g}] (the encoder's vectors have norm 1), "
+                                                      f"got {norm:.3g}"})
         fp = m.manifest["encoder"]["fingerprint"]
         if request.encoder_fingerprint and request.encoder_fingerprint != fp:
             raise failed_precondition(f"content vector from encoder {request.encoder_fingerprint[:40]!r}, model uses {fp}",
@@ -439,12 +457,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             raise failed_precondition(f"encoder serves {fingerprint}, model {s.version} was trained with "
                                       f"{s.model.manifest['encoder']['fingerprint']}", reason="ENCODER_MISMATCH")
         with self._upsert:   # id assignment and the write are one step
-            if request.HasField("anime_id"):
-                if request.anime_id <= 0:
-                    raise invalid_argument({"anime_id": "must be positive"})
-                aid = int(request.anime_id)
-            else:
-                aid = max(NEW_ID_BASE, int(s.model.item_ids.max()) + 1, self.store.max_id() + 1)
+            aid = self._upsert_id(s, request, context)
             if aid in s.model.pos and not fields["members"]:
                 fields["members"] = int(s.model.payload(s.model.pos[aid])["members"])
             vec, content, tfidf, cold = self._item_vectors(s, aid, raw[0], text)
@@ -455,6 +468,32 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             s.generation += 1
         log.info("upserted anime", extra={"anime_id": aid, "new": created, "version": s.version})
         return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=created, model_version=s.version)
+
+    def _upsert_id(self, s: Serving, request, context) -> int:
+        """The id an UpsertAnime writes. Absent: a fresh one from ASSIGNED_IDS. Given: it must be in
+        1..MAX_ANIME_ID and outside ASSIGNED_IDS unless it names an anime added before (callers
+        never create ids there, so assigned ids never collide); a catalogue anime is replaced only
+        with the REPLACE_CATALOGUE_KEY metadata naming it."""
+        if not request.HasField("anime_id"):
+            ids = s.model.item_ids
+            in_range = ids[(ids >= ASSIGNED_IDS.start) & (ids < ASSIGNED_IDS.stop)]
+            try:
+                return self.store.next_assigned_id(int(in_range.max()) if len(in_range) else 0)
+            except IdsExhausted as e:
+                raise resource_exhausted(str(e), reason="ANIME_IDS_EXHAUSTED") from None
+        aid = int(request.anime_id)
+        if not 1 <= aid <= MAX_ANIME_ID:
+            raise invalid_argument({"anime_id": f"must be in 1..{MAX_ANIME_ID}, got {aid}"})
+        if aid in s.model.pos:
+            asked = dict(context.invocation_metadata() if context else ()).get(REPLACE_CATALOGUE_KEY)
+            if asked != str(aid):
+                raise already_exists(
+                    f"anime_id {aid} is a catalogue anime of {s.version}; replacing its title and text takes "
+                    f"metadata {REPLACE_CATALOGUE_KEY}: {aid}", reason="CATALOGUE_ANIME", field="anime_id")
+        elif aid in ASSIGNED_IDS and not self.store.has(aid):
+            raise invalid_argument({"anime_id": f"ids from {ASSIGNED_IDS.start} on are assigned by the ranker: "
+                                                f"omit anime_id to add a new anime"})
+        return aid
 
     def _item_vectors(self, s: Serving, aid: int, raw: np.ndarray, text: str):
         """(serving vector, whitened content, TF-IDF projection, cold) for an added anime; a
@@ -520,6 +559,8 @@ def validate_anime_input(a: common_pb2.AnimeInput) -> dict:
         bad.append(("anime.type", f"one of {', '.join(TYPES)} or empty"))
     if a.HasField("year") and not 1900 <= a.year <= 2100:
         bad.append(("anime.year", "must be in 1900..2100"))
+    if a.HasField("episodes") and not 0 <= a.episodes <= MAX_EPISODES:
+        bad.append(("anime.episodes", f"must be in 0..{MAX_EPISODES}, got {a.episodes}"))
     if a.members < 0:
         bad.append(("anime.members", "must be >= 0"))
     if bad:

@@ -1,11 +1,12 @@
-"""The pieces of the ranker's start-up recovery, in-process and fast (the ranker
+"""The pieces of the ranker's start-up recovery and id policy, in-process and fast (the ranker
 process itself recovering is tests/faults/test_ranker_corrupt_state.py):
 - the alias record: garbage and non-version contents are AliasUnreadable, never a bare traceback;
   `anime2vec promote` rewrites a damaged one, rollback refuses with a clear error;
 - the shard check: sound shards pass; truncated, aborting and silently-short ones do not, and a
   shard another process holds is "in use", never "damaged";
 - quarantine moves an SQLite file together with its -wal / -shm, and open_store replaces an
-  unreadable store with an empty one, keeping the old file.
+  unreadable store with an empty one, keeping the old file;
+- new ids: in the assigned range, past bundle ids there, undisturbed by out-of-range ids.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 
 from anime2vec.feedback import FeedbackStore
 from anime2vec.rollout import FileAliasHistory, Rollout, RolloutError
-from services.ranker.added_anime import AddedAnimeStore
+from services.ranker.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
 from services.ranker.index import AliasUnreadable, ItemPoint
 from services.ranker.index_edge import EdgeItemIndex
 from services.ranker.recovery import open_store, quarantine, recover_alias, recover_collections
@@ -171,3 +172,17 @@ def test_quarantine_keeps_the_relative_path(tmp_path):
     (tmp_path / "qdrant" / "users" / "v1").mkdir(parents=True)
     moved = quarantine(tmp_path / "qdrant" / "users" / "v1", tmp_path)
     assert moved.is_dir() and moved.relative_to(tmp_path / "quarantine").parts[1:] == ("qdrant", "users", "v1")
+
+
+def test_new_ids_ignore_ids_outside_the_assigned_range(tmp_path):
+    store = AddedAnimeStore(tmp_path / "a.sqlite")
+    assert store.next_assigned_id() == ASSIGNED_IDS.start
+    assert store.next_assigned_id(taken_above=ASSIGNED_IDS.start + 41) == ASSIGNED_IDS.start + 42
+    for poisoned in (2**63 - 1, MAX_ANIME_ID + 1, 20):   # what an unbounded version accepted
+        store.put(poisoned, {"title": "p"}, np.zeros(4), "fp")
+    store.put(ASSIGNED_IDS.start + 6, {"title": "a"}, np.zeros(4), "fp")
+    assert store.next_assigned_id() == ASSIGNED_IDS.start + 7
+    store.put(MAX_ANIME_ID, {"title": "last"}, np.zeros(4), "fp")
+    with pytest.raises(IdsExhausted):
+        store.next_assigned_id()
+    store.close()
