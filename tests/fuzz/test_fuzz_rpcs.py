@@ -512,8 +512,8 @@ def test_long_input_echoed_in_an_error_keeps_its_status(live, ranker, model):
         ("gateway.Recommend", live.gateway.Recommend, gateway_pb2.RecommendRequest(
             favourites=[S.AnimeRef(title=f"Zzqxj Wvkpt Frobnic {i} " * 10) for i in range(40)]), C.NOT_FOUND),
         ("ranker.RecommendFromVector", ranker.RecommendFromVector, ranker_pb2.RecommendFromVectorRequest(
-            content_vector=[model.encoder_dim ** -0.5] * model.encoder_dim,   # a unit vector: only the fingerprint is wrong
-            encoder_fingerprint="x" * 10_000), C.FAILED_PRECONDITION),
+            content_vector=[model.encoder_dim ** -0.5] * model.encoder_dim,   # unit norm: only the fingerprint
+            encoder_fingerprint="x" * 10_000), C.FAILED_PRECONDITION),          # is wrong
     ]
     for name, call, request, code in cases:
         assert send(name, call, request, {code}) == code
