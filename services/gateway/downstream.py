@@ -35,6 +35,10 @@ _CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SE
                     ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 # Leave this much of the caller's deadline for the gateway's own work after the downstream answer.
 _MARGIN_S = 0.05
+# The ranker replaces a catalogue anime only when the call names it in this metadata
+# (services/ranker/service.py REPLACE_CATALOGUE_KEY): the gateway sends it for callers whose key has
+# the `catalog` scope, the only ones whose AddAnime reaches the ranker.
+REPLACE_CATALOGUE_KEY = "a2v-replace-catalogue-anime"
 # What grpc answers (RESOURCE_EXHAUSTED, no details) when a server's maximum_concurrent_rpcs sheds a call.
 _CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
 
@@ -103,7 +107,8 @@ class Ranker:
         self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel)
 
     def call(self, method: str, request, context: grpc.ServicerContext | None = None, *,
-             timeout_s: float | None = None, fields: Mapping[str, str] | None = None):
+             timeout_s: float | None = None, fields: Mapping[str, str] | None = None,
+             metadata: tuple[tuple[str, str], ...] = ()):
         """stub.<method>(request) with a bounded deadline; ServiceError on failure. Messages never
         name the ranker's address (it is logged instead)."""
         timeout = deadline(context, timeout_s or self.timeout_s)
@@ -111,7 +116,7 @@ class Ranker:
         # not passed on: what the ranker gets is what the gateway validated.
         request.DiscardUnknownFields()
         try:
-            return getattr(self.stub, method)(request, timeout=timeout)
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as e:
             code, error = e.code(), ServiceError.from_rpc_error(e)
             answered = any(isinstance(d, error_details_pb2.ErrorInfo) for d in error.details)

@@ -27,7 +27,7 @@ from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 from . import mal_import
 from .anime_input import anime_id_problem, anime_input_problems
 from .catalog import CatalogueSync, entry_from_input
-from .downstream import Ranker, deadline, rename_fields
+from .downstream import REPLACE_CATALOGUE_KEY, Ranker, deadline, rename_fields
 from .settings import GatewaySettings
 
 log = logging.getLogger("services.gateway")
@@ -334,9 +334,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         problems.invalid += anime_input_problems(request.anime, self.settings.max_title_chars,
                                                  self.settings.max_synopsis_chars)
         problems.raise_if_any()
+        replace = ((REPLACE_CATALOGUE_KEY, str(request.anime_id)),) if request.HasField("anime_id") else ()
         resp = self.ranker.call("UpsertAnime", ranker_pb2.UpsertAnimeRequest(
             anime_id=request.anime_id if request.HasField("anime_id") else None, anime=request.anime),
-            context, timeout_s=self.settings.ranker_timeout_s + _UPSERT_EXTRA_S)
+            context, timeout_s=self.settings.ranker_timeout_s + _UPSERT_EXTRA_S, metadata=replace)
         self.catalogue.add(entry_from_input(resp.anime_id, request.anime), resp.model_version)
         return gateway_pb2.AddAnimeResponse(anime_id=resp.anime_id, created=resp.created,
                                             model_version=resp.model_version)

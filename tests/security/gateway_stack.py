@@ -48,6 +48,7 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
 
     def __init__(self) -> None:
         self.upserts: list[ranker_pb2.UpsertAnimeRequest] = []
+        self.upsert_metadata: list[dict[str, str]] = []
         self.release_slow = threading.Event()
         self._lock = threading.Lock()
 
@@ -86,6 +87,7 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
     def UpsertAnime(self, request, context):
         with self._lock:
             self.upserts.append(request)
+            self.upsert_metadata.append(dict(context.invocation_metadata()))
             aid = request.anime_id if request.HasField("anime_id") else 100_000_000 + len(self.upserts)
         return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=not request.HasField("anime_id"),
                                               model_version=VERSION)

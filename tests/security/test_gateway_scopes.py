@@ -69,6 +69,9 @@ def test_a_read_only_key_only_reads(gateway):
 def test_a_catalog_key_overwrites(gateway):
     assert overwrite(gateway, ADMIN) is None
     assert [(u.anime_id, u.anime.title) for u in gateway.ranker.upserts] == [(20, NARUTO.title)]
+    # the ranker replaces a catalogue anime only when told so: the gateway says it for catalog keys
+    assert gateway.ranker.upsert_metadata[-1].get("a2v-replace-catalogue-anime") == "20"
+    assert "authorization" not in gateway.ranker.upsert_metadata[-1]
 
 
 @pytest.mark.parametrize("anime_id", [2**63 - 1, 2**31, 0, -1, -2**63])
