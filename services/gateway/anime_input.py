@@ -3,8 +3,9 @@
 Sizes are bounded here so that a request the gateway accepts always fits the ranker's message limit
 (4 MiB, below the gateway's 8 MiB): a 7 MB synopsis gets INVALID_ARGUMENT naming `anime.synopsis`,
 not the ranker's transport error. The limits are the ranker's own or stricter (services/ranker/service.py
-MAX_TITLE 300, MAX_SYNOPSIS 20,000, 30 genres of 1-50 characters, 50 synonyms), so nothing the gateway
-passes is refused for size downstream; what only the ranker can judge (year, type) it still checks.
+MAX_TITLE 300, MAX_SYNOPSIS 20,000, MAX_EPISODES 10,000, 30 genres of 1-50 characters, 50 synonyms),
+so nothing the gateway passes is refused for size downstream; what only the ranker can judge (year,
+type) it still checks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from anime2vec.v1 import common_pb2
 MAX_ANIME_ID = 2**31 - 1        # MyAnimeList ids and the ids the ranker assigns are far below
 MAX_SYNOPSIS_CHARS = 20_000     # the ranker's MAX_SYNOPSIS
 MAX_SYNONYMS, MAX_GENRES, MAX_GENRE_CHARS, MAX_TYPE_CHARS = 50, 30, 50, 16
+MAX_EPISODES = 10_000           # the ranker's MAX_EPISODES
 
 
 def anime_id_problem(anime_id: int) -> str | None:
@@ -52,8 +54,8 @@ def anime_input_problems(a: common_pb2.AnimeInput, max_title_chars: int,
         for i, g in enumerate(a.genres):
             too_long(f"anime.genres[{i}]", g, MAX_GENRE_CHARS)
     too_long("anime.type", a.type, MAX_TYPE_CHARS)
-    if a.HasField("episodes") and a.episodes < 0:
-        bad.append(("anime.episodes", f"must be >= 0, got {a.episodes}"))
+    if a.HasField("episodes") and not 0 <= a.episodes <= MAX_EPISODES:
+        bad.append(("anime.episodes", f"must be in 0..{MAX_EPISODES:,}, got {a.episodes}"))
     if a.members < 0:
         bad.append(("anime.members", f"must be >= 0, got {a.members}"))
     return bad

@@ -48,6 +48,7 @@ def add(gw, anime: S.AnimeInput) -> ErrorDetails | None:
     (S.AnimeInput(title="Big", genres=["g" * 51], synopsis="A story."), "anime.genres[0]"),
     (S.AnimeInput(title="Big", type="T" * (5 * MB), synopsis="A story."), "anime.type"),
     (S.AnimeInput(title="Negative", synopsis="A story.", episodes=-1), "anime.episodes"),
+    (S.AnimeInput(title="Endless", synopsis="A story.", episodes=10_001), "anime.episodes"),
     (S.AnimeInput(title="Negative", synopsis="A story.", members=-5), "anime.members"),
 ])
 def test_bad_anime_input_is_invalid_argument_naming_the_field(gateway, anime, field):
