@@ -89,14 +89,16 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_sqlite_file(path: Path) -> None:
-    """sqlite3.DatabaseError if `path` exists and is not an SQLite database, checked before SQLite
-    opens it: SQLite, failing on such a file, may still delete or reset the -wal beside it, which
-    is evidence (and maybe data) worth keeping."""
+    """sqlite3.DatabaseError if `path` exists and is not an SQLite database (sqlite3.OperationalError
+    if it cannot be read now), checked before SQLite opens it: SQLite, failing on such a file, may
+    still delete or reset the -wal beside it, which is evidence (and maybe data) worth keeping."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_HEADER))
     except FileNotFoundError:
         return
+    except OSError as e:   # unreadable now (a directory, permissions, I/O): nothing known about the content
+        raise sqlite3.OperationalError(f"cannot read {path}: {e}") from e
     if head and head != SQLITE_HEADER:
         raise sqlite3.DatabaseError(f"file is not a database (it starts with {head[:8]!r}, not the SQLite header)")
 

@@ -56,10 +56,13 @@ class AddedAnimeStore:
         self._lock = threading.Lock()
         try:
             check_sqlite_file(path)
+        except sqlite3.OperationalError:
+            raise
         except sqlite3.DatabaseError as e:
             raise StoreUnreadable(str(e)) from None
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
+            self._db.execute("PRAGMA busy_timeout=10000")  # replicas may share the file (production overlay)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
             self._db.execute("""CREATE TABLE IF NOT EXISTS added_anime (
@@ -70,6 +73,9 @@ class AddedAnimeStore:
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
             self.all()
+        except sqlite3.OperationalError:   # locked, unopenable, I/O: says nothing about the file's content
+            self._db.close()
+            raise
         except (sqlite3.DatabaseError, ValueError) as e:   # ValueError: a row that does not decode
             self._db.close()
             raise StoreUnreadable(str(e)) from e

@@ -34,6 +34,11 @@ log = logging.getLogger("services.ranker")
 Store = TypeVar("Store")
 
 
+class StoreUnavailable(Exception):
+    """A store that cannot be opened right now (locked, no such directory, I/O error): nothing is
+    known about its content, so it is left alone and the ranker does not start."""
+
+
 def quarantine(path: Path, data_dir: Path) -> Path:
     """Move `path` (and an SQLite file's -wal / -shm beside it) to the quarantine folder; returns
     where it went."""
@@ -54,9 +59,13 @@ def quarantine(path: Path, data_dir: Path) -> Path:
 
 def open_store(open_fn: Callable[[Path], Store], path: Path, data_dir: Path, what: str) -> Store:
     """open_fn(path); when the file is not a sound SQLite database: quarantine it, log an ERROR,
-    and open an empty store in its place. `what` names the store in the log ("the feedback store")."""
+    and open an empty store in its place. `what` names the store in the log ("the feedback store").
+    A store that cannot be opened for another reason (SQLite's OperationalError: locked by another
+    replica on a shared volume, a missing directory, an I/O error) is never moved: StoreUnavailable."""
     try:
         return open_fn(path)
+    except sqlite3.OperationalError as e:
+        raise StoreUnavailable(f"{what} at {path} cannot be opened: {e}") from e
     except sqlite3.DatabaseError as e:
         moved = quarantine(path, data_dir)
         log.error("%s at %s is unreadable (%s): moved to %s and kept, NOT deleted; this ranker starts with an "

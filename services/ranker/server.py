@@ -21,7 +21,7 @@ from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
 from .added_anime import AddedAnimeStore
 from .index import IndexUnavailable, open_index
 from .model import ServingModel
-from .recovery import open_store, recover_alias, recover_collections
+from .recovery import StoreUnavailable, open_store, recover_alias, recover_collections
 from .service import RankerServicer, pick_bundles
 from .settings import RankerSettings
 
@@ -94,7 +94,7 @@ def main() -> int:
     torch.set_num_threads(1)
     try:
         running, _ = start(settings)
-    except (BundleError, IndexUnavailable) as e:
+    except (BundleError, IndexUnavailable, StoreUnavailable) as e:
         log.error("cannot start: %s", e)
         return 1
     running.wait_for_termination()

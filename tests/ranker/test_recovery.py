@@ -24,7 +24,7 @@ from anime2vec.rollout import FileAliasHistory, Rollout, RolloutError
 from services.ranker.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
 from services.ranker.index import AliasUnreadable, ItemPoint
 from services.ranker.index_edge import EdgeItemIndex
-from services.ranker.recovery import open_store, quarantine, recover_alias, recover_collections
+from services.ranker.recovery import StoreUnavailable, open_store, quarantine, recover_alias, recover_collections
 
 DIM = 8
 GARBAGE = b"\x00\xff garbage \x13" * 100
@@ -153,6 +153,16 @@ def test_an_unreadable_store_is_kept_aside_and_replaced_by_an_empty_one(tmp_path
     assert moved.read_bytes() == GARBAGE and moved.with_name(name + "-wal").read_bytes() == b"wal"
     (line,) = [r.message for r in caplog.records if r.levelno == logging.ERROR]
     assert f"moved to {moved} and kept, NOT deleted" in line and "EMPTY" in line
+
+
+@pytest.mark.parametrize("store", [AddedAnimeStore, FeedbackStore])
+def test_a_store_that_cannot_be_opened_is_left_alone(tmp_path, store):
+    """SQLite's OperationalError (here: the path is a directory; also a lock held by another
+    replica, an I/O error) says nothing about the content: never quarantined, the ranker stops."""
+    (tmp_path / "store.sqlite").mkdir()
+    with pytest.raises(StoreUnavailable, match="cannot be opened"):
+        open_store(store, tmp_path / "store.sqlite", tmp_path, "the store")
+    assert (tmp_path / "store.sqlite").is_dir() and not (tmp_path / "quarantine").exists()
 
 
 def test_a_store_with_a_damaged_page_is_unreadable(tmp_path):
