@@ -39,10 +39,27 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	  $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS); fi
 	touch anime2vec/v1/__init__.py $@
 
-# promtool (Debian/Ubuntu package `prometheus`) checks and unit-tests deploy/prometheus/rules.yml;
-# apt needs root, as in CI.
+# promtool checks and unit-tests deploy/prometheus/rules.yml. Debian ships it only inside the
+# `prometheus` server package, so that package is downloaded (apt-get download: no root) and only
+# its promtool unpacked into .cache/tools/bin, which every target has on PATH: no server is
+# installed, no service enabled. A promtool already on PATH is used as it is.
+TOOLS := .cache/tools
+export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
+
 promtool:
-	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+	@command -v promtool >/dev/null || $(MAKE) --no-print-directory $(TOOLS)/bin/promtool
+
+$(TOOLS)/bin/promtool:
+	@rm -rf $(TOOLS)/deb; mkdir -p $(TOOLS)/deb $(TOOLS)/bin
+	@cd $(TOOLS)/deb && apt-get download -q prometheus >/dev/null 2>download.log || { cat download.log; \
+	  echo "promtool is missing and Debian's prometheus package could not be downloaded. Either run"; \
+	  echo "'sudo apt-get update' once (apt-get download needs the package lists, not root), or put a"; \
+	  echo "promtool binary (prometheus-*.linux-amd64.tar.gz from github.com/prometheus/prometheus/releases)"; \
+	  echo "in $(TOOLS)/bin/ or on PATH."; exit 1; }
+	dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root
+	install -m 0755 $(TOOLS)/deb/root/usr/bin/promtool $@
+	@rm -rf $(TOOLS)/deb
+	$@ --version | head -1
 
 test: setup promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
