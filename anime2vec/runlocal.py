@@ -4,8 +4,10 @@ Trains a bundle when the model store has none for the requested data (full by de
 with --sample), starts the encoder, ranker and gateway as child processes, waits until each one's
 health check says SERVING, prints how to call them, and on Ctrl-C / SIGTERM stops them in order
 (gateway, ranker, encoder), each through its own graceful SIGTERM shutdown. If any of them dies,
-the others are stopped too and the exit status is 1. The services run in their own sessions, so a
-runner killed with SIGKILL leaves them running (it prints their pids once they serve).
+the others are stopped too and the exit status is 1. Ctrl-C / SIGTERM at any stage, training
+included, stops every child with what it started (anime2vec.process_groups); the exit status is
+then 0 once serving, 128 + the signal before. Every child runs in its own session, so a runner
+killed with SIGKILL leaves them running (it prints the services' pids once they serve).
 
 `ServiceProcess` is also what the end-to-end tests start the services with.
 """
@@ -16,7 +18,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .paths import REPO_ROOT, default_model_store
+from .process_groups import raise_on_signals, received_signal, run_to_completion, spawn, stop_group, stopping
 from .serving.tls import ClientTLS, open_channel
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -119,9 +121,9 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             # Its own session: a terminal's Ctrl-C reaches only the parent, which stops the services
             # one by one, instead of all of them at once racing the parent's orderly SIGTERMs.
-            self.proc = subprocess.Popen([sys.executable, "-m", self.spec.module], cwd=REPO_ROOT,
-                                         env=self.spec.environment(self.base_env), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            spawn([sys.executable, "-m", self.spec.module], lambda proc: setattr(self, "proc", proc),
+                  cwd=REPO_ROOT, env=self.spec.environment(self.base_env), stdin=subprocess.DEVNULL,
+                  stdout=log, stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -149,17 +151,11 @@ class ServiceProcess:
                 time.sleep(0.25)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (graceful shutdown), then SIGKILL if it has not exited in timeout_s."""
+        """SIGTERM (graceful shutdown) to its process group, then SIGKILL if it has not exited in
+        timeout_s; whatever it started goes too."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_group(self.proc, timeout_s)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -191,24 +187,47 @@ def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> Path:
           f"MiniLM, which takes a while on a CPU; encodings are cached for next time).", flush=True)
     cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--store", str(store), "--report-dir", str(report_dir)]
     cmd += ["--sample"] if sample else []
-    rc = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV).returncode
+    # A child in its own group: Ctrl-C / SIGTERM to the runner stops it and its workers
+    rc = run_to_completion(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, stdin=subprocess.DEVNULL)
     found = newest_bundle(store, source) if rc == 0 else None
     if found is None:
         raise SystemExit(f"training failed (exit status {rc}); see the output above")
     return found
 
 
+# The local key may do everything the client can (add-anime needs catalog): it is this machine's.
+LOCAL_KEY_SCOPES = "read+feedback+catalog"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 0600 from the start, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
 def api_key_env(key_file: Path) -> tuple[dict[str, str], str | None]:
-    """(gateway env, key to print). Keys already configured are used as they are (and not printed);
-    otherwise a local key is generated once into key_file (mode 0600) and reused afterwards."""
+    """(gateway env, key to print). Keys already configured are used as they are (and not printed).
+    Otherwise a local key is generated once into key_file (mode 0600, the bare token: what
+    clients send, `$(cat var/run/api-key)`) and reused afterwards; the gateway reads it with every
+    scope from gateway_keys_file(key_file) (`<token>:read+feedback+catalog`), rewritten each run."""
     if os.environ.get("A2V_GATEWAY_API_KEYS") or os.environ.get("A2V_GATEWAY_API_KEYS_FILE"):
         return {}, None
     if not key_file.is_file():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(20) + "\n")
-    return {"API_KEYS_FILE": str(key_file)}, key_file.read_text().strip()
+        _write_private(key_file, secrets.token_hex(20) + "\n")
+    token = key_file.read_text().strip().partition(":")[0]   # a token, also from a file that added scopes
+    scoped = gateway_keys_file(key_file)
+    _write_private(scoped, f"# make run's local key, every scope; clients send only the token ({key_file.name})\n"
+                           f"{token}:{LOCAL_KEY_SCOPES}\n")
+    return {"API_KEYS_FILE": str(scoped)}, token
+
+
+def gateway_keys_file(key_file: Path) -> Path:
+    return key_file.with_name("gateway-api-keys")
 
 
 def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, logs: Path) -> str:
@@ -219,31 +238,34 @@ def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, log
         return (f"  {name:8s} {p.spec.address}  ({role}metrics http://{p.spec.host}:{p.spec.metrics_port}/metrics, "
                 f"pid {p.proc.pid})")
 
-    key_line = (f"  export A2V_API_KEY={key}        # generated for this machine ({key_file})"
-                if key else "  export A2V_API_KEY=<one of the configured A2V_GATEWAY_API_KEYS>")
+    key_line = (f"  export A2V_API_KEY=$(cat {_shown(key_file)})   # this machine's key, generated once "
+                f"(read, feedback, catalog)" if key else
+                "  export A2V_API_KEY=<one of the keys in A2V_GATEWAY_API_KEYS(_FILE), without its :scopes>")
+    client = f"{_shown(Path(sys.executable))} -m anime2vec.client"
     return f"""
 anime2vec is running (Ctrl-C stops it):
 {line("gateway", "public API, ")}
 {line("ranker", "")}
 {line("encoder", "")}
-  logs     {logs}/
+  logs     {_shown(logs)}/
 
-Try it:
+Try it (in another terminal, in {REPO_ROOT}):
 {key_line}
   export A2V_GATEWAY_ADDRESS={gw.address}
-  .venv/bin/python -m anime2vec.client recommend "Naruto" "Bleach" "Fullmetal Alchemist" --explain
-  .venv/bin/python -m anime2vec.client similar "Cowboy Bebop"
-  .venv/bin/python -m anime2vec.client search-text "two brothers search for a stone that restores bodies"
-  .venv/bin/python -m anime2vec.client info
-
-  grpcurl -plaintext -H "authorization: Bearer $A2V_API_KEY" \\
-    -d '{{"favourites": [{{"title": "Naruto"}}], "options": {{"limit": 5}}}}' \\
-    {gw.address} anime2vec.v1.GatewayService/Recommend
+  {client} recommend "Naruto" "Bleach" "Fullmetal Alchemist" --explain
+  {client} similar "Cowboy Bebop"
+  {client} search-text "two brothers search for a stone that restores bodies"
+  {client} info
+  {client} call Recommend '{{"favourites": [{{"title": "Naruto"}}], "options": {{"limit": 5}}}}'
 """
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _shown(path: Path) -> str:
+    """A path as a command pasted in the repository should name it: relative when inside it."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,25 +277,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", type=Path, default=REPO_ROOT / "var" / "run",
                     help="logs, the local API key and the ranker's data (embedded Qdrant, added anime)")
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--base-port", type=int, default=50050,
+                    help="gRPC ports: gateway on this one, encoder and ranker on the next two (default 50050)")
+    ap.add_argument("--metrics-base-port", type=int, default=9100,
+                    help="metrics ports: gateway, encoder, ranker from this one on (default 9100)")
     ap.add_argument("--encoder-model", default="minilm", choices=["minilm", "tiny-random"])
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds each service may take to serve")
     a = ap.parse_args(argv)
 
-    mode = "sample" if a.sample else "full"
-    store = a.store or (default_model_store() / "sample" if a.sample else default_model_store())
-    bundle = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
-    gateway_env, key = api_key_env(a.state_dir / "api-key")
-    specs = standard_specs(a.host, {"gateway": (50050, 9100), "encoder": (50051, 9101), "ranker": (50052, 9102)},
-                           encoder_model=a.encoder_model, model_store=store, bundle=bundle.name,
-                           ranker_data_dir=a.state_dir / mode / "ranker", gateway_env=gateway_env,
-                           encoder_model_dir=bundle_encoder_dir(bundle))
-    logs = a.state_dir / "logs"
-    procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
-
-    for sig in (signal.SIGINT, signal.SIGTERM):   # also when started with SIGINT ignored (in the background)
-        signal.signal(sig, _interrupt)
-    status = 0
+    raise_on_signals()   # from the start: training and set-up stop on Ctrl-C / SIGTERM too
+    procs: dict[str, ServiceProcess] = {}
+    status, serving = 0, False
     try:
+        mode = "sample" if a.sample else "full"
+        store = a.store or (default_model_store() / "sample" if a.sample else default_model_store())
+        bundle = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
+        gateway_env, key = api_key_env(a.state_dir / "api-key")
+        g, m = a.base_port, a.metrics_base_port
+        specs = standard_specs(a.host, {"gateway": (g, m), "encoder": (g + 1, m + 1), "ranker": (g + 2, m + 2)},
+                               encoder_model=a.encoder_model, model_store=store, bundle=bundle.name,
+                               ranker_data_dir=a.state_dir / mode / "ranker", gateway_env=gateway_env,
+                               encoder_model_dir=bundle_encoder_dir(bundle))
+        logs = a.state_dir / "logs"
+        procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
         print(f"serving bundle {bundle.name} from {store}", flush=True)
         for name in ("encoder", "ranker"):          # both load models: start them together
             procs[name].start()
@@ -281,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             procs[name].wait_serving(a.startup_timeout)
         procs["gateway"].start()
         procs["gateway"].wait_serving(a.startup_timeout)
+        serving = True
         print(usage(procs, key, a.state_dir / "api-key", logs), flush=True)
         while not (dead := [p for p in procs.values() if not p.alive()]):
             time.sleep(0.5)
@@ -289,14 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)
+        # a requested stop is how a server ends; before it served, the run did not do its job
+        status = 0 if serving else 128 + (received_signal() or 2)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 1
     finally:
-        for name in ("gateway", "ranker", "encoder"):
-            rc = procs[name].stop()
-            if rc is not None:
-                print(f"stopped {name} (exit status {rc})", flush=True)
+        with stopping():   # a second Ctrl-C hurries the stop (SIGKILL) instead of cutting it short
+            for name in ("gateway", "ranker", "encoder"):
+                rc = procs[name].stop() if name in procs else None
+                if rc is not None:
+                    print(f"stopped {name} (exit status {rc})", flush=True)
     return status
 
 
