@@ -1,9 +1,11 @@
 """User feedback events: the durable store and the one rule that turns events into confidences.
 
 Feedback (a user rated, completed, dropped, added or removed an anime) is the input of online
-learning. The ranker writes it here before acknowledging (SQLite in WAL mode with
-`synchronous=FULL`: an acknowledged event has been fsynced), folds it into the user's vector at
-once, and retraining reads it back (`all_events`) to build the next bundle. Both sides turn events
+learning. The ranker writes it to a store before acknowledging, folds it into the user's vector at
+once, and retraining reads it back (`all_events`) to build the next bundle. Two stores, one
+interface: `FeedbackStore` here (SQLite in WAL mode with `synchronous=FULL`: an acknowledged event
+has been fsynced; one ranker on one machine) and `anime2vec.store.feedback_postgres` (PostgreSQL,
+shared by every ranker replica), tested by the same tests (tests/store/). Both sides turn events
 into implicit confidences with `user_confidences`, which applies the training rules of
 `anime2vec.data.confidence`, so what serving believes about a user is what training would learn.
 
@@ -25,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 from anime2vec.data.confidence import implicit_feedback
+from anime2vec.store.migrations import migrate_sqlite
+from anime2vec.store.observe import Observer, timed
 
 # "added": put on the user's plan-to-watch / watching list; "removed": taken off the user's list.
 KINDS = ("rated", "completed", "dropped", "added", "removed")
@@ -53,6 +57,8 @@ def validate_event(e: FeedbackEvent) -> str | None:
     own field paths first; this keeps the store consistent whoever calls it."""
     if not e.event_id or len(e.event_id) > MAX_EVENT_ID_LENGTH:
         return f"event_id: must be 1..{MAX_EVENT_ID_LENGTH} characters"
+    if "\x00" in e.event_id:   # PostgreSQL's text cannot hold it: refused on both backends alike
+        return "event_id: must not contain NUL characters"
     if e.user_id <= 0:
         return "user_id: must be > 0"
     if e.anime_id <= 0:
@@ -104,10 +110,14 @@ def check_sqlite_file(path: Path) -> None:
 
 
 class FeedbackStore:
-    """The events table (see `COLUMNS`), one connection behind a lock (thread-safe). Opening a
-    file that is not a sound SQLite database raises sqlite3.DatabaseError and changes nothing."""
+    """The events table (see `COLUMNS`) in an SQLite file, one connection behind a lock
+    (thread-safe). Opening a file that is not a sound SQLite database raises sqlite3.DatabaseError
+    and changes nothing. `observe` is told each operation's latency and outcome (metrics)."""
 
-    def __init__(self, path: Path | str):
+    backend = "sqlite"
+
+    def __init__(self, path: Path | str, observe: Observer | None = None):
+        self.observe = observe
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -117,10 +127,7 @@ class FeedbackStore:
             self._db.execute("PRAGMA busy_timeout=10000")  # a second process (retraining) may read
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
-            self._db.execute("""CREATE TABLE IF NOT EXISTS events (
-                event_id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, anime_id INTEGER NOT NULL,
-                kind TEXT NOT NULL, score INTEGER, occurred_at REAL, received_at REAL NOT NULL)""")
-            self._db.execute("CREATE INDEX IF NOT EXISTS events_user ON events(user_id)")
+            migrate_sqlite(self._db, "sqlite_feedback")   # anime2vec/store/sql/sqlite_feedback/
             # a damaged page may only surface when read: find out at opening, not in a request
             problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
             if problems != ["ok"]:
@@ -142,6 +149,10 @@ class FeedbackStore:
             problem = validate_event(e)
             if problem:
                 raise ValueError(f"events[{i}].{problem}")
+        with timed(self.observe, "feedback", "record", _classify):
+            return self._record(events)
+
+    def _record(self, events: list[FeedbackEvent]) -> RecordResult:
         now = time.time()
         applied, duplicates, users, conflicts, outcomes = 0, 0, set(), [], []
         with self._lock:
@@ -179,7 +190,7 @@ class FeedbackStore:
 
     def events_for_user(self, user_id: int) -> list[FeedbackEvent]:
         """The user's events in the order they were received."""
-        with self._lock:
+        with timed(self.observe, "feedback", "events_for_user", _classify), self._lock:
             rows = self._db.execute(
                 "SELECT * FROM events WHERE user_id=? ORDER BY rowid", (int(user_id),)).fetchall()
         return [_event(r) for r in rows]
@@ -208,6 +219,10 @@ class FeedbackStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _classify(e: BaseException) -> str:
+    return "unavailable" if isinstance(e, sqlite3.OperationalError) else "error"
 
 
 def _event(r) -> FeedbackEvent:

@@ -36,6 +36,12 @@ class Metrics:
     feedback_events: Counter          # a2v_feedback_events_total{kind,outcome}
     user_vector_updates: Counter      # a2v_user_vector_updates_total{reason}
     fold_in_latency: Histogram        # a2v_user_fold_in_seconds
+    store_operation: Histogram        # a2v_store_operation_seconds{backend,store,operation}
+    store_errors: Counter             # a2v_store_errors_total{backend,store,operation,kind}
+    store_up: Gauge                   # a2v_store_up{backend}
+    store_connections: Gauge          # a2v_store_connections{state}
+    added_anime_revision: Gauge       # a2v_added_anime_revision
+    catalog_follow: Gauge             # a2v_catalog_follow_timestamp_seconds
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -92,6 +98,28 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         fold_in_latency=Histogram(
             "a2v_user_fold_in_seconds", "Time to recompute one user (ALS fold-in, user vector) and store it.",
             unit="seconds", buckets=_QDRANT_BUCKETS, registry=r),
+        store_operation=Histogram(
+            "a2v_store_operation_seconds", "Time of one operation on a store of record (one transaction: a "
+            "feedback batch `record`, an added anime `put` / `add_new`, reads), failed ones included; backend "
+            "sqlite or postgres, store feedback or added_anime.", ["backend", "store", "operation"],
+            unit="seconds", buckets=_QDRANT_BUCKETS, registry=r),
+        store_errors=Counter(
+            "a2v_store_errors_total", "Store operations that did not succeed at once, by kind: unavailable (the "
+            "database could not be reached or the connection broke: the call got UNAVAILABLE), retried (a deadlock "
+            "or serialization failure between replicas, tried again) or error (the call failed) (unit: operations).",
+            ["backend", "store", "operation", "kind"], registry=r),
+        store_up=Gauge(
+            "a2v_store_up", "1 when the last check of the store of record succeeded (a round trip to PostgreSQL; "
+            "SQLite: opened), else 0.", ["backend"], registry=r),
+        store_connections=Gauge(
+            "a2v_store_connections", "This replica's PostgreSQL connection pool: size (open connections), idle, "
+            "waiting (calls waiting for a connection) (unit: connections).", ["state"], registry=r),
+        added_anime_revision=Gauge(
+            "a2v_added_anime_revision", "The latest revision of the store of added anime this replica serves "
+            "(equal on every replica once each has followed the others' writes).", registry=r),
+        catalog_follow=Gauge(
+            "a2v_catalog_follow_timestamp_seconds", "When this replica last checked the shared store for anime "
+            "added through other replicas successfully (unix time).", unit="seconds", registry=r),
     )
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from anime2vec.bundle import BundleError, load_bundle
-from anime2vec.feedback import FeedbackStore
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics
@@ -18,12 +17,13 @@ from anime2vec.serving.server import RunningServer, build_server
 from anime2vec.serving.settings import SettingsError
 from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
 
-from .added_anime import AddedAnimeStore
+from .catalog_follower import CatalogFollower
 from .index import IndexUnavailable, open_index
 from .model import ServingModel
-from .recovery import StoreUnavailable, open_store, recover_alias, recover_collections
+from .recovery import StoreUnavailable, recover_alias, recover_collections
 from .service import RankerServicer, pick_bundles
 from .settings import RankerSettings
+from .stores import open_stores
 
 log = logging.getLogger("services.ranker")
 SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
@@ -37,12 +37,9 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
     embedded = not settings.qdrant_url   # its state is ours to check and repair (services/ranker/recovery.py)
     if embedded:
         recover_alias(index, settings.data_dir)
-    store = open_store(AddedAnimeStore, settings.data_dir / "added_anime.sqlite", settings.data_dir,
-                       "the store of added anime")
-    feedback = open_store(FeedbackStore, settings.data_dir / "feedback.sqlite", settings.data_dir,
-                          "the feedback store")
+    stores = open_stores(settings, metrics)   # PostgreSQL when A2V_RANKER_STORE_DSN is set, else SQLite files
     encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=settings.outbound_tls())
-    servicer = RankerServicer(settings, index, store, metrics, encoder=encoder, feedback=feedback)
+    servicer = RankerServicer(settings, index, stores.added, metrics, encoder=encoder, feedback=stores.feedback)
     model = ServingModel(first_valid_bundle(pick_bundles(settings, index)), device=settings.device or None)
     if embedded:
         recover_collections(index, model.version, settings.data_dir)
@@ -56,13 +53,15 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
             servicer.maybe_follow_alias()
     if settings.alias_poll_s > 0:
         threading.Thread(target=follow, name="alias-follower", daemon=True).start()
+    catalog = CatalogFollower(servicer, stores, metrics, settings.catalog_follow_s)
+    catalog.start()
 
     def close():
         stop.set()
+        catalog.stop()
         servicer.encoder.close()
         index.close()
-        store.close()
-        feedback.close()
+        stores.close()
     running = build_server(settings, "ranker",
                            lambda server: ranker_pb2_grpc.add_RankerServiceServicer_to_server(servicer, server),
                            [SERVICE_NAME], metrics=metrics, on_stop=[close])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,7 +29,7 @@ from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving.pagination import decode_page_token, encode_page_token, request_digest
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
-from .added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
+from .added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnime, AddedAnimeStore, IdsExhausted
 from .index import IndexUnavailable, ItemIndex, ItemPoint, SearchFilter
 from .model import ItemMeta, ServingModel
 from .online_users import OnlineUsers, wmf_scores
@@ -63,6 +63,10 @@ class Serving:
     _catalog: tuple[int, list] | None = None
     generation: int = 0
     terms: TermIndex | None = None   # explanation terms of this version's catalogue
+    # the store of added anime as this version serves it: every write up to added_revision is
+    # applied (catalog_follower.py asks for the later ones), `applied` the revision of each anime
+    added_revision: int = 0
+    applied: dict[int, int] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -129,6 +133,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def _replay_added(self, serving: Serving) -> None:
         m, points = serving.model, []
         added = self.store.all()
+        serving.added_revision = max((a.revision for a in added), default=0)
         for a in added:
             if a.anime_id > MAX_ANIME_ID:
                 log.warning("added anime %d has an id above %d (accepted before ids were bounded): still served; "
@@ -137,19 +142,49 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         if added and m.dropoutnet is None:   # no item tower to embed them: serve the rest, keep them stored
             log.warning("model %s has no item tower: %d added anime are not served by it", m.version, len(added))
             return
-        for a in added:
-            if a.encoder_fingerprint != m.manifest["encoder"]["fingerprint"]:
-                log.warning("added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
-                            a.anime_id, a.encoder_fingerprint, m.version, m.manifest["encoder"]["fingerprint"])
-                continue
-            vec, content, tfidf, cold = self._item_vectors(serving, a.anime_id, a.raw_vector,
-                                                           anime_text(m, a.fields))
-            serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold),
-                                                 tfidf, a.fields.get("synopsis") or "")
-            points.append(ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload))
+        points = [p for p in (self._serve_added(serving, a) for a in added) if p is not None]
         if points:
             self.index.upsert(points, version=m.version)
             log.info("replayed %d added anime into %s", len(points), m.version)
+
+    def _serve_added(self, serving: Serving, a: AddedAnime) -> ItemPoint | None:
+        """Put a stored anime into `serving.extra`; its index point (None when its encoder differs)."""
+        m = serving.model
+        if a.encoder_fingerprint != m.manifest["encoder"]["fingerprint"]:
+            log.warning("added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
+                        a.anime_id, a.encoder_fingerprint, m.version, m.manifest["encoder"]["fingerprint"])
+            return None
+        vec, content, tfidf, cold = self._item_vectors(serving, a.anime_id, a.raw_vector, anime_text(m, a.fields))
+        serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold),
+                                             tfidf, a.fields.get("synopsis") or "")
+        serving.applied[a.anime_id] = a.revision
+        return ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload)
+
+    def follow_added(self) -> int:
+        """Serve the anime other replicas wrote to a shared store since the last call (in revision
+        order; what this replica wrote itself is already served): called by catalog_follower.py.
+        Returns how many were applied."""
+        s = self._serving
+        if s is None:
+            return 0
+        changes = self.store.changes_since(s.added_revision)
+        if not changes:
+            return 0
+        with self._upsert:   # against this replica's own UpsertAnime of the same ids
+            if self._serving is not s:   # a model switch replayed the store meanwhile: next call
+                return 0
+            todo = [a for a in changes if s.applied.get(a.anime_id, 0) < a.revision]
+            if s.model.dropoutnet is None:
+                todo = []
+            points = [p for p in (self._serve_added(s, a) for a in todo) if p is not None]
+            if points:
+                self.index.upsert(points, version=s.version)
+            s.added_revision = max(s.added_revision, changes[-1].revision)
+            s.generation += 1
+        if todo:
+            log.info("serving %d anime added through other replicas", len(todo),
+                     extra={"anime_ids": [a.anime_id for a in todo][:20], "revision": s.added_revision})
+        return len(todo)
 
     def serving(self) -> Serving:
         s = self._serving
@@ -381,10 +416,13 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         events = self._feedback_events(s, request.events)
         try:
             result, updated = self.users.record(s, events)
-        except FeedbackConflict as e:
-            i, eid = e.conflicts[0]
-            raise already_exists(f"event_id {eid!r} was already used for a different event; nothing recorded",
-                                 reason="EVENT_ID_REUSED", field=f"events[{i}].event_id")
+        except ValueError as e:
+            if isinstance(e, FeedbackConflict):
+                i, eid = e.conflicts[0]
+                raise already_exists(f"event_id {eid!r} was already used for a different event; nothing recorded",
+                                     reason="EVENT_ID_REUSED", field=f"events[{i}].event_id")
+            where, _, problem = str(e).partition(": ")   # the store's own check: "events[i].<field>: <problem>"
+            raise invalid_argument({where: problem or str(e)}) from None
         log.info("feedback recorded", extra={"applied": result.applied, "duplicates": result.duplicates,
                                              "users": len(updated), "version": s.version})
         return ranker_pb2.FeedbackResult(applied=result.applied, duplicates=result.duplicates,
@@ -456,31 +494,43 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         if fingerprint != s.model.manifest["encoder"]["fingerprint"]:
             raise failed_precondition(f"encoder serves {fingerprint}, model {s.version} was trained with "
                                       f"{s.model.manifest['encoder']['fingerprint']}", reason="ENCODER_MISMATCH")
-        with self._upsert:   # id assignment and the write are one step
-            aid = self._upsert_id(s, request, context)
+        with self._upsert:   # the write and serving it are one step for this replica
+            aid = self._upsert_id(s, request, context)   # None: a new anime, its id assigned by the store
             if aid in s.model.pos and not fields["members"]:
                 fields["members"] = int(s.model.payload(s.model.pos[aid])["members"])
-            vec, content, tfidf, cold = self._item_vectors(s, aid, raw[0], text)
-            created = self.store.put(aid, fields, raw[0], fingerprint) and aid not in s.model.pos
+            vec, content, tfidf, cold = self._item_vectors(s, aid or 0, raw[0], text)
+            if aid is None:   # id assignment and the write are one step in the store, across replicas too
+                try:
+                    written = self.store.add_new(fields, raw[0], fingerprint, self._top_assigned(s))
+                except IdsExhausted as e:
+                    raise resource_exhausted(str(e), reason="ANIME_IDS_EXHAUSTED") from None
+                aid = written.anime_id
+            else:
+                written = self.store.put(aid, fields, raw[0], fingerprint)
+            created = written.created and aid not in s.model.pos
             meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf, fields["synopsis"])
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
+            s.applied[aid] = written.revision
             s.generation += 1
         log.info("upserted anime", extra={"anime_id": aid, "new": created, "version": s.version})
         return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=created, model_version=s.version)
 
-    def _upsert_id(self, s: Serving, request, context) -> int:
-        """The id an UpsertAnime writes. Absent: a fresh one from ASSIGNED_IDS. Given: it must be in
+    @staticmethod
+    def _top_assigned(s: Serving) -> int:
+        """The largest bundle id inside ASSIGNED_IDS (0: none): new ids go above it."""
+        ids = s.model.item_ids
+        in_range = ids[(ids >= ASSIGNED_IDS.start) & (ids < ASSIGNED_IDS.stop)]
+        return int(in_range.max()) if len(in_range) else 0
+
+    def _upsert_id(self, s: Serving, request, context) -> int | None:
+        """The id an UpsertAnime writes. Absent: None (the store assigns a fresh one from
+        ASSIGNED_IDS, above _top_assigned). Given: it must be in
         1..MAX_ANIME_ID and outside ASSIGNED_IDS unless it names an anime added before (callers
         never create ids there, so assigned ids never collide); a catalogue anime is replaced only
         with the REPLACE_CATALOGUE_KEY metadata naming it."""
         if not request.HasField("anime_id"):
-            ids = s.model.item_ids
-            in_range = ids[(ids >= ASSIGNED_IDS.start) & (ids < ASSIGNED_IDS.stop)]
-            try:
-                return self.store.next_assigned_id(int(in_range.max()) if len(in_range) else 0)
-            except IdsExhausted as e:
-                raise resource_exhausted(str(e), reason="ANIME_IDS_EXHAUSTED") from None
+            return None
         aid = int(request.anime_id)
         if not 1 <= aid <= MAX_ANIME_ID:
             raise invalid_argument({"anime_id": f"must be in 1..{MAX_ANIME_ID}, got {aid}"})

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from anime2vec.paths import REPO_ROOT, default_model_store
@@ -42,6 +42,32 @@ class RankerSettings(OutboundTLSSettings):
     search_batch: int = Field(16, ge=1, le=256,
                               description="embedded index: at most this many concurrent searches share one engine "
                                           "call (1: each runs alone); a search never waits for others to arrive")
+
+    store_dsn: str = Field(
+        "", repr=False,
+        description="PostgreSQL DSN (libpq key=value or postgresql:// URI) of the store of record shared by every "
+                    "replica: feedback events and added anime; empty: SQLite files under data_dir (one ranker). "
+                    "libpq's PG* variables (PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, ...) fill what it leaves out")
+    store_pool_size: int = Field(8, ge=1, le=100, description="most connections to PostgreSQL per replica")
+    store_connect_timeout_s: float = Field(5.0, gt=0, le=60, description="PostgreSQL connect timeout")
+    catalog_follow_s: float = Field(
+        2.0, ge=0.1, le=300,
+        description="PostgreSQL store: at least this often each replica asks for anime added through other "
+                    "replicas (a NOTIFY at commit wakes it sooner)")
+
+    @field_validator("store_dsn")
+    @classmethod
+    def _dsn_parses(cls, v: str) -> str:
+        if v:
+            from psycopg import ProgrammingError
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                conninfo_to_dict(v)
+            except ProgrammingError:   # its message may quote the DSN, password included: not repeated
+                raise ValueError("not a valid PostgreSQL connection string (key=value pairs or a "
+                                 "postgresql:// URI)") from None
+        return v
 
     @model_validator(mode="after")
     def _qdrant_env(self):
