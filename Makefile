@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup proto promtool test run bench train evaluate clean help
+.PHONY: setup proto promtool postgres test run bench train evaluate clean help
 
 help:
 	@echo "make run    - set up, train a bundle if none exists, start encoder, ranker and gateway (SAMPLE=1: sample data)"
@@ -61,7 +61,14 @@ $(TOOLS)/bin/promtool:
 	@rm -rf $(TOOLS)/deb
 	$@ --version | head -1
 
-test: setup promtool
+# PostgreSQL (Debian package `postgresql`) for the store tests: the tests initdb a throwaway cluster in a
+# temporary directory and run it on loopback (tests/store/postgres_server.py). apt needs root, as in CI;
+# without root install it yourself or set A2V_PG_BIN to a directory holding initdb and pg_ctl.
+postgres:
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || [ -x "$$A2V_PG_BIN/pg_ctl" ] || \
+	  (apt-get update && apt-get install -y --no-install-recommends postgresql)
+
+test: setup promtool postgres
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 train: setup

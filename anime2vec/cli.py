@@ -279,8 +279,11 @@ def _retrain_parser(sub) -> None:
     rt = sub.add_parser("retrain", help="train a candidate on base data + feedback events; promote it only if "
                                         "the quality gate passes")
     _common(rt)
+    rt.add_argument("--events-dsn", default=None,
+                    help="the rankers' PostgreSQL store of record, read in one consistent snapshot "
+                         "(default: $A2V_RANKER_STORE_DSN, as the rankers; libpq's PG* variables apply)")
     rt.add_argument("--events", type=Path, action="append", default=None,
-                    help="a ranker's feedback store, read-only; repeat for one store per replica "
+                    help="without a DSN: the ranker's SQLite feedback store, read-only "
                          "(default: $A2V_RANKER_DATA_DIR/feedback.sqlite)")
     rt.add_argument("--store", type=Path, default=None,
                     help="bundle store (default: $A2V_RANKER_MODEL_STORE, else $A2V_MODEL_STORE or models/); "
@@ -324,7 +327,9 @@ def cmd_retrain(a: argparse.Namespace) -> int:
         print(f"error: gate metrics must be <scenario>/recall@K (got {bad}); tolerance and holdout-frac in [0, 1)",
               file=sys.stderr)
         return 2
+    dsn = a.events_dsn or (None if a.events else env.get("A2V_RANKER_STORE_DSN") or None)
     rc = RetrainConfig(train=cfg, events=tuple(a.events or [default_ranker_data_dir() / "feedback.sqlite"]),
+                       events_dsn=dsn,
                        ranker_data_dir=a.ranker_data_dir, qdrant_url=url,
                        qdrant_api_key=env.get("A2V_RANKER_QDRANT_API_KEY") or env.get("QDRANT_API_KEY") or None,
                        tolerance=a.tolerance, noise_z=a.noise_z, gate_metrics=metrics, holdout_frac=a.holdout_frac,

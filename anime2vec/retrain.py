@@ -2,7 +2,7 @@
 compares it with the served version on the same evaluation data, scored through the serving code
 → promote (alias move) or keep, every decision logged and exported as metrics.
 
-    events (FeedbackStore, read from a read-only snapshot)
+    events (the feedback store: PostgreSQL in one REPEATABLE READ snapshot, or an SQLite file's backup)
       → validated (bad / unknown anime skipped and counted), capped per user
       → per user, the most recently received events held out (the recent-events holdout)
       → the rest folded per user by `user_confidences` (the training rules) and added to the base
@@ -80,7 +80,8 @@ class RetrainError(RuntimeError):
 @dataclass
 class RetrainConfig:
     train: TrainConfig                              # its store is the bundle store the rankers read
-    events: tuple[Path, ...]                        # the rankers' feedback.sqlite (one per store)
+    events: tuple[Path, ...]                        # SQLite: the ranker's feedback.sqlite (unused with events_dsn)
+    events_dsn: str | None = None                   # PostgreSQL: the store of record every replica writes
     ranker_data_dir: Path | None = None             # embedded index under <dir>/qdrant (when no qdrant_url)
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
@@ -133,6 +134,31 @@ def read_events(path: Path) -> pd.DataFrame:
             store.close()
 
 
+def read_events_postgres(dsn: str) -> pd.DataFrame:
+    """Every event of the PostgreSQL store of record that all ranker replicas write, in arrival
+    order, read in one REPEATABLE READ, READ ONLY transaction: a consistent snapshot while the
+    replicas keep writing (anime2vec/store/feedback_postgres.py). Migrates nothing it does not own:
+    the schema is the rankers' (opening applies missing migrations, as a ranker would)."""
+    from .store.feedback_postgres import PostgresFeedbackStore
+    from .store.postgres import Database, DatabaseUnavailable
+
+    try:
+        db = Database(dsn, max_connections=1, application_name="anime2vec-retrain")
+    except DatabaseUnavailable as e:
+        raise RetrainError(f"cannot read the feedback store: {e.message}") from e
+    try:
+        return PostgresFeedbackStore(db).all_events()
+    finally:
+        db.close()
+
+
+def read_feedback(cfg: "RetrainConfig") -> pd.DataFrame:
+    """The events retraining learns from: the PostgreSQL store when configured, else the SQLite file(s)."""
+    if cfg.events_dsn:
+        return read_events_postgres(cfg.events_dsn)
+    return read_all_events(cfg.events)
+
+
 @dataclass
 class RecentQuery:
     """One user of the recent-events holdout: what they did before (training events), what they
@@ -144,9 +170,9 @@ class RecentQuery:
 
 
 def read_all_events(paths) -> pd.DataFrame:
-    """The events of several feedback stores (one per ranker replica when each keeps its own):
-    concatenated in arrival order; an event id stored by two replicas (a client retried against
-    another one) counts once, as first received."""
+    """The events of SQLite feedback stores (normally one: replicas share PostgreSQL instead;
+    several only to merge old per-ranker files): concatenated in arrival order; an event id stored
+    in two counts once, as first received."""
     frames = [read_events(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(frames) == 1:
         return frames[0]
@@ -722,7 +748,7 @@ def run(cfg: RetrainConfig) -> Decision:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
-            events = read_all_events(cfg.events)
+            events = read_feedback(cfg)
             data, ds = base_dataset(cfg.train)
             fb = prepare_feedback(events, data.catalog, ds.item_ids, data.interactions, cfg.holdout_frac,
                                   cfg.holdout_min_events, cfg.max_events_per_user)
