@@ -110,7 +110,10 @@ def test_wiring_between_services(tree):
     mounts = {m["mountPath"]: m["name"] for m in ranker["containers"][0]["volumeMounts"]}
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in ranker["volumes"]}
     assert claims[mounts[store]] == "anime2vec-models"
-    assert claims[mounts[renv["A2V_RANKER_DATA_DIR"]]] == "anime2vec-ranker-data"
+    # the stores of record are in PostgreSQL: the data dir is scratch, no volume shared between replicas
+    data = next(v for v in ranker["volumes"] if v["name"] == mounts[renv["A2V_RANKER_DATA_DIR"]])
+    assert "emptyDir" in data and "persistentVolumeClaim" not in data
+    assert renv["A2V_RANKER_STORE_DSN"].startswith("host=anime2vec-postgres-rw ")
 
     gateway = d["gateway"]["spec"]["template"]["spec"]
     genv = _env(tree, gateway["containers"][0])

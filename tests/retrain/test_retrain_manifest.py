@@ -1,5 +1,5 @@
 """The retrain CronJob as rendered by `kubectl kustomize deploy/k8s/jobs`: schedule and overlap,
-the same volumes and conventions as the train Job, the feedback store's volume, and network paths
+the same volumes and conventions as the train Job, the shared PostgreSQL store (no ranker volume), and network paths
 (together with the production policies: default deny + what the job adds). Strict schema validation
 and container hardening of the CronJob are in tests/deploy (it is a workload of the jobs tree)."""
 
@@ -29,37 +29,32 @@ def test_retrain_runs_nightly_one_at_a_time_like_the_train_job():
     assert c["command"][:4] == ["python", "-m", "anime2vec.cli", "retrain"]
 
 
-def test_retrain_reads_the_rankers_feedback_store_and_writes_the_model_store():
-    d = by_kind("overlays/production", "Deployment")["ranker"]
-    ranker = pod_spec(d)
+def test_retrain_reads_the_shared_postgres_store_and_writes_the_model_store():
     cj = pod_spec(_cronjob())
     c = cj["containers"][0]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in cj["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
 
-    events = c["command"][c["command"].index("--events") + 1]
-    ranker_mounts = {m["name"]: m["mountPath"] for m in ranker["containers"][0]["volumeMounts"]}
-    ranker_claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in ranker["volumes"]}
-    data_mount = next(p for p in mounts if events.startswith(p + "/"))
-    ranker_data = next(n for n, claim in ranker_claims.items() if claim == "anime2vec-ranker-data")
-    assert claims[mounts[data_mount]["name"]] == "anime2vec-ranker-data"
-    assert events == ranker_mounts[ranker_data] + "/feedback.sqlite"
+    # the events: the store of record the rankers use (same ConfigMap, same Secret), no ranker volume
+    assert "--events" not in c["command"]
+    assert {"configMapRef": {"name": "anime2vec-postgres-client"}} in c["envFrom"]
+    password = next(e for e in c["env"] if e["name"] == "PGPASSWORD")["valueFrom"]["secretKeyRef"]
+    assert password == {"name": "anime2vec-postgres-app", "key": "password"}
+    assert "anime2vec-ranker-data" not in claims.values() and "affinity" not in cj
 
     store = c["command"][c["command"].index("--store") + 1]
     assert claims[mounts[store]["name"]] == "anime2vec-models" and not mounts[store].get("readOnly")
     assert env["A2V_RANKER_MODEL_STORE"] == store
     assert env["QDRANT_URL"] == "http://qdrant:6333" and env["A2V_PUSHGATEWAY_URL"].endswith(":9091")
-    # on a ReadWriteOnce volume only a pod on the ranker's node can mount the store
-    term = cj["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "ranker"}
 
 
-def test_retrain_reaches_qdrant_and_the_pushgateway_only():
+def test_retrain_reaches_qdrant_postgres_and_the_pushgateway_only():
     policies = {**by_kind("overlays/production", "NetworkPolicy"), **by_kind("jobs", "NetworkPolicy")}
     job = "anime2vec-retrain"
     for port in (6333, 6334):
         assert _allows(policies, job, "qdrant", port)
+    assert _allows(policies, job, "postgres", 5432) and not _allows(policies, job, "postgres", 8000)
     for dst, port in (("ranker", 50052), ("encoder", 50051), ("gateway", 50050), ("qdrant", 6335)):
         assert not _allows(policies, job, dst, port), f"{job} -> {dst}:{port} should be denied"
     assert not _allows(policies, "gateway", "qdrant", 6333)   # the extra Qdrant ingress admits the job only
