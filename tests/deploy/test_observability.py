@@ -92,7 +92,9 @@ def test_dashboard_covers_every_concern_and_uses_only_recorded_series():
     for concern in ("service:a2v_rpc_errors:ratio_rate5m", "service:a2v_rpc_latency_slow:ratio_rate1h",
                     "service:a2v_fallbacks:ratio_rate5m", "a2v_encoder_queue_depth",
                     "instance:a2v_encoder_queue_wait_seconds:p95_5m", "a2v:ranker_model_versions:count",
-                    'up{job="qdrant"}', "a2v_qdrant_query_seconds_bucket", "a2v_model_info"):
+                    'up{job="qdrant"}', "a2v_qdrant_query_seconds_bucket", "a2v_model_info",
+                    "store:a2v_store_write_seconds:p99_5m", "a2v_store_errors_total", "a2v_store_up",
+                    "a2v_store_connections", "a2v_added_anime_revision", "cnpg_pg_replication_lag"):
         assert concern in exprs, f"no dashboard panel shows {concern}"
 
 
@@ -133,6 +135,12 @@ def _library_exposition() -> str:
     m.qdrant_query.labels(operation="search").observe(0.001)
     m.search_batch_size.observe(1)
     m.bundle_load_failures.labels(service="ranker", reason="invalid").inc()
+    m.store_operation.labels(backend="postgres", store="feedback", operation="record").observe(0.003)
+    m.store_errors.labels(backend="postgres", store="feedback", operation="record", kind="unavailable").inc()
+    m.store_up.labels(backend="postgres").set(1)
+    m.store_connections.labels(state="idle").set(1)
+    m.added_anime_revision.set(1)
+    m.catalog_follow.set(1)
     return generate_latest(m.registry).decode()
 
 
