@@ -21,6 +21,7 @@ from rapidfuzz import fuzz, process, utils
 from anime2vec.serving.errors import unavailable
 from anime2vec.v1 import common_pb2, ranker_pb2
 
+from .filters import Facets
 from .titles import TitleIndex
 
 log = logging.getLogger("services.gateway.catalog")
@@ -41,6 +42,7 @@ class Catalogue:
     frame: pd.DataFrame      # index anime_id; the _COLUMNS
     index: TitleIndex
     titles: dict[int, str]   # anime_id → title: every favourites request names its anime (a frame lookup is ~50 µs)
+    filterable: Facets       # the genres, types and years filters can match
 
     @classmethod
     def build(cls, version: str, rows: dict[int, dict]) -> "Catalogue":
@@ -48,7 +50,8 @@ class Catalogue:
         frame.index = frame.index.astype("int64")
         frame["year"] = frame["year"].astype("Int64")
         frame.index.name = "anime_id"
-        return cls(version, frame, TitleIndex(frame), {int(a): str(t) for a, t in frame["title"].items()})
+        return cls(version, frame, TitleIndex(frame), {int(a): str(t) for a, t in frame["title"].items()},
+                   Facets.of(frame))
 
     @classmethod
     def from_entries(cls, version: str, entries: Iterable[ranker_pb2.CatalogEntry]) -> "Catalogue":

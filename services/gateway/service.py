@@ -27,6 +27,7 @@ from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 from . import mal_import
 from .anime_input import anime_id_problem, anime_input_problems
 from .catalog import CatalogueSync, entry_from_input
+from .filters import filter_problems, unanswerable_error, unknown_values_error
 from .downstream import REPLACE_CATALOGUE_KEY, Ranker, deadline, rename_fields
 from .settings import GatewaySettings
 
@@ -66,12 +67,17 @@ class _Problems:
     def __init__(self) -> None:
         self.invalid: list[tuple[str, str]] = []
         self.missing: list[tuple[str, str, list[str]]] = []   # (field, title, suggestions)
+        self.known_lists: dict[str, str] = {}                 # a filter's known genres/types, for invalid
+        self.unanswerable: list[tuple[str, str]] = []          # valid filters the catalogue cannot match
 
     def raise_if_any(self) -> None:
-        if self.invalid:
-            raise invalid_argument(self.invalid + [
+        if self.invalid or self.unanswerable:
+            invalid = self.invalid + [
                 (f, f"no anime matches {t!r}" + (f"; did you mean: {', '.join(map(repr, s))}?" if s else ""))
-                for f, t, s in self.missing])
+                for f, t, s in self.missing] + self.unanswerable
+            if self.known_lists:
+                raise unknown_values_error(invalid, self.known_lists)
+            raise unanswerable_error(invalid) if self.unanswerable else invalid_argument(invalid)
         if self.missing:
             field, title, suggestions = self.missing[0]
             error = not_found("anime", title, reason="ANIME_NOT_FOUND", suggestions=suggestions, field=field)
@@ -145,6 +151,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.text_vectors = TextVectors(settings.text_cache_size)
 
     # ---- shared steps ------------------------------------------------------------------
+    def _check_options(self, opts: common_pb2.RecommendOptions, problems: _Problems) -> None:
+        """validate_options, and the filters against the catalogue: a filter that cannot match
+        is an error that says why, not an empty list. Without a snapshot yet the ranker applies
+        the filters as given."""
+        validate_options(opts, problems)
+        current = self.catalogue.current
+        if current is not None:
+            found = filter_problems(opts.filters, current.filterable)
+            problems.invalid += found.unknown
+            problems.known_lists.update(found.known_lists)
+            problems.unanswerable += found.unanswerable
+
     def _check_title(self, field: str, title: str, problems: _Problems) -> bool:
         if not title.strip():
             problems.invalid.append((field, "blank title"))
@@ -201,7 +219,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         problems = _Problems()
         if not request.favourites:
             problems.invalid.append(("favourites", "give at least one liked anime (by anime_id or title)"))
-        validate_options(request.options, problems)
+        self._check_options(request.options, problems)
         liked = self._resolve(request.favourites, "favourites", problems)
         disliked = self._resolve(request.disliked, "disliked", problems)
         problems.raise_if_any()
@@ -223,13 +241,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def RecommendForUser(self, request, context):
         problems = _Problems()
-        validate_options(request.options, problems)
+        self._check_options(request.options, problems)
         problems.raise_if_any()
         return self._relay(self.ranker.call("RecommendForUser", request, context))
 
     def Similar(self, request, context):
         problems = _Problems()
-        validate_options(request.options, problems)
+        self._check_options(request.options, problems)
         anime = self._resolve_one(request.anime, "anime", problems)
         problems.raise_if_any()
         ranked = self.ranker.call("SimilarItems", ranker_pb2.SimilarItemsRequest(
@@ -245,7 +263,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             problems.invalid.append(("query", "describe what the anime is about (blank query)"))
         elif len(query) > self.settings.max_query_chars:
             problems.invalid.append(("query", f"{len(query)} characters; at most {self.settings.max_query_chars}"))
-        validate_options(request.options, problems)
+        self._check_options(request.options, problems)
         problems.raise_if_any()
         query = " ".join(query.split())
         vector, fingerprint = self._encode(query, context)
@@ -283,7 +301,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.min_score and not 1 <= request.min_score <= 10:
             problems.invalid.append(("min_score", f"must be 0 (default {s.default_min_score}) or 1..10, "
                                                   f"got {request.min_score}"))
-        validate_options(request.options, problems)
+        self._check_options(request.options, problems)
         problems.raise_if_any()
         if len(request.mal_xml) > s.max_mal_xml_bytes:
             raise resource_exhausted(f"mal_xml is {len(request.mal_xml):,} bytes; the limit is {s.max_mal_xml_bytes:,}",

@@ -190,7 +190,7 @@ def test_local_api_key_is_generated_once_and_private(tmp_path, monkeypatch):
     monkeypatch.delenv("A2V_GATEWAY_API_KEYS_FILE", raising=False)
     key_file = tmp_path / "run" / "api-key"
     env, key = api_key_env(key_file)
-    assert env == {"API_KEYS_FILE": str(key_file)} and len(key) >= 32
+    assert env == {"API_KEYS_FILE": str(key_file.with_name("gateway-api-keys"))} and len(key) >= 32   # key + scopes
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     assert api_key_env(key_file) == (env, key)             # reused, not regenerated
     monkeypatch.setenv("A2V_GATEWAY_API_KEYS", "configured")
