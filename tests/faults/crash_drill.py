@@ -390,6 +390,16 @@ def run_replicated_drill(root: Path, bundle: Path, encoder_address: str, dsn: st
     report = DrillReport(rankers=rankers, backend="postgres")
     replicas = [Ranker(root / f"ranker{i}", bundle, encoder_address,
                        env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5"}) for i in range(rankers)]
+    try:
+        return _replicated(report, replicas, rng, dsn, cycles, writers, seed, rankers, log)
+    except BaseException:   # an interrupted drill leaves no ranker behind
+        for r in replicas:
+            r.kill9()
+        raise
+
+
+def _replicated(report: DrillReport, replicas: list[Ranker], rng: random.Random, dsn: str, cycles: int,
+                writers: int, seed: int, rankers: int, log) -> DrillReport:
     for r in replicas:
         start_until_serving(report, r)
     bundle_ids = [aid for aid, _ in catalogue_entries(replicas[0].address)]
