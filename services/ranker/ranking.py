@@ -108,6 +108,13 @@ class CatalogueFilter:
         return m
 
 
+def reranked(diversity: float, n_disliked: int) -> str:
+    """ServedBy.reranked: how the re-rank changed the score order ("" when it did not run)."""
+    parts = ([f"diversity {diversity:g} (maximal marginal relevance)"] if diversity > 0 else []) + \
+            ([f"away from {n_disliked} disliked anime"] if n_disliked else [])
+    return " and ".join(parts)
+
+
 def mmr(cands: list[Candidate], diversity: float, dislikes: np.ndarray | None = None,
         dislike_weight: float = 0.5) -> list[Candidate]:
     """Maximal marginal relevance over content vectors with λ = diversity (anime2vec.models.mmr,

@@ -34,7 +34,7 @@ from .index import IndexUnavailable, ItemIndex, ItemPoint, SearchFilter
 from .model import ItemMeta, ServingModel
 from .online_users import OnlineUsers, wmf_scores
 from .explanations import Anchor, Subject, TermIndex, explain, term_index
-from .ranking import Candidate, CatalogueFilter, mmr, search_filter, validate_options
+from .ranking import Candidate, CatalogueFilter, mmr, reranked, search_filter, validate_options
 from .settings import RankerSettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ class Serving:
     _catalog: tuple[int, list] | None = None
     generation: int = 0
     terms: TermIndex | None = None   # explanation terms of this version's catalogue
+    # anime whose interactions the model was trained without (the evaluation's cold-item split):
+    # scored from text like cold anime, but they have ratings, so they are not "cold start"
+    held_out: frozenset[int] = frozenset()
+    example_users: tuple[int, ...] = ()   # training users with the most interactions (GetModelInfo)
     # the store of added anime as this version serves it: every write up to added_revision is
     # applied (catalog_follower.py asks for the later ones), `applied` the revision of each anime
     added_revision: int = 0
@@ -83,7 +87,37 @@ def load_serving(model: ServingModel) -> Serving:
     cat = model.catalog
     filt = CatalogueFilter(model.item_ids, [list(g or []) for g in cat["genres"]],
                            list(cat["type"]), [None if pd.isna(y) else int(y) for y in cat["year"]])
-    return Serving(model, filt, {}, terms=term_index(cat, model.content))
+    return Serving(model, filt, {}, terms=term_index(cat, model.content), held_out=held_out_items(model),
+                   example_users=example_users(model))
+
+
+def held_out_items(model: ServingModel) -> frozenset[int]:
+    """Anime ids of the bundle's val/test items (positions in split.*_items) that the model has
+    no factors for: their interactions exist but were held out of training."""
+    arrays = model.bundle.arrays
+    pos = [np.asarray(arrays[k], np.int64) for k in ("split.val_items", "split.test_items") if k in arrays]
+    if not pos:
+        return frozenset()
+    pos = np.concatenate(pos)
+    pos = pos[(pos >= 0) & (pos < len(model.item_ids))]
+    return frozenset(int(a) for a in model.item_ids[pos[~model.warm[pos]]])
+
+
+def example_users(model: ServingModel, n: int = 10) -> tuple[int, ...]:
+    """The n users with the most training interactions, most first (ties: lower id first)."""
+    counts = np.diff(model.train.indptr)
+    order = np.lexsort((model.user_ids, -counts))[:n]
+    return tuple(int(model.user_ids[i]) for i in order if counts[i] > 0)
+
+
+def wmf_refusal(s: Serving, liked: list[int]) -> str:
+    """Why WMF cannot fold in these favourites: none of them has factors in the model."""
+    def why(a: int) -> str:
+        title = s.extra[a].payload.get("title", "") if a in s.extra else s.model.titles[s.model.pos[a]]
+        return f"{title or a}: " + ("its ratings were held out of this model's training" if a in s.held_out
+                                    else "no ratings in the training data")
+    named = "; ".join(why(a) for a in liked[:3]) + ("; ..." if len(liked) > 3 else "")
+    return f"WMF cannot serve this request: none of its anime has interactions in the model ({named})"
 
 
 def anime_text(model: ServingModel, fields: dict) -> str:
@@ -238,7 +272,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     # ---- shared request path ---------------------------------------------------------
     def _page(self, request, context, s: Serving, opts, *, query_kind: str,
               vector_fn, wmf_fn, excluded: set[int], anchors: list, dislikes: np.ndarray | None = None,
-              query_content: np.ndarray | None = None, query_text: str = "") -> ranker_pb2.RankedList:
+              query_content: np.ndarray | None = None, query_text: str = "",
+              wmf_refused: str = "WMF cannot serve this request (no interactions to fold in)") -> ranker_pb2.RankedList:
         limit, diversity = validate_options(opts, self.settings.default_limit, self.settings.max_limit,
                                             self.settings.max_ids)
         offset = decode_page_token(opts.page_token, request_digest(request, s.version))
@@ -278,7 +313,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             if strategy == S.STRATEGY_WMF:
                 scores = wmf_fn(s) if wmf_fn else None
                 if scores is None:
-                    reasons.append("WMF cannot serve this request (no interactions to fold in)")
+                    reasons.append(wmf_refused)
                     continue
             else:
                 scores = s.model.popularity
@@ -300,13 +335,16 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                                  degraded=bool(reasons), degraded_reason="; ".join(reasons),
                                  scorer={S.STRATEGY_DROPOUTNET: s.model.manifest.get("model", "dropoutnet"),
                                          S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}[served]
-                                 + (f" + mmr({diversity:g})" if diversity > 0 else "")))
+                                 + (f" + mmr({diversity:g})" if diversity > 0 else ""),
+                                 reranked=reranked(diversity, 0 if dislikes is None else len(dislikes))))
         fallback = {S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}.get(served)
         for rank, c in enumerate(page, start=offset + 1):
             p = c.payload
+            text_only, held = bool(p.get("cold")), c.anime_id in s.held_out
             rec = resp.recommendations.add(anime_id=c.anime_id, title=p.get("title", ""), score=c.score,
                                            genres=p.get("genres") or [], type=p.get("type") or "", rank=rank,
-                                           members=int(p.get("members") or 0), cold_start=bool(p.get("cold")))
+                                           members=int(p.get("members") or 0), cold_start=text_only and not held,
+                                           held_out=text_only and held)
             if p.get("year") is not None:
                 rec.year = int(p["year"])
             if opts.explain:
@@ -369,7 +407,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         return self._page(request, context, s, request.options, query_kind="favourites",
                           vector_fn=lambda s: s.model.favourites_vector(liked, weights, s.extra),
                           wmf_fn=lambda s: s.model.wmf_scores_favourites(liked, weights),
-                          excluded=excluded, anchors=[self._anchor(s, a) for a in liked[:20]], dislikes=dis)
+                          excluded=excluded, anchors=[self._anchor(s, a) for a in liked[:20]], dislikes=dis,
+                          wmf_refused=wmf_refusal(s, liked))
 
     def RecommendForUser(self, request, context):
         s = self.serving()
@@ -458,7 +497,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         return self._page(request, context, s, request.options, query_kind="similar",
                           vector_fn=lambda s: s.model.favourites_vector([aid], None, s.extra),
                           wmf_fn=lambda s: s.model.wmf_scores_favourites([aid], None),
-                          excluded={aid}, anchors=[self._anchor(s, aid)])
+                          excluded={aid}, anchors=[self._anchor(s, aid)], wmf_refused=wmf_refusal(s, [aid]))
 
     def RecommendFromVector(self, request, context):
         s = self.serving()
@@ -581,7 +620,7 @@ def model_info(s: Serving) -> common_pb2.ModelInfo:
                        tower_dim=int(s.model.item_tower.shape[1]), n_items=len(s.model.item_ids) + len(
                            [a for a in s.extra if a not in s.model.pos]),
                        n_users=len(s.model.user_ids), encoder_fingerprint=m["encoder"]["fingerprint"],
-                       data_fingerprint=m["data"]["fingerprint"])
+                       data_fingerprint=m["data"]["fingerprint"], example_user_ids=s.example_users)
     info.created_at.FromJsonString(m["created_at"])
     info.offline_metrics.update(offline_metrics(m))
     return info
