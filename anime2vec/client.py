@@ -8,12 +8,14 @@
     resolve "fullmetal alch"
     feedback --user 42 --completed "Naruto" --rated "Bleach=9" --dropped id:269
     for-user 42
+    users
     info
+    call Recommend '{"favourites": [{"title": "Naruto"}], "options": {"limit": 5}}'
 
 The gateway address and API key come from --address / --api-key or A2V_GATEWAY_ADDRESS /
-A2V_API_KEY. --tls (public roots) or --tls-ca-file dials the gateway over TLS; --tls-cert-file and
---tls-key-file present a client certificate (env A2V_CLIENT_TLS_CA_FILE, ..._CERT_FILE, ..._KEY_FILE,
-..._SERVER_NAME). Results print as an aligned table; a degraded answer says so; errors print their status,
+A2V_API_KEY (`make run` prints the local key; it is in var/run/api-key). --tls (public roots) or
+--tls-ca-file dials the gateway over TLS; --tls-cert-file and --tls-key-file present a client
+certificate (env A2V_CLIENT_TLS_CA_FILE, ..._CERT_FILE, ..._KEY_FILE, ..._SERVER_NAME). Results print as an aligned table; a degraded answer says so; errors print their status,
 the fields at fault and any suggestions (exit status 1), never a traceback.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToJson
 
+from anime2vec import reflection_call
 from anime2vec.serving.errors import ErrorDetails
 from anime2vec.serving.tls import ClientTLS, TLSFileError, open_channel
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -55,12 +58,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(headers), line("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def format_recommendations(recs: Sequence[common_pb2.Recommendation], explain: bool) -> str:
+COLD_MARK, HELD_OUT_MARK = "*", "†"
+
+
+def format_recommendations(recs: Sequence[common_pb2.Recommendation], explain: bool, filtered: bool = False) -> str:
     if not recs:
-        return "(no results)"
+        return "(no results: no anime left after the filters)" if filtered else "(no results)"
     rows = []
     for r in recs:
-        title = _clip(r.title, _TITLE_WIDTH) + (" *" if r.cold_start else "")
+        title = _clip(r.title, _TITLE_WIDTH) + (f" {COLD_MARK}" if r.cold_start else "") + \
+            (f" {HELD_OUT_MARK}" if r.held_out else "")
         rows.append([str(r.rank), title, f"{r.score:.4f}", r.type or "-", str(r.year) if r.HasField("year") else "-",
                      _clip(", ".join(r.genres), _GENRES_WIDTH) or "-"])
     out = table(["rank", "title", "score", "type", "year", "genres"], rows, right=(0, 2)).splitlines()
@@ -75,13 +82,18 @@ def format_recommendations(recs: Sequence[common_pb2.Recommendation], explain: b
                              for x in r.reasons)
         out = lines
     if any(r.cold_start for r in recs):
-        out.append("* cold start: no ratings yet, recommended from its text")
+        out.append(f"{COLD_MARK} cold start: no ratings in the training data, recommended from its text")
+    if any(r.held_out for r in recs):
+        out.append(f"{HELD_OUT_MARK} has ratings, but they were held out of this model's training (to measure "
+                   f"cold start): recommended from its text")
     return "\n".join(out)
 
 
 def format_served_by(s: common_pb2.ServedBy, next_page_token: str) -> str:
     lines = [f"served by: {common_pb2.Strategy.Name(s.strategy).removeprefix('STRATEGY_').lower()}"
              f" ({s.scorer}), model {s.model_version or '-'}"]
+    if s.reranked:
+        lines.append(f"re-ranked: {s.reranked} (scores are the model's, so a lower one may rank higher)")
     if s.degraded:
         lines.append(f"degraded: {s.degraded_reason or 'yes'}")
     if next_page_token:
@@ -107,6 +119,9 @@ def format_error(err: grpc.RpcError, address: str) -> str:
         lines += [f"  {f}: {why}" for f, why in d.field_violations.items()]
     if d.suggestions and "did you mean" not in d.message:
         lines.append("  did you mean: " + ", ".join(repr(s) for s in d.suggestions))
+    for key, values in sorted(d.metadata.items()):   # known_genres, known_types: the message may be clipped
+        if key.startswith("known_") and values not in d.message:
+            lines.append(f"  {key.removeprefix('known_')}: {values}")
     if d.retry_after_s is not None:
         lines.append(f"  retry in {d.retry_after_s:g} s")
     if d.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -142,7 +157,9 @@ def _print_ranked(resp, a: argparse.Namespace, header: str = "") -> None:
         return
     if header:
         print(header)
-    print(format_recommendations(resp.recommendations, a.explain))
+    f = options(a).filters
+    filtered = bool(f.include_genres or f.exclude_genres or f.types or f.HasField("year_min") or f.HasField("year_max"))
+    print(format_recommendations(resp.recommendations, a.explain, filtered))
     print(format_served_by(resp.served_by, resp.next_page_token))
 
 
@@ -280,8 +297,44 @@ def cmd_info(stub, a, md):
     print(f"model version   {m.version}  (created {m.created_at.ToJsonString() if m.HasField('created_at') else '-'})")
     print(f"encoder         {m.encoder_name} ({m.encoder_fingerprint}), {m.encoder_dim} dims; towers {m.tower_dim} dims")
     print(f"items / users   {m.n_items} / {m.n_users}")
+    if m.example_user_ids:
+        print(f"example users   {', '.join(map(str, m.example_user_ids))}  (for-user takes these, or any id given "
+              f"feedback)")
+    if not a.metrics:
+        print(f"offline metrics {len(m.offline_metrics)} (--metrics lists them)")
+        return
+    print("offline metrics")
     for key in sorted(m.offline_metrics):
         print(f"  {key:40s} {m.offline_metrics[key]:.4f}")
+
+
+def cmd_users(stub, a, md):
+    """User ids for-user accepts, one per line (so `for-user $(... users | head -1)` works)."""
+    m = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=a.timeout, metadata=md).model
+    if not m.example_user_ids:
+        raise UsageError(f"model {m.version} names no users (it has {m.n_users}); users known through feedback "
+                         f"are accepted too")
+    print("\n".join(map(str, m.example_user_ids[: a.limit])))
+
+
+def cmd_call(channel, a, md):
+    """Any RPC of the service at --address, request and response as JSON, through reflection."""
+    try:
+        if a.method in ("list", ""):
+            return print("\n".join(reflection_call.services(channel)))
+        if a.describe:
+            return print(reflection_call.describe(channel, a.method))
+        request = a.request
+        if request == "-":
+            request = sys.stdin.read()
+        elif request.startswith("@"):
+            try:
+                request = Path(request[1:]).read_text()
+            except OSError as e:
+                raise UsageError(f"cannot read {request[1:]}: {e.strerror or e}") from None
+        print(reflection_call.call(channel, a.method, request, metadata=md, timeout=a.timeout))
+    except reflection_call.CallError as e:
+        raise UsageError(str(e)) from None
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -408,9 +461,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(run=cmd_resolve)
 
-    p = add("info", help="the serving model")
+    p = add("info", help="the serving model: version, encoder, counts, example users")
+    p.add_argument("--metrics", action="store_true", help="also list the bundle's offline evaluation metrics")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_info)
+
+    p = add("users", help="user ids for-user accepts (the training users with the most interactions)")
+    p.add_argument("--limit", type=int, default=10)
+    p.set_defaults(run=cmd_users)
+
+    p = add("call", help="any RPC with a JSON request, through server reflection (like grpcurl); "
+                         "'call list' lists the services")
+    p.add_argument("method", help="e.g. Recommend, anime2vec.v1.GatewayService/Recommend, "
+                                  "grpc.health.v1.Health/Check; 'list' for the services")
+    p.add_argument("request", nargs="?", default="{}",
+                   help="the request as JSON (default {}); @FILE reads it from a file, - from stdin")
+    p.add_argument("--describe", action="store_true", help="show the methods of the service METHOD names")
+    p.set_defaults(run=cmd_call, raw_channel=True)
     return ap
 
 
@@ -425,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     with open_channel(a.address, tls) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         try:
-            a.run(stub, a, metadata)
+            a.run(channel if getattr(a, "raw_channel", False) else stub, a, metadata)
         except grpc.RpcError as e:
             print(format_error(e, a.address), file=sys.stderr)
             return 1
