@@ -6,15 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV, api_key_env, bundle_encoder_dir, standard_specs
 from services.gateway.auth import load_api_keys
 from services.gateway.settings import GatewaySettings
+from tests.processes import Output, Proc, descendants, still_running
 
 
 def _bundle(tmp_path: Path, model_dir) -> Path:
@@ -66,67 +64,6 @@ def test_configured_keys_are_left_alone(tmp_path, monkeypatch):
 
 
 # ---- signals: Ctrl-C / SIGTERM stop every child, training included ------------------------------
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    session: int
-    state: str
-    cmdline: str
-
-
-def processes() -> dict[int, Proc]:
-    """Every process of this machine (this container), from /proc."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue   # exited meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "; comm may hold spaces
-        out[int(d.name)] = Proc(int(d.name), int(fields[1]), int(fields[3]), fields[0], cmdline)
-    return out
-
-
-def descendants(root: int) -> list[Proc]:
-    procs = processes()
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p in procs.values() if p.ppid == parent]
-        found += children
-        frontier += [c.pid for c in children]
-    return found
-
-
-def still_running(pids: set[int], sessions: set[int]) -> list[Proc]:
-    """Processes among `pids` or in one of `sessions` that have not exited (zombies have)."""
-    return [p for p in processes().values() if (p.pid in pids or p.session in sessions) and p.state != "Z"]
-
-
-class Output:
-    """A child's stdout read line by line in the background."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")), daemon=True)
-        self._thread.start()
-
-    def wait_for(self, predicate, timeout_s: float, proc: subprocess.Popen) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and proc.poll() is None:
-            if predicate(self.lines):
-                return True
-            time.sleep(0.2)
-        return predicate(self.lines)
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
 
 def test_sigterm_during_training_stops_the_training_child_and_everything_it_started(tmp_path):
     env = os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(tmp_path / "cache")}   # a cold cache: training runs long
