@@ -91,6 +91,9 @@ def _sqlite_outcome(e: BaseException) -> str:
 
 
 _COLUMNS = "anime_id, fields, raw_vector, encoder_fingerprint, updated_at, revision"
+# SQLite keeps revisions in a table of their own (sql/sqlite_added_anime/0002_revision.sql)
+_SQLITE_SELECT = ("SELECT a.anime_id, a.fields, a.raw_vector, a.encoder_fingerprint, a.updated_at, "
+                  "COALESCE(r.revision, 0) FROM added_anime AS a LEFT JOIN added_anime_revision AS r USING (anime_id)")
 
 
 class AddedAnimeStore:
@@ -141,10 +144,13 @@ class AddedAnimeStore:
 
     def _insert(self, anime_id: int, fields: dict, raw_vector, encoder_fingerprint: str) -> Written:
         existed = self._db.execute("SELECT 1 FROM added_anime WHERE anime_id=?", (anime_id,)).fetchone()
-        (rev,) = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM added_anime").fetchone()
-        self._db.execute(f"INSERT OR REPLACE INTO added_anime ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        (rev,) = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM added_anime_revision").fetchone()
+        self._db.execute("INSERT OR REPLACE INTO added_anime (anime_id, fields, raw_vector, encoder_fingerprint, "
+                         "updated_at) VALUES (?, ?, ?, ?, ?)",
                          (anime_id, json.dumps(fields, ensure_ascii=False), _blob(raw_vector), encoder_fingerprint,
-                          time.time(), rev))
+                          time.time()))
+        self._db.execute("INSERT OR REPLACE INTO added_anime_revision (anime_id, revision) VALUES (?, ?)",
+                         (anime_id, rev))
         return Written(anime_id, existed is None, int(rev))
 
     def put(self, anime_id: int, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str) -> Written:
@@ -167,20 +173,20 @@ class AddedAnimeStore:
     def all(self) -> list[AddedAnime]:
         """Every stored anime, by id."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM added_anime ORDER BY anime_id").fetchall()
+            rows = self._db.execute(_SQLITE_SELECT + " ORDER BY a.anime_id").fetchall()
         return [_row(r) for r in rows]
 
     def changes_since(self, revision: int) -> list[AddedAnime]:
         """Anime written after `revision`, in revision order."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM added_anime WHERE revision > ? ORDER BY revision",
+            rows = self._db.execute(_SQLITE_SELECT + " WHERE COALESCE(r.revision, 0) > ? ORDER BY 6",
                                     (int(revision),)).fetchall()
         return [_row(r) for r in rows]
 
     def revision(self) -> int:
         """The latest revision written (0: none)."""
         with self._lock:
-            return int(self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM added_anime").fetchone()[0])
+            return int(self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM added_anime_revision").fetchone()[0])
 
     def next_assigned_id(self, taken_above: int = 0) -> int:
         """The id for a new anime: above every assigned id stored so far and above `taken_above`

@@ -130,3 +130,9 @@ def test_an_sqlite_store_written_before_revisions_existed_is_migrated(tmp_path):
     store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (2,)
     assert len(AddedAnimeStore(path).all()) == 4   # opening again changes nothing
+    # a ranker of the previous version (a rolled-back image) still writes the file as it did
+    db = sqlite3.connect(path)
+    db.execute("INSERT OR REPLACE INTO added_anime VALUES (?, ?, ?, ?, ?)", (12, '{"title": "old code"}', VEC.tobytes(), "fp", 9.0))
+    db.commit()
+    db.close()
+    assert {x.anime_id: x.revision for x in AddedAnimeStore(path).all()}[12] == 0
