@@ -12,12 +12,13 @@ user is recomputed at once:
      themselves in the payload.
 
 The users collection is derived data, the feedback store is the truth. A stored vector is used
-only while it reflects every event this replica's store holds for the user (a crash between the
-commit and the upsert, or another replica's write, is repaired on the next read) and only for the
-version it was computed for: after a new bundle is promoted the collection of the new version is
-empty, and each user is recomputed lazily on their next request from the events (from the local
-store, or from the payload of the version served before, so a replica without the events still
-serves them).
+only while it reflects every event the store holds for the user (a crash between the commit and the
+upsert, two replicas updating one user at once, or a write through another replica is repaired on
+the next read: with the PostgreSQL store every replica reads every acknowledged event) and only for
+the version it was computed for: after a new bundle is promoted the collection of the new version is
+empty, and each user is recomputed lazily on their next request from the events (from the store, or
+from the payload of the version served before when the store lacks them, e.g. a replica on its own
+SQLite file).
 """
 
 from __future__ import annotations
