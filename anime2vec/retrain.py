@@ -727,7 +727,7 @@ def _exclusive(store: Path) -> Iterator[None]:
 
 def _current_version(rollout, exclude: str | None) -> str | None:
     """What the rankers serve: the alias target, else (no alias yet) the newest bundle, as the
-    ranker's `pick_bundle` chooses."""
+    ranker's `pick_bundles` chooses."""
     from .bundle import list_bundles
 
     target = rollout.index.alias_target()
