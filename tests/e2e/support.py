@@ -13,6 +13,9 @@ from anime2vec.runlocal import ServiceProcess, free_ports, standard_specs
 from anime2vec.v1 import common_pb2, gateway_pb2_grpc
 
 API_KEYS = ("e2e-key-1", "e2e-key-2")
+# The gateway's key setting: the first key has every scope (AddAnime needs catalog), the second is
+# bare (read+feedback), so a scope refusal stays testable. AUTH presents the first.
+GATEWAY_API_KEYS = f"{API_KEYS[0]}:read+feedback+catalog,{API_KEYS[1]}"
 AUTH = [("authorization", f"Bearer {API_KEYS[0]}")]
 STARTUP_TIMEOUT_S = 300
 
@@ -64,7 +67,7 @@ def stack_processes(root: Path, bundle: Path, *, names: Sequence[str] = ("encode
     specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
                                          "gateway": tuple(ports[4:6])},
                            encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
-                           ranker_data_dir=root / "ranker", gateway_env={"API_KEYS": ",".join(API_KEYS),
+                           ranker_data_dir=root / "ranker", gateway_env={"API_KEYS": GATEWAY_API_KEYS,
                                                                           "CATALOG_POLL_S": "2"})
     procs: dict[str, ServiceProcess] = {}
     for spec in specs:

@@ -39,7 +39,7 @@ CASES = {
     "empty ref": ("Recommend", gateway_pb2.RecommendRequest(favourites=[S.AnimeRef()]), C.INVALID_ARGUMENT,
                   {"favourites[0]": "anime_id or title"}),
     "negative id": ("Recommend", gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=-5)]),
-                    C.INVALID_ARGUMENT, {"favourites[0].anime_id": "positive"}),
+                    C.INVALID_ARGUMENT, {"favourites[0].anime_id": "1..2147483647"}),
     "unknown id": ("Recommend", gateway_pb2.RecommendRequest(favourites=[
         S.AnimeRef(title="Naruto"), S.AnimeRef(anime_id=987654321)]), C.NOT_FOUND, {"favourites[1].anime_id": "not found"}),
     "too many favourites": ("Recommend", gateway_pb2.RecommendRequest(
