@@ -257,7 +257,8 @@ def start_until_serving(report: DrillReport, ranker: Ranker) -> None:
             report.failed_restarts += 1
             report.problems.append(f"restart failed: {str(e)[-600:]}")
             ranker.kill9()
-    raise RuntimeError("the ranker failed to start three times in a row; stopping the drill")
+    raise RuntimeError("the ranker failed to start three times in a row; stopping the drill. Last failure: "
+                       + (report.problems[-1] if report.problems else "?"))
 
 
 def run_drill(root: Path, bundle: Path, encoder_address: str, cycles: int, writers: int = 3, seed: int = 0,
@@ -512,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="rankers share a PostgreSQL store of record (a throwaway server unless --dsn)")
     p.add_argument("--dsn", help="with --postgres: an empty database to use instead of a throwaway server")
     p.add_argument("--rankers", type=int, default=None, help="rankers (with --postgres; default 2)")
+    p.add_argument("--keep-logs", type=Path, help="when the drill fails, copy every service's log here")
     a = p.parse_args(argv)
     if (a.rankers or 1) > 1 and not a.postgres:
         p.error("--rankers > 1 needs --postgres: SQLite stores are one ranker's own")
@@ -535,6 +537,17 @@ def main(argv: list[str] | None = None) -> int:
                                               a.seed, rankers=a.rankers or 2)
             else:
                 report = run_drill(root / "drill", bundle, encoder.spec.address, a.cycles, a.writers, a.seed)
+        except BaseException:
+            if a.keep_logs:   # the temporary directory goes: keep what explains the failure
+                import shutil
+
+                for log_file in list(root.rglob("*.log")):
+                    dest = a.keep_logs / log_file.relative_to(root)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log_file, dest)
+                if server is not None:
+                    (a.keep_logs / "postgres.log").write_text(server.log_tail())
+            raise
         finally:
             encoder.stop()
             if server is not None:
