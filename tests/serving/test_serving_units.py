@@ -118,6 +118,9 @@ def test_every_metric_has_help_and_the_agreed_name():
         "a2v_rpc_requests", "a2v_rpc_latency_seconds", "a2v_rpc_in_flight", "a2v_fallbacks", "a2v_model_info",
         "a2v_encoder_batch_size", "a2v_encoder_queue_wait_seconds", "a2v_encoder_queue_depth",
         "a2v_qdrant_query_seconds", "a2v_search_batch_size", "a2v_model_offline_metric", "a2v_bundle_load_failures",
-        "a2v_feedback_events", "a2v_user_vector_updates", "a2v_user_fold_in_seconds"}
+        "a2v_feedback_events", "a2v_user_vector_updates", "a2v_user_fold_in_seconds",
+        # the stores of record (SQLite or PostgreSQL) and a replica following the shared catalogue
+        "a2v_store_operation_seconds", "a2v_store_errors", "a2v_store_up", "a2v_store_connections",
+        "a2v_added_anime_revision", "a2v_catalog_follow_timestamp_seconds"}
     assert all(m.documentation for m in names.values())
     assert names["a2v_rpc_latency_seconds"].unit == "seconds"
