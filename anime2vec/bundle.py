@@ -5,9 +5,9 @@ Layout of `<store>/<version>/`:
                        metrics, split description, and the sha256 of every other file
   catalog.jsonl        one JSON object per item, in item-index order
   arrays/*.npy         item_ids, user_ids, wmf_U, wmf_V, content (whitened item content vectors),
-                       item_tower (V̂), train_{data,indices,indptr,shape} (training matrix),
-                       plus one file per DropoutNet / whitener / TF-IDF tensor, and optionally
-                       graph_content (graph features the DropoutNet reads beside content)
+                       item_tower (the served item vectors), train_{data,indices,indptr,shape}
+                       (training matrix), tfidf_content, plus one file per array of the served
+                       hybrid's state (hybrid.*, models/hybrid.py) and of the whitener
 A bundle is written into a temporary directory and renamed into place, so a half-written bundle
 never appears under its version; files are made read-only. `load_bundle` re-hashes every file and
 checks dimensions before anything is used.
@@ -199,6 +199,11 @@ def _check_dims(path: Path, manifest: dict, catalog: pd.DataFrame, a: dict[str, 
     if "graph_content" in a:   # optional: graph features the DropoutNet reads beside the text
         checks += [("graph_content rows", a["graph_content"].shape[0], n_items),
                    ("graph_content dim", a["graph_content"].shape[1], dims.get("graph_dim"))]
+    # the served hybrid's per-anime arrays (models/hybrid.py Hybrid.STATE): one row per item
+    checks += [(f"{k} rows", a[k].shape[0], n_items) for k in ("hybrid.P", "hybrid.q", "hybrid.C", "hybrid.group",
+                                                                 "hybrid.pop", "hybrid.item_content") if k in a]
+    if "hybrid.C" in a and "hybrid_content_dim" in dims:
+        checks.append(("hybrid.C dim", a["hybrid.C"].shape[1], dims["hybrid_content_dim"]))
     for what, got, want in checks:
         if got != want:
             raise BundleError(f"{path}: incompatible bundle: {what} is {got}, expected {want}")

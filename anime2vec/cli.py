@@ -36,11 +36,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained-encoder", default=None,
                    help="directory of an in-domain pre-trained encoder (`anime2vec pretrain`; 'tiny-random' in tests): "
                         "adds the dropoutnet-pretrained* variants")
-    p.add_argument("--serving-dropoutnet", default="auto",
-                   help="DropoutNet variant under the served hybrid (default auto: best MiniLM-family variant on validation)")
-    p.add_argument("--hybrid-tolerance", default="0.02,0.05,0.10",
-                   help="fractions of its own-scenario recall the hybrid may give up for cold-item recall, tried in "
-                        "order until it matches its DropoutNet's cold recall (comma list)")
+    p.add_argument("--hybrid-tolerance", type=float, default=None,
+                   help="keep the served hybrid's own-scenario validation recall (warm / favourites) at >= (1 - this) "
+                        "of its warm-only blend's (a product floor; default: none, the group offsets are chosen to "
+                        "predict users' next interactions, warm and cold alike)")
+    p.add_argument("--split", type=Path, default=None,
+                   help="JSON file with an external split: train/val/test item (anime) ids and user ids "
+                        "(keys train_items, val_items, test_items, train_users, val_users, test_users)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -49,8 +51,16 @@ def _config(a: argparse.Namespace):
 
     cfg = TrainConfig(data_dir=a.data_dir, sample=a.sample, seed=a.seed, recipe=a.recipe, encoder=a.encoder,
                       test_queries=a.test_queries, progress=not a.quiet,
-                      pretrained_encoder=a.pretrained_encoder, serving_dropoutnet=a.serving_dropoutnet,
-                      hybrid_tolerance=tuple(float(x) for x in a.hybrid_tolerance.split(",") if x.strip()))
+                      pretrained_encoder=a.pretrained_encoder, hybrid_tolerance=a.hybrid_tolerance)
+    if getattr(a, "split", None) is not None:
+        from .data.dataset import ExternalSplit
+
+        try:
+            cfg.split = ExternalSplit.from_json(a.split)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--split: {e}") from None
+    if a.hybrid_tolerance is not None and not 0.0 <= a.hybrid_tolerance < 1.0:
+        raise SystemExit("--hybrid-tolerance must be in [0, 1)")
     if a.models:
         names = tuple(m.strip() for m in a.models.split(",") if m.strip())
         unknown = [m for m in names if m not in ALL_MODELS]
@@ -71,12 +81,8 @@ def _run(a: argparse.Namespace, write_bundle: bool) -> int:
     from .pipeline import SERVING_MODEL, evaluate, export_bundle, fit_models, prepare
 
     cfg = _config(a)
-    if write_bundle:   # the served blend needs its DropoutNet
-        base = () if cfg.serving_dropoutnet == "auto" else (cfg.serving_dropoutnet,)
-        if not any(m in cfg.models for m in ("dropoutnet-minilm", "dropoutnet-minilm-graph", "dropoutnet-pretrained",
-                                              "dropoutnet-pretrained-graph", *base)):
-            base = (*base, "dropoutnet-minilm")
-        cfg.models = tuple(dict.fromkeys((*cfg.models, *base, SERVING_MODEL)))
+    if write_bundle:   # the bundle serves the hybrid, with WMF as the fallback when the index is down
+        cfg.models = tuple(dict.fromkeys((*cfg.models, "wmf", SERVING_MODEL)))
     command = "anime2vec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     p = prepare(cfg)
     models, selection = fit_models(p)

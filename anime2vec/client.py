@@ -141,7 +141,7 @@ def _ref(value: str | int) -> common_pb2.AnimeRef:
 
 def options(a: argparse.Namespace) -> common_pb2.RecommendOptions:
     f = common_pb2.Filters(include_genres=a.genre, exclude_genres=a.exclude_genre, types=a.type,
-                           include_liked=a.include_liked)
+                           include_liked=a.include_liked, cold_start_only=a.cold_start_only)
     if a.year_min is not None:
         f.year_min = a.year_min
     if a.year_max is not None:
@@ -158,7 +158,8 @@ def _print_ranked(resp, a: argparse.Namespace, header: str = "") -> None:
     if header:
         print(header)
     f = options(a).filters
-    filtered = bool(f.include_genres or f.exclude_genres or f.types or f.HasField("year_min") or f.HasField("year_max"))
+    filtered = bool(f.include_genres or f.exclude_genres or f.types or f.HasField("year_min") or f.HasField("year_max")
+                    or f.cold_start_only)
     print(format_recommendations(resp.recommendations, a.explain, filtered))
     print(format_served_by(resp.served_by, resp.next_page_token))
 
@@ -348,6 +349,9 @@ def _ranking_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--type", action="append", default=[], help="keep this media type: TV, Movie, OVA, ... (repeatable)")
     g.add_argument("--year-min", type=int, default=None)
     g.add_argument("--year-max", type=int, default=None)
+    g.add_argument("--new-only", "--cold-start-only", dest="cold_start_only", action="store_true",
+                   help="keep only anime without ratings in the model's training data (new, unrated or held-out "
+                        "anime, marked * or †): what is new for this query")
     g.add_argument("--diversity", type=float, default=0.0, help="0 (relevance only) .. 1 (novelty only)")
     g.add_argument("--strategy", choices=sorted(STRATEGIES), default="auto")
     g.add_argument("--include-liked", action="store_true", help="allow the query's own anime in the results")

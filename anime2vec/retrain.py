@@ -68,7 +68,7 @@ DECISIONS = ("promoted", "refused", "dry_run", "failed")
 DECISION_LOG = "retrain-decisions.jsonl"
 LOCK_FILE = ".retrain.lock"
 PUSH_JOB = "anime2vec-retrain"
-RETRAIN_MODELS = ("popularity", "wmf", "dropoutnet-minilm", "anime2vec-hybrid")
+RETRAIN_MODELS = ("popularity", "wmf", "anime2vec-hybrid")
 SKIP_REASONS = ("invalid", "unknown_anime", "anime_without_text", "over_user_cap")
 _MATRICES = ("train", "warm_val", "warm_test", "cold_val", "cold_test", "heldout")
 
@@ -567,7 +567,7 @@ def train_candidate(cfg: TrainConfig, fb: FeedbackData, report_dir: Path | None 
     standard pipeline (selection on validation, the standard protocol on test into the manifest)."""
     from .pipeline import SERVING_MODEL, evaluate, export_bundle, fit_models, prepare
 
-    cfg = dataclasses.replace(cfg, models=tuple(dict.fromkeys((*cfg.models, "dropoutnet-minilm", SERVING_MODEL))))
+    cfg = dataclasses.replace(cfg, models=tuple(dict.fromkeys((*cfg.models, "wmf", SERVING_MODEL))))
     p = prepare(cfg, extend_dataset=lambda ds: extend_dataset(ds, fb.interactions))
     # the bundle's data fingerprint covers the events it learnt from
     fp = hashlib.sha256(f"{p.data.fingerprint}:{fb.fingerprint}".encode()).hexdigest()
@@ -590,7 +590,7 @@ def base_dataset(cfg: TrainConfig):
     from .data.loader import load_mal
 
     data = load_mal(cfg.data_dir, sample=cfg.sample)
-    return data, build_dataset(data.catalog, data.interactions, seed=cfg.seed)
+    return data, build_dataset(data.catalog, data.interactions, seed=cfg.seed, split=cfg.split)
 
 
 # ---- decisions, log, metrics ----------------------------------------------------------------------------

@@ -185,7 +185,10 @@ def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> Path:
         return found
     print(f"No {source}-data bundle in {store}: training one (the first run encodes every synopsis with "
           f"MiniLM, which takes a while on a CPU; encodings are cached for next time).", flush=True)
-    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--store", str(store), "--report-dir", str(report_dir)]
+    # Only what serving needs (the hybrid, its EASE selection, WMF as the fallback) and the popularity
+    # floor: the full comparison (DropoutNets included) is `make train`'s job
+    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--store", str(store), "--report-dir", str(report_dir),
+           "--models", "popularity,wmf,ease,anime2vec-hybrid"]
     cmd += ["--sample"] if sample else []
     # A child in its own group: Ctrl-C / SIGTERM to the runner stops it and its workers
     rc = run_to_completion(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, stdin=subprocess.DEVNULL)

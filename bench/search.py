@@ -43,7 +43,7 @@ def served_catalogue(n_queries: int, seed: int) -> dict | None:
     if path is None:
         return None
     m = ServingModel(load_bundle(path), device="cpu")
-    if not m.has_dropoutnet:
+    if not m.has_vectors:   # a bundle without the hybrid's arrays has no served vectors
         return None
     rng = np.random.default_rng(seed)
     popular = np.argsort(-m.popularity)[:500]

@@ -19,12 +19,15 @@ def _parts(n_users=5, n_items=7, f=3, d=4, t=2):
         "wmf_V": rng.normal(size=(n_items, f)).astype(np.float32),
         "content": rng.normal(size=(n_items, d)).astype(np.float32),
         "item_tower": rng.normal(size=(n_items, t)).astype(np.float32),
-        "dropoutnet.f_v.net.0.weight": rng.normal(size=(t, f + d)).astype(np.float32),
+        "hybrid.q": rng.normal(size=(n_items, f)).astype(np.float32),
+        "hybrid.C": rng.normal(size=(n_items, d + 1)).astype(np.float32),
+        "hybrid.Wv": rng.normal(size=(d + 1, t)).astype(np.float32),
     }
     catalog = pd.DataFrame({"anime_id": arrays["item_ids"], "title": [f"Show {i}" for i in range(n_items)],
                             "genres": [["Action"]] * n_items})
     train = sp.random(n_users, n_items, density=0.4, random_state=0, format="csr", dtype=np.float32)
-    manifest = {"dims": {"n_items": n_items, "n_users": n_users, "factors": f, "content_dim": d, "tower_dim": t},
+    manifest = {"dims": {"n_items": n_items, "n_users": n_users, "factors": f, "content_dim": d, "tower_dim": t,
+                         "hybrid_content_dim": d + 1},
                 "encoder": {"name": "test"}}
     return manifest, catalog, arrays, train
 
@@ -41,7 +44,7 @@ def test_round_trip_keeps_every_array_and_the_training_matrix(bundle_path):
         np.testing.assert_array_equal(b.arrays[k], v)
     assert (b.train != train).nnz == 0
     assert b.catalog["title"].tolist() == catalog["title"].tolist()
-    assert b.prefixed("dropoutnet").keys() == {"f_v.net.0.weight"}
+    assert b.prefixed("hybrid").keys() == {"q", "C", "Wv"}
     assert b.version == bundle_path.name and b.manifest["dims"]["n_items"] == 7
 
 
@@ -76,6 +79,19 @@ def test_incompatible_dimensions_are_refused(bundle_path):
     (bundle_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="item_tower dim is 2, expected 3"):
         load_bundle(bundle_path)
+
+
+def test_hybrid_arrays_of_another_catalogue_are_refused(tmp_path):
+    """The served hybrid's per-anime arrays must have one row per anime (and the content width the
+    manifest says): a ranker must never build item vectors from another catalogue's rows."""
+    manifest, catalog, arrays, train = _parts()
+    arrays["hybrid.q"] = arrays["hybrid.q"][:-1]
+    with pytest.raises(BundleError, match="hybrid.q rows is 6, expected 7"):
+        load_bundle(write_bundle(tmp_path / "a", manifest, catalog, arrays, train))
+    manifest, catalog, arrays, train = _parts()
+    manifest["dims"]["hybrid_content_dim"] = 9
+    with pytest.raises(BundleError, match="hybrid.C dim is 5, expected 9"):
+        load_bundle(write_bundle(tmp_path / "b", manifest, catalog, arrays, train))
 
 
 def test_unknown_format_and_non_bundles_are_refused(bundle_path, tmp_path):

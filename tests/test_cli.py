@@ -9,10 +9,11 @@ import pytest
 
 from anime2vec.bundle import load_bundle
 
-# one of each kind (baselines, graph kNN, text and graph DropoutNets, pre-trained, the blend) keeps
-# this under a couple of minutes; the full list is the default of `train`
-MODELS = ("popularity", "wmf", "content-knn-tfidf", "content-knn-tfidf-graph", "dropoutnet-tfidf",
-          "dropoutnet-minilm", "dropoutnet-minilm-graph", "dropoutnet-pretrained-graph", "anime2vec-hybrid")
+# one of each kind (baselines, the served hybrid's parts, graph kNN, text and graph DropoutNets,
+# pre-trained, the hybrid) keeps this under a couple of minutes; the full list is the default of `train`
+MODELS = ("popularity", "wmf", "ease", "rp3beta", "content-knn-tfidf", "content-knn-tfidf-graph", "content-bilinear",
+          "dropoutnet-tfidf", "dropoutnet-minilm", "dropoutnet-minilm-graph", "dropoutnet-pretrained-graph",
+          "anime2vec-hybrid")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -25,9 +26,9 @@ def cli(*args, env=None):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     env = {"A2V_CACHE_DIR": str(root / "cache")}
-    # serve the graph variant and fit the pre-trained-encoder variants too (a second tiny encoder)
+    # fit the pre-trained-encoder variants too (a second tiny encoder); the hybrid with a 5% floor
     r = cli("train", "--sample", "--encoder", "tiny-random", "--epochs", "2", "--quiet",
-            "--pretrained-encoder", "tiny-random", "--serving-dropoutnet", "dropoutnet-minilm-graph",
+            "--pretrained-encoder", "tiny-random", "--hybrid-tolerance", "0.05",
             "--models", ",".join(MODELS),
             "--store", str(root / "store"), "--report-dir", str(root / "report"), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -57,13 +58,28 @@ def test_train_writes_a_report_comparing_every_model(trained):
 
 
 def test_train_writes_a_verifiable_bundle_with_metrics(trained):
+    from anime2vec.models.hybrid import GROUPS, Hybrid
+
     root, _ = trained
     (bundle,) = [p for p in (root / "store").iterdir() if not p.name.startswith(".")]
     b = load_bundle(bundle)
     m = b.manifest
     assert m["model"] == "anime2vec-hybrid" and m["data"]["source"] == "sample"
     assert m["dims"]["n_items"] == 800 and b.arrays["item_tower"].shape == (800, m["dims"]["tower_dim"])
-    assert "recall@100" in m["metrics"]["cold_whole"] and m["hyperparameters"]["hybrid"]["users"]
+    # the served hybrid's arrays, no DropoutNet ones
+    assert set(b.prefixed("hybrid")) == set(Hybrid.STATE) and not b.prefixed("dropoutnet") and "dropoutnet" not in m
+    assert b.arrays["hybrid.C"].shape == (800, m["dims"]["hybrid_content_dim"])
+    assert m["metadata"]["types"] and m["metadata"]["genres"]   # a new anime's metadata is encoded the same way
+    # offline metrics of the served model, brand-new anime (what AddAnime serves) included
+    for scenario in ("warm", "cold_whole", "new_whole", "new_test_items"):
+        assert 0.0 <= m["metrics"][scenario]["recall@100"] <= 1.0, scenario
+    # its weights and how they were tuned: the 5% floor held
+    hp = m["hyperparameters"]["hybrid"]
+    assert set(hp["weights"]) == {"users", "favourites", "text"} and set(hp["items"]["beta_content"]) == set(GROUPS)
+    for request in ("users", "favourites"):
+        t = m["selection"]["anime2vec-hybrid"]["tuning"][request]
+        assert t["tolerance"] == 0.05 and t["own"] >= t["floor"] - 1e-9 and isinstance(t["saturated"], list)
+        assert t["weights"] == hp["weights"][request]
     r = cli("inspect-bundle", str(bundle))
     assert r.returncode == 0 and m["version"] in r.stdout and "verified" in r.stdout
 
@@ -87,28 +103,48 @@ def test_unknown_model_names_are_refused():
     assert r.returncode != 0 and "nonsense" in (r.stderr + r.stdout)
 
 
-def test_a_graph_bundle_serves_its_item_vectors(trained):
-    """The served DropoutNet reads [text ; graph block]. The ranker rebuilds an item's vector from
-    its text with an empty graph block (a new anime has no recommendation pairs): for a cold
-    catalogue item without pairs that must reproduce the trained item vector exactly, and for a
-    cold item with pairs it must not (the graph block carries its neighbours' factors)."""
+def test_the_bundle_serves_what_was_trained(trained):
+    """The ranker's ServingModel rebuilds the hybrid from the bundle: its item vectors are the
+    exported ones, its query vectors score like the model, and an anime's content row rebuilt from
+    the bundle's own TF-IDF, MiniLM and metadata of that anime is the row the hybrid was trained
+    on. As a brand-new anime (AddAnime) that row gives exactly a text-group anime's item vector;
+    a paired anime given as new loses the audience it borrowed from its neighbours, unless it is
+    given as the catalogue anime it is (its text replaced)."""
     import numpy as np
 
+    from anime2vec.models.base import Queries
+    from anime2vec.models.hybrid import PAIRED, TEXT, WARM
     from services.ranker.model import ServingModel
 
     root, _ = trained
     (bundle,) = [p for p in (root / "store").iterdir() if not p.name.startswith(".")]
     b = load_bundle(bundle)
-    assert b.manifest["dropoutnet"] == "dropoutnet-minilm-graph"
-    graph = b.arrays["graph_content"]
-    assert graph.shape == (800, b.manifest["dims"]["graph_dim"]) == (800, b.manifest["dims"]["factors"] + 1)
     m = ServingModel(b, device="cpu")
-    cold = ~m.warm
-    lonely = np.flatnonzero(cold & ~np.any(graph != 0, axis=1))
-    paired = np.flatnonzero(cold & np.any(graph != 0, axis=1))
-    assert len(lonely) and len(paired)
-    for i in lonely[:3]:
-        np.testing.assert_allclose(m.item_vector(None, m.content[i], m.hybrid.psi[i]), m.item_tower[i],
-                                   rtol=1e-4, atol=1e-5)
-    j = paired[0]
-    assert not np.allclose(m.item_vector(None, m.content[j], m.hybrid.psi[j]), m.item_tower[j], atol=1e-4)
+    assert m.has_vectors and m.has_dropoutnet
+    hy = m.hybrid
+    np.testing.assert_allclose(m.item_tower, b.arrays["item_tower"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(m.warm, hy.group == WARM)
+    # query vectors: a known user and a favourites list, against the model's own score
+    u = int(np.flatnonzero(m.train.getnnz(axis=1))[0])
+    score = hy.score(Queries.of_users([u]), np.arange(800))[0]
+    assert np.abs(m.user_vector(int(m.user_ids[u])) @ m.item_tower.T - score).max() < 1e-4
+    liked = np.flatnonzero(m.warm)[:3]
+    score = hy.score(Queries.of_liked([liked], [np.array([1.0, 2.0, 3.0])]), np.arange(800))[0]
+    served = m.favourites_vector([int(m.item_ids[i]) for i in liked], [1.0, 2.0, 3.0]) @ m.item_tower.T
+    assert np.abs(served - score).max() < 1e-4
+
+    def row(i):
+        """Anime i's content row from what the bundle keeps of it (as AddAnime builds one)."""
+        fields = m.catalog.iloc[i][["type", "year", "episodes", "genres"]].to_dict()
+        return m.content_row(m.content[i], b.arrays["tfidf_content"][i], fields)
+
+    groups = {g: np.flatnonzero(hy.group == g) for g in (WARM, PAIRED, TEXT)}
+    assert all(len(v) for v in groups.values())
+    for i in np.r_[groups[TEXT][:3], groups[PAIRED][:3], groups[WARM][:3]]:
+        np.testing.assert_allclose(row(i), hy.C[i], rtol=1e-5, atol=1e-6)
+    for i in groups[TEXT][:3]:
+        np.testing.assert_allclose(m.item_vector(row(i)), m.item_tower[i], rtol=1e-4, atol=1e-5)
+    for i in np.r_[groups[PAIRED][:3], groups[WARM][:3]]:
+        np.testing.assert_allclose(m.item_vector(row(i), i), m.item_tower[i], rtol=1e-4, atol=1e-5)
+    j = groups[PAIRED][0]
+    assert not np.allclose(m.item_vector(row(j)), m.item_tower[j], atol=1e-4)

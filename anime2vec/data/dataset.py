@@ -76,10 +76,43 @@ def _csr(users, items, vals, shape) -> sp.csr_matrix:
     return m
 
 
+@dataclass
+class ExternalSplit:
+    """A split supplied from outside (another protocol, a benchmark's fixed split): anime ids for the
+    cold-item split and user ids for the user split. Items with positives that no list names take
+    no part (neither trained on nor evaluated); users likewise. The warm holdout of training users
+    is still drawn with the seed. `from_json`: {"train_items": [...], "val_items": [...],
+    "test_items": [...], "train_users": [...], "val_users": [...], "test_users": [...]}."""
+    train_items: np.ndarray
+    val_items: np.ndarray
+    test_items: np.ndarray
+    train_users: np.ndarray
+    val_users: np.ndarray
+    test_users: np.ndarray
+
+    @classmethod
+    def from_json(cls, path) -> "ExternalSplit":
+        import json
+        from pathlib import Path
+
+        d = json.loads(Path(path).read_text())
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ValueError(f"{path}: the split lacks {missing}")
+        return cls(**{k: np.asarray(d[k], np.int64) for k in cls.__dataclass_fields__})
+
+    def validate(self) -> None:
+        for kind in ("items", "users"):
+            parts = [set(np.asarray(getattr(self, f"{s}_{kind}")).tolist()) for s in ("train", "val", "test")]
+            if parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]:
+                raise ValueError(f"external split: train/val/test {kind} overlap")
+
+
 def build_dataset(
     catalog,
     interactions,
     seed: int = 0,
+    split: ExternalSplit | None = None,
     item_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     user_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     warm_fractions: tuple[float, float] = (0.1, 0.2),
@@ -105,22 +138,38 @@ def build_dataset(
 
     # cold-item split over items that have at least one positive
     observed = np.unique(i)
-    perm = rng.permutation(observed)
-    n_tr = int(round(item_fractions[0] * len(perm)))
-    n_va = int(round(item_fractions[1] * len(perm)))
-    train_items, val_items, test_items = (np.sort(perm[:n_tr]), np.sort(perm[n_tr:n_tr + n_va]),
-                                          np.sort(perm[n_tr + n_va:]))
+    if split is None:
+        perm = rng.permutation(observed)
+        n_tr = int(round(item_fractions[0] * len(perm)))
+        n_va = int(round(item_fractions[1] * len(perm)))
+        train_items, val_items, test_items = (np.sort(perm[:n_tr]), np.sort(perm[n_tr:n_tr + n_va]),
+                                              np.sort(perm[n_tr + n_va:]))
+    else:
+        split.validate()
+        train_items, val_items, test_items = (
+            np.sort(np.asarray([item_pos[int(a)] for a in ids if int(a) in item_pos], np.int64))
+            for ids in (split.train_items, split.val_items, split.test_items))
     item_role = np.full(n_items, -1, np.int8)  # -1 unobserved, 0 train, 1 val, 2 test
     item_role[train_items], item_role[val_items], item_role[test_items] = 0, 1, 2
 
     # user split
-    uperm = rng.permutation(n_users)
-    n_tru = int(round(user_fractions[0] * n_users))
-    n_vau = int(round(user_fractions[1] * n_users))
-    train_users, val_users, test_users = (np.sort(uperm[:n_tru]), np.sort(uperm[n_tru:n_tru + n_vau]),
-                                          np.sort(uperm[n_tru + n_vau:]))
+    if split is None:
+        uperm = rng.permutation(n_users)
+        n_tru = int(round(user_fractions[0] * n_users))
+        n_vau = int(round(user_fractions[1] * n_users))
+        train_users, val_users, test_users = (np.sort(uperm[:n_tru]), np.sort(uperm[n_tru:n_tru + n_vau]),
+                                              np.sort(uperm[n_tru + n_vau:]))
+    else:
+        def users_of(ids: np.ndarray) -> np.ndarray:
+            ids = np.asarray(ids, np.int64)
+            at = np.searchsorted(user_ids, ids)
+            ok = (at < n_users) & (user_ids[np.minimum(at, n_users - 1)] == ids)
+            return np.sort(at[ok])
+        train_users, val_users, test_users = (users_of(x) for x in (split.train_users, split.val_users, split.test_users))
     user_is_train = np.zeros(n_users, bool)
     user_is_train[train_users] = True
+    user_is_eval = np.zeros(n_users, bool)
+    user_is_eval[val_users] = user_is_eval[test_users] = True
 
     role = item_role[i]
     tr_u = user_is_train[u]
@@ -140,8 +189,9 @@ def build_dataset(
         train_users=train_users, val_users=val_users, test_users=test_users,
         train=sel(to_train), warm_val=sel(to_val), warm_test=sel(to_test),
         cold_val=sel(tr_u & (role == 1)), cold_test=sel(tr_u & (role == 2)),
-        heldout=sel(~tr_u & (role == 0)),
+        heldout=sel(user_is_eval[u] & (role == 0)),
         seed=seed,
-        params={"item_fractions": list(item_fractions), "user_fractions": list(user_fractions),
+        params={"item_fractions": list(item_fractions) if split is None else "external",
+                "user_fractions": list(user_fractions) if split is None else "external",
                 "warm_fractions": list(warm_fractions), "min_user_positives": min_user_positives},
     )

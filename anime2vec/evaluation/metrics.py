@@ -78,22 +78,48 @@ def recall_curve(ranked: np.ndarray, relevant: Relevant, max_k: int) -> np.ndarr
     return (found / n_rel[:, None]).mean(axis=0)
 
 
-def recall_at_k(ranked: np.ndarray, relevant: Relevant, k: int) -> float:
-    """DropoutNet's recall: |top-k ∩ relevant| / |relevant| (not min(k, |relevant|))."""
+def recall_per_query(ranked: np.ndarray, relevant: Relevant, k: int) -> np.ndarray:
+    """(n_queries,) DropoutNet's recall: |top-k ∩ relevant| / |relevant| (not min(k, |relevant|))."""
     k = _check_k(k)
     hits, n_rel = _hits(ranked, relevant)
-    return float((hits[:, :k].sum(axis=1) / n_rel).mean())
+    return hits[:, :k].sum(axis=1) / n_rel
 
 
-def ndcg_at_k(ranked: np.ndarray, relevant: Relevant, k: int) -> float:
-    """Binary-gain NDCG@k: sum of 1/log2(rank+1) over hits, over the ideal for min(k, |relevant|)."""
+def recall_at_k(ranked: np.ndarray, relevant: Relevant, k: int) -> float:
+    """Mean of `recall_per_query`."""
+    return float(recall_per_query(ranked, relevant, k).mean())
+
+
+def ndcg_per_query(ranked: np.ndarray, relevant: Relevant, k: int) -> np.ndarray:
+    """(n_queries,) binary-gain NDCG@k: sum of 1/log2(rank+1) over hits, over the ideal for
+    min(k, |relevant|)."""
     k = _check_k(k)
     hits, n_rel = _hits(ranked, relevant)
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     top = hits[:, :k]
     dcg = top @ discount[: top.shape[1]]
     idcg = np.cumsum(discount)[np.minimum(n_rel, k) - 1]
-    return float((dcg / idcg).mean())
+    return dcg / idcg
+
+
+def ndcg_at_k(ranked: np.ndarray, relevant: Relevant, k: int) -> float:
+    """Mean of `ndcg_per_query`."""
+    return float(ndcg_per_query(ranked, relevant, k).mean())
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-query values (queries resampled with
+    replacement): how far a reported mean could move with another draw of users."""
+    v = np.asarray(values, np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for b in range(0, n_boot, 100):   # blocks of resamples keep memory at 100 x n_queries
+        idx = rng.integers(0, len(v), (min(100, n_boot - b), len(v)))
+        means[b:b + len(idx)] = v[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def mrr(ranked: np.ndarray, relevant: Relevant) -> float:
@@ -106,7 +132,13 @@ def mrr(ranked: np.ndarray, relevant: Relevant) -> float:
 
 
 def mrr_from_scores(scores: np.ndarray, relevant: np.ndarray) -> float:
-    """MRR over the full ranking of `scores` without sorting it (O(n_candidates) per query).
+    """Mean of `rr_from_scores`."""
+    return float(rr_from_scores(scores, relevant).mean())
+
+
+def rr_from_scores(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """(n_queries,) reciprocal rank over the full ranking of `scores` without sorting it
+    (O(n_candidates) per query).
 
     scores: (n_queries, n_candidates) with -inf for excluded candidates; relevant: bool mask of
     the same shape. The ranking is by score, ties broken by column order (a stable sort), so
@@ -123,7 +155,7 @@ def mrr_from_scores(scores: np.ndarray, relevant: np.ndarray) -> float:
     first = (rel & (s == best)).argmax(axis=1)  # the first relevant in column order among the best
     ahead = (s > best) | ((s == best) & (np.arange(s.shape[1]) < first[:, None]))
     rank = 1 + ahead.sum(axis=1)
-    return float(np.where(np.isfinite(best[:, 0]), 1.0 / rank, 0.0).mean())
+    return np.where(np.isfinite(best[:, 0]), 1.0 / rank, 0.0)
 
 
 def catalogue_coverage(all_recs: np.ndarray, n_candidates: int) -> float:

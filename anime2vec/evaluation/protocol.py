@@ -11,6 +11,10 @@ Scenarios for one split ("val" for model selection, "test" for the reported numb
                    cold_whole with same-franchise hits set aside (see `franchise_key`), so that
                    "reads what the show is about" is measured apart from "matches a sequel's name".
                    Only when titles are given.
+- new_test_items, new_whole, new_whole_nofranchise
+                   brand-new anime: the cold scenarios again, with every anime without training
+                   interactions scored from what it has on the day it airs (`Recommender.day_one`:
+                   no recommendation pairs, no interactions). What AddAnime serves.
 - warm             train users with a warm held-out positive in the split; whole catalogue.
 - fav_k{k}         favourites queries (cold users): the split's held-out users with at least
                    max(fav_ks) + 1 positives (the same users for every k); the query is their k
@@ -29,6 +33,7 @@ Exact score ties are broken in a seeded random order of the candidates, the same
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import unicodedata
@@ -50,6 +55,9 @@ DESCRIPTIONS = {
     "cold_test_items": "cold items, ranking the split's cold items only (DropoutNet protocol)",
     "cold_whole": "cold items, ranking the whole catalogue minus the user's known positives",
     "cold_whole_nofranchise": "cold_whole with same-franchise hits set aside (leading title words)",
+    "new_test_items": "brand-new anime (day-one signals only), ranking the split's cold items only",
+    "new_whole": "brand-new anime (day-one signals only), ranking the whole catalogue",
+    "new_whole_nofranchise": "new_whole with same-franchise hits set aside",
     "warm": "held-out positives of known users on warm items, whole catalogue",
 }
 # Leading words that carry no franchise identity: English articles and Japanese particles
@@ -68,6 +76,7 @@ class Scenario:
     split: str
     family: str                     # "cold" / "warm" / "favourites"
     users: np.ndarray               # dataset user index behind each query
+    day_one: np.ndarray | None = None   # items scored as brand-new anime (Recommender.day_one)
 
     @property
     def description(self) -> str:
@@ -237,6 +246,13 @@ def scenarios(ds: Dataset, split: str = "test", fav_ks: tuple[int, ...] = (1, 3,
                 out.append(Scenario("cold_whole_nofranchise", Queries.of_users(u2), all_items, t2,
                                     _minus(known[u2], t2), split, "cold", u2))
 
+    # every anime without training interactions is scored as brand-new, not only the split's: the
+    # other split's cold anime are candidates too, and a model must not learn that "has pairs"
+    # marks a distractor
+    never_seen = np.setdiff1d(np.arange(ds.n_items), np.asarray(ds.train_items, np.int64))
+    out += [dataclasses.replace(s, name=s.name.replace("cold_", "new_"), day_one=never_seen)
+            for s in list(out) if s.family == "cold"]
+
     users = _subsample(_with_positives(warm, ds.train_users), max_queries, seed, "warm")
     if len(users):
         truth = _rows(warm, users)
@@ -323,9 +339,10 @@ class Experiment:
         notes = []
         if self.titles is None:
             notes.append("cold_whole_nofranchise skipped: no titles given")
-        expected = ["cold_test_items", "cold_whole", "warm", *(f"fav_k{k}" for k in sorted(set(self.fav_ks)))]
+        expected = ["cold_test_items", "cold_whole", "new_test_items", "new_whole", "warm",
+                    *(f"fav_k{k}" for k in sorted(set(self.fav_ks)))]
         if self.titles is not None:
-            expected.insert(2, "cold_whole_nofranchise")
+            expected += ["cold_whole_nofranchise", "new_whole_nofranchise"]
         got = {s.name for s in scs}
         notes += [f"{name} skipped: no query qualifies" for name in expected if name not in got]
         if self.diversity_space is None:
@@ -335,9 +352,11 @@ class Experiment:
         pairs = [(m, s) for m in self.models for s in scs]
         for model, sc in tqdm(pairs, disable=not progress, desc=f"evaluate[{self.split}]"):
             t0 = time.perf_counter()
-            values, curve = self._evaluate(model, sc)
+            view = model if sc.day_one is None else model.day_one(sc.day_one)
+            values, curve, cis = self._evaluate(view, sc)
             timings.append({"model": model.name, "scenario": sc.name, "seconds": time.perf_counter() - t0})
             rows += [{"model": model.name, "scenario": sc.name, "metric": k, "value": v,
+                      "ci_low": cis.get(k, (np.nan, np.nan))[0], "ci_high": cis.get(k, (np.nan, np.nan))[1],
                       "n_queries": len(sc.users), "split": self.split} for k, v in values.items()]
             curves += [{"model": model.name, "scenario": sc.name, "k": k + 1, "recall": r}
                        for k, r in enumerate(curve)]
@@ -358,12 +377,14 @@ class Experiment:
             raise ValueError(f"{model.name} was fitted on a {model.train.shape} matrix, the dataset's is {shape}")
         return {"params": model.params(), "fit_seconds": fit_seconds}
 
-    def _evaluate(self, model: Recommender, sc: Scenario) -> tuple[dict[str, float], np.ndarray]:
+    def _evaluate(self, model: Recommender, sc: Scenario) -> tuple[dict[str, float], np.ndarray, dict]:
         """Chunk by chunk: top-max(ks) lists from `recommend`, the full-ranking MRR from the
         same model's scores (counting, not sorting: a full sort per query dominated the run
-        time); accumulate query-weighted sums of the per-chunk means, keep the short lists."""
+        time); per-query values kept for the means and their bootstrap intervals over users,
+        and the short lists for the beyond-accuracy metrics. Items the model cannot score
+        rank below every scored one."""
         n, list_k, max_k = len(sc.users), self.ks[0], self.ks[-1]
-        sums: dict[str, float] = {}
+        per_query: dict[str, list[np.ndarray]] = {}
         curve = np.zeros(max_k)
         tops = []
         for start in range(0, n, self.batch_size):
@@ -378,22 +399,25 @@ class Experiment:
             ex = None if sc.exclude is None else sc.exclude[start:stop]
             ranked, _ = model.recommend(q, k=max_k, items=cands, exclude=ex, batch_size=self.batch_size)
             truth = sc.truth[start:stop]
-            chunk = {f"recall@{k}": metrics.recall_at_k(ranked, truth, k) for k in self.ks}
-            chunk |= {f"ndcg@{k}": metrics.ndcg_at_k(ranked, truth, k) for k in self.ks}
+            chunk = {f"recall@{k}": metrics.recall_per_query(ranked, truth, k) for k in self.ks}
+            chunk |= {f"ndcg@{k}": metrics.ndcg_per_query(ranked, truth, k) for k in self.ks}
             scores = np.array(model.score(q, cands), dtype=np.float32)
+            scores[:, ~np.asarray(model.scorable(cands), bool)] = -np.inf
             if ex is not None:
                 ex = ex.tocoo()
                 col = position[ex.col]
                 scores[ex.row[col >= 0], col[col >= 0]] = -np.inf
-            chunk["mrr"] = metrics.mrr_from_scores(scores, truth[:, cands].toarray() > 0)
+            chunk["mrr"] = metrics.rr_from_scores(scores, truth[:, cands].toarray() > 0)
             for key, v in chunk.items():
-                sums[key] = sums.get(key, 0.0) + w * v
+                per_query.setdefault(key, []).append(v)
             curve += w * metrics.recall_curve(ranked, truth, max_k)
             tops.append(ranked[:, :list_k])
-        values = {k: v / n for k, v in sums.items()}
+        pq = {k: np.concatenate(v) for k, v in per_query.items()}
+        values = {k: float(v.mean()) for k, v in pq.items()}
+        cis = {k: metrics.bootstrap_ci(v, seed=self.seed) for k, v in pq.items()}
         top = np.vstack(tops)
         values[f"coverage@{list_k}"] = metrics.catalogue_coverage(top, len(sc.candidates))
         values[f"popularity_pct@{list_k}"] = metrics.popularity_percentile(top, self.dataset.popularity)
         if self.diversity_space is not None:
             values[f"diversity@{list_k}"] = metrics.intra_list_diversity(top, self.diversity_space)
-        return values, curve / n
+        return values, curve / n, cis

@@ -51,8 +51,9 @@ def _fmt(metric: str, v: float) -> str:
     return f"{v:.1f}" if metric.startswith("popularity_pct") else f"{v:.4f}"
 
 
-def _markdown_table(wide: pd.DataFrame) -> list[str]:
-    """models as rows, metrics as columns, the best value of each column in bold."""
+def _markdown_table(wide: pd.DataFrame, half_width: dict | None = None) -> list[str]:
+    """models as rows, metrics as columns, the best value of each column in bold; half_width:
+    (model, metric) → half the 95% interval, shown as ±."""
     cols = list(wide.columns)
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     best = {c: wide[c].max() for c in cols if not c.startswith(NO_DIRECTION)}
@@ -62,8 +63,61 @@ def _markdown_table(wide: pd.DataFrame) -> list[str]:
             text = _fmt(c, row[c])
             if c in best and math.isfinite(row[c]) and row[c] == best[c] and len(wide) > 1:
                 text = f"**{text}**"
+            hw = (half_width or {}).get((model, c))
+            if hw is not None and math.isfinite(hw):
+                text += f" ±{hw:.3f}"
             cells.append(text)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _half_widths(results: Results, scenario: str) -> dict:
+    t = results.table
+    if "ci_low" not in t:
+        return {}
+    t = t[(t["scenario"] == scenario) & (t["metric"] == HEADLINE_METRIC)]
+    return {(r.model, r.metric): (r.ci_high - r.ci_low) / 2 for r in t.itertuples()}
+
+
+SERVED = "anime2vec-hybrid"
+HEADLINE_METRIC = "recall@100"
+
+
+def served_vs_best(results: Results, served: str = SERVED, metric: str = HEADLINE_METRIC) -> pd.DataFrame:
+    """Per scenario: the served model against the best other model, both with their 95% bootstrap
+    intervals over users; verdict "win" / "loss" when the intervals do not overlap, else "tie"."""
+    t = results.table[results.table["metric"] == metric]
+    if served not in set(t["model"]):
+        return pd.DataFrame()
+    rows = []
+    for sc in results.scenarios["name"]:
+        g = t[t["scenario"] == sc].set_index("model")
+        if served not in g.index or len(g) < 2:
+            continue
+        others = g.drop(index=served)
+        best = others["value"].idxmax()
+        s, b = g.loc[served], others.loc[best]
+        lo_s, hi_s = s.get("ci_low", np.nan), s.get("ci_high", np.nan)
+        lo_b, hi_b = b.get("ci_low", np.nan), b.get("ci_high", np.nan)
+        verdict = "win" if lo_s > hi_b else "loss" if hi_s < lo_b else "tie"
+        rows.append({"scenario": sc, "served": float(s["value"]), "served_ci": (float(lo_s), float(hi_s)),
+                     "best_baseline": best, "baseline": float(b["value"]), "baseline_ci": (float(lo_b), float(hi_b)),
+                     "delta": float(s["value"] - b["value"]), "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def served_vs_best_markdown(results: Results, served: str = SERVED, metric: str = HEADLINE_METRIC) -> list[str]:
+    df = served_vs_best(results, served, metric)
+    if df.empty:
+        return []
+    ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]" if all(math.isfinite(x) for x in c) else ""  # noqa: E731
+    lines = ["", f"## The served model against the best baseline ({metric}, 95% bootstrap intervals over users)", "",
+             f"| scenario | {served} | best other model | Δ | verdict |", "|---|---:|---|---:|---|"]
+    for r in df.itertuples():
+        lines.append(f"| {r.scenario} | {r.served:.4f} {ci(r.served_ci)} | {r.best_baseline} {r.baseline:.4f} "
+                     f"{ci(r.baseline_ci)} | {r.delta:+.4f} | {r.verdict} |")
+    lines.append("")
+    lines.append("win / loss: the intervals do not overlap; tie: they do.")
     return lines
 
 
@@ -74,6 +128,7 @@ def _markdown(results: Results, title: str, command: str, dataset_description: d
              f"max queries per family: {r.max_queries if r.max_queries is not None else 'all'}", "",
              "## Dataset", "", "| | |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in dataset_description.items()]
+    lines += served_vs_best_markdown(r)
     lines += ["", "## Models", "", "| model | parameters | fit seconds |", "|---|---|---:|"]
     for name, info in r.models.items():
         fit = info.get("fit_seconds")
@@ -87,7 +142,7 @@ def _markdown(results: Results, title: str, command: str, dataset_description: d
         for sc in scs.itertuples():
             lines += ["", f"### {sc.name}", "",
                       f"{sc.description}; {sc.n_queries} queries, {sc.n_candidates} candidates.", ""]
-            lines += _markdown_table(r.metrics(sc.name))
+            lines += _markdown_table(r.metrics(sc.name), _half_widths(r, sc.name))
     lines += _deepaninet_markdown(r)
     if r.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
@@ -212,6 +267,7 @@ def write_report(results: Results, out_dir: str | Path, title: str, command: str
         "metrics": results.table.to_dict(orient="records"), "recall_curves": curves,
         "timings": results.timings.to_dict(orient="records"), "notes": results.notes,
         "deepaninet_table": deepaninet_table(results).to_dict(orient="records"),
+        "served_vs_best": served_vs_best(results).to_dict(orient="records"),
     }
     js.write_text(json.dumps(_jsonable(doc), indent=2, allow_nan=False), encoding="utf-8")
     _plot_curves(results, curves_png)

@@ -23,6 +23,7 @@ like the cold items are), never on test; the authors' script keeps the checkpoin
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import lzma
@@ -358,7 +359,12 @@ def cold_recall_curve(model: Recommender, split: ColdSplit, max_k: int = 300, se
     Candidates go in one seeded random order, so exact ties (untagged items, WMF's all-zero cold
     scores) are broken at random rather than by item index, identically for every model."""
     order = np.random.default_rng(seed).permutation(split.candidates)
-    recs, _ = model.recommend(Queries.of_users(split.users), max_k, items=order)
+    # the paper's protocol ranks every candidate by the model's score, a cold item's 0 included:
+    # items a model reports as unscorable (Recommender.scorable: popularity's and WMF's cold items)
+    # take part with that score instead of being left out of the list
+    view = copy.copy(model)
+    view.scorable = lambda items: np.ones(len(items), bool)
+    recs, _ = view.recommend(Queries.of_users(split.users), max_k, items=order)
     truth = split.truth[split.users]
     outside = truth.tocsc()[:, np.setdiff1d(np.arange(truth.shape[1]), split.candidates)].nnz
     if outside:

@@ -87,6 +87,18 @@ class Recommender(ABC):
         """Hyper-parameters, recorded in reports and bundle manifests."""
         return {}
 
+    def scorable(self, items: np.ndarray) -> np.ndarray:
+        """Boolean mask over `items`: which ones this model has any information about. A
+        collaborative model cannot score an anime nobody interacted with; `recommend` never
+        returns such items and the evaluation ranks them below every scored one, instead of
+        letting a made-up score of 0 compete."""
+        return np.ones(len(items), bool)
+
+    def day_one(self, items: np.ndarray) -> "Recommender":
+        """This model as it would score `items` on the day they air: without any side information
+        written after release (e.g. recommendation pairs). Models that use none return self."""
+        return self
+
     def recommend(
         self,
         queries: Queries,
@@ -109,9 +121,11 @@ class Recommender(ABC):
         out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
         pos = np.full(n_items, -1, dtype=np.int64)
         pos[items] = np.arange(len(items))
+        known = np.asarray(self.scorable(items), bool)
         for start in range(0, len(queries), batch_size):
             stop = min(start + batch_size, len(queries))
             s = np.asarray(self.score(queries.slice(start, stop), items), dtype=np.float32).copy()
+            s[:, ~known] = -np.inf
             if exclude is not None:
                 ex = exclude[start:stop].tocoo()
                 p = pos[ex.col]

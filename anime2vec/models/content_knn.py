@@ -7,6 +7,8 @@ of many liked shows then points at "generic anime" rather than at the user's tas
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.preprocessing import normalize
@@ -17,11 +19,28 @@ from .base import Queries, Recommender
 class ContentKNN(Recommender):
     learns_preferences = True
 
-    def __init__(self, features, name: str = "content-knn"):
-        """features: (n_items, d) dense array or sparse matrix, rows aligned to item indices."""
+    def __init__(self, features, name: str = "content-knn", day_one_features=None):
+        """features: (n_items, d) dense array or sparse matrix, rows aligned to item indices.
+        day_one_features: the rows an anime has on the day it airs, where `features` mix in
+        information written later (graph propagation); `day_one` scores from those."""
         super().__init__()
         self.name = name
-        self.features = normalize(features) if sp.issparse(features) else normalize(np.asarray(features, np.float32))
+        self.features = self._norm(features)
+        self.day_one_features = day_one_features
+
+    @staticmethod
+    def _norm(x):
+        return normalize(x) if sp.issparse(x) else normalize(np.asarray(x, np.float32))
+
+    def day_one(self, items: np.ndarray) -> "ContentKNN":
+        if self.day_one_features is None:
+            return self
+        items = np.asarray(items, np.int64)
+        f = self.features.copy()
+        f[items] = self._norm(np.asarray(self.day_one_features)[items])
+        view = copy.copy(self)
+        view.features = f
+        return view
 
     def fit(self, train: sp.csr_matrix) -> "ContentKNN":
         self.train = train.tocsr().astype(np.float32)

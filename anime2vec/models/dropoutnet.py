@@ -191,6 +191,9 @@ class DropoutNet(Recommender):
         # would otherwise lose every whole-catalogue comparison against warm items.
         self.cold_bias: float = 0.0
         self.calibration: list[dict] = []
+        # trailing content columns written after release (the recommendation-graph block,
+        # features/graph.py): an anime on the day it airs has none, so `day_one` zeroes them
+        self.post_release_dims: int = 0
 
     def params(self) -> dict:
         return {"dropoutnet": self.config.to_dict(), "wmf": self.wmf.params(),
@@ -332,6 +335,19 @@ class DropoutNet(Recommender):
             p = (self.inputs.pref_t if transformed else self.inputs.pref_u)(pref)
             p[~np.any(pref != 0, axis=1)] = 0.0
         return self._infer(self.f_u, np.concatenate([p, self.inputs.cont_u(mean_content)], axis=1))
+
+    def day_one(self, items: np.ndarray) -> "DropoutNet":
+        """Cold `items` as brand-new anime: their post-release content columns zeroed."""
+        if not self.post_release_dims:
+            return self
+        items = np.asarray(items, np.int64)
+        items = items[self.cold_items[items]]
+        view = copy.copy(self)
+        view.content = self.content.copy()
+        view.content[items, -self.post_release_dims:] = 0.0
+        view.item_emb = self.item_emb.copy()
+        view.item_emb[items] = self.item_tower(None, view.content[items])
+        return view
 
     @property
     def cold_items(self) -> np.ndarray:

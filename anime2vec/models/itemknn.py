@@ -35,6 +35,9 @@ class ItemKNN(Recommender):
         self.similarity = model.similarity.tocsr().astype(np.float32)
         return self
 
+    def scorable(self, items: np.ndarray) -> np.ndarray:
+        return np.asarray(self.train.getnnz(axis=0)).ravel()[np.asarray(items, np.int64)] > 0
+
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
         h = queries.history_matrix(self.train)
         return np.asarray((h @ self.similarity[:, items]).todense(), dtype=np.float32)

@@ -43,6 +43,10 @@ class Popularity(Recommender):
     def params(self) -> dict:
         return {"seed": self.seed}
 
+    def scorable(self, items: np.ndarray) -> np.ndarray:
+        """An anime nobody has watched yet has no popularity to rank it by."""
+        return self.counts[np.asarray(items, np.int64)] > 0
+
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
         assert self._scores is not None, "fit() first"
         row = self._scores[np.asarray(items, dtype=np.int64)]

@@ -96,5 +96,8 @@ class WMF(Recommender):
             return self.U[queries.users]
         return self.fold_in(queries.history_matrix(self.train))
 
+    def scorable(self, items: np.ndarray) -> np.ndarray:
+        return np.any(self.V[np.asarray(items, np.int64)] != 0, axis=1)
+
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
         return self.user_vectors(queries) @ self.V[items].T

@@ -9,6 +9,10 @@ answering an empty list.
   FILTER_UNANSWERABLE, naming the field and why. (It depends on the catalogue, which would make it
   FAILED_PRECONDITION by the letter of the status codes; callers act on it the same way, by changing
   the request, and every ranking RPC's contract keeps INVALID_ARGUMENT as its only bad-input status.)
+- `cold_start_only` is not checked here: the catalogue snapshot does not know which anime the model
+  has interactions for. The ranker knows, and answers the same FILTER_UNANSWERABLE when the served
+  version has no cold anime at all (services/ranker/service.py `cold_unanswerable`); the gateway
+  passes that error on as it is. Like every filter, the field travels inside RecommendOptions.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ USERS_PREFIX = "anime2vec_users_"
 # written on every upsert and stripped from the payload callers see.
 GENRES_KEY = "_genres"
 TYPE_KEY = "_type"
+# Item payloads carry "cold": no interactions in the data the serving model was trained on (anime
+# added through AddAnime, catalogue anime nobody rated, held-out anime). Filters.cold_start_only
+# matches it; both backends keep a bool payload index on it.
+COLD_KEY = "cold"
 _DERIVED = (GENRES_KEY, TYPE_KEY)
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Search modes. Every collection also holds int8 scalar-quantised copies of its vectors (4× fewer
@@ -123,6 +127,7 @@ class SearchFilter:
     year_min: int | None = None          # inclusive
     year_max: int | None = None          # inclusive
     exclude_ids: Sequence[int] = ()
+    cold_only: bool = False              # only anime whose payload says cold (COLD_KEY)
 
 
 class ItemIndex(Protocol):

@@ -22,7 +22,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from services.ranker.index import (ALIAS, COLLECTION_PREFIX, DEFAULT_OVERSAMPLING, GENRES_KEY,
+from services.ranker.index import (ALIAS, COLD_KEY, COLLECTION_PREFIX, DEFAULT_OVERSAMPLING, GENRES_KEY,
                                    QUANTIZATION_QUANTILE, TYPE_KEY, USERS_PREFIX, Hit,
                                    IndexUnavailable, ItemPoint, QueryHook, SearchFilter, UnknownVersion,
                                    UserPoint, VersionExists, VersionInUse, aligned_filters, as_query_matrix,
@@ -32,7 +32,7 @@ from services.ranker.index import (ALIAS, COLLECTION_PREFIX, DEFAULT_OVERSAMPLIN
 
 _COMPLETE = "anime2vec_complete"
 _INDEXED_FIELDS = ((GENRES_KEY, models.PayloadSchemaType.KEYWORD), (TYPE_KEY, models.PayloadSchemaType.KEYWORD),
-                   ("year", models.PayloadSchemaType.INTEGER))
+                   ("year", models.PayloadSchemaType.INTEGER), (COLD_KEY, models.PayloadSchemaType.BOOL))
 
 
 def client_filter(flt: SearchFilter | None) -> models.Filter | None:
@@ -51,6 +51,8 @@ def client_filter(flt: SearchFilter | None) -> models.Filter | None:
         must.append(models.FieldCondition(key="year", range=models.Range(gte=flt.year_min, lte=flt.year_max)))
     if flt.exclude_ids:
         must_not.append(models.HasIdCondition(has_id=sorted({int(i) for i in flt.exclude_ids})))
+    if flt.cold_only:
+        must.append(models.FieldCondition(key=COLD_KEY, match=models.MatchValue(value=True)))
     if not must and not must_not:
         return None
     return models.Filter(must=must or None, must_not=must_not or None)

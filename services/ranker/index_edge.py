@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from services.ranker.index import (ALIAS, DEFAULT_OVERSAMPLING, GENRES_KEY, QUANTIZATION_QUANTILE, TYPE_KEY,
+from services.ranker.index import (ALIAS, COLD_KEY, DEFAULT_OVERSAMPLING, GENRES_KEY, QUANTIZATION_QUANTILE, TYPE_KEY,
                                    AliasUnreadable, Hit, IndexUnavailable, ItemPoint, QueryHook, SearchFilter,
                                    UnknownVersion, UserPoint,
                                    VersionExists, VersionInUse, aligned_filters, as_query_matrix, as_query_vector,
@@ -44,7 +44,7 @@ from services.ranker.coalesce import Coalescer
 from services.ranker.shard_check import IN_USE, ShardHealth, check_shard
 
 _INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
-                   ("year", qe.PayloadSchemaType.Integer))
+                   ("year", qe.PayloadSchemaType.Integer), (COLD_KEY, qe.PayloadSchemaType.Bool))
 
 
 def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
@@ -63,6 +63,10 @@ def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
         must.append(qe.FieldCondition("year", range=qe.RangeFloat(gte=flt.year_min, lte=flt.year_max)))
     if flt.exclude_ids:
         must_not.append(qe.HasIdCondition({int(i) for i in flt.exclude_ids}))
+    if flt.cold_only:
+        # np.True_, not True: qdrant-edge 0.9 reads a Python bool as the integer 1 (bool is an int
+        # subclass), which never matches the stored boolean; numpy's bool converts to a boolean.
+        must.append(qe.FieldCondition(COLD_KEY, match=qe.MatchValue(np.True_)))
     if not must and not must_not:
         return None
     return qe.Filter(must=must or None, must_not=must_not or None)

@@ -1,15 +1,16 @@
 """The serving model: one loaded bundle turned into the vectors a request needs.
 
 Every query becomes one vector, so a single Qdrant search over the bundle's item vectors ranks
-the whole catalogue, cold and warm items alike. With the served blend (models/hybrid.py) the
-item vector is [V̂ ; V ; φ ; ψ ; cold] and the query vector, per request type:
-  favourites   → [a·f_U(transform(mean V of liked), mean φ) ; b·fold-in U ; c·mean φ ; e·mean ψ ; d]
-  known user   → the same from the user's own U and history (the "users" weights)
-  free text    → [· ; 0 ; φ(text) ; 0 ; 0] with the "text" weights (text similarity)
-  similar item → a favourites query of that one anime
-  new anime    → [f_V(0, φ) ; 0 ; φ ; ψ ; 1]   (a cold item, recommendable at once)
-A bundle without the blend serves DropoutNet alone (Û·V̂ plus its cold offset). The WMF
-fallback scores in memory (U·V over the bundle's items); popularity needs nothing.
+the whole catalogue, cold and warm items alike (models/hybrid.py):
+  item   [β_cf·q ; β_ct·c·Wv ; pop ; onehot(group)]
+  query  [α_cf·p ; α_ct·f ; α_pop ; group offsets]  with p = x·P (factored EASE) and f the
+         standardised content query of z = unit(x·C)
+where x is a history: a known user's training row (plus feedback, online_users.py), a list of
+favourites (an anime added at serving time contributes its content row to z only), and C the
+content rows [TF-IDF ; MiniLM ; metadata]. Free text has only z (its TF-IDF and MiniLM blocks);
+an anime added through AddAnime gets its content row from its text, encoding and metadata, and
+lands in the text group. The WMF fallback scores in memory (U·V over the bundle's items);
+popularity needs nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from anime2vec.bundle import Bundle
-from anime2vec.models.base import Queries
+from anime2vec.features.metadata import ItemMetadata, content_block
 from anime2vec.features.whiten import Whitener
-from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
-from anime2vec.models.hybrid import Hybrid, _unit
+from anime2vec.models.hybrid import WARM, Hybrid
 from anime2vec.models.wmf import WMF
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 class ItemMeta:
     """What the ranker knows about an anime that is not in the bundle arrays (added via UpsertAnime)."""
     anime_id: int
-    content: np.ndarray          # whitened content vector
+    content: np.ndarray          # whitened MiniLM vector (explanations, diversity)
     payload: dict
     tfidf: np.ndarray | None = None   # dense TF-IDF projection of its text
     text: str = ""                     # its synopsis (explanations name the terms it shares)
+    row: np.ndarray | None = None      # the hybrid's content row [TF-IDF ; MiniLM ; metadata]
 
 
 class ServingModel:
@@ -58,44 +59,33 @@ class ServingModel:
         self.synopses: list[str] = [x if isinstance(x, str) else "" for x in cat["synopsis"]] \
             if "synopsis" in cat else [""] * len(cat)
         self.content = np.asarray(bundle.arrays["content"], np.float32)
-        # DropoutNet may read graph features beside the text (features/graph.py): its input is
-        # [content ; graph]. Anime added at serving time have no recommendation pairs yet: zeros.
-        graph = bundle.arrays.get("graph_content")
-        self.graph_dim = 0 if graph is None else int(np.asarray(graph).shape[1])
-        self.dn_content = self.content if graph is None else \
-            np.hstack([self.content, np.asarray(graph, np.float32)]).astype(np.float32)
         self.whitener = Whitener.from_dict(bundle.prefixed("whitener"))
         train = bundle.train
         hp = m.get("hyperparameters", {})
         wmf_params = {k: v for k, v in hp.get("wmf", {}).items() if k in ("regularization", "alpha", "iterations", "seed")}
         self.wmf = WMF.from_factors(bundle.arrays["wmf_U"], bundle.arrays["wmf_V"], train, **wmf_params)
         self.train = train
-        self.dropoutnet: DropoutNet | None = None
-        state = bundle.prefixed("dropoutnet")
-        self.hybrid: Hybrid | None = None
-        if state:
-            cfg = DropoutNetConfig.from_dict(hp.get("dropoutnet", {}))
-            dn = self.dropoutnet = DropoutNet.from_state(state, cfg, self.dn_content, self.wmf, device=device)
-            if "hybrid" in hp:
-                tf = bundle.arrays.get("tfidf_content")
-                self.hybrid = Hybrid.from_params(dn, hp["hybrid"], train,
-                                                 tfidf=None if tf is None else np.asarray(tf, np.float32),
-                                                 content=self.content)
-                self.item_tower = self.hybrid.serving_item_vectors(np.arange(len(self.item_ids)))
-            else:
-                self.item_tower = dn.serving_item_vectors(dn.item_emb, dn.cold_items)
-        else:
-            log.warning("bundle %s has no DropoutNet weights: serving WMF and popularity only", self.version)
-            self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
         self.tfidf = None
         if (bundle.path / "tfidf.npz").is_file():
             from anime2vec.features.tfidf import TfidfFeatures
             self.tfidf = TfidfFeatures.load(bundle.path / "tfidf.npz")
+        state = bundle.prefixed("hybrid")
+        self.hybrid: Hybrid | None = None
+        self.metadata: ItemMetadata | None = None
+        if state and "hybrid" in hp and "metadata" in m:
+            self.hybrid = Hybrid.from_state(state, hp["hybrid"], train, name=m.get("model", "anime2vec-hybrid"))
+            self.metadata = ItemMetadata.from_dict(m["metadata"])
+            self.item_tower = self.hybrid.serving_item_vectors(np.arange(len(self.item_ids)))
+            self.warm = self.hybrid.group == WARM
+        else:
+            log.warning("bundle %s has no hybrid arrays (an older bundle format): serving WMF and popularity only",
+                        self.version)
+            self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
+            self.warm = np.any(self.wmf.V != 0, axis=1)
         members = self.catalog["members"].fillna(0).to_numpy(np.float64) if "members" in self.catalog else None
         train_pop = np.asarray((train > 0).sum(axis=0)).ravel().astype(np.float64)
         # popularity prior: MAL members where known, training counts to break ties
         self.popularity = (members if members is not None else train_pop) + 1e-3 * train_pop
-        self.warm = np.any(self.wmf.V != 0, axis=1)
 
     # ---- item metadata -------------------------------------------------------------------
     def payload(self, i: int) -> dict:
@@ -110,58 +100,39 @@ class ServingModel:
 
     # ---- query vectors -----------------------------------------------------------------
     @property
-    def has_dropoutnet(self) -> bool:
-        return self.dropoutnet is not None
+    def has_vectors(self) -> bool:
+        """Whether the bundle serves the hybrid's vectors (else only the in-memory fallbacks)."""
+        return self.hybrid is not None
 
-    def dn_input(self, content: np.ndarray) -> np.ndarray:
-        """DropoutNet content input for text vectors of anime outside the bundle (no graph edges)."""
-        content = np.atleast_2d(np.asarray(content, np.float32))
-        if not self.graph_dim:
-            return content
-        return np.hstack([content, np.zeros((len(content), self.graph_dim), np.float32)])
+    has_dropoutnet = has_vectors   # the name older callers use
 
-    def _mean(self, vecs: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return (w[:, None] * vecs).sum(axis=0) / max(float(w.sum()), 1e-9)
+    def history_row(self, listed: dict[int, float]) -> sp.csr_matrix:
+        """A (1, n_items) confidence row of catalogue anime (ids outside the catalogue are left out)."""
+        idx = [self.pos[a] for a in listed if a in self.pos]
+        w = [float(listed[a]) for a in listed if a in self.pos]
+        return sp.csr_matrix((np.asarray(w, np.float32), (np.zeros(len(idx), np.int64), np.asarray(idx, np.int64))),
+                             shape=(1, len(self.item_ids)))
+
+    def history_vector(self, history: sp.csr_matrix, request: str, n_liked: int,
+                       extra_content: np.ndarray | None = None) -> np.ndarray:
+        """The query vector of one history row ("users" or "favourites" weights)."""
+        assert self.hybrid is not None
+        return self.hybrid.serving_query_vectors(*self.hybrid.query_parts(history, extra_content), request, n_liked)[0]
 
     def favourites_vector(self, liked: list[int], weights: list[float] | None,
                           extra: dict[int, ItemMeta] | None = None) -> np.ndarray:
         """Query vector for a set of liked anime ids (bundle items and/or added anime)."""
-        assert self.dropoutnet is not None
-        w_all = np.ones(len(liked), np.float32) if not weights else np.asarray(weights, np.float32)
-        content, dn_content, psi, cw, pref, pw, warm_idx = [], [], [], [], [], [], []
-        zero_psi = None if self.hybrid is None else np.zeros(self.hybrid.psi.shape[1], np.float32)
-        for a, wi in zip(liked, w_all):
-            if a in self.pos:
-                i = self.pos[a]
-                content.append(self.content[i]); dn_content.append(self.dn_content[i]); cw.append(wi)
-                if self.hybrid is not None:
-                    psi.append(self.hybrid.psi[i])
-                if self.warm[i]:
-                    pref.append(self.wmf.V[i]); pw.append(wi); warm_idx.append(i)
-            elif extra and a in extra:
-                content.append(extra[a].content); dn_content.append(self.dn_input(extra[a].content)[0])
-                cw.append(wi)
-                if self.hybrid is not None:
-                    t = extra[a].tfidf
-                    psi.append(zero_psi if t is None else _unit(np.atleast_2d(t))[0])
-        content, cw = np.asarray(content, np.float32), np.asarray(cw, np.float32)
-        mean_c = self._mean(np.asarray(dn_content, np.float32), cw)
-        mean_v = self._mean(np.asarray(pref), np.asarray(pw, np.float32)) if pref else None
-        dn = self.dropoutnet
-        uh = dn.user_tower_from(None if mean_v is None else mean_v[None], mean_c[None], transformed=True)
-        if self.hybrid is None:
-            return dn.serving_user_vectors(uh)[0]
-        u = self.wmf.fold_in_one(np.asarray(warm_idx, np.int64), np.asarray(pw, np.float32))[None]
-        phi_u = self._mean(_unit(content), cw)[None]
-        psi_u = self._mean(np.asarray(psi, np.float32), cw)[None]
-        return self.hybrid.serving_user_vectors(uh, u, phi_u, psi_u, self.hybrid.favourites)[0]
+        w_all = [1.0] * len(liked) if not weights else [float(x) for x in weights]
+        listed = {a: w for a, w in zip(liked, w_all) if a in self.pos}
+        outside = [(extra[a].row, w) for a, w in zip(liked, w_all)
+                   if a not in self.pos and extra and a in extra and extra[a].row is not None]
+        z = sum(w * r for r, w in outside) if outside else None
+        return self.history_vector(self.history_row(listed), "favourites", len(liked), z)
 
     def user_vector(self, user_id: int) -> np.ndarray:
-        assert self.dropoutnet is not None
-        q = Queries.of_users([self.user_pos[user_id]])
-        if self.hybrid is None:
-            return self.dropoutnet.serving_user_vectors(self.dropoutnet.user_tower(q))[0]
-        return self.hybrid.serving_user_vectors(*self.hybrid.parts(q), self.hybrid.users)[0]
+        i = self.user_pos[user_id]
+        h = self.train[i]
+        return self.history_vector(h, "users", int(h.nnz))
 
     def whiten(self, raw: np.ndarray) -> np.ndarray:
         return self.whitener.transform(np.atleast_2d(np.asarray(raw, np.float32)))
@@ -172,30 +143,30 @@ class ServingModel:
             return None
         return self.tfidf.dense(self.tfidf.transform([text]))[0]
 
-    def text_vector(self, raw: np.ndarray, text: str | None = None) -> np.ndarray:
-        """Query vector of a content-only user from a raw encoder vector (free-text queries)."""
-        assert self.dropoutnet is not None
-        dn, c = self.dropoutnet, self.whiten(raw)
-        uh = dn.user_tower_from(None, self.dn_input(c), transformed=True)
-        if self.hybrid is None:
-            return dn.serving_user_vectors(uh)[0]
-        u = np.zeros((1, self.wmf.factors), np.float32)
-        t = self.tfidf_vector(text)
-        psi = np.zeros((1, self.hybrid.psi.shape[1]), np.float32) if t is None else t[None]
-        return self.hybrid.serving_user_vectors(uh, u, c, psi, self.hybrid.text)[0]
+    def content_row(self, content: np.ndarray, tfidf: np.ndarray | None, fields: dict | None) -> np.ndarray:
+        """The hybrid's content row of an anime outside the bundle (or a free-text query: no
+        fields, its metadata block stays empty), built as the pipeline built the catalogue's."""
+        assert self.hybrid is not None and self.metadata is not None
+        t = np.zeros(self.bundle.arrays["tfidf_content"].shape[1], np.float32) if tfidf is None else tfidf
+        meta = np.zeros(self.metadata.dim, np.float32) if fields is None else self.metadata.row(
+            fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres"))
+        return content_block([t, np.atleast_2d(content), meta])[0]
 
-    def item_vector(self, pref: np.ndarray | None, content: np.ndarray, tfidf: np.ndarray | None = None) -> np.ndarray:
-        """Serving vector of one item from its WMF factors (None: cold), whitened content and
-        TF-IDF projection (None: that term is left empty)."""
-        assert self.dropoutnet is not None
-        dn = self.dropoutnet
-        v = dn.item_tower(None if pref is None else np.atleast_2d(pref), self.dn_input(content))
-        if self.hybrid is None:
-            return dn.serving_item_vectors(v, np.array([pref is None]))[0]
-        V = np.zeros((1, self.wmf.factors), np.float32) if pref is None else np.atleast_2d(pref)
-        return self.hybrid.serving_item_vectors(item_emb=v, V=V, phi=np.atleast_2d(content),
-                                                psi=None if tfidf is None else np.atleast_2d(tfidf),
-                                                cold=np.array([pref is None]))[0]
+    def text_vector(self, raw: np.ndarray, text: str | None = None) -> np.ndarray:
+        """Query vector of a free-text query from its raw encoder vector and text (the "text"
+        weights: content alone)."""
+        assert self.hybrid is not None
+        row = self.content_row(self.whiten(raw)[0], self.tfidf_vector(text), None)
+        hy = self.hybrid
+        z = row[None] / max(float(np.linalg.norm(row)), 1e-9)
+        p = np.zeros((1, hy.P.shape[1]), np.float32)
+        return hy.serving_query_vectors(p, hy.content_query(z), hy.text_query(z), "text", 0)[0]
+
+    def item_vector(self, row: np.ndarray, i: int | None = None) -> np.ndarray:
+        """Serving vector of an anime from its content row: a new anime (text group), or catalogue
+        anime `i` with replaced text (it keeps its audience)."""
+        assert self.hybrid is not None
+        return self.hybrid.serving_item_vectors(None if i is None else [i], np.atleast_2d(row))[0]
 
     # ---- fallbacks (in memory, bundle items only) -----------------------------------------
     def wmf_scores_favourites(self, liked: list[int], weights: list[float] | None) -> np.ndarray | None:

@@ -1,14 +1,14 @@
-"""Users updated online from feedback: fold-in, the user's serving vector, the users collection.
+"""Users updated online from feedback: the user's list, serving vector, the users collection.
 
 After RecordFeedback stores events (anime2vec.feedback.FeedbackStore, fsynced), each affected
 user is recomputed at once:
   1. their list: the training history (if the model was trained on them) with every anime an
      event named replaced by what the events say (`user_confidences`, the training rules);
-  2. their WMF factors re-solved against the fixed item factors (ALS fold-in of that list);
-  3. their serving vector, built exactly as the serving path builds one: a training user as a
-     known user (Û = f_U(U, mean φ), the blend's "users" weights), a user known only through
-     feedback as a favourites query of their liked anime (the "favourites" weights);
-  4. stored in the users collection of the serving version, keyed by user id, with the events
+  2. their serving vector, built exactly as the serving path builds one from a history (the
+     hybrid reads the list itself: no re-solve): a training user as a known user (the "users"
+     weights), a user known only through feedback as a favourites query of their liked anime
+     (the "favourites" weights); the WMF fallback still re-solves their factors (ALS fold-in);
+  3. stored in the users collection of the serving version, keyed by user id, with the events
      themselves in the payload.
 
 The users collection is derived data, the feedback store is the truth. A stored vector is used
@@ -158,7 +158,7 @@ class OnlineUsers:
 
 # ---- the fold-in ------------------------------------------------------------------------------
 def compute_user(serving, user_id: int, events: list[FeedbackEvent]) -> OnlineUser:
-    """A user's list and serving vector for the serving version, from their events (steps 1-3 of
+    """A user's list and serving vector for the serving version, from their events (steps 1-2 of
     the module docstring). With no events, a training user gets their training history re-solved."""
     m = serving.model
     feedback = user_confidences(events)
@@ -171,7 +171,7 @@ def compute_user(serving, user_id: int, events: list[FeedbackEvent]) -> OnlineUs
                   if int(m.item_ids[i]) not in named}
     listed.update(feedback)
     vector = None
-    if m.has_dropoutnet:
+    if m.has_vectors:
         vector = known_user_vector(m, listed) if u is not None else favourites_user_vector(serving, listed)
     return OnlineUser(user_id, m.version, vector, listed, time.time(), {e.event_id for e in events})
 
@@ -185,19 +185,12 @@ def history_row(m, listed: dict[int, float]) -> sp.csr_matrix:
 
 
 def known_user_vector(m, listed: dict[int, float]) -> np.ndarray | None:
-    """A training user's vector from a re-solved U, as ServingModel.user_vector builds one from the
-    trained U (DropoutNet.user_tower and Hybrid.parts with a user's own factors)."""
+    """A training user's vector from their updated list, exactly as ServingModel.user_vector
+    builds one from the training row: the hybrid reads a history, no re-solve is needed."""
     h = history_row(m, listed)
     if h.nnz == 0:
         return None
-    dn = m.dropoutnet
-    U = m.wmf.fold_in(h)                                      # the ALS re-solve
-    uh = dn.user_tower_from(U, dn._weighted_mean(h, dn.content), transformed=False)
-    if m.hybrid is None:
-        return dn.serving_user_vectors(uh)[0]
-    hy = m.hybrid
-    return hy.serving_user_vectors(uh, U, np.asarray(h @ hy.phi, np.float32),
-                                   np.asarray(h @ hy.psi, np.float32), hy.users)[0]
+    return m.history_vector(h, "users", int(h.nnz))
 
 
 def favourites_user_vector(serving, listed: dict[int, float]) -> np.ndarray | None:

@@ -68,15 +68,18 @@ def search_filter(f: common_pb2.Filters, excluded: set[int]) -> SearchFilter:
         types=tuple(t.strip() for t in f.types),
         year_min=f.year_min if f.HasField("year_min") else None,
         year_max=f.year_max if f.HasField("year_max") else None,
-        exclude_ids=tuple(sorted(excluded | set(f.exclude_ids))))
+        exclude_ids=tuple(sorted(excluded | set(f.exclude_ids))), cold_only=f.cold_start_only)
 
 
 class CatalogueFilter:
     """The same filter semantics as the Qdrant payload filter, over the bundle's items in numpy
-    (for the WMF and popularity fallbacks, which rank in memory)."""
+    (for the WMF and popularity fallbacks, which rank in memory). `cold` marks the items the model
+    has no interactions for (the payload's "cold"); None: none is cold."""
 
-    def __init__(self, item_ids: np.ndarray, genres: list, types: list, years: list):
+    def __init__(self, item_ids: np.ndarray, genres: list, types: list, years: list,
+                 cold: np.ndarray | None = None):
         self.item_ids = item_ids
+        self.cold = np.zeros(len(item_ids), bool) if cold is None else np.asarray(cold, bool)
         vocab = sorted({g.casefold() for gs in genres for g in gs})
         self.genre_col = {g: j for j, g in enumerate(vocab)}
         self.genre = np.zeros((len(item_ids), max(len(vocab), 1)), bool)
@@ -103,6 +106,8 @@ class CatalogueFilter:
             m &= self.years >= f.year_min       # NaN compares False: unknown years drop out
         if f.year_max is not None:
             m &= self.years <= f.year_max
+        if f.cold_only:
+            m &= self.cold
         idx = [self.pos[a] for a in f.exclude_ids if a in self.pos]
         m[idx] = False
         return m

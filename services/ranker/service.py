@@ -17,13 +17,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pandas as pd
+from google.rpc import error_details_pb2
 
 from anime2vec.bundle import BundleError, list_bundles, load_bundle
 from anime2vec.feedback import FeedbackConflict, FeedbackEvent, FeedbackStore
 from anime2vec.data.text import build_texts
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems, occurred_at_seconds
-from anime2vec.serving.errors import (ServiceError, already_exists, failed_precondition, invalid_argument, not_found,
+from anime2vec.serving.errors import (DOMAIN, ServiceError, already_exists, failed_precondition, invalid_argument, not_found,
                                       resource_exhausted, unavailable)
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving.pagination import decode_page_token, encode_page_token, request_digest
@@ -86,7 +87,8 @@ class Serving:
 def load_serving(model: ServingModel) -> Serving:
     cat = model.catalog
     filt = CatalogueFilter(model.item_ids, [list(g or []) for g in cat["genres"]],
-                           list(cat["type"]), [None if pd.isna(y) else int(y) for y in cat["year"]])
+                           list(cat["type"]), [None if pd.isna(y) else int(y) for y in cat["year"]],
+                           cold=~np.asarray(model.warm, bool))
     return Serving(model, filt, {}, terms=term_index(cat, model.content), held_out=held_out_items(model),
                    example_users=example_users(model))
 
@@ -108,6 +110,29 @@ def example_users(model: ServingModel, n: int = 10) -> tuple[int, ...]:
     counts = np.diff(model.train.indptr)
     order = np.lexsort((model.user_ids, -counts))[:n]
     return tuple(int(model.user_ids[i]) for i in order if counts[i] > 0)
+
+
+# Why a cold_start_only request skips WMF (ServedBy.degraded_reason): it goes to popularity among
+# the cold anime instead.
+WMF_COLD_REFUSAL = ("WMF cannot serve cold_start_only: it has no factors for anime without interactions "
+                    "(used popularity among them)")
+
+
+def has_cold(s: Serving) -> bool:
+    """Whether a cold_start_only filter can match anything: a cold catalogue or added anime."""
+    return bool(s.filt.cold.any()) or any(m.payload.get("cold") for m in s.extra.values())
+
+
+def cold_unanswerable(s: Serving) -> ServiceError:
+    """INVALID_ARGUMENT, reason FILTER_UNANSWERABLE (as the gateway's catalogue checks): a
+    cold_start_only filter when the served version has no cold anime at all."""
+    field = "options.filters.cold_start_only"
+    why = (f"model {s.version} has interactions for every anime it serves and none was added since, so "
+           "a cold_start_only filter matches nothing: leave it out")
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {why}", [
+        error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(
+            field=field, description=why)]),
+        error_details_pb2.ErrorInfo(reason="FILTER_UNANSWERABLE", domain=DOMAIN)])
 
 
 def wmf_refusal(s: Serving, liked: list[int]) -> str:
@@ -173,7 +198,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 log.warning("added anime %d has an id above %d (accepted before ids were bounded): still served; "
                             "ids for new anime are assigned from %d on regardless", a.anime_id, MAX_ANIME_ID,
                             ASSIGNED_IDS.start)
-        if added and m.dropoutnet is None:   # no item tower to embed them: serve the rest, keep them stored
+        if added and not m.has_vectors:   # no item vectors to embed them: serve the rest, keep them stored
             log.warning("model %s has no item tower: %d added anime are not served by it", m.version, len(added))
             return
         points = [p for p in (self._serve_added(serving, a) for a in added) if p is not None]
@@ -188,9 +213,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             log.warning("added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
                         a.anime_id, a.encoder_fingerprint, m.version, m.manifest["encoder"]["fingerprint"])
             return None
-        vec, content, tfidf, cold = self._item_vectors(serving, a.anime_id, a.raw_vector, anime_text(m, a.fields))
+        vec, content, tfidf, cold, row = self._item_vectors(serving, a.anime_id, a.raw_vector,
+                                                            anime_text(m, a.fields), a.fields)
         serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold),
-                                             tfidf, a.fields.get("synopsis") or "")
+                                             tfidf, a.fields.get("synopsis") or "", row)
         serving.applied[a.anime_id] = a.revision
         return ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload)
 
@@ -208,7 +234,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             if self._serving is not s:   # a model switch replayed the store meanwhile: next call
                 return 0
             todo = [a for a in changes if s.applied.get(a.anime_id, 0) < a.revision]
-            if s.model.dropoutnet is None:
+            if not s.model.has_vectors:
                 todo = []
             points = [p for p in (self._serve_added(s, a) for a in todo) if p is not None]
             if points:
@@ -278,6 +304,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                                             self.settings.max_ids)
         offset = decode_page_token(opts.page_token, request_digest(request, s.version))
         flt = search_filter(opts.filters, excluded)
+        if flt.cold_only and not has_cold(s):
+            raise cold_unanswerable(s)
         requested = opts.strategy if opts.strategy not in (S.STRATEGY_UNSPECIFIED, S.STRATEGY_AUTO) else S.STRATEGY_DROPOUTNET
         chain = {S.STRATEGY_DROPOUTNET: [S.STRATEGY_DROPOUTNET, S.STRATEGY_WMF, S.STRATEGY_POPULARITY],
                  S.STRATEGY_WMF: [S.STRATEGY_WMF, S.STRATEGY_POPULARITY],
@@ -292,7 +320,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         for strategy in chain:
             served = strategy
             if strategy == S.STRATEGY_DROPOUTNET:
-                if not s.model.has_dropoutnet:
+                if not s.model.has_vectors:
                     reasons.append("this model has no DropoutNet weights")
                     continue
                 with self.index.search_expected():   # searches running meanwhile wait for ours: one batch
@@ -311,6 +339,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 break
             scores = None
             if strategy == S.STRATEGY_WMF:
+                if flt.cold_only:   # every cold anime's WMF factors are zero: it would rank them all equal
+                    reasons.append(WMF_COLD_REFUSAL)
+                    continue
                 scores = wmf_fn(s) if wmf_fn else None
                 if scores is None:
                     reasons.append(wmf_refused)
@@ -521,7 +552,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         excluded = set() if request.options.filters.include_liked else set(liked)
         content = m.whiten(vec)[0]
         return self._page(request, context, s, request.options, query_kind="text",
-                          vector_fn=lambda s: s.model.text_vector(vec), wmf_fn=None, excluded=excluded,
+                          vector_fn=lambda s: s.model.text_vector(vec, request.query_text or None), wmf_fn=None, excluded=excluded,
                           anchors=[self._anchor(s, a) for a in liked[:20]], query_content=content,
                           query_text=request.query_text)
 
@@ -537,7 +568,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             aid = self._upsert_id(s, request, context)   # None: a new anime, its id assigned by the store
             if aid in s.model.pos and not fields["members"]:
                 fields["members"] = int(s.model.payload(s.model.pos[aid])["members"])
-            vec, content, tfidf, cold = self._item_vectors(s, aid or 0, raw[0], text)
+            vec, content, tfidf, cold, row = self._item_vectors(s, aid or 0, raw[0], text, fields)
             if aid is None:   # id assignment and the write are one step in the store, across replicas too
                 try:
                     written = self.store.add_new(fields, raw[0], fingerprint, self._top_assigned(s))
@@ -547,7 +578,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             else:
                 written = self.store.put(aid, fields, raw[0], fingerprint)
             created = written.created and aid not in s.model.pos
-            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf, fields["synopsis"])
+            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf, fields["synopsis"], row)
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
             s.applied[aid] = written.revision
@@ -584,17 +615,17 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                                                 f"omit anime_id to add a new anime"})
         return aid
 
-    def _item_vectors(self, s: Serving, aid: int, raw: np.ndarray, text: str):
-        """(serving vector, whitened content, TF-IDF projection, cold) for an added anime; a
-        catalogue anime keeps its WMF factors."""
+    def _item_vectors(self, s: Serving, aid: int, raw: np.ndarray, text: str, fields: dict):
+        """(serving vector, whitened content, TF-IDF projection, cold, content row) for an added
+        anime; a catalogue anime keeps its audience (its collaborative vector and group)."""
         m = s.model
+        if not m.has_vectors:
+            raise unavailable(f"model {s.version} has no item vectors; cannot add anime", reason="NO_ITEM_TOWER")
         content = m.whiten(raw)[0]
         tfidf = m.tfidf_vector(text)
+        row = m.content_row(content, tfidf, fields)
         i = m.pos.get(aid)
-        pref = m.wmf.V[i] if i is not None and m.warm[i] else None
-        if m.dropoutnet is None:
-            raise unavailable(f"model {s.version} has no item tower; cannot add anime", reason="NO_ITEM_TOWER")
-        return m.item_vector(pref, content, tfidf), content, tfidf, pref is None
+        return m.item_vector(row, i), content, tfidf, i is None or not m.warm[i], row
 
     def GetModelInfo(self, request, context):
         s = self.serving()

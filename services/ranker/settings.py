@@ -34,9 +34,13 @@ class RankerSettings(OutboundTLSSettings):
     max_feedback_events: int = Field(1000, ge=1, le=100000, description="most events per RecordFeedback call")
     alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
     device: str = Field("", description="torch device for the towers; empty: cuda when present")
+    # exact by default since the hybrid serves (2026-12): its vectors mix blocks of very different
+    # range (cf factors, content, a one-hot group), and the int8 scan missed top anime that exact
+    # search ranks first (tests/e2e/test_served_equals_offline.py); the catalogue is small enough
+    # that a float32 scan costs a few ms
     search_mode: Literal["quantized", "exact"] = Field(
-        "quantized", description="quantized: scan int8 copies of the item vectors, rescore the best in float32 "
-                                 "(services/ranker/index.py); exact: scan every float32 vector")
+        "exact", description="exact: scan every float32 vector (the ranking the evaluation measured); quantized: scan "
+                             "int8 copies of the item vectors, rescore the best in float32 (services/ranker/index.py)")
     search_oversampling: float = Field(DEFAULT_OVERSAMPLING, ge=1.0, le=32.0,
                                        description="quantized mode: candidates rescored per result wanted")
     search_batch: int = Field(16, ge=1, le=256,

@@ -38,7 +38,10 @@ def bundle(e2e_dir) -> Path:
     if os.environ.get("A2V_E2E_BUNDLE"):
         return Path(os.environ["A2V_E2E_BUNDLE"]).resolve()
     store, cache = e2e_dir / "models", e2e_dir / "cache"
-    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--epochs", "8", "--quiet",
+    # only what the bundle serves (the hybrid, WMF as its fallback) and one baseline: the whole
+    # comparison is tests/test_cli.py's job
+    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--quiet",
+           "--models", "popularity,wmf,anime2vec-hybrid",
            "--store", str(store), "--report-dir", str(e2e_dir / "report")]
     run = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(cache)},
                          capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)

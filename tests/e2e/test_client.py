@@ -48,7 +48,9 @@ def test_recommend_prints_an_aligned_table_with_reasons(run):
     assert all(r["title"] and r["type"] in {"TV", "Movie", "OVA", "ONA", "Special"} and r["year"] == "-"
                and r["genres"] for r in table)
     assert any(line.startswith("        - ") for line in lines)   # explanations under the rows
-    assert "served by: dropoutnet" in out and "next page: --page-token " in out and "degraded" not in out
+    # the vector-index strategy (still named DROPOUTNET in the API) scored by the served hybrid
+    assert "served by: dropoutnet (anime2vec-hybrid), model " in out
+    assert "next page: --page-token " in out and "degraded" not in out
 
 
 def test_the_next_page_token_continues_the_listing(run):

@@ -1,4 +1,4 @@
-"""Degraded service over real sockets: a bundle without DropoutNet weights serves WMF and says so
+"""Degraded service over real sockets: a bundle without the hybrid's arrays serves WMF and says so
 (and starts even though its data directory holds an anime added under another model);
 with the encoder down, favourites queries still work and free text fails with a clear UNAVAILABLE.
 
@@ -20,32 +20,32 @@ from tests.e2e.support import API_KEYS, AUTH, Stack, start_services
 S = common_pb2
 
 
-def without_dropoutnet(bundle_path, store):
-    """A verified copy of the bundle whose manifest lists no DropoutNet arrays (a bundle from a
-    training run that did not produce them)."""
+def without_hybrid(bundle_path, store):
+    """A verified copy of the bundle whose manifest lists none of the hybrid's arrays (a bundle from
+    a training run that did not produce them, or an older format)."""
     b = load_bundle(bundle_path)
-    arrays = {k: v for k, v in b.arrays.items() if not k.startswith("dropoutnet.")}
+    arrays = {k: v for k, v in b.arrays.items() if not k.startswith("hybrid.")}
     assert len(arrays) < len(b.arrays)
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "version", "format")}
     extra = {rel: (b.path / rel).read_bytes() for rel in b.manifest["files"]
              if not rel.startswith("arrays/") and rel not in ("catalog.jsonl", "manifest.json")}
-    return write_bundle(store, manifest, b.catalog, arrays, b.train, version=b.version + "-no-dropoutnet",
+    return write_bundle(store, manifest, b.catalog, arrays, b.train, version=b.version + "-no-hybrid",
                         extra_files=extra)
 
 
 @pytest.fixture(scope="module")
 def wmf_gateway(services, e2e_dir):
-    """A second ranker (and a gateway in front of it) serving the bundle without DropoutNet."""
+    """A second ranker (and a gateway in front of it) serving the bundle without the hybrid."""
     services.ensure_running()
-    path = without_dropoutnet(services.bundle, e2e_dir / "models-no-dropoutnet")
+    path = without_hybrid(services.bundle, e2e_dir / "models-no-hybrid")
     bundle = load_bundle(path)
-    assert not bundle.prefixed("dropoutnet")
+    assert not bundle.prefixed("hybrid")
     # an anime added earlier on this data directory: this model has no item tower to embed it
-    store = AddedAnimeStore(e2e_dir / "no-dropoutnet" / "ranker" / "added_anime.sqlite")
+    store = AddedAnimeStore(e2e_dir / "no-hybrid" / "ranker" / "added_anime.sqlite")
     store.put(100_000_000, {"title": "Added Before", "synopsis": "An anime added under an earlier model."},
               np.full(bundle.manifest["encoder"]["dim"], 0.05, np.float32), bundle.manifest["encoder"]["fingerprint"])
     store.close()
-    procs = start_services(e2e_dir / "no-dropoutnet", path, names=("ranker", "gateway"),
+    procs = start_services(e2e_dir / "no-hybrid", path, names=("ranker", "gateway"),
                            encoder_address=services.procs["encoder"].spec.address)
     channel = grpc.insecure_channel(procs["gateway"].spec.address)
     yield gateway_pb2_grpc.GatewayServiceStub(channel), path.name, procs["gateway"].spec.address
@@ -54,7 +54,7 @@ def wmf_gateway(services, e2e_dir):
         assert procs[name].stop() == 0
 
 
-def test_a_bundle_without_dropoutnet_serves_wmf_and_says_so(wmf_gateway, capsys):
+def test_a_bundle_without_the_hybrid_serves_wmf_and_says_so(wmf_gateway, capsys):
     gateway, version, address = wmf_gateway
     resp = gateway.Recommend(gateway_pb2.RecommendRequest(
         favourites=[S.AnimeRef(title="Naruto"), S.AnimeRef(title="Bleach")], options=S.RecommendOptions(limit=10)),

@@ -1,7 +1,9 @@
-"""An Experiment run with Popularity on the hand-built dataset, and the report it writes.
+"""An Experiment run with a popularity ranking on the hand-built dataset, and the report it writes.
 
-Popularity ranks items in index order on this dataset (conftest.py), so every number below is
-worked out from the scenario tables in test_scenarios.py."""
+Popularity ranks items in index order on this dataset (conftest.py); `EveryItem` ranks the anime
+without training positives too (after the others, in index order), so every number below is
+worked out from the scenario tables in test_scenarios.py. The real Popularity cannot score those
+anime: what the protocol does with unscorable items is tested on its own."""
 
 import json
 import math
@@ -19,9 +21,16 @@ L = math.log2
 PCT_ZERO, PCT_ONE, PCT_1, PCT_0 = 100 * 2.5 / 12, 100 * 7.5 / 12, 100 * 10.5 / 12, 100 * 11.5 / 12
 
 
+class EveryItem(Popularity):
+    """Popularity that also scores anime nobody interacted with (count 0, ranked last by index)."""
+
+    def scorable(self, items):
+        return np.ones(len(items), bool)
+
+
 @pytest.fixture
 def results(tiny, titles, space):
-    exp = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
+    exp = Experiment(tiny, [EveryItem(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
                      diversity_space=space, titles=titles, batch_size=2)  # batch 2: chunks are averaged
     return exp.run(progress=False)
 
@@ -68,15 +77,22 @@ def test_nofranchise_warm_and_favourites_by_hand(results):
 
 def test_table_is_tidy_and_complete(results):
     t = results.table
-    assert list(t.columns) == ["model", "scenario", "metric", "value", "n_queries", "split"]
+    assert list(t.columns) == ["model", "scenario", "metric", "value", "ci_low", "ci_high", "n_queries", "split"]
     assert (t["split"] == "test").all()
     n = dict(zip(results.scenarios["name"], results.scenarios["n_queries"]))
-    assert n == {"cold_test_items": 3, "cold_whole": 3, "cold_whole_nofranchise": 2, "warm": 3,
-                 "fav_k1": 1, "fav_k2": 1}
+    assert n == {"cold_test_items": 3, "cold_whole": 3, "cold_whole_nofranchise": 2, "new_test_items": 3,
+                 "new_whole": 3, "new_whole_nofranchise": 2, "warm": 3, "fav_k1": 1, "fav_k2": 1}
     for name, g in t.groupby("scenario"):
         assert (g["n_queries"] == n[name]).all()
         assert set(g["metric"]) == {"recall@2", "recall@10", "ndcg@2", "ndcg@10", "mrr", "coverage@2",
                                     "popularity_pct@2", "diversity@2"}
+    # bootstrap intervals over users for the per-query metrics, none for list-level ones
+    per_query = t["metric"].str.match(r"(recall|ndcg)@|mrr$")
+    q = t[per_query]
+    assert (q["ci_low"] <= q["value"] + 1e-12).all() and (q["value"] <= q["ci_high"] + 1e-12).all()
+    assert t[~per_query][["ci_low", "ci_high"]].isna().all().all()
+    warm_recall = t[(t["scenario"] == "cold_whole") & (t["metric"] == "recall@10")].iloc[0]
+    assert warm_recall["ci_low"] < warm_recall["ci_high"]   # 3 users with recall 1, 1, 0: the mean can move
     assert results.curves.groupby(["model", "scenario"]).size().eq(10).all()
     assert results.models["popularity"]["fit_seconds"] is not None
 
@@ -138,7 +154,7 @@ def test_report_bolds_the_best_value_per_column(tiny, tmp_path):
     assert not pop["popularity_pct@2"].startswith("**") and not rev["popularity_pct@2"].startswith("**")
 
 
-class Constant(Popularity):
+class Constant(EveryItem):
     """Scores every item the same: all its rankings are ties."""
 
     name = "constant"
@@ -168,3 +184,59 @@ def test_ties_are_broken_at_random_not_by_item_index():
     assert r.value("constant", "cold_test_items", "recall@100") == pytest.approx(1.0)
     assert r.table.equals(run().table)  # seeded: the same every run
     assert any("warm skipped" in n for n in r.notes)
+
+
+def test_unscorable_items_rank_below_every_scored_one(tiny, titles):
+    """The real Popularity has no count for anime nobody interacted with (cold items 8-11 and train
+    item 7): they are never recommended and rank last, so every cold scenario scores 0 and the
+    rest is as if they were not candidates."""
+    r = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
+                   titles=titles).run(progress=False)
+    for sc in ("cold_test_items", "cold_whole", "cold_whole_nofranchise", "new_test_items", "new_whole"):
+        for metric in ("recall@10", "ndcg@10", "mrr"):
+            assert r.value("popularity", sc, metric) == 0.0, (sc, metric)
+    # top-2 lists without the unscorable items: cold_test_items has no scorable candidate at all
+    assert r.value("popularity", "cold_test_items", "coverage@2") == 0.0
+    # warm and fav_k2 have no unscorable target: the same numbers as when those anime ranked last
+    everything = Experiment(tiny, [EveryItem(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
+                            titles=titles).run(progress=False)
+    for sc in ("warm", "fav_k2"):
+        for metric in ("recall@2", "recall@10", "mrr"):
+            assert r.value("popularity", sc, metric) == pytest.approx(everything.value("popularity", sc, metric))
+    # fav_k1's truth {0, 7}: item 7 is found at rank 7 when scorable, never when not
+    assert everything.value("popularity", "fav_k1", "recall@10") == pytest.approx(1.0)
+    assert r.value("popularity", "fav_k1", "recall@10") == pytest.approx(0.5)
+
+
+class ForgetsOnDayOne(EveryItem):
+    """Knows something about anime after they air (here: a big bonus for item 11) that its
+    `day_one` view does not have."""
+
+    name = "forgets"
+    asked: list = []
+
+    def score(self, queries, items):
+        s = super().score(queries, items)
+        return s + np.where(np.asarray(items) == 11, 10.0, 0.0)[None, :].astype(np.float32)
+
+    def day_one(self, items):
+        ForgetsOnDayOne.asked.append(sorted(np.asarray(items).tolist()))
+        return EveryItem(seed=None).fit(self.train)
+
+
+def test_new_scenarios_score_every_never_seen_anime_as_brand_new(tiny, titles):
+    ForgetsOnDayOne.asked = []
+    r = Experiment(tiny, [EveryItem(seed=None), ForgetsOnDayOne(seed=None)], split="test", ks=(2, 10),
+                   fav_ks=(1, 2), titles=titles).run(progress=False)
+    # the day-one view was asked for every anime without training interactions (val and test items),
+    # once per new_* scenario
+    assert ForgetsOnDayOne.asked == [[8, 9, 10, 11]] * 3
+    v = r.value
+    # a model without post-release knowledge scores the same on day one
+    for metric in ("recall@2", "recall@10", "mrr"):
+        for cold, new in (("cold_test_items", "new_test_items"), ("cold_whole", "new_whole")):
+            assert v("popularity", new, metric) == pytest.approx(v("popularity", cold, metric))
+            assert v("forgets", new, metric) == pytest.approx(v("popularity", cold, metric))
+    # the bonus puts item 11 first in the catalogue for everybody; on day one it is gone
+    assert v("forgets", "cold_whole", "recall@2") > v("forgets", "new_whole", "recall@2")
+    assert v("forgets", "cold_whole", "mrr") == pytest.approx(1.0)

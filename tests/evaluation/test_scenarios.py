@@ -18,12 +18,29 @@ def rows(m):
 
 def test_scenario_names_and_families(tiny, titles):
     scs = scenarios(tiny, "test", fav_ks=(1, 2), titles=titles)
-    assert [s.name for s in scs] == ["cold_test_items", "cold_whole", "cold_whole_nofranchise", "warm",
-                                     "fav_k1", "fav_k2"]
-    assert [s.family for s in scs] == ["cold", "cold", "cold", "warm", "favourites", "favourites"]
+    assert [s.name for s in scs] == ["cold_test_items", "cold_whole", "cold_whole_nofranchise", "new_test_items",
+                                     "new_whole", "new_whole_nofranchise", "warm", "fav_k1", "fav_k2"]
+    assert [s.family for s in scs] == ["cold"] * 6 + ["warm", "favourites", "favourites"]
     assert all(s.split == "test" for s in scs)
     # without titles the franchise scenario is left out
     assert "cold_whole_nofranchise" not in by_name(scenarios(tiny, "test", fav_ks=(1, 2)))
+
+
+def test_new_scenarios_are_the_cold_ones_with_every_never_seen_anime_brand_new(tiny, titles):
+    for split in ("val", "test"):
+        s = by_name(scenarios(tiny, split, fav_ks=(1, 2), titles=titles))
+        for name in ("test_items", "whole", "whole_nofranchise"):
+            cold, new = s[f"cold_{name}"], s[f"new_{name}"]
+            assert cold.day_one is None
+            # items 8-11: the val and test items (item 7 is a train item, only without positives)
+            np.testing.assert_array_equal(new.day_one, [8, 9, 10, 11])
+            np.testing.assert_array_equal(new.users, cold.users)
+            np.testing.assert_array_equal(new.candidates, cold.candidates)
+            assert rows(new.truth) == rows(cold.truth)
+            assert (cold.exclude is None) == (new.exclude is None)
+            if cold.exclude is not None:
+                assert rows(new.exclude) == rows(cold.exclude)
+        assert all(x.day_one is None for x in s.values() if not x.name.startswith("new_"))
 
 
 def test_cold_items_scenarios(tiny):

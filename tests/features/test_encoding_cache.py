@@ -91,3 +91,29 @@ def test_default_path_is_under_cache_dir(tmp_path, monkeypatch):
     with EncodingCache() as cache:
         assert cache.path == tmp_path / "cache" / "encodings.sqlite"
         assert cache.path.is_file()
+
+
+class FailingEncoder(CountingEncoder):
+    """Encodes `ok` batches, then fails as an interrupted run would."""
+
+    def __init__(self, inner: TextEncoder, ok: int):
+        super().__init__(inner)
+        self.ok = ok
+
+    def encode(self, texts, batch_size=None, progress=False):
+        if len(self.calls) >= self.ok:
+            raise KeyboardInterrupt
+        return super().encode(texts, batch_size, progress)
+
+
+def test_an_interrupted_encode_resumes_where_it_stopped(tmp_path, tiny):
+    texts = [f"Anime number {i} about pirates and bread." for i in range(10)]
+    with EncodingCache(tmp_path / "c.sqlite") as cache:
+        with pytest.raises(KeyboardInterrupt):
+            encode_cached(FailingEncoder(tiny, ok=2), texts, cache, chunk=3)
+        assert cache.count(tiny.fingerprint) == 6        # two chunks were stored before the stop
+        enc = CountingEncoder(tiny)
+        out = encode_cached(enc, texts, cache, chunk=3)
+        assert [t for call in enc.calls for t in call] == texts[6:]
+        assert cache.last_stats == CacheStats(hits=6, misses=4, encoded=4)
+        np.testing.assert_allclose(out, tiny.encode(texts), atol=1e-6)

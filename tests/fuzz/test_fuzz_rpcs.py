@@ -134,7 +134,8 @@ def optional(strategy):
 @st.composite
 def filters(draw) -> S.Filters:
     f = S.Filters(include_genres=draw(GENRES), exclude_genres=draw(GENRES), types=draw(TYPES),
-                  exclude_ids=draw(st.lists(INT64, max_size=5)), include_liked=draw(st.booleans()))
+                  exclude_ids=draw(st.lists(INT64, max_size=5)), include_liked=draw(st.booleans()),
+                  cold_start_only=draw(st.booleans()))
     for name in ("year_min", "year_max"):
         year = draw(optional(st.one_of(st.integers(1900, 2030), INT32)))
         if year is not None:

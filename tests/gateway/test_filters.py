@@ -20,6 +20,12 @@ def test_known_values_pass_in_any_case():
     assert (found.unknown, found.unanswerable) == ([], [])
 
 
+def test_cold_start_only_is_left_to_the_ranker():
+    """The snapshot does not know which anime are cold; the ranker answers FILTER_UNANSWERABLE."""
+    found = filter_problems(S.Filters(cold_start_only=True), Facets.of(FRAME))
+    assert (found.unknown, found.unanswerable, found.known_lists) == ([], [], {})
+
+
 def test_unknown_values_name_the_field_and_the_closest_known_one():
     found = filter_problems(S.Filters(include_genres=["Actoin", "Cooking"], types=["Moive"]), Facets.of(FRAME))
     assert found.unknown == [

@@ -15,10 +15,14 @@ import scipy.sparse as sp
 
 from anime2vec.data.dataset import Dataset
 from anime2vec.models.base import Queries, Recommender
+from anime2vec.models.bilinear import ContentBilinear
 from anime2vec.models.content_knn import ContentKNN
 from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
+from anime2vec.models.ease import EASE
+from anime2vec.models.hybrid import Hybrid
 from anime2vec.models.itemknn import ItemKNN
 from anime2vec.models.popularity import Popularity
+from anime2vec.models.rp3beta import RP3beta
 from anime2vec.models.wmf import WMF
 
 Factory = Callable[[Dataset, np.ndarray], Recommender]
@@ -31,6 +35,14 @@ MODEL_FACTORIES: list[tuple[str, Factory]] = [
         content, WMF(factors=8, regularization=0.1, alpha=5.0, iterations=10, seed=0, threads=1),
         DropoutNetConfig(hidden=(32,), out_dim=16, epochs=30, batch_users=16, top_pool=10, n_top=8, n_rand=8,
                          lr=3e-3, seed=0), device="cpu")),
+    # λ on the scale of this tiny matrix (items have ~15 positives; the default 500 is for MAL)
+    ("ease", lambda ds, content: EASE(lam=10.0)),
+    ("ease-factored", lambda ds, content: EASE(lam=10.0, rank=12, seed=0)),
+    ("rp3beta", lambda ds, content: RP3beta(alpha=1.0, beta=0.5, K=20)),
+    ("content-bilinear", lambda ds, content: ContentBilinear(content, lam=1.0, mu=1.0, seed=0)),
+    ("anime2vec-hybrid", lambda ds, content: Hybrid(EASE(lam=10.0, rank=12, seed=0),
+                                                    ContentBilinear(content, lam=1.0, mu=1.0, seed=0),
+                                                    graph=None, content_rank=None)),
 ]
 
 # Two clusters of items (A: 0-19, B: 20-39) and users (A: 24, B: 36). Users like items of their
@@ -146,16 +158,17 @@ def test_recommend_respects_candidates_and_exclusions(fitted, world, kind):
     idx, scores = fitted.recommend(q, k=10, items=items, exclude=exclude, batch_size=3)
     assert idx.shape == scores.shape == (len(q), 10)
     full = fitted.score(q, items)
+    known = np.asarray(fitted.scorable(items), bool)
     for r in range(len(q)):
         got = idx[r][idx[r] >= 0]
-        assert set(got) <= set(items.tolist())
+        assert set(got) <= set(items[known].tolist())   # never an item the model cannot score
         assert not set(got) & set(exclude[r].indices.tolist())
         assert len(set(got)) == len(got)
         assert np.all(np.diff(scores[r][idx[r] >= 0]) <= 0)  # best first
         # the returned scores are the model's scores for those items
         np.testing.assert_allclose(scores[r][idx[r] >= 0], full[r, np.searchsorted(items, got)], rtol=1e-5, atol=1e-6)
-        # nothing admissible scores above the last returned item
-        admissible = np.setdiff1d(items, exclude[r].indices)
+        # nothing admissible (scorable, not excluded) scores above the last returned item
+        admissible = np.setdiff1d(items[known], exclude[r].indices)
         if len(got) == 10:
             rest = np.setdiff1d(admissible, got)
             assert full[r, np.searchsorted(items, rest)].max(initial=-np.inf) <= scores[r][-1] + 1e-6
@@ -214,3 +227,62 @@ def test_quality_beats_popularity(fitted, world, kind):
     baseline = in_cluster_precision(Popularity().fit(ds.train), ds, item_cluster, kind)
     got = in_cluster_precision(fitted, ds, item_cluster, kind)
     assert got > baseline + 0.3, f"{fitted.name}: in-cluster precision {got:.2f} vs popularity {baseline:.2f}"
+
+
+# ---- collaborative models and items nobody interacted with -------------------------------------
+@pytest.mark.parametrize("factory", [lambda: EASE(lam=10.0), lambda: EASE(lam=10.0, rank=12, seed=0),
+                                     lambda: RP3beta(alpha=1.0, beta=0.5, K=20)],
+                         ids=["ease", "ease-factored", "rp3beta"])
+def test_items_without_training_interactions_are_unscorable_and_never_recommended(world, factory):
+    ds = world[0]
+    model = factory().fit(ds.train)
+    has_positives = np.asarray(ds.train.getnnz(axis=0)).ravel() > 0
+    cold = np.r_[VAL_ITEMS, TEST_ITEMS]
+    assert not has_positives[cold].any() and has_positives.sum() == N_ITEMS - len(cold)
+    np.testing.assert_array_equal(model.scorable(np.arange(N_ITEMS)), has_positives)
+    np.testing.assert_array_equal(model.scorable(cold[::-1]), np.zeros(len(cold), bool))
+    for kind, q in _query_kinds(ds).items():
+        # asked for the whole catalogue: every warm item, then padding, never a cold one
+        idx, scores = model.recommend(q, k=N_ITEMS)
+        assert not np.isin(idx, cold).any(), kind
+        assert ((idx >= 0).sum(axis=1) == N_ITEMS - len(cold)).all(), kind
+        assert (idx[:, N_ITEMS - len(cold):] == -1).all() and np.isneginf(scores[:, N_ITEMS - len(cold):]).all()
+        # only cold candidates left: nothing to recommend
+        idx, _ = model.recommend(q, k=4, items=cold)
+        assert (idx == -1).all(), kind
+
+
+def _clustered_matrix(n_users=200, n_items=90, n_clusters=4, n_cold=6, seed=0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    uc, ic = rng.integers(0, n_clusters, n_users), np.arange(n_items) % n_clusters
+    p = np.where(uc[:, None] == ic[None, :], 0.3, 0.03) * rng.uniform(0.5, 1.5, n_items)[None, :]
+    x = (rng.random((n_users, n_items)) < p).astype(np.float32)
+    x[:, -n_cold:] = 0.0
+    return sp.csr_matrix(x)
+
+
+def test_factored_ease_at_full_rank_ranks_like_full_ease():
+    train = _clustered_matrix()
+    warm = np.flatnonzero(train.getnnz(axis=0))
+    full = EASE(lam=20.0).fit(train)
+    rng = np.random.default_rng(1)
+    queries = {"users": Queries.of_users(np.arange(0, train.shape[0], 3)),
+               "liked": Queries.of_liked([rng.choice(warm, 5, replace=False) for _ in range(40)])}
+
+    def overlap(model, q, k=20):
+        ex = q.history_matrix(train)
+        a, _ = full.recommend(q, k, items=warm, exclude=ex)
+        b, _ = model.recommend(q, k, items=warm, exclude=ex)
+        return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+
+    at_full = full.factored(train.shape[1])
+    assert at_full.B is full.B and at_full.P.shape[1] == len(warm) - 1   # no second solve; rank capped
+    assert full.P is None                                                # the full model stays full
+    np.testing.assert_array_equal(at_full.Q[~np.isin(np.arange(train.shape[1]), warm)], 0.0)
+    coarse = full.factored(2)
+    for kind, q in queries.items():
+        assert overlap(at_full, q) >= 0.95, kind
+        assert overlap(coarse, q) < 0.8, kind   # the comparison can tell ranks apart
+    # fitting with `rank` is the same model as factoring a fitted one
+    direct = EASE(lam=20.0, rank=40, seed=0).fit(train)
+    np.testing.assert_allclose(direct.P, full.factored(40).P, rtol=1e-4, atol=1e-5)

@@ -229,6 +229,63 @@ def test_every_filter_gives_the_exact_filtered_top_k(index):
                            "anime_id": 7}
 
 
+def test_cold_only_translates_to_a_must_condition_on_the_boolean_cold_field():
+    from qdrant_client import models
+    from services.ranker.index_client import client_filter
+    from services.ranker.index_edge import edge_filter
+
+    edge = edge_filter(SearchFilter(cold_only=True))
+    (cond,) = edge.must
+    assert edge.must_not is None and cond.key == "cold"
+    # a boolean, not the integer 1 that qdrant-edge makes of a Python True (never matches a bool)
+    assert cond.match.value is True
+    assert client_filter(SearchFilter(cold_only=True)) == models.Filter(
+        must=[models.FieldCondition(key="cold", match=models.MatchValue(value=True))])
+    both = client_filter(SearchFilter(cold_only=True, include_genres=["Action"], exclude_ids=[3]))
+    assert [c.key for c in both.must] == ["_genres", "cold"] and len(both.must_not) == 1
+    assert edge_filter(SearchFilter(cold_only=False)) is None and client_filter(SearchFilter()) is None
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_cold_only_keeps_exactly_the_cold_points_upserted_ones_included(index, exact):
+    """Points whose payload says cold (true) pass; warm ones (false) and ones without the field do
+    not; a cold point upserted after the build passes too, and the condition combines with others."""
+    ids, vectors, queries = clustered_items(n=600)
+    payloads = [{"genres": ["Mecha" if i % 2 else "Drama"], **({"cold": bool(i % 4 == 0)} if i % 7 else {})}
+                for i in ids]
+    index.create_version("v1", vectors.shape[1], points_of(ids, vectors, payloads))
+    index.set_alias("v1")
+    cold = {int(i) for i, p in zip(ids, payloads) if p.get("cold") is True}
+    q = queries[2]
+    index.upsert([ItemPoint(90_001, q * 3.0, {"cold": True, "genres": ["Drama"]}),
+                  ItemPoint(90_002, q * 2.9, {"cold": False, "genres": ["Drama"]})])
+    got = [h.anime_id for h in index.search(q, limit=20, flt=SearchFilter(cold_only=True), exact=exact)]
+    want, _ = numpy_top(ids, vectors, q, 19, keep=cold)
+    assert got == [90_001] + want
+    drama = {int(i) for i in ids if i % 2 == 0} & cold
+    flt = SearchFilter(cold_only=True, include_genres=["drama"], exclude_ids=[90_001, want[0]])
+    pages = [index.search(q, limit=5, offset=off, flt=flt, exact=exact) for off in (0, 5)]
+    want, _ = numpy_top(ids, vectors, q, 10, keep=drama - {want[0]})
+    assert [h.anime_id for page in pages for h in page] == want
+
+
+def test_cold_only_works_on_an_edge_version_built_without_the_cold_index(tmp_path, monkeypatch):
+    """Versions built before "cold" was indexed still filter on it (the engine reads the payload)."""
+    import services.ranker.index_edge as index_edge
+
+    monkeypatch.setattr(index_edge, "_INDEXED_FIELDS",
+                        tuple(f for f in index_edge._INDEXED_FIELDS if f[0] != "cold"))
+    ids, vectors, queries = clustered_items(n=300)
+    index = EdgeItemIndex(tmp_path / "edge")
+    try:
+        index.create_version("v1", vectors.shape[1], points_of(ids, vectors, [{"cold": i % 3 == 0} for i in ids]))
+        index.set_alias("v1")
+        want, _ = numpy_top(ids, vectors, queries[0], 10, keep={int(i) for i in ids if i % 3 == 0})
+        assert [h.anime_id for h in index.search(queries[0], limit=10, flt=SearchFilter(cold_only=True))] == want
+    finally:
+        index.close()
+
+
 def test_upsert_is_searchable_at_once_and_survives_reopen(make_index, random_items):
     ids, vectors, queries = random_items
     ids, vectors = ids[:100], vectors[:100]

@@ -32,15 +32,17 @@ EVENTS_PER_USER = 12
 FIRST_NEW_USER = 9_000_000
 UNKNOWN_ANIME = (99_999_901, 99_999_902, 99_999_903)
 # every item-side representation a served item vector is built from (ServingModel recomputes the
-# towers from these), so a row permutation gives each anime another anime's vectors
-ITEM_ARRAYS = ("wmf_V", "content", "tfidf_content", "item_tower")
+# hybrid's item vectors from its state: collaborative vector, group, prior, content), so a row
+# permutation gives each anime another anime's vectors
+ITEM_ARRAYS = ("wmf_V", "content", "tfidf_content", "item_tower",
+               "hybrid.q", "hybrid.group", "hybrid.pop", "hybrid.C", "hybrid.item_content")
 
 
 def fast_config(store: Path, cache: Path) -> TrainConfig:
     cfg = TrainConfig(sample=True, encoder="tiny-random", progress=False, store=store, cache_dir=cache,
-                      models=("popularity", "wmf", "dropoutnet-minilm", SERVING_MODEL), val_queries=50,
-                      wmf_grid=({"factors": 32, "regularization": 0.05, "alpha": 10.0},))
-    cfg.dropoutnet.epochs = 2
+                      models=("popularity", "wmf", SERVING_MODEL), val_queries=50,
+                      wmf_grid=({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
+                      ease_lambdas=(300.0,), bilinear_grid=({"lam": 10.0, "mu": 10.0},))
     return cfg
 
 

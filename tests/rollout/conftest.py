@@ -24,13 +24,14 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def derive_bundle(src: Path, store: Path, version: str, seed: int) -> Path:
-    """A new bundle version with the same catalogue and slightly perturbed WMF item factors (so its
-    served item vectors differ), written through write_bundle: checksummed like any other."""
+    """A new bundle version with the same catalogue and slightly perturbed item factors: the
+    hybrid's collaborative item vectors (so its served item vectors differ) and the WMF fallback's,
+    written through write_bundle: checksummed like any other."""
     b = load_bundle(src)
     rng = np.random.default_rng(seed)
     arrays = {k: v for k, v in b.arrays.items() if not k.startswith("train_")}
-    arrays["wmf_V"] = (b.arrays["wmf_V"] * (1 + 0.01 * rng.standard_normal(b.arrays["wmf_V"].shape))).astype(
-        b.arrays["wmf_V"].dtype)
+    for k in ("wmf_V", "hybrid.q"):
+        arrays[k] = (b.arrays[k] * (1 + 0.01 * rng.standard_normal(b.arrays[k].shape))).astype(b.arrays[k].dtype)
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "version", "created_at")}
     extra = {rel: (src / rel).read_bytes() for rel in b.manifest["files"]
              if not rel.startswith("arrays/") and rel != "catalog.jsonl"}
