@@ -40,12 +40,19 @@ class ServiceError(Exception):
     def to_status(self) -> grpc.Status:
         # Errors quote the caller's input; clients refuse trailers past ~8 KiB and would see
         # RESOURCE_EXHAUSTED instead of this status, so the size is bounded here, for every caller.
-        status = status_pb2.Status(code=self.code.value[0], message=_clip(self.message, MAX_MESSAGE_CHARS))
-        for d in self.details:
-            packed = any_pb2.Any()
-            packed.Pack(_bounded(d))
-            status.details.append(packed)
-        return rpc_status.to_status(status)
+        # Bounded in bytes as they travel, not characters: grpc-message is percent-encoded (a
+        # non-ASCII character costs up to 12 bytes) and the details go base64-encoded (4/3).
+        message = _clip_wire(_clip(self.message, MAX_MESSAGE_CHARS), MAX_MESSAGE_WIRE_BYTES)
+        limit = MAX_DETAIL_CHARS
+        while True:
+            status = status_pb2.Status(code=self.code.value[0], message=message)
+            for d in self.details:
+                packed = any_pb2.Any()
+                packed.Pack(_bounded(d, limit))
+                status.details.append(packed)
+            if len(status.SerializeToString()) * 4 // 3 <= MAX_DETAILS_WIRE_BYTES or limit <= 8:
+                return rpc_status.to_status(status)
+            limit //= 2
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> "ServiceError":
@@ -65,13 +72,30 @@ class ServiceError(Exception):
 MAX_MESSAGE_CHARS = 512
 MAX_VIOLATIONS = 10
 MAX_DETAIL_CHARS = 200
+# what the two trailers may take on the wire, well inside the ~8 KiB clients accept in all
+MAX_MESSAGE_WIRE_BYTES = 1500
+MAX_DETAILS_WIRE_BYTES = 4000
 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _bounded(d: Message) -> Message:
+def _wire_len(ch: str) -> int:
+    """Bytes one character takes in grpc-message (printable ASCII but '%' travels as is)."""
+    return 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "surrogatepass"))
+
+
+def _clip_wire(text: str, budget: int) -> str:
+    total = 0
+    for i, ch in enumerate(text):
+        total += _wire_len(ch)
+        if total > budget - 9:   # room for the ellipsis, percent-encoded
+            return text[:i] + "…"
+    return text
+
+
+def _bounded(d: Message, MAX_DETAIL_CHARS: int = MAX_DETAIL_CHARS) -> Message:
     """A copy of one detail message whose caller-derived text fits the trailer budget."""
     out = type(d)()
     out.CopyFrom(d)

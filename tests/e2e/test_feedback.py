@@ -192,7 +192,9 @@ def test_a_re_solved_user_matches_the_serving_path(bundle):
     user = compute_user(serving, uid, dropped + liked)
     assert user.liked == {liked[0].anime_id: pytest.approx(5.0)} and set(user.listed) == history | {liked[0].anime_id}
     moved, trained = user.vector, m.user_vector(uid)
-    assert float(moved @ trained / np.linalg.norm(moved) / np.linalg.norm(trained)) < 0.9
+    # what the vectors rank, not their cosine (their offset and prior coordinates are shared)
+    top = lambda v: set(np.argsort(-(m.item_tower @ v))[:20].tolist())  # noqa: E731
+    assert len(top(moved) & top(trained)) <= 10
 
 
 def test_bad_feedback_gets_precise_statuses_and_records_nothing(stack: Stack):

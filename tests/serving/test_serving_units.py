@@ -124,3 +124,17 @@ def test_every_metric_has_help_and_the_agreed_name():
         "a2v_added_anime_revision", "a2v_catalog_follow_timestamp_seconds"}
     assert all(m.documentation for m in names.values())
     assert names["a2v_rpc_latency_seconds"].unit == "seconds"
+
+
+def test_error_trailers_fit_the_clients_limit_in_bytes_not_characters():
+    """Found by the fuzzer: 512 non-ASCII characters percent-encode to ~5 KB of grpc-message and the
+    client refused the trailers (RESOURCE_EXHAUSTED instead of the status)."""
+    from urllib.parse import quote
+
+    from anime2vec.serving.errors import invalid_argument
+
+    err = invalid_argument({f"options.filters.include_genres[{i}]": "ü%" * 300 for i in range(30)}, "é%" * 600)
+    status = err.to_status()
+    wire = len(quote(status.details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")) + sum(
+        len(v) * 4 // 3 for _, v in status.trailing_metadata)
+    assert wire < 6000 and status.details.startswith("é%")
