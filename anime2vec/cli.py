@@ -49,9 +49,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _config(a: argparse.Namespace):
     from .pipeline import ALL_MODELS, TrainConfig
 
-    cfg = TrainConfig(data_dir=a.data_dir, sample=a.sample, seed=a.seed, recipe=a.recipe, encoder=a.encoder,
-                      test_queries=a.test_queries, progress=not a.quiet,
-                      pretrained_encoder=a.pretrained_encoder, hybrid_tolerance=a.hybrid_tolerance)
+    kw = dict(data_dir=a.data_dir, sample=a.sample, seed=a.seed, recipe=a.recipe, encoder=a.encoder,
+              progress=not a.quiet, pretrained_encoder=a.pretrained_encoder, hybrid_tolerance=a.hybrid_tolerance)
+    if a.test_queries is not None or not getattr(a, "quick", False):
+        kw["test_queries"] = a.test_queries
+    cfg = TrainConfig.quick(**kw) if getattr(a, "quick", False) else TrainConfig(**kw)
     if getattr(a, "split", None) is not None:
         from .data.dataset import ExternalSplit
 
@@ -73,12 +75,14 @@ def _config(a: argparse.Namespace):
         cfg.dropoutnet.epochs = a.epochs
     if a.sample:   # 640 training items: smaller towers, shorter patience
         cfg.val_queries = 200
+    if not cfg.encoder_block and a.pretrained_encoder:
+        raise SystemExit("--quick encodes nothing: it cannot use --pretrained-encoder")
     return cfg
 
 
 def _run(a: argparse.Namespace, write_bundle: bool) -> int:
     from .evaluation.report import write_report
-    from .pipeline import SERVING_MODEL, evaluate, export_bundle, fit_models, prepare
+    from .pipeline import SERVING_MODEL, evaluate, export_bundle, fit_models, prepare, timed_step
 
     cfg = _config(a)
     if write_bundle:   # the bundle serves the hybrid, with WMF as the fallback when the index is down
@@ -86,25 +90,30 @@ def _run(a: argparse.Namespace, write_bundle: bool) -> int:
     command = "anime2vec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     p = prepare(cfg)
     models, selection = fit_models(p)
-    results = evaluate(p, models, split="test")
-    name = ("sample" if cfg.sample else "full") + f"-seed{cfg.seed}"
+    with timed_step(p.timings, "evaluate"):
+        results = evaluate(p, models, split="test")
+    name = ("sample" if cfg.sample else "full") + ("" if cfg.encoder_block else "-quick") + f"-seed{cfg.seed}"
     out = a.report_dir or (REPO_ROOT / "reports" / name)
     paths = write_report(results, out, title=f"anime2vec offline evaluation ({name})", command=command,
                          dataset_description={**p.ds.describe(), "data_source": p.data.source,
                                               "data_fingerprint": p.data.fingerprint[:16],
-                                              "recipe": cfg.recipe, "encoder": p.encoder.name})
+                                              "recipe": cfg.recipe,
+                                              "encoder": p.encoder.name if cfg.encoder_block
+                                              else "none (quick preset: TF-IDF + metadata)"})
     (Path(out) / "selection.json").write_text(json.dumps(selection, indent=2, default=str))
     print(f"report: {paths}")
     if write_bundle:
-        path = export_bundle(p, models, selection, results)
+        with timed_step(p.timings, "export"):
+            path = export_bundle(p, models, selection, results)
         print(f"bundle: {path}")
-    if SERVING_MODEL in models:   # the served model's MMR accuracy/diversity curve (same queries, test split)
+    if SERVING_MODEL in models and cfg.encoder_block:   # the served model's MMR accuracy/diversity curve (same queries, test split)
         from .evaluation.protocol import scenarios
         from .evaluation.tradeoff import run_tradeoff
 
         scs = [s for s in scenarios(p.ds, "test", seed=cfg.seed, max_queries=cfg.test_queries)
                if s.name in ("warm", "fav_k5")]
-        run_tradeoff(models[SERVING_MODEL], scs, content=p.minilm, out_dir=Path(out) / "tradeoff",
+        logging.getLogger("anime2vec.pipeline").info("▶ trade-off")
+        run_tradeoff(models[SERVING_MODEL], scs, content=p.semantic, out_dir=Path(out) / "tradeoff",
                      popularity=p.ds.popularity, seed=cfg.seed, command=command)
         print(f"trade-off curve: {Path(out) / 'tradeoff'}")
     return 0
@@ -364,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="fit every model, evaluate on the test split, write a report and a bundle")
     _common(tr)
     tr.add_argument("--store", type=Path, default=None, help="model store (default: $A2V_MODEL_STORE or models/)")
+    tr.add_argument("--quick", action="store_true",
+                    help="the quick bundle `make run` serves first: no MiniLM encoding (the hybrid reads TF-IDF and "
+                         "metadata), one setting per grid, capped queries; minutes instead of ~30 on a fresh machine")
     ev = sub.add_parser("evaluate", help="fit and compare every recommender on one split; write a report (no bundle)")
     _common(ev)
     ins = sub.add_parser("inspect-bundle", help="verify a bundle (checksums, dims) and print its manifest")

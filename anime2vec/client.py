@@ -296,6 +296,10 @@ def cmd_info(stub, a, md):
     if a.json:
         return print(MessageToJson(m))
     print(f"model version   {m.version}  (created {m.created_at.ToJsonString() if m.HasField('created_at') else '-'})")
+    if m.preset == "quick":
+        print("preset          quick: no MiniLM encodings (TF-IDF and metadata content); the full bundle replaces it")
+    if m.next_model:
+        print(f"next model      {m.next_model}")
     print(f"encoder         {m.encoder_name} ({m.encoder_fingerprint}), {m.encoder_dim} dims; towers {m.tower_dim} dims")
     print(f"items / users   {m.n_items} / {m.n_users}")
     if m.example_user_ids:

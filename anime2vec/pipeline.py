@@ -36,7 +36,7 @@ from .models.bilinear import ContentBilinear
 from .models.content_knn import ContentKNN
 from .models.dropoutnet import DropoutNet, DropoutNetConfig
 from .models.ease import EASE
-from .models.hybrid import Hybrid
+from .models.hybrid import STAGE2_STARTS, Hybrid
 from .models.itemknn import ItemKNN
 from .models.popularity import Popularity
 from .models.rp3beta import RP3beta
@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     recipe: str = "default"
     encoder: str = "minilm"              # "minilm" (real weights) or "tiny-random" (plumbing tests)
+    # False: the quick bundle (`quick()`): nothing is encoded; the hybrid's content is TF-IDF +
+    # metadata. The bundle still names the encoder, which encodes added anime for later bundles.
+    encoder_block: bool = True
     # directory of an in-domain pre-trained encoder (`anime2vec pretrain`); enables the
     # dropoutnet-pretrained* variants. "tiny-random" here means a second tiny encoder (tests).
     pretrained_encoder: str | None = None
@@ -74,6 +77,7 @@ class TrainConfig:
     # (models/hybrid.py); a number: also keep its own scenario's validation recall (warm for known
     # users, favourites) at ≥ (1 − tolerance) of the warm-only blend's (a product floor)
     hybrid_tolerance: float | None = None
+    hybrid_starts: tuple[float, ...] = STAGE2_STARTS   # stage 2's starting offsets (models/hybrid.py)
     ease_lambdas: tuple[float, ...] = (300.0, 1000.0, 3000.0)
     ease_rank: int = 256                 # the served, factored EASE (models/ease.py)
     rp3beta_grid: tuple[dict, ...] = ({"alpha": 1.0, "beta": 0.3}, {"alpha": 1.0, "beta": 0.5})
@@ -98,6 +102,22 @@ class TrainConfig:
     test_queries: int | None = None      # None: every test query
     progress: bool = True
 
+    @classmethod
+    def quick(cls, **kw) -> "TrainConfig":
+        """What `make run` serves first on a machine without cached encodings: the served hybrid
+        without its MiniLM block, one setting per grid (the full run's usual picks) and capped
+        validation and test queries, one start for the hybrid's stage 2 (where the full data's
+        validation ended best): minutes instead of the MiniLM encode's ~20. Recall is
+        somewhat lower (README); the full bundle replaces it through the quality gate."""
+        return cls(**{"encoder_block": False, "models": ("popularity", "wmf", "ease", SERVING_MODEL),
+                      "ease_lambdas": (300.0,), "bilinear_grid": ({"lam": 10.0, "mu": 10.0},),
+                      "wmf_grid": ({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
+                      "val_queries": 300, "test_queries": 500, "hybrid_starts": (-1.0,), **kw})
+
+    @property
+    def preset(self) -> str:
+        return "full" if self.encoder_block else "quick"
+
     def describe(self) -> dict:
         d = asdict(dataclasses.replace(self, split=None))
         d["split"] = None if self.split is None else {
@@ -120,10 +140,10 @@ class Prepared:
     tfidf: TfidfFeatures
     tfidf_sparse: sp.csr_matrix
     tfidf_dense: np.ndarray
-    encoder: TextEncoder
-    minilm_raw: np.ndarray
-    whitener: Whitener
-    minilm: np.ndarray                   # whitened, L2-normalised
+    encoder: TextEncoder                 # also without an encoder block: it encodes added anime
+    minilm_raw: np.ndarray | None        # None: no encoder block (TrainConfig.encoder_block)
+    whitener: Whitener | None
+    minilm: np.ndarray | None            # whitened, L2-normalised
     graph: sp.csr_matrix | None = None   # recommendation-pair adjacency over ds.item_ids
     pretrained_encoder: TextEncoder | None = None
     pretrained_whitener: Whitener | None = None
@@ -135,10 +155,20 @@ class Prepared:
     @property
     def content(self) -> np.ndarray:
         """What the content side of the served model reads: [TF-IDF (SVD) ; MiniLM ; metadata],
-        each block unit-length (features/metadata.py). All of it exists on the day an anime airs."""
+        each block unit-length (features/metadata.py), MiniLM left out without an encoder block.
+        All of it exists on the day an anime airs."""
         if self._content is None:
-            self._content = content_block([self.tfidf_dense, self.minilm, self.meta])
+            self._content = content_block([b for b in (self.tfidf_dense, self.minilm, self.meta) if b is not None])
         return self._content
+
+    @property
+    def content_blocks(self) -> list[str]:
+        return ["tfidf", "minilm", "meta"] if self.minilm is not None else ["tfidf", "meta"]
+
+    @property
+    def semantic(self) -> np.ndarray:
+        """The space explanations and diversity measure similarity in: MiniLM, else TF-IDF."""
+        return self.minilm if self.minilm is not None else self.tfidf_dense
 
     _content: np.ndarray | None = None
 
@@ -146,7 +176,7 @@ class Prepared:
         """(item vectors, encoder, whitener) of a text representation."""
         if text == "tfidf":
             return self.tfidf_dense, None, None
-        if text == "minilm":
+        if text == "minilm" and self.minilm is not None:
             return self.minilm, self.encoder, self.whitener
         if text == "pretrained" and self.pretrained is not None:
             return self.pretrained, self.pretrained_encoder, self.pretrained_whitener
@@ -154,7 +184,7 @@ class Prepared:
 
 
 @contextmanager
-def _step(timings: dict, name: str):
+def timed_step(timings: dict, name: str):
     """Log a pipeline step's start and end, and record its seconds (progress for long runs)."""
     start = time.perf_counter()
     log.info("▶ %s", name)
@@ -190,31 +220,33 @@ def prepare(cfg: TrainConfig, extend_dataset: Callable[[Dataset], Dataset] | Non
     feature or model sees it, to add feedback interactions; it keeps the item universe and the
     base data's splits."""
     t: dict = {}
-    with _step(t, "load data"):
+    with timed_step(t, "load data"):
         data = load_mal(cfg.data_dir, sample=cfg.sample)
-    with _step(t, "build splits"):
+    with timed_step(t, "build splits"):
         ds = build_dataset(data.catalog, data.interactions, seed=cfg.seed, split=cfg.split)
         if extend_dataset is not None:
             ds = extend_dataset(ds)
         catalog = data.catalog.loc[ds.item_ids]
         texts = build_texts(catalog, RECIPES.get(cfg.recipe, cfg.recipe)).tolist()
-    with _step(t, "tf-idf"):
+    with timed_step(t, "tf-idf"):
         tfidf = TfidfFeatures(svd_dim=min(300, max(2, len(texts) // 4)), seed=cfg.seed)
         tf_sparse = tfidf.fit_transform(texts)
         tf_dense = tfidf.dense(tf_sparse)
-    with _step(t, "encode (cached) + whiten"):
-        encoder = make_encoder(cfg.encoder)
-        raw, whitener, minilm = _encode_whitened(cfg, encoder, texts, ds, t, "encode")
+    encoder = make_encoder(cfg.encoder)
+    raw = whitener = minilm = None
+    if cfg.encoder_block:
+        with timed_step(t, "encode (cached) + whiten"):
+            raw, whitener, minilm = _encode_whitened(cfg, encoder, texts, ds, t, "encode")
     p = Prepared(cfg, data, ds, catalog, texts, tfidf, tf_sparse, tf_dense, encoder, raw, whitener, minilm, timings=t)
     p.metadata = ItemMetadata.fit(catalog)
     p.meta = p.metadata.transform(catalog)
     if cfg.pretrained_encoder:
-        with _step(t, "encode with the pre-trained encoder (cached) + whiten"):
+        with timed_step(t, "encode with the pre-trained encoder (cached) + whiten"):
             p.pretrained_encoder = (TextEncoder.tiny_random(seed=1) if cfg.pretrained_encoder == "tiny-random"
                                     else TextEncoder(Path(cfg.pretrained_encoder)))
             _, p.pretrained_whitener, p.pretrained = _encode_whitened(cfg, p.pretrained_encoder, texts, ds, t,
                                                                       "encode_pretrained")
-    with _step(t, "recommendation graph"):
+    with timed_step(t, "recommendation graph"):
         p.graph = rec_graph(data.recs, ds.item_ids)
         deg = np.asarray(p.graph.getnnz(axis=1))
         t["graph"] = {"edges": int(p.graph.nnz // 2),
@@ -252,7 +284,7 @@ def _select(kind: str, grid, build: Callable[[dict], Recommender], scs: list[Sce
     that receives every fitted model)."""
     trials, best, best_score = [], None, -1.0
     for params in grid:
-        with _step(timings, f"fit {kind} {params}"):
+        with timed_step(timings, f"fit {kind} {params}"):
             m = build(dict(params))
         if keep is not None:
             keep.append(m)
@@ -287,6 +319,9 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
     models: dict[str, Recommender] = {}
     selection: dict = {}
     need = set(cfg.models)
+    if p.minilm is None and (bad := sorted(need & ({"content-knn-minilm", "content-knn-all"} | set(DROPOUTNET_VARIANTS)))):
+        raise ValueError(f"{', '.join(bad)} need MiniLM encodings: not available without the encoder block "
+                         f"(the quick preset)")
     wmf = None
     if need & ({"wmf", SERVING_MODEL} | set(DROPOUTNET_VARIANTS)):
         # WMF: a baseline, the DropoutNet's preference model, and the serving fallback
@@ -315,13 +350,13 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
     }
     for name in cfg.models:
         if name in builders:
-            with _step(p.timings, f"fit {name}"):
+            with timed_step(p.timings, f"fit {name}"):
                 m = builders[name]()
                 models[name] = m if m.train is not None else m.fit(ds.train)
     if need & set(DROPOUTNET_VARIANTS):
         _fit_dropoutnets(p, wmf, scs, models, selection)
     if SERVING_MODEL in need:
-        with _step(p.timings, f"fit and tune {SERVING_MODEL}"):
+        with timed_step(p.timings, f"fit and tune {SERVING_MODEL}"):
             hy, selection[SERVING_MODEL] = fit_hybrid(p, eases, models.get("content-bilinear"), scs, selection)
             models[SERVING_MODEL] = hy
     selection["val_final"] = {n: val_recall(m, scs) for n, m in models.items()}
@@ -351,7 +386,7 @@ def _fit_dropoutnets(p: Prepared, wmf: WMF, scs: list[Scenario], models: dict, s
         content = p.text_content(text)[0]
         if graph and graph_block is not None:
             content = np.hstack([content, graph_block]).astype(np.float32)
-        with _step(p.timings, f"fit {name}"):
+        with timed_step(p.timings, f"fit {name}"):
             dn = DropoutNet(content, wmf, cfg.dropoutnet, name=name)
             dn.post_release_dims = graph_block.shape[1] if graph and graph_block is not None else 0
             val = lambda m: float(np.mean(list(val_recall(m, val_scs).values())))  # noqa: E731
@@ -386,7 +421,8 @@ def fit_hybrid(p: Prepared, eases: list[EASE], bilinear: ContentBilinear | None,
                 continue
         best = (hy, trials[-1]["stage1_own"] if trials else {})
     hy = best[0]
-    hy.tune(HybridObjective(hy, ds, scs + mix_scenarios(ds, cfg.seed, cfg.val_queries)), tolerance=cfg.hybrid_tolerance)
+    hy.tune(HybridObjective(hy, ds, scs + mix_scenarios(ds, cfg.seed, cfg.val_queries)), tolerance=cfg.hybrid_tolerance,
+            starts=cfg.hybrid_starts)
     return hy, {"params": hy.params(), "tuning": hy.tuning, "ease_lambda_trials": trials}
 
 
@@ -487,7 +523,7 @@ def _graph_knn(p: Prepared, scs: list[Scenario], selection: dict) -> ContentKNN:
 
 def evaluate(p: Prepared, models: dict[str, Recommender], split: str = "test"):
     titles = p.catalog["title"].to_numpy()
-    exp = Experiment(p.ds, list(models.values()), split=split, diversity_space=p.minilm,
+    exp = Experiment(p.ds, list(models.values()), split=split, diversity_space=p.semantic,
                      seed=p.config.seed, max_queries=p.config.test_queries, titles=titles)
     return exp.run(progress=p.config.progress)
 
@@ -505,8 +541,8 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
                   version: str | None = None) -> Path:
     """Write the serving bundle: the served hybrid's arrays (models/hybrid.py `state`), what a new
     anime's content row is built from (TF-IDF vocabulary, the MiniLM whitener, the metadata
-    vocabularies), the WMF fallback, MiniLM vectors for explanations and diversity, and the
-    catalogue."""
+    vocabularies), the WMF fallback, MiniLM vectors (TF-IDF without the encoder block) for
+    explanations and diversity, and the catalogue."""
     import io
     import json
 
@@ -518,13 +554,14 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
         wmf = WMF(iterations=p.config.wmf_iterations, seed=p.config.seed, **p.config.wmf_grid[0]).fit(p.ds.train)
     arrays: dict[str, np.ndarray] = {
         "item_ids": p.ds.item_ids, "user_ids": p.ds.user_ids,
-        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.minilm, "tfidf_content": p.tfidf_dense,
+        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.semantic, "tfidf_content": p.tfidf_dense,
         "item_tower": hy.serving_item_vectors(np.arange(p.ds.n_items)),
         "split.train_items": p.ds.train_items, "split.val_items": p.ds.val_items,
         "split.test_items": p.ds.test_items,
     }
     arrays.update({f"hybrid.{k}": v for k, v in hy.state().items()})
-    arrays.update({f"whitener.{k}": np.asarray(v) for k, v in p.whitener.to_dict().items()})
+    if p.whitener is not None:
+        arrays.update({f"whitener.{k}": np.asarray(v) for k, v in p.whitener.to_dict().items()})
     buf = io.BytesIO()
     p.tfidf.save(buf)
     cat = p.catalog.reset_index()
@@ -535,6 +572,9 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     encoder = p.encoder
     manifest = {
         "model": SERVING_MODEL,
+        "preset": p.config.preset,
+        # the hybrid's content row and the space of `content` (ranker/model.py builds an added anime's)
+        "content": {"blocks": p.content_blocks, "space": "minilm" if p.minilm is not None else "tfidf"},
         "data": {"fingerprint": p.data.fingerprint, "files": p.data.files, "source": p.data.source},
         "code": code_fingerprint(),
         "encoder": {"name": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim,
@@ -542,7 +582,7 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
                     "max_length": getattr(encoder, "max_length", None), "model_dir": None},
         "metadata": p.metadata.to_dict(),
         "dims": {"n_items": int(p.ds.n_items), "n_users": int(p.ds.n_users), "factors": int(wmf.factors),
-                 "content_dim": int(p.minilm.shape[1]), "tower_dim": int(arrays["item_tower"].shape[1]),
+                 "content_dim": int(p.semantic.shape[1]), "tower_dim": int(arrays["item_tower"].shape[1]),
                  "hybrid_content_dim": int(hy.C.shape[1])},
         "hyperparameters": {"wmf": wmf.params(), "hybrid": hy.params(), "train_config": p.config.describe()},
         "selection": selection,

@@ -1,8 +1,10 @@
 """`make run`: the whole system on one machine, on loopback.
 
-Trains a bundle when the model store has none for the requested data (full by default, the sample
-with --sample), starts the encoder, ranker and gateway as child processes, waits until each one's
-health check says SERVING, prints how to call them, and on Ctrl-C / SIGTERM stops them in order
+Serves the newest full bundle of the requested data (full by default, the sample with --sample).
+Without one it trains the quick bundle (minutes: no MiniLM encodings), serves it, and trains the
+full bundle in the background, which the quality gate then promotes (anime2vec/next_bundle.py).
+It starts the encoder, ranker and gateway as child processes, waits until each one's health
+check says SERVING, prints how to call them, and on Ctrl-C / SIGTERM stops them in order
 (gateway, ranker, encoder), each through its own graceful SIGTERM shutdown. If any of them dies,
 the others are stopped too and the exit status is 1. Ctrl-C / SIGTERM at any stage, training
 included, stops every child with what it started (anime2vec.process_groups); the exit status is
@@ -29,6 +31,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .next_bundle import NextBundle
 from .paths import REPO_ROOT, default_model_store
 from .process_groups import raise_on_signals, received_signal, run_to_completion, spawn, stop_group, stopping
 from .serving.tls import ClientTLS, open_channel
@@ -88,9 +91,12 @@ def bundle_encoder_dir(bundle: Path) -> Path | None:
 
 def standard_specs(host: str, ports: Mapping[str, tuple[int, int]], *, encoder_model: str,
                    model_store: Path, bundle: str, ranker_data_dir: Path, gateway_env: Mapping[str, str],
-                   encoder_model_dir: Path | None = None) -> list[ServiceSpec]:
+                   encoder_model_dir: Path | None = None, follow_alias: bool = False,
+                   next_model_file: Path | None = None) -> list[ServiceSpec]:
     """The three services wired to each other. ports: name → (gRPC, metrics). encoder_model_dir:
-    the encoder the bundle was trained with when it is not the stock MiniLM (a pre-trained one)."""
+    the encoder the bundle was trained with when it is not the stock MiniLM (a pre-trained one).
+    follow_alias: the ranker starts on `bundle` and then follows the collection alias (make run,
+    whose quality gate promotes the full bundle); else it serves exactly `bundle`."""
     encoder_address = f"{host}:{ports['encoder'][0]}"
     encoder_env = {"MODEL": encoder_model, **({"MODEL_DIR": str(encoder_model_dir)} if encoder_model_dir else {})}
     return [
@@ -98,8 +104,8 @@ def standard_specs(host: str, ports: Mapping[str, tuple[int, int]], *, encoder_m
                     env=encoder_env),
         ServiceSpec("ranker", "services.ranker.server", "anime2vec.v1.RankerService", host, *ports["ranker"],
                     env={"MODEL_STORE": str(model_store), "BUNDLE": bundle, "DATA_DIR": str(ranker_data_dir),
-                         "ENCODER_ADDRESS": encoder_address,
-                         "ALIAS_POLL_S": "0"}),   # serve exactly `bundle`, not whatever the alias says
+                         "ENCODER_ADDRESS": encoder_address, "ALIAS_POLL_S": "2" if follow_alias else "0",
+                         **({"NEXT_MODEL_FILE": str(next_model_file)} if next_model_file else {})}),
         ServiceSpec("gateway", "services.gateway.server", "anime2vec.v1.GatewayService", host, *ports["gateway"],
                     env={"RANKER_ADDRESS": f"{host}:{ports['ranker'][0]}", "ENCODER_ADDRESS": encoder_address,
                          **gateway_env}),
@@ -167,35 +173,60 @@ class ServiceProcess:
 
 # ---- make run ----------------------------------------------------------------------------------
 
-def newest_bundle(store: Path, source: str) -> Path | None:
-    """The newest bundle in `store` trained on `source` data ("full" or "sample")."""
+def newest_bundle(store: Path, source: str, preset: str | None = None) -> Path | None:
+    """The newest bundle in `store` trained on `source` data ("full" or "sample"), of `preset`
+    ("full", "quick"; None: either)."""
     from .bundle import list_bundles
 
-    matching = [p for p in list_bundles(store)
-                if json.loads((p / "manifest.json").read_text()).get("data", {}).get("source") == source]
+    def fits(m: dict) -> bool:
+        return m.get("data", {}).get("source") == source and preset in (None, m.get("preset", "full"))
+
+    matching = [p for p in list_bundles(store) if fits(json.loads((p / "manifest.json").read_text()))]
     return matching[-1] if matching else None
 
 
-def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> Path:
-    """The newest bundle for the data, trained first when there is none (its evaluation report goes
-    to report_dir, not over the repository's reports/)."""
+def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> tuple[Path, bool]:
+    """(bundle to serve, whether the full bundle still has to be trained). The newest full
+    bundle for the data; else the newest quick one; else a quick one trained now (minutes: no
+    MiniLM encodings), its evaluation report in report_dir, not over the repository's reports/."""
     source = "sample" if sample else "full"
-    found = newest_bundle(store, source)
+    found = newest_bundle(store, source, preset="full")
     if found is not None:
-        return found
-    print(f"No {source}-data bundle in {store}: training one (the first run encodes every synopsis with "
-          f"MiniLM, which takes a while on a CPU; encodings are cached for next time).", flush=True)
-    # Only what serving needs (the hybrid, its EASE selection, WMF as the fallback) and the popularity
-    # floor: the full comparison (DropoutNets included) is `make train`'s job
-    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--store", str(store), "--report-dir", str(report_dir),
-           "--models", "popularity,wmf,ease,anime2vec-hybrid"]
+        return found, False
+    found = newest_bundle(store, source, preset="quick")
+    if found is not None:
+        return found, True
+    print(f"No {source}-data bundle in {store}: training one, the quick bundle first (TF-IDF and metadata, no "
+          f"MiniLM encodings: a few minutes). The full bundle trains in the background once it serves.", flush=True)
+    # Only what serving needs (the hybrid, its EASE, WMF as the fallback) and the popularity floor:
+    # the full comparison (DropoutNets included) is `make train`'s job
+    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--quick", "--store", str(store),
+           "--report-dir", str(report_dir / "quick"), "--quiet"]
     cmd += ["--sample"] if sample else []
     # A child in its own group: Ctrl-C / SIGTERM to the runner stops it and its workers
     rc = run_to_completion(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, stdin=subprocess.DEVNULL)
-    found = newest_bundle(store, source) if rc == 0 else None
+    found = newest_bundle(store, source, preset="quick") if rc == 0 else None
     if found is None:
         raise SystemExit(f"training failed (exit status {rc}); see the output above")
-    return found
+    return found, True
+
+
+def make_live(store: Path, ranker_data_dir: Path, version: str) -> None:
+    """Point the ranker's collection alias at `version` (building its collection when missing),
+    as `anime2vec index` + `promote` do, so that the ranker, which follows the alias, starts on
+    it and later moves with the quality gate's promotions."""
+    from .rollout import open_rollout
+
+    rollout = open_rollout(store, ranker_data_dir)
+    try:
+        if rollout.index.alias_target() == version:
+            return
+        built, n = rollout.build(version)
+        if built:
+            print(f"built the collection of {version} ({n} anime)", flush=True)
+        rollout.promote(version)
+    finally:
+        rollout.close()
 
 
 # The local key may do everything the client can (add-anime needs catalog): it is this machine's.
@@ -285,25 +316,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics-base-port", type=int, default=9100,
                     help="metrics ports: gateway, encoder, ranker from this one on (default 9100)")
     ap.add_argument("--encoder-model", default="minilm", choices=["minilm", "tiny-random"])
+    ap.add_argument("--no-full", action="store_true",
+                    help="serving a quick bundle, do not train the full one in the background")
+    ap.add_argument("--gate-tolerance", type=float, default=0.02,
+                    help="the quality gate's relative tolerance for the full bundle (as `anime2vec retrain "
+                         "--tolerance`; default 0.02)")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds each service may take to serve")
     a = ap.parse_args(argv)
+    if not 0.0 <= a.gate_tolerance < 1.0:
+        ap.error(f"--gate-tolerance must be in [0, 1), got {a.gate_tolerance}")
 
     raise_on_signals()   # from the start: training and set-up stop on Ctrl-C / SIGTERM too
     procs: dict[str, ServiceProcess] = {}
+    nxt: NextBundle | None = None
     status, serving = 0, False
     try:
         mode = "sample" if a.sample else "full"
         store = a.store or (default_model_store() / "sample" if a.sample else default_model_store())
-        bundle = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
+        bundle, train_full = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
+        train_full = train_full and not a.no_full
+        ranker_dir = a.state_dir / mode / "ranker"
+        make_live(store, ranker_dir, bundle.name)
         gateway_env, key = api_key_env(a.state_dir / "api-key")
         g, m = a.base_port, a.metrics_base_port
+        logs = a.state_dir / "logs"
+        next_file = a.state_dir / mode / "next-model.json"
+        next_file.unlink(missing_ok=True)
         specs = standard_specs(a.host, {"gateway": (g, m), "encoder": (g + 1, m + 1), "ranker": (g + 2, m + 2)},
                                encoder_model=a.encoder_model, model_store=store, bundle=bundle.name,
-                               ranker_data_dir=a.state_dir / mode / "ranker", gateway_env=gateway_env,
-                               encoder_model_dir=bundle_encoder_dir(bundle))
-        logs = a.state_dir / "logs"
+                               ranker_data_dir=ranker_dir, gateway_env=gateway_env,
+                               encoder_model_dir=bundle_encoder_dir(bundle), follow_alias=True,
+                               next_model_file=next_file)
         procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
-        print(f"serving bundle {bundle.name} from {store}", flush=True)
+        print(f"serving bundle {bundle.name} from {store}" + (" (quick: TF-IDF and metadata content)"
+                                                              if train_full else ""), flush=True)
         for name in ("encoder", "ranker"):          # both load models: start them together
             procs[name].start()
         for name in ("encoder", "ranker"):
@@ -312,7 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         procs["gateway"].wait_serving(a.startup_timeout)
         serving = True
         print(usage(procs, key, a.state_dir / "api-key", logs), flush=True)
+        if train_full:
+            nxt = NextBundle(store=store, sample=a.sample, report_dir=a.state_dir / mode / "report",
+                             ranker_data_dir=ranker_dir, status_file=next_file, log_path=logs / "next-bundle.log",
+                             env=os.environ | OFFLINE_ENV, gate_tolerance=a.gate_tolerance)
+            nxt.start()
         while not (dead := [p for p in procs.values() if not p.alive()]):
+            if nxt is not None:
+                nxt.poll()
             time.sleep(0.5)
         print(f"{dead[0].spec.name} exited with status {dead[0].proc.returncode}; stopping the others. "
               f"Last log lines:\n{dead[0].log_tail()}", file=sys.stderr)
@@ -326,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     finally:
         with stopping():   # a second Ctrl-C hurries the stop (SIGKILL) instead of cutting it short
+            if nxt is not None and nxt.stage in ("train", "gate"):
+                rc = nxt.stop()
+                print(f"stopped the full bundle's {nxt.stage} (exit status {rc}); the next `make run` starts it again",
+                      flush=True)
             for name in ("gateway", "ranker", "encoder"):
                 rc = procs[name].stop() if name in procs else None
                 if rc is not None:

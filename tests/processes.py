@@ -3,6 +3,8 @@ and a child's output read in the background."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import threading
 import time
@@ -69,3 +71,29 @@ class Output:
 
     def text(self) -> str:
         return "".join(self.lines)
+
+
+def _ports_free(ports) -> bool:
+    socks = []
+    try:
+        for p in ports:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port_runs(n: int = 3) -> tuple[int, int]:
+    """Two bases, each with n consecutive free ports (gRPC, metrics)."""
+    bases = []
+    for base in range(21000 + os.getpid() % 2000 * 10, 65000, 10):
+        if _ports_free(range(base, base + n)):
+            bases.append(base)
+            if len(bases) == 2:
+                return bases[0], bases[1]
+    raise RuntimeError("no free port range")

@@ -148,3 +148,70 @@ def test_the_bundle_serves_what_was_trained(trained):
         np.testing.assert_allclose(m.item_vector(row(i), i), m.item_tower[i], rtol=1e-4, atol=1e-5)
     j = groups[PAIRED][0]
     assert not np.allclose(m.item_vector(row(j)), m.item_tower[j], atol=1e-4)
+
+
+# ---- the quick bundle (`train --quick`: what `make run` serves while the full bundle trains) -------
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quick")
+    # a cache that stays empty: the quick preset must not encode anything
+    r = cli("train", "--quick", "--sample", "--quiet", "--store", str(root / "store"),
+            "--report-dir", str(root / "report"), env={"A2V_CACHE_DIR": str(root / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = (root / "store").iterdir()
+    return root, load_bundle(path)
+
+
+def test_the_quick_bundle_encodes_nothing_and_says_what_it_is(quick):
+    root, b = quick
+    m = b.manifest
+    assert m["preset"] == "quick" and m["content"] == {"blocks": ["tfidf", "meta"], "space": "tfidf"}
+    assert not any(k.startswith("encode") for k in m["timings"]) and not (root / "cache" / "encodings.sqlite").exists()
+    assert not b.prefixed("whitener")
+    # it still names the encoder that serves beside it: added anime are encoded by it, and stay
+    # servable when the full bundle (same encoder) replaces this one
+    from anime2vec.features.encoder import TextEncoder
+    assert m["encoder"]["fingerprint"] == TextEncoder().fingerprint
+    assert m["hyperparameters"]["train_config"]["encoder_block"] is False
+    rows = {(r["model"], r["scenario"], r["metric"]): r["value"]
+            for r in json.loads((root / "report" / "report.json").read_text())["metrics"]}
+    for sc in ("warm", "fav_k5", "cold_test_items"):   # a real model: above the popularity floor
+        assert rows["anime2vec-hybrid", sc, "recall@100"] > rows["popularity", sc, "recall@100"] + 0.05, sc
+    report = (root / "report" / "report.md").read_text()
+    assert "| anime2vec-hybrid |" in report and "none (quick preset" in report
+
+
+def test_the_quick_bundle_serves_what_was_trained(quick):
+    """Content rows rebuilt from the bundle (TF-IDF + metadata, no encoder) are the trained ones,
+    and an encoding passed along changes nothing (it has no MiniLM block)."""
+    import numpy as np
+
+    from anime2vec.models.hybrid import PAIRED, TEXT, WARM
+    from services.ranker.model import ServingModel
+
+    _, b = quick
+    m = ServingModel(b)
+    hy = m.hybrid
+    assert m.whiten(np.ones(384, np.float32)) is None and m.content_space == "tfidf"
+    np.testing.assert_array_equal(m.content, b.arrays["tfidf_content"])
+    for g in (WARM, PAIRED, TEXT):
+        for i in np.flatnonzero(hy.group == g)[:3]:
+            fields = m.catalog.iloc[i][["type", "year", "episodes", "genres"]].to_dict()
+            row = m.content_row(None, b.arrays["tfidf_content"][i], fields)
+            np.testing.assert_allclose(row, hy.C[i], rtol=1e-5, atol=1e-6)
+            if g == TEXT:
+                np.testing.assert_allclose(m.item_vector(row), m.item_tower[i], rtol=1e-4, atol=1e-5)
+    rng = np.random.default_rng(0)
+    a, c = (rng.normal(size=384).astype(np.float32) for _ in range(2))
+    q = m.text_vector(a, "two brothers search for a stone")
+    np.testing.assert_array_equal(q, m.text_vector(c, "two brothers search for a stone"))
+    assert np.linalg.norm(q) > 0
+    t = m.tfidf_vector("two brothers search for a stone")
+    np.testing.assert_array_equal(m.semantic_vector(None, t), t)   # explanations measure in TF-IDF
+
+
+def test_quick_refuses_models_that_need_encodings(tmp_path):
+    r = cli("train", "--quick", "--sample", "--quiet", "--models", "popularity,dropoutnet-minilm",
+            "--store", str(tmp_path / "s"), "--report-dir", str(tmp_path / "r"))
+    assert r.returncode != 0 and "need MiniLM encodings" in r.stderr

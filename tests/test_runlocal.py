@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV, api_key_env, bundle_encoder_dir, standard_specs
 from services.gateway.auth import load_api_keys
 from services.gateway.settings import GatewaySettings
-from tests.processes import Output, Proc, descendants, still_running
+from tests.processes import Output, Proc, descendants, free_port_runs, still_running
 
 
 def _bundle(tmp_path: Path, model_dir) -> Path:
@@ -94,3 +95,112 @@ def test_sigterm_during_training_stops_the_training_child_and_everything_it_star
             os.kill(p.pid, signal.SIGKILL)
     assert not leftovers, f"still running after the runner stopped: {leftovers}"
     assert rc == 128 + signal.SIGTERM and "stopping..." in out.text(), out.text()
+
+
+# ---- the quick bundle first, the full one promoted by the quality gate ---------------------------
+
+def _client(state: Path, grpc_base: int, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | OFFLINE_ENV | {"A2V_API_KEY": (state / "api-key").read_text().strip(),
+                                      "A2V_GATEWAY_ADDRESS": f"127.0.0.1:{grpc_base}"}
+    return subprocess.run([sys.executable, "-m", "anime2vec.client", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _info(state: Path, grpc_base: int) -> dict:
+    r = _client(state, grpc_base, "info", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _start(store: Path, state: Path, *args: str) -> tuple[subprocess.Popen, Output, int]:
+    grpc_base, metrics_base = free_port_runs()
+    runner = subprocess.Popen([sys.executable, "-m", "anime2vec.runlocal", "--sample", "--store", str(store),
+                               "--state-dir", str(state), "--base-port", str(grpc_base),
+                               "--metrics-base-port", str(metrics_base), *args],
+                              cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, text=True, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return runner, Output(runner.stdout), grpc_base
+
+
+def _stop(runner: subprocess.Popen, out: Output) -> None:
+    """SIGTERM: exit 0 (it was serving) and nothing it started is left, the background training included."""
+    seen = {p.pid: p for p in descendants(runner.pid)}
+    try:
+        runner.send_signal(signal.SIGTERM)
+        rc = runner.wait(timeout=90)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        leftovers = still_running(set(seen), {p.session for p in seen.values()} - {os.getsid(0)})
+        for p in leftovers:
+            os.kill(p.pid, signal.SIGKILL)
+    assert not leftovers, f"still running after the runner stopped: {leftovers}"
+    assert rc == 0, out.text()
+
+
+def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tmp_path):
+    """First run on an empty store: the quick bundle is trained and served, the full one trains in
+    the background (GetModelInfo says so) and SIGTERM stops that training too. Second run: the
+    quick bundle is reused, the full one trains again and the quality gate promotes it; the
+    ranker follows, and an anime added while the quick bundle served is served by the full one."""
+    store, state = tmp_path / "models", tmp_path / "state"
+    runner, out, port = _start(store, state)
+    try:
+        assert out.wait_for(lambda ls: any("anime2vec is running" in x for x in ls), 400, runner), out.text()
+        assert "training one, the quick bundle first" in out.text()
+        info = _info(state, port)
+        assert info["preset"] == "quick"
+        quick = info["version"]
+        added = _client(state, port, "add-anime", "--title", "Alchemy Brothers Zero", "--genre", "Action",
+                        "--synopsis", "Two brothers who lost their bodies to alchemy search for the stone.")
+        assert added.returncode == 0 and "added anime #" in added.stdout, added.stderr
+        aid = added.stdout.split("#")[1].split()[0]
+        training = lambda ls: any("anime2vec.cli train" in p.cmdline for p in descendants(runner.pid))  # noqa: E731
+        assert out.wait_for(training, 60, runner), out.text()
+        deadline = time.monotonic() + 30
+        while not _info(state, port).get("nextModel", "").startswith("training the full bundle"):
+            assert time.monotonic() < deadline, "GetModelInfo never named the training bundle"
+            time.sleep(0.5)
+        _stop(runner, out)
+        assert "stopped the full bundle's train" in out.text(), out.text()
+
+        # the sample's gate metrics move by several points from one tuning to the next (a few dozen
+        # queries): a wide tolerance, so that this exercises the promotion; the gate's decisions
+        # are tests/retrain's
+        runner, out, port = _start(store, state, "--gate-tolerance", "0.5")
+        assert out.wait_for(lambda ls: any("anime2vec is running" in x for x in ls), 120, runner), out.text()
+        assert "training one" not in out.text() and _info(state, port)["version"] == quick   # reused
+        promoted = lambda ls: any("[full bundle]" in x and ("promoted" in x or "keeps serving" in x) for x in ls)  # noqa: E731
+        assert out.wait_for(promoted, 900, runner), out.text()
+        assert "passed the quality gate and is promoted" in out.text(), out.text()
+        deadline = time.monotonic() + 60
+        while (info := _info(state, port))["version"] == quick:   # the ranker polls the alias
+            assert time.monotonic() < deadline, "the ranker did not follow the promotion"
+            time.sleep(0.5)
+        assert info["preset"] == "full" and not info.get("nextModel")
+        similar = _client(state, port, "similar", "--id", aid, "--limit", "3")
+        assert similar.returncode == 0 and "Alchemy Brothers Zero" in similar.stdout, similar.stderr
+        assert info["version"] in similar.stdout
+        _stop(runner, out)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+
+
+def test_the_background_progress_reads_steps_and_progress_bars_from_the_training_log():
+    from anime2vec.next_bundle import FULL_STEP_SECONDS, Progress
+
+    p = Progress()
+    log = ("2026-12-03 06:05:44,675 INFO anime2vec.pipeline: ▶ load data\n"
+           "2026-12-03 06:05:44,675 INFO anime2vec.pipeline: ✔ load data (3.2 s)\n"
+           "2026-12-03 06:05:45,474 INFO anime2vec.pipeline: ▶ encode (cached) + whiten\n"
+           "encode:  10%|█         | 1637/16371 [01:40<15:02, 16.3it/s]\r"
+           "encode:  41%|████      | 6712/16371 [06:12<08:55, 18.0it/s]\r")
+    assert p.feed(log, now=100.0) == ["load data", "encode (cached) + whiten"]
+    assert (p.step, p.bar, p.bar_left_s) == ("encode (cached) + whiten", "41% (6712/16371)", 535.0)
+    ahead = sum(v for k, v in FULL_STEP_SECONDS.items() if k not in ("load data", "encode (cached) + whiten"))
+    assert p.eta_s(sample=False, now=100.0) == 535.0 + ahead and p.eta_s(sample=True) is None
+    # a step without a bar: its usual time less what it has taken so far; grid points share a key
+    p.feed("INFO anime2vec.pipeline: ▶ fit ease {'lam': 300.0}\n", now=200.0)
+    assert p.step == "fit ease {'lam': 300.0}" and p.bar == ""
+    assert p.eta_s(sample=False, now=230.0) == ahead - FULL_STEP_SECONDS["fit ease"] + 70.0

@@ -7,9 +7,9 @@ the whole catalogue, cold and warm items alike (models/hybrid.py):
          standardised content query of z = unit(x·C)
 where x is a history: a known user's training row (plus feedback, online_users.py), a list of
 favourites (an anime added at serving time contributes its content row to z only), and C the
-content rows [TF-IDF ; MiniLM ; metadata]. Free text has only z (its TF-IDF and MiniLM blocks);
-an anime added through AddAnime gets its content row from its text, encoding and metadata, and
-lands in the text group. The WMF fallback scores in memory (U·V over the bundle's items);
+content rows [TF-IDF ; MiniLM ; metadata] (no MiniLM block in a quick bundle: manifest
+"content"). Free text has only z (its TF-IDF and MiniLM blocks); an anime added through AddAnime
+gets its content row from its text, encoding and metadata, and lands in the text group. The WMF fallback scores in memory (U·V over the bundle's items);
 popularity needs nothing.
 """
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class ItemMeta:
     """What the ranker knows about an anime that is not in the bundle arrays (added via UpsertAnime)."""
     anime_id: int
-    content: np.ndarray          # whitened MiniLM vector (explanations, diversity)
+    content: np.ndarray          # in the bundle's `content` space: whitened MiniLM, or TF-IDF (explanations, diversity)
     payload: dict
     tfidf: np.ndarray | None = None   # dense TF-IDF projection of its text
     text: str = ""                     # its synopsis (explanations name the terms it shares)
@@ -59,7 +59,13 @@ class ServingModel:
         self.synopses: list[str] = [x if isinstance(x, str) else "" for x in cat["synopsis"]] \
             if "synopsis" in cat else [""] * len(cat)
         self.content = np.asarray(bundle.arrays["content"], np.float32)
-        self.whitener = Whitener.from_dict(bundle.prefixed("whitener"))
+        # which blocks the hybrid's content rows hold, and which space `content` is in: a quick
+        # bundle (`anime2vec train --quick`) has no MiniLM block, and TF-IDF vectors as `content`
+        spec = m.get("content", {"blocks": ["tfidf", "minilm", "meta"], "space": "minilm"})
+        self.content_blocks: list[str] = list(spec["blocks"])
+        self.content_space: str = spec["space"]
+        whitener = bundle.prefixed("whitener")
+        self.whitener = Whitener.from_dict(whitener) if whitener else None
         train = bundle.train
         hp = m.get("hyperparameters", {})
         wmf_params = {k: v for k, v in hp.get("wmf", {}).items() if k in ("regularization", "alpha", "iterations", "seed")}
@@ -134,8 +140,20 @@ class ServingModel:
         h = self.train[i]
         return self.history_vector(h, "users", int(h.nnz))
 
-    def whiten(self, raw: np.ndarray) -> np.ndarray:
+    def whiten(self, raw: np.ndarray) -> np.ndarray | None:
+        """Whitened encodings (n, dim); None for a bundle without a MiniLM block (no whitener)."""
+        if self.whitener is None:
+            return None
         return self.whitener.transform(np.atleast_2d(np.asarray(raw, np.float32)))
+
+    def semantic_vector(self, minilm: np.ndarray | None, tfidf: np.ndarray | None) -> np.ndarray:
+        """An anime's or a query's vector in the space of `content` (explanations, diversity):
+        its whitened encoding, or its TF-IDF projection in a bundle without a MiniLM block."""
+        if self.content_space == "minilm" and minilm is not None:
+            return minilm
+        if self.content_space == "tfidf" and tfidf is not None:
+            return np.asarray(tfidf, np.float32)
+        return np.zeros(self.content.shape[1], np.float32)
 
     def tfidf_vector(self, text: str | None) -> np.ndarray | None:
         """Dense TF-IDF projection of a text with the bundle's fitted vocabulary (None: unknown)."""
@@ -143,20 +161,25 @@ class ServingModel:
             return None
         return self.tfidf.dense(self.tfidf.transform([text]))[0]
 
-    def content_row(self, content: np.ndarray, tfidf: np.ndarray | None, fields: dict | None) -> np.ndarray:
+    def content_row(self, minilm: np.ndarray | None, tfidf: np.ndarray | None, fields: dict | None) -> np.ndarray:
         """The hybrid's content row of an anime outside the bundle (or a free-text query: no
-        fields, its metadata block stays empty), built as the pipeline built the catalogue's."""
+        fields, its metadata block stays empty) from its whitened encoding (unused without a
+        MiniLM block), TF-IDF projection and fields, built as the pipeline built the catalogue's."""
         assert self.hybrid is not None and self.metadata is not None
-        t = np.zeros(self.bundle.arrays["tfidf_content"].shape[1], np.float32) if tfidf is None else tfidf
-        meta = np.zeros(self.metadata.dim, np.float32) if fields is None else self.metadata.row(
-            fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres"))
-        return content_block([t, np.atleast_2d(content), meta])[0]
+        blocks = {
+            "tfidf": lambda: np.zeros(self.bundle.arrays["tfidf_content"].shape[1], np.float32) if tfidf is None else tfidf,
+            "minilm": lambda: np.atleast_2d(minilm),
+            "meta": lambda: np.zeros(self.metadata.dim, np.float32) if fields is None else self.metadata.row(
+                fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres")),
+        }
+        return content_block([blocks[b]() for b in self.content_blocks])[0]
 
     def text_vector(self, raw: np.ndarray, text: str | None = None) -> np.ndarray:
         """Query vector of a free-text query from its raw encoder vector and text (the "text"
         weights: content alone)."""
         assert self.hybrid is not None
-        row = self.content_row(self.whiten(raw)[0], self.tfidf_vector(text), None)
+        w = self.whiten(raw)
+        row = self.content_row(None if w is None else w[0], self.tfidf_vector(text), None)
         hy = self.hybrid
         z = row[None] / max(float(np.linalg.norm(row)), 1e-9)
         p = np.zeros((1, hy.P.shape[1]), np.float32)

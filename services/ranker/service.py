@@ -9,6 +9,7 @@ started with, so a promotion never fails or mixes a request.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -550,7 +551,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             raise invalid_argument({"query_text": f"at most {MAX_SYNOPSIS} characters, got {len(request.query_text)}"})
         liked = self._known_ids(s, request.liked_ids, "liked_ids")
         excluded = set() if request.options.filters.include_liked else set(liked)
-        content = m.whiten(vec)[0]
+        w = m.whiten(vec)
+        content = m.semantic_vector(None if w is None else w[0], m.tfidf_vector(request.query_text or None))
         return self._page(request, context, s, request.options, query_kind="text",
                           vector_fn=lambda s: s.model.text_vector(vec, request.query_text or None), wmf_fn=None, excluded=excluded,
                           anchors=[self._anchor(s, a) for a in liked[:20]], query_content=content,
@@ -621,15 +623,19 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         m = s.model
         if not m.has_vectors:
             raise unavailable(f"model {s.version} has no item vectors; cannot add anime", reason="NO_ITEM_TOWER")
-        content = m.whiten(raw)[0]
         tfidf = m.tfidf_vector(text)
-        row = m.content_row(content, tfidf, fields)
+        w = m.whiten(raw)
+        minilm = None if w is None else w[0]
+        content = m.semantic_vector(minilm, tfidf)
+        row = m.content_row(minilm, tfidf, fields)
         i = m.pos.get(aid)
         return m.item_vector(row, i), content, tfidf, i is None or not m.warm[i], row
 
     def GetModelInfo(self, request, context):
         s = self.serving()
-        return common_pb2.GetModelInfoResponse(model=model_info(s))
+        info = model_info(s)
+        info.next_model = next_model_status(self.settings.next_model_file)
+        return common_pb2.GetModelInfoResponse(model=info)
 
     def ListCatalog(self, request, context):
         s = self.serving()
@@ -651,10 +657,24 @@ def model_info(s: Serving) -> common_pb2.ModelInfo:
                        tower_dim=int(s.model.item_tower.shape[1]), n_items=len(s.model.item_ids) + len(
                            [a for a in s.extra if a not in s.model.pos]),
                        n_users=len(s.model.user_ids), encoder_fingerprint=m["encoder"]["fingerprint"],
-                       data_fingerprint=m["data"]["fingerprint"], example_user_ids=s.example_users)
+                       data_fingerprint=m["data"]["fingerprint"], example_user_ids=s.example_users,
+                       preset=m.get("preset", "full"))
     info.created_at.FromJsonString(m["created_at"])
     info.offline_metrics.update(offline_metrics(m))
     return info
+
+
+def next_model_status(path: Path | None) -> str:
+    """The `status` line of the trainer's report file (settings.next_model_file); "" when there is
+    none or it cannot be read (a trainer rewrites it atomically; a half-read file is just skipped)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            status = json.loads(f.read(4096)).get("status", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return status[:300] if isinstance(status, str) else ""
 
 
 def offline_metrics(manifest: dict) -> dict[str, float]:

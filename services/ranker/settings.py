@@ -33,6 +33,9 @@ class RankerSettings(OutboundTLSSettings):
     max_ids: int = Field(500, ge=1, description="most liked / disliked / excluded ids per request")
     max_feedback_events: int = Field(1000, ge=1, le=100000, description="most events per RecordFeedback call")
     alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
+    next_model_file: Path | None = Field(None, description="JSON file in which a trainer reports the bundle that "
+                                                           "will replace the served one (`make run` writes it); "
+                                                           "GetModelInfo.next_model shows its `status`")
     device: str = Field("", description="torch device for the towers; empty: cuda when present")
     # exact by default since the hybrid serves (2026-12): its vectors mix blocks of very different
     # range (cf factors, content, a one-hot group), and the int8 scan missed top anime that exact

@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import pytest
 from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV
 from tests.e2e.test_api import MAL_XML
-from tests.processes import Output, descendants, still_running
+from tests.processes import Output, descendants, free_port_runs, still_running
 
 SECTIONS = ("Quick start", "`make run`", "The command-line client", "Any RPC as JSON: `client call` (or grpcurl)")
 CLIENT = ".venv/bin/python -m anime2vec.client"
@@ -84,32 +83,6 @@ def examples(readme: str) -> list[Example]:
             else:
                 raise AssertionError(f"README {title!r}: no rule for running {line!r} (add one to this test)")
     return out
-
-
-def _ports_free(ports) -> bool:
-    socks = []
-    try:
-        for p in ports:
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", p))
-        return True
-    except OSError:
-        return False
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port_runs(n: int = 3) -> tuple[int, int]:
-    """Two bases, each with n consecutive free ports (gRPC, metrics)."""
-    bases = []
-    for base in range(21000 + os.getpid() % 2000 * 10, 65000, 10):
-        if _ports_free(range(base, base + n)):
-            bases.append(base)
-            if len(bases) == 2:
-                return bases[0], bases[1]
-    raise RuntimeError("no free port range")
 
 
 @dataclass
