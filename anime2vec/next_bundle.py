@@ -30,7 +30,7 @@ from .process_groups import spawn, stop_group
 # its remaining time; cached encodings take seconds.
 FULL_STEP_SECONDS = {"load data": 5, "build splits": 2, "tf-idf": 10, "encode (cached) + whiten": 1000,
                      "recommendation graph": 1, "fit wmf": 45, "fit ease": 100, "fit popularity": 1,
-                     "fit and tune anime2vec-hybrid": 420, "evaluate": 180, "export": 30, "trade-off": 60,
+                     "fit and tune anime2vec-hybrid": 600, "evaluate": 180, "export": 30, "trade-off": 60,
                      "gate": 120}
 # The gate's metrics for quick → full: what no calibration choice moves (favourites among known
 # anime, cold anime among cold anime) and the users' recent feedback. Warm and cold_whole rank in
