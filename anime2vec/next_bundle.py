@@ -13,6 +13,7 @@ trainer is polled from the runner's loop (no thread), and stopped with the runne
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -120,6 +121,8 @@ class NextBundle:
         self._started = 0.0
         self._last_status = ""
         self._printed: set[str] = set()
+        self._partial = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     # ---- steps -------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,6 +174,8 @@ class NextBundle:
         self._finish(self._decision_line(rc))
 
     def _new_log_text(self) -> str:
+        """The complete lines (or progress-bar updates) written since the last call: a read may end
+        inside a line or a character, whose rest the next call gets."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(self._read)
@@ -178,7 +183,10 @@ class NextBundle:
         except OSError:
             return ""
         self._read += len(data)
-        return data.decode("utf-8", "replace")
+        text = self._partial + self._decoder.decode(data)
+        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+        self._partial = text[cut:]
+        return text[:cut]
 
     def _status_line(self) -> str:
         what = "training the full bundle" if self.stage == "train" else "gating the full bundle"

@@ -204,3 +204,20 @@ def test_the_background_progress_reads_steps_and_progress_bars_from_the_training
     p.feed("INFO anime2vec.pipeline: ▶ fit ease {'lam': 300.0}\n", now=200.0)
     assert p.step == "fit ease {'lam': 300.0}" and p.bar == ""
     assert p.eta_s(sample=False, now=230.0) == ahead - FULL_STEP_SECONDS["fit ease"] + 70.0
+
+
+def test_the_background_log_is_read_in_whole_lines_and_characters(tmp_path):
+    """The trainer writes while the runner reads: a step line split across two reads (even inside
+    the ▶'s three bytes) is seen once, whole."""
+    from anime2vec.next_bundle import NextBundle
+
+    log = tmp_path / "next.log"
+    nb = NextBundle(store=tmp_path, sample=True, report_dir=tmp_path, ranker_data_dir=tmp_path,
+                    status_file=tmp_path / "s.json", log_path=log, env={})
+    line = "INFO anime2vec.pipeline: ▶ fit and tune anime2vec-hybrid\n".encode()
+    cut = line.index("▶".encode()) + 1
+    log.write_bytes(line[:cut])
+    assert nb.progress.feed(nb._new_log_text()) == []
+    with open(log, "ab") as f:
+        f.write(line[cut:])
+    assert nb.progress.feed(nb._new_log_text()) == ["fit and tune anime2vec-hybrid"]
