@@ -378,6 +378,7 @@ class Hybrid(Recommender):
             w = self.weights[request]
             run, own = self._stage1(objective, request, passes)
             stage1 = own()
+            log.info("hybrid %s: stage 1 (warm-only blend) %.4f", request, stage1)
             floor = None if tolerance is None else stage1 * (1 - tolerance)
             w.offset = {"warm": 0.0, "paired": 0.0, "text": 0.0}
 
@@ -398,6 +399,7 @@ class Hybrid(Recommender):
                               (self.items.beta_content, "paired", GRIDS["beta"]),
                               (self.items.beta_cf, "paired", GRIDS["beta"])]
                 ends[start] = self._ascend(mix, slots, passes)
+                log.info("hybrid %s: stage 2 from offset %g → %.4f", request, start, ends[start])
                 if best is None or ends[start] > best[0] + 1e-6:
                     best = (ends[start], dict(w.offset), copy.deepcopy(self.items))
             w.offset, self.items = best[1], best[2]
