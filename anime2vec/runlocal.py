@@ -76,6 +76,19 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ports_in_use(host: str, ports: list[int]) -> list[int]:
+    """The ports something already listens on: a service started there would fail to bind while
+    the health check, answered by whoever holds the port, said SERVING."""
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
 def bundle_encoder_dir(bundle: Path) -> Path | None:
     """The encoder directory a bundle's manifest names (bundles built on a pre-trained encoder), so
     the encoder service encodes new text the way the model was trained; None for the stock MiniLM."""
@@ -332,13 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     status, serving = 0, False
     try:
         mode = "sample" if a.sample else "full"
+        g, m = a.base_port, a.metrics_base_port   # checked first: training can take minutes
+        if busy := ports_in_use(a.host, [g, g + 1, g + 2, m, m + 1, m + 2]):
+            raise RuntimeError(f"port(s) {', '.join(map(str, busy))} on {a.host} are in use (another `make run`?): "
+                               f"stop it, or pass RUN_ARGS='--base-port N --metrics-base-port M'")
         store = a.store or (default_model_store() / "sample" if a.sample else default_model_store())
         bundle, train_full = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
         train_full = train_full and not a.no_full
         ranker_dir = a.state_dir / mode / "ranker"
         make_live(store, ranker_dir, bundle.name)
         gateway_env, key = api_key_env(a.state_dir / "api-key")
-        g, m = a.base_port, a.metrics_base_port
         logs = a.state_dir / "logs"
         next_file = a.state_dir / mode / "next-model.json"
         next_file.unlink(missing_ok=True)

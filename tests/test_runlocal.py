@@ -122,18 +122,24 @@ def _start(store: Path, state: Path, *args: str) -> tuple[subprocess.Popen, Outp
     return runner, Output(runner.stdout), grpc_base
 
 
-def _stop(runner: subprocess.Popen, out: Output) -> None:
-    """SIGTERM: exit 0 (it was serving) and nothing it started is left, the background training included."""
+def _terminate(runner: subprocess.Popen) -> tuple[int | None, list[Proc]]:
+    """SIGTERM the runner; SIGKILL whatever it started that outlived it. (exit status, leftovers)"""
     seen = {p.pid: p for p in descendants(runner.pid)}
+    rc = None
     try:
         runner.send_signal(signal.SIGTERM)
         rc = runner.wait(timeout=90)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-        leftovers = still_running(set(seen), {p.session for p in seen.values()} - {os.getsid(0)})
-        for p in leftovers:
-            os.kill(p.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:
+        runner.kill()
+    leftovers = still_running(set(seen), {p.session for p in seen.values()} - {os.getsid(0)})
+    for p in leftovers:
+        os.kill(p.pid, signal.SIGKILL)
+    return rc, leftovers
+
+
+def _stop(runner: subprocess.Popen, out: Output) -> None:
+    """SIGTERM: exit 0 (it was serving) and nothing it started is left, the background training included."""
+    rc, leftovers = _terminate(runner)
     assert not leftovers, f"still running after the runner stopped: {leftovers}"
     assert rc == 0, out.text()
 
@@ -182,9 +188,25 @@ def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tm
         assert similar.returncode == 0 and "Alchemy Brothers Zero" in similar.stdout, similar.stderr
         assert info["version"] in similar.stdout
         _stop(runner, out)
-    finally:
+    finally:   # a failed assertion must not leave the services of a runner behind
         if runner.poll() is None:
-            runner.kill()
+            _terminate(runner)
+
+
+def test_make_run_refuses_ports_in_use_before_training(tmp_path):
+    """Another `make run` on the ports: said at once, before any training, and nothing starts."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "anime2vec.runlocal", "--sample", "--store", str(tmp_path / "m"),
+                            "--state-dir", str(tmp_path / "s"), "--base-port", str(port - 2),
+                            "--metrics-base-port", str(free_port_runs()[1])],
+                           cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"port(s) {port} on 127.0.0.1 are in use" in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists() and "training" not in r.stdout
 
 
 def test_the_background_progress_reads_steps_and_progress_bars_from_the_training_log():
