@@ -5,6 +5,8 @@ similar-to query, and an anime added through AddAnime a moment before."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pandas as pd
@@ -84,7 +86,14 @@ ADDED = S.AnimeInput(
 def test_an_added_anime_is_served_the_offline_score(stack: Stack, offline):
     b, hy = offline
     m = b.manifest
-    added = stack.gateway.AddAnime(gateway_pb2.AddAnimeRequest(anime=ADDED), metadata=AUTH, timeout=60)
+    for attempt in range(4):   # UNAVAILABLE (the encoder slow or restarting on a busy machine) wrote nothing:
+        try:                   # retry it as the status asks
+            added = stack.gateway.AddAnime(gateway_pb2.AddAnimeRequest(anime=ADDED), metadata=AUTH, timeout=60)
+            break
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == 3:
+                raise
+            time.sleep(2)
     # its content row as the pipeline builds one: the recipe's text, TF-IDF with the bundle's
     # vocabulary, the encoder's vector whitened with the bundle's whitener, the metadata block
     row = {"title": ADDED.title, "title_english": "", "synonyms": (), "synopsis": ADDED.synopsis,
