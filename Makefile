@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup proto promtool postgres test run bench train evaluate clean help
+.PHONY: setup proto promtool postgres lint test run bench train evaluate clean help
 
 help:
 	@echo "make run    - set up, train a bundle if none exists, start encoder, ranker and gateway (SAMPLE=1: sample data)"
@@ -68,7 +68,11 @@ postgres:
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || [ -x "$$A2V_PG_BIN/pg_ctl" ] || \
 	  (apt-get update && apt-get install -y --no-install-recommends postgresql)
 
-test: setup promtool postgres
+# ruff's rule set and its reasons are in pyproject.toml; the import-direction checks are tests/test_structure.py
+lint: setup
+	$(PY) -m ruff check --quiet .
+
+test: setup promtool postgres lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 train: setup

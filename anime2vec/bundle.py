@@ -225,3 +225,13 @@ def list_bundles(store: Path) -> list[Path]:
             except (OSError, json.JSONDecodeError):
                 continue
     return [p for _, _, p in sorted(out)]
+
+
+def newest_bundle(store: Path, source: str, preset: str | None = None) -> Path | None:
+    """The newest bundle in `store` trained on `source` data ("full" or "sample"), of `preset`
+    ("full", "quick"; None: either)."""
+    def fits(m: dict) -> bool:
+        return m.get("data", {}).get("source") == source and preset in (None, m.get("preset", "full"))
+
+    matching = [p for p in list_bundles(store) if fits(json.loads((p / "manifest.json").read_text()))]
+    return matching[-1] if matching else None

@@ -164,8 +164,7 @@ def _rollout_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_rollout(a: argparse.Namespace) -> int:
     """index / promote / rollback / versions. Exit 2: refused (RolloutError); 1: index unreachable."""
-    from services.ranker.index import IndexUnavailable
-
+    from .index.base import IndexUnavailable
     from .rollout import RolloutError, open_rollout
 
     env = os.environ
@@ -302,7 +301,7 @@ def _retrain_parser(sub) -> None:
                          "(default: $A2V_RANKER_DATA_DIR/feedback.sqlite)")
     rt.add_argument("--store", type=Path, default=None,
                     help="bundle store (default: $A2V_RANKER_MODEL_STORE, else $A2V_MODEL_STORE or models/); "
-                         f"decisions are appended to <store>/retrain-decisions.jsonl")
+                         "decisions are appended to <store>/retrain-decisions.jsonl")
     where = rt.add_mutually_exclusive_group()
     where.add_argument("--ranker-data-dir", type=Path, default=None,
                        help="the ranker's data dir; embedded index under <dir>/qdrant (default: $A2V_RANKER_DATA_DIR or var/ranker)")

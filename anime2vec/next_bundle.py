@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import newest_bundle
 from .paths import REPO_ROOT
 from .process_groups import spawn, stop_group
 
@@ -195,8 +196,6 @@ class NextBundle:
         return line + (f", {_minutes(eta)}" if eta is not None else "")
 
     def _trained_version(self) -> str | None:
-        from .runlocal import newest_bundle
-
         found = newest_bundle(self.store, "sample" if self.sample else "full", preset="full")
         return found.name if found is not None else None
 

@@ -41,7 +41,7 @@ from .models.itemknn import ItemKNN
 from .models.popularity import Popularity
 from .models.rp3beta import RP3beta
 from .models.wmf import WMF
-from .paths import REPO_ROOT, default_cache_dir, default_model_store
+from .paths import default_cache_dir, default_model_store
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +573,7 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     manifest = {
         "model": SERVING_MODEL,
         "preset": p.config.preset,
-        # the hybrid's content row and the space of `content` (ranker/model.py builds an added anime's)
+        # the hybrid's content row and the space of `content` (serving_model/model.py builds an added anime's)
         "content": {"blocks": p.content_blocks, "space": "minilm" if p.minilm is not None else "tfidf"},
         "data": {"fingerprint": p.data.fingerprint, "files": p.data.files, "source": p.data.source},
         "code": code_fingerprint(),

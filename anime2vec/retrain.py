@@ -343,7 +343,7 @@ class GateQuery:
     exclude: np.ndarray                  # anime ids never ranked
     liked: np.ndarray | None = None      # favourites query: liked anime ids (+ weights)
     weights: np.ndarray | None = None
-    events: list[FeedbackEvent] | None = None   # a user with feedback: served through online_users.compute_user
+    events: list[FeedbackEvent] | None = None   # a user with feedback: served through serving_model.users.compute_user
 
 
 @dataclass
@@ -396,19 +396,16 @@ class ServedScorer:
     """One bundle loaded from disk (checksums verified) into the ranker's `ServingModel`, scoring a
     query the way the ranker answers it: DropoutNet/hybrid query vector · the served item vectors
     (what the Qdrant collection holds; exact search), else the WMF fallback, else popularity.
-    Favourites → ServingModel.favourites_vector; a user with feedback → online_users.compute_user
+    Favourites → ServingModel.favourites_vector; a user with feedback → serving_model.users.compute_user
     (the fold-in the ranker stores for them); a training user → ServingModel.user_vector."""
 
     def __init__(self, path: Path):
-        from services.ranker import online_users
-        from services.ranker.model import ServingModel
-        from services.ranker.service import load_serving
-
         from .bundle import load_bundle
+        from .serving_model import users
+        from .serving_model.model import ServingModel
 
         self.model = ServingModel(load_bundle(Path(path)))
-        self.serving = load_serving(self.model)
-        self._compute_user, self._wmf_online = online_users.compute_user, online_users.wmf_scores
+        self._compute_user, self._wmf_online = users.compute_user, users.wmf_scores
         self.version = self.model.version
         self.pos = self.model.pos
         self.served_by: dict[str, int] = {}
@@ -426,7 +423,7 @@ class ServedScorer:
             vec = m.favourites_vector(liked, w) if m.has_dropoutnet else None
             wmf = lambda: m.wmf_scores_favourites(liked, w)  # noqa: E731
         elif q.events:
-            user = self._compute_user(self.serving, int(q.user_id), q.events)
+            user = self._compute_user(m, {}, int(q.user_id), q.events)   # no added anime offline
             vec = user.vector
             wmf = lambda: self._wmf_online(m, user.listed)  # noqa: E731
         elif q.user_id in m.user_pos:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .bundle import BundleError, list_bundles, load_bundle
+from .index.base import AliasUnreadable, ItemPoint, VersionExists, check_version
 from .paths import REPO_ROOT, default_model_store
 
 HISTORY_FILE = "alias_history.json"
@@ -90,7 +91,7 @@ class CollectionAliasHistory:
         self.client = client
 
     def previous(self, target: str | None) -> list[str]:
-        from services.ranker.index_client import collection_name
+        from .index.client import collection_name
 
         if target is None:
             return []
@@ -98,7 +99,7 @@ class CollectionAliasHistory:
         return list(metadata.get(HISTORY_KEY) or [])
 
     def record(self, target: str, previous: list[str]) -> None:
-        from services.ranker.index_client import _COMPLETE, collection_name
+        from .index.client import _COMPLETE, collection_name
 
         # repeat the completeness flag: only complete versions are promoted, and this stays
         # correct whether the server merges or replaces collection metadata
@@ -124,8 +125,9 @@ class Rollout:
 
     def build(self, version: str, device: str | None = None) -> tuple[bool, int]:
         """Build the collection of `version`; (built, points). (False, 0) when it already existed."""
-        from services.ranker.index import ItemPoint, VersionExists
-        from services.ranker.model import ServingModel
+        from .serving_model.model import (
+            ServingModel,  # torch and the models: only to build
+        )
 
         bundle = self._verified_bundle(version)
         if self.index.has_version(version):
@@ -151,8 +153,6 @@ class Rollout:
 
     def rollback(self) -> tuple[str, str]:
         """Point the alias back at the previous target; returns (old target, new target)."""
-        from services.ranker.index import AliasUnreadable
-
         try:
             old = self.index.alias_target()
         except AliasUnreadable as e:
@@ -177,16 +177,12 @@ class Rollout:
     def _alias_or_none(self) -> str | None:
         """The alias target; None when unset or when its record is damaged (the ranker moves a
         damaged one aside at start-up; a promotion overwrites it)."""
-        from services.ranker.index import AliasUnreadable
-
         try:
             return self.index.alias_target()
         except AliasUnreadable:
             return None
 
     def _verified_bundle(self, version: str):
-        from services.ranker.index import check_version
-
         try:
             check_version(version)   # also keeps `version` a plain name inside the store
         except ValueError as e:
@@ -219,12 +215,12 @@ def open_rollout(store: Path | None = None, data_dir: Path | None = None, qdrant
 
         from qdrant_client import QdrantClient
 
-        from services.ranker.index_client import QdrantItemIndex
+        from .index.client import QdrantItemIndex
 
         client = QdrantClient(url=qdrant_url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)),
                               check_compatibility=False)
         return Rollout(QdrantItemIndex(client), CollectionAliasHistory(client), store, qdrant_url)
-    from services.ranker.index_edge import EdgeItemIndex
+    from .index.edge import EdgeItemIndex
 
     root = Path(data_dir or default_ranker_data_dir()) / "qdrant"
     return Rollout(EdgeItemIndex(root), FileAliasHistory(root / HISTORY_FILE), store, str(root))

@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .bundle import newest_bundle
 from .next_bundle import NextBundle
 from .paths import REPO_ROOT, default_model_store
 from .process_groups import raise_on_signals, received_signal, run_to_completion, spawn, stop_group, stopping
@@ -185,18 +186,6 @@ class ServiceProcess:
 
 
 # ---- make run ----------------------------------------------------------------------------------
-
-def newest_bundle(store: Path, source: str, preset: str | None = None) -> Path | None:
-    """The newest bundle in `store` trained on `source` data ("full" or "sample"), of `preset`
-    ("full", "quick"; None: either)."""
-    from .bundle import list_bundles
-
-    def fits(m: dict) -> bool:
-        return m.get("data", {}).get("source") == source and preset in (None, m.get("preset", "full"))
-
-    matching = [p for p in list_bundles(store) if fits(json.loads((p / "manifest.json").read_text()))]
-    return matching[-1] if matching else None
-
 
 def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> tuple[Path, bool]:
     """(bundle to serve, whether the full bundle still has to be trained). The newest full

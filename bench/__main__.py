@@ -175,9 +175,9 @@ def gateway_analysis(g: dict) -> list[str]:
                          f"≤ {2e3 / need:.2f} ms of CPU per request for client, gateway and ranker together on 2 cores"
                          + (": less than one unbatched search alone" if query["self_ms_per_request"] > 2e3 / need else "")
                          + ". Beyond this, throughput "
-                         f"comes from more ranker processes, which the embedded engine cannot give (it locks its "
-                         f"directory to one process) and the server backend can (Qdrant server + ranker replicas, "
-                         f"deploy/k8s/overlays/production).")
+                         "comes from more ranker processes, which the embedded engine cannot give (it locks its "
+                         "directory to one process) and the server backend can (Qdrant server + ranker replicas, "
+                         "deploy/k8s/overlays/production).")
     return lines
 
 

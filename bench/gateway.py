@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from anime2vec.bundle import newest_bundle
 from anime2vec.paths import REPO_ROOT, default_model_store
-from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, free_ports, newest_bundle, standard_specs
+from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, free_ports, standard_specs
 from bench.echo import METHOD as ECHO_METHOD
 from bench.loadgen import Step, run_plan
 from services.ranker.settings import RankerSettings

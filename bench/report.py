@@ -59,8 +59,8 @@ def _md_encoder(e: dict) -> list[str]:
              + (f" ({e['cuda']})" if e.get("cuda") else " (cuda: not available)"),
              "", f"{e['texts']} texts ({e['text_source']}), max_length {e['max_length']}, batch {e['batch_size']}, "
                  f"{e['torch_threads']} torch threads, best of {e['rounds']} alternating round(s).",
-             f"Baseline (`plain`): the same model in a plain transformers eager loop, batches in input order "
-             f"padded to each batch's longest, no compile.", "",
+             "Baseline (`plain`): the same model in a plain transformers eager loop, batches in input order "
+             "padded to each batch's longest, no compile.", "",
              "| loop | texts/s (best) | texts/s (median) | lowest cosine vs plain |", "|---|---:|---:|---:|"]
     for name, rate in e["texts_per_s"].items():
         cos = e["min_cosine_vs_plain"].get(name)
@@ -165,7 +165,7 @@ def _md_training(t: dict) -> list[str]:
 
 def _md_scale(s: dict) -> list[str]:
     sh = s["shape"]
-    lines = [f"## Scale curves (synthetic data shaped like the real one)", "",
+    lines = ["## Scale curves (synthetic data shaped like the real one)", "",
              f"Shape from {sh['source']}: item popularity a power law with exponent {sh['popularity_exponent']:.2f} over "
              f"its body (flatter head; the real curve is stretched to each catalogue size), positives per user "
              f"drawn from the real distribution (mean {s['positives_per_user']:.0f} here; real mean "

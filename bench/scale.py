@@ -73,9 +73,9 @@ def _dir_bytes(path: Path) -> int:
 
 # ---- points (run in the child process) ----------------------------------------------------
 def index_point(n_items: int, dim: int, n_queries: int, seed: int = 0) -> dict:
+    from anime2vec.index.base import ItemPoint, SearchFilter
+    from anime2vec.index.edge import EdgeItemIndex
     from bench.synthetic import item_vectors
-    from services.ranker.index import ItemPoint, SearchFilter
-    from services.ranker.index_edge import EdgeItemIndex
 
     rng = np.random.default_rng(seed)
     vectors = item_vectors(n_items, dim, seed)
@@ -365,8 +365,8 @@ def served_dim() -> int:
     """The item-vector size of the newest full bundle, else the constant measured on it."""
     import json
 
+    from anime2vec.bundle import newest_bundle
     from anime2vec.paths import default_model_store
-    from anime2vec.runlocal import newest_bundle
 
     try:
         b = newest_bundle(default_model_store(), "full")

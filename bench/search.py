@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.ranker.index import DEFAULT_OVERSAMPLING, ItemPoint, SearchFilter, open_index
+from anime2vec.index.backends import open_index
+from anime2vec.index.base import DEFAULT_OVERSAMPLING, ItemPoint, SearchFilter
 
 N_ITEMS = 16_686   # the served catalogue (anime with a synopsis)
 LIMITS = (11, 100)
@@ -34,10 +35,9 @@ MODES = {"exact": True, "quantized": False}
 
 def served_catalogue(n_queries: int, seed: int) -> dict | None:
     """The newest full bundle's item vectors, payload columns and served query vectors, or None."""
-    from anime2vec.bundle import load_bundle
+    from anime2vec.bundle import load_bundle, newest_bundle
     from anime2vec.paths import default_model_store
-    from anime2vec.runlocal import newest_bundle
-    from services.ranker.model import ServingModel
+    from anime2vec.serving_model.model import ServingModel
 
     path = newest_bundle(default_model_store(), "full")
     if path is None:

@@ -114,7 +114,7 @@ def test_the_bundle_serves_what_was_trained(trained):
 
     from anime2vec.models.base import Queries
     from anime2vec.models.hybrid import PAIRED, TEXT, WARM
-    from services.ranker.model import ServingModel
+    from anime2vec.serving_model.model import ServingModel
 
     root, _ = trained
     (bundle,) = [p for p in (root / "store").iterdir() if not p.name.startswith(".")]
@@ -188,7 +188,7 @@ def test_the_quick_bundle_serves_what_was_trained(quick):
     import numpy as np
 
     from anime2vec.models.hybrid import PAIRED, TEXT, WARM
-    from services.ranker.model import ServingModel
+    from anime2vec.serving_model.model import ServingModel
 
     _, b = quick
     m = ServingModel(b)

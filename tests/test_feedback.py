@@ -8,8 +8,14 @@ import sqlite3
 import pytest
 
 from anime2vec.data.confidence import implicit_feedback
-from anime2vec.feedback import (COLUMNS, FeedbackConflict, FeedbackEvent, FeedbackStore, interactions_from_events,
-                                user_confidences)
+from anime2vec.feedback import (
+    COLUMNS,
+    FeedbackConflict,
+    FeedbackEvent,
+    FeedbackStore,
+    interactions_from_events,
+    user_confidences,
+)
 
 E = FeedbackEvent
 

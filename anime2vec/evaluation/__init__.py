@@ -1,4 +1,4 @@
-"""Offline evaluation: the protocol of DESIGN.md (scenarios, Experiment), metrics and reports."""
+"""Offline evaluation: the protocol (scenarios, Experiment), metrics and reports."""
 
 from .metrics import (
     catalogue_coverage,

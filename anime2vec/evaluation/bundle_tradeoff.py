@@ -26,7 +26,7 @@ from anime2vec.evaluation.protocol import scenarios
 from anime2vec.evaluation.tradeoff import LAMBDAS, POOL, run_tradeoff
 from anime2vec.models.base import Queries, Recommender
 from anime2vec.paths import default_model_store
-from services.ranker.model import ServingModel
+from anime2vec.serving_model.model import ServingModel
 
 log = logging.getLogger("measure_tradeoff")
 

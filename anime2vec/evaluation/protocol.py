@@ -1,5 +1,6 @@
-"""The evaluation protocol of DESIGN.md as data (`scenarios`) and a runner (`Experiment`, after
-Cornac): every model is scored on every scenario with the same queries, candidates and truth.
+"""The evaluation protocol (README, "The offline pipeline") as data (`scenarios`) and a runner
+(`Experiment`, after Cornac): every model is scored on every scenario with the same queries,
+candidates and truth.
 
 Scenarios for one split ("val" for model selection, "test" for the reported numbers):
 

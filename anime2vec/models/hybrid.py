@@ -437,7 +437,7 @@ class Hybrid(Recommender):
 
     def saturated(self, request: str) -> list[str]:
         """Weights on the edge of their grid (the grid may be too narrow there)."""
-        w, out = self.weights[request], []
+        w = self.weights[request]
         checks = [("content", w.content, GRIDS["content"]), *((f"pop[{b}]", v, GRIDS["pop"]) for b, v in enumerate(w.pop)),
                   *((f"offset.{g}", w.offset[g], GRIDS["offset"]) for g in ("paired", "text"))]
         checks += [(f"{kind}.{g}", v, GRIDS["beta"]) for kind in ("beta_cf", "beta_content")

@@ -1,9 +1,9 @@
 """Stores of record: feedback events and the anime added at run time.
 
 Two backends behind one interface each (anime2vec.store.interface):
-- SQLite files beside the ranker (anime2vec/feedback.py, services/ranker/added_anime.py): the
+- SQLite files beside the ranker (anime2vec/feedback.py, added_anime.py): the
   embedded default, for one ranker on one machine (`make run`);
-- PostgreSQL (anime2vec/store/postgres.py, feedback_postgres.py, services/ranker/added_anime.py):
+- PostgreSQL (postgres.py, feedback_postgres.py, added_anime.py):
   one database shared by every ranker replica and read by retraining, when a DSN is configured.
 Schemas are versioned SQL under anime2vec/store/sql/, migrated at start-up (migrations.py).
 """

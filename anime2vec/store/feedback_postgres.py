@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from anime2vec.feedback import (COLUMNS, FeedbackConflict, FeedbackEvent, RecordResult, validate_event)
+from anime2vec.feedback import COLUMNS, FeedbackConflict, FeedbackEvent, RecordResult, validate_event
 
 from .postgres import Database
 

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .added_anime import WRITE_LOCK, PostgresAddedAnimeStore
 from .postgres import Database
 
 BATCH = 1000
@@ -66,8 +67,6 @@ def import_feedback(db: Database, path: Path, report: ImportReport) -> None:
 
 
 def import_added(db: Database, path: Path, report: ImportReport) -> None:
-    from services.ranker.added_anime import WRITE_LOCK, PostgresAddedAnimeStore
-
     src = _read_only(path)
     try:
         rows = src.execute("SELECT anime_id, fields, raw_vector, encoder_fingerprint, updated_at "

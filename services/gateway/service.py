@@ -27,8 +27,8 @@ from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 from . import mal_import
 from .anime_input import anime_id_problem, anime_input_problems
 from .catalog import CatalogueSync, entry_from_input
-from .filters import filter_problems, unanswerable_error, unknown_values_error
 from .downstream import REPLACE_CATALOGUE_KEY, Ranker, deadline, rename_fields
+from .filters import filter_problems, unanswerable_error, unknown_values_error
 from .settings import GatewaySettings
 
 log = logging.getLogger("services.gateway")

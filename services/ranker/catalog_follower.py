@@ -2,7 +2,7 @@
 
 The store of added anime is the truth; each replica's served catalogue (`Serving.extra`) and index
 points are derived from it. Every write carries a revision that grows in commit order
-(services/ranker/added_anime.py), so a replica asks the store for the changes after the last
+(anime2vec/store/added_anime.py), so a replica asks the store for the changes after the last
 revision it serves and applies them (RankerServicer.follow_added: re-embedded with its own item
 tower, upserted into its index, listed in its catalogue). It asks again as soon as PostgreSQL
 NOTIFYs a commit, and at least every A2V_RANKER_CATALOG_FOLLOW_S seconds whatever happens, so a

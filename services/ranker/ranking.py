@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from anime2vec.index.base import SearchFilter
 from anime2vec.models.mmr import cosine_matrix, mmr_order
 from anime2vec.serving.errors import invalid_argument
 from anime2vec.v1 import common_pb2
-
-from .index import SearchFilter
 
 MAX_FILTER_VALUES = 50
 MAX_FILTER_CHARS = 100

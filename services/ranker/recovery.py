@@ -2,7 +2,7 @@
 
 Under A2V_RANKER_DATA_DIR:
   qdrant/versions/<v>/  derived from the bundle (and the added anime): a collection that does not
-                        open and read back (services/ranker/shard_check.py) is moved aside and
+                        open and read back (anime2vec/index/shard_check.py) is moved aside and
                         built again from the bundle
   qdrant/users/<v>/     derived from the feedback store: moved aside, user vectors are recomputed
                         on each user's next request
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .index import AliasUnreadable, IndexUnavailable
-from .index_edge import EdgeItemIndex
+from anime2vec.index.base import AliasUnreadable, IndexUnavailable
+from anime2vec.index.edge import EdgeItemIndex
 
 log = logging.getLogger("services.ranker")
 Store = TypeVar("Store")

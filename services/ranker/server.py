@@ -10,16 +10,17 @@ from pathlib import Path
 import torch
 
 from anime2vec.bundle import BundleError, load_bundle
+from anime2vec.index.backends import open_index
+from anime2vec.index.base import IndexUnavailable
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics
 from anime2vec.serving.server import RunningServer, build_server
 from anime2vec.serving.settings import SettingsError
+from anime2vec.serving_model.model import ServingModel
 from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
 
 from .catalog_follower import CatalogFollower
-from .index import IndexUnavailable, open_index
-from .model import ServingModel
 from .recovery import StoreUnavailable, recover_alias, recover_collections
 from .service import RankerServicer, pick_bundles
 from .settings import RankerSettings

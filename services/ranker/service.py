@@ -21,21 +21,30 @@ import pandas as pd
 from google.rpc import error_details_pb2
 
 from anime2vec.bundle import BundleError, list_bundles, load_bundle
-from anime2vec.feedback import FeedbackConflict, FeedbackEvent, FeedbackStore
 from anime2vec.data.text import build_texts
+from anime2vec.feedback import FeedbackConflict, FeedbackEvent, FeedbackStore
+from anime2vec.index.base import IndexUnavailable, ItemIndex, ItemPoint
 from anime2vec.serving.encoder_client import EncoderClient
+from anime2vec.serving.errors import (
+    DOMAIN,
+    ServiceError,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    resource_exhausted,
+    unavailable,
+)
 from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems, occurred_at_seconds
-from anime2vec.serving.errors import (DOMAIN, ServiceError, already_exists, failed_precondition, invalid_argument, not_found,
-                                      resource_exhausted, unavailable)
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving.pagination import decode_page_token, encode_page_token, request_digest
+from anime2vec.serving_model.model import ItemMeta, ServingModel
+from anime2vec.serving_model.users import wmf_scores
+from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnime, AddedAnimeStore, IdsExhausted
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
-from .added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnime, AddedAnimeStore, IdsExhausted
-from .index import IndexUnavailable, ItemIndex, ItemPoint, SearchFilter
-from .model import ItemMeta, ServingModel
-from .online_users import OnlineUsers, wmf_scores
 from .explanations import Anchor, Subject, TermIndex, explain, term_index
+from .online_users import OnlineUsers
 from .ranking import Candidate, CatalogueFilter, mmr, reranked, search_filter, validate_options
 from .settings import RankerSettings
 
@@ -454,7 +463,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             online = None
             if uid not in s.model.user_pos and self.feedback.has_user(uid):
                 raise unavailable("the users collection cannot be reached", reason="USERS_UNAVAILABLE",
-                                  retry_after_s=2.0)
+                                  retry_after_s=2.0) from None
         if online is not None:
             return self._online_user_page(request, context, s, online)
         u = s.model.user_pos.get(uid)
@@ -491,7 +500,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             if isinstance(e, FeedbackConflict):
                 i, eid = e.conflicts[0]
                 raise already_exists(f"event_id {eid!r} was already used for a different event; nothing recorded",
-                                     reason="EVENT_ID_REUSED", field=f"events[{i}].event_id")
+                                     reason="EVENT_ID_REUSED", field=f"events[{i}].event_id") from None
             where, _, problem = str(e).partition(": ")   # the store's own check: "events[i].<field>: <problem>"
             raise invalid_argument({where: problem or str(e)}) from None
         log.info("feedback recorded", extra={"applied": result.applied, "duplicates": result.duplicates,

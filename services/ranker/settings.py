@@ -9,9 +9,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from anime2vec.index.base import DEFAULT_OVERSAMPLING
 from anime2vec.paths import REPO_ROOT, default_model_store
 from anime2vec.serving.settings import OutboundTLSSettings
-from services.ranker.index import DEFAULT_OVERSAMPLING
 
 
 class RankerSettings(OutboundTLSSettings):
@@ -43,7 +43,7 @@ class RankerSettings(OutboundTLSSettings):
     # that a float32 scan costs a few ms
     search_mode: Literal["quantized", "exact"] = Field(
         "exact", description="exact: scan every float32 vector (the ranking the evaluation measured); quantized: scan "
-                             "int8 copies of the item vectors, rescore the best in float32 (services/ranker/index.py)")
+                             "int8 copies of the item vectors, rescore the best in float32 (anime2vec/index/base.py)")
     search_oversampling: float = Field(DEFAULT_OVERSAMPLING, ge=1.0, le=32.0,
                                        description="quantized mode: candidates rescored per result wanted")
     search_batch: int = Field(16, ge=1, le=256,

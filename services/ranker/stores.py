@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from anime2vec.feedback import FeedbackStore
 from anime2vec.serving.metrics import Metrics
+from anime2vec.store.added_anime import AddedAnimeStore, PostgresAddedAnimeStore
 from anime2vec.store.observe import metrics_observer
 
-from .added_anime import AddedAnimeStore, PostgresAddedAnimeStore
 from .recovery import StoreUnavailable, open_store
 from .settings import RankerSettings
 

@@ -302,7 +302,7 @@ def test_clients_dial_qdrant_over_verified_tls_with_their_key(stand_in, tmp_path
     store.mkdir()
 
     # The ranker, in-process: RankerSettings from the rendered variables, then the index it serves from.
-    from services.ranker.index import open_index
+    from anime2vec.index.backends import open_index
     from services.ranker.settings import RankerSettings
 
     renv = _env(containers[("ranker", "ranker")], maps)
@@ -333,7 +333,7 @@ def test_clients_dial_qdrant_over_verified_tls_with_their_key(stand_in, tmp_path
     proc = _cli_versions({k: v for k, v in wait.items() if k != "SSL_CERT_FILE"} | {KEY_VAR: "ro-key"}, store)
     assert proc.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in proc.stderr, proc.stderr
     monkeypatch.delenv("SSL_CERT_FILE")
-    from services.ranker.index import IndexUnavailable
+    from anime2vec.index.base import IndexUnavailable
     with pytest.raises(IndexUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
         open_index(None, s.qdrant_url, s.qdrant_api_key or None)
     assert seen == []

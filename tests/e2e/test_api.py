@@ -46,7 +46,7 @@ def test_health_reflection_and_metrics_of_every_service(stack: Stack):
         body = urllib.request.urlopen(stack.metrics_url(name), timeout=10).read().decode()
         assert f'a2v_rpc_requests_total{{code="OK",method="{service}/' in body
         assert "a2v_rpc_latency_seconds_bucket" in body and "a2v_rpc_in_flight" in body
-        assert f'a2v_model_info{{' in body and f'service="{name}"' in body
+        assert 'a2v_model_info{' in body and f'service="{name}"' in body
     ranker_metrics = urllib.request.urlopen(stack.metrics_url("ranker"), timeout=10).read().decode()
     assert "a2v_qdrant_query_seconds_count" in ranker_metrics and "a2v_model_offline_metric{" in ranker_metrics
     encoder_metrics = urllib.request.urlopen(stack.metrics_url("encoder"), timeout=10).read().decode()

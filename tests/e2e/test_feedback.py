@@ -175,21 +175,19 @@ def test_a_re_solved_user_matches_the_serving_path(bundle):
     """An online user is recomputed as ServingModel.user_vector computes a training user, from a
     history (the hybrid needs no re-solve): with no events, the two vectors are the same, and
     events move them."""
-    from services.ranker.model import ServingModel
-    from services.ranker.online_users import compute_user
-    from services.ranker.service import load_serving
+    from anime2vec.serving_model.model import ServingModel
+    from anime2vec.serving_model.users import compute_user
 
-    serving = load_serving(ServingModel(load_bundle(bundle)))
-    m = serving.model
+    m = ServingModel(load_bundle(bundle))
     trained_users = [int(m.user_ids[u]) for u in np.flatnonzero(m.train.getnnz(axis=1))[:5]]
     for uid in trained_users:
-        trained, resolved = m.user_vector(uid), compute_user(serving, uid, []).vector
+        trained, resolved = m.user_vector(uid), compute_user(m, {}, uid, []).vector
         np.testing.assert_allclose(resolved, trained, rtol=1e-5, atol=1e-6)
     uid = trained_users[0]
     history = {int(m.item_ids[i]) for i in m.train[m.user_pos[uid]].indices}
     dropped = [FeedbackEvent(f"d{a}", uid, a, "dropped") for a in history]
     liked = [FeedbackEvent("l", uid, int(next(a for a in m.item_ids if int(a) not in history)), "rated", 10)]
-    user = compute_user(serving, uid, dropped + liked)
+    user = compute_user(m, {}, uid, dropped + liked)
     assert user.liked == {liked[0].anime_id: pytest.approx(5.0)} and set(user.listed) == history | {liked[0].anime_id}
     moved, trained = user.vector, m.user_vector(uid)
     # what the vectors rank, not their cosine (their offset and prior coordinates are shared)

@@ -13,8 +13,8 @@ import pytest
 from anime2vec import client
 from anime2vec.bundle import load_bundle, write_bundle
 from anime2vec.serving.errors import ErrorDetails
+from anime2vec.store.added_anime import AddedAnimeStore
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.ranker.added_anime import AddedAnimeStore
 from tests.e2e.support import API_KEYS, AUTH, Stack, start_services
 
 S = common_pb2

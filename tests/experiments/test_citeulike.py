@@ -11,8 +11,14 @@ import scipy.sparse as sp
 
 from anime2vec.data.types import DataError
 from anime2vec.experiments.citeulike import (
-    ColdSplit, carve_validation, cold_recall_curve, expected_random_curve, load_citeulike, main,
-    published_split, tag_features,
+    ColdSplit,
+    carve_validation,
+    cold_recall_curve,
+    expected_random_curve,
+    load_citeulike,
+    main,
+    published_split,
+    tag_features,
 )
 from anime2vec.models.base import Recommender
 

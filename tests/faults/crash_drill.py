@@ -248,7 +248,7 @@ def check_acknowledged(report: DrillReport, ranker: Ranker, acked_anime: dict[in
 
 
 def start_until_serving(report: DrillReport, ranker: Ranker) -> None:
-    for attempt in range(3):
+    for _attempt in range(3):
         report.restarts += 1
         try:
             ranker.start()
@@ -328,7 +328,7 @@ def final_checks(report: DrillReport, ranker: Ranker, ledger: Ledger, bundle_ids
     report.unexpected_statuses = dict(ledger.statuses)
 
     # the derived collection: one point per catalogue anime, none lost, none doubled
-    from services.ranker.index_edge import EdgeItemIndex
+    from anime2vec.index.edge import EdgeItemIndex
 
     index = EdgeItemIndex(ranker.data_dir / "qdrant")
     try:
@@ -479,7 +479,7 @@ def final_replicated_checks(report: DrillReport, replicas: list[Ranker], ledger:
     report.events_acknowledged = len(ledger.events)
     report.unexpected_statuses = dict(ledger.statuses)
 
-    from services.ranker.index_edge import EdgeItemIndex
+    from anime2vec.index.edge import EdgeItemIndex
 
     for r in replicas:
         index = EdgeItemIndex(r.data_dir / "qdrant")

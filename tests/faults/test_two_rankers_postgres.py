@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import threading
 
-import grpc
 import pytest
 
-from anime2vec.v1 import common_pb2 as S, ranker_pb2
+from anime2vec.v1 import common_pb2 as S
+from anime2vec.v1 import ranker_pb2
 from tests.faults.crash_drill import anime, run_replicated_drill
 from tests.faults.ranker_harness import Ranker, session_bundle_and_encoder
 from tests.store.conftest import session_postgres

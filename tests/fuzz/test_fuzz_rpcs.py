@@ -27,8 +27,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from anime2vec.v1 import (common_pb2, encoder_pb2, encoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
-                          ranker_pb2, ranker_pb2_grpc)
+from anime2vec.v1 import (
+    common_pb2,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    gateway_pb2,
+    ranker_pb2,
+    ranker_pb2_grpc,
+)
 from tests.e2e.support import AUTH, Stack
 
 S = common_pb2

@@ -13,13 +13,12 @@ from google.rpc import error_details_pb2
 
 from anime2vec.runlocal import api_key_env
 from anime2vec.serving.errors import ServiceError, not_found
-from anime2vec.v1 import common_pb2, ranker_pb2
-from anime2vec.v1 import gateway_pb2
+from anime2vec.v1 import common_pb2, gateway_pb2, ranker_pb2
 from services.gateway.auth import DEFAULT_SCOPES, METHOD_SCOPES, SCOPES, ApiKey, ApiKeyInterceptor, load_api_keys
-from services.gateway.settings import GatewaySettings
 from services.gateway.catalog import CatalogueSync
 from services.gateway.downstream import deadline, rename_fields
 from services.gateway.service import TextVectors, _Problems
+from services.gateway.settings import GatewaySettings
 
 
 def entry(anime_id: int, title: str, **kw) -> ranker_pb2.CatalogEntry:

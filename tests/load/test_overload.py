@@ -24,8 +24,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from anime2vec.serving.errors import ErrorDetails
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from tests.e2e.support import AUTH
-from tests.load.support import (CountingProxy, Outcome, burst, codes_seen, scaled, scrape, shared_stack,
-                                stack_processes, start_together)
+from tests.load.support import (
+    CountingProxy,
+    Outcome,
+    burst,
+    codes_seen,
+    scaled,
+    scrape,
+    shared_stack,
+    stack_processes,
+    start_together,
+)
 
 pytestmark = pytest.mark.load
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from services.ranker.coalesce import Coalescer
+from anime2vec.index.coalesce import Coalescer
 
 
 class Recorder:

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from anime2vec.v1 import common_pb2
-from services.ranker.explanations import (Anchor, Subject, TermIndex, TermProfile, connecting_terms, explain,
-                                          fold_plural, scan_corpus, topicality)
+from services.ranker.explanations import (
+    Anchor,
+    Subject,
+    TermIndex,
+    TermProfile,
+    connecting_terms,
+    explain,
+    fold_plural,
+    scan_corpus,
+    topicality,
+)
 
 S = common_pb2
 FMA = ("Two brothers study alchemy. Edward Elric and Alphonse search for the Philosopher's Stone "

@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from services.ranker.index import (ItemIndex, ItemPoint, SearchFilter, UnknownVersion, VersionExists, VersionInUse,
-                                   IndexUnavailable, open_index)
-from services.ranker.index_client import QdrantItemIndex
-from services.ranker.index_edge import EdgeItemIndex
+from anime2vec.index.backends import open_index
+from anime2vec.index.base import (
+    IndexUnavailable,
+    ItemIndex,
+    ItemPoint,
+    SearchFilter,
+    UnknownVersion,
+    VersionExists,
+    VersionInUse,
+)
+from anime2vec.index.client import QdrantItemIndex
+from anime2vec.index.edge import EdgeItemIndex
 
 # Local mode warns that it ignores payload indexes and search params; the calls are still the server's.
 pytestmark = [pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
@@ -138,7 +146,7 @@ def test_pages_with_a_few_excluded_ids_equal_the_exact_filtered_pages(index, ran
     """Few exclusions are dropped after the search (POST_FILTER_MAX_IDS), many go to the engine:
     both must give the exact filtered ranking on every page, also when the excluded ids are the
     best-scoring ones and when other conditions are pushed down beside them."""
-    from services.ranker.index import POST_FILTER_MAX_IDS
+    from anime2vec.index.base import POST_FILTER_MAX_IDS
 
     ids, vectors, queries = random_items
     payloads = [{"genres": ["Mecha" if i % 3 else "Drama"]} for i in ids]
@@ -231,8 +239,9 @@ def test_every_filter_gives_the_exact_filtered_top_k(index):
 
 def test_cold_only_translates_to_a_must_condition_on_the_boolean_cold_field():
     from qdrant_client import models
-    from services.ranker.index_client import client_filter
-    from services.ranker.index_edge import edge_filter
+
+    from anime2vec.index.client import client_filter
+    from anime2vec.index.edge import edge_filter
 
     edge = edge_filter(SearchFilter(cold_only=True))
     (cond,) = edge.must
@@ -271,7 +280,7 @@ def test_cold_only_keeps_exactly_the_cold_points_upserted_ones_included(index, e
 
 def test_cold_only_works_on_an_edge_version_built_without_the_cold_index(tmp_path, monkeypatch):
     """Versions built before "cold" was indexed still filter on it (the engine reads the payload)."""
-    import services.ranker.index_edge as index_edge
+    import anime2vec.index.edge as index_edge
 
     monkeypatch.setattr(index_edge, "_INDEXED_FIELDS",
                         tuple(f for f in index_edge._INDEXED_FIELDS if f[0] != "cold"))
@@ -469,7 +478,7 @@ def test_unreachable_server_raises_index_unavailable():
 
 def test_edge_concurrent_searches_share_engine_calls_and_answer_like_single_searches(tmp_path, random_items):
     """Searches from many threads, announced as the ranker announces them, run as batches
-    (services/ranker/coalesce.py) and still get exactly their own pages: offsets, excluded ids
+    (anime2vec/index/coalesce.py) and still get exactly their own pages: offsets, excluded ids
     and both search modes mixed in one batch."""
     ids, vectors, queries = random_items
     sizes: list[int] = []   # searches per engine call

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from anime2vec.index.base import SearchFilter
 from anime2vec.serving.errors import ServiceError
 from anime2vec.v1 import common_pb2
-from services.ranker.index import SearchFilter
 from services.ranker.ranking import Candidate, CatalogueFilter, mmr, search_filter, validate_options
 
 
@@ -45,7 +45,7 @@ def test_cold_start_only_is_unanswerable_only_without_any_cold_anime():
 
     from google.rpc import error_details_pb2
 
-    from services.ranker.model import ItemMeta
+    from anime2vec.serving_model.model import ItemMeta
     from services.ranker.service import cold_unanswerable, has_cold
 
     def serving(cold, extra=()):

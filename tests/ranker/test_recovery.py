@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from anime2vec.feedback import FeedbackStore
+from anime2vec.index.base import AliasUnreadable, ItemPoint
+from anime2vec.index.edge import EdgeItemIndex
 from anime2vec.rollout import FileAliasHistory, Rollout, RolloutError
-from services.ranker.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
-from services.ranker.index import AliasUnreadable, ItemPoint
-from services.ranker.index_edge import EdgeItemIndex
+from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
 from services.ranker.recovery import StoreUnavailable, open_store, quarantine, recover_alias, recover_collections
 
 DIM = 8

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.ranker.index import ItemPoint, UserPoint
+from anime2vec.index.base import ItemPoint, UserPoint
 from tests.ranker.test_index import make_index  # noqa: F401  (fixture, found by name)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),

@@ -9,7 +9,8 @@ import threading
 import pandas as pd
 import pytest
 
-from anime2vec.feedback import FeedbackEvent as E, FeedbackStore
+from anime2vec.feedback import FeedbackEvent as E
+from anime2vec.feedback import FeedbackStore
 from anime2vec.pipeline import TrainConfig
 from anime2vec.retrain import RetrainConfig, RetrainError, read_feedback
 from anime2vec.runlocal import free_ports

@@ -16,8 +16,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from anime2vec.feedback import COLUMNS, FeedbackEvent, FeedbackStore
 from anime2vec.pipeline import TrainConfig
-from anime2vec.retrain import (DECISION_LOG, Decision, FeedbackData, append_decision, base_dataset, compare,
-                               export_metrics, extend_dataset, gate, prepare_feedback, read_events)
+from anime2vec.retrain import (
+    DECISION_LOG,
+    Decision,
+    FeedbackData,
+    append_decision,
+    base_dataset,
+    compare,
+    export_metrics,
+    extend_dataset,
+    gate,
+    prepare_feedback,
+    read_events,
+)
 
 
 @pytest.fixture(scope="module")

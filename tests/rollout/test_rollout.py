@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import threading
 import time
+
 import grpc
 import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
 from anime2vec.bundle import load_bundle
+from anime2vec.index.client import QdrantItemIndex
+from anime2vec.index.edge import EdgeItemIndex
 from anime2vec.rollout import CollectionAliasHistory, FileAliasHistory, Rollout, RolloutError
 from anime2vec.runlocal import ServiceProcess, standard_specs
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
-from services.ranker.index_client import QdrantItemIndex
-from services.ranker.index_edge import EdgeItemIndex
 from tests.e2e.support import STARTUP_TIMEOUT_S, free_ports
 from tests.rollout.conftest import cli, derive_bundle
 

@@ -7,9 +7,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from anime2vec.feedback import FeedbackStore
+from anime2vec.store.added_anime import AddedAnimeStore, PostgresAddedAnimeStore
 from anime2vec.store.feedback_postgres import PostgresFeedbackStore
 from anime2vec.store.postgres import Database
-from services.ranker.added_anime import AddedAnimeStore, PostgresAddedAnimeStore
 
 
 class Opener:

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from services.ranker.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
+from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
 
 pytestmark = pytest.mark.timeout(300)
 VEC = np.arange(8, dtype=np.float32) / 10

@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from anime2vec.feedback import COLUMNS, FeedbackConflict, FeedbackEvent as E
+from anime2vec.feedback import COLUMNS, FeedbackConflict
+from anime2vec.feedback import FeedbackEvent as E
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from anime2vec.feedback import FeedbackEvent as E, FeedbackStore
+from anime2vec.feedback import FeedbackEvent as E
+from anime2vec.feedback import FeedbackStore
+from anime2vec.store.added_anime import AddedAnimeStore, PostgresAddedAnimeStore
 from anime2vec.store.feedback_postgres import PostgresFeedbackStore
 from anime2vec.store.import_sqlite import main
 from anime2vec.store.postgres import Database
-from services.ranker.added_anime import AddedAnimeStore, PostgresAddedAnimeStore
 
 VEC = np.arange(4, dtype=np.float32)
 

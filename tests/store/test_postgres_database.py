@@ -12,10 +12,10 @@ import psycopg
 import pytest
 
 from anime2vec.feedback import FeedbackEvent as E
+from anime2vec.runlocal import free_ports
 from anime2vec.store.feedback_postgres import PostgresFeedbackStore
 from anime2vec.store.migrations import migrations
 from anime2vec.store.postgres import Database, DatabaseUnavailable, redacted
-from anime2vec.runlocal import free_ports
 from tests.store.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.timeout(300)

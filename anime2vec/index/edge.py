@@ -12,7 +12,7 @@ Concurrency, as measured on qdrant-edge 0.9: an EdgeShard call holds the GIL for
 so calls from many threads are serialised by the GIL itself and concurrent search + upsert is safe
 without a lock of ours (it also means a search blocks other Python threads for its few
 milliseconds). Searches that arrive while one runs are therefore coalesced into one
-`query_batch` (services/ranker/coalesce.py), which shares one pass over the vectors. The lock
+`query_batch` (anime2vec/index/coalesce.py), which shares one pass over the vectors. The lock
 below guards only our own state: the table of open shards and the version directories. A shard
 directory is locked by the engine to the one process (and the one EdgeShard) that opened it, so
 shards open lazily on first use: an offline `index` command can build and promote a new version
@@ -33,15 +33,41 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from services.ranker.index import (ALIAS, COLD_KEY, DEFAULT_OVERSAMPLING, GENRES_KEY, QUANTIZATION_QUANTILE, TYPE_KEY,
-                                   AliasUnreadable, Hit, IndexUnavailable, ItemPoint, QueryHook, SearchFilter,
-                                   UnknownVersion, UserPoint,
-                                   VersionExists, VersionInUse, aligned_filters, as_query_matrix, as_query_vector,
-                                   batched, check_page, check_version, effective_oversampling, folded,
-                                   ordered_points, ordered_users, plan_fetch, public_payload, stored_point,
-                                   stored_user, timed)
-from services.ranker.coalesce import Coalescer
-from services.ranker.shard_check import IN_USE, ShardHealth, check_shard
+from anime2vec.index.base import (
+    ALIAS,
+    COLD_KEY,
+    DEFAULT_OVERSAMPLING,
+    GENRES_KEY,
+    QUANTIZATION_QUANTILE,
+    TYPE_KEY,
+    AliasUnreadable,
+    Hit,
+    IndexUnavailable,
+    ItemPoint,
+    QueryHook,
+    SearchFilter,
+    UnknownVersion,
+    UserPoint,
+    VersionExists,
+    VersionInUse,
+    aligned_filters,
+    as_query_matrix,
+    as_query_vector,
+    batched,
+    check_page,
+    check_version,
+    effective_oversampling,
+    folded,
+    ordered_points,
+    ordered_users,
+    plan_fetch,
+    public_payload,
+    stored_point,
+    stored_user,
+    timed,
+)
+from anime2vec.index.coalesce import Coalescer
+from anime2vec.index.shard_check import IN_USE, ShardHealth, check_shard
 
 _INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
                    ("year", qe.PayloadSchemaType.Integer), (COLD_KEY, qe.PayloadSchemaType.Bool))
@@ -178,7 +204,7 @@ class EdgeItemIndex:
 
     def check_stored_version(self, version: str) -> ShardHealth:
         """Whether the stored collection of `version` can be served: its meta.json reads and its
-        shard opens and reads back, in a child process (services/ranker/shard_check.py). A
+        shard opens and reads back, in a child process (anime2vec/index/shard_check.py). A
         directory without meta.json is a damaged version too (builds are renamed into place whole).
         Call before this process opens the version."""
         return _check_dir(self.version_dir(version), with_points=True)

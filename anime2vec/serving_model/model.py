@@ -5,7 +5,7 @@ the whole catalogue, cold and warm items alike (models/hybrid.py):
   item   [β_cf·q ; β_ct·c·Wv ; pop ; onehot(group)]
   query  [α_cf·p ; α_ct·f ; α_pop ; group offsets]  with p = x·P (factored EASE) and f the
          standardised content query of z = unit(x·C)
-where x is a history: a known user's training row (plus feedback, online_users.py), a list of
+where x is a history: a known user's training row (plus feedback, users.py), a list of
 favourites (an anime added at serving time contributes its content row to z only), and C the
 content rows [TF-IDF ; MiniLM ; metadata] (no MiniLM block in a quick bundle: manifest
 "content"). Free text has only z (its TF-IDF and MiniLM blocks); an anime added through AddAnime

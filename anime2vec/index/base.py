@@ -2,9 +2,9 @@
 one alias, so that promoting or rolling back a version is a single atomic alias switch.
 
 Two backends implement `ItemIndex`:
-- `EdgeItemIndex` (index_edge.py, the default): the Qdrant engine embedded in-process through
+- `EdgeItemIndex` (edge.py, the default): the Qdrant engine embedded in-process through
   qdrant-edge, one shard directory per version under a root directory and an `aliases.json` record.
-- `QdrantItemIndex` (index_client.py): a Qdrant server or cluster via qdrant-client when
+- `QdrantItemIndex` (client.py): a Qdrant server or cluster via qdrant-client when
   `QDRANT_URL` is set; collections `anime2vec_items_<version>` behind the alias `anime2vec_items`.
 
 Scores are dot products (V̂·Û). Point ids are anime ids. Filters are pushed down into Qdrant as
@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
 import numpy as np
@@ -193,22 +192,6 @@ class ItemIndex(Protocol):
         """Drop a version's collection; refuses (VersionInUse) the alias target."""
 
     def close(self) -> None: ...
-
-
-def open_index(root: Path | None, url: str | None, api_key: str | None = None, *,
-               on_query: QueryHook | None = None, timeout_s: float = 5.0, search_batch: int = 16,
-               on_batch: Callable[[int], None] | None = None) -> ItemIndex:
-    """A Qdrant server index when `url` is set (checked reachable now: IndexUnavailable within
-    about `timeout_s` otherwise), else the embedded index stored under `root`, where up to
-    `search_batch` concurrent searches share one engine call, each call's size passed to `on_batch`
-    (the server backend's calls release the GIL and overlap on their own)."""
-    if url:
-        from services.ranker.index_client import QdrantItemIndex
-        return QdrantItemIndex.connect(url, api_key=api_key, timeout_s=timeout_s, on_query=on_query)
-    if root is None:
-        raise ValueError("open_index needs a root directory when no Qdrant URL is given")
-    from services.ranker.index_edge import EdgeItemIndex
-    return EdgeItemIndex(Path(root), on_query=on_query, max_batch=search_batch, on_batch=on_batch)
 
 
 # ---- helpers shared by the backends -------------------------------------------------------------

@@ -6,7 +6,7 @@ panic arrives as pyo3's PanicException, which is not an `Exception`), hang, or o
 points missing (a truncated id tracker: 401 of 801 points, no error), all measured by
 truncating, zeroing and overwriting each file of a shard in turn. A garbage length field can also
 make the engine ask for terabytes, and an allocation failure aborts the process. So the ranker
-asks a child: `check_shard(dir)` runs `python -m services.ranker.shard_check <dir>`, which opens
+asks a child: `check_shard(dir)` runs `python -m anime2vec.index.shard_check <dir>`, which opens
 the shard, counts its points exactly, runs an exact, a quantised and a filtered search and reads
 a few points back, then closes it. Costs one extra load of the shard per start-up (well under a
 second for the full catalogue).
@@ -38,7 +38,7 @@ class ShardHealth:
 
 def check_shard(shard_dir: Path, dim: int, min_points: int = 0, timeout_s: float = CHECK_TIMEOUT_S) -> ShardHealth:
     """Open and read `shard_dir` in a child process (see the module docstring)."""
-    cmd = [sys.executable, "-m", "services.ranker.shard_check", str(shard_dir), str(dim), str(min_points)]
+    cmd = [sys.executable, "-m", "anime2vec.index.shard_check", str(shard_dir), str(dim), str(min_points)]
     root = str(Path(__file__).resolve().parents[2])   # where `services` is importable from
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:

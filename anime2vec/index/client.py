@@ -14,21 +14,48 @@ included; it ignores payload indexes and search params (it always scans exactly)
 from __future__ import annotations
 
 import math
-from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from services.ranker.index import (ALIAS, COLD_KEY, COLLECTION_PREFIX, DEFAULT_OVERSAMPLING, GENRES_KEY,
-                                   QUANTIZATION_QUANTILE, TYPE_KEY, USERS_PREFIX, Hit,
-                                   IndexUnavailable, ItemPoint, QueryHook, SearchFilter, UnknownVersion,
-                                   UserPoint, VersionExists, VersionInUse, aligned_filters, as_query_matrix,
-                                   as_query_vector, batched, check_page, check_version, effective_oversampling,
-                                   folded, ordered_points,
-                                   ordered_users, plan_fetch, public_payload, stored_point, stored_user, timed)
+from anime2vec.index.base import (
+    ALIAS,
+    COLD_KEY,
+    COLLECTION_PREFIX,
+    DEFAULT_OVERSAMPLING,
+    GENRES_KEY,
+    QUANTIZATION_QUANTILE,
+    TYPE_KEY,
+    USERS_PREFIX,
+    Hit,
+    IndexUnavailable,
+    ItemPoint,
+    QueryHook,
+    SearchFilter,
+    UnknownVersion,
+    UserPoint,
+    VersionExists,
+    VersionInUse,
+    aligned_filters,
+    as_query_matrix,
+    as_query_vector,
+    batched,
+    check_page,
+    check_version,
+    effective_oversampling,
+    folded,
+    ordered_points,
+    ordered_users,
+    plan_fetch,
+    public_payload,
+    stored_point,
+    stored_user,
+    timed,
+)
 
 _COMPLETE = "anime2vec_complete"
 _INDEXED_FIELDS = ((GENRES_KEY, models.PayloadSchemaType.KEYWORD), (TYPE_KEY, models.PayloadSchemaType.KEYWORD),
@@ -109,7 +136,7 @@ class QdrantItemIndex:
                     if version == self.alias_target():
                         raise VersionInUse(f"index version {version} is the alias target; promote another first")
                 self._client.delete_collection(name)
-            # int8 copies and no HNSW graph, as the embedded backend (index_edge._items_config)
+            # int8 copies and no HNSW graph, as the embedded backend (edge._items_config)
             self._client.create_collection(
                 name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT),
                 quantization_config=models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
