@@ -80,7 +80,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             model_name=self.encoder.name, model_version=self.encoder.fingerprint, dim=self.encoder.dim,
             device=str(self.encoder.device), max_length=self.encoder.max_length,
             max_texts_per_request=s.max_texts_per_request, max_chars_per_text=s.max_chars_per_text,
-            max_batch_texts=s.max_batch_texts,
+            max_batch_texts=s.max_batch_texts, precision=self.encoder.precision,
         )
 
 
@@ -89,9 +89,10 @@ def load_encoder(settings: EncoderSettings) -> TextEncoder:
     from anime2vec.features.encoder import TextEncoder
 
     if settings.model == "tiny-random":
-        return TextEncoder.tiny_random(device=settings.device, max_length=settings.max_length)
+        return TextEncoder.tiny_random(device=settings.device, max_length=settings.max_length,
+                                       precision=settings.precision)
     return TextEncoder(model_dir=settings.model_dir, device=settings.device, max_length=settings.max_length,
-                       batch_size=settings.encode_batch_size, compile=settings.compile)
+                       batch_size=settings.encode_batch_size, compile=settings.compile, precision=settings.precision)
 
 
 def start(settings: EncoderSettings, encoder: TextEncoder, metrics: Metrics | None = None) -> RunningServer:
@@ -127,7 +128,8 @@ def main() -> int:
         log.error("cannot load the encoder model: %s", e)
         return 1
     log.info("model loaded", extra={"model": encoder.name, "fingerprint": encoder.fingerprint,
-                                    "dim": encoder.dim, "device": str(encoder.device)})
+                                    "dim": encoder.dim, "device": str(encoder.device), "precision": encoder.precision,
+                                    "precision_check": encoder.precision_check})
     start(settings, encoder).wait_for_termination()
     return 0
 

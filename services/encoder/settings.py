@@ -25,6 +25,9 @@ class EncoderSettings(ServiceSettings):
     max_length: int = Field(256, ge=2, le=512, description="tokens per text; longer texts are truncated")
     encode_batch_size: int = Field(32, ge=1, le=1024, description="texts per forward pass inside one model call")
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steady state)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 on CUDA; bf16 on a CPU with native bf16 when it agrees with fp32 at start-up "
+                            "(min cosine 0.999 on probe texts), else fp32 (anime2vec/features/encoder.py)")
 
     max_batch_texts: int = Field(64, ge=1, le=4096, description="most texts combined into one model call")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="longest a request waits for others to join its batch")

@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from anime2vec.features.encoder import TextEncoder
 from anime2vec.paths import REPO_ROOT
 from anime2vec.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -74,6 +75,7 @@ def encoder_process():
 
 def test_serves_over_a_socket_and_exits_cleanly_on_sigterm(encoder_process):
     proc, lines = encoder_process
+    loaded = _wait_for(lines, "model loaded")
     started = _wait_for(lines, "serving")
     channel = grpc.insecure_channel(f"127.0.0.1:{started['grpc_port']}")
 
@@ -86,6 +88,10 @@ def test_serves_over_a_socket_and_exits_cleanly_on_sigterm(encoder_process):
     stub = encoder_pb2_grpc.EncoderServiceStub(channel)
     resp = stub.Encode(encoder_pb2.EncodeRequest(texts=["A boy becomes a ninja.", "Alchemist brothers."]), timeout=30)
     assert resp.dim == 32 and resp.model_name.startswith("tiny-random") and len(resp.model_version) == 16
+    # the precision chosen at start-up (A2V_ENCODER_PRECISION=auto) is the one the library chooses here
+    info = stub.GetInfo(encoder_pb2.GetInfoRequest(), timeout=30)
+    assert info.precision == TextEncoder.tiny_random(precision="auto").precision
+    assert loaded["precision"] == info.precision
     vectors = np.array([v.values for v in resp.vectors])
     assert vectors.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

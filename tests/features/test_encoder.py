@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anime2vec.features.encoder import TextEncoder, default_model_dir
+from anime2vec.features.encoder import MIN_AGREEMENT, TextEncoder, cpu_has_native_bf16, default_model_dir
 
 PIRATES_A = (
     "Monkey D. Luffy sets out to sea in a small boat to find the legendary treasure of the Pirate King "
@@ -45,6 +45,38 @@ def test_real_minilm_matches_sentence_transformers(real_encoder):
     assert st.max_seq_length == real_encoder.max_length
     ref = st.encode(MIXED_LENGTHS, batch_size=4, convert_to_numpy=True)
     np.testing.assert_allclose(real_encoder.encode(MIXED_LENGTHS, batch_size=4), ref, atol=1e-5)
+
+
+def test_bf16_agrees_with_fp32_on_real_texts_and_auto_picks_it_only_where_native(real_encoder, sample_anime):
+    """The encoder service's default (precision auto) on a CPU: bf16 where the CPU has native bf16
+    units and the start-up probe agrees with fp32, checked here on real catalogue texts."""
+    texts = [f"{t}. {s}" for t, s in zip(sample_anime["title"], sample_anime["synopsis"]) if s.strip()][:48]
+    auto = TextEncoder(device="cpu", precision="auto")
+    if not cpu_has_native_bf16():
+        assert auto.precision == "fp32" and auto.precision_check == {"native_bf16": False}
+        with pytest.raises(ValueError, match="no native bf16"):
+            TextEncoder.tiny_random(precision="bf16")
+        pytest.skip("no native bf16 on this CPU: fp32 chosen, bf16 refused")
+    assert auto.precision == "bf16" and auto.precision_check["min_cosine_vs_fp32"] >= MIN_AGREEMENT
+    got, want = auto.encode(texts), real_encoder.encode(texts)
+    assert real_encoder.precision == "fp32" and auto.fingerprint == real_encoder.fingerprint
+    cosines = np.sum(got * want, axis=1)
+    assert cosines.min() >= 0.999 and not np.array_equal(got, want)   # bf16 really ran, and agrees
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_precision_is_checked_and_auto_falls_back_to_fp32_without_native_bf16(monkeypatch):
+    import anime2vec.features.encoder as enc
+
+    with pytest.raises(ValueError, match="precision='int4'"):
+        TextEncoder.tiny_random(precision="int4")
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        TextEncoder.tiny_random(device="cpu", precision="fp16")
+    monkeypatch.setattr(enc, "cpu_has_native_bf16", lambda: False)
+    tiny = TextEncoder.tiny_random(device="cpu", precision="auto")
+    assert tiny.precision == "fp32" and tiny.precision_check == {"native_bf16": False}
+    np.testing.assert_array_equal(tiny.encode(["A boy becomes a ninja."]),
+                                  TextEncoder.tiny_random(device="cpu").encode(["A boy becomes a ninja."]))
 
 
 def test_real_minilm_order_preserved_under_bucketing(real_encoder):
