@@ -72,8 +72,13 @@ postgres:
 lint: setup
 	$(PY) -m ruff check --quiet .
 
+# Test files run in parallel, each file in one worker process (its module fixtures stay together); at most 4
+# workers, because each one that draws an end-to-end file trains its own sample bundle and starts its own
+# services. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+
 test: setup promtool postgres lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 train: setup
 	$(PY) -m anime2vec.cli train
