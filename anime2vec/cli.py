@@ -1,7 +1,7 @@
 """Command line for the offline pipeline: `anime2vec train | evaluate | inspect-bundle`, encoder
 pre-training: `anime2vec pretrain | encode` (anime2vec/features/pretrain.py), and model
 rollout: `anime2vec index | promote | rollback | versions` (see anime2vec/rollout.py), and
-retraining on feedback behind a quality gate: `anime2vec retrain` (see anime2vec/retrain.py).
+retraining on feedback behind a quality gate: `anime2vec retrain` (see anime2vec/retrain/).
 
 Full data by default (`A2V_DATA_DIR` or ../shared/data/mal); `--sample` for the small subset.
 """
@@ -287,7 +287,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
 def _retrain_parser(sub) -> None:
     """`retrain`: base data + feedback events → candidate bundle → quality gate → promote or keep
-    (anime2vec/retrain.py)."""
+    (anime2vec/retrain/)."""
     from .retrain import DEFAULT_GATE_METRICS
 
     rt = sub.add_parser("retrain", help="train a candidate on base data + feedback events; promote it only if "

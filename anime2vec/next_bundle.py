@@ -3,7 +3,7 @@ background, then let the operators' quality gate decide whether it replaces the 
 
     train   `anime2vec train` (MiniLM encodings: ~20 min on a fresh 2-core machine, cached after)
     gate    `anime2vec retrain --candidate <version>`: the same gate and promotion a nightly
-            retrain goes through (anime2vec/retrain.py); promoted, it moves the collection alias
+            retrain goes through (anime2vec/retrain/); promoted, it moves the collection alias
             and the ranker follows it within A2V_RANKER_ALIAS_POLL_S
 
 Progress: one line per stage on the runner's stdout, the children's whole output in a log file,

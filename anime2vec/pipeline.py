@@ -216,7 +216,7 @@ def _encode_whitened(cfg: TrainConfig, encoder: TextEncoder, texts: list[str], d
 def prepare(cfg: TrainConfig, extend_dataset: Callable[[Dataset], Dataset] | None = None) -> Prepared:
     """Load data, cut the splits, build both content representations (cached encodings).
 
-    `extend_dataset` (retraining, anime2vec/retrain.py): applied to the split dataset before any
+    `extend_dataset` (retraining, anime2vec/retrain/): applied to the split dataset before any
     feature or model sees it, to add feedback interactions; it keeps the item universe and the
     base data's splits."""
     t: dict = {}

@@ -10,7 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from anime2vec.data.types import DataError
-from anime2vec.experiments.citeulike import (
+from anime2vec.models.base import Recommender
+from experiments.citeulike import (
     ColdSplit,
     carve_validation,
     cold_recall_curve,
@@ -20,7 +21,6 @@ from anime2vec.experiments.citeulike import (
     published_split,
     tag_features,
 )
-from anime2vec.models.base import Recommender
 
 # 6 users, 10 items (0-based), 5 tags; items 7, 8, 9 are the cold test items.
 USERS = [[0, 1, 2, 7], [1, 2, 3, 8], [0, 3, 4, 9], [4, 5, 6, 7], [5, 6, 8, 9], [0, 2, 5, 6, 9]]

@@ -236,7 +236,8 @@ def test_feedback_data_describes_itself():
 
 
 def test_one_retrain_at_a_time_and_a_run_that_cannot_start_is_logged(tmp_path):
-    from anime2vec.retrain import RetrainConfig, RetrainError, _exclusive, read_decisions, run
+    from anime2vec.retrain import RetrainConfig, RetrainError, read_decisions, run
+    from anime2vec.retrain.job import _exclusive
 
     store = tmp_path / "models"
     cfg = RetrainConfig(train=TrainConfig(sample=True, store=store), events=(tmp_path / "feedback.sqlite",))

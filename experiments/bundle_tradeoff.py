@@ -1,6 +1,6 @@
 """Measure the MMR accuracy/diversity trade-off of a trained bundle, as served, without training.
 
-    python -m anime2vec.evaluation.bundle_tradeoff [--bundle models/<version>] [--out reports/tradeoff]
+    python -m experiments.bundle_tradeoff [--bundle models/<version>] [--out reports/tradeoff]
 
 The bundle's split is rebuilt from the data (build_dataset with the bundle's seed: the split it
 was evaluated on; the item and user ids are checked against the bundle's). Queries are scored
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     df = run_tradeoff(Served(model), scs, model.content, out_dir=a.out, lambdas=LAMBDAS, pool=a.pool,
                       popularity=ds.popularity, seed=seed,
-                      command=f"python -m anime2vec.evaluation.bundle_tradeoff --bundle {path} --pool {a.pool}",
+                      command=f"python -m experiments.bundle_tradeoff --bundle {path} --pool {a.pool}",
                       notes=[f"bundle {model.version}, test split (seed {seed}), every query of each scenario"
                              if a.max_queries is None else f"at most {a.max_queries} queries per family",
                              "accuracy: recall@100 and recall@10; diversity: intra-list diversity@10 "

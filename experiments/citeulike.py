@@ -1,6 +1,6 @@
 """CiteULike-a item cold start: DropoutNet's benchmark on its published split, with tag content.
 
-    python -m anime2vec.experiments.citeulike [--data-dir ../shared/data/citeulike-a] [--out reports/citeulike] [--seed 0]
+    python -m experiments.citeulike [--data-dir ../shared/data/citeulike-a] [--out reports/citeulike] [--seed 0]
 
 Volkovs, Yu & Poutanen (NeurIPS 2017) report cold-start recall@100 = 0.636 for DropoutNet over
 WMF on citeulike-a. Their protocol (layer6ai-labs/DropoutNet, `EvalData` + `batch_eval_recall`):
@@ -45,14 +45,14 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 from threadpoolctl import threadpool_limits
 
-from ..data.types import DataError
-from ..evaluation.metrics import recall_curve
-from ..models.base import Queries, Recommender
-from ..models.content_knn import ContentKNN
-from ..models.dropoutnet import DropoutNet, DropoutNetConfig
-from ..models.popularity import Popularity
-from ..models.wmf import WMF
-from ..paths import REPO_ROOT
+from anime2vec.data.types import DataError
+from anime2vec.evaluation.metrics import recall_curve
+from anime2vec.models.base import Queries, Recommender
+from anime2vec.models.content_knn import ContentKNN
+from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
+from anime2vec.models.popularity import Popularity
+from anime2vec.models.wmf import WMF
+from anime2vec.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +652,7 @@ def _plot(res: ExperimentResult, path: Path) -> None:
 
 # ---- command line -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m anime2vec.experiments.citeulike",
+    ap = argparse.ArgumentParser(prog="python -m experiments.citeulike",
                                  description="DropoutNet's CiteULike-a cold-start experiment with tag content.")
     ap.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "citeulike-a")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "citeulike")
@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     res.timings["total"] = round(time.perf_counter() - started, 1)
     res.machine = {"cpus": os.cpu_count(), "load_start": load_start, "load_end": round(os.getloadavg()[0], 1),
                    "threads": args.threads, "device": args.device}
-    command = "python -m anime2vec.experiments.citeulike " + " ".join(
+    command = "python -m experiments.citeulike " + " ".join(
         ["--seed", str(args.seed)] + (["--max-epochs", str(args.max_epochs)] if args.max_epochs != ExperimentConfig.max_epochs else []))
     paths = write_report(res, args.out, command)
     for name, c in res.curves.items():

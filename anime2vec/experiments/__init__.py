@@ -1,1 +1,0 @@
-"""Experiments on public benchmarks outside the MyAnimeList pipeline (e.g. `citeulike`)."""
