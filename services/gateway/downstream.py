@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from anime2vec.serving.errors import ServiceError, resource_exhausted, unavailable
 from anime2vec.serving.server import time_remaining
 from anime2vec.serving.tls import ClientTLS, open_channel
-from anime2vec.v1 import ranker_pb2_grpc
+from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger("services.gateway")
 
@@ -106,17 +106,49 @@ class Ranker:
             *_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)])
         self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel)
 
-    def call(self, method: str, request, context: grpc.ServicerContext | None = None, *,
-             timeout_s: float | None = None, fields: Mapping[str, str] | None = None,
-             metadata: tuple[tuple[str, str], ...] = ()):
-        """stub.<method>(request) with a bounded deadline; ServiceError on failure. Messages never
-        name the ranker's address (it is logged instead)."""
+    # One typed method per ranker RPC the gateway uses: `context` is the gateway caller's (its deadline
+    # bounds the call), `fields` maps the ranker's request field paths to the caller's.
+    def recommend_from_favourites(self, request: ranker_pb2.RecommendFromFavouritesRequest, context=None, *,
+                                  fields: Mapping[str, str] | None = None) -> ranker_pb2.RankedList:
+        return self._call(self.stub.RecommendFromFavourites, request, context, fields=fields)
+
+    def recommend_for_user(self, request: common_pb2.RecommendForUserRequest, context=None) -> ranker_pb2.RankedList:
+        return self._call(self.stub.RecommendForUser, request, context)
+
+    def similar_items(self, request: ranker_pb2.SimilarItemsRequest, context=None, *,
+                      fields: Mapping[str, str] | None = None) -> ranker_pb2.RankedList:
+        return self._call(self.stub.SimilarItems, request, context, fields=fields)
+
+    def recommend_from_vector(self, request: ranker_pb2.RecommendFromVectorRequest, context=None, *,
+                              fields: Mapping[str, str] | None = None) -> ranker_pb2.RankedList:
+        return self._call(self.stub.RecommendFromVector, request, context, fields=fields)
+
+    def upsert_anime(self, request: ranker_pb2.UpsertAnimeRequest, context=None, *, timeout_s: float,
+                     metadata: tuple[tuple[str, str], ...] = ()) -> ranker_pb2.UpsertAnimeResponse:
+        return self._call(self.stub.UpsertAnime, request, context, timeout_s=timeout_s, metadata=metadata)
+
+    def record_feedback(self, request: ranker_pb2.FeedbackBatch, context=None, *, timeout_s: float,
+                        fields: Mapping[str, str] | None = None) -> ranker_pb2.FeedbackResult:
+        return self._call(self.stub.RecordFeedback, request, context, timeout_s=timeout_s, fields=fields)
+
+    def get_model_info(self, request: common_pb2.GetModelInfoRequest | None = None,
+                       context=None) -> common_pb2.GetModelInfoResponse:
+        return self._call(self.stub.GetModelInfo, request or common_pb2.GetModelInfoRequest(), context)
+
+    def list_catalog(self, request: ranker_pb2.ListCatalogRequest, *, timeout_s: float) -> ranker_pb2.ListCatalogResponse:
+        return self._call(self.stub.ListCatalog, request, None, timeout_s=timeout_s)
+
+    def _call(self, rpc, request, context: grpc.ServicerContext | None = None, *,
+              timeout_s: float | None = None, fields: Mapping[str, str] | None = None,
+              metadata: tuple[tuple[str, str], ...] = ()):
+        """rpc(request) with a bounded deadline; ServiceError on failure. Messages never name the
+        ranker's address (it is logged instead)."""
         timeout = deadline(context, timeout_s or self.timeout_s)
         # Fields this gateway does not know (a caller may pad a message with megabytes of them) are
         # not passed on: what the ranker gets is what the gateway validated.
         request.DiscardUnknownFields()
         try:
-            return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata or None)
+            return rpc(request, timeout=timeout, metadata=metadata or None)
         except grpc.RpcError as e:
             code, error = e.code(), ServiceError.from_rpc_error(e)
             answered = any(isinstance(d, error_details_pb2.ErrorInfo) for d in error.details)

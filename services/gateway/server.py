@@ -10,6 +10,7 @@ import logging
 import sys
 
 from anime2vec.serving.encoder_client import EncoderClient
+from anime2vec.serving.limits import LearntLimits
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics, set_model_info
 from anime2vec.serving.server import RunningServer, build_server
@@ -42,13 +43,14 @@ def start(settings: GatewaySettings, metrics: Metrics | None = None) -> tuple[Ru
         if running is not None:
             running.set_serving(SERVICE_NAME, True)
 
+    limits = LearntLimits()   # the ranker's request limits: the title-index poll keeps them current
     catalogue = CatalogueSync(
-        fetch_info=lambda: ranker.call("GetModelInfo", common_pb2.GetModelInfoRequest()).model,
-        fetch_page=lambda token: ranker.call(
-            "ListCatalog", ranker_pb2.ListCatalogRequest(page_size=CATALOG_PAGE_SIZE, page_token=token),
+        fetch_info=lambda: limits.learn(ranker.get_model_info()).model,
+        fetch_page=lambda token: ranker.list_catalog(
+            ranker_pb2.ListCatalogRequest(page_size=CATALOG_PAGE_SIZE, page_token=token),
             timeout_s=settings.catalog_timeout_s),
         poll_s=settings.catalog_poll_s, on_loaded=on_loaded)
-    servicer = GatewayServicer(settings, ranker, encoder, catalogue, metrics)
+    servicer = GatewayServicer(settings, ranker, encoder, catalogue, metrics, limits)
 
     def close() -> None:
         catalogue.stop()

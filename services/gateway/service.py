@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.errors import ServiceError, invalid_argument, not_found, resource_exhausted, unavailable
 from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems
+from anime2vec.serving.limits import LearntLimits
 from anime2vec.serving.metrics import Metrics
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 
@@ -33,7 +34,6 @@ from .settings import GatewaySettings
 
 log = logging.getLogger("services.gateway")
 
-MAX_LIMIT = 100            # RecommendOptions.limit, as documented in common.proto
 DEFAULT_RESOLVE_LIMIT, MAX_RESOLVE_LIMIT = 10, 50
 # Autocomplete candidates below this score share little more than letters with the query.
 MIN_CANDIDATE_SCORE = 50.0
@@ -102,12 +102,13 @@ def _first_mentions(resolved: list[Resolved]) -> dict[int, str]:
     return out
 
 
-def validate_options(opts: common_pb2.RecommendOptions, problems: _Problems) -> None:
-    """What the gateway can check before any downstream call (the ranker checks the rest)."""
+def validate_options(opts: common_pb2.RecommendOptions, problems: _Problems, max_limit: int) -> None:
+    """What the gateway can check before any downstream call (the ranker checks the rest);
+    `max_limit`: the ranker's, as it last reported it (anime2vec/serving/limits.py)."""
     if opts.limit < 0:
         problems.invalid.append(("options.limit", f"must be >= 0 (0 means the default), got {opts.limit}"))
-    elif opts.limit > MAX_LIMIT:
-        problems.invalid.append(("options.limit", f"at most {MAX_LIMIT}, got {opts.limit}"))
+    elif opts.limit > max_limit:
+        problems.invalid.append(("options.limit", f"at most {max_limit}, got {opts.limit}"))
     if not math.isfinite(opts.diversity) or not 0 <= opts.diversity <= 1:
         problems.invalid.append(("options.diversity", f"must be in [0, 1], got {opts.diversity}"))
 
@@ -145,9 +146,10 @@ class TextVectors:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: GatewaySettings, ranker: Ranker, encoder: EncoderClient,
-                 catalogue: CatalogueSync, metrics: Metrics):
+                 catalogue: CatalogueSync, metrics: Metrics, limits: LearntLimits | None = None):
         self.settings, self.ranker, self.encoder, self.catalogue, self.metrics = (
             settings, ranker, encoder, catalogue, metrics)
+        self.limits = limits or LearntLimits()   # the ranker's request limits, learnt from its GetModelInfo
         self.text_vectors = TextVectors(settings.text_cache_size)
 
     # ---- shared steps ------------------------------------------------------------------
@@ -155,7 +157,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         """validate_options, and the filters against the catalogue: a filter that cannot match
         is an error that says why, not an empty list. Without a snapshot yet the ranker applies
         the filters as given."""
-        validate_options(opts, problems)
+        validate_options(opts, problems, self.limits.current.max_limit)
         current = self.catalogue.current
         if current is not None:
             found = filter_problems(opts.filters, current.filterable)
@@ -232,7 +234,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         fields = {"liked_ids": "favourites", "disliked_ids": "disliked",
                   **{f"liked_ids[{j}]": liked_at[a] for j, a in enumerate(liked_ids)},
                   **{f"disliked_ids[{j}]": disliked_at[a] for j, a in enumerate(disliked_ids)}}
-        ranked = self.ranker.call("RecommendFromFavourites", ranker_pb2.RecommendFromFavouritesRequest(
+        ranked = self.ranker.recommend_from_favourites(ranker_pb2.RecommendFromFavouritesRequest(
             liked_ids=liked_ids, disliked_ids=disliked_ids, options=request.options), context, fields=fields)
         resp = self._relay(ranked)
         resp.favourites.extend(r.message() for r in liked)
@@ -243,14 +245,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         problems = _Problems()
         self._check_options(request.options, problems)
         problems.raise_if_any()
-        return self._relay(self.ranker.call("RecommendForUser", request, context))
+        return self._relay(self.ranker.recommend_for_user(request, context))
 
     def Similar(self, request, context):
         problems = _Problems()
         self._check_options(request.options, problems)
         anime = self._resolve_one(request.anime, "anime", problems)
         problems.raise_if_any()
-        ranked = self.ranker.call("SimilarItems", ranker_pb2.SimilarItemsRequest(
+        ranked = self.ranker.similar_items(ranker_pb2.SimilarItemsRequest(
             anime_id=anime.anime_id, options=request.options), context, fields={"anime_id": anime.field})
         resp = self._relay(ranked)
         resp.favourites.append(anime.message())
@@ -268,7 +270,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         query = " ".join(query.split())
         vector, fingerprint = self._encode(query, context)
         try:
-            ranked = self.ranker.call("RecommendFromVector", ranker_pb2.RecommendFromVectorRequest(
+            ranked = self.ranker.recommend_from_vector(ranker_pb2.RecommendFromVectorRequest(
                 content_vector=vector.tolist(), options=request.options, encoder_fingerprint=fingerprint,
                 query_text=query), context)
         except ServiceError as e:
@@ -324,14 +326,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 f"in the catalogue): a favourite is a watched, completed or on-hold anime scored at least "
                 f"{min_score}, or unscored")})
         liked_ids = [a for a, _ in liked]
-        disliked = disliked[: s.max_ranker_ids]
+        max_ids = self.limits.current.max_ids
+        disliked = disliked[:max_ids]
         opts = common_pb2.RecommendOptions()
         opts.CopyFrom(request.options)
         if not opts.filters.include_liked:   # the whole list is already known to its owner
             seen = set(liked_ids) | set(disliked) | set(opts.filters.exclude_ids)
             rest = [e.anime_id for e in export.entries if e.anime_id not in seen]
-            opts.filters.exclude_ids.extend(rest[: max(0, s.max_ranker_ids - len(opts.filters.exclude_ids))])
-        ranked = self.ranker.call("RecommendFromFavourites", ranker_pb2.RecommendFromFavouritesRequest(
+            opts.filters.exclude_ids.extend(rest[: max(0, max_ids - len(opts.filters.exclude_ids))])
+        ranked = self.ranker.recommend_from_favourites(ranker_pb2.RecommendFromFavouritesRequest(
             liked_ids=liked_ids, liked_weights=[w for _, w in liked], disliked_ids=disliked, options=opts), context,
             fields={"liked_ids": "mal_xml", "liked_weights": "mal_xml", "disliked_ids": "mal_xml",
                     "options.filters.exclude_ids": "options.filters.exclude_ids (with the list's own entries)"})
@@ -353,7 +356,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                                  self.settings.max_synopsis_chars)
         problems.raise_if_any()
         replace = ((REPLACE_CATALOGUE_KEY, str(request.anime_id)),) if request.HasField("anime_id") else ()
-        resp = self.ranker.call("UpsertAnime", ranker_pb2.UpsertAnimeRequest(
+        resp = self.ranker.upsert_anime(ranker_pb2.UpsertAnimeRequest(
             anime_id=request.anime_id if request.HasField("anime_id") else None, anime=request.anime),
             context, timeout_s=self.settings.ranker_timeout_s + _UPSERT_EXTRA_S, metadata=replace)
         self.catalogue.add(entry_from_input(resp.anime_id, request.anime), resp.model_version)
@@ -387,7 +390,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def RecordFeedback(self, request, context):
         problems = _Problems()
-        n, most = len(request.events), self.settings.max_feedback_events
+        n = len(request.events)
+        most = min(self.settings.max_feedback_events, self.limits.current.max_feedback_events)
         if not n:
             problems.invalid.append(("events", "give at least one event"))
         elif n > most:   # before resolving anything: a request this big is not looked at
@@ -405,14 +409,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if e.HasField("occurred_at"):   # left unset otherwise: a retry must send the same event
                 out.occurred_at.CopyFrom(e.occurred_at)
         fields = {f"events[{i}].anime_id": r.field for i, r in enumerate(resolved)}
-        result = self.ranker.call("RecordFeedback", batch, context, fields=fields,
-                                  timeout_s=self.settings.ranker_timeout_s + _FEEDBACK_EXTRA_S)
+        result = self.ranker.record_feedback(batch, context, fields=fields,
+                                             timeout_s=self.settings.ranker_timeout_s + _FEEDBACK_EXTRA_S)
         self.catalogue.notice_version(result.model_version)
         return gateway_pb2.RecordFeedbackResponse(
             applied=result.applied, duplicates=result.duplicates, updated_user_ids=result.updated_user_ids,
             model_version=result.model_version, anime=[r.message() for r in resolved])
 
     def GetModelInfo(self, request, context):
-        resp = self.ranker.call("GetModelInfo", request, context)
+        resp = self.limits.learn(self.ranker.get_model_info(request, context))
         self.catalogue.notice_version(resp.model.version)
         return resp

@@ -37,9 +37,8 @@ class GatewaySettings(OutboundTLSSettings):
 
     max_favourites: int = Field(100, ge=1, le=500, description="most favourites (and, separately, disliked) per request")
     max_feedback_events: int = Field(
-        500, ge=1, le=1000, description="most events per RecordFeedback call (more: INVALID_ARGUMENT); at most the "
-                                        "ranker's A2V_RANKER_MAX_FEEDBACK_EVENTS")
-    max_ranker_ids: int = Field(500, ge=1, description="the ranker's A2V_RANKER_MAX_IDS: most disliked / excluded ids sent")
+        500, ge=1, le=1000, description="most events per RecordFeedback call (more: INVALID_ARGUMENT); the ranker's "
+                                        "A2V_RANKER_MAX_FEEDBACK_EVENTS applies when lower")
     max_title_chars: int = Field(256, ge=1, le=256, description="longest title in an AnimeRef or ResolveTitles query")
     max_query_chars: int = Field(2000, ge=1, le=20_000, description="longest free-text query")
     max_synopsis_chars: int = Field(

@@ -644,7 +644,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         s = self.serving()
         info = model_info(s)
         info.next_model = next_model_status(self.settings.next_model_file)
-        return common_pb2.GetModelInfoResponse(model=info)
+        return common_pb2.GetModelInfoResponse(model=info, limits=self.settings.limits.to_proto())
 
     def ListCatalog(self, request, context):
         s = self.serving()

@@ -11,6 +11,8 @@ from pydantic_settings import SettingsConfigDict
 
 from anime2vec.index.base import DEFAULT_OVERSAMPLING
 from anime2vec.paths import REPO_ROOT, default_model_store
+from anime2vec.serving.limits import DEFAULTS as LIMITS
+from anime2vec.serving.limits import RequestLimits
 from anime2vec.serving.settings import OutboundTLSSettings
 
 
@@ -26,12 +28,14 @@ class RankerSettings(OutboundTLSSettings):
     qdrant_api_key: str = Field("", description="API key for the Qdrant server", repr=False)
     encoder_address: str = Field("127.0.0.1:50051", description="encoder service host:port (UpsertAnime)")
     encoder_timeout_s: float = Field(10.0, gt=0, le=120)
-    default_limit: int = Field(10, ge=1, le=100)
-    max_limit: int = Field(100, ge=1, le=1000)
+    # request limits: defaults in anime2vec/serving/limits.py; GetModelInfo reports them, the gateway follows
+    default_limit: int = Field(LIMITS.default_limit, ge=1, le=100)
+    max_limit: int = Field(LIMITS.max_limit, ge=1, le=1000)
     rerank_pool: int = Field(500, ge=50, le=5000, description="candidates re-ranked for diversity / dislikes; also the deepest page then")
     max_page_depth: int = Field(1000, ge=100, le=100000, description="offset + limit beyond which paging stops")
-    max_ids: int = Field(500, ge=1, description="most liked / disliked / excluded ids per request")
-    max_feedback_events: int = Field(1000, ge=1, le=100000, description="most events per RecordFeedback call")
+    max_ids: int = Field(LIMITS.max_ids, ge=1, description="most liked / disliked / excluded ids per request")
+    max_feedback_events: int = Field(LIMITS.max_feedback_events, ge=1, le=100000,
+                                     description="most events per RecordFeedback call")
     alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
     next_model_file: Path | None = Field(None, description="JSON file in which a trainer reports the bundle that "
                                                            "will replace the served one (`make run` writes it); "
@@ -75,6 +79,11 @@ class RankerSettings(OutboundTLSSettings):
                 raise ValueError("not a valid PostgreSQL connection string (key=value pairs or a "
                                  "postgresql:// URI)") from None
         return v
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_limit=self.max_limit, default_limit=self.default_limit, max_ids=self.max_ids,
+                             max_feedback_events=self.max_feedback_events)
 
     @model_validator(mode="after")
     def _qdrant_env(self):

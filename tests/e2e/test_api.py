@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from anime2vec.serving.limits import DEFAULTS, RequestLimits
 from anime2vec.v1 import common_pb2, gateway_pb2
 from tests.e2e.support import AUTH, Stack
 
@@ -216,7 +217,10 @@ def test_resolve_titles_autocompletes(stack: Stack):
 
 
 def test_model_info_describes_the_served_bundle(stack: Stack):
-    model = stack.gateway.GetModelInfo(S.GetModelInfoRequest(), metadata=AUTH, timeout=30).model
+    info = stack.gateway.GetModelInfo(S.GetModelInfoRequest(), metadata=AUTH, timeout=30)
+    model = info.model
+    # the ranker's request limits (its settings, here the shared defaults), which the gateway follows
+    assert RequestLimits.from_proto(info.limits) == DEFAULTS and info.limits.max_limit == DEFAULTS.max_limit
     manifest = json.loads((stack.bundle / "manifest.json").read_text())
     assert model.version == stack.bundle.name == manifest["version"]
     assert (model.encoder_name, model.encoder_dim) == ("all-MiniLM-L6-v2", 384)

@@ -46,7 +46,8 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
     # ... and with this one as a ranker whose encoder is down answers: naming the encoder's address
     ENCODER_DOWN_ID, ENCODER_ADDRESS = 4343, "10.1.2.3:50051"
 
-    def __init__(self) -> None:
+    def __init__(self, limits: common_pb2.RequestLimits | None = None) -> None:
+        self.limits = limits   # None: a ranker that reports no limits (the gateway keeps the shared defaults)
         self.upserts: list[ranker_pb2.UpsertAnimeRequest] = []
         self.upsert_metadata: list[dict[str, str]] = []
         self.release_slow = threading.Event()
@@ -54,7 +55,7 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
 
     def GetModelInfo(self, request, context):
         return S.GetModelInfoResponse(model=S.ModelInfo(version=VERSION, encoder_name="fake", encoder_dim=8,
-                                                        n_items=len(CATALOGUE)))
+                                                        n_items=len(CATALOGUE)), limits=self.limits)
 
     def ListCatalog(self, request, context):
         return ranker_pb2.ListCatalogResponse(
@@ -127,10 +128,11 @@ class Gateway:
         return self.proc.log_path.read_text(errors="replace")
 
 
-def start_gateway(root: Path, env: Mapping[str, str] | None = None) -> tuple[Gateway, Callable[[], None]]:
-    """A fake ranker in this process and a real gateway process in front of it, SERVING (its title
-    index loaded). Returns the gateway and a function that stops both."""
-    ranker = FakeRanker()
+def start_gateway(root: Path, env: Mapping[str, str] | None = None,
+                  ranker_limits: common_pb2.RequestLimits | None = None) -> tuple[Gateway, Callable[[], None]]:
+    """A fake ranker in this process (reporting `ranker_limits`) and a real gateway process in front of
+    it, SERVING (its title index loaded). Returns the gateway and a function that stops both."""
+    ranker = FakeRanker(ranker_limits)
     server = grpc.server(futures.ThreadPoolExecutor(8))
     ranker_pb2_grpc.add_RankerServiceServicer_to_server(ranker, server)
     ranker_port = server.add_insecure_port("127.0.0.1:0")
