@@ -2,7 +2,7 @@
 
 Sizes are bounded here so that a request the gateway accepts always fits the ranker's message limit
 (4 MiB, below the gateway's 8 MiB): a 7 MB synopsis gets INVALID_ARGUMENT naming `anime.synopsis`,
-not the ranker's transport error. The limits are the ranker's own or stricter (services/ranker/service.py
+not the ranker's transport error. The limits are the ranker's own or stricter (services/ranker/catalogue_writes.py
 MAX_TITLE 300, MAX_SYNOPSIS 20,000, MAX_EPISODES 10,000, 30 genres of 1-50 characters, 50 synonyms),
 so nothing the gateway passes is refused for size downstream; what only the ranker can judge (year,
 type) it still checks.

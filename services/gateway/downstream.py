@@ -36,7 +36,7 @@ _CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SE
 # Leave this much of the caller's deadline for the gateway's own work after the downstream answer.
 _MARGIN_S = 0.05
 # The ranker replaces a catalogue anime only when the call names it in this metadata
-# (services/ranker/service.py REPLACE_CATALOGUE_KEY): the gateway sends it for callers whose key has
+# (services/ranker/catalogue_writes.py REPLACE_CATALOGUE_KEY): the gateway sends it for callers whose key has
 # the `catalog` scope, the only ones whose AddAnime reaches the ranker.
 REPLACE_CATALOGUE_KEY = "a2v-replace-catalogue-anime"
 # What grpc answers (RESOURCE_EXHAUSTED, no details) when a server's maximum_concurrent_rpcs sheds a call.

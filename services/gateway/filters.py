@@ -11,7 +11,7 @@ answering an empty list.
   the request, and every ranking RPC's contract keeps INVALID_ARGUMENT as its only bad-input status.)
 - `cold_start_only` is not checked here: the catalogue snapshot does not know which anime the model
   has interactions for. The ranker knows, and answers the same FILTER_UNANSWERABLE when the served
-  version has no cold anime at all (services/ranker/service.py `cold_unanswerable`); the gateway
+  version has no cold anime at all (services/ranker/retrieval.py `cold_unanswerable`); the gateway
   passes that error on as it is. Like every filter, the field travels inside RecommendOptions.
 """
 
@@ -83,7 +83,8 @@ def filter_problems(f: common_pb2.Filters, facets: Facets) -> FilterProblems:
         else:
             out.unknown.append((f"options.filters.types[{i}]", f"unknown type {t!r}{_close(t, facets.types)}"))
             out.known_lists["known_types"] = ", ".join(facets.types.values())
-    if not facets.with_year:
+    reversed_years = f.HasField("year_min") and f.HasField("year_max") and f.year_min > f.year_max
+    if not facets.with_year and not reversed_years:   # reversed bounds are malformed whatever the catalogue
         out.unanswerable += [(f"options.filters.{name}", "no anime in this catalogue has a known year, so a "
                                                          "year filter matches nothing: leave it out")
                              for name in ("year_min", "year_max") if f.HasField(name)]

@@ -111,6 +111,9 @@ def validate_options(opts: common_pb2.RecommendOptions, problems: _Problems, max
         problems.invalid.append(("options.limit", f"at most {max_limit}, got {opts.limit}"))
     if not math.isfinite(opts.diversity) or not 0 <= opts.diversity <= 1:
         problems.invalid.append(("options.diversity", f"must be in [0, 1], got {opts.diversity}"))
+    f = opts.filters
+    if f.HasField("year_min") and f.HasField("year_max") and f.year_min > f.year_max:   # as the ranker words it
+        problems.invalid.append(("options.filters.year_min", f"{f.year_min} is after year_max {f.year_max}"))
 
 
 class TextVectors:

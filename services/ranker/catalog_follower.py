@@ -3,7 +3,7 @@
 The store of added anime is the truth; each replica's served catalogue (`Serving.extra`) and index
 points are derived from it. Every write carries a revision that grows in commit order
 (anime2vec/store/added_anime.py), so a replica asks the store for the changes after the last
-revision it serves and applies them (RankerServicer.follow_added: re-embedded with its own item
+revision it serves and applies them (Lifecycle.follow_added: re-embedded with its own item
 tower, upserted into its index, listed in its catalogue). It asks again as soon as PostgreSQL
 NOTIFYs a commit, and at least every A2V_RANKER_CATALOG_FOLLOW_S seconds whatever happens, so a
 missed notification (the listening connection was down) delays an anime by one period, never
@@ -43,7 +43,7 @@ class CatalogFollower:
         """Apply what other replicas wrote; update the health metrics. Returns how many anime were applied."""
         backend = self.stores.backend
         try:
-            applied = self.servicer.follow_added()
+            applied = self.servicer.lifecycle.follow_added()
         except Exception as e:   # the store is down or the index refused: keep serving, ask again
             self.metrics.store_up.labels(backend=backend).set(0)
             if str(e) != self._problem:   # once per problem, not once per poll
@@ -56,7 +56,7 @@ class CatalogFollower:
         self._problem = None
         self.metrics.store_up.labels(backend=backend).set(1)
         self.metrics.catalog_follow.set(time.time())
-        s = self.servicer._serving
+        s = self.servicer.lifecycle.served
         if s is not None:
             self.metrics.added_anime_revision.set(s.added_revision)
         return applied

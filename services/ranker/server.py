@@ -21,8 +21,9 @@ from anime2vec.serving_model.model import ServingModel
 from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
 
 from .catalog_follower import CatalogFollower
+from .lifecycle import pick_bundles
 from .recovery import StoreUnavailable, recover_alias, recover_collections
-from .service import RankerServicer, pick_bundles
+from .service import RankerServicer
 from .settings import RankerSettings
 from .stores import open_stores
 
@@ -44,14 +45,14 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
     model = ServingModel(first_valid_bundle(pick_bundles(settings, index)), device=settings.device or None)
     if embedded:
         recover_collections(index, model.version, settings.data_dir)
-    servicer.activate(model)
+    servicer.lifecycle.activate(model)
     if index.alias_target() is None:
         index.set_alias(model.version)
     stop = threading.Event()
 
     def follow():
         while not stop.wait(settings.alias_poll_s):
-            servicer.maybe_follow_alias()
+            servicer.lifecycle.maybe_follow_alias()
     if settings.alias_poll_s > 0:
         threading.Thread(target=follow, name="alias-follower", daemon=True).start()
     catalog = CatalogFollower(servicer, stores, metrics, settings.catalog_follow_s)

@@ -42,3 +42,16 @@ def test_filters_the_catalogue_cannot_answer():
     assert found.unknown == []   # OVA is a documented type, just not in this catalogue
     with_years = FRAME.assign(year=pd.array([2001, None, None], dtype="Int64"))
     assert [x for x, _ in filter_problems(f, Facets.of(with_years)).unanswerable] == ["options.filters.types[0]"]
+
+
+def test_reversed_year_bounds_are_malformed_whatever_the_catalogue_holds():
+    """year_min > year_max is the request's own fault (validate_options names it, in the ranker's words),
+    so it is not reported as a filter this catalogue cannot answer: the answer must not depend on
+    whether an anime with a year was added meanwhile."""
+    from services.gateway.service import _Problems, validate_options
+
+    f = S.Filters(year_min=2020, year_max=2010)
+    assert filter_problems(f, Facets.of(FRAME)).unanswerable == []
+    problems = _Problems()
+    validate_options(S.RecommendOptions(filters=f), problems, max_limit=100)
+    assert problems.invalid == [("options.filters.year_min", "2020 is after year_max 2010")]

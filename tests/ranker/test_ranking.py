@@ -46,7 +46,8 @@ def test_cold_start_only_is_unanswerable_only_without_any_cold_anime():
     from google.rpc import error_details_pb2
 
     from anime2vec.serving_model.model import ItemMeta
-    from services.ranker.service import cold_unanswerable, has_cold
+    from services.ranker.retrieval import cold_unanswerable
+    from services.ranker.state import has_cold
 
     def serving(cold, extra=()):
         return SimpleNamespace(filt=SimpleNamespace(cold=np.asarray(cold, bool)), version="v1",
