@@ -32,8 +32,18 @@ import scipy.sparse as sp
 from .paths import REPO_ROOT
 
 FORMAT = 1
-REQUIRED_ARRAYS = ("item_ids", "user_ids", "wmf_U", "wmf_V", "content", "item_tower",
-                   "train_data", "train_indices", "train_indptr", "train_shape")
+REQUIRED_ARRAYS = (
+    "item_ids",
+    "user_ids",
+    "wmf_U",
+    "wmf_V",
+    "content",
+    "item_tower",
+    "train_data",
+    "train_indices",
+    "train_indptr",
+    "train_shape",
+)
 
 
 class BundleError(RuntimeError):
@@ -52,13 +62,14 @@ def code_fingerprint() -> dict:
     """sha256 over the package's source files, plus the git commit when there is one."""
     h = hashlib.sha256()
     for p in sorted((REPO_ROOT / "anime2vec").rglob("*.py")):
-        if "/v1/" in p.as_posix():   # generated gRPC code is not model code
+        if "/v1/" in p.as_posix():  # generated gRPC code is not model code
             continue
         h.update(p.relative_to(REPO_ROOT).as_posix().encode())
         h.update(p.read_bytes())
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"sha256": h.hexdigest(), "git_commit": commit}
@@ -68,7 +79,7 @@ def code_fingerprint() -> dict:
 class Bundle:
     path: Path
     manifest: dict
-    catalog: pd.DataFrame               # index: item index; column anime_id plus catalogue fields
+    catalog: pd.DataFrame  # index: item index; column anime_id plus catalogue fields
     arrays: dict[str, np.ndarray]
 
     @property
@@ -78,8 +89,9 @@ class Bundle:
     @property
     def train(self) -> sp.csr_matrix:
         a = self.arrays
-        return sp.csr_matrix((a["train_data"], a["train_indices"], a["train_indptr"]),
-                             shape=tuple(int(x) for x in a["train_shape"]))
+        return sp.csr_matrix(
+            (a["train_data"], a["train_indices"], a["train_indptr"]), shape=tuple(int(x) for x in a["train_shape"])
+        )
 
     def has(self, name: str) -> bool:
         return name in self.arrays
@@ -90,17 +102,27 @@ class Bundle:
         return {k[n:]: v for k, v in self.arrays.items() if k.startswith(prefix + ".")}
 
 
-def write_bundle(store: Path, manifest: dict, catalog: pd.DataFrame, arrays: dict[str, np.ndarray],
-                 train: sp.csr_matrix, version: str | None = None,
-                 extra_files: dict[str, bytes] | None = None) -> Path:
+def write_bundle(
+    store: Path,
+    manifest: dict,
+    catalog: pd.DataFrame,
+    arrays: dict[str, np.ndarray],
+    train: sp.csr_matrix,
+    version: str | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write a new bundle and return its path. Never overwrites an existing version.
     extra_files: relative path → bytes (e.g. the fitted TF-IDF vocabulary), checksummed like the rest."""
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     train = train.tocsr()
     arrays = dict(arrays)
-    arrays.update(train_data=train.data.astype(np.float32), train_indices=train.indices.astype(np.int32),
-                  train_indptr=train.indptr.astype(np.int64), train_shape=np.asarray(train.shape, np.int64))
+    arrays.update(
+        train_data=train.data.astype(np.float32),
+        train_indices=train.indices.astype(np.int32),
+        train_indptr=train.indptr.astype(np.int64),
+        train_shape=np.asarray(train.shape, np.int64),
+    )
     missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
     if missing:
         raise BundleError(f"cannot write bundle: missing arrays {missing}")
@@ -115,8 +137,11 @@ def write_bundle(store: Path, manifest: dict, catalog: pd.DataFrame, arrays: dic
             (tmp / rel).write_bytes(blob)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = dict(manifest)
-        manifest.update(format=FORMAT, files=files,
-                        created_at=manifest.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        manifest.update(
+            format=FORMAT,
+            files=files,
+            created_at=manifest.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         if version is None:
             digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
             version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest
@@ -168,7 +193,7 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     for rel in files:
         if rel.startswith("arrays/") and rel.endswith(".npy"):
             try:
-                arrays[rel[len("arrays/"):-4]] = np.load(path / rel, allow_pickle=False)
+                arrays[rel[len("arrays/") : -4]] = np.load(path / rel, allow_pickle=False)
             except ValueError as e:
                 raise BundleError(f"{path}: cannot read {rel} ({e})") from e
     missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
@@ -196,12 +221,17 @@ def _check_dims(path: Path, manifest: dict, catalog: pd.DataFrame, a: dict[str, 
         ("item_tower dim", a["item_tower"].shape[1], dims.get("tower_dim")),
         ("train shape", tuple(int(x) for x in a["train_shape"]), (n_users, n_items)),
     ]
-    if "graph_content" in a:   # optional: graph features the DropoutNet reads beside the text
-        checks += [("graph_content rows", a["graph_content"].shape[0], n_items),
-                   ("graph_content dim", a["graph_content"].shape[1], dims.get("graph_dim"))]
+    if "graph_content" in a:  # optional: graph features the DropoutNet reads beside the text
+        checks += [
+            ("graph_content rows", a["graph_content"].shape[0], n_items),
+            ("graph_content dim", a["graph_content"].shape[1], dims.get("graph_dim")),
+        ]
     # the served hybrid's per-anime arrays (models/hybrid.py Hybrid.STATE): one row per item
-    checks += [(f"{k} rows", a[k].shape[0], n_items) for k in ("hybrid.P", "hybrid.q", "hybrid.C", "hybrid.group",
-                                                                 "hybrid.pop", "hybrid.item_content") if k in a]
+    checks += [
+        (f"{k} rows", a[k].shape[0], n_items)
+        for k in ("hybrid.P", "hybrid.q", "hybrid.C", "hybrid.group", "hybrid.pop", "hybrid.item_content")
+        if k in a
+    ]
     if "hybrid.C" in a and "hybrid_content_dim" in dims:
         checks.append(("hybrid.C dim", a["hybrid.C"].shape[1], dims["hybrid_content_dim"]))
     for what, got, want in checks:
@@ -230,6 +260,7 @@ def list_bundles(store: Path) -> list[Path]:
 def newest_bundle(store: Path, source: str, preset: str | None = None) -> Path | None:
     """The newest bundle in `store` trained on `source` data ("full" or "sample"), of `preset`
     ("full", "quick"; None: either)."""
+
     def fits(m: dict) -> bool:
         return m.get("data", {}).get("source") == source and preset in (None, m.get("preset", "full"))
 

@@ -37,12 +37,17 @@ from anime2vec.serving.tls import ClientTLS, TLSFileError, open_channel
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
-STRATEGIES = {"auto": common_pb2.STRATEGY_AUTO, "dropoutnet": common_pb2.STRATEGY_DROPOUTNET,
-              "wmf": common_pb2.STRATEGY_WMF, "popularity": common_pb2.STRATEGY_POPULARITY}
+STRATEGIES = {
+    "auto": common_pb2.STRATEGY_AUTO,
+    "dropoutnet": common_pb2.STRATEGY_DROPOUTNET,
+    "wmf": common_pb2.STRATEGY_WMF,
+    "popularity": common_pb2.STRATEGY_POPULARITY,
+}
 _TITLE_WIDTH, _GENRES_WIDTH = 50, 40
 
 
 # ---- output ------------------------------------------------------------------------------------
+
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -53,8 +58,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
 
     def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
     return "\n".join([line(headers), line("-" * w for w in widths), *(line(r) for r in rows)])
 
 
@@ -66,32 +73,48 @@ def format_recommendations(recs: Sequence[common_pb2.Recommendation], explain: b
         return "(no results: no anime left after the filters)" if filtered else "(no results)"
     rows = []
     for r in recs:
-        title = _clip(r.title, _TITLE_WIDTH) + (f" {COLD_MARK}" if r.cold_start else "") + \
-            (f" {HELD_OUT_MARK}" if r.held_out else "")
-        rows.append([str(r.rank), title, f"{r.score:.4f}", r.type or "-", str(r.year) if r.HasField("year") else "-",
-                     _clip(", ".join(r.genres), _GENRES_WIDTH) or "-"])
+        title = (
+            _clip(r.title, _TITLE_WIDTH)
+            + (f" {COLD_MARK}" if r.cold_start else "")
+            + (f" {HELD_OUT_MARK}" if r.held_out else "")
+        )
+        rows.append(
+            [
+                str(r.rank),
+                title,
+                f"{r.score:.4f}",
+                r.type or "-",
+                str(r.year) if r.HasField("year") else "-",
+                _clip(", ".join(r.genres), _GENRES_WIDTH) or "-",
+            ]
+        )
     out = table(["rank", "title", "score", "type", "year", "genres"], rows, right=(0, 2)).splitlines()
-    if explain:   # why, under each row, indented past the rank column: the server's one line, else its reasons
+    if explain:  # why, under each row, indented past the rank column: the server's one line, else its reasons
         lines = out[:2]
         for r, line in zip(recs, out[2:]):
             lines.append(line)
             if r.explanation:
                 lines.append(f"        - {r.explanation}")
             else:
-                lines.extend(f"        - {x.detail or common_pb2.ReasonKind.Name(x.kind)} ({x.weight:.0%})"
-                             for x in r.reasons)
+                lines.extend(
+                    f"        - {x.detail or common_pb2.ReasonKind.Name(x.kind)} ({x.weight:.0%})" for x in r.reasons
+                )
         out = lines
     if any(r.cold_start for r in recs):
         out.append(f"{COLD_MARK} cold start: no ratings in the training data, recommended from its text")
     if any(r.held_out for r in recs):
-        out.append(f"{HELD_OUT_MARK} has ratings, but they were held out of this model's training (to measure "
-                   f"cold start): recommended from its text")
+        out.append(
+            f"{HELD_OUT_MARK} has ratings, but they were held out of this model's training (to measure "
+            f"cold start): recommended from its text"
+        )
     return "\n".join(out)
 
 
 def format_served_by(s: common_pb2.ServedBy, next_page_token: str) -> str:
-    lines = [f"served by: {common_pb2.Strategy.Name(s.strategy).removeprefix('STRATEGY_').lower()}"
-             f" ({s.scorer}), model {s.model_version or '-'}"]
+    lines = [
+        f"served by: {common_pb2.Strategy.Name(s.strategy).removeprefix('STRATEGY_').lower()}"
+        f" ({s.scorer}), model {s.model_version or '-'}"
+    ]
     if s.reranked:
         lines.append(f"re-ranked: {s.reranked} (scores are the model's, so a lower one may rank higher)")
     if s.degraded:
@@ -119,7 +142,7 @@ def format_error(err: grpc.RpcError, address: str) -> str:
         lines += [f"  {f}: {why}" for f, why in d.field_violations.items()]
     if d.suggestions and "did you mean" not in d.message:
         lines.append("  did you mean: " + ", ".join(repr(s) for s in d.suggestions))
-    for key, values in sorted(d.metadata.items()):   # known_genres, known_types: the message may be clipped
+    for key, values in sorted(d.metadata.items()):  # known_genres, known_types: the message may be clipped
         if key.startswith("known_") and values not in d.message:
             lines.append(f"  {key.removeprefix('known_')}: {values}")
     if d.retry_after_s is not None:
@@ -131,6 +154,7 @@ def format_error(err: grpc.RpcError, address: str) -> str:
 
 # ---- requests ----------------------------------------------------------------------------------
 
+
 class UsageError(Exception):
     """A problem with the command line or a local file, found before any call."""
 
@@ -140,14 +164,25 @@ def _ref(value: str | int) -> common_pb2.AnimeRef:
 
 
 def options(a: argparse.Namespace) -> common_pb2.RecommendOptions:
-    f = common_pb2.Filters(include_genres=a.genre, exclude_genres=a.exclude_genre, types=a.type,
-                           include_liked=a.include_liked, cold_start_only=a.cold_start_only)
+    f = common_pb2.Filters(
+        include_genres=a.genre,
+        exclude_genres=a.exclude_genre,
+        types=a.type,
+        include_liked=a.include_liked,
+        cold_start_only=a.cold_start_only,
+    )
     if a.year_min is not None:
         f.year_min = a.year_min
     if a.year_max is not None:
         f.year_max = a.year_max
-    return common_pb2.RecommendOptions(limit=a.limit, page_token=a.page_token, filters=f, diversity=a.diversity,
-                                       strategy=STRATEGIES[a.strategy], explain=a.explain)
+    return common_pb2.RecommendOptions(
+        limit=a.limit,
+        page_token=a.page_token,
+        filters=f,
+        diversity=a.diversity,
+        strategy=STRATEGIES[a.strategy],
+        explain=a.explain,
+    )
 
 
 def _print_ranked(resp, a: argparse.Namespace, header: str = "") -> None:
@@ -158,8 +193,14 @@ def _print_ranked(resp, a: argparse.Namespace, header: str = "") -> None:
     if header:
         print(header)
     f = options(a).filters
-    filtered = bool(f.include_genres or f.exclude_genres or f.types or f.HasField("year_min") or f.HasField("year_max")
-                    or f.cold_start_only)
+    filtered = bool(
+        f.include_genres
+        or f.exclude_genres
+        or f.types
+        or f.HasField("year_min")
+        or f.HasField("year_max")
+        or f.cold_start_only
+    )
     print(format_recommendations(resp.recommendations, a.explain, filtered))
     print(format_served_by(resp.served_by, resp.next_page_token))
 
@@ -167,8 +208,11 @@ def _print_ranked(resp, a: argparse.Namespace, header: str = "") -> None:
 def cmd_recommend(stub, a, md):
     if not a.titles and not a.id:
         raise UsageError("give at least one favourite title (or --id)")
-    req = gateway_pb2.RecommendRequest(favourites=[_ref(t) for t in a.titles] + [_ref(i) for i in a.id],
-                                       disliked=[_ref(t) for t in a.dislike], options=options(a))
+    req = gateway_pb2.RecommendRequest(
+        favourites=[_ref(t) for t in a.titles] + [_ref(i) for i in a.id],
+        disliked=[_ref(t) for t in a.dislike],
+        options=options(a),
+    )
     resp = stub.Recommend(req, timeout=a.timeout, metadata=md)
     header = format_resolved("favourites", resp.favourites)
     if resp.disliked:
@@ -185,14 +229,16 @@ def cmd_similar(stub, a, md):
 
 
 def cmd_search_text(stub, a, md):
-    resp = stub.SearchText(gateway_pb2.SearchTextRequest(query=a.query, options=options(a)),
-                           timeout=a.timeout, metadata=md)
+    resp = stub.SearchText(
+        gateway_pb2.SearchTextRequest(query=a.query, options=options(a)), timeout=a.timeout, metadata=md
+    )
     _print_ranked(resp, a)
 
 
 def cmd_for_user(stub, a, md):
-    resp = stub.RecommendForUser(common_pb2.RecommendForUserRequest(user_id=a.user_id, options=options(a)),
-                                 timeout=a.timeout, metadata=md)
+    resp = stub.RecommendForUser(
+        common_pb2.RecommendForUserRequest(user_id=a.user_id, options=options(a)), timeout=a.timeout, metadata=md
+    )
     _print_ranked(resp, a)
 
 
@@ -201,16 +247,28 @@ def cmd_import_mal(stub, a, md):
         data = Path(a.file).read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read {a.file}: {e.strerror or e}") from None
-    resp = stub.ImportMalList(gateway_pb2.ImportMalListRequest(mal_xml=data, min_score=a.min_score,
-                                                               options=options(a)), timeout=a.timeout, metadata=md)
+    resp = stub.ImportMalList(
+        gateway_pb2.ImportMalListRequest(mal_xml=data, min_score=a.min_score, options=options(a)),
+        timeout=a.timeout,
+        metadata=md,
+    )
     if a.json:
         return print(MessageToJson(resp))
     who = f" of {resp.username}" if resp.username else ""
-    print(f"read {resp.entries_read} entries{who} ({resp.entries_unknown} not in the catalogue); "
-          f"{len(resp.favourites)} favourites:")
-    print(table(["score", "weight", "status", "title"],
-                [[str(f.score or "-"), f"{f.weight:.2f}", f.status, _clip(f.title, _TITLE_WIDTH)]
-                 for f in resp.favourites[:a.show_favourites]], right=(0, 1)))
+    print(
+        f"read {resp.entries_read} entries{who} ({resp.entries_unknown} not in the catalogue); "
+        f"{len(resp.favourites)} favourites:"
+    )
+    print(
+        table(
+            ["score", "weight", "status", "title"],
+            [
+                [str(f.score or "-"), f"{f.weight:.2f}", f.status, _clip(f.title, _TITLE_WIDTH)]
+                for f in resp.favourites[: a.show_favourites]
+            ],
+            right=(0, 1),
+        )
+    )
     if len(resp.favourites) > a.show_favourites:
         print(f"... and {len(resp.favourites) - a.show_favourites} more")
     print()
@@ -218,8 +276,14 @@ def cmd_import_mal(stub, a, md):
 
 
 def cmd_add_anime(stub, a, md):
-    anime = common_pb2.AnimeInput(title=a.title, title_english=a.english_title, synonyms=a.synonym,
-                                  synopsis=a.synopsis, genres=a.genre, type=a.type or "")
+    anime = common_pb2.AnimeInput(
+        title=a.title,
+        title_english=a.english_title,
+        synonyms=a.synonym,
+        synopsis=a.synopsis,
+        genres=a.genre,
+        type=a.type or "",
+    )
     if a.year is not None:
         anime.year = a.year
     if a.episodes is not None:
@@ -228,24 +292,42 @@ def cmd_add_anime(stub, a, md):
     if a.id is not None:
         req.anime_id = a.id
     resp = stub.AddAnime(req, timeout=a.timeout, metadata=md)
-    print(f"{'added' if resp.created else 'replaced'} anime #{resp.anime_id} {a.title!r} "
-          f"(model {resp.model_version})")
+    print(f"{'added' if resp.created else 'replaced'} anime #{resp.anime_id} {a.title!r} (model {resp.model_version})")
 
 
 def cmd_resolve(stub, a, md):
-    resp = stub.ResolveTitles(gateway_pb2.ResolveTitlesRequest(query=a.query, limit=a.limit),
-                              timeout=a.timeout, metadata=md)
+    resp = stub.ResolveTitles(
+        gateway_pb2.ResolveTitlesRequest(query=a.query, limit=a.limit), timeout=a.timeout, metadata=md
+    )
     if not resp.candidates:
         return print("(no matches)")
-    print(table(["id", "title", "match", "matched name", "type", "year", "members"],
-                [[str(c.anime_id), _clip(c.title, _TITLE_WIDTH), f"{c.match_score:.0f}",
-                  _clip(c.matched_name, _TITLE_WIDTH), c.type or "-", str(c.year) if c.HasField("year") else "-",
-                  str(c.members)] for c in resp.candidates], right=(0, 2, 6)))
+    print(
+        table(
+            ["id", "title", "match", "matched name", "type", "year", "members"],
+            [
+                [
+                    str(c.anime_id),
+                    _clip(c.title, _TITLE_WIDTH),
+                    f"{c.match_score:.0f}",
+                    _clip(c.matched_name, _TITLE_WIDTH),
+                    c.type or "-",
+                    str(c.year) if c.HasField("year") else "-",
+                    str(c.members),
+                ]
+                for c in resp.candidates
+            ],
+            right=(0, 2, 6),
+        )
+    )
 
 
-FEEDBACK_KINDS = {"rated": common_pb2.FEEDBACK_KIND_RATED, "completed": common_pb2.FEEDBACK_KIND_COMPLETED,
-                  "dropped": common_pb2.FEEDBACK_KIND_DROPPED, "added": common_pb2.FEEDBACK_KIND_ADDED,
-                  "removed": common_pb2.FEEDBACK_KIND_REMOVED}
+FEEDBACK_KINDS = {
+    "rated": common_pb2.FEEDBACK_KIND_RATED,
+    "completed": common_pb2.FEEDBACK_KIND_COMPLETED,
+    "dropped": common_pb2.FEEDBACK_KIND_DROPPED,
+    "added": common_pb2.FEEDBACK_KIND_ADDED,
+    "removed": common_pb2.FEEDBACK_KIND_REMOVED,
+}
 
 
 class _EventAction(argparse.Action):
@@ -268,8 +350,9 @@ def feedback_event(kind: str, value: str, user_id: int, event_id: str) -> gatewa
         if not anime[3:].strip().isdigit():
             raise UsageError(f"id:ANIME_ID needs a number, got {anime!r}")
         ref = common_pb2.AnimeRef(anime_id=int(anime[3:]))
-    return gateway_pb2.FeedbackEvent(event_id=event_id, user_id=user_id, anime=ref, kind=FEEDBACK_KINDS[kind],
-                                     score=score)
+    return gateway_pb2.FeedbackEvent(
+        event_id=event_id, user_id=user_id, anime=ref, kind=FEEDBACK_KINDS[kind], score=score
+    )
 
 
 def cmd_feedback(stub, a, md):
@@ -284,9 +367,16 @@ def cmd_feedback(stub, a, md):
     resp = stub.RecordFeedback(req, timeout=a.timeout, metadata=md)
     if a.json:
         return print(MessageToJson(resp))
-    print(table(["event id", "kind", "anime", "id", "score"],
-                [[e.event_id, k, _clip(r.title or "?", _TITLE_WIDTH), str(r.anime_id), str(e.score or "-")]
-                 for e, (k, _), r in zip(req.events, events, resp.anime)], right=(3, 4)))
+    print(
+        table(
+            ["event id", "kind", "anime", "id", "score"],
+            [
+                [e.event_id, k, _clip(r.title or "?", _TITLE_WIDTH), str(r.anime_id), str(e.score or "-")]
+                for e, (k, _), r in zip(req.events, events, resp.anime)
+            ],
+            right=(3, 4),
+        )
+    )
     users = ", ".join(map(str, resp.updated_user_ids)) or "none (all duplicates)"
     print(f"applied {resp.applied}, duplicates {resp.duplicates}; users updated: {users} (model {resp.model_version})")
 
@@ -300,11 +390,15 @@ def cmd_info(stub, a, md):
         print("preset          quick: no MiniLM encodings (TF-IDF and metadata content); the full bundle replaces it")
     if m.next_model:
         print(f"next model      {m.next_model}")
-    print(f"encoder         {m.encoder_name} ({m.encoder_fingerprint}), {m.encoder_dim} dims; towers {m.tower_dim} dims")
+    print(
+        f"encoder         {m.encoder_name} ({m.encoder_fingerprint}), {m.encoder_dim} dims; towers {m.tower_dim} dims"
+    )
     print(f"items / users   {m.n_items} / {m.n_users}")
     if m.example_user_ids:
-        print(f"example users   {', '.join(map(str, m.example_user_ids))}  (for-user takes these, or any id given "
-              f"feedback)")
+        print(
+            f"example users   {', '.join(map(str, m.example_user_ids))}  (for-user takes these, or any id given "
+            f"feedback)"
+        )
     if not a.metrics:
         print(f"offline metrics {len(m.offline_metrics)} (--metrics lists them)")
         return
@@ -317,8 +411,9 @@ def cmd_users(stub, a, md):
     """User ids for-user accepts, one per line (so `for-user $(... users | head -1)` works)."""
     m = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=a.timeout, metadata=md).model
     if not m.example_user_ids:
-        raise UsageError(f"model {m.version} names no users (it has {m.n_users}); users known through feedback "
-                         f"are accepted too")
+        raise UsageError(
+            f"model {m.version} names no users (it has {m.n_users}); users known through feedback are accepted too"
+        )
     print("\n".join(map(str, m.example_user_ids[: a.limit])))
 
 
@@ -344,6 +439,7 @@ def cmd_call(channel, a, md):
 
 # ---- command line ------------------------------------------------------------------------------
 
+
 def _ranking_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ranking options")
     g.add_argument("--limit", type=int, default=10, help="results per page (server maximum 100)")
@@ -353,9 +449,14 @@ def _ranking_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--type", action="append", default=[], help="keep this media type: TV, Movie, OVA, ... (repeatable)")
     g.add_argument("--year-min", type=int, default=None)
     g.add_argument("--year-max", type=int, default=None)
-    g.add_argument("--new-only", "--cold-start-only", dest="cold_start_only", action="store_true",
-                   help="keep only anime without ratings in the model's training data (new, unrated or held-out "
-                        "anime, marked * or †): what is new for this query")
+    g.add_argument(
+        "--new-only",
+        "--cold-start-only",
+        dest="cold_start_only",
+        action="store_true",
+        help="keep only anime without ratings in the model's training data (new, unrated or held-out "
+        "anime, marked * or †): what is new for this query",
+    )
     g.add_argument("--diversity", type=float, default=0.0, help="0 (relevance only) .. 1 (novelty only)")
     g.add_argument("--strategy", choices=sorted(STRATEGIES), default="auto")
     g.add_argument("--include-liked", action="store_true", help="allow the query's own anime in the results")
@@ -366,22 +467,40 @@ def _ranking_options(p: argparse.ArgumentParser) -> None:
 def _connection_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     """Accepted before and after the command; the command's copy only overrides when given."""
     d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
-    p.add_argument("--address", default=d(os.environ.get("A2V_GATEWAY_ADDRESS", DEFAULT_ADDRESS)),
-                   help="gateway host:port (env A2V_GATEWAY_ADDRESS)")
+    p.add_argument(
+        "--address",
+        default=d(os.environ.get("A2V_GATEWAY_ADDRESS", DEFAULT_ADDRESS)),
+        help="gateway host:port (env A2V_GATEWAY_ADDRESS)",
+    )
     p.add_argument("--api-key", default=d(os.environ.get("A2V_API_KEY", "")), help="API key (env A2V_API_KEY)")
     p.add_argument("--timeout", type=float, default=d(30.0), help="deadline per call, seconds")
     env = os.environ.get
-    p.add_argument("--tls", action="store_true", default=d(False),
-                   help="dial over TLS, verifying the gateway against the public roots (implied by --tls-ca-file)")
-    p.add_argument("--tls-ca-file", default=d(env("A2V_CLIENT_TLS_CA_FILE", "")),
-                   help="PEM CA bundle the gateway's certificate must chain to (env A2V_CLIENT_TLS_CA_FILE)")
-    p.add_argument("--tls-cert-file", default=d(env("A2V_CLIENT_TLS_CERT_FILE", "")),
-                   help="PEM client certificate, for mutual TLS (env A2V_CLIENT_TLS_CERT_FILE)")
-    p.add_argument("--tls-key-file", default=d(env("A2V_CLIENT_TLS_KEY_FILE", "")),
-                   help="PEM key of --tls-cert-file (env A2V_CLIENT_TLS_KEY_FILE)")
-    p.add_argument("--tls-server-name", default=d(env("A2V_CLIENT_TLS_SERVER_NAME", "")),
-                   help="name expected in the gateway's certificate, if not the address's host "
-                        "(env A2V_CLIENT_TLS_SERVER_NAME)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        default=d(False),
+        help="dial over TLS, verifying the gateway against the public roots (implied by --tls-ca-file)",
+    )
+    p.add_argument(
+        "--tls-ca-file",
+        default=d(env("A2V_CLIENT_TLS_CA_FILE", "")),
+        help="PEM CA bundle the gateway's certificate must chain to (env A2V_CLIENT_TLS_CA_FILE)",
+    )
+    p.add_argument(
+        "--tls-cert-file",
+        default=d(env("A2V_CLIENT_TLS_CERT_FILE", "")),
+        help="PEM client certificate, for mutual TLS (env A2V_CLIENT_TLS_CERT_FILE)",
+    )
+    p.add_argument(
+        "--tls-key-file",
+        default=d(env("A2V_CLIENT_TLS_KEY_FILE", "")),
+        help="PEM key of --tls-cert-file (env A2V_CLIENT_TLS_KEY_FILE)",
+    )
+    p.add_argument(
+        "--tls-server-name",
+        default=d(env("A2V_CLIENT_TLS_SERVER_NAME", "")),
+        help="name expected in the gateway's certificate, if not the address's host (env A2V_CLIENT_TLS_SERVER_NAME)",
+    )
 
 
 def client_tls(a: argparse.Namespace) -> ClientTLS | None:
@@ -397,8 +516,9 @@ def client_tls(a: argparse.Namespace) -> ClientTLS | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m anime2vec.client", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m anime2vec.client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _connection_options(ap, defaults=True)
     connection = argparse.ArgumentParser(add_help=False)
     _connection_options(connection, defaults=False)
@@ -406,7 +526,6 @@ def parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[connection])
-
 
     p = add("recommend", help="recommendations for favourite anime")
     p.add_argument("titles", nargs="*", help="favourite titles (fuzzy-matched)")
@@ -426,17 +545,32 @@ def parser() -> argparse.ArgumentParser:
     _ranking_options(p)
     p.set_defaults(run=cmd_search_text)
 
-    p = add("feedback", help="record what a user did (rated, completed, dropped, added, removed); "
-                             "their recommendations change at once")
+    p = add(
+        "feedback",
+        help="record what a user did (rated, completed, dropped, added, removed); their recommendations change at once",
+    )
     p.add_argument("--user", type=int, required=True, help="user id (a new id becomes a known user)")
-    for kind, what in (("rated", "TITLE=SCORE (1..10)"), ("completed", "TITLE or TITLE=SCORE"),
-                       ("dropped", "TITLE or TITLE=SCORE"), ("added", "TITLE (plan to watch)"),
-                       ("removed", "TITLE (off the list)")):
-        p.add_argument(f"--{kind}", dest=kind, action=_EventAction, metavar="ANIME",
-                       help=f"{what}; id:ANIME_ID instead of a title; repeatable, order kept")
-    p.add_argument("--event-id", action="append", default=[],
-                   help="id of the next event, in order (repeatable; default a new UUID each): resend the same "
-                        "ids to retry safely")
+    for kind, what in (
+        ("rated", "TITLE=SCORE (1..10)"),
+        ("completed", "TITLE or TITLE=SCORE"),
+        ("dropped", "TITLE or TITLE=SCORE"),
+        ("added", "TITLE (plan to watch)"),
+        ("removed", "TITLE (off the list)"),
+    ):
+        p.add_argument(
+            f"--{kind}",
+            dest=kind,
+            action=_EventAction,
+            metavar="ANIME",
+            help=f"{what}; id:ANIME_ID instead of a title; repeatable, order kept",
+        )
+    p.add_argument(
+        "--event-id",
+        action="append",
+        default=[],
+        help="id of the next event, in order (repeatable; default a new UUID each): resend the same "
+        "ids to retry safely",
+    )
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
     p.set_defaults(run=cmd_feedback)
 
@@ -478,12 +612,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(run=cmd_users)
 
-    p = add("call", help="any RPC with a JSON request, through server reflection (like grpcurl); "
-                         "'call list' lists the services")
-    p.add_argument("method", help="e.g. Recommend, anime2vec.v1.GatewayService/Recommend, "
-                                  "grpc.health.v1.Health/Check; 'list' for the services")
-    p.add_argument("request", nargs="?", default="{}",
-                   help="the request as JSON (default {}); @FILE reads it from a file, - from stdin")
+    p = add(
+        "call",
+        help="any RPC with a JSON request, through server reflection (like grpcurl); 'call list' lists the services",
+    )
+    p.add_argument(
+        "method",
+        help="e.g. Recommend, anime2vec.v1.GatewayService/Recommend, "
+        "grpc.health.v1.Health/Check; 'list' for the services",
+    )
+    p.add_argument(
+        "request",
+        nargs="?",
+        default="{}",
+        help="the request as JSON (default {}); @FILE reads it from a file, - from stdin",
+    )
     p.add_argument("--describe", action="store_true", help="show the methods of the service METHOD names")
     p.set_defaults(run=cmd_call, raw_channel=True)
     return ap
@@ -507,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except BrokenPipeError:   # piped into `head`: the reader has all it wants
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit flush
+        except BrokenPipeError:  # piped into `head`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
     return 0
 
 

@@ -42,14 +42,19 @@ class FeedbackEvent:
     user_id: int
     anime_id: int
     kind: str
-    score: int | None = None          # 1..10; required for "rated", optional for completed/dropped
+    score: int | None = None  # 1..10; required for "rated", optional for completed/dropped
     occurred_at: float | None = None  # unix seconds, as the client says; None if not given
     received_at: float | None = None  # unix seconds, set by the store when recorded
 
     def same_event(self, other: "FeedbackEvent") -> bool:
         """Same content, whenever it was received (what a retry sends again)."""
-        return ((self.user_id, self.anime_id, self.kind, self.score, self.occurred_at)
-                == (other.user_id, other.anime_id, other.kind, other.score, other.occurred_at))
+        return (self.user_id, self.anime_id, self.kind, self.score, self.occurred_at) == (
+            other.user_id,
+            other.anime_id,
+            other.kind,
+            other.score,
+            other.occurred_at,
+        )
 
 
 def validate_event(e: FeedbackEvent) -> str | None:
@@ -57,7 +62,7 @@ def validate_event(e: FeedbackEvent) -> str | None:
     own field paths first; this keeps the store consistent whoever calls it."""
     if not e.event_id or len(e.event_id) > MAX_EVENT_ID_LENGTH:
         return f"event_id: must be 1..{MAX_EVENT_ID_LENGTH} characters"
-    if "\x00" in e.event_id:   # PostgreSQL's text cannot hold it: refused on both backends alike
+    if "\x00" in e.event_id:  # PostgreSQL's text cannot hold it: refused on both backends alike
         return "event_id: must not contain NUL characters"
     if e.user_id <= 0:
         return "user_id: must be > 0"
@@ -76,9 +81,9 @@ def validate_event(e: FeedbackEvent) -> str | None:
 
 @dataclass
 class RecordResult:
-    applied: int                                   # events newly stored
-    duplicates: int                                # events whose id was already stored (or repeated in the batch)
-    users: set[int] = field(default_factory=set)   # users with at least one newly stored event
+    applied: int  # events newly stored
+    duplicates: int  # events whose id was already stored (or repeated in the batch)
+    users: set[int] = field(default_factory=set)  # users with at least one newly stored event
     outcomes: list[str] = field(default_factory=list)  # per event of the batch: "applied" / "duplicate"
 
 
@@ -86,9 +91,11 @@ class FeedbackConflict(ValueError):
     """Event ids reused for different events; nothing of the batch was written."""
 
     def __init__(self, conflicts: list[tuple[int, str]]):
-        self.conflicts = conflicts   # (position in the batch, event_id)
-        super().__init__("event id already used for a different event: "
-                         + ", ".join(f"events[{i}] {eid!r}" for i, eid in conflicts[:5]))
+        self.conflicts = conflicts  # (position in the batch, event_id)
+        super().__init__(
+            "event id already used for a different event: "
+            + ", ".join(f"events[{i}] {eid!r}" for i, eid in conflicts[:5])
+        )
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -103,7 +110,7 @@ def check_sqlite_file(path: Path) -> None:
             head = f.read(len(SQLITE_HEADER))
     except FileNotFoundError:
         return
-    except OSError as e:   # unreadable now (a directory, permissions, I/O): nothing known about the content
+    except OSError as e:  # unreadable now (a directory, permissions, I/O): nothing known about the content
         raise sqlite3.OperationalError(f"cannot read {path}: {e}") from e
     if head and head != SQLITE_HEADER:
         raise sqlite3.DatabaseError(f"file is not a database (it starts with {head[:8]!r}, not the SQLite header)")
@@ -126,13 +133,13 @@ class FeedbackStore:
         try:
             self._db.execute("PRAGMA busy_timeout=10000")  # a second process (retraining) may read
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
-            migrate_sqlite(self._db, "sqlite_feedback")   # anime2vec/store/sql/sqlite_feedback/
+            self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
+            migrate_sqlite(self._db, "sqlite_feedback")  # anime2vec/store/sql/sqlite_feedback/
             # a damaged page may only surface when read: find out at opening, not in a request
             problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
-        except sqlite3.DatabaseError:   # not a database, or a damaged one: the caller decides
+        except sqlite3.DatabaseError:  # not a database, or a damaged one: the caller decides
             self._db.close()
             raise
         self._lock = threading.Lock()
@@ -169,8 +176,8 @@ class FeedbackStore:
                         continue
                     self._db.execute(
                         "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (e.event_id, int(e.user_id), int(e.anime_id), e.kind, e.score,
-                         e.occurred_at, now))
+                        (e.event_id, int(e.user_id), int(e.anime_id), e.kind, e.score, e.occurred_at, now),
+                    )
                     seen[e.event_id] = e
                     outcomes.append("applied")
                     applied += 1
@@ -191,14 +198,14 @@ class FeedbackStore:
     def events_for_user(self, user_id: int) -> list[FeedbackEvent]:
         """The user's events in the order they were received."""
         with timed(self.observe, "feedback", "events_for_user", _classify), self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM events WHERE user_id=? ORDER BY rowid", (int(user_id),)).fetchall()
+            rows = self._db.execute("SELECT * FROM events WHERE user_id=? ORDER BY rowid", (int(user_id),)).fetchall()
         return [_event(r) for r in rows]
 
     def has_user(self, user_id: int) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM events WHERE user_id=? LIMIT 1",
-                                    (int(user_id),)).fetchone() is not None
+            return (
+                self._db.execute("SELECT 1 FROM events WHERE user_id=? LIMIT 1", (int(user_id),)).fetchone() is not None
+            )
 
     def count(self) -> int:
         with self._lock:
@@ -213,8 +220,17 @@ class FeedbackStore:
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY rowid", args).fetchall()
         df = pd.DataFrame(rows, columns=COLUMNS)
-        return df.astype({"event_id": object, "user_id": np.int64, "anime_id": np.int64, "kind": object,
-                          "score": np.float64, "occurred_at": np.float64, "received_at": np.float64})
+        return df.astype(
+            {
+                "event_id": object,
+                "user_id": np.int64,
+                "anime_id": np.int64,
+                "kind": object,
+                "score": np.float64,
+                "occurred_at": np.float64,
+                "received_at": np.float64,
+            }
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -226,8 +242,15 @@ def _classify(e: BaseException) -> str:
 
 
 def _event(r) -> FeedbackEvent:
-    return FeedbackEvent(r[0], int(r[1]), int(r[2]), r[3], None if r[4] is None else int(r[4]),
-                         None if r[5] is None else float(r[5]), float(r[6]))
+    return FeedbackEvent(
+        r[0],
+        int(r[1]),
+        int(r[2]),
+        r[3],
+        None if r[4] is None else int(r[4]),
+        None if r[5] is None else float(r[5]),
+        float(r[6]),
+    )
 
 
 # --- events -> confidences ----------------------------------------------------------------------
@@ -293,12 +316,20 @@ def interactions_from_events(events: pd.DataFrame) -> pd.DataFrame:
     confidence, positive), one per (user, anime) still listed: the form training consumes."""
     rows = []
     for uid, group in events.groupby("user_id", sort=True):
-        evs = [FeedbackEvent(r.event_id, int(r.user_id), int(r.anime_id), r.kind,
-                             None if pd.isna(r.score) else int(r.score),
-                             None if pd.isna(r.occurred_at) else float(r.occurred_at),
-                             float(r.received_at))
-               for r in group.itertuples(index=False)]
+        evs = [
+            FeedbackEvent(
+                r.event_id,
+                int(r.user_id),
+                int(r.anime_id),
+                r.kind,
+                None if pd.isna(r.score) else int(r.score),
+                None if pd.isna(r.occurred_at) else float(r.occurred_at),
+                float(r.received_at),
+            )
+            for r in group.itertuples(index=False)
+        ]
         for aid, c in user_confidences(evs).items():
             rows.append((int(uid), aid, np.float32(c), c > 0))
     return pd.DataFrame(rows, columns=["user_id", "anime_id", "confidence", "positive"]).astype(
-        {"user_id": np.int64, "anime_id": np.int64, "confidence": np.float32, "positive": bool})
+        {"user_id": np.int64, "anime_id": np.int64, "confidence": np.float32, "positive": bool}
+    )

@@ -30,10 +30,21 @@ from .process_groups import spawn, stop_group
 # Seconds each remaining step takes on the full data on 2 shared cores (measured, manifests of
 # 2026-12): what the ETA adds up for steps not started yet. The encode's own progress bar gives
 # its remaining time; cached encodings take seconds.
-FULL_STEP_SECONDS = {"load data": 5, "build splits": 2, "tf-idf": 10, "encode (cached) + whiten": 1000,
-                     "recommendation graph": 1, "fit wmf": 45, "fit ease": 100, "fit popularity": 1,
-                     "fit and tune anime2vec-hybrid": 600, "evaluate": 180, "export": 30, "trade-off": 60,
-                     "gate": 120}
+FULL_STEP_SECONDS = {
+    "load data": 5,
+    "build splits": 2,
+    "tf-idf": 10,
+    "encode (cached) + whiten": 1000,
+    "recommendation graph": 1,
+    "fit wmf": 45,
+    "fit ease": 100,
+    "fit popularity": 1,
+    "fit and tune anime2vec-hybrid": 600,
+    "evaluate": 180,
+    "export": 30,
+    "trade-off": 60,
+    "gate": 120,
+}
 # The gate's metrics for quick → full: what no calibration choice moves (favourites among known
 # anime, cold anime among cold anime) and the users' recent feedback. Warm and cold_whole rank in
 # the whole catalogue, where the group offsets draw the line between warm and cold anime; the
@@ -42,8 +53,10 @@ FULL_STEP_SECONDS = {"load data": 5, "build splits": 2, "tf-idf": 10, "encode (c
 GATE_METRICS = ("fav_k5/recall@100", "cold_test_items/recall@100", "recent/recall@100")
 STEP = re.compile(r"▶ (.+)$")
 # tqdm: "encode:  41%|████      | 6712/16371 [06:12<08:55, 18.0it/s]"
-BAR = re.compile(r"(?:(?P<desc>[\w ()+-]+): +)?(?P<pct>\d+)%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+) "
-                 r"\[(?P<spent>[\d:]+)<(?P<left>[\d:?]+)")
+BAR = re.compile(
+    r"(?:(?P<desc>[\w ()+-]+): +)?(?P<pct>\d+)%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+) "
+    r"\[(?P<spent>[\d:]+)<(?P<left>[\d:?]+)"
+)
 
 
 def _seconds(clock: str) -> float | None:
@@ -65,6 +78,7 @@ def _step_key(step: str) -> str:
 @dataclass
 class Progress:
     """What the training log says so far: the current step, its progress bar, the steps seen."""
+
     step: str = "starting"
     bar: str = ""
     bar_left_s: float | None = None
@@ -108,14 +122,24 @@ def _minutes(s: float) -> str:
 class NextBundle:
     """Train the full bundle, then gate it against what serves; poll() advances and reports."""
 
-    def __init__(self, *, store: Path, sample: bool, report_dir: Path, ranker_data_dir: Path,
-                 status_file: Path, log_path: Path, env: dict[str, str], gate_queries: int = 1000,
-                 gate_tolerance: float = 0.02):
+    def __init__(
+        self,
+        *,
+        store: Path,
+        sample: bool,
+        report_dir: Path,
+        ranker_data_dir: Path,
+        status_file: Path,
+        log_path: Path,
+        env: dict[str, str],
+        gate_queries: int = 1000,
+        gate_tolerance: float = 0.02,
+    ):
         self.store, self.sample, self.report_dir = store, sample, report_dir
         self.ranker_data_dir, self.status_file, self.log_path = ranker_data_dir, status_file, log_path
         self.env, self.gate_queries, self.gate_tolerance = env, gate_queries, gate_tolerance
         self.proc: subprocess.Popen | None = None
-        self.stage = "idle"            # idle → train → gate → done
+        self.stage = "idle"  # idle → train → gate → done
         self.outcome: str | None = None
         self.progress = Progress()
         self._read = 0
@@ -128,17 +152,45 @@ class NextBundle:
     # ---- steps -------------------------------------------------------------------------
     def start(self) -> None:
         self._started = time.monotonic()
-        cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--store", str(self.store),
-               "--report-dir", str(self.report_dir), "--models", "popularity,wmf,ease,anime2vec-hybrid"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "anime2vec.cli",
+            "train",
+            "--store",
+            str(self.store),
+            "--report-dir",
+            str(self.report_dir),
+            "--models",
+            "popularity,wmf,ease,anime2vec-hybrid",
+        ]
         self._spawn("train", cmd + (["--sample"] if self.sample else []))
-        self._say("training the full bundle (MiniLM encodings) in the background; the quick bundle serves "
-                  f"meanwhile (log: {self.log_path})")
+        self._say(
+            "training the full bundle (MiniLM encodings) in the background; the quick bundle serves "
+            f"meanwhile (log: {self.log_path})"
+        )
 
     def _gate(self, version: str) -> None:
-        cmd = [sys.executable, "-m", "anime2vec.cli", "retrain", "--candidate", version, "--store", str(self.store),
-               "--ranker-data-dir", str(self.ranker_data_dir),
-               "--events", str(self.ranker_data_dir / "feedback.sqlite"), "--gate-queries", str(self.gate_queries),
-               "--gate-metrics", ",".join(GATE_METRICS), "--tolerance", str(self.gate_tolerance)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "anime2vec.cli",
+            "retrain",
+            "--candidate",
+            version,
+            "--store",
+            str(self.store),
+            "--ranker-data-dir",
+            str(self.ranker_data_dir),
+            "--events",
+            str(self.ranker_data_dir / "feedback.sqlite"),
+            "--gate-queries",
+            str(self.gate_queries),
+            "--gate-metrics",
+            ",".join(GATE_METRICS),
+            "--tolerance",
+            str(self.gate_tolerance),
+        ]
         self._spawn("gate", cmd + (["--sample"] if self.sample else []))
         self.progress = Progress(step="gate", seen=tuple(FULL_STEP_SECONDS), step_started=time.monotonic())
         self._say(f"full bundle {version} trained; the quality gate compares it with the serving bundle")
@@ -147,8 +199,15 @@ class NextBundle:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._read = log.tell()
-            spawn(cmd, lambda proc: setattr(self, "proc", proc), cwd=REPO_ROOT, env=self.env,
-                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            spawn(
+                cmd,
+                lambda proc: setattr(self, "proc", proc),
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.stage = stage
 
     # ---- polling -----------------------------------------------------------------------
@@ -158,7 +217,7 @@ class NextBundle:
             return
         for step in self.progress.feed(self._new_log_text()):
             key = _step_key(step)
-            if self.stage == "train" and key not in self._printed:   # one line per stage, not per grid point
+            if self.stage == "train" and key not in self._printed:  # one line per stage, not per grid point
                 self._printed.add(key)
                 eta = self.progress.eta_s(self.sample)
                 print(f"[full bundle] {key}" + (f" ({_minutes(eta)})" if eta is not None else ""), flush=True)
@@ -169,8 +228,10 @@ class NextBundle:
         if self.stage == "train":
             version = self._trained_version() if rc == 0 else None
             if version is None:
-                return self._finish(f"training the full bundle failed (exit status {rc}); the quick bundle keeps "
-                                    f"serving. See {self.log_path}")
+                return self._finish(
+                    f"training the full bundle failed (exit status {rc}); the quick bundle keeps "
+                    f"serving. See {self.log_path}"
+                )
             return self._gate(version)
         self._finish(self._decision_line(rc))
 
@@ -208,10 +269,14 @@ class NextBundle:
         d = decisions[-1]
         reasons = "; ".join(d.get("reasons") or [])
         if d.get("decision") == "promoted":
-            return (f"full bundle {d.get('candidate')} passed the quality gate and is promoted: the ranker serves it "
-                    f"within seconds (was {d.get('current')})")
-        return (f"the quality gate {d.get('decision')} full bundle {d.get('candidate')}: {reasons or 'see the log'}; "
-                f"{d.get('current')} keeps serving (decision log {self.store / 'retrain-decisions.jsonl'})")
+            return (
+                f"full bundle {d.get('candidate')} passed the quality gate and is promoted: the ranker serves it "
+                f"within seconds (was {d.get('current')})"
+            )
+        return (
+            f"the quality gate {d.get('decision')} full bundle {d.get('candidate')}: {reasons or 'see the log'}; "
+            f"{d.get('current')} keeps serving (decision log {self.store / 'retrain-decisions.jsonl'})"
+        )
 
     def _finish(self, line: str) -> None:
         self.stage, self.outcome, self.proc = "done", line, None
@@ -228,9 +293,17 @@ class NextBundle:
         tmp = self.status_file.with_name(f".{self.status_file.name}.tmp")
         try:
             self.status_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"status": status, "stage": self.stage, "updated": time.time(),
-                                       "elapsed_s": round(time.monotonic() - self._started, 1)}))
-            os.replace(tmp, self.status_file)   # atomic: the ranker never reads half a file
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "status": status,
+                        "stage": self.stage,
+                        "updated": time.time(),
+                        "elapsed_s": round(time.monotonic() - self._started, 1),
+                    }
+                )
+            )
+            os.replace(tmp, self.status_file)  # atomic: the ranker never reads half a file
         except OSError:
             pass
 

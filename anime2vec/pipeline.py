@@ -46,16 +46,34 @@ from .paths import default_cache_dir, default_model_store
 log = logging.getLogger(__name__)
 
 SERVING_MODEL = "anime2vec-hybrid"
-ALL_MODELS = ("popularity", "item-knn", "wmf", "ease", "rp3beta", "content-knn-tfidf", "content-knn-tfidf-graph",
-              "content-knn-minilm", "content-knn-all", "content-bilinear",
-              "dropoutnet-tfidf", "dropoutnet-tfidf-graph", "dropoutnet-minilm", "dropoutnet-minilm-graph",
-              "dropoutnet-pretrained", "dropoutnet-pretrained-graph", "anime2vec-hybrid")
+ALL_MODELS = (
+    "popularity",
+    "item-knn",
+    "wmf",
+    "ease",
+    "rp3beta",
+    "content-knn-tfidf",
+    "content-knn-tfidf-graph",
+    "content-knn-minilm",
+    "content-knn-all",
+    "content-bilinear",
+    "dropoutnet-tfidf",
+    "dropoutnet-tfidf-graph",
+    "dropoutnet-minilm",
+    "dropoutnet-minilm-graph",
+    "dropoutnet-pretrained",
+    "dropoutnet-pretrained-graph",
+    "anime2vec-hybrid",
+)
 # DropoutNet variants by the content their item tower reads: text encodings ("tfidf": SVD of
 # TF-IDF, "minilm": static MiniLM, "pretrained": the in-domain MLM-adapted MiniLM), optionally
 # with the recommendation-graph block (features/graph.py). Report-only since the served hybrid
 # became EASE + the bilinear content model (models/hybrid.py).
-DROPOUTNET_VARIANTS = {f"dropoutnet-{text}{'-graph' if g else ''}": (text, g)
-                       for text in ("tfidf", "minilm", "pretrained") for g in (False, True)}
+DROPOUTNET_VARIANTS = {
+    f"dropoutnet-{text}{'-graph' if g else ''}": (text, g)
+    for text in ("tfidf", "minilm", "pretrained")
+    for g in (False, True)
+}
 
 
 @dataclass
@@ -64,26 +82,26 @@ class TrainConfig:
     sample: bool = False
     seed: int = 0
     recipe: str = "default"
-    encoder: str = "minilm"              # "minilm" (real weights) or "tiny-random" (plumbing tests)
+    encoder: str = "minilm"  # "minilm" (real weights) or "tiny-random" (plumbing tests)
     # False: the quick bundle (`quick()`): nothing is encoded; the hybrid's content is TF-IDF +
     # metadata. The bundle still names the encoder, which encodes added anime for later bundles.
     encoder_block: bool = True
     # directory of an in-domain pre-trained encoder (`anime2vec pretrain`); enables the
     # dropoutnet-pretrained* variants. "tiny-random" here means a second tiny encoder (tests).
     pretrained_encoder: str | None = None
-    graph_alphas: tuple[float, ...] = (0.5, 0.8)   # APPNP teleport weights tried for content-kNN + graph
+    graph_alphas: tuple[float, ...] = (0.5, 0.8)  # APPNP teleport weights tried for content-kNN + graph
     graph_hops: int = 2
     # None: the served hybrid's group offsets predict a user's next interactions, warm and cold
     # (models/hybrid.py); a number: also keep its own scenario's validation recall (warm for known
     # users, favourites) at ≥ (1 − tolerance) of the warm-only blend's (a product floor)
     hybrid_tolerance: float | None = None
-    hybrid_starts: tuple[float, ...] = STAGE2_STARTS   # stage 2's starting offsets (models/hybrid.py)
+    hybrid_starts: tuple[float, ...] = STAGE2_STARTS  # stage 2's starting offsets (models/hybrid.py)
     ease_lambdas: tuple[float, ...] = (300.0, 1000.0, 3000.0)
-    ease_rank: int = 256                 # the served, factored EASE (models/ease.py)
+    ease_rank: int = 256  # the served, factored EASE (models/ease.py)
     rp3beta_grid: tuple[dict, ...] = ({"alpha": 1.0, "beta": 0.3}, {"alpha": 1.0, "beta": 0.5})
     bilinear_grid: tuple[dict, ...] = ({"lam": 10.0, "mu": 10.0}, {"lam": 1.0, "mu": 1.0})
-    content_rank: int = 128              # the bilinear map as two thin matrices in the served vectors
-    whiten: str = "center"               # see features/whiten.py
+    content_rank: int = 128  # the bilinear map as two thin matrices in the served vectors
+    whiten: str = "center"  # see features/whiten.py
     cache_dir: Path = field(default_factory=default_cache_dir)
     store: Path = field(default_factory=default_model_store)
     models: tuple[str, ...] = ALL_MODELS
@@ -98,8 +116,8 @@ class TrainConfig:
     dropoutnet: DropoutNetConfig = field(default_factory=DropoutNetConfig)
     # a split supplied from outside (data/dataset.py ExternalSplit); None: the seeded random split
     split: ExternalSplit | None = None
-    val_queries: int = 600               # per validation scenario (selection)
-    test_queries: int | None = None      # None: every test query
+    val_queries: int = 600  # per validation scenario (selection)
+    test_queries: int | None = None  # None: every test query
     progress: bool = True
 
     @classmethod
@@ -109,10 +127,19 @@ class TrainConfig:
         validation and test queries, one start for the hybrid's stage 2 (where the full data's
         validation ended best): minutes instead of the MiniLM encode's ~20. Recall is
         somewhat lower (README); the full bundle replaces it through the quality gate."""
-        return cls(**{"encoder_block": False, "models": ("popularity", "wmf", "ease", SERVING_MODEL),
-                      "ease_lambdas": (300.0,), "bilinear_grid": ({"lam": 10.0, "mu": 10.0},),
-                      "wmf_grid": ({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
-                      "val_queries": 300, "test_queries": 500, "hybrid_starts": (-1.0,), **kw})
+        return cls(
+            **{
+                "encoder_block": False,
+                "models": ("popularity", "wmf", "ease", SERVING_MODEL),
+                "ease_lambdas": (300.0,),
+                "bilinear_grid": ({"lam": 10.0, "mu": 10.0},),
+                "wmf_grid": ({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
+                "val_queries": 300,
+                "test_queries": 500,
+                "hybrid_starts": (-1.0,),
+                **kw,
+            }
+        )
 
     @property
     def preset(self) -> str:
@@ -120,8 +147,11 @@ class TrainConfig:
 
     def describe(self) -> dict:
         d = asdict(dataclasses.replace(self, split=None))
-        d["split"] = None if self.split is None else {
-            k: int(len(getattr(self.split, k))) for k in ExternalSplit.__dataclass_fields__}
+        d["split"] = (
+            None
+            if self.split is None
+            else {k: int(len(getattr(self.split, k))) for k in ExternalSplit.__dataclass_fields__}
+        )
         d["dropoutnet"] = self.dropoutnet.to_dict()
         for k in ("data_dir", "cache_dir", "store"):
             d[k] = str(d[k]) if d[k] is not None else None
@@ -135,20 +165,20 @@ class Prepared:
     config: TrainConfig
     data: MalData
     ds: Dataset
-    catalog: pd.DataFrame                # rows aligned to ds.item_ids
+    catalog: pd.DataFrame  # rows aligned to ds.item_ids
     texts: list[str]
     tfidf: TfidfFeatures
     tfidf_sparse: sp.csr_matrix
     tfidf_dense: np.ndarray
-    encoder: TextEncoder                 # also without an encoder block: it encodes added anime
-    minilm_raw: np.ndarray | None        # None: no encoder block (TrainConfig.encoder_block)
+    encoder: TextEncoder  # also without an encoder block: it encodes added anime
+    minilm_raw: np.ndarray | None  # None: no encoder block (TrainConfig.encoder_block)
     whitener: Whitener | None
-    minilm: np.ndarray | None            # whitened, L2-normalised
-    graph: sp.csr_matrix | None = None   # recommendation-pair adjacency over ds.item_ids
+    minilm: np.ndarray | None  # whitened, L2-normalised
+    graph: sp.csr_matrix | None = None  # recommendation-pair adjacency over ds.item_ids
     pretrained_encoder: TextEncoder | None = None
     pretrained_whitener: Whitener | None = None
-    pretrained: np.ndarray | None = None # whitened encodings of the pre-trained encoder
-    metadata: ItemMetadata | None = None # day-one facts: type, year, episodes, genres
+    pretrained: np.ndarray | None = None  # whitened encodings of the pre-trained encoder
+    metadata: ItemMetadata | None = None  # day-one facts: type, year, episodes, genres
     meta: np.ndarray | None = None
     timings: dict = field(default_factory=dict)
 
@@ -194,7 +224,7 @@ def timed_step(timings: dict, name: str):
 
 
 def make_encoder(kind: str) -> TextEncoder:
-    """"minilm", "tiny-random", or a transformers model directory (e.g. a pre-trained encoder)."""
+    """ "minilm", "tiny-random", or a transformers model directory (e.g. a pre-trained encoder)."""
     if kind == "minilm":
         return TextEncoder()
     if kind == "tiny-random":
@@ -242,16 +272,24 @@ def prepare(cfg: TrainConfig, extend_dataset: Callable[[Dataset], Dataset] | Non
     p.meta = p.metadata.transform(catalog)
     if cfg.pretrained_encoder:
         with timed_step(t, "encode with the pre-trained encoder (cached) + whiten"):
-            p.pretrained_encoder = (TextEncoder.tiny_random(seed=1) if cfg.pretrained_encoder == "tiny-random"
-                                    else TextEncoder(Path(cfg.pretrained_encoder)))
-            _, p.pretrained_whitener, p.pretrained = _encode_whitened(cfg, p.pretrained_encoder, texts, ds, t,
-                                                                      "encode_pretrained")
+            p.pretrained_encoder = (
+                TextEncoder.tiny_random(seed=1)
+                if cfg.pretrained_encoder == "tiny-random"
+                else TextEncoder(Path(cfg.pretrained_encoder))
+            )
+            _, p.pretrained_whitener, p.pretrained = _encode_whitened(
+                cfg, p.pretrained_encoder, texts, ds, t, "encode_pretrained"
+            )
     with timed_step(t, "recommendation graph"):
         p.graph = rec_graph(data.recs, ds.item_ids)
         deg = np.asarray(p.graph.getnnz(axis=1))
-        t["graph"] = {"edges": int(p.graph.nnz // 2),
-                      **{f"{n}_items_with_edges": round(float(np.mean(deg[idx] > 0)), 4)
-                         for n, idx in (("train", ds.train_items), ("val", ds.val_items), ("test", ds.test_items))}}
+        t["graph"] = {
+            "edges": int(p.graph.nnz // 2),
+            **{
+                f"{n}_items_with_edges": round(float(np.mean(deg[idx] > 0)), 4)
+                for n, idx in (("train", ds.train_items), ("val", ds.val_items), ("test", ds.test_items))
+            },
+        }
     return p
 
 
@@ -278,8 +316,9 @@ def val_recall(model: Recommender, scs: list[Scenario], k: int = 100) -> dict[st
     return out
 
 
-def _select(kind: str, grid, build: Callable[[dict], Recommender], scs: list[Scenario],
-            timings: dict, keep: list | None = None) -> tuple[Recommender, list[dict]]:
+def _select(
+    kind: str, grid, build: Callable[[dict], Recommender], scs: list[Scenario], timings: dict, keep: list | None = None
+) -> tuple[Recommender, list[dict]]:
     """Fit each setting, keep the best by mean validation recall@100 over `scs` (`keep`: a list
     that receives every fitted model)."""
     trials, best, best_score = [], None, -1.0
@@ -300,8 +339,13 @@ def _select(kind: str, grid, build: Callable[[dict], Recommender], scs: list[Sce
 def select_wmf(p: Prepared, scs: list[Scenario]) -> tuple[WMF, list[dict]]:
     """Grid over WMF hyper-parameters; by mean validation recall@100 (warm + favourites)."""
     cfg = p.config
-    return _select("wmf", cfg.wmf_grid, lambda kw: WMF(iterations=cfg.wmf_iterations, seed=cfg.seed, **kw).fit(p.ds.train),
-                   _pick(scs, *CF_SELECTION), p.timings)
+    return _select(
+        "wmf",
+        cfg.wmf_grid,
+        lambda kw: WMF(iterations=cfg.wmf_iterations, seed=cfg.seed, **kw).fit(p.ds.train),
+        _pick(scs, *CF_SELECTION),
+        p.timings,
+    )
 
 
 # collaborative models cannot rank cold anime: selected on known users and favourites
@@ -319,9 +363,12 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
     models: dict[str, Recommender] = {}
     selection: dict = {}
     need = set(cfg.models)
-    if p.minilm is None and (bad := sorted(need & ({"content-knn-minilm", "content-knn-all"} | set(DROPOUTNET_VARIANTS)))):
-        raise ValueError(f"{', '.join(bad)} need MiniLM encodings: not available without the encoder block "
-                         f"(the quick preset)")
+    if p.minilm is None and (
+        bad := sorted(need & ({"content-knn-minilm", "content-knn-all"} | set(DROPOUTNET_VARIANTS)))
+    ):
+        raise ValueError(
+            f"{', '.join(bad)} need MiniLM encodings: not available without the encoder block (the quick preset)"
+        )
     wmf = None
     if need & ({"wmf", SERVING_MODEL} | set(DROPOUTNET_VARIANTS)):
         # WMF: a baseline, the DropoutNet's preference model, and the serving fallback
@@ -330,23 +377,34 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
     ease, eases = None, []
     if need & {"ease", SERVING_MODEL}:
         ease, selection["ease_trials"] = _select(
-            "ease", [{"lam": lam} for lam in cfg.ease_lambdas], lambda kw: EASE(seed=cfg.seed, **kw).fit(ds.train),
-            cf_scs, p.timings, keep=eases if SERVING_MODEL in need else None)
+            "ease",
+            [{"lam": lam} for lam in cfg.ease_lambdas],
+            lambda kw: EASE(seed=cfg.seed, **kw).fit(ds.train),
+            cf_scs,
+            p.timings,
+            keep=eases if SERVING_MODEL in need else None,
+        )
         selection["ease"] = ease.params()
     builders: dict[str, Callable[[], Recommender]] = {
         "popularity": lambda: Popularity(),
         "item-knn": lambda: ItemKNN(K=100),
         "wmf": lambda: wmf,
         "ease": lambda: ease,
-        "rp3beta": lambda: _selected(selection, "rp3beta", cfg.rp3beta_grid,
-                                     lambda kw: RP3beta(**kw).fit(ds.train), cf_scs, p.timings),
+        "rp3beta": lambda: _selected(
+            selection, "rp3beta", cfg.rp3beta_grid, lambda kw: RP3beta(**kw).fit(ds.train), cf_scs, p.timings
+        ),
         "content-knn-tfidf": lambda: ContentKNN(p.tfidf_sparse, name="content-knn-tfidf"),
         "content-knn-tfidf-graph": lambda: _graph_knn(p, content_scs, selection),
         "content-knn-minilm": lambda: ContentKNN(p.minilm, name="content-knn-minilm"),
         "content-knn-all": lambda: ContentKNN(p.content, name="content-knn-all"),
-        "content-bilinear": lambda: _selected(selection, "content-bilinear", cfg.bilinear_grid,
-                                              lambda kw: ContentBilinear(p.content, seed=cfg.seed, **kw).fit(ds.train),
-                                              content_scs, p.timings),
+        "content-bilinear": lambda: _selected(
+            selection,
+            "content-bilinear",
+            cfg.bilinear_grid,
+            lambda kw: ContentBilinear(p.content, seed=cfg.seed, **kw).fit(ds.train),
+            content_scs,
+            p.timings,
+        ),
     }
     for name in cfg.models:
         if name in builders:
@@ -392,14 +450,19 @@ def _fit_dropoutnets(p: Prepared, wmf: WMF, scs: list[Scenario], models: dict, s
             val = lambda m: float(np.mean(list(val_recall(m, val_scs).values())))  # noqa: E731
             dn.fit(ds.train, validation=val)
             dn.calibrate(val)
-            selection[name] = {"best_epoch": dn.best_epoch, "history": dn.history,
-                               "cold_bias": dn.cold_bias, "calibration": dn.calibration,
-                               "val_mean": max((h.get("val", -1) for h in dn.history), default=None)}
+            selection[name] = {
+                "best_epoch": dn.best_epoch,
+                "history": dn.history,
+                "cold_bias": dn.cold_bias,
+                "calibration": dn.calibration,
+                "val_mean": max((h.get("val", -1) for h in dn.history), default=None),
+            }
             models[name] = dn
 
 
-def fit_hybrid(p: Prepared, eases: list[EASE], bilinear: ContentBilinear | None, scs: list[Scenario],
-               selection: dict) -> tuple[Hybrid, dict]:
+def fit_hybrid(
+    p: Prepared, eases: list[EASE], bilinear: ContentBilinear | None, scs: list[Scenario], selection: dict
+) -> tuple[Hybrid, dict]:
     """The served model (models/hybrid.py) over an EASE from the grid and the selected bilinear
     content model, its weights tuned on validation. The EASE λ is the hybrid's own choice: the
     one whose warm-only blend (stage 1: with the popularity prior that rescues one-favourite
@@ -421,8 +484,11 @@ def fit_hybrid(p: Prepared, eases: list[EASE], bilinear: ContentBilinear | None,
                 continue
         best = (hy, trials[-1]["stage1_own"] if trials else {})
     hy = best[0]
-    hy.tune(HybridObjective(hy, ds, scs + mix_scenarios(ds, cfg.seed, cfg.val_queries)), tolerance=cfg.hybrid_tolerance,
-            starts=cfg.hybrid_starts)
+    hy.tune(
+        HybridObjective(hy, ds, scs + mix_scenarios(ds, cfg.seed, cfg.val_queries)),
+        tolerance=cfg.hybrid_tolerance,
+        starts=cfg.hybrid_starts,
+    )
     return hy, {"params": hy.params(), "tuning": hy.tuning, "ease_lambda_trials": trials}
 
 
@@ -436,15 +502,20 @@ class HybridObjective:
         by = {s.name: s for s in scs}
         self.k = k
         self.cases: dict[tuple[str, str], tuple] = {}
-        wanted = {("users", "own"): by.get("warm"), ("users", "cold"): by.get("cold_whole"),
-                  ("users", "new"): by.get("new_whole"), ("users", "mix"): by.get("mix"),
-                  ("users", "mix_new"): by.get("mix_new"), ("users", "cold_items"): by.get("cold_test_items"),
-                  ("favourites", "cold_items"): _as_liked(by.get("cold_test_items"), ds),
-                  ("favourites", "cold"): _as_liked(by.get("cold_whole"), ds),
-                  ("favourites", "new"): _as_liked(by.get("new_whole"), ds),
-                  ("favourites", "mix"): _as_liked(by.get("mix"), ds),
-                  ("favourites", "mix_new"): _as_liked(by.get("mix_new"), ds),
-                  **{("favourites", f"own:{k}"): by.get(f"fav_k{k}") for k in VAL_FAV_KS}}
+        wanted = {
+            ("users", "own"): by.get("warm"),
+            ("users", "cold"): by.get("cold_whole"),
+            ("users", "new"): by.get("new_whole"),
+            ("users", "mix"): by.get("mix"),
+            ("users", "mix_new"): by.get("mix_new"),
+            ("users", "cold_items"): by.get("cold_test_items"),
+            ("favourites", "cold_items"): _as_liked(by.get("cold_test_items"), ds),
+            ("favourites", "cold"): _as_liked(by.get("cold_whole"), ds),
+            ("favourites", "new"): _as_liked(by.get("new_whole"), ds),
+            ("favourites", "mix"): _as_liked(by.get("mix"), ds),
+            ("favourites", "mix_new"): _as_liked(by.get("mix_new"), ds),
+            **{("favourites", f"own:{k}"): by.get(f"fav_k{k}") for k in VAL_FAV_KS},
+        }
         for key, sc in wanted.items():
             if sc is None or not len(sc.users):
                 continue
@@ -501,8 +572,13 @@ def _as_liked(sc: Scenario | None, ds: Dataset) -> Scenario | None:
     if sc is None:
         return None
     rows = ds.train[sc.users]
-    return dataclasses.replace(sc, name=sc.name + "_liked", queries=Queries.of_liked(
-        [rows[j].indices for j in range(rows.shape[0])], [rows[j].data for j in range(rows.shape[0])]))
+    return dataclasses.replace(
+        sc,
+        name=sc.name + "_liked",
+        queries=Queries.of_liked(
+            [rows[j].indices for j in range(rows.shape[0])], [rows[j].data for j in range(rows.shape[0])]
+        ),
+    )
 
 
 def _graph_knn(p: Prepared, scs: list[Scenario], selection: dict) -> ContentKNN:
@@ -511,8 +587,11 @@ def _graph_knn(p: Prepared, scs: list[Scenario], selection: dict) -> ContentKNN:
     pairs: `day_one` scores it from its own TF-IDF vector."""
     best, trials = None, []
     for alpha in p.config.graph_alphas:
-        m = ContentKNN(propagate(p.tfidf_dense, p.graph, alpha=alpha, hops=p.config.graph_hops),
-                       name="content-knn-tfidf-graph", day_one_features=p.tfidf_dense).fit(p.ds.train)
+        m = ContentKNN(
+            propagate(p.tfidf_dense, p.graph, alpha=alpha, hops=p.config.graph_hops),
+            name="content-knn-tfidf-graph",
+            day_one_features=p.tfidf_dense,
+        ).fit(p.ds.train)
         r = val_recall(m, scs)
         trials.append({"alpha": alpha, "hops": p.config.graph_hops, "val_recall@100": r})
         if best is None or np.mean(list(r.values())) > best[0]:
@@ -523,8 +602,15 @@ def _graph_knn(p: Prepared, scs: list[Scenario], selection: dict) -> ContentKNN:
 
 def evaluate(p: Prepared, models: dict[str, Recommender], split: str = "test"):
     titles = p.catalog["title"].to_numpy()
-    exp = Experiment(p.ds, list(models.values()), split=split, diversity_space=p.semantic,
-                     seed=p.config.seed, max_queries=p.config.test_queries, titles=titles)
+    exp = Experiment(
+        p.ds,
+        list(models.values()),
+        split=split,
+        diversity_space=p.semantic,
+        seed=p.config.seed,
+        max_queries=p.config.test_queries,
+        titles=titles,
+    )
     return exp.run(progress=p.config.progress)
 
 
@@ -537,8 +623,9 @@ def summarise(results, model: str = SERVING_MODEL) -> dict[str, dict[str, float]
 # ---- bundle -------------------------------------------------------------------------------
 
 
-def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, results,
-                  version: str | None = None) -> Path:
+def export_bundle(
+    p: Prepared, models: dict[str, Recommender], selection: dict, results, version: str | None = None
+) -> Path:
     """Write the serving bundle: the served hybrid's arrays (models/hybrid.py `state`), what a new
     anime's content row is built from (TF-IDF vocabulary, the MiniLM whitener, the metadata
     vocabularies), the WMF fallback, MiniLM vectors (TF-IDF without the encoder block) for
@@ -553,10 +640,15 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
     if wmf is None:
         wmf = WMF(iterations=p.config.wmf_iterations, seed=p.config.seed, **p.config.wmf_grid[0]).fit(p.ds.train)
     arrays: dict[str, np.ndarray] = {
-        "item_ids": p.ds.item_ids, "user_ids": p.ds.user_ids,
-        "wmf_U": wmf.U, "wmf_V": wmf.V, "content": p.semantic, "tfidf_content": p.tfidf_dense,
+        "item_ids": p.ds.item_ids,
+        "user_ids": p.ds.user_ids,
+        "wmf_U": wmf.U,
+        "wmf_V": wmf.V,
+        "content": p.semantic,
+        "tfidf_content": p.tfidf_dense,
         "item_tower": hy.serving_item_vectors(np.arange(p.ds.n_items)),
-        "split.train_items": p.ds.train_items, "split.val_items": p.ds.val_items,
+        "split.train_items": p.ds.train_items,
+        "split.val_items": p.ds.val_items,
         "split.test_items": p.ds.test_items,
     }
     arrays.update({f"hybrid.{k}": v for k, v in hy.state().items()})
@@ -577,13 +669,24 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
         "content": {"blocks": p.content_blocks, "space": "minilm" if p.minilm is not None else "tfidf"},
         "data": {"fingerprint": p.data.fingerprint, "files": p.data.files, "source": p.data.source},
         "code": code_fingerprint(),
-        "encoder": {"name": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim,
-                    "recipe": RECIPES.get(p.config.recipe, p.config.recipe), "whiten": p.config.whiten,
-                    "max_length": getattr(encoder, "max_length", None), "model_dir": None},
+        "encoder": {
+            "name": encoder.name,
+            "fingerprint": encoder.fingerprint,
+            "dim": encoder.dim,
+            "recipe": RECIPES.get(p.config.recipe, p.config.recipe),
+            "whiten": p.config.whiten,
+            "max_length": getattr(encoder, "max_length", None),
+            "model_dir": None,
+        },
         "metadata": p.metadata.to_dict(),
-        "dims": {"n_items": int(p.ds.n_items), "n_users": int(p.ds.n_users), "factors": int(wmf.factors),
-                 "content_dim": int(p.semantic.shape[1]), "tower_dim": int(arrays["item_tower"].shape[1]),
-                 "hybrid_content_dim": int(hy.C.shape[1])},
+        "dims": {
+            "n_items": int(p.ds.n_items),
+            "n_users": int(p.ds.n_users),
+            "factors": int(wmf.factors),
+            "content_dim": int(p.semantic.shape[1]),
+            "tower_dim": int(arrays["item_tower"].shape[1]),
+            "hybrid_content_dim": int(hy.C.shape[1]),
+        },
         "hyperparameters": {"wmf": wmf.params(), "hybrid": hy.params(), "train_config": p.config.describe()},
         "selection": selection,
         "split": p.ds.describe(),
@@ -591,5 +694,6 @@ def export_bundle(p: Prepared, models: dict[str, Recommender], selection: dict, 
         "timings": p.timings,
     }
     manifest = json.loads(json.dumps(manifest, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    return write_bundle(p.config.store, manifest, cat, arrays, p.ds.train, version=version,
-                        extra_files={"tfidf.npz": buf.getvalue()})
+    return write_bundle(
+        p.config.store, manifest, cat, arrays, p.ds.train, version=version, extra_files={"tfidf.npz": buf.getvalue()}
+    )

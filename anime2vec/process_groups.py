@@ -26,10 +26,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @dataclass
 class _State:
-    deferring: int = 0           # nesting depth of sections where a signal must not raise
-    pending: int | None = None   # a signal that arrived while deferring
+    deferring: int = 0  # nesting depth of sections where a signal must not raise
+    pending: int | None = None  # a signal that arrived while deferring
     received: int | None = None  # the first stop signal, for the exit status
-    hurry: bool = False          # a second signal while stopping
+    hurry: bool = False  # a second signal while stopping
 
 
 _state = _State()
@@ -82,8 +82,9 @@ def stopping() -> Iterator[None]:
         yield
 
 
-def spawn(cmd: Sequence[str], started: Callable[[subprocess.Popen], None] = lambda proc: None,
-          **popen_kwargs) -> subprocess.Popen:
+def spawn(
+    cmd: Sequence[str], started: Callable[[subprocess.Popen], None] = lambda proc: None, **popen_kwargs
+) -> subprocess.Popen:
     """Popen in a new session; `started(proc)` records it. A stop signal that arrives meanwhile
     is raised (KeyboardInterrupt) only after `started` ran, so the caller can always stop it."""
     with _deferred(raise_after=True):
@@ -96,14 +97,14 @@ def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
-        pass   # the group is gone (PermissionError: macOS reports a group of zombies this way)
+        pass  # the group is gone (PermissionError: macOS reports a group of zombies this way)
 
 
 def stop_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> int | None:
     """SIGTERM to the child's process group; SIGKILL to the group when the child has not exited
     within timeout_s (at once after a second stop signal); then SIGKILL to whatever is left in the
     group, so nothing it started outlives it. Returns the child's exit status."""
-    pgid = proc.pid   # start_new_session: the child leads its own group
+    pgid = proc.pid  # start_new_session: the child leads its own group
     if proc.poll() is None:
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -115,7 +116,7 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> int | None:
         if proc.poll() is None:
             _signal_group(pgid, signal.SIGKILL)
             proc.wait()
-    _signal_group(pgid, signal.SIGKILL)   # stragglers that ignored SIGTERM or outlived the leader
+    _signal_group(pgid, signal.SIGKILL)  # stragglers that ignored SIGTERM or outlived the leader
     return proc.returncode
 
 

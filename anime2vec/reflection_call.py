@@ -44,26 +44,32 @@ class Reflection:
     def service(self, name: str) -> ServiceDescriptor:
         matches = [s for s in self.services() if s == name or s.rsplit(".", 1)[-1] == name]
         if len(matches) != 1:
-            raise CallError(f"no service {name!r} here" if not matches else f"{name!r} is ambiguous: {', '.join(matches)}")
+            raise CallError(
+                f"no service {name!r} here" if not matches else f"{name!r} is ambiguous: {', '.join(matches)}"
+            )
         return self._pool.FindServiceByName(matches[0])
 
     def method(self, name: str) -> MethodDescriptor:
         path = name.strip().lstrip("/")
         service_name, sep, method_name = path.rpartition("/")
-        if not sep and "." in path and path.rsplit(".", 1)[0] in self.services():   # grpcurl's Service.Method
+        if not sep and "." in path and path.rsplit(".", 1)[0] in self.services():  # grpcurl's Service.Method
             service_name, method_name = path.rsplit(".", 1)
         if service_name:
             service = self.service(service_name)
             method = service.methods_by_name.get(method_name)
             if method is None:
-                raise CallError(f"{service.full_name} has no method {method_name!r}; it has: "
-                                f"{', '.join(service.methods_by_name)}")
+                raise CallError(
+                    f"{service.full_name} has no method {method_name!r}; it has: {', '.join(service.methods_by_name)}"
+                )
             return method
         found = [m for s in self.services() for m in [self._pool.FindServiceByName(s).methods_by_name.get(path)] if m]
         if len(found) != 1:
-            raise CallError(f"no service here has a method {path!r} (services: {', '.join(self.services())})"
-                            if not found else f"{path!r} is a method of several services: "
-                            f"{', '.join(m.containing_service.full_name for m in found)}; name one")
+            raise CallError(
+                f"no service here has a method {path!r} (services: {', '.join(self.services())})"
+                if not found
+                else f"{path!r} is a method of several services: "
+                f"{', '.join(m.containing_service.full_name for m in found)}; name one"
+            )
         return found[0]
 
 
@@ -78,12 +84,21 @@ def describe(channel: grpc.Channel, service_name: str) -> str:
     for m in service.methods:
         stream_in = "stream " if getattr(m, "client_streaming", False) else ""
         stream_out = "stream " if getattr(m, "server_streaming", False) else ""
-        lines.append(f"  rpc {m.name}({stream_in}{m.input_type.full_name}) returns ({stream_out}{m.output_type.full_name})")
+        lines.append(
+            f"  rpc {m.name}({stream_in}{m.input_type.full_name}) returns ({stream_out}{m.output_type.full_name})"
+        )
     return "\n".join(lines)
 
 
-def call(channel: grpc.Channel, method_name: str, request_json: str, *, metadata: Sequence[tuple[str, str]] = (),
-         timeout: float | None = None, indent: int = 2) -> str:
+def call(
+    channel: grpc.Channel,
+    method_name: str,
+    request_json: str,
+    *,
+    metadata: Sequence[tuple[str, str]] = (),
+    timeout: float | None = None,
+    indent: int = 2,
+) -> str:
     """Send one unary request given as JSON; the response as JSON (fields with default values
     left out, names in lowerCamelCase as grpcurl prints them). grpc.RpcError from the call."""
     method = Reflection(channel).method(method_name)
@@ -94,8 +109,10 @@ def call(channel: grpc.Channel, method_name: str, request_json: str, *, metadata
         request = json_format.Parse(request_json or "{}", request_class())
     except json_format.ParseError as e:
         raise CallError(f"request JSON for {method.input_type.full_name}: {e}") from None
-    stub = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}",
-                               request_serializer=lambda m: m.SerializeToString(),
-                               response_deserializer=response_class.FromString)
+    stub = channel.unary_unary(
+        f"/{method.containing_service.full_name}/{method.name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response_class.FromString,
+    )
     response = stub(request, metadata=list(metadata), timeout=timeout)
     return json_format.MessageToJson(response, indent=indent)

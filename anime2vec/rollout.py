@@ -71,7 +71,7 @@ class FileAliasHistory:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError):   # damaged: no history (a rollback is refused, a promotion rewrites it)
+        except (OSError, ValueError):  # damaged: no history (a rollback is refused, a promotion rewrites it)
             return []
         if not isinstance(doc, dict) or target is None or doc.get("target") != target:
             return []
@@ -87,7 +87,7 @@ class FileAliasHistory:
 class CollectionAliasHistory:
     """Qdrant server: the history is metadata of the target collection itself."""
 
-    def __init__(self, client):   # qdrant_client.QdrantClient
+    def __init__(self, client):  # qdrant_client.QdrantClient
         self.client = client
 
     def previous(self, target: str | None) -> list[str]:
@@ -109,9 +109,9 @@ class CollectionAliasHistory:
 @dataclass(frozen=True)
 class VersionRow:
     version: str
-    bundle: bool        # a bundle directory with a manifest is in the store
-    collection: bool    # a complete collection exists
-    live: bool          # the alias points at it
+    bundle: bool  # a bundle directory with a manifest is in the store
+    collection: bool  # a complete collection exists
+    live: bool  # the alias points at it
 
 
 class Rollout:
@@ -136,7 +136,7 @@ class Rollout:
         points = (ItemPoint(int(a), model.item_tower[i], model.payload(i)) for i, a in enumerate(model.item_ids))
         try:
             return True, self.index.create_version(version, int(model.item_tower.shape[1]), points)
-        except VersionExists:   # built by another process meanwhile: just as good
+        except VersionExists:  # built by another process meanwhile: just as good
             return False, 0
 
     def promote(self, version: str) -> tuple[str | None, str]:
@@ -159,8 +159,10 @@ class Rollout:
             raise RolloutError(f"{e}: nothing to roll back from; promote a version to rewrite it") from None
         previous = self.history.previous(old)
         if old is None or not previous:
-            raise RolloutError(f"nothing to roll back to: no earlier alias target recorded for {old or 'an unset alias'} "
-                               f"in {self.where}")
+            raise RolloutError(
+                f"nothing to roll back to: no earlier alias target recorded for {old or 'an unset alias'} "
+                f"in {self.where}"
+            )
         target = previous[-1]
         self._check_promotable(target)
         self.history.record(target, previous[:-1])
@@ -184,12 +186,14 @@ class Rollout:
 
     def _verified_bundle(self, version: str):
         try:
-            check_version(version)   # also keeps `version` a plain name inside the store
+            check_version(version)  # also keeps `version` a plain name inside the store
         except ValueError as e:
             raise RolloutError(str(e)) from e
         path = self.store / version
         if not path.is_dir():
-            raise RolloutError(f"no bundle {version} in {self.store}; have {[p.name for p in list_bundles(self.store)]}")
+            raise RolloutError(
+                f"no bundle {version} in {self.store}; have {[p.name for p in list_bundles(self.store)]}"
+            )
         try:
             bundle = load_bundle(path)
         except BundleError as e:
@@ -201,12 +205,18 @@ class Rollout:
     def _check_promotable(self, version: str) -> None:
         self._verified_bundle(version)
         if not self.index.has_version(version):
-            raise RolloutError(f"version {version} has no complete collection in {self.where}: "
-                               f"run `anime2vec index {version}` first")
+            raise RolloutError(
+                f"version {version} has no complete collection in {self.where}: run `anime2vec index {version}` first"
+            )
 
 
-def open_rollout(store: Path | None = None, data_dir: Path | None = None, qdrant_url: str | None = None,
-                 api_key: str | None = None, timeout_s: float = 10.0) -> Rollout:
+def open_rollout(
+    store: Path | None = None,
+    data_dir: Path | None = None,
+    qdrant_url: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 10.0,
+) -> Rollout:
     """The ranker's own index: a Qdrant server when `qdrant_url` is set, else the embedded index
     under `<data_dir>/qdrant` (the ranker's layout)."""
     store = Path(store) if store else default_rollout_store()
@@ -217,8 +227,9 @@ def open_rollout(store: Path | None = None, data_dir: Path | None = None, qdrant
 
         from .index.client import QdrantItemIndex
 
-        client = QdrantClient(url=qdrant_url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)),
-                              check_compatibility=False)
+        client = QdrantClient(
+            url=qdrant_url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)), check_compatibility=False
+        )
         return Rollout(QdrantItemIndex(client), CollectionAliasHistory(client), store, qdrant_url)
     from .index.edge import EdgeItemIndex
 

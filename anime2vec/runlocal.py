@@ -42,14 +42,14 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_P
 
 @dataclass
 class ServiceSpec:
-    name: str                 # "encoder", "ranker" or "gateway": also its env prefix A2V_<NAME>_
-    module: str               # python -m <module>
-    health_service: str       # full proto name reported SERVING when ready
+    name: str  # "encoder", "ranker" or "gateway": also its env prefix A2V_<NAME>_
+    module: str  # python -m <module>
+    health_service: str  # full proto name reported SERVING when ready
     host: str
     grpc_port: int
     metrics_port: int
-    env: dict[str, str] = field(default_factory=dict)   # settings without the prefix, e.g. {"MODEL": "minilm"}
-    tls: ClientTLS | None = None   # how to dial it when it serves TLS (TLS_CERT_FILE in env); None: plaintext
+    env: dict[str, str] = field(default_factory=dict)  # settings without the prefix, e.g. {"MODEL": "minilm"}
+    tls: ClientTLS | None = None  # how to dial it when it serves TLS (TLS_CERT_FILE in env); None: plaintext
 
     @property
     def address(self) -> str:
@@ -58,8 +58,12 @@ class ServiceSpec:
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         prefix = f"A2V_{self.name.upper()}_"
         env = {k: v for k, v in base.items() if not k.startswith(prefix)} | OFFLINE_ENV
-        settings = {"HOST": self.host, "GRPC_PORT": str(self.grpc_port), "METRICS_PORT": str(self.metrics_port),
-                    **self.env}
+        settings = {
+            "HOST": self.host,
+            "GRPC_PORT": str(self.grpc_port),
+            "METRICS_PORT": str(self.metrics_port),
+            **self.env,
+        }
         env.update({prefix + k: v for k, v in settings.items()})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), base.get("PYTHONPATH", "")]))
         return env
@@ -103,10 +107,19 @@ def bundle_encoder_dir(bundle: Path) -> Path | None:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def standard_specs(host: str, ports: Mapping[str, tuple[int, int]], *, encoder_model: str,
-                   model_store: Path, bundle: str, ranker_data_dir: Path, gateway_env: Mapping[str, str],
-                   encoder_model_dir: Path | None = None, follow_alias: bool = False,
-                   next_model_file: Path | None = None) -> list[ServiceSpec]:
+def standard_specs(
+    host: str,
+    ports: Mapping[str, tuple[int, int]],
+    *,
+    encoder_model: str,
+    model_store: Path,
+    bundle: str,
+    ranker_data_dir: Path,
+    gateway_env: Mapping[str, str],
+    encoder_model_dir: Path | None = None,
+    follow_alias: bool = False,
+    next_model_file: Path | None = None,
+) -> list[ServiceSpec]:
     """The three services wired to each other. ports: name → (gRPC, metrics). encoder_model_dir:
     the encoder the bundle was trained with when it is not the stock MiniLM (a pre-trained one).
     follow_alias: the ranker starts on `bundle` and then follows the collection alias (make run,
@@ -114,15 +127,37 @@ def standard_specs(host: str, ports: Mapping[str, tuple[int, int]], *, encoder_m
     encoder_address = f"{host}:{ports['encoder'][0]}"
     encoder_env = {"MODEL": encoder_model, **({"MODEL_DIR": str(encoder_model_dir)} if encoder_model_dir else {})}
     return [
-        ServiceSpec("encoder", "services.encoder.server", "anime2vec.v1.EncoderService", host, *ports["encoder"],
-                    env=encoder_env),
-        ServiceSpec("ranker", "services.ranker.server", "anime2vec.v1.RankerService", host, *ports["ranker"],
-                    env={"MODEL_STORE": str(model_store), "BUNDLE": bundle, "DATA_DIR": str(ranker_data_dir),
-                         "ENCODER_ADDRESS": encoder_address, "ALIAS_POLL_S": "2" if follow_alias else "0",
-                         **({"NEXT_MODEL_FILE": str(next_model_file)} if next_model_file else {})}),
-        ServiceSpec("gateway", "services.gateway.server", "anime2vec.v1.GatewayService", host, *ports["gateway"],
-                    env={"RANKER_ADDRESS": f"{host}:{ports['ranker'][0]}", "ENCODER_ADDRESS": encoder_address,
-                         **gateway_env}),
+        ServiceSpec(
+            "encoder",
+            "services.encoder.server",
+            "anime2vec.v1.EncoderService",
+            host,
+            *ports["encoder"],
+            env=encoder_env,
+        ),
+        ServiceSpec(
+            "ranker",
+            "services.ranker.server",
+            "anime2vec.v1.RankerService",
+            host,
+            *ports["ranker"],
+            env={
+                "MODEL_STORE": str(model_store),
+                "BUNDLE": bundle,
+                "DATA_DIR": str(ranker_data_dir),
+                "ENCODER_ADDRESS": encoder_address,
+                "ALIAS_POLL_S": "2" if follow_alias else "0",
+                **({"NEXT_MODEL_FILE": str(next_model_file)} if next_model_file else {}),
+            },
+        ),
+        ServiceSpec(
+            "gateway",
+            "services.gateway.server",
+            "anime2vec.v1.GatewayService",
+            host,
+            *ports["gateway"],
+            env={"RANKER_ADDRESS": f"{host}:{ports['ranker'][0]}", "ENCODER_ADDRESS": encoder_address, **gateway_env},
+        ),
     ]
 
 
@@ -141,9 +176,15 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             # Its own session: a terminal's Ctrl-C reaches only the parent, which stops the services
             # one by one, instead of all of them at once racing the parent's orderly SIGTERMs.
-            spawn([sys.executable, "-m", self.spec.module], lambda proc: setattr(self, "proc", proc),
-                  cwd=REPO_ROOT, env=self.spec.environment(self.base_env), stdin=subprocess.DEVNULL,
-                  stdout=log, stderr=subprocess.STDOUT)
+            spawn(
+                [sys.executable, "-m", self.spec.module],
+                lambda proc: setattr(self, "proc", proc),
+                cwd=REPO_ROOT,
+                env=self.spec.environment(self.base_env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -158,16 +199,18 @@ class ServiceProcess:
             while True:
                 if not self.alive():
                     code = None if self.proc is None else self.proc.returncode
-                    raise RuntimeError(f"{self.spec.name} exited with status {code} before serving; "
-                                       f"last log lines:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.spec.name} exited with status {code} before serving; last log lines:\n{self.log_tail()}"
+                    )
                 try:
                     if health.Check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
-                    pass   # not listening yet, or the service is not registered yet
+                    pass  # not listening yet, or the service is not registered yet
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.spec.name} not SERVING after {timeout_s:.0f} s; "
-                                       f"last log lines:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.spec.name} not SERVING after {timeout_s:.0f} s; last log lines:\n{self.log_tail()}"
+                    )
                 time.sleep(0.25)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -187,6 +230,7 @@ class ServiceProcess:
 
 # ---- make run ----------------------------------------------------------------------------------
 
+
 def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> tuple[Path, bool]:
     """(bundle to serve, whether the full bundle still has to be trained). The newest full
     bundle for the data; else the newest quick one; else a quick one trained now (minutes: no
@@ -198,12 +242,25 @@ def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> tuple[Path, bo
     found = newest_bundle(store, source, preset="quick")
     if found is not None:
         return found, True
-    print(f"No {source}-data bundle in {store}: training one, the quick bundle first (TF-IDF and metadata, no "
-          f"MiniLM encodings: a few minutes). The full bundle trains in the background once it serves.", flush=True)
+    print(
+        f"No {source}-data bundle in {store}: training one, the quick bundle first (TF-IDF and metadata, no "
+        f"MiniLM encodings: a few minutes). The full bundle trains in the background once it serves.",
+        flush=True,
+    )
     # Only what serving needs (the hybrid, its EASE, WMF as the fallback) and the popularity floor:
     # the full comparison (DropoutNets included) is `make train`'s job
-    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--quick", "--store", str(store),
-           "--report-dir", str(report_dir / "quick"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "anime2vec.cli",
+        "train",
+        "--quick",
+        "--store",
+        str(store),
+        "--report-dir",
+        str(report_dir / "quick"),
+        "--quiet",
+    ]
     cmd += ["--sample"] if sample else []
     # A child in its own group: Ctrl-C / SIGTERM to the runner stops it and its workers
     rc = run_to_completion(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, stdin=subprocess.DEVNULL)
@@ -255,10 +312,13 @@ def api_key_env(key_file: Path) -> tuple[dict[str, str], str | None]:
         return {}, None
     if not key_file.is_file():
         _write_private(key_file, secrets.token_hex(20) + "\n")
-    token = key_file.read_text().strip().partition(":")[0]   # a token, also from a file that added scopes
+    token = key_file.read_text().strip().partition(":")[0]  # a token, also from a file that added scopes
     scoped = gateway_keys_file(key_file)
-    _write_private(scoped, f"# make run's local key, every scope; clients send only the token ({key_file.name})\n"
-                           f"{token}:{LOCAL_KEY_SCOPES}\n")
+    _write_private(
+        scoped,
+        f"# make run's local key, every scope; clients send only the token ({key_file.name})\n"
+        f"{token}:{LOCAL_KEY_SCOPES}\n",
+    )
     return {"API_KEYS_FILE": str(scoped)}, token
 
 
@@ -271,12 +331,17 @@ def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, log
 
     def line(name: str, role: str) -> str:
         p = procs[name]
-        return (f"  {name:8s} {p.spec.address}  ({role}metrics http://{p.spec.host}:{p.spec.metrics_port}/metrics, "
-                f"pid {p.proc.pid})")
+        return (
+            f"  {name:8s} {p.spec.address}  ({role}metrics http://{p.spec.host}:{p.spec.metrics_port}/metrics, "
+            f"pid {p.proc.pid})"
+        )
 
-    key_line = (f"  export A2V_API_KEY=$(cat {_shown(key_file)})   # this machine's key, generated once "
-                f"(read, feedback, catalog)" if key else
-                "  export A2V_API_KEY=<one of the keys in A2V_GATEWAY_API_KEYS(_FILE), without its :scopes>")
+    key_line = (
+        f"  export A2V_API_KEY=$(cat {_shown(key_file)})   # this machine's key, generated once "
+        f"(read, feedback, catalog)"
+        if key
+        else "  export A2V_API_KEY=<one of the keys in A2V_GATEWAY_API_KEYS(_FILE), without its :scopes>"
+    )
     client = f"{_shown(Path(sys.executable))} -m anime2vec.client"
     return f"""
 anime2vec is running (Ctrl-C stops it):
@@ -305,39 +370,63 @@ def _shown(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m anime2vec.runlocal", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m anime2vec.runlocal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sample", action="store_true", help="serve a bundle trained on the small sample data")
-    ap.add_argument("--store", type=Path, default=None,
-                    help="model store (default: $A2V_MODEL_STORE or models/, models/sample with --sample)")
-    ap.add_argument("--state-dir", type=Path, default=REPO_ROOT / "var" / "run",
-                    help="logs, the local API key and the ranker's data (embedded Qdrant, added anime)")
+    ap.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="model store (default: $A2V_MODEL_STORE or models/, models/sample with --sample)",
+    )
+    ap.add_argument(
+        "--state-dir",
+        type=Path,
+        default=REPO_ROOT / "var" / "run",
+        help="logs, the local API key and the ranker's data (embedded Qdrant, added anime)",
+    )
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--base-port", type=int, default=50050,
-                    help="gRPC ports: gateway on this one, encoder and ranker on the next two (default 50050)")
-    ap.add_argument("--metrics-base-port", type=int, default=9100,
-                    help="metrics ports: gateway, encoder, ranker from this one on (default 9100)")
+    ap.add_argument(
+        "--base-port",
+        type=int,
+        default=50050,
+        help="gRPC ports: gateway on this one, encoder and ranker on the next two (default 50050)",
+    )
+    ap.add_argument(
+        "--metrics-base-port",
+        type=int,
+        default=9100,
+        help="metrics ports: gateway, encoder, ranker from this one on (default 9100)",
+    )
     ap.add_argument("--encoder-model", default="minilm", choices=["minilm", "tiny-random"])
-    ap.add_argument("--no-full", action="store_true",
-                    help="serving a quick bundle, do not train the full one in the background")
-    ap.add_argument("--gate-tolerance", type=float, default=0.02,
-                    help="the quality gate's relative tolerance for the full bundle (as `anime2vec retrain "
-                         "--tolerance`; default 0.02)")
+    ap.add_argument(
+        "--no-full", action="store_true", help="serving a quick bundle, do not train the full one in the background"
+    )
+    ap.add_argument(
+        "--gate-tolerance",
+        type=float,
+        default=0.02,
+        help="the quality gate's relative tolerance for the full bundle (as `anime2vec retrain "
+        "--tolerance`; default 0.02)",
+    )
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds each service may take to serve")
     a = ap.parse_args(argv)
     if not 0.0 <= a.gate_tolerance < 1.0:
         ap.error(f"--gate-tolerance must be in [0, 1), got {a.gate_tolerance}")
 
-    raise_on_signals()   # from the start: training and set-up stop on Ctrl-C / SIGTERM too
+    raise_on_signals()  # from the start: training and set-up stop on Ctrl-C / SIGTERM too
     procs: dict[str, ServiceProcess] = {}
     nxt: NextBundle | None = None
     status, serving = 0, False
     try:
         mode = "sample" if a.sample else "full"
-        g, m = a.base_port, a.metrics_base_port   # checked first: training can take minutes
+        g, m = a.base_port, a.metrics_base_port  # checked first: training can take minutes
         if busy := ports_in_use(a.host, [g, g + 1, g + 2, m, m + 1, m + 2]):
-            raise RuntimeError(f"port(s) {', '.join(map(str, busy))} on {a.host} are in use (another `make run`?): "
-                               f"stop it, or pass RUN_ARGS='--base-port N --metrics-base-port M'")
+            raise RuntimeError(
+                f"port(s) {', '.join(map(str, busy))} on {a.host} are in use (another `make run`?): "
+                f"stop it, or pass RUN_ARGS='--base-port N --metrics-base-port M'"
+            )
         store = a.store or (default_model_store() / "sample" if a.sample else default_model_store())
         bundle, train_full = ensure_bundle(store, a.sample, a.state_dir / mode / "report")
         train_full = train_full and not a.no_full
@@ -347,15 +436,25 @@ def main(argv: list[str] | None = None) -> int:
         logs = a.state_dir / "logs"
         next_file = a.state_dir / mode / "next-model.json"
         next_file.unlink(missing_ok=True)
-        specs = standard_specs(a.host, {"gateway": (g, m), "encoder": (g + 1, m + 1), "ranker": (g + 2, m + 2)},
-                               encoder_model=a.encoder_model, model_store=store, bundle=bundle.name,
-                               ranker_data_dir=ranker_dir, gateway_env=gateway_env,
-                               encoder_model_dir=bundle_encoder_dir(bundle), follow_alias=True,
-                               next_model_file=next_file)
+        specs = standard_specs(
+            a.host,
+            {"gateway": (g, m), "encoder": (g + 1, m + 1), "ranker": (g + 2, m + 2)},
+            encoder_model=a.encoder_model,
+            model_store=store,
+            bundle=bundle.name,
+            ranker_data_dir=ranker_dir,
+            gateway_env=gateway_env,
+            encoder_model_dir=bundle_encoder_dir(bundle),
+            follow_alias=True,
+            next_model_file=next_file,
+        )
         procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
-        print(f"serving bundle {bundle.name} from {store}" + (" (quick: TF-IDF and metadata content)"
-                                                              if train_full else ""), flush=True)
-        for name in ("encoder", "ranker"):          # both load models: start them together
+        print(
+            f"serving bundle {bundle.name} from {store}"
+            + (" (quick: TF-IDF and metadata content)" if train_full else ""),
+            flush=True,
+        )
+        for name in ("encoder", "ranker"):  # both load models: start them together
             procs[name].start()
         for name in ("encoder", "ranker"):
             procs[name].wait_serving(a.startup_timeout)
@@ -364,16 +463,26 @@ def main(argv: list[str] | None = None) -> int:
         serving = True
         print(usage(procs, key, a.state_dir / "api-key", logs), flush=True)
         if train_full:
-            nxt = NextBundle(store=store, sample=a.sample, report_dir=a.state_dir / mode / "report",
-                             ranker_data_dir=ranker_dir, status_file=next_file, log_path=logs / "next-bundle.log",
-                             env=os.environ | OFFLINE_ENV, gate_tolerance=a.gate_tolerance)
+            nxt = NextBundle(
+                store=store,
+                sample=a.sample,
+                report_dir=a.state_dir / mode / "report",
+                ranker_data_dir=ranker_dir,
+                status_file=next_file,
+                log_path=logs / "next-bundle.log",
+                env=os.environ | OFFLINE_ENV,
+                gate_tolerance=a.gate_tolerance,
+            )
             nxt.start()
         while not (dead := [p for p in procs.values() if not p.alive()]):
             if nxt is not None:
                 nxt.poll()
             time.sleep(0.5)
-        print(f"{dead[0].spec.name} exited with status {dead[0].proc.returncode}; stopping the others. "
-              f"Last log lines:\n{dead[0].log_tail()}", file=sys.stderr)
+        print(
+            f"{dead[0].spec.name} exited with status {dead[0].proc.returncode}; stopping the others. "
+            f"Last log lines:\n{dead[0].log_tail()}",
+            file=sys.stderr,
+        )
         status = 1
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)
@@ -383,11 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         status = 1
     finally:
-        with stopping():   # a second Ctrl-C hurries the stop (SIGKILL) instead of cutting it short
+        with stopping():  # a second Ctrl-C hurries the stop (SIGKILL) instead of cutting it short
             if nxt is not None and nxt.stage in ("train", "gate"):
                 rc = nxt.stop()
-                print(f"stopped the full bundle's {nxt.stage} (exit status {rc}); the next `make run` starts it again",
-                      flush=True)
+                print(
+                    f"stopped the full bundle's {nxt.stage} (exit status {rc}); the next `make run` starts it again",
+                    flush=True,
+                )
             for name in ("gateway", "ranker", "encoder"):
                 rc = procs[name].stop() if name in procs else None
                 if rc is not None:

@@ -25,8 +25,13 @@ PARTS = ("gateway", "search", "encoder", "training", "scale")
 
 # Sizes: the full run fits in ~20 min on the 2-core shared machine; --quick is a smoke run.
 FULL = {
-    "gateway": {"concurrency": (1, 2, 4, 8, 16, 32), "step_s": 4.0, "warmup_s": 1.0, "open_loop_s": 12.0,
-                "profile_calls": 200},
+    "gateway": {
+        "concurrency": (1, 2, 4, 8, 16, 32),
+        "step_s": 4.0,
+        "warmup_s": 1.0,
+        "open_loop_s": 12.0,
+        "profile_calls": 200,
+    },
     "search": {"n_queries": 200},
     "encoder": {"n_texts": 256, "rounds": 2},
     "training": {"wmf_iterations": 5, "dn_epochs": 3, "fresh_texts": 24},
@@ -37,8 +42,13 @@ QUICK = {
     "search": {"n_queries": 50},
     "encoder": {"n_texts": 64, "rounds": 1},
     "training": {"wmf_iterations": 2, "dn_epochs": 2, "fresh_texts": 8},
-    "scale": {"measure_items": (2_000, 10_000), "measure_users": (2_000, 10_000), "als_iterations": 2,
-              "dn_steps": 3, "n_queries": 20},
+    "scale": {
+        "measure_items": (2_000, 10_000),
+        "measure_users": (2_000, 10_000),
+        "als_iterations": 2,
+        "dn_steps": 3,
+        "n_queries": 20,
+    },
 }
 
 
@@ -53,10 +63,16 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"summary": f"cuda {cuda}" if cuda else f"cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": cuda,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg_start": _loadavg()}
+    return {
+        "summary": f"cuda {cuda}" if cuda else f"cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": cuda,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_start": _loadavg(),
+    }
 
 
 def _loadavg() -> str:
@@ -80,56 +96,114 @@ def summary(result: dict) -> list[dict]:
     rows = []
     if g := result.get("gateway"):
         half = g["open_loop_half_max"]
-        relay = (f"; a relay in front of it, two hops and no work: {g['ratio_relay_to_echo']:.2f}×"
-                 if "ratio_relay_to_echo" in g else "")
-        rows.append({"figure": "gateway throughput, favourites query",
-                     "baseline": f"gRPC echo server (Python gRPC ceiling){relay}",
-                     "result": f"{g['ratio_gateway_to_echo']:.2f}× ({g['best']['gateway']['throughput_rps']:.0f} vs "
-                               f"{g['best']['echo']['throughput_rps']:.0f} req/s)",
-                     "target": f"≥ {g['targets']['ratio']:g}×", "met": g["targets"]["ratio_met"]})
-        rows.append({"figure": "gateway p99 at half its best throughput", "baseline":
-                     f"echo at the same rate: p99 {half.get('echo', {}).get('p99_ms', float('nan')):.1f} ms",
-                     "result": f"{half.get('gateway', {}).get('p99_ms', float('nan')):.1f} ms at "
-                               f"{half.get('gateway', {}).get('offered_rps', 0):.0f} req/s",
-                     "target": f"≤ {g['targets']['p99_ms_at_half_max']:g} ms", "met": g["targets"]["p99_met"]})
+        relay = (
+            f"; a relay in front of it, two hops and no work: {g['ratio_relay_to_echo']:.2f}×"
+            if "ratio_relay_to_echo" in g
+            else ""
+        )
+        rows.append(
+            {
+                "figure": "gateway throughput, favourites query",
+                "baseline": f"gRPC echo server (Python gRPC ceiling){relay}",
+                "result": f"{g['ratio_gateway_to_echo']:.2f}× ({g['best']['gateway']['throughput_rps']:.0f} vs "
+                f"{g['best']['echo']['throughput_rps']:.0f} req/s)",
+                "target": f"≥ {g['targets']['ratio']:g}×",
+                "met": g["targets"]["ratio_met"],
+            }
+        )
+        rows.append(
+            {
+                "figure": "gateway p99 at half its best throughput",
+                "baseline": f"echo at the same rate: p99 {half.get('echo', {}).get('p99_ms', float('nan')):.1f} ms",
+                "result": f"{half.get('gateway', {}).get('p99_ms', float('nan')):.1f} ms at "
+                f"{half.get('gateway', {}).get('offered_rps', 0):.0f} req/s",
+                "target": f"≤ {g['targets']['p99_ms_at_half_max']:g} ms",
+                "met": g["targets"]["p99_met"],
+            }
+        )
     if s := result.get("search"):
         t = s["targets"]
-        rows.append({"figure": f"ranker search recall, exact mode, {s['items']:,} items", "baseline": "exact numpy top-k",
-                     "result": f"{t['exact_recall']:.3f} (served quantized mode: {t['served_recall']:.4f})",
-                     "target": "1.0", "met": t["recall_met"]})
-        rows.append({"figure": f"ranker search p99, served mode and page (top-{s.get('served_page', 11)}, filtered or not)",
-                     "baseline": f"numpy p99 {s['cases']['numpy']['p99_ms']:.1f} / {s['cases']['numpy filtered']['p99_ms']:.1f} ms",
-                     "result": f"{t['served_p99_ms']:.1f} ms",
-                     "target": f"≤ {t['p99_ms']:g} ms", "met": t["p99_met"]})
+        rows.append(
+            {
+                "figure": f"ranker search recall, exact mode, {s['items']:,} items",
+                "baseline": "exact numpy top-k",
+                "result": f"{t['exact_recall']:.3f} (served quantized mode: {t['served_recall']:.4f})",
+                "target": "1.0",
+                "met": t["recall_met"],
+            }
+        )
+        rows.append(
+            {
+                "figure": f"ranker search p99, served mode and page (top-{s.get('served_page', 11)}, filtered or not)",
+                "baseline": f"numpy p99 {s['cases']['numpy']['p99_ms']:.1f} / {s['cases']['numpy filtered']['p99_ms']:.1f} ms",
+                "result": f"{t['served_p99_ms']:.1f} ms",
+                "target": f"≤ {t['p99_ms']:g} ms",
+                "met": t["p99_met"],
+            }
+        )
     if e := result.get("encoder"):
-        rows.append({"figure": f"encoder throughput ({e['device']}, {e['precision']}, {e['clock']})",
-                     "baseline": "sentence-transformers encode, same weights",
-                     "result": f"{e['speedup']:.2f}× ({e['texts_per_s']['encoder']:.1f} vs "
-                               f"{e['texts_per_s']['sentence_transformers']:.1f} texts/s), min cosine "
-                               f"{e['min_cosine_vs_sentence_transformers']['encoder']:.5f}",
-                     "target": "≥ 1.5× at ≥ 0.999", "met": e["targets"]["speedup_met"]})
+        rows.append(
+            {
+                "figure": f"encoder throughput ({e['device']}, {e['precision']}, {e['clock']})",
+                "baseline": "sentence-transformers encode, same weights",
+                "result": f"{e['speedup']:.2f}× ({e['texts_per_s']['encoder']:.1f} vs "
+                f"{e['texts_per_s']['sentence_transformers']:.1f} texts/s), min cosine "
+                f"{e['min_cosine_vs_sentence_transformers']['encoder']:.5f}",
+                "target": "≥ 1.5× at ≥ 0.999",
+                "met": e["targets"]["speedup_met"],
+            }
+        )
         if e["device"] != "cuda":
-            rows.append({"figure": "encoder on CUDA", "baseline": "–", "result": "cuda: not available",
-                         "target": "≥ 5,000 texts/s", "met": None})
+            rows.append(
+                {
+                    "figure": "encoder on CUDA",
+                    "baseline": "–",
+                    "result": "cuda: not available",
+                    "target": "≥ 5,000 texts/s",
+                    "met": None,
+                }
+            )
     if t := result.get("training"):
         enc = t["encoding"]
         if enc.get("speedup_cache_vs_fresh"):
-            rows.append({"figure": f"encodings of {enc['cached_texts']:,} texts from the cache",
-                         "baseline": f"fresh MiniLM encoding ({enc['fresh_all_s_extrapolated'] / 60:.0f} min, extrapolated)",
-                         "result": f"{enc['lookup_s']:.2f} s ({enc['speedup_cache_vs_fresh']:,.0f}×)", "target": "–",
-                         "met": None})
-        rows.append({"figure": "WMF ALS iteration / DropoutNet epoch, real data",
-                     "baseline": f"GEMM {t['gemm_gflops_start']:.0f} GFLOP/s in the same run",
-                     "result": f"{t['wmf'][0]['iteration_s']:.2f} s / {t['dropoutnet']['epoch_s']:.1f} s",
-                     "target": "–", "met": None})
+            rows.append(
+                {
+                    "figure": f"encodings of {enc['cached_texts']:,} texts from the cache",
+                    "baseline": f"fresh MiniLM encoding ({enc['fresh_all_s_extrapolated'] / 60:.0f} min, extrapolated)",
+                    "result": f"{enc['lookup_s']:.2f} s ({enc['speedup_cache_vs_fresh']:,.0f}×)",
+                    "target": "–",
+                    "met": None,
+                }
+            )
+        rows.append(
+            {
+                "figure": "WMF ALS iteration / DropoutNet epoch, real data",
+                "baseline": f"GEMM {t['gemm_gflops_start']:.0f} GFLOP/s in the same run",
+                "result": f"{t['wmf'][0]['iteration_s']:.2f} s / {t['dropoutnet']['epoch_s']:.1f} s",
+                "target": "–",
+                "met": None,
+            }
+        )
     if s := result.get("scale"):
         lim = s["limits"]
-        rows.append({"figure": "one machine: exact-search p99 reaches 20 ms", "baseline": "numpy exact search",
-                     "result": f"~{_n(lim['items_at_qdrant_p99_budget'])} items (numpy ~{_n(lim['items_at_numpy_p99_budget'])})",
-                     "target": "–", "met": None})
-        rows.append({"figure": "one machine: ALS peak memory fills RAM", "baseline": "CSR matrix bytes",
-                     "result": f"~{_n(lim['users_filling_memory_als'])} users ({lim['memory_gib']:.0f} GiB)",
-                     "target": "–", "met": None})
+        rows.append(
+            {
+                "figure": "one machine: exact-search p99 reaches 20 ms",
+                "baseline": "numpy exact search",
+                "result": f"~{_n(lim['items_at_qdrant_p99_budget'])} items (numpy ~{_n(lim['items_at_numpy_p99_budget'])})",
+                "target": "–",
+                "met": None,
+            }
+        )
+        rows.append(
+            {
+                "figure": "one machine: ALS peak memory fills RAM",
+                "baseline": "CSR matrix bytes",
+                "result": f"~{_n(lim['users_filling_memory_als'])} users ({lim['memory_gib']:.0f} GiB)",
+                "target": "–",
+                "met": None,
+            }
+        )
     return rows
 
 
@@ -146,42 +220,61 @@ def gateway_analysis(g: dict) -> list[str]:
     lines = []
     prof = g.get("profile_ranker_in_process", {})
     r_ratio, g_ratio = g["ratio_ranker_to_echo"], g["ratio_gateway_to_echo"]
-    hop = (f"the gateway hop costs {1 - g_ratio / r_ratio:.0%} of the ranker's throughput" if g_ratio < 0.95 * r_ratio
-           else "the gateway hop costs nothing measurable here (the two are within the machine's noise)")
-    lines.append(f"Reading: the ranker alone reaches {r_ratio:.2f}× the echo ceiling and the gateway {g_ratio:.2f}×: "
-                 f"{hop}; the ranker's own work is what separates both from the ceiling.")
+    hop = (
+        f"the gateway hop costs {1 - g_ratio / r_ratio:.0%} of the ranker's throughput"
+        if g_ratio < 0.95 * r_ratio
+        else "the gateway hop costs nothing measurable here (the two are within the machine's noise)"
+    )
+    lines.append(
+        f"Reading: the ranker alone reaches {r_ratio:.2f}× the echo ceiling and the gateway {g_ratio:.2f}×: "
+        f"{hop}; the ranker's own work is what separates both from the ceiling."
+    )
     if "ratio_relay_to_echo" in g:
         relay = g["ratio_relay_to_echo"]
-        lines.append(f"The chain itself has a ceiling: a relay that passes each call to the echo server (the gateway → "
-                     f"ranker shape, two Python gRPC servers and one client hop, no work) reaches {relay:.2f}× the echo "
-                     f"server; the gateway reaches {g['ratio_gateway_to_relay']:.2f}× that relay. "
-                     + (f"0.35× echo is {0.35 / relay:.0%} of the relay's throughput: every request's model work, "
-                        f"search, protobuf and logging would have to fit in {relay / 0.35 - 1:.0%} of what two "
-                        f"empty hops cost." if relay > 0.35 else "0.35× echo is beyond even that relay."))
+        lines.append(
+            f"The chain itself has a ceiling: a relay that passes each call to the echo server (the gateway → "
+            f"ranker shape, two Python gRPC servers and one client hop, no work) reaches {relay:.2f}× the echo "
+            f"server; the gateway reaches {g['ratio_gateway_to_relay']:.2f}× that relay. "
+            + (
+                f"0.35× echo is {0.35 / relay:.0%} of the relay's throughput: every request's model work, "
+                f"search, protobuf and logging would have to fit in {relay / 0.35 - 1:.0%} of what two "
+                f"empty hops cost."
+                if relay > 0.35
+                else "0.35× echo is beyond even that relay."
+            )
+        )
     if "top_self" in prof and prof["top_self"]:
         top = prof["top_self"][:3]
         share = sum(r["self_share"] for r in top)
-        lines.append(f"In-process the ranker's handler takes p50 {prof['p50_ms']:.2f} ms per request; the top costs "
-                     f"({share:.0%} of it) are " + "; ".join(f"`{r['function']}` {r['self_ms_per_request']:.2f} ms"
-                                                            for r in top) + ".")
+        lines.append(
+            f"In-process the ranker's handler takes p50 {prof['p50_ms']:.2f} ms per request; the top costs "
+            f"({share:.0%} of it) are "
+            + "; ".join(f"`{r['function']}` {r['self_ms_per_request']:.2f} ms" for r in top)
+            + "."
+        )
         query = next((r for r in prof["top_self"] if "EdgeShard" in r["function"]), None)
         mb = g["bundle"].get("bytes_scanned_per_query", 0) / 1e6
         if query and mb:
             need = 0.35 * g["best"]["echo"]["throughput_rps"]
-            lines.append(f"The Qdrant query ({g['bundle'].get('search_mode', 'quantized')} mode: a scan of the int8 copies "
-                         f"of {g['bundle']['items']:,} × {g['bundle']['vector_dim']} = {mb:.0f} MB, then float32 "
-                         f"rescoring) is {query['self_ms_per_request']:.2f} ms, {query['self_share']:.0%} of the handler, "
-                         f"and holds the GIL, so one ranker process runs one search at a time; searches that meet "
-                         f"are coalesced into one engine call sharing a pass over the vectors (A2V_RANKER_SEARCH_BATCH"
-                         + (f"; {g['search_batches']['mean']:.1f} searches per call in the sweep"
-                            if (g.get("search_batches") or {}).get("mean") else "")
-                         + f"), the rest of each request stays serial. 0.35× the echo ceiling is {need:.0f} req/s, i.e. "
-                         f"≤ {2e3 / need:.2f} ms of CPU per request for client, gateway and ranker together on 2 cores"
-                         + (": less than one unbatched search alone" if query["self_ms_per_request"] > 2e3 / need else "")
-                         + ". Beyond this, throughput "
-                         "comes from more ranker processes, which the embedded engine cannot give (it locks its "
-                         "directory to one process) and the server backend can (Qdrant server + ranker replicas, "
-                         "deploy/k8s/overlays/production).")
+            lines.append(
+                f"The Qdrant query ({g['bundle'].get('search_mode', 'quantized')} mode: a scan of the int8 copies "
+                f"of {g['bundle']['items']:,} × {g['bundle']['vector_dim']} = {mb:.0f} MB, then float32 "
+                f"rescoring) is {query['self_ms_per_request']:.2f} ms, {query['self_share']:.0%} of the handler, "
+                f"and holds the GIL, so one ranker process runs one search at a time; searches that meet "
+                f"are coalesced into one engine call sharing a pass over the vectors (A2V_RANKER_SEARCH_BATCH"
+                + (
+                    f"; {g['search_batches']['mean']:.1f} searches per call in the sweep"
+                    if (g.get("search_batches") or {}).get("mean")
+                    else ""
+                )
+                + f"), the rest of each request stays serial. 0.35× the echo ceiling is {need:.0f} req/s, i.e. "
+                f"≤ {2e3 / need:.2f} ms of CPU per request for client, gateway and ranker together on 2 cores"
+                + (": less than one unbatched search alone" if query["self_ms_per_request"] > 2e3 / need else "")
+                + ". Beyond this, throughput "
+                "comes from more ranker processes, which the embedded engine cannot give (it locks its "
+                "directory to one process) and the server backend can (Qdrant server + ranker replicas, "
+                "deploy/k8s/overlays/production)."
+            )
     return lines
 
 
@@ -223,15 +316,20 @@ def _f0(x) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
-    parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma list of parts to run (default: all): {', '.join(PARTS)}")
+    parser.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma list of parts to run (default: all): {', '.join(PARTS)}"
+    )
     parser.add_argument("--compile", action="store_true", help="also time TextEncoder(compile=True) (slow to compile)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "bench")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the parts not run now from the report already in --out (each part's date is shown)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the parts not run now from the report already in --out (each part's date is shown)",
+    )
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -239,8 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
     sizes = QUICK if args.quick else FULL
     progress = Progress()
-    result: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
-                    "parts": parts, "errors": {}}
+    result: dict = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "parts": parts,
+        "errors": {},
+    }
     earlier = args.out / "bench.json"
     if args.update and earlier.is_file():
         old = json.loads(earlier.read_text())
@@ -249,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                 result[part] = old[part]
                 result.setdefault("part_runs", {})[part] = old.get("part_runs", {}).get(part, old["started"])
     result.setdefault("part_runs", {}).update({part: result["started"] for part in parts})
-    progress(f"{result['machine']['summary']}; cuda: {result['machine']['cuda'] or 'not available'}; "
-             f"load average {result['machine']['loadavg_start']}; parts: {', '.join(parts)}")
+    progress(
+        f"{result['machine']['summary']}; cuda: {result['machine']['cuda'] or 'not available'}; "
+        f"load average {result['machine']['loadavg_start']}; parts: {', '.join(parts)}"
+    )
     for part in PARTS:
         if part not in parts:
             continue
@@ -259,22 +364,27 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if part == "gateway":
                 from bench.gateway import run_gateway_bench
+
                 result["gateway"] = run_gateway_bench(**sizes["gateway"], progress=progress)
                 result["gateway"]["analysis"] = gateway_analysis(result["gateway"])
             elif part == "search":
                 from bench.search import run_search_bench
+
                 result["search"] = run_search_bench(**sizes["search"])
             elif part == "encoder":
                 from bench.encoder import run_encoder_bench
+
                 result["encoder"] = run_encoder_bench(**sizes["encoder"], compile=args.compile, progress=progress)
             elif part == "training":
                 from bench.training import run_training_bench
+
                 result["training"] = run_training_bench(**sizes["training"], progress=progress)
             elif part == "scale":
                 from bench.scale import run_scale_bench
+
                 result["scale"] = run_scale_bench(**sizes["scale"], progress=progress)
                 result["scale"]["conclusion"] = scale_conclusion(result["scale"])
-        except Exception as e:   # one broken part must not lose the others' measurements
+        except Exception as e:  # one broken part must not lose the others' measurements
             result["errors"][part] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         result.setdefault("part_seconds", {})[part] = round(time.perf_counter() - started, 1)
@@ -284,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = summary(result)
     written = write_report(result, args.out)
     print(markdown(result))
-    progress(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written)}")
+    progress(
+        f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p) for p in written)}"
+    )
     return 1 if result["errors"] else 0
 
 

@@ -26,8 +26,9 @@ import grpc
 METHOD = "/bench.Echo/Echo"
 
 
-def serve(host: str, port: int, max_workers: int, max_concurrent_rpcs: int,
-          reply_bytes: int = 0, forward: str | None = None) -> tuple[grpc.Server, int]:
+def serve(
+    host: str, port: int, max_workers: int, max_concurrent_rpcs: int, reply_bytes: int = 0, forward: str | None = None
+) -> tuple[grpc.Server, int]:
     """reply_bytes > 0: answer with that many bytes (the size of the real service's answer), so both
     servers move the same bytes; 0: answer with the request. forward: relay every call to the echo
     server at that address instead (as the gateway calls the ranker: blocking, from the handler)."""
@@ -40,10 +41,18 @@ def serve(host: str, port: int, max_workers: int, max_concurrent_rpcs: int,
         behaviour = lambda request, context: upstream(request, timeout=time_remaining(context))  # noqa: E731
     else:
         behaviour = lambda request, context: reply or request  # noqa: E731
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {   # bytes in, bytes out: no protobuf
-        "Echo": grpc.unary_unary_rpc_method_handler(behaviour)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers), handlers=[handler],
-                         maximum_concurrent_rpcs=max_concurrent_rpcs, options=[("grpc.so_reuseport", 0)])
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {  # bytes in, bytes out: no protobuf
+            "Echo": grpc.unary_unary_rpc_method_handler(behaviour)
+        },
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers),
+        handlers=[handler],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=[("grpc.so_reuseport", 0)],
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     return server, bound
@@ -53,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from anime2vec.serving.settings import ServiceSettings
 
     defaults = ServiceSettings.model_fields
-    ap = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.echo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--max-workers", type=int, default=defaults["max_workers"].default)

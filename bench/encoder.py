@@ -23,8 +23,8 @@ from transformers import AutoModel, AutoTokenizer
 from anime2vec.features.encoder import TextEncoder, default_model_dir
 
 BATCH = 32
-TARGET_SPEEDUP = 1.5        # TextEncoder as served ÷ sentence-transformers
-TARGET_MIN_COSINE = 0.999   # ... at this agreement with it
+TARGET_SPEEDUP = 1.5  # TextEncoder as served ÷ sentence-transformers
+TARGET_MIN_COSINE = 0.999  # ... at this agreement with it
 TARGET_CUDA_TEXTS_PER_S = 5000
 
 
@@ -35,7 +35,7 @@ def catalogue_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
 
     try:
         catalog, source = load_mal().catalog, "full catalogue"
-    except Exception:   # no full data here: the sample ships with the repository's data
+    except Exception:  # no full data here: the sample ships with the repository's data
         catalog, source = load_mal(sample=True).catalog, "sample catalogue"
     has_synopsis = catalog["synopsis"].fillna("").astype(str).str.strip().str.len() > 0
     texts = build_texts(catalog[has_synopsis], RECIPES["default"]).tolist()
@@ -58,8 +58,13 @@ class PlainLoop:
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         out = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**batch).last_hidden_state
             m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -73,13 +78,19 @@ def padding_stats(tokenizer, texts: list[str], max_length: int, batch: int) -> d
     lengths = np.array([len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
 
     def padded(ls: np.ndarray) -> int:
-        return int(sum(ls[i:i + batch].max() * len(ls[i:i + batch]) for i in range(0, len(ls), batch)))
+        return int(sum(ls[i : i + batch].max() * len(ls[i : i + batch]) for i in range(0, len(ls), batch)))
 
     plain, bucketed = padded(lengths), padded(np.sort(lengths)[::-1])
-    return {"tokens_p10": float(np.percentile(lengths, 10)), "tokens_p50": float(np.percentile(lengths, 50)),
-            "tokens_p90": float(np.percentile(lengths, 90)), "truncated_share": float(np.mean(lengths >= max_length)),
-            "real_tokens": int(lengths.sum()), "plain_padded_tokens": plain, "bucketed_padded_tokens": bucketed,
-            "padded_tokens_ratio_plain_vs_bucketed": plain / bucketed}
+    return {
+        "tokens_p10": float(np.percentile(lengths, 10)),
+        "tokens_p50": float(np.percentile(lengths, 50)),
+        "tokens_p90": float(np.percentile(lengths, 90)),
+        "truncated_share": float(np.mean(lengths >= max_length)),
+        "real_tokens": int(lengths.sum()),
+        "plain_padded_tokens": plain,
+        "bucketed_padded_tokens": bucketed,
+        "padded_tokens_ratio_plain_vs_bucketed": plain / bucketed,
+    }
 
 
 def run_encoder_bench(n_texts: int = 256, rounds: int = 2, compile: bool = False, progress=print) -> dict:
@@ -93,17 +104,22 @@ def run_encoder_bench(n_texts: int = 256, rounds: int = 2, compile: bool = False
     st = SentenceTransformer(str(default_model_dir()), device=device)
     st.max_seq_length = encoder.max_length
     plain = PlainLoop(encoder.device, encoder.max_length)
-    progress(f"encoder: {n_texts} texts on {device} ({'cuda available' if device == 'cuda' else 'cuda: not available'}), "
-             f"served precision {encoder.precision}, {rounds} round(s) per loop, "
-             f"{'CPU' if device == 'cpu' else 'wall'} time")
-    loops = {"encoder": lambda: encoder.encode(texts), "encoder_fp32": lambda: fp32.encode(texts),
-             "sentence_transformers": lambda: st.encode(texts, batch_size=BATCH, convert_to_numpy=True),
-             "plain": lambda: plain.encode(texts, BATCH)}
+    progress(
+        f"encoder: {n_texts} texts on {device} ({'cuda available' if device == 'cuda' else 'cuda: not available'}), "
+        f"served precision {encoder.precision}, {rounds} round(s) per loop, "
+        f"{'CPU' if device == 'cpu' else 'wall'} time"
+    )
+    loops = {
+        "encoder": lambda: encoder.encode(texts),
+        "encoder_fp32": lambda: fp32.encode(texts),
+        "sentence_transformers": lambda: st.encode(texts, batch_size=BATCH, convert_to_numpy=True),
+        "plain": lambda: plain.encode(texts, BATCH),
+    }
     compile_s = None
     if compile:
         compiled = TextEncoder(device=device, batch_size=BATCH, compile=True, precision="auto")
         start = time.perf_counter()
-        compiled.encode(texts)   # compiles (dynamic shapes) outside the timed rounds
+        compiled.encode(texts)  # compiles (dynamic shapes) outside the timed rounds
         compile_s = time.perf_counter() - start
         loops["encoder_compiled"] = lambda: compiled.encode(texts)
     # warm-up on a slice (allocator, thread pools); the full-set agreement check comes from the rounds
@@ -118,31 +134,49 @@ def run_encoder_bench(n_texts: int = 256, rounds: int = 2, compile: bool = False
             start = clock()
             vectors[name] = np.asarray(fn(), np.float32)
             times[name].append(clock() - start)
-        progress(f"encoder: round {r + 1}: " + ", ".join(f"{n} {n_texts / t[-1]:.1f} texts/s" for n, t in times.items()))
+        progress(
+            f"encoder: round {r + 1}: " + ", ".join(f"{n} {n_texts / t[-1]:.1f} texts/s" for n, t in times.items())
+        )
     # Best of the rounds: the least disturbed measurement of each on a shared machine.
     rate = {name: n_texts / min(ts) for name, ts in times.items()}
     reference = vectors["sentence_transformers"]
-    agreement = {name: float(np.min(np.sum(v * reference, axis=1))) for name, v in vectors.items()
-                 if name != "sentence_transformers"}
+    agreement = {
+        name: float(np.min(np.sum(v * reference, axis=1)))
+        for name, v in vectors.items()
+        if name != "sentence_transformers"
+    }
     speedup = rate["encoder"] / rate["sentence_transformers"]
     result = {
-        "device": encoder.device, "cuda": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "model": encoder.name, "max_length": encoder.max_length, "texts": n_texts, "text_source": source,
-        "batch_size": BATCH, "rounds": rounds, "torch_threads": torch.get_num_threads(),
+        "device": encoder.device,
+        "cuda": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "model": encoder.name,
+        "max_length": encoder.max_length,
+        "texts": n_texts,
+        "text_source": source,
+        "batch_size": BATCH,
+        "rounds": rounds,
+        "torch_threads": torch.get_num_threads(),
         "clock": "process CPU time" if device == "cpu" else "wall time",
-        "precision": encoder.precision, "precision_check": encoder.precision_check,
-        "texts_per_s": rate, "median_texts_per_s": {n: n_texts / float(np.median(t)) for n, t in times.items()},
-        "speedup": speedup, "speedup_vs_plain": rate["encoder"] / rate["plain"],
+        "precision": encoder.precision,
+        "precision_check": encoder.precision_check,
+        "texts_per_s": rate,
+        "median_texts_per_s": {n: n_texts / float(np.median(t)) for n, t in times.items()},
+        "speedup": speedup,
+        "speedup_vs_plain": rate["encoder"] / rate["plain"],
         "speedup_fp32_vs_sentence_transformers": rate["encoder_fp32"] / rate["sentence_transformers"],
         "min_cosine_vs_sentence_transformers": agreement,
         "padding": padding_stats(plain.tokenizer, texts, encoder.max_length, BATCH),
         "compile_s": compile_s,
-        "targets": {"speedup": TARGET_SPEEDUP, "min_cosine": TARGET_MIN_COSINE,
-                    "speedup_met": speedup >= TARGET_SPEEDUP and agreement["encoder"] >= TARGET_MIN_COSINE},
+        "targets": {
+            "speedup": TARGET_SPEEDUP,
+            "min_cosine": TARGET_MIN_COSINE,
+            "speedup_met": speedup >= TARGET_SPEEDUP and agreement["encoder"] >= TARGET_MIN_COSINE,
+        },
     }
     if "encoder_compiled" in rate:
         result["speedup_compiled"] = rate["encoder_compiled"] / rate["sentence_transformers"]
     if device == "cuda":
-        result["targets"].update(cuda_texts_per_s=TARGET_CUDA_TEXTS_PER_S,
-                                 cuda_met=max(rate.values()) >= TARGET_CUDA_TEXTS_PER_S)
+        result["targets"].update(
+            cuda_texts_per_s=TARGET_CUDA_TEXTS_PER_S, cuda_met=max(rate.values()) >= TARGET_CUDA_TEXTS_PER_S
+        )
     return result

@@ -49,8 +49,20 @@ def find_bundle(work: Path, progress) -> tuple[Path, str]:
     if (store / "sample").is_dir() and (b := newest_bundle(store / "sample", "sample")) is not None:
         return b, "sample data (models/sample/)"
     progress("no bundle in the model store: training one on the sample data (a few minutes)")
-    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--epochs", "8", "--quiet",
-           "--store", str(work / "models"), "--report-dir", str(work / "train-report")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "anime2vec.cli",
+        "train",
+        "--sample",
+        "--epochs",
+        "8",
+        "--quiet",
+        "--store",
+        str(work / "models"),
+        "--report-dir",
+        str(work / "train-report"),
+    ]
     subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, check=True, capture_output=True)
     b = newest_bundle(work / "models", "sample")
     if b is None:
@@ -60,7 +72,7 @@ def find_bundle(work: Path, progress) -> tuple[Path, str]:
 
 def favourites_requests(bundle: Path, n: int = 64, k: int = 3, seed: int = 0) -> list[list[int]]:
     """n favourites lists, each of k distinct popular anime ids (drawn from the top 500 by members)."""
-    with open(bundle / "catalog.jsonl", encoding="utf-8") as f:   # lines end at "\n" only (titles hold U+2028)
+    with open(bundle / "catalog.jsonl", encoding="utf-8") as f:  # lines end at "\n" only (titles hold U+2028)
         rows = [json.loads(line) for line in f if line.strip()]
     popular = [r["anime_id"] for r in sorted(rows, key=lambda r: -(r.get("members") or 0))[:500]]
     rng = np.random.default_rng(seed)
@@ -73,8 +85,14 @@ class EchoProcess:
     def __init__(self, reply_bytes: int, log: Path, forward: str | None = None):
         self.log = log
         args = ["--port", "0", "--reply-bytes", str(reply_bytes)] + (["--forward", forward] if forward else [])
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.echo", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                     stderr=open(log, "ab"), text=True, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo", *args],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "ab"),
+            text=True,
+            env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
+        )
         line = self.proc.stdout.readline()
         if not line.startswith("port "):
             self.stop()
@@ -113,12 +131,19 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
     from services.ranker.server import start
     from services.ranker.settings import RankerSettings
 
-    settings = RankerSettings.from_env(model_store=bundle.parent, bundle=bundle.name, data_dir=ranker_dir,
-                                       host="127.0.0.1", grpc_port=0, metrics_port=0, alias_poll_s=0)
+    settings = RankerSettings.from_env(
+        model_store=bundle.parent,
+        bundle=bundle.name,
+        data_dir=ranker_dir,
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=0,
+        alias_poll_s=0,
+    )
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as services/ranker/server.py main() runs it
+    torch.set_num_threads(1)  # as services/ranker/server.py main() runs it
     running, servicer = start(settings)
     try:
         requests = [ranker_pb2.RecommendFromFavouritesRequest(liked_ids=f) for f in favourites]
@@ -142,14 +167,25 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
     total = stats.total_tt
     rows = []
     for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
-        rows.append({"function": f"{Path(filename).name}:{line}({func})", "calls_per_request": ncalls / calls,
-                     "self_ms_per_request": tottime / calls * 1e3, "cum_ms_per_request": cumtime / calls * 1e3,
-                     "self_share": tottime / total if total else 0.0})
+        rows.append(
+            {
+                "function": f"{Path(filename).name}:{line}({func})",
+                "calls_per_request": ncalls / calls,
+                "self_ms_per_request": tottime / calls * 1e3,
+                "cum_ms_per_request": cumtime / calls * 1e3,
+                "self_share": tottime / total if total else 0.0,
+            }
+        )
     rows.sort(key=lambda r: -r["self_ms_per_request"])
     t = np.asarray(times) * 1e3
-    return {"calls": calls, "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-            "mean_ms": float(t.mean()), "top_self": rows[:12],
-            "top_cumulative": sorted(rows, key=lambda r: -r["cum_ms_per_request"])[:12]}
+    return {
+        "calls": calls,
+        "p50_ms": float(np.percentile(t, 50)),
+        "p99_ms": float(np.percentile(t, 99)),
+        "mean_ms": float(t.mean()),
+        "top_self": rows[:12],
+        "top_cumulative": sorted(rows, key=lambda r: -r["cum_ms_per_request"])[:12],
+    }
 
 
 def search_batches(spec, since: dict | None = None) -> dict:
@@ -160,8 +196,12 @@ def search_batches(spec, since: dict | None = None) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://{spec.host}:{spec.metrics_port}/metrics", timeout=10).read().decode()
-    values = {sample.name: sample.value for family in text_string_to_metric_families(text)
-              if family.name == "a2v_search_batch_size" for sample in family.samples}
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "a2v_search_batch_size"
+        for sample in family.samples
+    }
     calls = values.get("a2v_search_batch_size_count", 0.0) - (since or {}).get("calls", 0.0)
     searches = values.get("a2v_search_batch_size_sum", 0.0) - (since or {}).get("searches", 0.0)
     return {"calls": calls, "searches": searches, "mean": searches / calls if calls else None}
@@ -171,8 +211,14 @@ def _best(steps: list[dict]) -> dict:
     return max(steps, key=lambda s: s["throughput_rps"])
 
 
-def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float = 4.0, warmup_s: float = 1.0,
-                      open_loop_s: float = 6.0, profile_calls: int = 200, progress=print) -> dict:
+def run_gateway_bench(
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    step_s: float = 4.0,
+    warmup_s: float = 1.0,
+    open_loop_s: float = 6.0,
+    profile_calls: int = 200,
+    progress=print,
+) -> dict:
     import grpc
 
     from anime2vec.v1 import gateway_pb2_grpc, ranker_pb2
@@ -185,10 +231,15 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
         gw_payloads = [_gateway_request(f).SerializeToString() for f in favourites]
         rk_payloads = [ranker_pb2.RecommendFromFavouritesRequest(liked_ids=f).SerializeToString() for f in favourites]
         ports = free_ports(6)
-        specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
-                                             "gateway": tuple(ports[4:6])},
-                               encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
-                               ranker_data_dir=work / "ranker", gateway_env={"API_KEYS": API_KEY})
+        specs = standard_specs(
+            "127.0.0.1",
+            {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]), "gateway": tuple(ports[4:6])},
+            encoder_model="minilm",
+            model_store=bundle.parent,
+            bundle=bundle.name,
+            ranker_data_dir=work / "ranker",
+            gateway_env={"API_KEYS": API_KEY},
+        )
         procs = {s.name: ServiceProcess(s, work / "logs" / f"{s.name}.log") for s in specs}
         echo = relay = None
         started = time.perf_counter()
@@ -204,18 +255,26 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
             metadata = (("authorization", f"Bearer {API_KEY}"),)
             with grpc.insecure_channel(procs["gateway"].spec.address) as ch:
                 reply = gateway_pb2_grpc.GatewayServiceStub(ch).Recommend(
-                    _gateway_request(favourites[0]), metadata=metadata, timeout=30)
+                    _gateway_request(favourites[0]), metadata=metadata, timeout=30
+                )
             reply_bytes = reply.ByteSize()
             echo = EchoProcess(reply_bytes, work / "logs" / "echo.log")
             relay = EchoProcess(0, work / "logs" / "relay.log", forward=echo.address)
-            targets = {"echo": (echo.address, ECHO_METHOD, gw_payloads, ()),
-                       "relay": (relay.address, ECHO_METHOD, gw_payloads, ()),
-                       "ranker": (procs["ranker"].spec.address, RANKER_METHOD, rk_payloads, ()),
-                       "gateway": (procs["gateway"].spec.address, GATEWAY_METHOD, gw_payloads, metadata)}
-            plan = [Step(name, addr, method, payloads, md, concurrency=c, duration_s=step_s, warmup_s=warmup_s)
-                    for c in concurrency for name, (addr, method, payloads, md) in targets.items()]
-            progress(f"closed loop: {len(concurrency)} concurrency steps × {len(targets)} targets × "
-                     f"{warmup_s + step_s:.0f} s (services up in {startup_s:.0f} s)")
+            targets = {
+                "echo": (echo.address, ECHO_METHOD, gw_payloads, ()),
+                "relay": (relay.address, ECHO_METHOD, gw_payloads, ()),
+                "ranker": (procs["ranker"].spec.address, RANKER_METHOD, rk_payloads, ()),
+                "gateway": (procs["gateway"].spec.address, GATEWAY_METHOD, gw_payloads, metadata),
+            }
+            plan = [
+                Step(name, addr, method, payloads, md, concurrency=c, duration_s=step_s, warmup_s=warmup_s)
+                for c in concurrency
+                for name, (addr, method, payloads, md) in targets.items()
+            ]
+            progress(
+                f"closed loop: {len(concurrency)} concurrency steps × {len(targets)} targets × "
+                f"{warmup_s + step_s:.0f} s (services up in {startup_s:.0f} s)"
+            )
             batches_before = search_batches(procs["ranker"].spec)
             sweep = run_plan(plan)
             batches = search_batches(procs["ranker"].spec, since=batches_before)
@@ -223,8 +282,18 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
             best = {name: _best(steps) for name, steps in by.items()}
             half = best["gateway"]["throughput_rps"] / 2
             progress(f"open loop at {half:.0f} req/s (half the gateway's best) on gateway and echo")
-            open_plan = [Step(name, *targets[name][:2], targets[name][2], targets[name][3], rate_rps=half,
-                              duration_s=open_loop_s, warmup_s=warmup_s) for name in ("gateway", "echo")]
+            open_plan = [
+                Step(
+                    name,
+                    *targets[name][:2],
+                    targets[name][2],
+                    targets[name][3],
+                    rate_rps=half,
+                    duration_s=open_loop_s,
+                    warmup_s=warmup_s,
+                )
+                for name in ("gateway", "echo")
+            ]
             open_loop = {r["name"]: r for r in run_plan(open_plan)}
             errors = {name: sum(sum(s["errors"].values()) for s in steps) for name, steps in by.items()}
         finally:
@@ -237,28 +306,46 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
         try:
             progress(f"profiling the ranker's favourites path in-process ({profile_calls} calls, cProfile)")
             profile = profile_ranker(bundle, work / "ranker", favourites, profile_calls)
-        except Exception as e:   # the profile explains a miss; its failure must not lose the measurements
+        except Exception as e:  # the profile explains a miss; its failure must not lose the measurements
             profile = {"error": f"{type(e).__name__}: {e}"}
 
     ratio = best["gateway"]["throughput_rps"] / best["echo"]["throughput_rps"]
     p99_half = open_loop["gateway"].get("p99_ms", float("nan"))
     c1 = {name: steps[0] for name, steps in by.items()}
     return {
-        "bundle": {"version": bundle.name, "kind": bundle_kind, "items": manifest.get("dims", {}).get("n_items"),
-                   "vector_dim": manifest.get("dims", {}).get("tower_dim"),
-                   # the ranker's default search mode scans the int8 copies: one byte per coordinate
-                   "search_mode": RankerSettings.model_fields["search_mode"].default,
-                   "bytes_scanned_per_query": (manifest.get("dims", {}).get("n_items") or 0)
-                   * (manifest.get("dims", {}).get("tower_dim") or 0)},
-        "request": {"favourites_per_request": len(favourites[0]), "distinct_requests": len(favourites),
-                    "limit": "default (10)", "reply_bytes": reply_bytes},
+        "bundle": {
+            "version": bundle.name,
+            "kind": bundle_kind,
+            "items": manifest.get("dims", {}).get("n_items"),
+            "vector_dim": manifest.get("dims", {}).get("tower_dim"),
+            # the ranker's default search mode scans the int8 copies: one byte per coordinate
+            "search_mode": RankerSettings.model_fields["search_mode"].default,
+            "bytes_scanned_per_query": (manifest.get("dims", {}).get("n_items") or 0)
+            * (manifest.get("dims", {}).get("tower_dim") or 0),
+        },
+        "request": {
+            "favourites_per_request": len(favourites[0]),
+            "distinct_requests": len(favourites),
+            "limit": "default (10)",
+            "reply_bytes": reply_bytes,
+        },
         "client": "one separate process, grpc.aio, one channel per step, raw bytes (no protobuf work); "
-                  "closed loop = N callers each waiting for its answer; open loop = fixed arrival rate, "
-                  "latency from the scheduled start",
+        "closed loop = N callers each waiting for its answer; open loop = fixed arrival rate, "
+        "latency from the scheduled start",
         "server_settings": "services and echo: grpcio thread pool of 8 workers, 64 concurrent RPCs (defaults)",
-        "startup_s": startup_s, "step_s": step_s, "warmup_s": warmup_s,
-        "sweep": by, "best": {k: {"throughput_rps": v["throughput_rps"], "concurrency": v["concurrency"],
-                                  "p50_ms": v.get("p50_ms"), "p99_ms": v.get("p99_ms")} for k, v in best.items()},
+        "startup_s": startup_s,
+        "step_s": step_s,
+        "warmup_s": warmup_s,
+        "sweep": by,
+        "best": {
+            k: {
+                "throughput_rps": v["throughput_rps"],
+                "concurrency": v["concurrency"],
+                "p50_ms": v.get("p50_ms"),
+                "p99_ms": v.get("p99_ms"),
+            }
+            for k, v in best.items()
+        },
         "errors": errors,
         # engine calls and searches in them during the closed-loop sweep (ranker + gateway steps)
         "search_batches": batches,
@@ -269,8 +356,12 @@ def run_gateway_bench(concurrency: tuple[int, ...] = CONCURRENCY, step_s: float 
         "open_loop_half_max": open_loop,
         "latency_c1_ms": {name: s.get("p50_ms") for name, s in c1.items()},
         "profile_ranker_in_process": profile,
-        "targets": {"ratio": TARGET_RATIO, "p99_ms_at_half_max": TARGET_P99_MS,
-                    "ratio_met": ratio >= TARGET_RATIO, "p99_met": bool(p99_half <= TARGET_P99_MS)},
+        "targets": {
+            "ratio": TARGET_RATIO,
+            "p99_ms_at_half_max": TARGET_P99_MS,
+            "ratio_met": ratio >= TARGET_RATIO,
+            "p99_met": bool(p99_half <= TARGET_P99_MS),
+        },
     }
 
 

@@ -29,26 +29,35 @@ import numpy as np
 
 @dataclass
 class Step:
-    name: str                       # label of the target ("echo", "gateway", ...)
-    address: str                    # host:port
-    method: str                     # full method path, "/package.Service/Method"
-    payloads: list[bytes]           # serialized requests, sent round-robin
-    metadata: tuple = ()            # ((key, value), ...) sent with every call
-    concurrency: int = 1            # closed loop: requests in flight
-    rate_rps: float | None = None   # open loop when set
+    name: str  # label of the target ("echo", "gateway", ...)
+    address: str  # host:port
+    method: str  # full method path, "/package.Service/Method"
+    payloads: list[bytes]  # serialized requests, sent round-robin
+    metadata: tuple = ()  # ((key, value), ...) sent with every call
+    concurrency: int = 1  # closed loop: requests in flight
+    rate_rps: float | None = None  # open loop when set
     duration_s: float = 4.0
     warmup_s: float = 1.0
     timeout_s: float = 10.0
-    extra: dict = field(default_factory=dict)   # copied into the result (e.g. the concurrency step)
+    extra: dict = field(default_factory=dict)  # copied into the result (e.g. the concurrency step)
 
 
 def summarise(latencies: list[float], errors: dict[str, int], window_s: float) -> dict:
     lat = np.asarray(latencies, dtype=np.float64) * 1e3
-    out = {"requests": int(len(lat)), "errors": dict(errors), "window_s": window_s,
-           "throughput_rps": len(lat) / window_s if window_s > 0 else 0.0}
+    out = {
+        "requests": int(len(lat)),
+        "errors": dict(errors),
+        "window_s": window_s,
+        "throughput_rps": len(lat) / window_s if window_s > 0 else 0.0,
+    }
     if len(lat):
-        out.update(p50_ms=float(np.percentile(lat, 50)), p90_ms=float(np.percentile(lat, 90)),
-                   p99_ms=float(np.percentile(lat, 99)), mean_ms=float(lat.mean()), max_ms=float(lat.max()))
+        out.update(
+            p50_ms=float(np.percentile(lat, 50)),
+            p90_ms=float(np.percentile(lat, 90)),
+            p99_ms=float(np.percentile(lat, 99)),
+            mean_ms=float(lat.mean()),
+            max_ms=float(lat.max()),
+        )
     return out
 
 
@@ -61,6 +70,7 @@ async def _closed(call, step: Step) -> dict:
 
     async def caller():
         import grpc
+
         while True:
             t0 = time.perf_counter()
             if t0 >= stop_at:
@@ -72,7 +82,7 @@ async def _closed(call, step: Step) -> dict:
             except grpc.aio.AioRpcError as e:
                 ok, code = False, e.code().name
             t1 = time.perf_counter()
-            if count_from <= t1 <= stop_at:   # completions inside the counted window (steady state)
+            if count_from <= t1 <= stop_at:  # completions inside the counted window (steady state)
                 if ok:
                     latencies.append(t1 - t0)
                 else:
@@ -84,6 +94,7 @@ async def _closed(call, step: Step) -> dict:
 
 async def _open(call, step: Step) -> dict:
     import grpc
+
     latencies: list[float] = []
     errors: dict[str, int] = {}
     interval = 1.0 / step.rate_rps
@@ -107,7 +118,7 @@ async def _open(call, step: Step) -> dict:
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.ensure_future(one(i, scheduled)))
-    late_by = time.perf_counter() - (start + (n_total - 1) * interval)   # > 0: the client could not keep up
+    late_by = time.perf_counter() - (start + (n_total - 1) * interval)  # > 0: the client could not keep up
     await asyncio.gather(*tasks)
     out = summarise(latencies, errors, step.duration_s)
     out["offered_rps"] = step.rate_rps
@@ -117,16 +128,23 @@ async def _open(call, step: Step) -> dict:
 
 async def _run_step(step: Step) -> dict:
     import grpc
+
     async with grpc.aio.insecure_channel(step.address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-        call = channel.unary_unary(step.method)   # no (de)serializers: bytes in, bytes out
-        for p in step.payloads[:3]:               # connect and touch the path before timing
+        call = channel.unary_unary(step.method)  # no (de)serializers: bytes in, bytes out
+        for p in step.payloads[:3]:  # connect and touch the path before timing
             await call(p, metadata=step.metadata, timeout=step.timeout_s)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         result = await (_open(call, step) if step.rate_rps else _closed(call, step))
         result["client_cpu_share"] = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    return {"name": step.name, "address": step.address, "method": step.method,
-            "concurrency": None if step.rate_rps else step.concurrency, **step.extra, **result}
+    return {
+        "name": step.name,
+        "address": step.address,
+        "method": step.method,
+        "concurrency": None if step.rate_rps else step.concurrency,
+        **step.extra,
+        **result,
+    }
 
 
 def _child() -> int:
@@ -134,7 +152,7 @@ def _child() -> int:
     steps = pickle.load(sys.stdin.buffer)
     try:
         out = ("ok", [asyncio.run(_run_step(Step(**s))) for s in steps])
-    except BaseException as e:   # report to the parent instead of dying with a traceback only
+    except BaseException as e:  # report to the parent instead of dying with a traceback only
         out = ("error", f"{type(e).__name__}: {e}")
     pickle.dump(out, sys.stdout.buffer)
     sys.stdout.buffer.flush()
@@ -144,8 +162,13 @@ def _child() -> int:
 def run_plan(steps: list[Step], timeout_s: float | None = None) -> list[dict]:
     """Run the steps in order in a fresh Python process (nothing imported but grpc and numpy)."""
     budget = timeout_s or sum(s.warmup_s + s.duration_s + 30 for s in steps)
-    proc = subprocess.run([sys.executable, "-m", "bench.loadgen"], input=pickle.dumps([asdict(s) for s in steps]),
-                          capture_output=True, timeout=budget, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        input=pickle.dumps([asdict(s) for s in steps]),
+        capture_output=True,
+        timeout=budget,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if proc.returncode != 0 or not proc.stdout:
         raise RuntimeError(f"load generator exited with {proc.returncode}: {proc.stderr.decode()[-2000:]}")
     status, value = pickle.loads(proc.stdout)

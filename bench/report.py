@@ -32,59 +32,83 @@ def _size(n: float) -> str:
 # ---- markdown --------------------------------------------------------------------------------
 def _md_search(s: dict) -> list[str]:
     t = s.get("targets", {})
-    lines = [f"## Ranker search: {s['items']:,} items × {s['dim']} dims, {s['queries']} queries",
-             "", f"Vectors: {s['source']}.",
-             "Baseline: exact numpy dot-product top-k over the same vectors (float32 BLAS). Modes: `exact` scans "
-             "every float32 vector; `quantized` (served by default) scans int8 copies and rescores the best "
-             f"{s['oversampling']:g}× the page in float32 (at most 400 vectors: top-100 rescores 4×). Cases run "
-             f"interleaved query by query, so a stall of the machine hits all alike. Filtered: {', '.join(s['filter']['include_genres'])}, "
-             f"{s['filter']['year_min']}–{s['filter']['year_max']} ({s['filter']['matching_items']:,} items match).", "",
-             "| case | p50 ms | p99 ms | p50 / numpy | recall vs exact |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"## Ranker search: {s['items']:,} items × {s['dim']} dims, {s['queries']} queries",
+        "",
+        f"Vectors: {s['source']}.",
+        "Baseline: exact numpy dot-product top-k over the same vectors (float32 BLAS). Modes: `exact` scans "
+        "every float32 vector; `quantized` (served by default) scans int8 copies and rescores the best "
+        f"{s['oversampling']:g}× the page in float32 (at most 400 vectors: top-100 rescores 4×). Cases run "
+        f"interleaved query by query, so a stall of the machine hits all alike. Filtered: {', '.join(s['filter']['include_genres'])}, "
+        f"{s['filter']['year_min']}–{s['filter']['year_max']} ({s['filter']['matching_items']:,} items match).",
+        "",
+        "| case | p50 ms | p99 ms | p50 / numpy | recall vs exact |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, c in s["cases"].items():
         ratio = s["ratio_p50_to_numpy"].get(name)
         rec = s["recall"].get(name)
-        lines.append(f"| {name} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {'–' if ratio is None else f'{ratio:.2f}×'} "
-                     f"| {'–' if rec is None else f'{rec:.4f}'} |")
-    lines += ["", f"- exact mode recall: {t.get('exact_recall', float('nan')):.4f} — target 1.0: {_yes(t.get('recall_met'))}",
-              f"- served mode (quantized) at the served page (top-{s.get('served_page', 11)}, filtered or not): "
-              f"worst p99 {t.get('served_p99_ms', float('nan')):.2f} ms — target "
-              f"≤ {t.get('p99_ms', 5):g} ms: {_yes(t.get('p99_met'))}; worst recall {t.get('served_recall', float('nan')):.4f}",
-              ""]
+        lines.append(
+            f"| {name} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {'–' if ratio is None else f'{ratio:.2f}×'} "
+            f"| {'–' if rec is None else f'{rec:.4f}'} |"
+        )
+    lines += [
+        "",
+        f"- exact mode recall: {t.get('exact_recall', float('nan')):.4f} — target 1.0: {_yes(t.get('recall_met'))}",
+        f"- served mode (quantized) at the served page (top-{s.get('served_page', 11)}, filtered or not): "
+        f"worst p99 {t.get('served_p99_ms', float('nan')):.2f} ms — target "
+        f"≤ {t.get('p99_ms', 5):g} ms: {_yes(t.get('p99_met'))}; worst recall {t.get('served_recall', float('nan')):.4f}",
+        "",
+    ]
     return lines
 
 
 def _md_encoder(e: dict) -> list[str]:
     p = e["padding"]
     check = e.get("precision_check") or {}
-    lines = [f"## Encoder: {e['model']} on {e['device']}"
-             + (f" ({e['cuda']})" if e.get("cuda") else " (cuda: not available)"),
-             "", f"{e['texts']} texts ({e['text_source']}), max_length {e['max_length']}, batch {e['batch_size']}, "
-                 f"{e['torch_threads']} torch threads, best of {e['rounds']} alternating round(s), {e['clock']}.",
-             "Baseline: `sentence-transformers` `encode` on the same weights and texts (the library a user would "
-             "pick). `encoder` is `TextEncoder` as the encoder service runs it (precision "
-             f"**{e['precision']}**, chosen at start-up"
-             + (f": native bf16 {check.get('native_bf16')}, probe min cosine vs fp32 "
-                f"{check['min_cosine_vs_fp32']:.6f}" if check.get("min_cosine_vs_fp32") is not None else "")
-             + "); `plain` is the textbook transformers eager loop.", "",
-             "| loop | texts/s (best) | texts/s (median) | lowest cosine vs sentence-transformers |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"## Encoder: {e['model']} on {e['device']}"
+        + (f" ({e['cuda']})" if e.get("cuda") else " (cuda: not available)"),
+        "",
+        f"{e['texts']} texts ({e['text_source']}), max_length {e['max_length']}, batch {e['batch_size']}, "
+        f"{e['torch_threads']} torch threads, best of {e['rounds']} alternating round(s), {e['clock']}.",
+        "Baseline: `sentence-transformers` `encode` on the same weights and texts (the library a user would "
+        "pick). `encoder` is `TextEncoder` as the encoder service runs it (precision "
+        f"**{e['precision']}**, chosen at start-up"
+        + (
+            f": native bf16 {check.get('native_bf16')}, probe min cosine vs fp32 {check['min_cosine_vs_fp32']:.6f}"
+            if check.get("min_cosine_vs_fp32") is not None
+            else ""
+        )
+        + "); `plain` is the textbook transformers eager loop.",
+        "",
+        "| loop | texts/s (best) | texts/s (median) | lowest cosine vs sentence-transformers |",
+        "|---|---:|---:|---:|",
+    ]
     for name, rate in e["texts_per_s"].items():
         cos = e["min_cosine_vs_sentence_transformers"].get(name)
-        lines.append(f"| {name} | {rate:.1f} | {e['median_texts_per_s'][name]:.1f} | {'–' if cos is None else f'{cos:.6f}'} |")
+        lines.append(
+            f"| {name} | {rate:.1f} | {e['median_texts_per_s'][name]:.1f} | {'–' if cos is None else f'{cos:.6f}'} |"
+        )
     t = e["targets"]
-    lines += ["", f"- encoder / sentence-transformers: **{e['speedup']:.2f}×** at min cosine "
-                  f"{e['min_cosine_vs_sentence_transformers']['encoder']:.6f} — target ≥ {t['speedup']:g}× at ≥ "
-                  f"{t['min_cosine']:g}: {_yes(t['speedup_met'])}",
-              f"- the same in fp32: {e['speedup_fp32_vs_sentence_transformers']:.2f}×; encoder / plain loop: "
-              f"{e['speedup_vs_plain']:.2f}×",
-              f"- why: tokens through the model, plain {p['plain_padded_tokens']:,} vs bucketed "
-              f"{p['bucketed_padded_tokens']:,} ({p['padded_tokens_ratio_plain_vs_bucketed']:.2f}×; real tokens "
-              f"{p['real_tokens']:,}; token length p10/p50/p90 {p['tokens_p10']:.0f}/{p['tokens_p50']:.0f}/"
-              f"{p['tokens_p90']:.0f}, {p['truncated_share']:.0%} truncated at {e['max_length']}); sentence-transformers "
-              "sorts by length too, so the lead over it is the precision"]
+    lines += [
+        "",
+        f"- encoder / sentence-transformers: **{e['speedup']:.2f}×** at min cosine "
+        f"{e['min_cosine_vs_sentence_transformers']['encoder']:.6f} — target ≥ {t['speedup']:g}× at ≥ "
+        f"{t['min_cosine']:g}: {_yes(t['speedup_met'])}",
+        f"- the same in fp32: {e['speedup_fp32_vs_sentence_transformers']:.2f}×; encoder / plain loop: "
+        f"{e['speedup_vs_plain']:.2f}×",
+        f"- why: tokens through the model, plain {p['plain_padded_tokens']:,} vs bucketed "
+        f"{p['bucketed_padded_tokens']:,} ({p['padded_tokens_ratio_plain_vs_bucketed']:.2f}×; real tokens "
+        f"{p['real_tokens']:,}; token length p10/p50/p90 {p['tokens_p10']:.0f}/{p['tokens_p50']:.0f}/"
+        f"{p['tokens_p90']:.0f}, {p['truncated_share']:.0%} truncated at {e['max_length']}); sentence-transformers "
+        "sorts by length too, so the lead over it is the precision",
+    ]
     if e.get("speedup_compiled") is not None:
-        lines.append(f"- torch.compile: {e['speedup_compiled']:.2f}× sentence-transformers after {e['compile_s']:.0f} s "
-                     "of compiling")
+        lines.append(
+            f"- torch.compile: {e['speedup_compiled']:.2f}× sentence-transformers after {e['compile_s']:.0f} s "
+            "of compiling"
+        )
     else:
         lines.append("- torch.compile: not measured in this run (`--compile`)")
     if e["device"] != "cuda":
@@ -95,53 +119,76 @@ def _md_encoder(e: dict) -> list[str]:
 def _md_gateway(g: dict) -> list[str]:
     b, t = g["best"], g["targets"]
     half = g["open_loop_half_max"]
-    lines = [f"## Gateway end to end: favourites query (Recommend, {g['request']['favourites_per_request']} "
-             f"favourite ids, API key)", "",
-             f"Bundle {g['bundle']['version']} ({g['bundle']['kind']}; {_f(g['bundle']['items'])} items, "
-             f"{g['bundle']['vector_dim']}-dim vectors). Encoder, ranker and gateway as processes on loopback; "
-             f"{g['server_settings']}.",
-             f"Baseline: a trivial gRPC echo server (same grpcio and thread-pool settings, answers "
-             f"{g['request']['reply_bytes']} bytes like the gateway, no work) driven the same way in the same run: "
-             f"the Python gRPC ceiling here. Relay: a second such server that passes each call on to the echo "
-             f"server over a blocking channel, as the gateway calls the ranker: the ceiling of two Python gRPC hops "
-             f"with no work. The ranker called directly shows the gateway hop's cost.",
-             f"Client: {g['client']}. Closed-loop steps of {g['step_s']:g} s after {g['warmup_s']:g} s warm-up, "
-             f"the targets alternating at each step.", "",
-             "| in flight | echo req/s | relay req/s | ranker req/s | gateway req/s | gateway / echo | gateway p50 ms "
-             "| gateway p99 ms | echo p99 ms | client CPU (gateway step) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    relay = g["sweep"].get("relay") or [{}] * len(g["sweep"]["echo"])   # reports from before the relay
+    lines = [
+        f"## Gateway end to end: favourites query (Recommend, {g['request']['favourites_per_request']} "
+        f"favourite ids, API key)",
+        "",
+        f"Bundle {g['bundle']['version']} ({g['bundle']['kind']}; {_f(g['bundle']['items'])} items, "
+        f"{g['bundle']['vector_dim']}-dim vectors). Encoder, ranker and gateway as processes on loopback; "
+        f"{g['server_settings']}.",
+        f"Baseline: a trivial gRPC echo server (same grpcio and thread-pool settings, answers "
+        f"{g['request']['reply_bytes']} bytes like the gateway, no work) driven the same way in the same run: "
+        f"the Python gRPC ceiling here. Relay: a second such server that passes each call on to the echo "
+        f"server over a blocking channel, as the gateway calls the ranker: the ceiling of two Python gRPC hops "
+        f"with no work. The ranker called directly shows the gateway hop's cost.",
+        f"Client: {g['client']}. Closed-loop steps of {g['step_s']:g} s after {g['warmup_s']:g} s warm-up, "
+        f"the targets alternating at each step.",
+        "",
+        "| in flight | echo req/s | relay req/s | ranker req/s | gateway req/s | gateway / echo | gateway p50 ms "
+        "| gateway p99 ms | echo p99 ms | client CPU (gateway step) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    relay = g["sweep"].get("relay") or [{}] * len(g["sweep"]["echo"])  # reports from before the relay
     for e, rl, r, gw in zip(g["sweep"]["echo"], relay, g["sweep"]["ranker"], g["sweep"]["gateway"]):
-        lines.append(f"| {gw['concurrency']} | {e['throughput_rps']:.0f} | {_f(rl.get('throughput_rps'), 0)} | "
-                     f"{r['throughput_rps']:.0f} | "
-                     f"{gw['throughput_rps']:.0f} | {gw['throughput_rps'] / e['throughput_rps']:.2f} | "
-                     f"{_f(gw.get('p50_ms'))} | {_f(gw.get('p99_ms'))} | {_f(e.get('p99_ms'))} | "
-                     f"{gw['client_cpu_share']:.0%} |")
+        lines.append(
+            f"| {gw['concurrency']} | {e['throughput_rps']:.0f} | {_f(rl.get('throughput_rps'), 0)} | "
+            f"{r['throughput_rps']:.0f} | "
+            f"{gw['throughput_rps']:.0f} | {gw['throughput_rps'] / e['throughput_rps']:.2f} | "
+            f"{_f(gw.get('p50_ms'))} | {_f(gw.get('p99_ms'))} | {_f(e.get('p99_ms'))} | "
+            f"{gw['client_cpu_share']:.0%} |"
+        )
     og, oe = half.get("gateway", {}), half.get("echo", {})
     relay_best = f", relay {b['relay']['throughput_rps']:.0f}" if "relay" in b else ""
-    relay_ratio = (f"; relay (two hops, no work) / echo: {g['ratio_relay_to_echo']:.2f}×, gateway / relay: "
-                   f"{g['ratio_gateway_to_relay']:.2f}×" if "ratio_relay_to_echo" in g else "")
-    lines += ["", f"- best throughput: gateway {b['gateway']['throughput_rps']:.0f} req/s (at {b['gateway']['concurrency']} "
-                  f"in flight), ranker {b['ranker']['throughput_rps']:.0f}{relay_best}, echo {b['echo']['throughput_rps']:.0f}",
-              f"- gateway / echo ceiling: **{g['ratio_gateway_to_echo']:.2f}×** — target ≥ {t['ratio']:g}×: "
-              f"{_yes(t['ratio_met'])} (ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×{relay_ratio})",
-              f"- open loop at half the gateway's best ({og.get('offered_rps', 0):.0f} req/s): gateway p50 "
-              f"{_f(og.get('p50_ms'))} ms, **p99 {_f(og.get('p99_ms'))} ms** — target ≤ {t['p99_ms_at_half_max']:g} ms: "
-              f"{_yes(t['p99_met'])}; echo at the same rate: p50 {_f(oe.get('p50_ms'))} ms, p99 {_f(oe.get('p99_ms'))} ms",
-              f"- one request alone (1 in flight, p50): echo {_f(g['latency_c1_ms']['echo'], 2)} ms, ranker "
-              f"{_f(g['latency_c1_ms']['ranker'], 2)} ms, gateway {_f(g['latency_c1_ms']['gateway'], 2)} ms",
-              f"- errors: {g['errors']}"]
+    relay_ratio = (
+        f"; relay (two hops, no work) / echo: {g['ratio_relay_to_echo']:.2f}×, gateway / relay: "
+        f"{g['ratio_gateway_to_relay']:.2f}×"
+        if "ratio_relay_to_echo" in g
+        else ""
+    )
+    lines += [
+        "",
+        f"- best throughput: gateway {b['gateway']['throughput_rps']:.0f} req/s (at {b['gateway']['concurrency']} "
+        f"in flight), ranker {b['ranker']['throughput_rps']:.0f}{relay_best}, echo {b['echo']['throughput_rps']:.0f}",
+        f"- gateway / echo ceiling: **{g['ratio_gateway_to_echo']:.2f}×** — target ≥ {t['ratio']:g}×: "
+        f"{_yes(t['ratio_met'])} (ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×{relay_ratio})",
+        f"- open loop at half the gateway's best ({og.get('offered_rps', 0):.0f} req/s): gateway p50 "
+        f"{_f(og.get('p50_ms'))} ms, **p99 {_f(og.get('p99_ms'))} ms** — target ≤ {t['p99_ms_at_half_max']:g} ms: "
+        f"{_yes(t['p99_met'])}; echo at the same rate: p50 {_f(oe.get('p50_ms'))} ms, p99 {_f(oe.get('p99_ms'))} ms",
+        f"- one request alone (1 in flight, p50): echo {_f(g['latency_c1_ms']['echo'], 2)} ms, ranker "
+        f"{_f(g['latency_c1_ms']['ranker'], 2)} ms, gateway {_f(g['latency_c1_ms']['gateway'], 2)} ms",
+        f"- errors: {g['errors']}",
+    ]
     if (sb := g.get("search_batches")) and sb.get("mean"):
-        lines.append(f"- the ranker's searches during the sweep: {sb['searches']:,.0f} in {sb['calls']:,.0f} engine calls, "
-                     f"{sb['mean']:.2f} per call (concurrent searches coalesced, A2V_RANKER_SEARCH_BATCH)")
+        lines.append(
+            f"- the ranker's searches during the sweep: {sb['searches']:,.0f} in {sb['calls']:,.0f} engine calls, "
+            f"{sb['mean']:.2f} per call (concurrent searches coalesced, A2V_RANKER_SEARCH_BATCH)"
+        )
     prof = g.get("profile_ranker_in_process", {})
     if "top_self" in prof:
-        lines += ["", f"Where the ranker's time goes (RecommendFromFavourites called in-process, no gRPC, "
-                      f"{prof['calls']} calls: p50 {prof['p50_ms']:.2f} ms, p99 {prof['p99_ms']:.2f} ms; cProfile, "
-                      f"self time per request):", "", "| function | ms / request | share | calls / request |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| `{r['function']}` | {r['self_ms_per_request']:.3f} | {r['self_share']:.0%} | "
-                  f"{r['calls_per_request']:g} |" for r in prof["top_self"][:8]]
+        lines += [
+            "",
+            f"Where the ranker's time goes (RecommendFromFavourites called in-process, no gRPC, "
+            f"{prof['calls']} calls: p50 {prof['p50_ms']:.2f} ms, p99 {prof['p99_ms']:.2f} ms; cProfile, "
+            f"self time per request):",
+            "",
+            "| function | ms / request | share | calls / request |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| `{r['function']}` | {r['self_ms_per_request']:.3f} | {r['self_share']:.0%} | "
+            f"{r['calls_per_request']:g} |"
+            for r in prof["top_self"][:8]
+        ]
     elif prof:
         lines.append(f"- profile failed: {prof.get('error')}")
     if g.get("analysis"):
@@ -151,43 +198,66 @@ def _md_gateway(g: dict) -> list[str]:
 
 def _md_training(t: dict) -> list[str]:
     d, enc, dn = t["data"], t["encoding"], t["dropoutnet"]
-    lines = [f"## Training cost on the real data ({d['users']:,} users, {d['items']:,} items, "
-             f"{d['train_nnz']:,} training positives)", "",
-             f"Machine speed in the same run (baseline for the absolute times): float32 GEMM "
-             f"{t['gemm_gflops_start']:.1f} GFLOP/s at the start, {t['gemm_gflops_end']:.1f} at the end.", "",
-             "| step | time | note |", "|---|---:|---|",
-             f"| load the MAL files | {t['load_s']:.1f} s | |",
-             f"| splits + texts | {t['split_and_texts_s']:.1f} s | |"]
+    lines = [
+        f"## Training cost on the real data ({d['users']:,} users, {d['items']:,} items, "
+        f"{d['train_nnz']:,} training positives)",
+        "",
+        f"Machine speed in the same run (baseline for the absolute times): float32 GEMM "
+        f"{t['gemm_gflops_start']:.1f} GFLOP/s at the start, {t['gemm_gflops_end']:.1f} at the end.",
+        "",
+        "| step | time | note |",
+        "|---|---:|---|",
+        f"| load the MAL files | {t['load_s']:.1f} s | |",
+        f"| splits + texts | {t['split_and_texts_s']:.1f} s | |",
+    ]
     for w in t["wmf"]:
-        lines.append(f"| WMF (ALS) iteration, rank {w['factors']} | {w['iteration_s']:.2f} s | "
-                     f"{w['ns_per_positive_per_factor']:.1f} ns per positive per factor; median of {w['iterations']} |")
-    lines += [f"| DropoutNet epoch | {dn['epoch_s']:.1f} s | {dn['steps_per_epoch']} steps of {dn['config']['batch_users']} "
-              f"users ({dn['step_s'] * 1e3:.0f} ms/step); = {dn['epoch_vs_als_iteration']:.1f} ALS iterations; "
-              f"first epoch with set-up {dn['first_epoch_s']:.1f} s; content: {dn['content']} |"]
+        lines.append(
+            f"| WMF (ALS) iteration, rank {w['factors']} | {w['iteration_s']:.2f} s | "
+            f"{w['ns_per_positive_per_factor']:.1f} ns per positive per factor; median of {w['iterations']} |"
+        )
+    lines += [
+        f"| DropoutNet epoch | {dn['epoch_s']:.1f} s | {dn['steps_per_epoch']} steps of {dn['config']['batch_users']} "
+        f"users ({dn['step_s'] * 1e3:.0f} ms/step); = {dn['epoch_vs_als_iteration']:.1f} ALS iterations; "
+        f"first epoch with set-up {dn['first_epoch_s']:.1f} s; content: {dn['content']} |"
+    ]
     if enc.get("lookup_s"):
-        lines += [f"| encodings from the cache, all {enc['cached_texts']:,} texts | {enc['lookup_s']:.2f} s | "
-                  f"{enc['hits']:,} hits, {enc['lookup_ms_per_text'] * 1e3:.0f} µs/text |"]
-    lines += [f"| encodings fresh (MiniLM), all {d['texts']:,} texts | {enc['fresh_all_s_extrapolated'] / 60:.1f} min | "
-              f"extrapolated from {enc['fresh_sample']} random texts at {enc['fresh_ms_per_text']:.0f} ms/text |", ""]
+        lines += [
+            f"| encodings from the cache, all {enc['cached_texts']:,} texts | {enc['lookup_s']:.2f} s | "
+            f"{enc['hits']:,} hits, {enc['lookup_ms_per_text'] * 1e3:.0f} µs/text |"
+        ]
+    lines += [
+        f"| encodings fresh (MiniLM), all {d['texts']:,} texts | {enc['fresh_all_s_extrapolated'] / 60:.1f} min | "
+        f"extrapolated from {enc['fresh_sample']} random texts at {enc['fresh_ms_per_text']:.0f} ms/text |",
+        "",
+    ]
     if enc.get("speedup_cache_vs_fresh"):
-        lines.append(f"- encoding cache vs fresh encoding: **{enc['speedup_cache_vs_fresh']:,.0f}×** faster "
-                     f"(baseline: fresh encoding, same run)")
+        lines.append(
+            f"- encoding cache vs fresh encoding: **{enc['speedup_cache_vs_fresh']:,.0f}×** faster "
+            f"(baseline: fresh encoding, same run)"
+        )
     return lines + [""]
 
 
 def _md_scale(s: dict) -> list[str]:
     sh = s["shape"]
-    lines = ["## Scale curves (synthetic data shaped like the real one)", "",
-             f"Shape from {sh['source']}: item popularity a power law with exponent {sh['popularity_exponent']:.2f} over "
-             f"its body (flatter head; the real curve is stretched to each catalogue size), positives per user "
-             f"drawn from the real distribution (mean {s['positives_per_user']:.0f} here; real mean "
-             f"{sh['real'].get('mean_per_user', float('nan')):.0f}, median {sh['real'].get('median_per_user', float('nan')):.0f}), "
-             f"real confidence values. *Italic* = extrapolated with the stated model, not measured.", "",
-             f"### Items axis: embedded Qdrant (exact mode, the worst case) at {s['dim']} dims, favourites query (top {s['query']['limit']}, "
-             f"{s['query']['excluded_ids']} ids excluded), {s['query']['queries']} queries", "",
-             "Baselines: raw float32 vectors (memory) and exact numpy search (latency) on the same vectors.", "",
-             "| items | build s | build peak MiB | resident MiB | raw vectors MiB | disk MiB | Qdrant p50 / p99 ms "
-             "| numpy p50 / p99 ms | Qdrant / numpy p50 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Scale curves (synthetic data shaped like the real one)",
+        "",
+        f"Shape from {sh['source']}: item popularity a power law with exponent {sh['popularity_exponent']:.2f} over "
+        f"its body (flatter head; the real curve is stretched to each catalogue size), positives per user "
+        f"drawn from the real distribution (mean {s['positives_per_user']:.0f} here; real mean "
+        f"{sh['real'].get('mean_per_user', float('nan')):.0f}, median {sh['real'].get('median_per_user', float('nan')):.0f}), "
+        f"real confidence values. *Italic* = extrapolated with the stated model, not measured.",
+        "",
+        f"### Items axis: embedded Qdrant (exact mode, the worst case) at {s['dim']} dims, favourites query (top {s['query']['limit']}, "
+        f"{s['query']['excluded_ids']} ids excluded), {s['query']['queries']} queries",
+        "",
+        "Baselines: raw float32 vectors (memory) and exact numpy search (latency) on the same vectors.",
+        "",
+        "| items | build s | build peak MiB | resident MiB | raw vectors MiB | disk MiB | Qdrant p50 / p99 ms "
+        "| numpy p50 / p99 ms | Qdrant / numpy p50 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     it = s["items"]
 
     def at(c: dict, n: int):
@@ -195,25 +265,52 @@ def _md_scale(s: dict) -> list[str]:
 
     measured_items = [p["n_items"] for p in s["measured"]["index"]]
     for n in sorted({*s["items_axis_sizes"], *measured_items}):
-        cells = [at(it[k], n) for k in ("build_s", "build_peak_mib", "resident_mib", "disk_mib", "qdrant_p50_ms",
-                                         "qdrant_p99_ms", "numpy_p50_ms", "numpy_p99_ms")]
+        cells = [
+            at(it[k], n)
+            for k in (
+                "build_s",
+                "build_peak_mib",
+                "resident_mib",
+                "disk_mib",
+                "qdrant_p50_ms",
+                "qdrant_p99_ms",
+                "numpy_p50_ms",
+                "numpy_p99_ms",
+            )
+        ]
         ext = any(c and c["extrapolated"] for c in cells)
         v = [c["value"] if c else None for c in cells]
-        row = [_size(n), _f(v[0]), _f(v[1]), _f(v[2]), _f(n * s["dim"] * 4 / 2**20), _f(v[3]),
-               f"{_f(v[4])} / {_f(v[5])}", f"{_f(v[6])} / {_f(v[7])}",
-               f"{v[4] / v[6]:.2f}" if v[4] and v[6] else "–"]
+        row = [
+            _size(n),
+            _f(v[0]),
+            _f(v[1]),
+            _f(v[2]),
+            _f(n * s["dim"] * 4 / 2**20),
+            _f(v[3]),
+            f"{_f(v[4])} / {_f(v[5])}",
+            f"{_f(v[6])} / {_f(v[7])}",
+            f"{v[4] / v[6]:.2f}" if v[4] and v[6] else "–",
+        ]
         lines.append("| " + " | ".join(f"*{c}*" if ext else c for c in row) + " |")
     idx = s["measured"]["index"]
     recalls = ", ".join(f"{p['recall_vs_numpy']:.3f}" for p in idx)
-    lines += ["", f"- recall of Qdrant vs numpy (exact): {recalls}",
-              f"- latency model: {it['qdrant_p99_ms']['model']} (x = items); the numpy baseline likewise",
-              f"- memory and build-time model: {it['resident_mib']['model']} (x = items)", ""]
+    lines += [
+        "",
+        f"- recall of Qdrant vs numpy (exact): {recalls}",
+        f"- latency model: {it['qdrant_p99_ms']['model']} (x = items); the numpy baseline likewise",
+        f"- memory and build-time model: {it['resident_mib']['model']} (x = items)",
+        "",
+    ]
     us = s["users"]
-    lines += [f"### Users axis: {s['users_axis_items']:,} items, {s['positives_per_user']:.0f} positives per user", "",
-              "Baselines: the CSR matrix's own bytes (memory); the real data's ALS iteration and DropoutNet epoch "
-              "(training section) for time.", "",
-              "| users | positives | ALS s / iteration (rank 32) | ALS peak MiB | CSR MiB | DropoutNet s / epoch |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"### Users axis: {s['users_axis_items']:,} items, {s['positives_per_user']:.0f} positives per user",
+        "",
+        "Baselines: the CSR matrix's own bytes (memory); the real data's ALS iteration and DropoutNet epoch "
+        "(training section) for time.",
+        "",
+        "| users | positives | ALS s / iteration (rank 32) | ALS peak MiB | CSR MiB | DropoutNet s / epoch |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     measured_users = [p["n_users"] for p in s["measured"]["als"]]
     for n in sorted({*s["users_axis_sizes"], *measured_users}):
         cells = [at(us[k], n) for k in ("als_iteration_s", "als_peak_mib", "csr_mib", "dropoutnet_epoch_s")]
@@ -222,11 +319,18 @@ def _md_scale(s: dict) -> list[str]:
         row = [_size(n), _f(n * s["positives_per_user"]), _f(v[0], 2), _f(v[1]), _f(v[2]), _f(v[3])]
         lines.append("| " + " | ".join(f"*{c}*" if ext else c for c in row) + " |")
     dn = s["measured"]["dropoutnet"]
-    lines += ["", f"- ALS time model: {us['als_iteration_s']['model']} (x = positives)",
-              f"- ALS memory model: {us['als_peak_mib']['model']} (x = positives)",
-              f"- DropoutNet: {us['dropoutnet_epoch_s']['model']}; measured step "
-              + ", ".join(f"{p['step_s'] * 1e3:.0f} ms at {_size(p['n_items'])} items ({p['distinct_items_per_step']:.0f} "
-                          f"distinct items per batch)" for p in dn), ""]
+    lines += [
+        "",
+        f"- ALS time model: {us['als_iteration_s']['model']} (x = positives)",
+        f"- ALS memory model: {us['als_peak_mib']['model']} (x = positives)",
+        f"- DropoutNet: {us['dropoutnet_epoch_s']['model']}; measured step "
+        + ", ".join(
+            f"{p['step_s'] * 1e3:.0f} ms at {_size(p['n_items'])} items ({p['distinct_items_per_step']:.0f} "
+            f"distinct items per batch)"
+            for p in dn
+        ),
+        "",
+    ]
     if s.get("conclusion"):
         lines += ["### Where one machine stops", "", *s["conclusion"], ""]
     return lines
@@ -234,24 +338,38 @@ def _md_scale(s: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# anime2vec bench ({m['summary']})", "",
-             f"Started {result['started']}, {result.get('elapsed_s', 0) / 60:.1f} min"
-             + (", quick mode" if result.get("quick") else "")
-             + f". Load average at start {m.get('loadavg_start', '–')}, at end {result.get('loadavg_end', '–')} "
-               f"(a shared {m['cpu_count']}-core machine: absolute times swing; compare the ratios). "
-               f"cuda: {m['cuda'] or 'not available'}.", ""]
+    lines = [
+        f"# anime2vec bench ({m['summary']})",
+        "",
+        f"Started {result['started']}, {result.get('elapsed_s', 0) / 60:.1f} min"
+        + (", quick mode" if result.get("quick") else "")
+        + f". Load average at start {m.get('loadavg_start', '–')}, at end {result.get('loadavg_end', '–')} "
+        f"(a shared {m['cpu_count']}-core machine: absolute times swing; compare the ratios). "
+        f"cuda: {m['cuda'] or 'not available'}.",
+        "",
+    ]
     runs = result.get("part_runs") or {}
     earlier = {p: t for p, t in runs.items() if t != result["started"]}
-    if earlier:   # --update: some parts come from an earlier run (machine and load of that run not shown)
-        lines += [f"Parts kept from earlier runs: {', '.join(f'{p} ({t})' for p, t in earlier.items())}; "
-                  f"run now: {', '.join(p for p, t in runs.items() if t == result['started'])}.", ""]
+    if earlier:  # --update: some parts come from an earlier run (machine and load of that run not shown)
+        lines += [
+            f"Parts kept from earlier runs: {', '.join(f'{p} ({t})' for p, t in earlier.items())}; "
+            f"run now: {', '.join(p for p, t in runs.items() if t == result['started'])}.",
+            "",
+        ]
     if result.get("summary"):
         lines += ["## Summary", "", "| figure | baseline (same run) | result | target | |", "|---|---|---:|---|---|"]
-        lines += [f"| {r['figure']} | {r['baseline']} | {r['result']} | {r['target']} | {_yes(r['met'])} |"
-                  for r in result["summary"]]
+        lines += [
+            f"| {r['figure']} | {r['baseline']} | {r['result']} | {r['target']} | {_yes(r['met'])} |"
+            for r in result["summary"]
+        ]
         lines.append("")
-    for key, fn in (("gateway", _md_gateway), ("search", _md_search), ("encoder", _md_encoder),
-                    ("training", _md_training), ("scale", _md_scale)):
+    for key, fn in (
+        ("gateway", _md_gateway),
+        ("search", _md_search),
+        ("encoder", _md_encoder),
+        ("training", _md_training),
+        ("scale", _md_scale),
+    ):
         if result.get(key):
             lines += fn(result[key])
     if result.get("errors"):
@@ -260,15 +378,26 @@ def markdown(result: dict) -> str:
 
 
 # ---- plots -----------------------------------------------------------------------------------
-def _bar(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str,
-         log: bool = False, target: tuple[float, str] | None = None) -> None:
+def _bar(
+    path: Path,
+    labels: list[str],
+    series: dict[str, list[float]],
+    ylabel: str,
+    title: str,
+    log: bool = False,
+    target: tuple[float, str] | None = None,
+) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(labels)), 4))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=name)
     long = max(len(label) for label in labels) > 14
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels,
-                  rotation=25 if long else 0, ha="right" if long else "center")
+    ax.set_xticks(
+        [x + width * (len(series) - 1) / 2 for x in range(len(labels))],
+        labels,
+        rotation=25 if long else 0,
+        ha="right" if long else "center",
+    )
     ax.tick_params(axis="x", labelsize=8)
     if target is not None:
         ax.axhline(target[0], color="grey", linestyle="--", linewidth=1, label=target[1])
@@ -300,7 +429,12 @@ def _gateway_plot(path: Path, g: dict, device: str) -> None:
     for name in [n for n in ("echo", "relay", "ranker", "gateway") if n in g["sweep"]]:
         steps = g["sweep"][name]
         xs = [s["concurrency"] for s in steps]
-        a1.plot(xs, [s["throughput_rps"] for s in steps], "o-", label={"echo": "echo (baseline)", "relay": "relay → echo (two hops, no work)"}.get(name, name))
+        a1.plot(
+            xs,
+            [s["throughput_rps"] for s in steps],
+            "o-",
+            label={"echo": "echo (baseline)", "relay": "relay → echo (two hops, no work)"}.get(name, name),
+        )
         a2.plot(xs, [s.get("p99_ms") for s in steps], "o-", label=f"{name} p99")
         if name == "gateway":
             a2.plot(xs, [s.get("p50_ms") for s in steps], "s--", label="gateway p50")
@@ -309,8 +443,14 @@ def _gateway_plot(path: Path, g: dict, device: str) -> None:
         a.set_xlabel("requests in flight (closed loop)")
         a.legend(fontsize=8)
     a1.axhline(g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"], color="grey", lw=0.8, ls=":")
-    a1.annotate(f"target: {g['targets']['ratio']:g}× echo", (xs[0], g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"]),
-                textcoords="offset points", xytext=(2, 3), fontsize=8, color="grey")
+    a1.annotate(
+        f"target: {g['targets']['ratio']:g}× echo",
+        (xs[0], g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"]),
+        textcoords="offset points",
+        xytext=(2, 3),
+        fontsize=8,
+        color="grey",
+    )
     a1.set_yscale("log")
     a1.set_ylabel("requests/s (log)")
     a1.set_title(f"throughput: gateway {g['ratio_gateway_to_echo']:.2f}× echo ({device})", fontsize=10)
@@ -344,8 +484,9 @@ def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     _curve(axes[0], it["build_s"], "Qdrant build")
     axes[0].set_ylabel("seconds")
     axes[0].set_title("index build time", fontsize=10)
-    raw = {"points": [{"size": n, "value": n * s["dim"] * 4 / 2**20, "extrapolated": False}
-                      for n in s["items_axis_sizes"]]}
+    raw = {
+        "points": [{"size": n, "value": n * s["dim"] * 4 / 2**20, "extrapolated": False} for n in s["items_axis_sizes"]]
+    }
     _curve(axes[1], it["resident_mib"], "Qdrant resident")
     _curve(axes[1], it["build_peak_mib"], "build peak", "s-")
     _curve(axes[1], raw, "raw float32 vectors (baseline)", "k^:")
@@ -356,8 +497,13 @@ def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     axes[2].axhline(20, color="grey", lw=0.8, ls=":")
     axes[2].set_ylabel("ms")
     axes[2].set_title("favourites query latency", fontsize=10)
-    p1 = _save_loglog(fig, axes, "items", f"items axis, {s['dim']}-dim vectors (hollow/dashed = extrapolated)",
-                      out_dir / "scale_items.png")
+    p1 = _save_loglog(
+        fig,
+        axes,
+        "items",
+        f"items axis, {s['dim']}-dim vectors (hollow/dashed = extrapolated)",
+        out_dir / "scale_items.png",
+    )
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     _curve(axes[0], us["als_iteration_s"], "ALS iteration (rank 32)")
@@ -371,8 +517,13 @@ def _scale_plots(out_dir: Path, s: dict) -> list[Path]:
     _curve(axes[2], us["dropoutnet_epoch_s"], "DropoutNet epoch")
     axes[2].set_ylabel("seconds")
     axes[2].set_title("DropoutNet time per epoch (from the measured step)", fontsize=10)
-    p2 = _save_loglog(fig, axes, "users", f"users axis, {s['users_axis_items']:,} items (hollow/dashed = extrapolated)",
-                      out_dir / "scale_users.png")
+    p2 = _save_loglog(
+        fig,
+        axes,
+        "users",
+        f"users axis, {s['users_axis_items']:,} items (hollow/dashed = extrapolated)",
+        out_dir / "scale_users.png",
+    )
     return [p1, p2]
 
 
@@ -385,16 +536,26 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
     if s := result.get("search"):
         cases = list(s["cases"])
         path = out_dir / "search_latency.png"
-        _bar(path, cases, {q: [s["cases"][c][f"{q}_ms"] for c in cases] for q in ("p50", "p99")},
-             "latency (ms)", f"search, {s['items']:,} items: Qdrant modes vs numpy baseline ({device})",
-             target=(s["targets"]["p99_ms"], f"target p99 (served mode, top-{s.get('served_page', 11)})"))
+        _bar(
+            path,
+            cases,
+            {q: [s["cases"][c][f"{q}_ms"] for c in cases] for q in ("p50", "p99")},
+            "latency (ms)",
+            f"search, {s['items']:,} items: Qdrant modes vs numpy baseline ({device})",
+            target=(s["targets"]["p99_ms"], f"target p99 (served mode, top-{s.get('served_page', 11)})"),
+        )
         written.append(path)
     if e := result.get("encoder"):
         path = out_dir / "encoder_throughput.png"
         names = list(e["texts_per_s"])
-        _bar(path, names, {"texts/s": [e["texts_per_s"][n] for n in names]}, "texts/s",
-             f"{e['model']}, {e['texts']} catalogue texts: encoder ({e['precision']}) {e['speedup']:.2f}× "
-             f"sentence-transformers ({e['device']}, {e['clock']})")
+        _bar(
+            path,
+            names,
+            {"texts/s": [e["texts_per_s"][n] for n in names]},
+            "texts/s",
+            f"{e['model']}, {e['texts']} catalogue texts: encoder ({e['precision']}) {e['speedup']:.2f}× "
+            f"sentence-transformers ({e['device']}, {e['clock']})",
+        )
         written.append(path)
     if g := result.get("gateway"):
         path = out_dir / "gateway_load.png"

@@ -22,12 +22,24 @@ import numpy as np
 from anime2vec.index.backends import open_index
 from anime2vec.index.base import DEFAULT_OVERSAMPLING, ItemPoint, SearchFilter
 
-N_ITEMS = 16_686   # the served catalogue (anime with a synopsis)
+N_ITEMS = 16_686  # the served catalogue (anime with a synopsis)
 LIMITS = (11, 100)
-SERVED_PAGE = 11   # what the ranker asks for a default page: 10 results and one to know more exist
+SERVED_PAGE = 11  # what the ranker asks for a default page: 10 results and one to know more exist
 TARGET_P99_MS = 5.0
-GENRES = ("Action", "Comedy", "Drama", "Romance", "Sci-Fi", "Fantasy", "Slice of Life", "Mystery",
-          "Sports", "Horror", "Mecha", "Music")
+GENRES = (
+    "Action",
+    "Comedy",
+    "Drama",
+    "Romance",
+    "Sci-Fi",
+    "Fantasy",
+    "Slice of Life",
+    "Mystery",
+    "Sports",
+    "Horror",
+    "Mecha",
+    "Music",
+)
 TYPES = ("TV", "Movie", "OVA", "ONA", "Special")
 FILTER = SearchFilter(include_genres=("Mecha", "Horror"), year_min=2000, year_max=2015)
 MODES = {"exact": True, "quantized": False}
@@ -43,20 +55,26 @@ def served_catalogue(n_queries: int, seed: int) -> dict | None:
     if path is None:
         return None
     m = ServingModel(load_bundle(path), device="cpu")
-    if not m.has_vectors:   # a bundle without the hybrid's arrays has no served vectors
+    if not m.has_vectors:  # a bundle without the hybrid's arrays has no served vectors
         return None
     rng = np.random.default_rng(seed)
     popular = np.argsort(-m.popularity)[:500]
     half = n_queries // 2
-    fav = [m.favourites_vector([int(m.item_ids[i]) for i in rng.choice(popular, 3, replace=False)], None)
-           for _ in range(half)]
+    fav = [
+        m.favourites_vector([int(m.item_ids[i]) for i in rng.choice(popular, 3, replace=False)], None)
+        for _ in range(half)
+    ]
     users = [m.user_vector(int(u)) for u in rng.choice(m.user_ids, n_queries - half, replace=False)]
     years = [m.payload(i)["year"] for i in range(len(m.item_ids))]
-    return {"source": f"bundle {path.name}: served item vectors; queries = {half} favourites vectors "
-                      f"(3 of the 500 most popular) + {n_queries - half} training users' vectors",
-            "vectors": np.ascontiguousarray(m.item_tower, np.float32), "queries": np.asarray(fav + users, np.float32),
-            "genres": m.genres, "types": [str(t or "") for t in m.catalog["type"]],
-            "years": np.array([-1 if y is None else y for y in years])}
+    return {
+        "source": f"bundle {path.name}: served item vectors; queries = {half} favourites vectors "
+        f"(3 of the 500 most popular) + {n_queries - half} training users' vectors",
+        "vectors": np.ascontiguousarray(m.item_tower, np.float32),
+        "queries": np.asarray(fav + users, np.float32),
+        "genres": m.genres,
+        "types": [str(t or "") for t in m.catalog["type"]],
+        "years": np.array([-1 if y is None else y for y in years]),
+    }
 
 
 def synthetic_catalogue(n_queries: int, seed: int, n_items: int, dim: int) -> dict:
@@ -66,11 +84,15 @@ def synthetic_catalogue(n_queries: int, seed: int, n_items: int, dim: int) -> di
     vectors = centres[rng.integers(0, 200, n_items)] + 0.7 * rng.standard_normal((n_items, dim), dtype=np.float32)
     vectors *= rng.lognormal(0.0, 0.3, (n_items, 1)).astype(np.float32)
     queries = np.stack([vectors[rng.choice(n_items, 3, replace=False)].mean(axis=0) for _ in range(n_queries)])
-    return {"source": f"synthetic: {n_items:,} clustered vectors (no full-data bundle in the model store); "
-                      "queries = means of 3 items",
-            "vectors": vectors, "queries": queries.astype(np.float32),
-            "genres": [list(rng.choice(GENRES, size=rng.integers(1, 4), replace=False)) for _ in range(n_items)],
-            "types": list(rng.choice(TYPES, size=n_items)), "years": rng.integers(1970, 2024, size=n_items)}
+    return {
+        "source": f"synthetic: {n_items:,} clustered vectors (no full-data bundle in the model store); "
+        "queries = means of 3 items",
+        "vectors": vectors,
+        "queries": queries.astype(np.float32),
+        "genres": [list(rng.choice(GENRES, size=rng.integers(1, 4), replace=False)) for _ in range(n_items)],
+        "types": list(rng.choice(TYPES, size=n_items)),
+        "years": rng.integers(1970, 2024, size=n_items),
+    }
 
 
 def _filter_mask(genres: list[list[str]], years: np.ndarray, flt: SearchFilter) -> np.ndarray:
@@ -90,19 +112,24 @@ def _numpy_top_k(vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None
     return top[np.argsort(-scores[top])]
 
 
+def _numpy_run(vectors: np.ndarray, mask: np.ndarray | None) -> Callable[[np.ndarray], list]:
+    return lambda q: _numpy_top_k(vectors, q, mask, max(LIMITS)).tolist()
+
+
 def _qdrant_run(index, k: int, flt: SearchFilter | None, exact: bool) -> Callable[[np.ndarray], list]:
     return lambda q: [h.anime_id for h in index.search(q, k, flt=flt, exact=exact, oversampling=DEFAULT_OVERSAMPLING)]
 
 
-def _interleaved(runs: dict[str, Callable[[np.ndarray], list]], queries: np.ndarray
-                 ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+def _interleaved(
+    runs: dict[str, Callable[[np.ndarray], list]], queries: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, list]]:
     """Every case on each query in turn (the order rotating), so a stall of this shared machine
     falls on all cases alike instead of on whichever case ran during it."""
     names = list(runs)
     times = {n: [] for n in names}
     found = {n: [] for n in names}
     for i, q in enumerate(queries):
-        for n in names[i % len(names):] + names[: i % len(names)]:
+        for n in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
             got = runs[n](q)
             times[n].append(time.perf_counter() - start)
@@ -119,8 +146,9 @@ def _recall(got: list[list[int]], exact: list[np.ndarray]) -> float:
     return float(np.mean([len(set(g) & set(e.tolist())) / max(len(e), 1) for g, e in zip(got, exact)]))
 
 
-def run_search_bench(n_queries: int = 200, seed: int = 0, n_items: int = N_ITEMS, dim: int | None = None,
-                     use_bundle: bool = True) -> dict:
+def run_search_bench(
+    n_queries: int = 200, seed: int = 0, n_items: int = N_ITEMS, dim: int | None = None, use_bundle: bool = True
+) -> dict:
     """dim: the synthetic vectors' size (default: the newest full bundle's, else the constant measured
     on it); ignored when the served vectors are used."""
     from bench.scale import served_dim
@@ -133,10 +161,23 @@ def run_search_bench(n_queries: int = 200, seed: int = 0, n_items: int = N_ITEMS
     years = np.asarray(cat["years"])
     mask = _filter_mask(cat["genres"], years, FILTER)
     # Anime ids are the row numbers, so Qdrant hits and numpy indices compare directly.
-    points = (ItemPoint(i, vectors[i], {"genres": list(cat["genres"][i]), "type": cat["types"][i],
-                                        "year": None if years[i] < 0 else int(years[i])}) for i in range(n_items))
-    exact_ids = {(k, f): [_numpy_top_k(vectors, q, mask if f else None, k) for q in queries]
-                 for k in LIMITS for f in (False, True)}
+    points = (
+        ItemPoint(
+            i,
+            vectors[i],
+            {
+                "genres": list(cat["genres"][i]),
+                "type": cat["types"][i],
+                "year": None if years[i] < 0 else int(years[i]),
+            },
+        )
+        for i in range(n_items)
+    )
+    exact_ids = {
+        (k, f): [_numpy_top_k(vectors, q, mask if f else None, k) for q in queries]
+        for k in LIMITS
+        for f in (False, True)
+    }
     with tempfile.TemporaryDirectory(prefix="a2v-bench-") as root:
         index = open_index(Path(root), None)
         try:
@@ -150,33 +191,50 @@ def run_search_bench(n_queries: int = 200, seed: int = 0, n_items: int = N_ITEMS
                 for mode, exact in MODES.items():
                     for filtered in (False, True):
                         runs[f"qdrant {mode}{' filtered' if filtered else ''} top-{k}"] = _qdrant_run(
-                            index, k, FILTER if filtered else None, exact)
+                            index, k, FILTER if filtered else None, exact
+                        )
             for filtered in (False, True):
-                runs[f"numpy{' filtered' if filtered else ''}"] = (
-                    lambda q, m=mask if filtered else None: _numpy_top_k(vectors, q, m, max(LIMITS)).tolist())
+                runs[f"numpy{' filtered' if filtered else ''}"] = _numpy_run(vectors, mask if filtered else None)
             times, found = _interleaved(runs, queries)
         finally:
             index.close()
     cases = {n: _summary(t) for n, t in times.items()}
-    recall = {n: _recall(found[n], exact_ids[(int(n.rsplit("-", 1)[1]), "filtered" in n)])
-              for n in runs if n.startswith("qdrant")}
+    recall = {
+        n: _recall(found[n], exact_ids[(int(n.rsplit("-", 1)[1]), "filtered" in n)])
+        for n in runs
+        if n.startswith("qdrant")
+    }
     served = [n for n in cases if n.startswith("qdrant quantized") and n.endswith(f"top-{SERVED_PAGE}")]
     exact_cases = [n for n in cases if n.startswith("qdrant exact")]
     numpy_p50 = {False: cases["numpy"]["p50_ms"], True: cases["numpy filtered"]["p50_ms"]}
     return {
-        "items": n_items, "dim": dim, "limits": list(LIMITS), "queries": len(queries), "source": cat["source"],
-        "oversampling": DEFAULT_OVERSAMPLING, "served_mode": "quantized", "served_page": SERVED_PAGE,
-        "filter": {"include_genres": list(FILTER.include_genres), "year_min": FILTER.year_min,
-                   "year_max": FILTER.year_max, "matching_items": int(mask.sum())},
+        "items": n_items,
+        "dim": dim,
+        "limits": list(LIMITS),
+        "queries": len(queries),
+        "source": cat["source"],
+        "oversampling": DEFAULT_OVERSAMPLING,
+        "served_mode": "quantized",
+        "served_page": SERVED_PAGE,
+        "filter": {
+            "include_genres": list(FILTER.include_genres),
+            "year_min": FILTER.year_min,
+            "year_max": FILTER.year_max,
+            "matching_items": int(mask.sum()),
+        },
         "qdrant_build_s": build_s,
         "cases": cases,
         "recall": recall,
-        "ratio_p50_to_numpy": {n: c["p50_ms"] / numpy_p50["filtered" in n] for n, c in cases.items()
-                               if n.startswith("qdrant")},
-        "targets": {"recall": 1.0, "p99_ms": TARGET_P99_MS,
-                    "exact_recall": min(recall[n] for n in exact_cases),
-                    "served_recall": min(recall[n] for n in served),
-                    "served_p99_ms": max(cases[n]["p99_ms"] for n in served),
-                    "recall_met": min(recall[n] for n in exact_cases) >= 1.0,
-                    "p99_met": max(cases[n]["p99_ms"] for n in served) <= TARGET_P99_MS},
+        "ratio_p50_to_numpy": {
+            n: c["p50_ms"] / numpy_p50["filtered" in n] for n, c in cases.items() if n.startswith("qdrant")
+        },
+        "targets": {
+            "recall": 1.0,
+            "p99_ms": TARGET_P99_MS,
+            "exact_recall": min(recall[n] for n in exact_cases),
+            "served_recall": min(recall[n] for n in served),
+            "served_p99_ms": max(cases[n]["p99_ms"] for n in served),
+            "recall_met": min(recall[n] for n in exact_cases) >= 1.0,
+            "p99_met": max(cases[n]["p99_ms"] for n in served) <= TARGET_P99_MS,
+        },
     }

@@ -40,7 +40,7 @@ def _wmf_iterations(train, factors: int, iterations: int) -> dict:
     from anime2vec.models.wmf import WMF
 
     wmf = WMF(factors=factors, iterations=iterations, **WMF_PARAMS)
-    als = wmf._als()   # exactly the solver WMF.fit builds
+    als = wmf._als()  # exactly the solver WMF.fit builds
     per_iter: list[float] = []
     start = time.perf_counter()
     with threadpool_limits(1, "blas"):
@@ -52,12 +52,24 @@ def _wmf_iterations(train, factors: int, iterations: int) -> dict:
     wmf.V = np.ascontiguousarray(als.item_factors, dtype=np.float32)
     wmf.V[np.asarray(train.getnnz(axis=0)).ravel() == 0] = 0.0
     wmf.U[np.asarray(train.getnnz(axis=1)).ravel() == 0] = 0.0
-    return {"factors": factors, "iterations": iterations, "iteration_s": float(np.median(per_iter)),
-            "iteration_times_s": per_iter, "fit_s": total, "model": wmf}
+    return {
+        "factors": factors,
+        "iterations": iterations,
+        "iteration_s": float(np.median(per_iter)),
+        "iteration_times_s": per_iter,
+        "fit_s": total,
+        "model": wmf,
+    }
 
 
-def run_training_bench(wmf_iterations: int = 5, dn_epochs: int = 3, fresh_texts: int = 24, data_dir=None,
-                       cache_path: Path | None = None, progress=print) -> dict:
+def run_training_bench(
+    wmf_iterations: int = 5,
+    dn_epochs: int = 3,
+    fresh_texts: int = 24,
+    data_dir=None,
+    cache_path: Path | None = None,
+    progress=print,
+) -> dict:
     from anime2vec.data.dataset import build_dataset
     from anime2vec.data.loader import load_mal
     from anime2vec.data.text import RECIPES, build_texts
@@ -77,8 +89,13 @@ def run_training_bench(wmf_iterations: int = 5, dn_epochs: int = 3, fresh_texts:
     texts = build_texts(data.catalog.loc[ds.item_ids], RECIPES["default"]).tolist()
     out["split_and_texts_s"] = time.perf_counter() - t0
     train = ds.train.tocsr().astype(np.float32)
-    out["data"] = {"users": int(ds.n_users), "items": int(ds.n_items), "train_users": int(len(ds.train_users)),
-                   "train_nnz": int(train.nnz), "texts": len(texts)}
+    out["data"] = {
+        "users": int(ds.n_users),
+        "items": int(ds.n_items),
+        "train_users": int(len(ds.train_users)),
+        "train_nnz": int(train.nnz),
+        "texts": len(texts),
+    }
 
     # ---- encodings: cache vs fresh ----
     progress(f"training: {len(texts):,} texts looked up in the encoding cache, {fresh_texts} encoded fresh")
@@ -92,19 +109,27 @@ def run_training_bench(wmf_iterations: int = 5, dn_epochs: int = 3, fresh_texts:
             t0 = time.perf_counter()
             found = cache.get_many(encoder.fingerprint, keys, encoder.dim)
             lookup_s = time.perf_counter() - t0
-        enc.update(cached_texts=len(keys), hits=sum(k in found for k in keys), lookup_s=lookup_s,
-                   lookup_ms_per_text=lookup_s / len(keys) * 1e3)
+        enc.update(
+            cached_texts=len(keys),
+            hits=sum(k in found for k in keys),
+            lookup_s=lookup_s,
+            lookup_ms_per_text=lookup_s / len(keys) * 1e3,
+        )
         if all(k in found for k in keys):
             raw = np.stack([found[k] for k in keys])
     else:
         enc.update(cached_texts=0, hits=0, lookup_s=None, note="no cache file: run `anime2vec train` once")
     sample = [texts[i] for i in np.random.default_rng(0).choice(len(texts), fresh_texts, replace=False)]
-    encoder.encode(sample[:4])   # warm-up
+    encoder.encode(sample[:4])  # warm-up
     t0 = time.perf_counter()
     encoder.encode(sample)
     fresh_s = time.perf_counter() - t0
-    enc.update(fresh_sample=fresh_texts, fresh_s=fresh_s, fresh_ms_per_text=fresh_s / fresh_texts * 1e3,
-               fresh_all_s_extrapolated=fresh_s / fresh_texts * len(texts))
+    enc.update(
+        fresh_sample=fresh_texts,
+        fresh_s=fresh_s,
+        fresh_ms_per_text=fresh_s / fresh_texts * 1e3,
+        fresh_all_s_extrapolated=fresh_s / fresh_texts * len(texts),
+    )
     if enc.get("lookup_s"):
         enc["speedup_cache_vs_fresh"] = enc["fresh_all_s_extrapolated"] / enc["lookup_s"]
     out["encoding"] = enc
@@ -120,7 +145,7 @@ def run_training_bench(wmf_iterations: int = 5, dn_epochs: int = 3, fresh_texts:
         r["ns_per_positive_per_factor"] = r["iteration_s"] / train.nnz / r["factors"] * 1e9
 
     # ---- DropoutNet over WMF rank 32 ----
-    if raw is None:   # the cache did not hold every text: encode nothing more, use random content
+    if raw is None:  # the cache did not hold every text: encode nothing more, use random content
         content, content_kind = np.random.default_rng(0).standard_normal((len(texts), 384)).astype(np.float32), "random"
     else:
         content, content_kind = Whitener.fit(raw[ds.train_items], mode="center").transform(raw), "MiniLM (cache)"
@@ -134,10 +159,15 @@ def run_training_bench(wmf_iterations: int = 5, dn_epochs: int = 3, fresh_texts:
     epochs = np.diff([start, *marks])
     users_with_data = int((train.getnnz(axis=1) > 0).sum())
     steps = -(-users_with_data // config.batch_users)
-    out["dropoutnet"] = {"epochs": dn_epochs, "content": content_kind, "epoch_times_s": epochs.tolist(),
-                         "first_epoch_s": float(epochs[0]), "epoch_s": float(np.median(epochs[1:])) if len(epochs) > 1
-                         else float(epochs[0]), "steps_per_epoch": steps,
-                         "config": config.to_dict()}
+    out["dropoutnet"] = {
+        "epochs": dn_epochs,
+        "content": content_kind,
+        "epoch_times_s": epochs.tolist(),
+        "first_epoch_s": float(epochs[0]),
+        "epoch_s": float(np.median(epochs[1:])) if len(epochs) > 1 else float(epochs[0]),
+        "steps_per_epoch": steps,
+        "config": config.to_dict(),
+    }
     out["dropoutnet"]["step_s"] = out["dropoutnet"]["epoch_s"] / steps
     out["dropoutnet"]["epoch_vs_als_iteration"] = out["dropoutnet"]["epoch_s"] / out["wmf"][0]["iteration_s"]
     out["gemm_gflops_end"] = gemm_gflops()

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 K8S = Path(__file__).resolve().parent / "k8s"
-COMPONENT = Path("components/release-images/kustomization.yaml")     # under the k8s root
+COMPONENT = Path("components/release-images/kustomization.yaml")  # under the k8s root
 PRODUCTION_TREES = ("overlays/production", "overlays/production-tls", "jobs", "release")
 PLACEHOLDER = "sha256:unresolved"
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -40,6 +40,7 @@ class PinError(Exception):
 
 # ---- resolve --------------------------------------------------------------------------------------
 
+
 def _entries(text: str) -> list[dict]:
     images = (yaml.safe_load(text) or {}).get("images") or []
     if not images or any(not {"name", "newTag", "digest"} <= set(i) for i in images):
@@ -50,9 +51,11 @@ def _entries(text: str) -> list[dict]:
 def crane_digest(ref: str) -> str:
     crane = shutil.which("crane")
     if crane is None:
-        raise PinError(f"cannot resolve {ref}: `crane` (go-containerregistry) is not installed; "
-                       "install it or pass --digest NAME=sha256:... (e.g. from `docker buildx build --push "
-                       "--metadata-file`)")
+        raise PinError(
+            f"cannot resolve {ref}: `crane` (go-containerregistry) is not installed; "
+            "install it or pass --digest NAME=sha256:... (e.g. from `docker buildx build --push "
+            "--metadata-file`)"
+        )
     proc = subprocess.run([crane, "digest", ref], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise PinError(f"crane digest {ref} failed: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -67,8 +70,10 @@ def resolve(component: Path, tag: str | None, given: dict[str, str]) -> list[tup
     names = {i["name"] for i in images}
     unknown = sorted(set(given) - names)
     if unknown:
-        raise PinError(f"--digest for images the component does not list: {', '.join(unknown)} "
-                       f"(it lists {', '.join(sorted(names))})")
+        raise PinError(
+            f"--digest for images the component does not list: {', '.join(unknown)} "
+            f"(it lists {', '.join(sorted(names))})"
+        )
     rows = []
     for image in images:
         name, new_tag = image["name"], str(tag or image["newTag"])
@@ -77,11 +82,14 @@ def resolve(component: Path, tag: str | None, given: dict[str, str]) -> list[tup
             raise PinError(f"{name}:{new_tag}: {digest!r} is not a sha256 digest (sha256:<64 hex digits>)")
         rows.append((name, new_tag, digest))
     for name, new_tag, digest in rows:
-        line = re.compile(r"^(\s*- \{name: " + re.escape(name) + r", newTag: )[^,]+(, digest: )\"[^\"]*\"(\})\s*$",
-                          re.MULTILINE)
+        line = re.compile(
+            r"^(\s*- \{name: " + re.escape(name) + r", newTag: )[^,]+(, digest: )\"[^\"]*\"(\})\s*$", re.MULTILINE
+        )
         text, n = line.subn(lambda m: f'{m[1]}"{new_tag}"{m[2]}"{digest}"{m[3]}', text)
         if n != 1:
-            raise PinError(f"{component}: expected one line `- {{name: {name}, newTag: ..., digest: \"...\"}}`, found {n}")
+            raise PinError(
+                f'{component}: expected one line `- {{name: {name}, newTag: ..., digest: "..."}}`, found {n}'
+            )
     written = {i["name"]: (str(i["newTag"]), i["digest"]) for i in _entries(text)}
     assert written == {n: (t, d) for n, t, d in rows}, "rewritten component does not read back"
     component.write_text(text)
@@ -89,6 +97,7 @@ def resolve(component: Path, tag: str | None, given: dict[str, str]) -> list[tup
 
 
 # ---- check ----------------------------------------------------------------------------------------
+
 
 def render(tree_dir: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
@@ -155,11 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("resolve", help="write the project's image digests into the release-images component")
     r.add_argument("--tag", help="the version tag to pin (default: the component's current newTag)")
-    r.add_argument("--digest", action="append", default=[], metavar="NAME=sha256:...",
-                   help="a digest you already have (repeatable); the others are asked with `crane digest`")
+    r.add_argument(
+        "--digest",
+        action="append",
+        default=[],
+        metavar="NAME=sha256:...",
+        help="a digest you already have (repeatable); the others are asked with `crane digest`",
+    )
     c = sub.add_parser("check", help="refuse any image without a digest in the given trees")
-    c.add_argument("trees", nargs="*", default=list(PRODUCTION_TREES),
-                   help=f"trees under the kustomize root (default: {' '.join(PRODUCTION_TREES)})")
+    c.add_argument(
+        "trees",
+        nargs="*",
+        default=list(PRODUCTION_TREES),
+        help=f"trees under the kustomize root (default: {' '.join(PRODUCTION_TREES)})",
+    )
     a = p.parse_args(argv)
     try:
         if a.cmd == "resolve":

@@ -47,8 +47,10 @@ class Served(Recommender):
             vecs = [m.user_vector(int(m.user_ids[u])) for u in queries.users]
         else:
             w = queries.liked_weights or [None] * len(queries.liked)
-            vecs = [m.favourites_vector([int(m.item_ids[i]) for i in liked], None if wt is None else wt.tolist())
-                    for liked, wt in zip(queries.liked, w)]
+            vecs = [
+                m.favourites_vector([int(m.item_ids[i]) for i in liked], None if wt is None else wt.tolist())
+                for liked, wt in zip(queries.liked, w)
+            ]
         return np.asarray(np.stack(vecs) @ m.item_tower[items].T, np.float32)
 
 
@@ -76,15 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     scs = [s for s in scenarios(ds, "test", seed=seed, max_queries=a.max_queries) if s.name in wanted]
     t0 = time.perf_counter()
-    df = run_tradeoff(Served(model), scs, model.content, out_dir=a.out, lambdas=LAMBDAS, pool=a.pool,
-                      popularity=ds.popularity, seed=seed,
-                      command=f"python -m experiments.bundle_tradeoff --bundle {path} --pool {a.pool}",
-                      notes=[f"bundle {model.version}, test split (seed {seed}), every query of each scenario"
-                             if a.max_queries is None else f"at most {a.max_queries} queries per family",
-                             "accuracy: recall@100 and recall@10; diversity: intra-list diversity@10 "
-                             "(mean pairwise cosine distance in the bundle's centred MiniLM space, the "
-                             "space MMR uses); coverage@10: share of the scenario's candidates shown "
-                             "to anyone; popularity_pct@10: mean training-popularity percentile"])
+    df = run_tradeoff(
+        Served(model),
+        scs,
+        model.content,
+        out_dir=a.out,
+        lambdas=LAMBDAS,
+        pool=a.pool,
+        popularity=ds.popularity,
+        seed=seed,
+        command=f"python -m experiments.bundle_tradeoff --bundle {path} --pool {a.pool}",
+        notes=[
+            f"bundle {model.version}, test split (seed {seed}), every query of each scenario"
+            if a.max_queries is None
+            else f"at most {a.max_queries} queries per family",
+            "accuracy: recall@100 and recall@10; diversity: intra-list diversity@10 "
+            "(mean pairwise cosine distance in the bundle's centred MiniLM space, the "
+            "space MMR uses); coverage@10: share of the scenario's candidates shown "
+            "to anyone; popularity_pct@10: mean training-popularity percentile",
+        ],
+    )
     log.info("measured in %.0f s", time.perf_counter() - t0)
     print(df.to_string(index=False))
     return 0

@@ -280,21 +280,33 @@ def load_citeulike(data_dir: str | Path) -> CiteULike:
     both = np.concatenate([train, test])
     keys = np.sort(both[:, 0] * n_items + both[:, 1])
     if len(both) != len(full) or not np.array_equal(keys, np.sort(full[:, 0] * n_items + full[:, 1])):
-        raise DataError(str(split), f"train + test ({len(both)} pairs) do not rebuild users.dat "
-                                    f"({len(full)} pairs) with 1-based ids")
+        raise DataError(
+            str(split),
+            f"train + test ({len(both)} pairs) do not rebuild users.dat ({len(full)} pairs) with 1-based ids",
+        )
 
     tag_rows = np.repeat(np.arange(n_items), [len(t) for t in item_tags])
-    tags = sp.csr_matrix((np.ones(len(tag_rows), np.float32), (tag_rows, np.concatenate(item_tags))),
-                         shape=(n_items, n_tags))
-    files = {name: _found(p) for name, p in (
-        ("users", d / "users.dat"), ("item_tags", d / "item-tag.dat"), ("tags", d / "tags.dat"),
-        ("train", split / "train.csv"), ("test", split / "test.csv"), ("cold_items", ids_path))}
+    tags = sp.csr_matrix(
+        (np.ones(len(tag_rows), np.float32), (tag_rows, np.concatenate(item_tags))), shape=(n_items, n_tags)
+    )
+    files = {
+        name: _found(p)
+        for name, p in (
+            ("users", d / "users.dat"),
+            ("item_tags", d / "item-tag.dat"),
+            ("tags", d / "tags.dat"),
+            ("train", split / "train.csv"),
+            ("test", split / "test.csv"),
+            ("cold_items", ids_path),
+        )
+    }
     return CiteULike(_matrix(train, (n_users, n_items)), _matrix(test, (n_users, n_items)), cold, tags, files)
 
 
 # ---- content ------------------------------------------------------------------------------------
-def tag_features(item_tags: sp.csr_matrix, svd_dim: int = 300, seed: int = 0,
-                 min_items: int = 2) -> tuple[sp.csr_matrix, np.ndarray]:
+def tag_features(
+    item_tags: sp.csr_matrix, svd_dim: int = 300, seed: int = 0, min_items: int = 2
+) -> tuple[sp.csr_matrix, np.ndarray]:
     """TF-IDF of each item's bag of tags (L2 rows) and its TruncatedSVD projection (U·Σ): the
     paper's content recipe (tf-idf → SVD-300) applied to tags. Fitted on every item's tags, as the
     paper fitted on every article's text; no interaction enters. Only tags on at least
@@ -321,8 +333,13 @@ class ColdSplit:
     users: np.ndarray
 
     def describe(self) -> dict:
-        return {"name": self.name, "train_pairs": int(self.train.nnz), "candidates": len(self.candidates),
-                "users": len(self.users), "truth_pairs": int(self.truth[self.users].nnz)}
+        return {
+            "name": self.name,
+            "train_pairs": int(self.train.nnz),
+            "candidates": len(self.candidates),
+            "users": len(self.users),
+            "truth_pairs": int(self.truth[self.users].nnz),
+        }
 
 
 def published_split(data: CiteULike) -> ColdSplit:
@@ -345,8 +362,10 @@ def carve_validation(train: sp.csr_matrix, fraction: float, seed: int = 0) -> Co
     keep = sp.diags((~held).astype(np.float32))
     fit = (train @ keep).tocsr()
     truth = (train @ sp.diags(held.astype(np.float32))).tocsr()
-    fit.eliminate_zeros(); truth.eliminate_zeros()
-    fit.sort_indices(); truth.sort_indices()
+    fit.eliminate_zeros()
+    truth.eliminate_zeros()
+    fit.sort_indices()
+    truth.sort_indices()
     users = np.flatnonzero((truth.getnnz(axis=1) > 0) & (fit.getnnz(axis=1) > 0))
     if len(users) == 0:
         raise ValueError("no validation user has both held-out and remaining training pairs")
@@ -385,8 +404,20 @@ def paper_dropoutnet_config(**overrides) -> DropoutNetConfig:
     preference dropout 0.5) with the optimiser settings that learn fastest per CPU second here
     (chosen on the validation split: Adam 3e-3, 128 users per step). No favourites queries on
     CiteULike, so no user transform."""
-    base = dict(hidden=(200,), out_dim=200, p_item_dropout=0.5, p_user_transform=0.0, p_user_dropout=0.0,
-                lr=3e-3, epochs=12, patience=3, batch_users=128, top_pool=100, n_top=50, n_rand=50)
+    base = dict(
+        hidden=(200,),
+        out_dim=200,
+        p_item_dropout=0.5,
+        p_user_transform=0.0,
+        p_user_dropout=0.0,
+        lr=3e-3,
+        epochs=12,
+        patience=3,
+        batch_users=128,
+        top_pool=100,
+        n_top=50,
+        n_rand=50,
+    )
     base.update(overrides)
     return DropoutNetConfig(**base)
 
@@ -426,9 +457,9 @@ class ExperimentResult:
     selection: list[dict]
     selected: dict
     val_recall100: dict[str, float]
-    curves: dict[str, np.ndarray]            # method → recall@K, K = 1..max_k, test split
+    curves: dict[str, np.ndarray]  # method → recall@K, K = 1..max_k, test split
     expected_random: np.ndarray
-    facts: dict = field(default_factory=dict)     # numbers the `differences` text quotes
+    facts: dict = field(default_factory=dict)  # numbers the `differences` text quotes
     timings: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
@@ -442,12 +473,15 @@ def _timed(timings: dict, name: str):
         yield
         timings[name] = round(time.perf_counter() - start, 2)
         log.info("✔ %s (%.1f s)", name, timings[name])
+
     return step()
 
 
-def _baselines(split: ColdSplit, tfidf: sp.csr_matrix, dense: np.ndarray, wmf: WMF, seed: int) -> dict[str, Recommender]:
+def _baselines(
+    split: ColdSplit, tfidf: sp.csr_matrix, dense: np.ndarray, wmf: WMF, seed: int
+) -> dict[str, Recommender]:
     return {
-        "random": Popularity(seed=seed).fit(split.train),       # cold items all have count 0: a seeded random order
+        "random": Popularity(seed=seed).fit(split.train),  # cold items all have count 0: a seeded random order
         "wmf": wmf,
         "content-knn-tags": ContentKNN(tfidf, name="content-knn-tags").fit(split.train),
         "content-knn-tags-svd": ContentKNN(dense, name="content-knn-tags-svd").fit(split.train),
@@ -480,9 +514,16 @@ def run_experiment(data: CiteULike, cfg: ExperimentConfig) -> ExperimentResult:
                 dn = DropoutNet(dense, wmf, dcfg, name="dropoutnet-wmf-tags", device=cfg.device)
                 dn.fit(val.train, validation=val_r100)
             score = max(h["val"] for h in dn.history)
-            trial = {"wmf": wp, "dropoutnet": dp, "best_epoch": dn.best_epoch, "val_recall@100": score,
-                     "history": [{"epoch": h["epoch"], "train_mse": round(h["train_mse"], 5),
-                                  "val_recall@100": round(h["val"], 5)} for h in dn.history]}
+            trial = {
+                "wmf": wp,
+                "dropoutnet": dp,
+                "best_epoch": dn.best_epoch,
+                "val_recall@100": score,
+                "history": [
+                    {"epoch": h["epoch"], "train_mse": round(h["train_mse"], 5), "val_recall@100": round(h["val"], 5)}
+                    for h in dn.history
+                ],
+            }
             trials.append(trial)
             log.info("trial wmf=%s dn=%s → val recall@100 %.4f at epoch %d", wp, dp, score, dn.best_epoch)
             if best is None or score > best["val_recall@100"]:
@@ -506,19 +547,39 @@ def run_experiment(data: CiteULike, cfg: ExperimentConfig) -> ExperimentResult:
         for name, m in models.items():
             curves[name] = cold_recall_curve(m, test, cfg.max_k, seed)
             log.info("test %s recall@100 %.4f", name, curves[name][at100])
-    selected = {"wmf": {**wmf.params()}, "dropoutnet": dcfg.to_dict(), "best_epoch": best["best_epoch"],
-                "val_recall@100": best["val_recall@100"]}
+    selected = {
+        "wmf": {**wmf.params()},
+        "dropoutnet": dcfg.to_dict(),
+        "best_epoch": best["best_epoch"],
+        "val_recall@100": best["val_recall@100"],
+    }
     base = paper_dropoutnet_config(epochs=cfg.max_epochs)
-    facts = {"tags": int(data.item_tags.shape[1]), "kept_tags": int(tfidf.shape[1]), "cold": len(data.cold_items),
-             "cold_without_content": int((tfidf[data.cold_items].getnnz(axis=1) == 0).sum()),
-             "items_without_content": int((tfidf.getnnz(axis=1) == 0).sum()), "val_share": frac,
-             "lr": base.lr, "batch_users": base.batch_users, "max_epochs": cfg.max_epochs,
-             "n_top": base.n_top, "top_pool": base.top_pool, "n_rand": base.n_rand}
+    facts = {
+        "tags": int(data.item_tags.shape[1]),
+        "kept_tags": int(tfidf.shape[1]),
+        "cold": len(data.cold_items),
+        "cold_without_content": int((tfidf[data.cold_items].getnnz(axis=1) == 0).sum()),
+        "items_without_content": int((tfidf.getnnz(axis=1) == 0).sum()),
+        "val_share": frac,
+        "lr": base.lr,
+        "batch_users": base.batch_users,
+        "max_epochs": cfg.max_epochs,
+        "n_top": base.n_top,
+        "top_pool": base.top_pool,
+        "n_rand": base.n_rand,
+    }
     return ExperimentResult(
-        data=data.describe(), validation={**val.describe(), "fraction_of_training_items": round(frac, 4), "seed": seed},
-        selection=trials, selected=selected, val_recall100=val_recall, curves=curves,
-        expected_random=expected_random_curve(len(test.candidates), cfg.max_k), facts=facts, timings=timings,
-        config=cfg.describe())
+        data=data.describe(),
+        validation={**val.describe(), "fraction_of_training_items": round(frac, 4), "seed": seed},
+        selection=trials,
+        selected=selected,
+        val_recall100=val_recall,
+        curves=curves,
+        expected_random=expected_random_curve(len(test.candidates), cfg.max_k),
+        facts=facts,
+        timings=timings,
+        config=cfg.describe(),
+    )
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -549,11 +610,16 @@ def write_report(res: ExperimentResult, out_dir: str | Path, command: str) -> li
         "title": "CiteULike-a item cold start (DropoutNet's protocol, tag content)",
         "command": command,
         "seed": res.config.get("seed"),
-        "data": {**res.data, "tags_on_2+_items": res.facts.get("kept_tags"),
-                 "items_without_such_a_tag": res.facts.get("items_without_content"),
-                 "cold_items_without_such_a_tag": res.facts.get("cold_without_content")},
-        "protocol": ("Each test user (≥1 pair on a cold test item) ranks the cold test items only; "
-                     "recall@k = |top-k ∩ relevant| / |relevant| per user, averaged over users."),
+        "data": {
+            **res.data,
+            "tags_on_2+_items": res.facts.get("kept_tags"),
+            "items_without_such_a_tag": res.facts.get("items_without_content"),
+            "cold_items_without_such_a_tag": res.facts.get("cold_without_content"),
+        },
+        "protocol": (
+            "Each test user (≥1 pair on a cold test item) ranks the cold test items only; "
+            "recall@k = |top-k ∩ relevant| / |relevant| per user, averaged over users."
+        ),
         "validation_split": res.validation,
         "config": res.config,
         "selection": res.selection,
@@ -561,8 +627,10 @@ def write_report(res: ExperimentResult, out_dir: str | Path, command: str) -> li
         "validation_recall@100": res.val_recall100,
         "test": test,
         "expected_random": {f"recall@{k}": _at(res.expected_random, k) for k in ks},
-        "recall_curves": {"k": list(range(1, len(res.expected_random) + 1)),
-                          **{n: np.round(c, 6) for n, c in res.curves.items()}},
+        "recall_curves": {
+            "k": list(range(1, len(res.expected_random) + 1)),
+            **{n: np.round(c, 6) for n, c in res.curves.items()},
+        },
         "paper": PAPER,
         "content": CONTENT_LABELS,
         "differences": differences(res.facts),
@@ -584,42 +652,87 @@ def _fmt(v: float | None) -> str:
 
 def _markdown(doc: dict, ks: list[int]) -> str:
     d, v, sel = doc["data"], doc["validation_split"], doc["selected"]
-    lines = [f"# {doc['title']}", "", f"Command: `{doc['command']}` · seed {doc['seed']}", "",
-             "## Data", "", "| | |", "|---|---:|"]
-    lines += [f"| {k.replace('_', ' ')} | {val:,} |" if isinstance(val, int) else f"| {k.replace('_', ' ')} | {val} |"
-              for k, val in d.items()]
-    lines += ["", "## Protocol", "", doc["protocol"],
-              "Candidates are exactly the published cold test items; no candidate has a training pair.", "",
-              f"Validation (selection only): {v['candidates']:,} training items "
-              f"({v['fraction_of_training_items']:.0%}, the published cold share, seed {v['seed']}) held out with "
-              f"all their {v['truth_pairs']:,} pairs; {v['users']:,} users rank them; models fit on the remaining "
-              f"{v['train_pairs']:,} pairs. Final models are refitted on all training pairs with the selected settings.",
-              "", "## Test results (cold test items only)", ""]
+    lines = [
+        f"# {doc['title']}",
+        "",
+        f"Command: `{doc['command']}` · seed {doc['seed']}",
+        "",
+        "## Data",
+        "",
+        "| | |",
+        "|---|---:|",
+    ]
+    lines += [
+        f"| {k.replace('_', ' ')} | {val:,} |" if isinstance(val, int) else f"| {k.replace('_', ' ')} | {val} |"
+        for k, val in d.items()
+    ]
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        doc["protocol"],
+        "Candidates are exactly the published cold test items; no candidate has a training pair.",
+        "",
+        f"Validation (selection only): {v['candidates']:,} training items "
+        f"({v['fraction_of_training_items']:.0%}, the published cold share, seed {v['seed']}) held out with "
+        f"all their {v['truth_pairs']:,} pairs; {v['users']:,} users rank them; models fit on the remaining "
+        f"{v['train_pairs']:,} pairs. Final models are refitted on all training pairs with the selected settings.",
+        "",
+        "## Test results (cold test items only)",
+        "",
+    ]
     head = "| method | content | val R@100 | " + " | ".join(f"R@{k}" for k in ks) + " | paper R@100 |"
     lines += [head, "|---|---|---:|" + "---:|" * len(ks) + "---:|"]
     for name, row in doc["test"].items():
         paper = _fmt(PAPER["recall@100"]) if name == "dropoutnet-wmf-tags" else ""
-        lines.append(f"| {name} | {doc['content'][name]} | {_fmt(doc['validation_recall@100'].get(name))} | "
-                     + " | ".join(_fmt(row[f'recall@{k}']) for k in ks) + f" | {paper} |")
-    lines.append(f"| random (expected, K/{d['cold_test_items']:,}) | none | | "
-                 + " | ".join(_fmt(doc["expected_random"][f"recall@{k}"]) for k in ks) + " | |")
-    lines.append(f"| {PAPER['method']} (paper) | {PAPER['content']} | | "
-                 + " | ".join(_fmt(PAPER['recall@100']) if k == 100 else "" for k in ks) + f" | {_fmt(PAPER['recall@100'])} |")
-    lines += ["", "## Selection (validation split)", "",
-              f"Selected: WMF `{json.dumps(sel['wmf'], sort_keys=True)}`; DropoutNet "
-              f"p_item_dropout {sel['dropoutnet']['p_item_dropout']}, epoch {sel['best_epoch']} "
-              f"(validation recall@100 {sel['val_recall@100']:.4f})."
-              + (f" **The epoch cap ({doc['config']['max_epochs']}) was reached: DropoutNet's validation recall was "
-                 "still rising, so it is under-trained at this budget** (per-epoch history in report.json; "
-                 "`--max-epochs` raises the cap)." if sel["best_epoch"] >= doc["config"]["max_epochs"] else ""), "",
-              "| WMF | DropoutNet | best epoch | val R@100 |", "|---|---|---:|---:|"]
+        lines.append(
+            f"| {name} | {doc['content'][name]} | {_fmt(doc['validation_recall@100'].get(name))} | "
+            + " | ".join(_fmt(row[f"recall@{k}"]) for k in ks)
+            + f" | {paper} |"
+        )
+    lines.append(
+        f"| random (expected, K/{d['cold_test_items']:,}) | none | | "
+        + " | ".join(_fmt(doc["expected_random"][f"recall@{k}"]) for k in ks)
+        + " | |"
+    )
+    lines.append(
+        f"| {PAPER['method']} (paper) | {PAPER['content']} | | "
+        + " | ".join(_fmt(PAPER["recall@100"]) if k == 100 else "" for k in ks)
+        + f" | {_fmt(PAPER['recall@100'])} |"
+    )
+    lines += [
+        "",
+        "## Selection (validation split)",
+        "",
+        f"Selected: WMF `{json.dumps(sel['wmf'], sort_keys=True)}`; DropoutNet "
+        f"p_item_dropout {sel['dropoutnet']['p_item_dropout']}, epoch {sel['best_epoch']} "
+        f"(validation recall@100 {sel['val_recall@100']:.4f})."
+        + (
+            f" **The epoch cap ({doc['config']['max_epochs']}) was reached: DropoutNet's validation recall was "
+            "still rising, so it is under-trained at this budget** (per-epoch history in report.json; "
+            "`--max-epochs` raises the cap)."
+            if sel["best_epoch"] >= doc["config"]["max_epochs"]
+            else ""
+        ),
+        "",
+        "| WMF | DropoutNet | best epoch | val R@100 |",
+        "|---|---|---:|---:|",
+    ]
     for t in doc["selection"]:
-        lines.append(f"| `{json.dumps(t['wmf'], sort_keys=True)}` | `{json.dumps(t['dropoutnet'], sort_keys=True)}` | "
-                     f"{t['best_epoch']} | {t['val_recall@100']:.4f} |")
+        lines.append(
+            f"| `{json.dumps(t['wmf'], sort_keys=True)}` | `{json.dumps(t['dropoutnet'], sort_keys=True)}` | "
+            f"{t['best_epoch']} | {t['val_recall@100']:.4f} |"
+        )
     lines += ["", "## Differences from the paper", ""] + [f"- {x}" for x in doc["differences"]]
     m = doc.get("machine") or {}
-    lines += ["", f"## Timings (seconds; {m.get('cpus', '?')} CPU cores, load average {m.get('load_start', '?')} at the "
-              f"start and {m.get('load_end', '?')} at the end)", "", "| step | s |", "|---|---:|"]
+    lines += [
+        "",
+        f"## Timings (seconds; {m.get('cpus', '?')} CPU cores, load average {m.get('load_start', '?')} at the "
+        f"start and {m.get('load_end', '?')} at the end)",
+        "",
+        "| step | s |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {s} |" for k, s in doc["timings_s"].items()]
     lines += ["", "Curve: [recall_at_k.png](recall_at_k.png); every value: [report.json](report.json)."]
     return "\n".join(lines) + "\n"
@@ -636,10 +749,17 @@ def _plot(res: ExperimentResult, path: Path) -> None:
     lo = min(10, max_k)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, c in res.curves.items():
-        ax.plot(k[lo - 1:], c[lo - 1:], label=name)
-    ax.plot(k[lo - 1:], res.expected_random[lo - 1:], "k:", label="random (expected)")
-    ax.scatter([100], [PAPER["recall@100"]], marker="*", s=120, color="crimson", zorder=5,
-               label="paper DropoutNet-WMF (abstracts)")
+        ax.plot(k[lo - 1 :], c[lo - 1 :], label=name)
+    ax.plot(k[lo - 1 :], res.expected_random[lo - 1 :], "k:", label="random (expected)")
+    ax.scatter(
+        [100],
+        [PAPER["recall@100"]],
+        marker="*",
+        s=120,
+        color="crimson",
+        zorder=5,
+        label="paper DropoutNet-WMF (abstracts)",
+    )
     ax.set_xlabel("K")
     ax.set_ylabel("recall@K (cold test items only)")
     ax.set_title("CiteULike-a item cold start, tag content")
@@ -652,17 +772,27 @@ def _plot(res: ExperimentResult, path: Path) -> None:
 
 # ---- command line -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.citeulike",
-                                 description="DropoutNet's CiteULike-a cold-start experiment with tag content.")
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.citeulike",
+        description="DropoutNet's CiteULike-a cold-start experiment with tag content.",
+    )
     ap.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "citeulike-a")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "citeulike")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-epochs", type=int, default=ExperimentConfig.max_epochs,
-                    help="DropoutNet epochs per validation trial (the best one is kept)")
+    ap.add_argument(
+        "--max-epochs",
+        type=int,
+        default=ExperimentConfig.max_epochs,
+        help="DropoutNet epochs per validation trial (the best one is kept)",
+    )
     ap.add_argument("--device", default="cpu", help="torch device for DropoutNet (cpu, cuda)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch and BLAS threads during the run (1: on a few shared cores, more threads "
-                         "spin against each other; the tag SVD ran 7x and a DropoutNet step 4x slower with 2)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and BLAS threads during the run (1: on a few shared cores, more threads "
+        "spin against each other; the tag SVD ran 7x and a DropoutNet step 4x slower with 2)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started, load_start = time.perf_counter(), round(os.getloadavg()[0], 1)
@@ -678,12 +808,19 @@ def main(argv: list[str] | None = None) -> int:
         with threadpool_limits(args.threads, "blas"):
             res = run_experiment(data, cfg)
     finally:
-        torch.set_num_threads(threads)   # a process-wide setting: give it back (tests call main)
+        torch.set_num_threads(threads)  # a process-wide setting: give it back (tests call main)
     res.timings["total"] = round(time.perf_counter() - started, 1)
-    res.machine = {"cpus": os.cpu_count(), "load_start": load_start, "load_end": round(os.getloadavg()[0], 1),
-                   "threads": args.threads, "device": args.device}
+    res.machine = {
+        "cpus": os.cpu_count(),
+        "load_start": load_start,
+        "load_end": round(os.getloadavg()[0], 1),
+        "threads": args.threads,
+        "device": args.device,
+    }
     command = "python -m experiments.citeulike " + " ".join(
-        ["--seed", str(args.seed)] + (["--max-epochs", str(args.max_epochs)] if args.max_epochs != ExperimentConfig.max_epochs else []))
+        ["--seed", str(args.seed)]
+        + (["--max-epochs", str(args.max_epochs)] if args.max_epochs != ExperimentConfig.max_epochs else [])
+    )
     paths = write_report(res, args.out, command)
     for name, c in res.curves.items():
         print(f"{name:24s} recall@100 {c[min(100, len(c)) - 1]:.4f}")

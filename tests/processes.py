@@ -31,8 +31,8 @@ def processes() -> dict[int, Proc]:
             stat = (d / "stat").read_text()
             cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
-            continue   # exited meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "; comm may hold spaces
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
         out[int(d.name)] = Proc(int(d.name), int(fields[1]), int(fields[3]), fields[0], cmdline)
     return out
 

@@ -24,7 +24,7 @@ def test_synthetic_interactions_keep_the_real_shape():
     assert m.shape == (3000, 5000) and m.dtype == np.float32
     assert per_user.min() >= 1
     # no repeated (user, item) pair, and confidences only from the real values
-    assert all(np.all(np.diff(m.indices[m.indptr[u]:m.indptr[u + 1]]) > 0) for u in range(0, 3000, 97))
+    assert all(np.all(np.diff(m.indices[m.indptr[u] : m.indptr[u + 1]]) > 0) for u in range(0, 3000, 97))
     assert set(np.unique(m.data)) <= set(np.float32(DEFAULT_SHAPE.confidence_values))
     # activity and popularity follow the real data's (median 59 positives; exponent ~1.57)
     assert 40 <= np.median(per_user) <= 80
@@ -35,7 +35,10 @@ def test_curve_marks_extrapolated_points():
     measured = [{"n": 10, "y": 2.0}, {"n": 20, "y": 3.0}]
     prop = curve(measured, "n", "y", (10, 20, 40))
     assert [(p["size"], p["value"], p["extrapolated"]) for p in prop["points"]] == [
-        (10, 2.0, False), (20, 3.0, False), (40, 6.0, True)]
+        (10, 2.0, False),
+        (20, 3.0, False),
+        (40, 6.0, True),
+    ]
     marginal = curve(measured, "n", "y", (40,), model="marginal")
     assert marginal["points"][-1] == {"size": 40, "value": 5.0, "extrapolated": True}
 
@@ -43,10 +46,13 @@ def test_curve_marks_extrapolated_points():
 def test_loadgen_drives_the_echo_server(tmp_path):
     echo = EchoProcess(100, tmp_path / "echo.log")
     try:
-        steps = [Step("echo", echo.address, "/bench.Echo/Echo", [b"ping"], concurrency=c, duration_s=0.5,
-                      warmup_s=0.2) for c in (1, 4)]
-        steps.append(Step("echo", echo.address, "/bench.Echo/Echo", [b"ping"], rate_rps=50, duration_s=0.5,
-                          warmup_s=0.2))
+        steps = [
+            Step("echo", echo.address, "/bench.Echo/Echo", [b"ping"], concurrency=c, duration_s=0.5, warmup_s=0.2)
+            for c in (1, 4)
+        ]
+        steps.append(
+            Step("echo", echo.address, "/bench.Echo/Echo", [b"ping"], rate_rps=50, duration_s=0.5, warmup_s=0.2)
+        )
         closed1, closed4, opened = run_plan(steps)
     finally:
         echo.stop()
@@ -64,8 +70,9 @@ def test_relay_passes_calls_to_the_echo_server(tmp_path):
         with grpc.insecure_channel(relay.address) as ch:
             # the relay itself would echo "ping" (reply_bytes 0): 100 bytes prove the call went through
             assert ch.unary_unary("/bench.Echo/Echo")(b"ping", timeout=10) == b"x" * 100
-        (closed,) = run_plan([Step("relay", relay.address, "/bench.Echo/Echo", [b"ping"], concurrency=4,
-                                   duration_s=0.5, warmup_s=0.2)])
+        (closed,) = run_plan(
+            [Step("relay", relay.address, "/bench.Echo/Echo", [b"ping"], concurrency=4, duration_s=0.5, warmup_s=0.2)]
+        )
     finally:
         relay.stop()
         echo.stop()
@@ -74,18 +81,37 @@ def test_relay_passes_calls_to_the_echo_server(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_cheapest_parts_write_a_complete_report(tmp_path):
-    result = {"machine": {"summary": "test", "cpu_count": 2, "cuda": None, "loadavg_start": "0"},
-              "started": "now", "quick": True, "errors": {}}
+    result = {
+        "machine": {"summary": "test", "cpu_count": 2, "cuda": None, "loadavg_start": "0"},
+        "started": "now",
+        "quick": True,
+        "errors": {},
+    }
     result["search"] = run_search_bench(n_queries=5, n_items=1500, dim=32, use_bundle=False)
-    result["scale"] = run_scale_bench(item_sizes=(500, 4000), user_sizes=(300, 3000), measure_items=(500,),
-                                      measure_users=(300,), n_items_users_axis=500, dim=32, n_queries=5,
-                                      als_iterations=1, dn_steps=1, shape=DEFAULT_SHAPE, progress=lambda m: None)
+    result["scale"] = run_scale_bench(
+        item_sizes=(500, 4000),
+        user_sizes=(300, 3000),
+        measure_items=(500,),
+        measure_users=(300,),
+        n_items_users_axis=500,
+        dim=32,
+        n_queries=5,
+        als_iterations=1,
+        dn_steps=1,
+        shape=DEFAULT_SHAPE,
+        progress=lambda m: None,
+    )
     result["scale"]["conclusion"] = scale_conclusion(result["scale"])
     result["summary"] = summary(result)
     written = write_report(result, tmp_path)
 
-    assert {p.name for p in written} == {"bench.json", "bench.md", "search_latency.png", "scale_items.png",
-                                         "scale_users.png"}
+    assert {p.name for p in written} == {
+        "bench.json",
+        "bench.md",
+        "search_latency.png",
+        "scale_items.png",
+        "scale_users.png",
+    }
     assert all(p.stat().st_size > 0 for p in written)
     data = json.loads((tmp_path / "bench.json").read_text())
     s = data["search"]
@@ -106,7 +132,7 @@ def test_cheapest_parts_write_a_complete_report(tmp_path):
     assert md == markdown(data)
     for heading in ("## Summary", "## Ranker search", "## Scale curves", "### Where one machine stops"):
         assert heading in md
-    assert "*4k*" in md   # extrapolated rows are set in italics
+    assert "*4k*" in md  # extrapolated rows are set in italics
 
 
 def test_search_batches_reads_the_ranker_metric_over_http():

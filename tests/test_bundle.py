@@ -14,7 +14,8 @@ from anime2vec.bundle import BundleError, list_bundles, load_bundle, write_bundl
 def _parts(n_users=5, n_items=7, f=3, d=4, t=2):
     rng = np.random.default_rng(0)
     arrays = {
-        "item_ids": np.arange(100, 100 + n_items), "user_ids": np.arange(n_users),
+        "item_ids": np.arange(100, 100 + n_items),
+        "user_ids": np.arange(n_users),
         "wmf_U": rng.normal(size=(n_users, f)).astype(np.float32),
         "wmf_V": rng.normal(size=(n_items, f)).astype(np.float32),
         "content": rng.normal(size=(n_items, d)).astype(np.float32),
@@ -23,12 +24,25 @@ def _parts(n_users=5, n_items=7, f=3, d=4, t=2):
         "hybrid.C": rng.normal(size=(n_items, d + 1)).astype(np.float32),
         "hybrid.Wv": rng.normal(size=(d + 1, t)).astype(np.float32),
     }
-    catalog = pd.DataFrame({"anime_id": arrays["item_ids"], "title": [f"Show {i}" for i in range(n_items)],
-                            "genres": [["Action"]] * n_items})
+    catalog = pd.DataFrame(
+        {
+            "anime_id": arrays["item_ids"],
+            "title": [f"Show {i}" for i in range(n_items)],
+            "genres": [["Action"]] * n_items,
+        }
+    )
     train = sp.random(n_users, n_items, density=0.4, random_state=0, format="csr", dtype=np.float32)
-    manifest = {"dims": {"n_items": n_items, "n_users": n_users, "factors": f, "content_dim": d, "tower_dim": t,
-                         "hybrid_content_dim": d + 1},
-                "encoder": {"name": "test"}}
+    manifest = {
+        "dims": {
+            "n_items": n_items,
+            "n_users": n_users,
+            "factors": f,
+            "content_dim": d,
+            "tower_dim": t,
+            "hybrid_content_dim": d + 1,
+        },
+        "encoder": {"name": "test"},
+    }
     return manifest, catalog, arrays, train
 
 
@@ -56,7 +70,7 @@ def _make_writable(path):
 
 def test_a_flipped_byte_is_refused_with_the_file_named(bundle_path):
     target = bundle_path / "arrays" / "wmf_V.npy"
-    assert not os.access(target, os.W_OK) or os.geteuid() == 0   # written read-only
+    assert not os.access(target, os.W_OK) or os.geteuid() == 0  # written read-only
     _make_writable(bundle_path)
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
@@ -111,7 +125,7 @@ def test_bundles_are_immutable_and_listed(tmp_path):
     with pytest.raises(BundleError, match="already exists"):
         write_bundle(store, *_parts(), version="v1")
     assert list_bundles(store) == [a]
-    assert not [p for p in store.iterdir() if p.name.startswith(".tmp")]   # failed write left nothing
+    assert not [p for p in store.iterdir() if p.name.startswith(".tmp")]  # failed write left nothing
 
 
 def test_inconsistent_arrays_are_never_written(tmp_path):

@@ -11,15 +11,31 @@ from anime2vec.bundle import load_bundle
 
 # one of each kind (baselines, the served hybrid's parts, graph kNN, text and graph DropoutNets,
 # pre-trained, the hybrid) keeps this under a couple of minutes; the full list is the default of `train`
-MODELS = ("popularity", "wmf", "ease", "rp3beta", "content-knn-tfidf", "content-knn-tfidf-graph", "content-bilinear",
-          "dropoutnet-tfidf", "dropoutnet-minilm", "dropoutnet-minilm-graph", "dropoutnet-pretrained-graph",
-          "anime2vec-hybrid")
+MODELS = (
+    "popularity",
+    "wmf",
+    "ease",
+    "rp3beta",
+    "content-knn-tfidf",
+    "content-knn-tfidf-graph",
+    "content-bilinear",
+    "dropoutnet-tfidf",
+    "dropoutnet-minilm",
+    "dropoutnet-minilm-graph",
+    "dropoutnet-pretrained-graph",
+    "anime2vec-hybrid",
+)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "anime2vec.cli", *args], capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "anime2vec.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +43,26 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     env = {"A2V_CACHE_DIR": str(root / "cache")}
     # fit the pre-trained-encoder variants too (a second tiny encoder); the hybrid with a 5% floor
-    r = cli("train", "--sample", "--encoder", "tiny-random", "--epochs", "2", "--quiet",
-            "--pretrained-encoder", "tiny-random", "--hybrid-tolerance", "0.05",
-            "--models", ",".join(MODELS),
-            "--store", str(root / "store"), "--report-dir", str(root / "report"), env=env)
+    r = cli(
+        "train",
+        "--sample",
+        "--encoder",
+        "tiny-random",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--pretrained-encoder",
+        "tiny-random",
+        "--hybrid-tolerance",
+        "0.05",
+        "--models",
+        ",".join(MODELS),
+        "--store",
+        str(root / "store"),
+        "--report-dir",
+        str(root / "report"),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return root, r
 
@@ -48,7 +80,7 @@ def test_train_writes_a_report_comparing_every_model(trained):
     md = (root / "report" / "report.md").read_text()
     for model in MODELS:
         assert f"| {model} |" in md
-    assert "anime2vec train --sample" in md            # the command that produced it
+    assert "anime2vec train --sample" in md  # the command that produced it
     assert "## DeepAniNet's table on our data" in md
     rows = {r["variant"]: r for r in report["deepaninet_table"]}
     assert rows["static MiniLM + graph"]["model"] == "dropoutnet-minilm-graph"
@@ -69,7 +101,7 @@ def test_train_writes_a_verifiable_bundle_with_metrics(trained):
     # the served hybrid's arrays, no DropoutNet ones
     assert set(b.prefixed("hybrid")) == set(Hybrid.STATE) and not b.prefixed("dropoutnet") and "dropoutnet" not in m
     assert b.arrays["hybrid.C"].shape == (800, m["dims"]["hybrid_content_dim"])
-    assert m["metadata"]["types"] and m["metadata"]["genres"]   # a new anime's metadata is encoded the same way
+    assert m["metadata"]["types"] and m["metadata"]["genres"]  # a new anime's metadata is encoded the same way
     # offline metrics of the served model, brand-new anime (what AddAnime serves) included
     for scenario in ("warm", "cold_whole", "new_whole", "new_test_items"):
         assert 0.0 <= m["metrics"][scenario]["recall@100"] <= 1.0, scenario
@@ -152,12 +184,22 @@ def test_the_bundle_serves_what_was_trained(trained):
 
 # ---- the quick bundle (`train --quick`: what `make run` serves while the full bundle trains) -------
 
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("quick")
     # a cache that stays empty: the quick preset must not encode anything
-    r = cli("train", "--quick", "--sample", "--quiet", "--store", str(root / "store"),
-            "--report-dir", str(root / "report"), env={"A2V_CACHE_DIR": str(root / "cache")})
+    r = cli(
+        "train",
+        "--quick",
+        "--sample",
+        "--quiet",
+        "--store",
+        str(root / "store"),
+        "--report-dir",
+        str(root / "report"),
+        env={"A2V_CACHE_DIR": str(root / "cache")},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = (root / "store").iterdir()
     return root, load_bundle(path)
@@ -172,11 +214,14 @@ def test_the_quick_bundle_encodes_nothing_and_says_what_it_is(quick):
     # it still names the encoder that serves beside it: added anime are encoded by it, and stay
     # servable when the full bundle (same encoder) replaces this one
     from anime2vec.features.encoder import TextEncoder
+
     assert m["encoder"]["fingerprint"] == TextEncoder().fingerprint
     assert m["hyperparameters"]["train_config"]["encoder_block"] is False
-    rows = {(r["model"], r["scenario"], r["metric"]): r["value"]
-            for r in json.loads((root / "report" / "report.json").read_text())["metrics"]}
-    for sc in ("warm", "fav_k5", "cold_test_items"):   # a real model: above the popularity floor
+    rows = {
+        (r["model"], r["scenario"], r["metric"]): r["value"]
+        for r in json.loads((root / "report" / "report.json").read_text())["metrics"]
+    }
+    for sc in ("warm", "fav_k5", "cold_test_items"):  # a real model: above the popularity floor
         assert rows["anime2vec-hybrid", sc, "recall@100"] > rows["popularity", sc, "recall@100"] + 0.05, sc
     report = (root / "report" / "report.md").read_text()
     assert "| anime2vec-hybrid |" in report and "none (quick preset" in report
@@ -208,10 +253,20 @@ def test_the_quick_bundle_serves_what_was_trained(quick):
     np.testing.assert_array_equal(q, m.text_vector(c, "two brothers search for a stone"))
     assert np.linalg.norm(q) > 0
     t = m.tfidf_vector("two brothers search for a stone")
-    np.testing.assert_array_equal(m.semantic_vector(None, t), t)   # explanations measure in TF-IDF
+    np.testing.assert_array_equal(m.semantic_vector(None, t), t)  # explanations measure in TF-IDF
 
 
 def test_quick_refuses_models_that_need_encodings(tmp_path):
-    r = cli("train", "--quick", "--sample", "--quiet", "--models", "popularity,dropoutnet-minilm",
-            "--store", str(tmp_path / "s"), "--report-dir", str(tmp_path / "r"))
+    r = cli(
+        "train",
+        "--quick",
+        "--sample",
+        "--quiet",
+        "--models",
+        "popularity,dropoutnet-minilm",
+        "--store",
+        str(tmp_path / "s"),
+        "--report-dir",
+        str(tmp_path / "r"),
+    )
     assert r.returncode != 0 and "need MiniLM encodings" in r.stderr

@@ -48,8 +48,13 @@ def test_links_resolve(doc: Path):
 
 @pytest.mark.parametrize("doc", DOCS, ids=_names(DOCS))
 def test_repository_paths_exist(doc: Path):
-    missing = sorted({p for p in REPO_PATH.findall(doc.read_text())
-                      if not (REPO_ROOT / p.rstrip("/.")).exists() and not any(REPO_ROOT.glob(p + "*"))})
+    missing = sorted(
+        {
+            p
+            for p in REPO_PATH.findall(doc.read_text())
+            if not (REPO_ROOT / p.rstrip("/.")).exists() and not any(REPO_ROOT.glob(p + "*"))
+        }
+    )
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"
 
 

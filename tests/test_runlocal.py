@@ -24,9 +24,16 @@ def _bundle(tmp_path: Path, model_dir) -> Path:
 
 
 def _encoder_env(model_dir):
-    specs = standard_specs("127.0.0.1", {"encoder": (1, 2), "ranker": (3, 4), "gateway": (5, 6)},
-                           encoder_model="minilm", model_store=Path("/s"), bundle="v1",
-                           ranker_data_dir=Path("/d"), gateway_env={}, encoder_model_dir=model_dir)
+    specs = standard_specs(
+        "127.0.0.1",
+        {"encoder": (1, 2), "ranker": (3, 4), "gateway": (5, 6)},
+        encoder_model="minilm",
+        model_store=Path("/s"),
+        bundle="v1",
+        ranker_data_dir=Path("/d"),
+        gateway_env={},
+        encoder_model_dir=model_dir,
+    )
     return next(s for s in specs if s.name == "encoder").env
 
 
@@ -42,20 +49,20 @@ def test_stock_minilm_bundles_and_unreadable_manifests_keep_the_default(tmp_path
     assert _encoder_env(None) == {"MODEL": "minilm"}
 
 
-
 # ---- the local API key --------------------------------------------------------------------------
+
 
 def test_the_local_key_is_a_bare_token_for_clients_and_has_every_scope_at_the_gateway(tmp_path, monkeypatch):
     monkeypatch.delenv("A2V_GATEWAY_API_KEYS", raising=False)
     monkeypatch.delenv("A2V_GATEWAY_API_KEYS_FILE", raising=False)
     key_file = tmp_path / "run" / "api-key"
     env, token = api_key_env(key_file)
-    assert key_file.read_text() == token + "\n" and len(token) == 40   # `$(cat var/run/api-key)` is the token
+    assert key_file.read_text() == token + "\n" and len(token) == 40  # `$(cat var/run/api-key)` is the token
     scoped = Path(env["API_KEYS_FILE"])
-    (configured,) = load_api_keys(GatewaySettings(api_keys_file=scoped))   # as the gateway reads it
+    (configured,) = load_api_keys(GatewaySettings(api_keys_file=scoped))  # as the gateway reads it
     assert (configured.key, configured.scopes) == (token, frozenset({"read", "feedback", "catalog"}))
     assert {oct(p.stat().st_mode & 0o777) for p in (key_file, scoped)} == {"0o600"}
-    assert api_key_env(key_file) == (env, token)   # generated once, reused
+    assert api_key_env(key_file) == (env, token)  # generated once, reused
 
 
 def test_configured_keys_are_left_alone(tmp_path, monkeypatch):
@@ -66,20 +73,38 @@ def test_configured_keys_are_left_alone(tmp_path, monkeypatch):
 
 # ---- signals: Ctrl-C / SIGTERM stop every child, training included ------------------------------
 
+
 def test_sigterm_during_training_stops_the_training_child_and_everything_it_started(tmp_path):
-    env = os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(tmp_path / "cache")}   # a cold cache: training runs long
-    runner = subprocess.Popen([sys.executable, "-m", "anime2vec.runlocal", "--sample", "--store", str(tmp_path / "models"),
-                               "--state-dir", str(tmp_path / "state")], cwd=REPO_ROOT, env=env, text=True,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(tmp_path / "cache")}  # a cold cache: training runs long
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "anime2vec.runlocal",
+            "--sample",
+            "--store",
+            str(tmp_path / "models"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out = Output(runner.stdout)
     seen: dict[int, Proc] = {}
     try:
+
         def training_has_started(lines) -> bool:
             seen.update((p.pid, p) for p in descendants(runner.pid))
             trainers = [p for p in seen.values() if "anime2vec.cli train" in p.cmdline]
             # the runner's own announcement, then at least one line of the training's own output
             announced = next((i for i, line in enumerate(lines) if "training one" in line), None)
             return bool(trainers) and announced is not None and len(lines) > announced + 1
+
         assert out.wait_for(training_has_started, 180, runner), f"training did not start:\n{out.text()}"
         trainer = next(p for p in seen.values() if "anime2vec.cli train" in p.cmdline)
         assert trainer.pid in {p.pid for p in descendants(runner.pid)}, "training ended before the signal"
@@ -91,7 +116,7 @@ def test_sigterm_during_training_stops_the_training_child_and_everything_it_star
         if runner.poll() is None:
             runner.kill()
         leftovers = still_running(set(seen), {p.session for p in seen.values()} - {os.getsid(0)})
-        for p in leftovers:   # never leave a training running on the shared machine
+        for p in leftovers:  # never leave a training running on the shared machine
             os.kill(p.pid, signal.SIGKILL)
     assert not leftovers, f"still running after the runner stopped: {leftovers}"
     assert rc == 128 + signal.SIGTERM and "stopping..." in out.text(), out.text()
@@ -99,11 +124,21 @@ def test_sigterm_during_training_stops_the_training_child_and_everything_it_star
 
 # ---- the quick bundle first, the full one promoted by the quality gate ---------------------------
 
+
 def _client(state: Path, grpc_base: int, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | OFFLINE_ENV | {"A2V_API_KEY": (state / "api-key").read_text().strip(),
-                                      "A2V_GATEWAY_ADDRESS": f"127.0.0.1:{grpc_base}"}
-    return subprocess.run([sys.executable, "-m", "anime2vec.client", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = (
+        os.environ
+        | OFFLINE_ENV
+        | {"A2V_API_KEY": (state / "api-key").read_text().strip(), "A2V_GATEWAY_ADDRESS": f"127.0.0.1:{grpc_base}"}
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "anime2vec.client", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _info(state: Path, grpc_base: int) -> dict:
@@ -114,11 +149,29 @@ def _info(state: Path, grpc_base: int) -> dict:
 
 def _start(store: Path, state: Path, *args: str) -> tuple[subprocess.Popen, Output, int]:
     grpc_base, metrics_base = free_port_runs()
-    runner = subprocess.Popen([sys.executable, "-m", "anime2vec.runlocal", "--sample", "--store", str(store),
-                               "--state-dir", str(state), "--base-port", str(grpc_base),
-                               "--metrics-base-port", str(metrics_base), *args],
-                              cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, text=True, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "anime2vec.runlocal",
+            "--sample",
+            "--store",
+            str(store),
+            "--state-dir",
+            str(state),
+            "--base-port",
+            str(grpc_base),
+            "--metrics-base-port",
+            str(metrics_base),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env=os.environ | OFFLINE_ENV,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     return runner, Output(runner.stdout), grpc_base
 
 
@@ -157,8 +210,17 @@ def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tm
         info = _info(state, port)
         assert info["preset"] == "quick"
         quick = info["version"]
-        added = _client(state, port, "add-anime", "--title", "Alchemy Brothers Zero", "--genre", "Action",
-                        "--synopsis", "Two brothers who lost their bodies to alchemy search for the stone.")
+        added = _client(
+            state,
+            port,
+            "add-anime",
+            "--title",
+            "Alchemy Brothers Zero",
+            "--genre",
+            "Action",
+            "--synopsis",
+            "Two brothers who lost their bodies to alchemy search for the stone.",
+        )
         assert added.returncode == 0 and "added anime #" in added.stdout, added.stderr
         aid = added.stdout.split("#")[1].split()[0]
         training = lambda ls: any("anime2vec.cli train" in p.cmdline for p in descendants(runner.pid))  # noqa: E731
@@ -175,12 +237,12 @@ def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tm
         # are tests/retrain's
         runner, out, port = _start(store, state, "--gate-tolerance", "0.5")
         assert out.wait_for(lambda ls: any("anime2vec is running" in x for x in ls), 120, runner), out.text()
-        assert "training one" not in out.text() and _info(state, port)["version"] == quick   # reused
+        assert "training one" not in out.text() and _info(state, port)["version"] == quick  # reused
         promoted = lambda ls: any("[full bundle]" in x and ("promoted" in x or "keeps serving" in x) for x in ls)  # noqa: E731
         assert out.wait_for(promoted, 900, runner), out.text()
         assert "passed the quality gate and is promoted" in out.text(), out.text()
         deadline = time.monotonic() + 60
-        while (info := _info(state, port))["version"] == quick:   # the ranker polls the alias
+        while (info := _info(state, port))["version"] == quick:  # the ranker polls the alias
             assert time.monotonic() < deadline, "the ranker did not follow the promotion"
             time.sleep(0.5)
         assert info["preset"] == "full" and not info.get("nextModel")
@@ -188,7 +250,7 @@ def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tm
         assert similar.returncode == 0 and "Alchemy Brothers Zero" in similar.stdout, similar.stderr
         assert info["version"] in similar.stdout
         _stop(runner, out)
-    finally:   # a failed assertion must not leave the services of a runner behind
+    finally:  # a failed assertion must not leave the services of a runner behind
         if runner.poll() is None:
             _terminate(runner)
 
@@ -201,10 +263,27 @@ def test_make_run_refuses_ports_in_use_before_training(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "anime2vec.runlocal", "--sample", "--store", str(tmp_path / "m"),
-                            "--state-dir", str(tmp_path / "s"), "--base-port", str(port - 2),
-                            "--metrics-base-port", str(free_port_runs()[1])],
-                           cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "anime2vec.runlocal",
+                "--sample",
+                "--store",
+                str(tmp_path / "m"),
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--base-port",
+                str(port - 2),
+                "--metrics-base-port",
+                str(free_port_runs()[1]),
+            ],
+            cwd=REPO_ROOT,
+            env=os.environ | OFFLINE_ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 1 and f"port(s) {port} on 127.0.0.1 are in use" in r.stderr, r.stderr
     assert not (tmp_path / "m").exists() and "training" not in r.stdout
 
@@ -213,11 +292,13 @@ def test_the_background_progress_reads_steps_and_progress_bars_from_the_training
     from anime2vec.next_bundle import FULL_STEP_SECONDS, Progress
 
     p = Progress()
-    log = ("2026-12-03 06:05:44,675 INFO anime2vec.pipeline: ▶ load data\n"
-           "2026-12-03 06:05:44,675 INFO anime2vec.pipeline: ✔ load data (3.2 s)\n"
-           "2026-12-03 06:05:45,474 INFO anime2vec.pipeline: ▶ encode (cached) + whiten\n"
-           "encode:  10%|█         | 1637/16371 [01:40<15:02, 16.3it/s]\r"
-           "encode:  41%|████      | 6712/16371 [06:12<08:55, 18.0it/s]\r")
+    log = (
+        "2026-12-03 06:05:44,675 INFO anime2vec.pipeline: ▶ load data\n"
+        "2026-12-03 06:05:44,675 INFO anime2vec.pipeline: ✔ load data (3.2 s)\n"
+        "2026-12-03 06:05:45,474 INFO anime2vec.pipeline: ▶ encode (cached) + whiten\n"
+        "encode:  10%|█         | 1637/16371 [01:40<15:02, 16.3it/s]\r"
+        "encode:  41%|████      | 6712/16371 [06:12<08:55, 18.0it/s]\r"
+    )
     assert p.feed(log, now=100.0) == ["load data", "encode (cached) + whiten"]
     assert (p.step, p.bar, p.bar_left_s) == ("encode (cached) + whiten", "41% (6712/16371)", 535.0)
     ahead = sum(v for k, v in FULL_STEP_SECONDS.items() if k not in ("load data", "encode (cached) + whiten"))
@@ -234,8 +315,15 @@ def test_the_background_log_is_read_in_whole_lines_and_characters(tmp_path):
     from anime2vec.next_bundle import NextBundle
 
     log = tmp_path / "next.log"
-    nb = NextBundle(store=tmp_path, sample=True, report_dir=tmp_path, ranker_data_dir=tmp_path,
-                    status_file=tmp_path / "s.json", log_path=log, env={})
+    nb = NextBundle(
+        store=tmp_path,
+        sample=True,
+        report_dir=tmp_path,
+        ranker_data_dir=tmp_path,
+        status_file=tmp_path / "s.json",
+        log_path=log,
+        env={},
+    )
     line = "INFO anime2vec.pipeline: ▶ fit and tune anime2vec-hybrid\n".encode()
     cut = line.index("▶".encode()) + 1
     log.write_bytes(line[:cut])

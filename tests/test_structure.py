@@ -19,27 +19,42 @@ def graph() -> grimp.ImportGraph:
 
 
 def _imports(graph, prefix: str) -> dict[str, set[str]]:
-    return {m: graph.find_modules_directly_imported_by(m) for m in graph.modules
-            if m == prefix or m.startswith(prefix + ".")}
+    return {
+        m: graph.find_modules_directly_imported_by(m)
+        for m in graph.modules
+        if m == prefix or m.startswith(prefix + ".")
+    }
 
 
 def test_the_shared_package_imports_no_service_bench_experiment_or_test(graph):
-    wrong = {(m, d) for m, ds in _imports(graph, "anime2vec").items() for d in ds
-             if d.split(".")[0] in ("services", "bench", "experiments", "tests")}
+    wrong = {
+        (m, d)
+        for m, ds in _imports(graph, "anime2vec").items()
+        for d in ds
+        if d.split(".")[0] in ("services", "bench", "experiments", "tests")
+    }
     assert not wrong, f"the shared package reaches up: {sorted(wrong)}"
 
 
 def test_services_do_not_import_each_other(graph):
-    wrong = {(m, d) for s in SERVICES for m, ds in _imports(graph, s).items() for d in ds
-             if d.startswith("services.") and not (d == s or d.startswith(s + "."))}
+    wrong = {
+        (m, d)
+        for s in SERVICES
+        for m, ds in _imports(graph, s).items()
+        for d in ds
+        if d.startswith("services.") and not (d == s or d.startswith(s + "."))
+    }
     assert not wrong, sorted(wrong)
 
 
 def test_no_import_cycles(graph):
     """Between modules of the package, the services and the bench (a cycle only works by the order
     modules happen to load in, and makes neither half usable alone)."""
-    deps = {m: {d for d in ds if d.split(".")[0] != "tests"}
-            for top in ("anime2vec", "services", "bench", "experiments") for m, ds in _imports(graph, top).items()}
+    deps = {
+        m: {d for d in ds if d.split(".")[0] != "tests"}
+        for top in ("anime2vec", "services", "bench", "experiments")
+        for m, ds in _imports(graph, top).items()
+    }
     try:
         tuple(graphlib.TopologicalSorter(deps).static_order())
     except graphlib.CycleError as e:

@@ -37,10 +37,10 @@ MAL_STATUS_CODES = {1: "watching", 2: "completed", 3: "on_hold", 4: "dropped", 6
 # Statuses that mean the user watched (some of) the show without giving up on it.
 CONSUMED = ("rated", "listed", "watching", "completed", "on_hold")
 
-LIKE_MIN_RATING = 6          # lowest rating that counts as liking a show
-RATING_STEP = 0.8            # confidence gained per rating point above 5
-UNRATED_CONFIDENCE = 1.0     # consumed, no rating
-ON_HOLD_WEIGHT = 0.5         # multiplier for On-Hold rows
+LIKE_MIN_RATING = 6  # lowest rating that counts as liking a show
+RATING_STEP = 0.8  # confidence gained per rating point above 5
+UNRATED_CONFIDENCE = 1.0  # consumed, no rating
+ON_HOLD_WEIGHT = 0.5  # multiplier for On-Hold rows
 MAX_CONFIDENCE = 1.0 + (10 - 5) * RATING_STEP  # a 10: 5.0
 
 

@@ -21,20 +21,20 @@ import scipy.sparse as sp
 
 @dataclass
 class Dataset:
-    item_ids: np.ndarray          # (n_items,) anime ids; position = item index
-    user_ids: np.ndarray          # (n_users,) user ids; position = user index
-    train_items: np.ndarray       # item indices (cold split)
+    item_ids: np.ndarray  # (n_items,) anime ids; position = item index
+    user_ids: np.ndarray  # (n_users,) user ids; position = user index
+    train_items: np.ndarray  # item indices (cold split)
     val_items: np.ndarray
     test_items: np.ndarray
-    train_users: np.ndarray       # user indices (user split)
+    train_users: np.ndarray  # user indices (user split)
     val_users: np.ndarray
     test_users: np.ndarray
-    train: sp.csr_matrix          # (n_users, n_items) float32 confidence: train users x train items minus warm holdout
-    warm_val: sp.csr_matrix       # held-out positives of train users on train items
+    train: sp.csr_matrix  # (n_users, n_items) float32 confidence: train users x train items minus warm holdout
+    warm_val: sp.csr_matrix  # held-out positives of train users on train items
     warm_test: sp.csr_matrix
-    cold_val: sp.csr_matrix       # positives of train users on val items
-    cold_test: sp.csr_matrix      # positives of train users on test items
-    heldout: sp.csr_matrix        # positives (confidence) of val/test users on train items
+    cold_val: sp.csr_matrix  # positives of train users on val items
+    cold_test: sp.csr_matrix  # positives of train users on test items
+    heldout: sp.csr_matrix  # positives (confidence) of val/test users on train items
     seed: int = 0
     params: dict = field(default_factory=dict)
 
@@ -57,14 +57,20 @@ class Dataset:
     def describe(self) -> dict:
         return {
             "seed": self.seed,
-            "users": self.n_users, "items": self.n_items,
-            "train_items": len(self.train_items), "val_items": len(self.val_items),
+            "users": self.n_users,
+            "items": self.n_items,
+            "train_items": len(self.train_items),
+            "val_items": len(self.val_items),
             "test_items": len(self.test_items),
-            "train_users": len(self.train_users), "val_users": len(self.val_users),
+            "train_users": len(self.train_users),
+            "val_users": len(self.val_users),
             "test_users": len(self.test_users),
-            "train_nnz": int(self.train.nnz), "warm_val_nnz": int(self.warm_val.nnz),
-            "warm_test_nnz": int(self.warm_test.nnz), "cold_val_nnz": int(self.cold_val.nnz),
-            "cold_test_nnz": int(self.cold_test.nnz), "heldout_nnz": int(self.heldout.nnz),
+            "train_nnz": int(self.train.nnz),
+            "warm_val_nnz": int(self.warm_val.nnz),
+            "warm_test_nnz": int(self.warm_test.nnz),
+            "cold_val_nnz": int(self.cold_val.nnz),
+            "cold_test_nnz": int(self.cold_test.nnz),
+            "heldout_nnz": int(self.heldout.nnz),
             **self.params,
         }
 
@@ -83,6 +89,7 @@ class ExternalSplit:
     no part (neither trained on nor evaluated); users likewise. The warm holdout of training users
     is still drawn with the seed. `from_json`: {"train_items": [...], "val_items": [...],
     "test_items": [...], "train_users": [...], "val_users": [...], "test_users": [...]}."""
+
     train_items: np.ndarray
     val_items: np.ndarray
     test_items: np.ndarray
@@ -142,13 +149,17 @@ def build_dataset(
         perm = rng.permutation(observed)
         n_tr = int(round(item_fractions[0] * len(perm)))
         n_va = int(round(item_fractions[1] * len(perm)))
-        train_items, val_items, test_items = (np.sort(perm[:n_tr]), np.sort(perm[n_tr:n_tr + n_va]),
-                                              np.sort(perm[n_tr + n_va:]))
+        train_items, val_items, test_items = (
+            np.sort(perm[:n_tr]),
+            np.sort(perm[n_tr : n_tr + n_va]),
+            np.sort(perm[n_tr + n_va :]),
+        )
     else:
         split.validate()
         train_items, val_items, test_items = (
             np.sort(np.asarray([item_pos[int(a)] for a in ids if int(a) in item_pos], np.int64))
-            for ids in (split.train_items, split.val_items, split.test_items))
+            for ids in (split.train_items, split.val_items, split.test_items)
+        )
     item_role = np.full(n_items, -1, np.int8)  # -1 unobserved, 0 train, 1 val, 2 test
     item_role[train_items], item_role[val_items], item_role[test_items] = 0, 1, 2
 
@@ -157,15 +168,22 @@ def build_dataset(
         uperm = rng.permutation(n_users)
         n_tru = int(round(user_fractions[0] * n_users))
         n_vau = int(round(user_fractions[1] * n_users))
-        train_users, val_users, test_users = (np.sort(uperm[:n_tru]), np.sort(uperm[n_tru:n_tru + n_vau]),
-                                              np.sort(uperm[n_tru + n_vau:]))
+        train_users, val_users, test_users = (
+            np.sort(uperm[:n_tru]),
+            np.sort(uperm[n_tru : n_tru + n_vau]),
+            np.sort(uperm[n_tru + n_vau :]),
+        )
     else:
+
         def users_of(ids: np.ndarray) -> np.ndarray:
             ids = np.asarray(ids, np.int64)
             at = np.searchsorted(user_ids, ids)
             ok = (at < n_users) & (user_ids[np.minimum(at, n_users - 1)] == ids)
             return np.sort(at[ok])
-        train_users, val_users, test_users = (users_of(x) for x in (split.train_users, split.val_users, split.test_users))
+
+        train_users, val_users, test_users = (
+            users_of(x) for x in (split.train_users, split.val_users, split.test_users)
+        )
     user_is_train = np.zeros(n_users, bool)
     user_is_train[train_users] = True
     user_is_eval = np.zeros(n_users, bool)
@@ -184,14 +202,25 @@ def build_dataset(
     shape = (n_users, n_items)
     sel = lambda m: _csr(u[m], i[m], c[m], shape)  # noqa: E731
     return Dataset(
-        item_ids=item_ids, user_ids=user_ids,
-        train_items=train_items, val_items=val_items, test_items=test_items,
-        train_users=train_users, val_users=val_users, test_users=test_users,
-        train=sel(to_train), warm_val=sel(to_val), warm_test=sel(to_test),
-        cold_val=sel(tr_u & (role == 1)), cold_test=sel(tr_u & (role == 2)),
+        item_ids=item_ids,
+        user_ids=user_ids,
+        train_items=train_items,
+        val_items=val_items,
+        test_items=test_items,
+        train_users=train_users,
+        val_users=val_users,
+        test_users=test_users,
+        train=sel(to_train),
+        warm_val=sel(to_val),
+        warm_test=sel(to_test),
+        cold_val=sel(tr_u & (role == 1)),
+        cold_test=sel(tr_u & (role == 2)),
         heldout=sel(user_is_eval[u] & (role == 0)),
         seed=seed,
-        params={"item_fractions": list(item_fractions) if split is None else "external",
-                "user_fractions": list(user_fractions) if split is None else "external",
-                "warm_fractions": list(warm_fractions), "min_user_positives": min_user_positives},
+        params={
+            "item_fractions": list(item_fractions) if split is None else "external",
+            "user_fractions": list(user_fractions) if split is None else "external",
+            "warm_fractions": list(warm_fractions),
+            "min_user_positives": min_user_positives,
+        },
     )

@@ -67,7 +67,7 @@ SAMPLE_FILES = {
     "recs": "anime_recs_sample.csv",
 }
 RATING_VALUES = (-1, *range(1, 11))  # CooperUnion: -1 = in the list, unrated
-SCORE_VALUES = tuple(range(0, 11))   # MAL-2023: 0 = not scored
+SCORE_VALUES = tuple(range(0, 11))  # MAL-2023: 0 = not scored
 TYPES = ("TV", "Movie", "OVA", "ONA", "Special", "Music")
 _ENTITY = re.compile(r"&(?:[a-zA-Z]+|#\d+|#x[0-9a-fA-F]+);")
 
@@ -81,9 +81,14 @@ def load_mal(data_dir: Path | None = None, sample: bool = False) -> MalData:
     log.info(
         "loaded %s MAL data from %s in %.1fs: %d catalogue anime, %d interactions (%d positive), "
         "%d users, %d recommendation pairs",
-        data.source, reader.directory, time.perf_counter() - start, len(data.catalog),
-        len(data.interactions), int(data.interactions["positive"].sum()),
-        data.interactions["user_id"].nunique(), len(data.recs),
+        data.source,
+        reader.directory,
+        time.perf_counter() - start,
+        len(data.catalog),
+        len(data.interactions),
+        int(data.interactions["positive"].sum()),
+        data.interactions["user_id"].nunique(),
+        len(data.recs),
     )
     return data
 
@@ -91,10 +96,27 @@ def load_mal(data_dir: Path | None = None, sample: bool = False) -> MalData:
 def _load_full(reader: _CsvReader) -> MalData:
     f = FULL_FILES
     interactions = _interactions([_ratings(reader, f["ratings"]), _lists(reader, f["lists"])])
-    meta = reader.read(f["meta"], (
-        "anime_id", "title", "title_english", "title_japanese", "title_synonyms", "type",
-        "episodes", "aired", "premiered", "genres", "members", "synopsis"), text=True)
-    cooperunion = reader.read(f["cooperunion_anime"], ("anime_id", "name", "genre", "type", "episodes", "members"), text=True)
+    meta = reader.read(
+        f["meta"],
+        (
+            "anime_id",
+            "title",
+            "title_english",
+            "title_japanese",
+            "title_synonyms",
+            "type",
+            "episodes",
+            "aired",
+            "premiered",
+            "genres",
+            "members",
+            "synopsis",
+        ),
+        text=True,
+    )
+    cooperunion = reader.read(
+        f["cooperunion_anime"], ("anime_id", "name", "genre", "type", "episodes", "members"), text=True
+    )
     basic = reader.read(f["basic_2023"], ("anime_id", "Name", "Genres", "Episodes"), text=True)
     supplement = reader.read(f["supplement"], ("anime_id", "title", "synopsis", "source"), text=True)
 
@@ -102,18 +124,44 @@ def _load_full(reader: _CsvReader) -> MalData:
     year = meta["premiered"].str.extract(r"(\d{4})")[0].fillna(meta["aired"].str.extract(r"(\d{4})")[0])
     # MAL joins synonyms with ", " (a synonym that itself contains ", " is split: rare, harmless).
     sources = [
-        _catalog_source(meta, f["meta"], title=meta["title"], title_english=meta["title_english"],
-                        title_japanese=meta["title_japanese"], synonyms=meta["title_synonyms"].str.split(", "),
-                        genres=meta["genres"].str.split("|"), type=meta["type"], year=year,
-                        episodes=meta["episodes"], members=meta["members"], synopsis=meta["synopsis"]),
-        _catalog_source(cooperunion, f["cooperunion_anime"], title=cooperunion["name"],
-                        genres=cooperunion["genre"].str.split(", "), type=cooperunion["type"],
-                        episodes=cooperunion["episodes"], members=cooperunion["members"]),
-        _catalog_source(basic, f["basic_2023"], title=basic["Name"], genres=basic["Genres"].str.split(", "),
-                        episodes=basic["Episodes"]),
+        _catalog_source(
+            meta,
+            f["meta"],
+            title=meta["title"],
+            title_english=meta["title_english"],
+            title_japanese=meta["title_japanese"],
+            synonyms=meta["title_synonyms"].str.split(", "),
+            genres=meta["genres"].str.split("|"),
+            type=meta["type"],
+            year=year,
+            episodes=meta["episodes"],
+            members=meta["members"],
+            synopsis=meta["synopsis"],
+        ),
+        _catalog_source(
+            cooperunion,
+            f["cooperunion_anime"],
+            title=cooperunion["name"],
+            genres=cooperunion["genre"].str.split(", "),
+            type=cooperunion["type"],
+            episodes=cooperunion["episodes"],
+            members=cooperunion["members"],
+        ),
+        _catalog_source(
+            basic,
+            f["basic_2023"],
+            title=basic["Name"],
+            genres=basic["Genres"].str.split(", "),
+            episodes=basic["Episodes"],
+        ),
         # Most supplement rows come from per-season files ("…:data/2024/fall.json"): that is the year.
-        _catalog_source(supplement, f["supplement"], title=supplement["title"], synopsis=supplement["synopsis"],
-                        year=supplement["source"].str.extract(r"data/(\d{4})/")[0]),
+        _catalog_source(
+            supplement,
+            f["supplement"],
+            title=supplement["title"],
+            synopsis=supplement["synopsis"],
+            year=supplement["source"].str.extract(r"data/(\d{4})/")[0],
+        ),
     ]
     catalog = _combine(sources)
     catalog["review"] = _reviews(reader, f["reviews"])
@@ -125,8 +173,14 @@ def _load_sample(reader: _CsvReader) -> MalData:
     interactions = _interactions([_ratings(reader, f["ratings"]), _lists(reader, f["lists"])])
     anime = reader.read(f["anime"], ("anime_id", "title", "type", "episodes", "genres", "synopsis"), text=True)
     catalog = _catalog_source(
-        anime, f["anime"], title=anime["title"], genres=anime["genres"].str.split("|"), type=anime["type"],
-        episodes=anime["episodes"], synopsis=anime["synopsis"])
+        anime,
+        f["anime"],
+        title=anime["title"],
+        genres=anime["genres"].str.split("|"),
+        type=anime["type"],
+        episodes=anime["episodes"],
+        synopsis=anime["synopsis"],
+    )
     catalog["members"] = interactions["anime_id"].value_counts().reindex(catalog.index).fillna(0)
     catalog["review"] = _reviews(reader, f["reviews"])
     return _finish(reader, "sample", _catalog(catalog), interactions, _recs(reader, f["recs"]))
@@ -150,8 +204,12 @@ class _CsvReader:
         self.sha256[name] = hashlib.sha256(raw).hexdigest()
         options = {"dtype": str, "keep_default_na": False} if text else {}
         try:
-            frame = pd.read_csv(io.BytesIO(raw), compression="xz" if name.endswith(".xz") else None,
-                                usecols=lambda c: c in columns, **options)
+            frame = pd.read_csv(
+                io.BytesIO(raw),
+                compression="xz" if name.endswith(".xz") else None,
+                usecols=lambda c: c in columns,
+                **options,
+            )
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, lzma.LZMAError, EOFError) as e:
             raise DataError(name, f"not a readable CSV file: {e}") from None
         missing = [c for c in columns if c not in frame.columns]
@@ -207,7 +265,9 @@ def _ratings(reader: _CsvReader, file: str) -> pd.DataFrame:
 def _lists(reader: _CsvReader, file: str) -> pd.DataFrame:
     """MAL-2023 anime-list rows: score 0 (unscored) or 1-10 and a watching status."""
     frame = reader.read(file, ("user_id", "anime_id", "score", "watching_status"))
-    users, anime, score, status = (_integers(frame, c, file) for c in ("user_id", "anime_id", "score", "watching_status"))
+    users, anime, score, status = (
+        _integers(frame, c, file) for c in ("user_id", "anime_id", "score", "watching_status")
+    )
     _check_in(score, SCORE_VALUES, "score", file)
     _check_in(status, tuple(MAL_STATUS_CODES), "watching_status", file)
     names = np.array([MAL_STATUS_CODES.get(code, "") for code in range(max(MAL_STATUS_CODES) + 1)], dtype=object)
@@ -215,8 +275,9 @@ def _lists(reader: _CsvReader, file: str) -> pd.DataFrame:
 
 
 def _rows(file: str, users, anime, rating, status) -> pd.DataFrame:
-    frame = pd.DataFrame({"user_id": users, "anime_id": anime, "rating": rating.astype(np.float32),
-                          "status": status, "source": file})
+    frame = pd.DataFrame(
+        {"user_id": users, "anime_id": anime, "rating": rating.astype(np.float32), "status": status, "source": file}
+    )
     duplicated = frame.duplicated(["user_id", "anime_id"], keep="first")
     if duplicated.any():
         log.warning("%s: %d duplicate (user_id, anime_id) rows dropped, first kept", file, int(duplicated.sum()))
@@ -268,6 +329,7 @@ def _combine(sources: list[pd.DataFrame]) -> pd.DataFrame:
 
 def _catalog(frame: pd.DataFrame) -> pd.DataFrame:
     """CATALOG_COLUMNS with their contract types, sorted by anime_id."""
+
     def column(name: str) -> pd.Series:
         return frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
 
@@ -280,13 +342,22 @@ def _catalog(frame: pd.DataFrame) -> pd.DataFrame:
     def integers(name: str) -> pd.Series:
         return pd.to_numeric(column(name), errors="coerce").astype("Int64")
 
-    catalog = pd.DataFrame({
-        "title": text("title"), "title_english": text("title_english"), "title_japanese": text("title_japanese"),
-        "synonyms": tuples("synonyms"), "genres": tuples("genres"), "type": text("type"),
-        "year": integers("year"), "episodes": integers("episodes"),
-        "members": integers("members").fillna(0).astype(np.int64),
-        "synopsis": text("synopsis"), "review": text("review"),
-    }, index=frame.index)
+    catalog = pd.DataFrame(
+        {
+            "title": text("title"),
+            "title_english": text("title_english"),
+            "title_japanese": text("title_japanese"),
+            "synonyms": tuples("synonyms"),
+            "genres": tuples("genres"),
+            "type": text("type"),
+            "year": integers("year"),
+            "episodes": integers("episodes"),
+            "members": integers("members").fillna(0).astype(np.int64),
+            "synopsis": text("synopsis"),
+            "review": text("review"),
+        },
+        index=frame.index,
+    )
     catalog.index = catalog.index.astype(np.int64)
     return catalog[list(CATALOG_COLUMNS)].sort_index()
 
@@ -303,13 +374,18 @@ def _recs(reader: _CsvReader, file: str) -> pd.DataFrame:
     return pd.DataFrame({c: _integers(frame, c, file) for c in RECS_COLUMNS})
 
 
-def _finish(reader: _CsvReader, source: str, catalog: pd.DataFrame, interactions: pd.DataFrame,
-            recs: pd.DataFrame) -> MalData:
+def _finish(
+    reader: _CsvReader, source: str, catalog: pd.DataFrame, interactions: pd.DataFrame, recs: pd.DataFrame
+) -> MalData:
     unknown = ~interactions["anime_id"].isin(catalog.index)
     if unknown.any():
-        log.info("%d interactions (%d anime) are for anime not in the catalogue; kept",
-                 int(unknown.sum()), interactions.loc[unknown, "anime_id"].nunique())
+        log.info(
+            "%d interactions (%d anime) are for anime not in the catalogue; kept",
+            int(unknown.sum()),
+            interactions.loc[unknown, "anime_id"].nunique(),
+        )
     pairs = sorted(reader.sha256.items())
     fingerprint = hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in pairs).encode()).hexdigest()
-    return MalData(catalog=catalog, interactions=interactions, recs=recs, files=dict(pairs),
-                   fingerprint=fingerprint, source=source)
+    return MalData(
+        catalog=catalog, interactions=interactions, recs=recs, files=dict(pairs), fingerprint=fingerprint, source=source
+    )

@@ -23,8 +23,17 @@ class DataError(ValueError):
 #   year (Int64, <NA> if unknown), episodes (Int64), members (int64, popularity count, 0 if unknown),
 #   synopsis (str, '' if none), review (str, '' if none: the most helpful MAL review)
 CATALOG_COLUMNS = (
-    "title", "title_english", "title_japanese", "synonyms", "genres", "type",
-    "year", "episodes", "members", "synopsis", "review",
+    "title",
+    "title_english",
+    "title_japanese",
+    "synonyms",
+    "genres",
+    "type",
+    "year",
+    "episodes",
+    "members",
+    "synopsis",
+    "review",
 )
 
 # Interaction columns (one row per (user_id, anime_id), deduplicated):

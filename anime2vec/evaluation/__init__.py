@@ -14,7 +14,19 @@ from .protocol import Experiment, Results, Scenario, franchise_key, same_franchi
 from .report import write_report
 
 __all__ = [
-    "Experiment", "Results", "Scenario", "scenarios", "franchise_key", "same_franchise", "write_report",
-    "recall_at_k", "recall_curve", "ndcg_at_k", "mrr", "mrr_from_scores", "catalogue_coverage", "popularity_percentile",
+    "Experiment",
+    "Results",
+    "Scenario",
+    "scenarios",
+    "franchise_key",
+    "same_franchise",
+    "write_report",
+    "recall_at_k",
+    "recall_curve",
+    "ndcg_at_k",
+    "mrr",
+    "mrr_from_scores",
+    "catalogue_coverage",
+    "popularity_percentile",
     "intra_list_diversity",
 ]

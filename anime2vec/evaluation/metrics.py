@@ -115,9 +115,9 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, n_boot: int = 1000, level: f
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
-    for b in range(0, n_boot, 100):   # blocks of resamples keep memory at 100 x n_queries
+    for b in range(0, n_boot, 100):  # blocks of resamples keep memory at 100 x n_queries
         idx = rng.integers(0, len(v), (min(100, n_boot - b), len(v)))
-        means[b:b + len(idx)] = v[idx].mean(axis=1)
+        means[b : b + len(idx)] = v[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 

@@ -71,13 +71,13 @@ FRANCHISE_WORDS = 2
 class Scenario:
     name: str
     queries: Queries
-    candidates: np.ndarray          # item indices ranked for every query
-    truth: sp.csr_matrix            # (n_queries, n_items), non-zero = relevant
-    exclude: sp.csr_matrix | None   # (n_queries, n_items), non-zero = never ranked
+    candidates: np.ndarray  # item indices ranked for every query
+    truth: sp.csr_matrix  # (n_queries, n_items), non-zero = relevant
+    exclude: sp.csr_matrix | None  # (n_queries, n_items), non-zero = never ranked
     split: str
-    family: str                     # "cold" / "warm" / "favourites"
-    users: np.ndarray               # dataset user index behind each query
-    day_one: np.ndarray | None = None   # items scored as brand-new anime (Recommender.day_one)
+    family: str  # "cold" / "warm" / "favourites"
+    users: np.ndarray  # dataset user index behind each query
+    day_one: np.ndarray | None = None  # items scored as brand-new anime (Recommender.day_one)
 
     @property
     def description(self) -> str:
@@ -179,8 +179,7 @@ def _with_positives(m: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
     return users[m[users].getnnz(axis=1) > 0]
 
 
-def _favourites(ds: Dataset, split: str, fav_ks: tuple[int, ...], seed: int,
-                max_queries: int | None) -> list[Scenario]:
+def _favourites(ds: Dataset, split: str, fav_ks: tuple[int, ...], seed: int, max_queries: int | None) -> list[Scenario]:
     pool = ds.val_users if split == "val" else ds.test_users
     heldout = ds.heldout.tocsr()
     pool = np.asarray(pool, dtype=np.int64)
@@ -199,11 +198,18 @@ def _favourites(ds: Dataset, split: str, fav_ks: tuple[int, ...], seed: int,
         liked = [it[:k] for it, _ in ordered]
         weights = [c[:k] for _, c in ordered]
         rest = [it[k:] for it, _ in ordered]
-        out.append(Scenario(
-            name=f"fav_k{k}", queries=Queries.of_liked(liked, weights=weights),
-            candidates=np.asarray(ds.train_items, dtype=np.int64),
-            truth=_index_rows(rest, ds.n_items), exclude=_index_rows(liked, ds.n_items),
-            split=split, family="favourites", users=users))
+        out.append(
+            Scenario(
+                name=f"fav_k{k}",
+                queries=Queries.of_liked(liked, weights=weights),
+                candidates=np.asarray(ds.train_items, dtype=np.int64),
+                truth=_index_rows(rest, ds.n_items),
+                exclude=_index_rows(liked, ds.n_items),
+                split=split,
+                family="favourites",
+                users=users,
+            )
+        )
     return out
 
 
@@ -213,8 +219,14 @@ def _index_rows(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
     return _binary(sp.csr_matrix((np.ones(len(c), np.float32), (r, c)), shape=(len(rows), n_items)))
 
 
-def scenarios(ds: Dataset, split: str = "test", fav_ks: tuple[int, ...] = (1, 3, 5, 10), seed: int = 0,
-              max_queries: int | None = None, titles: np.ndarray | None = None) -> list[Scenario]:
+def scenarios(
+    ds: Dataset,
+    split: str = "test",
+    fav_ks: tuple[int, ...] = (1, 3, 5, 10),
+    seed: int = 0,
+    max_queries: int | None = None,
+    titles: np.ndarray | None = None,
+) -> list[Scenario]:
     """Every scenario of the protocol for one split (see the module docstring). `max_queries`
     subsamples each family's users deterministically (the cold scenarios share theirs).
     Scenarios without any query are left out."""
@@ -244,21 +256,37 @@ def scenarios(ds: Dataset, split: str = "test", fav_ks: tuple[int, ...] = (1, 3,
             has = kept.getnnz(axis=1) > 0
             if has.any():
                 u2, t2 = users[has], _rows(kept, np.flatnonzero(has))
-                out.append(Scenario("cold_whole_nofranchise", Queries.of_users(u2), all_items, t2,
-                                    _minus(known[u2], t2), split, "cold", u2))
+                out.append(
+                    Scenario(
+                        "cold_whole_nofranchise",
+                        Queries.of_users(u2),
+                        all_items,
+                        t2,
+                        _minus(known[u2], t2),
+                        split,
+                        "cold",
+                        u2,
+                    )
+                )
 
     # every anime without training interactions is scored as brand-new, not only the split's: the
     # other split's cold anime are candidates too, and a model must not learn that "has pairs"
     # marks a distractor
     never_seen = np.setdiff1d(np.arange(ds.n_items), np.asarray(ds.train_items, np.int64))
-    out += [dataclasses.replace(s, name=s.name.replace("cold_", "new_"), day_one=never_seen)
-            for s in list(out) if s.family == "cold"]
+    out += [
+        dataclasses.replace(s, name=s.name.replace("cold_", "new_"), day_one=never_seen)
+        for s in list(out)
+        if s.family == "cold"
+    ]
 
     users = _subsample(_with_positives(warm, ds.train_users), max_queries, seed, "warm")
     if len(users):
         truth = _rows(warm, users)
-        out.append(Scenario("warm", Queries.of_users(users), all_items, truth, _minus(known[users], truth),
-                            split, "warm", users))
+        out.append(
+            Scenario(
+                "warm", Queries.of_users(users), all_items, truth, _minus(known[users], truth), split, "warm", users
+            )
+        )
     if fav_ks:
         out += [s for s in _favourites(ds, split, fav_ks, seed, max_queries) if len(s.users)]
     return out
@@ -312,10 +340,19 @@ class Experiment:
     cold_whole_nofranchise.
     """
 
-    def __init__(self, dataset: Dataset, models: list[Recommender], split: str = "test",
-                 ks: tuple[int, ...] = (20, 100), fav_ks: tuple[int, ...] = (1, 3, 5, 10),
-                 diversity_space: np.ndarray | None = None, seed: int = 0, max_queries: int | None = None,
-                 titles: np.ndarray | None = None, batch_size: int = 512):
+    def __init__(
+        self,
+        dataset: Dataset,
+        models: list[Recommender],
+        split: str = "test",
+        ks: tuple[int, ...] = (20, 100),
+        fav_ks: tuple[int, ...] = (1, 3, 5, 10),
+        diversity_space: np.ndarray | None = None,
+        seed: int = 0,
+        max_queries: int | None = None,
+        titles: np.ndarray | None = None,
+        batch_size: int = 512,
+    ):
         names = [m.name for m in models]
         if not models or len(set(names)) != len(names):
             raise ValueError(f"models need distinct names, got {names}")
@@ -340,8 +377,14 @@ class Experiment:
         notes = []
         if self.titles is None:
             notes.append("cold_whole_nofranchise skipped: no titles given")
-        expected = ["cold_test_items", "cold_whole", "new_test_items", "new_whole", "warm",
-                    *(f"fav_k{k}" for k in sorted(set(self.fav_ks)))]
+        expected = [
+            "cold_test_items",
+            "cold_whole",
+            "new_test_items",
+            "new_whole",
+            "warm",
+            *(f"fav_k{k}" for k in sorted(set(self.fav_ks))),
+        ]
         if self.titles is not None:
             expected += ["cold_whole_nofranchise", "new_whole_nofranchise"]
         got = {s.name for s in scs}
@@ -356,16 +399,45 @@ class Experiment:
             view = model if sc.day_one is None else model.day_one(sc.day_one)
             values, curve, cis = self._evaluate(view, sc)
             timings.append({"model": model.name, "scenario": sc.name, "seconds": time.perf_counter() - t0})
-            rows += [{"model": model.name, "scenario": sc.name, "metric": k, "value": v,
-                      "ci_low": cis.get(k, (np.nan, np.nan))[0], "ci_high": cis.get(k, (np.nan, np.nan))[1],
-                      "n_queries": len(sc.users), "split": self.split} for k, v in values.items()]
-            curves += [{"model": model.name, "scenario": sc.name, "k": k + 1, "recall": r}
-                       for k, r in enumerate(curve)]
-        scen = pd.DataFrame([{"name": s.name, "family": s.family, "description": s.description, "split": s.split,
-                              "n_queries": len(s.users), "n_candidates": len(s.candidates)} for s in scs])
-        return Results(table=pd.DataFrame(rows), curves=pd.DataFrame(curves), scenarios=scen,
-                       models=model_info, timings=pd.DataFrame(timings), split=self.split, seed=self.seed,
-                       ks=self.ks, max_queries=self.max_queries, notes=notes)
+            rows += [
+                {
+                    "model": model.name,
+                    "scenario": sc.name,
+                    "metric": k,
+                    "value": v,
+                    "ci_low": cis.get(k, (np.nan, np.nan))[0],
+                    "ci_high": cis.get(k, (np.nan, np.nan))[1],
+                    "n_queries": len(sc.users),
+                    "split": self.split,
+                }
+                for k, v in values.items()
+            ]
+            curves += [{"model": model.name, "scenario": sc.name, "k": k + 1, "recall": r} for k, r in enumerate(curve)]
+        scen = pd.DataFrame(
+            [
+                {
+                    "name": s.name,
+                    "family": s.family,
+                    "description": s.description,
+                    "split": s.split,
+                    "n_queries": len(s.users),
+                    "n_candidates": len(s.candidates),
+                }
+                for s in scs
+            ]
+        )
+        return Results(
+            table=pd.DataFrame(rows),
+            curves=pd.DataFrame(curves),
+            scenarios=scen,
+            models=model_info,
+            timings=pd.DataFrame(timings),
+            split=self.split,
+            seed=self.seed,
+            ks=self.ks,
+            max_queries=self.max_queries,
+            notes=notes,
+        )
 
     def _fit(self, model: Recommender) -> dict:
         shape = self.dataset.train.shape

@@ -100,9 +100,18 @@ def served_vs_best(results: Results, served: str = SERVED, metric: str = HEADLIN
         lo_s, hi_s = s.get("ci_low", np.nan), s.get("ci_high", np.nan)
         lo_b, hi_b = b.get("ci_low", np.nan), b.get("ci_high", np.nan)
         verdict = "win" if lo_s > hi_b else "loss" if hi_s < lo_b else "tie"
-        rows.append({"scenario": sc, "served": float(s["value"]), "served_ci": (float(lo_s), float(hi_s)),
-                     "best_baseline": best, "baseline": float(b["value"]), "baseline_ci": (float(lo_b), float(hi_b)),
-                     "delta": float(s["value"] - b["value"]), "verdict": verdict})
+        rows.append(
+            {
+                "scenario": sc,
+                "served": float(s["value"]),
+                "served_ci": (float(lo_s), float(hi_s)),
+                "best_baseline": best,
+                "baseline": float(b["value"]),
+                "baseline_ci": (float(lo_b), float(hi_b)),
+                "delta": float(s["value"] - b["value"]),
+                "verdict": verdict,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -111,11 +120,18 @@ def served_vs_best_markdown(results: Results, served: str = SERVED, metric: str 
     if df.empty:
         return []
     ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]" if all(math.isfinite(x) for x in c) else ""  # noqa: E731
-    lines = ["", f"## The served model against the best baseline ({metric}, 95% bootstrap intervals over users)", "",
-             f"| scenario | {served} | best other model | Δ | verdict |", "|---|---:|---|---:|---|"]
+    lines = [
+        "",
+        f"## The served model against the best baseline ({metric}, 95% bootstrap intervals over users)",
+        "",
+        f"| scenario | {served} | best other model | Δ | verdict |",
+        "|---|---:|---|---:|---|",
+    ]
     for r in df.itertuples():
-        lines.append(f"| {r.scenario} | {r.served:.4f} {ci(r.served_ci)} | {r.best_baseline} {r.baseline:.4f} "
-                     f"{ci(r.baseline_ci)} | {r.delta:+.4f} | {r.verdict} |")
+        lines.append(
+            f"| {r.scenario} | {r.served:.4f} {ci(r.served_ci)} | {r.best_baseline} {r.baseline:.4f} "
+            f"{ci(r.baseline_ci)} | {r.delta:+.4f} | {r.verdict} |"
+        )
     lines.append("")
     lines.append("win / loss: the intervals do not overlap; tie: they do.")
     return lines
@@ -123,10 +139,19 @@ def served_vs_best_markdown(results: Results, served: str = SERVED, metric: str 
 
 def _markdown(results: Results, title: str, command: str, dataset_description: dict) -> str:
     r = results
-    lines = [f"# {title}", "", f"Command: `{command}`", "",
-             f"Split: **{r.split}** · seed {r.seed} · ks {list(r.ks)} · "
-             f"max queries per family: {r.max_queries if r.max_queries is not None else 'all'}", "",
-             "## Dataset", "", "| | |", "|---|---:|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Split: **{r.split}** · seed {r.seed} · ks {list(r.ks)} · "
+        f"max queries per family: {r.max_queries if r.max_queries is not None else 'all'}",
+        "",
+        "## Dataset",
+        "",
+        "| | |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in dataset_description.items()]
     lines += served_vs_best_markdown(r)
     lines += ["", "## Models", "", "| model | parameters | fit seconds |", "|---|---|---:|"]
@@ -140,8 +165,13 @@ def _markdown(results: Results, title: str, command: str, dataset_description: d
             continue
         lines += ["", f"## {heading}"]
         for sc in scs.itertuples():
-            lines += ["", f"### {sc.name}", "",
-                      f"{sc.description}; {sc.n_queries} queries, {sc.n_candidates} candidates.", ""]
+            lines += [
+                "",
+                f"### {sc.name}",
+                "",
+                f"{sc.description}; {sc.n_queries} queries, {sc.n_candidates} candidates.",
+                "",
+            ]
             lines += _markdown_table(r.metrics(sc.name), _half_widths(r, sc.name))
     lines += _deepaninet_markdown(r)
     if r.notes:
@@ -164,13 +194,15 @@ DEEPANINET_ROWS = [
     ("baseline: content-kNN TF-IDF + graph", ("content-knn-tfidf-graph",)),
     ("baseline: WMF", ("wmf",)),
 ]
-DEEPANINET_COLUMNS = [("cold_whole", "recall@100", "cold whole R@100"),
-                      ("cold_whole_nofranchise", "recall@100", "cold whole, no franchise R@100"),
-                      ("cold_test_items", "recall@100", "cold test-only R@100"),
-                      ("warm", "recall@100", "warm R@100"),
-                      ("fav_k5", "recall@100", "fav k5 R@100"),
-                      ("warm", "coverage@20", "warm coverage@20"),
-                      ("warm", "diversity@20", "warm ILD@20")]
+DEEPANINET_COLUMNS = [
+    ("cold_whole", "recall@100", "cold whole R@100"),
+    ("cold_whole_nofranchise", "recall@100", "cold whole, no franchise R@100"),
+    ("cold_test_items", "recall@100", "cold test-only R@100"),
+    ("warm", "recall@100", "warm R@100"),
+    ("fav_k5", "recall@100", "fav k5 R@100"),
+    ("warm", "coverage@20", "warm coverage@20"),
+    ("warm", "diversity@20", "warm ILD@20"),
+]
 
 
 def deepaninet_table(results: Results) -> pd.DataFrame:
@@ -179,12 +211,18 @@ def deepaninet_table(results: Results) -> pd.DataFrame:
     value = {(r.model, r.scenario, r.metric): float(r.value) for r in t.itertuples()}
     rows = []
     for label, names in DEEPANINET_ROWS:
-        model = next((n for n in names if (n, "warm", "recall@100") in value or
-                      (n, "cold_whole", "recall@100") in value), None)
+        model = next(
+            (n for n in names if (n, "warm", "recall@100") in value or (n, "cold_whole", "recall@100") in value), None
+        )
         if model is None:
             continue
-        rows.append({"variant": label, "model": model,
-                     **{col: value.get((model, sc, m), float("nan")) for sc, m, col in DEEPANINET_COLUMNS}})
+        rows.append(
+            {
+                "variant": label,
+                "model": model,
+                **{col: value.get((model, sc, m), float("nan")) for sc, m, col in DEEPANINET_COLUMNS},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -193,9 +231,15 @@ def _deepaninet_markdown(results: Results) -> list[str]:
     if table.empty or len(table) < 2:
         return []
     wide = table.set_index("variant").drop(columns="model")
-    lines = ["", "## DeepAniNet's table on our data", "",
-             "DropoutNet item-tower content variants (rows) and baselines; model names: "
-             + ", ".join(f"{r.variant} = `{r.model}`" for r in table.itertuples()) + ".", ""]
+    lines = [
+        "",
+        "## DeepAniNet's table on our data",
+        "",
+        "DropoutNet item-tower content variants (rows) and baselines; model names: "
+        + ", ".join(f"{r.variant} = `{r.model}`" for r in table.itertuples())
+        + ".",
+        "",
+    ]
     return lines + _markdown_table(wide)
 
 
@@ -237,8 +281,9 @@ def _plot_diversity(results: Results, path: Path) -> None:
         wide = results.metrics(name)
         for model, row in wide.iterrows():
             ax.scatter(row[f"recall@{k}"], row[y_metric])
-            ax.annotate(model, (row[f"recall@{k}"], row[y_metric]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                model, (row[f"recall@{k}"], row[y_metric]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(f"recall@{k}")
         ax.set_ylabel(y_metric)
@@ -249,8 +294,9 @@ def _plot_diversity(results: Results, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: Results, out_dir: str | Path, title: str, command: str,
-                 dataset_description: dict) -> list[Path]:
+def write_report(
+    results: Results, out_dir: str | Path, title: str, command: str, dataset_description: dict
+) -> list[Path]:
     """Write report.md, report.json, recall_curves.png and diversity_accuracy.png into out_dir
     (created if needed) and return their paths in that order."""
     out = Path(out_dir)
@@ -258,14 +304,24 @@ def write_report(results: Results, out_dir: str | Path, title: str, command: str
     md, js = out / "report.md", out / "report.json"
     curves_png, div_png = out / "recall_curves.png", out / "diversity_accuracy.png"
     md.write_text(_markdown(results, title, command, dataset_description), encoding="utf-8")
-    curves = {name: {model: g.sort_values("k")["recall"].tolist() for model, g in sub.groupby("model", sort=False)}
-              for name, sub in results.curves.groupby("scenario", sort=False)}
+    curves = {
+        name: {model: g.sort_values("k")["recall"].tolist() for model, g in sub.groupby("model", sort=False)}
+        for name, sub in results.curves.groupby("scenario", sort=False)
+    }
     doc = {
-        "title": title, "command": command, "split": results.split, "seed": results.seed,
-        "ks": list(results.ks), "max_queries": results.max_queries, "dataset": dataset_description,
-        "models": results.models, "scenarios": results.scenarios.to_dict(orient="records"),
-        "metrics": results.table.to_dict(orient="records"), "recall_curves": curves,
-        "timings": results.timings.to_dict(orient="records"), "notes": results.notes,
+        "title": title,
+        "command": command,
+        "split": results.split,
+        "seed": results.seed,
+        "ks": list(results.ks),
+        "max_queries": results.max_queries,
+        "dataset": dataset_description,
+        "models": results.models,
+        "scenarios": results.scenarios.to_dict(orient="records"),
+        "metrics": results.table.to_dict(orient="records"),
+        "recall_curves": curves,
+        "timings": results.timings.to_dict(orient="records"),
+        "notes": results.notes,
         "deepaninet_table": deepaninet_table(results).to_dict(orient="records"),
         "served_vs_best": served_vs_best(results).to_dict(orient="records"),
     }

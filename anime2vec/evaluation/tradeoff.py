@@ -36,14 +36,23 @@ from ..models.mmr import cosine_matrix, mmr_order  # noqa: E402
 from . import metrics  # noqa: E402
 from .protocol import Scenario, _rng  # noqa: E402
 
-LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))   # 0, 0.1, ..., 0.9
-POOL = 500   # services/ranker/settings.py RankerSettings.rerank_pool's default
+LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, ..., 0.9
+POOL = 500  # services/ranker/settings.py RankerSettings.rerank_pool's default
 
 
-def tradeoff_curve(model: Recommender, scenario: Scenario, content: np.ndarray,
-                   lambdas: Sequence[float] = LAMBDAS, pool: int = POOL, k_recall: int = 100, k_list: int = 10,
-                   popularity: np.ndarray | None = None, seed: int = 0, batch_size: int = 512,
-                   mmr_batch: int = 64) -> pd.DataFrame:
+def tradeoff_curve(
+    model: Recommender,
+    scenario: Scenario,
+    content: np.ndarray,
+    lambdas: Sequence[float] = LAMBDAS,
+    pool: int = POOL,
+    k_recall: int = 100,
+    k_list: int = 10,
+    popularity: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = 512,
+    mmr_batch: int = 64,
+) -> pd.DataFrame:
     """One row per λ: lambda, recall@k_recall, recall@k_list, diversity@k_list, coverage@k_list,
     [popularity_pct@k_list], n_queries, scenario, model, pool.
 
@@ -67,7 +76,7 @@ def tradeoff_curve(model: Recommender, scenario: Scenario, content: np.ndarray,
         ex = None if scenario.exclude is None else scenario.exclude[start:stop]
         ranked, scores = model.recommend(q, k=pool, items=cands, exclude=ex, batch_size=batch_size)
         for a in range(0, len(ranked), mmr_batch):
-            r, s = ranked[a:a + mmr_batch], scores[a:a + mmr_batch]
+            r, s = ranked[a : a + mmr_batch], scores[a : a + mmr_batch]
             vecs = np.where((r >= 0)[..., None], content[np.clip(r, 0, n_items - 1)], 0.0)
             sim = cosine_matrix(vecs) if any(lam > 0 for lam in lambdas) else None
             for lam in lambdas:
@@ -77,28 +86,46 @@ def tradeoff_curve(model: Recommender, scenario: Scenario, content: np.ndarray,
     rows = []
     for lam in lambdas:
         top = np.vstack(tops[lam]) if tops[lam] else np.zeros((0, k_keep), np.int64)
-        row = {"lambda": lam,
-               f"recall@{k_recall}": metrics.recall_at_k(top, scenario.truth, k_recall),
-               f"recall@{k_list}": metrics.recall_at_k(top, scenario.truth, k_list),
-               f"diversity@{k_list}": metrics.intra_list_diversity(top[:, :k_list], content),
-               f"coverage@{k_list}": metrics.catalogue_coverage(top[:, :k_list], len(scenario.candidates))}
+        row = {
+            "lambda": lam,
+            f"recall@{k_recall}": metrics.recall_at_k(top, scenario.truth, k_recall),
+            f"recall@{k_list}": metrics.recall_at_k(top, scenario.truth, k_list),
+            f"diversity@{k_list}": metrics.intra_list_diversity(top[:, :k_list], content),
+            f"coverage@{k_list}": metrics.catalogue_coverage(top[:, :k_list], len(scenario.candidates)),
+        }
         if popularity is not None:
             row[f"popularity_pct@{k_list}"] = metrics.popularity_percentile(top[:, :k_list], popularity)
         rows.append(row | {"n_queries": n, "scenario": scenario.name, "model": model.name, "pool": pool})
     return pd.DataFrame(rows)
 
 
-def run_tradeoff(model: Recommender, scenarios: Scenario | Sequence[Scenario], content: np.ndarray,
-                 out_dir: str | Path | None = None, lambdas: Sequence[float] = LAMBDAS, pool: int = POOL,
-                 k_recall: int = 100, k_list: int = 10, popularity: np.ndarray | None = None, seed: int = 0,
-                 batch_size: int = 512, command: str = "", notes: Sequence[str] = ()) -> pd.DataFrame:
+def run_tradeoff(
+    model: Recommender,
+    scenarios: Scenario | Sequence[Scenario],
+    content: np.ndarray,
+    out_dir: str | Path | None = None,
+    lambdas: Sequence[float] = LAMBDAS,
+    pool: int = POOL,
+    k_recall: int = 100,
+    k_list: int = 10,
+    popularity: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = 512,
+    command: str = "",
+    notes: Sequence[str] = (),
+) -> pd.DataFrame:
     """The trade-off curve of `model` on each scenario (`tradeoff_curve`), concatenated; with
     out_dir, also written there as tradeoff.md, tradeoff.csv and tradeoff.png."""
     scs = [scenarios] if isinstance(scenarios, Scenario) else list(scenarios)
     if not scs:
         raise ValueError("no scenario given")
-    df = pd.concat([tradeoff_curve(model, sc, content, lambdas, pool, k_recall, k_list, popularity, seed, batch_size)
-                    for sc in scs], ignore_index=True)
+    df = pd.concat(
+        [
+            tradeoff_curve(model, sc, content, lambdas, pool, k_recall, k_list, popularity, seed, batch_size)
+            for sc in scs
+        ],
+        ignore_index=True,
+    )
     if out_dir is not None:
         write_tradeoff(df, out_dir, k_recall=k_recall, k_list=k_list, command=command, notes=notes)
     return df
@@ -128,8 +155,14 @@ def plot_tradeoff(df: pd.DataFrame, path: str | Path, k_recall: int = 100, k_lis
     return path
 
 
-def write_tradeoff(df: pd.DataFrame, out_dir: str | Path, k_recall: int = 100, k_list: int = 10,
-                   command: str = "", notes: Sequence[str] = ()) -> Path:
+def write_tradeoff(
+    df: pd.DataFrame,
+    out_dir: str | Path,
+    k_recall: int = 100,
+    k_list: int = 10,
+    command: str = "",
+    notes: Sequence[str] = (),
+) -> Path:
     """tradeoff.md (a table per scenario), tradeoff.csv and tradeoff.png under out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,13 +172,20 @@ def write_tradeoff(df: pd.DataFrame, out_dir: str | Path, k_recall: int = 100, k
     lines = ["# MMR accuracy/diversity trade-off", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [f"Model: {', '.join(pd.unique(df['model']))} · candidates re-ranked per query: "
-              f"{', '.join(str(p) for p in pd.unique(df['pool']))} · λ = the ranker's `diversity` option", ""]
+    lines += [
+        f"Model: {', '.join(pd.unique(df['model']))} · candidates re-ranked per query: "
+        f"{', '.join(str(p) for p in pd.unique(df['pool']))} · λ = the ranker's `diversity` option",
+        "",
+    ]
     lines += [f"- {x}" for x in notes]
     lines += ["", "![trade-off](tradeoff.png)", ""]
     for scenario, g in df.groupby("scenario", sort=False):
-        lines += [f"## {scenario} ({int(g['n_queries'].iloc[0])} queries)", "",
-                  "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+        lines += [
+            f"## {scenario} ({int(g['n_queries'].iloc[0])} queries)",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "---:|" * len(cols),
+        ]
         for _, row in g.iterrows():
             lines.append("| " + " | ".join(_fmt(c, row[c]) for c in cols) + " |")
         lines.append("")

@@ -72,7 +72,7 @@ class EncodingCache:
         keys = list(dict.fromkeys(keys))
         with self._lock:
             for start in range(0, len(keys), _LOOKUP_CHUNK):
-                chunk = keys[start:start + _LOOKUP_CHUNK]
+                chunk = keys[start : start + _LOOKUP_CHUNK]
                 rows = self._db.execute(
                     f"SELECT text_sha256, dim, vector FROM encodings WHERE fingerprint = ? "
                     f"AND text_sha256 IN ({','.join('?' * len(chunk))})",
@@ -102,7 +102,9 @@ class EncodingCache:
         with self._lock:
             if fingerprint is None:
                 return self._db.execute("SELECT COUNT(*) FROM encodings").fetchone()[0]
-            return self._db.execute("SELECT COUNT(*) FROM encodings WHERE fingerprint = ?", (fingerprint,)).fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM encodings WHERE fingerprint = ?", (fingerprint,)).fetchone()[
+                0
+            ]
 
     def close(self) -> None:
         with self._lock:
@@ -115,8 +117,9 @@ class EncodingCache:
         self.close()
 
 
-def encode_cached(encoder: Encoder, texts: Sequence[str], cache: EncodingCache, progress: bool = False,
-                  chunk: int = 1024) -> np.ndarray:
+def encode_cached(
+    encoder: Encoder, texts: Sequence[str], cache: EncodingCache, progress: bool = False, chunk: int = 1024
+) -> np.ndarray:
     """encoder.encode(texts), reading what `cache` already holds and storing the rest.
 
     Identical texts are encoded once. Returns (len(texts), encoder.dim) float32 in input order;
@@ -139,10 +142,10 @@ def encode_cached(encoder: Encoder, texts: Sequence[str], cache: EncodingCache, 
         todo = list(missing.items())
         with tqdm(total=len(todo), disable=not progress, desc="encode", unit="text") as bar:
             for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
+                part = todo[start : start + chunk]
                 vectors = encoder.encode([t for _, t in part])
                 new = {k: v for (k, _), v in zip(part, vectors)}
-                cache.put_many(encoder.fingerprint, new)   # committed: a restart skips these
+                cache.put_many(encoder.fingerprint, new)  # committed: a restart skips these
                 found.update(new)
                 bar.update(len(part))
     out = np.zeros((len(texts), encoder.dim), dtype=np.float32)

@@ -54,10 +54,12 @@ def cpu_has_native_bf16() -> bool:
 
 def probe_texts(n: int = 16) -> list[str]:
     """Fixed texts of graded length (about 15 to 120 tokens) for the start-up precision check."""
-    words = ("a quiet girl joins her school's astronomy club and finds that the stars she charts each night "
-             "are answering back while her brother pilots a mecha against an empire that burns the sky "
-             "and a detective with a cursed eye hunts the spirit who stole the last season of the year").split()
-    return [" ".join(words[(i * 7) % len(words):] + words)[: 60 + i * 70] for i in range(n)]
+    words = (
+        "a quiet girl joins her school's astronomy club and finds that the stars she charts each night "
+        "are answering back while her brother pilots a mecha against an empire that burns the sky "
+        "and a detective with a cursed eye hunts the spirit who stole the last season of the year"
+    ).split()
+    return [" ".join(words[(i * 7) % len(words) :] + words)[: 60 + i * 70] for i in range(n)]
 
 
 def _model_name(model_dir: Path) -> str:
@@ -106,7 +108,12 @@ class TextEncoder:
 
     @classmethod
     def tiny_random(
-        cls, seed: int = 0, hidden: int = 32, layers: int = 2, device: str | None = None, max_length: int = 256,
+        cls,
+        seed: int = 0,
+        hidden: int = 32,
+        layers: int = 2,
+        device: str | None = None,
+        max_length: int = 256,
         precision: str = "fp32",
     ) -> "TextEncoder":
         """A randomly initialised small BERT with the real MiniLM tokenizer: same plumbing as the
@@ -125,12 +132,22 @@ class TextEncoder:
             torch.manual_seed(seed)
             model = BertModel(config, add_pooling_layer=False)
         self = cls.__new__(cls)
-        self._setup(tokenizer, model, f"tiny-random-bert-h{hidden}-l{layers}-s{seed}", device, max_length, 32, False,
-                    precision)
+        self._setup(
+            tokenizer, model, f"tiny-random-bert-h{hidden}-l{layers}-s{seed}", device, max_length, 32, False, precision
+        )
         return self
 
-    def _setup(self, tokenizer, model, name: str, device: str | None, max_length: int, batch_size: int, compile: bool,
-               precision: str):
+    def _setup(
+        self,
+        tokenizer,
+        model,
+        name: str,
+        device: str | None,
+        max_length: int,
+        batch_size: int,
+        compile: bool,
+        precision: str,
+    ):
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_length < 2 or (max_positions is not None and max_length > max_positions):
             raise ValueError(f"max_length={max_length} must be in [2, {max_positions}] for {name}")
@@ -163,8 +180,10 @@ class TextEncoder:
             if not on_cuda and asked == "fp16":
                 raise ValueError("precision=fp16 is for CUDA; on a CPU use bf16 or fp32")
             if not on_cuda and asked == "bf16" and not cpu_has_native_bf16():
-                raise ValueError("precision=bf16: this CPU has no native bf16 instructions (AVX512-BF16/AMX); "
-                                 "torch would emulate it, slower than fp32")
+                raise ValueError(
+                    "precision=bf16: this CPU has no native bf16 instructions (AVX512-BF16/AMX); "
+                    "torch would emulate it, slower than fp32"
+                )
             return asked, None
         if not cpu_has_native_bf16():
             return "fp32", {"native_bf16": False}
@@ -179,8 +198,10 @@ class TextEncoder:
         return ("bf16" if agreement >= MIN_AGREEMENT else "fp32"), check
 
     def __repr__(self) -> str:
-        return (f"TextEncoder(name={self.name!r}, dim={self.dim}, device={self.device!r}, "
-                f"precision={self.precision!r}, fingerprint={self.fingerprint})")
+        return (
+            f"TextEncoder(name={self.name!r}, dim={self.dim}, device={self.device!r}, "
+            f"precision={self.precision!r}, fingerprint={self.fingerprint})"
+        )
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """(len(texts), dim) float32, L2-normalised, row i for texts[i]."""
@@ -196,14 +217,17 @@ class TextEncoder:
             return out
         with self._lock:
             ids = self._tokenizer(
-                texts, truncation=True, max_length=self.max_length,
-                return_attention_mask=False, return_token_type_ids=False,
+                texts,
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
             )["input_ids"]
             # Longest first: a batch that does not fit in memory fails at once, not at the end.
             order = np.argsort([-len(x) for x in ids], kind="stable")
             with tqdm(total=len(texts), unit="text", disable=not progress, desc=self.name) as bar:
                 for start in range(0, len(order), batch_size):
-                    rows = order[start:start + batch_size]
+                    rows = order[start : start + batch_size]
                     out[rows] = self._encode_batch([ids[r] for r in rows])
                     bar.update(len(rows))
         return out
@@ -213,13 +237,15 @@ class TextEncoder:
         input_ids = np.full((len(ids), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)
         for i, x in enumerate(ids):
-            input_ids[i, :len(x)] = x
-            mask[i, :len(x)] = 1
+            input_ids[i, : len(x)] = x
+            mask[i, : len(x)] = 1
         input_ids_t = torch.from_numpy(input_ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
         low = _AUTOCAST.get(self.precision)
-        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=low or torch.float32,
-                                                    enabled=low is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(torch.device(self.device).type, dtype=low or torch.float32, enabled=low is not None),
+        ):
             hidden = self._forward(input_ids=input_ids_t, attention_mask=mask_t).last_hidden_state
         # Pool in fp32: fp16/bf16 sums over 256 tokens lose digits.
         m = mask_t.unsqueeze(-1).to(torch.float32)

@@ -37,7 +37,7 @@ def rec_graph(recs: pd.DataFrame, item_ids: np.ndarray, min_users: int = 1) -> s
     keep = a.notna() & b.notna() & (a != b) & (w >= min_users)
     a, b, w = a[keep].to_numpy(np.int64), b[keep].to_numpy(np.int64), w[keep].to_numpy()
     m = sp.coo_matrix((np.concatenate([w, w]), (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(n, n))
-    m = m.tocsr()          # duplicates (A→B and B→A) are summed here
+    m = m.tocsr()  # duplicates (A→B and B→A) are summed here
     m.sum_duplicates()
     m.data = np.log1p(m.data).astype(np.float32)
     return m

@@ -25,7 +25,7 @@ import pandas as pd
 
 YEAR_MIN, YEAR_MAX = 1955, 2030
 YEAR_KERNEL = ((-2, 0.25), (-1, 0.6), (0, 1.0), (1, 0.6), (2, 0.25))
-EPISODE_EDGES = (1.5, 4.5, 13.5, 27.5, 60.0)   # 1 | 2-4 | 5-13 | 14-27 | 28-60 | 61+
+EPISODE_EDGES = (1.5, 4.5, 13.5, 27.5, 60.0)  # 1 | 2-4 | 5-13 | 14-27 | 28-60 | 61+
 GENRE_WEIGHT = 0.5
 
 
@@ -54,11 +54,21 @@ class ItemMetadata:
     def transform(self, catalog: pd.DataFrame) -> np.ndarray:
         """(len(catalog), dim) L2-normalised blocks, rows in catalogue order."""
         genres = catalog["genres"] if "genres" in catalog else [()] * len(catalog)
-        return np.vstack([self.row(t, y, e, g) for t, y, e, g in zip(
-            catalog["type"] if "type" in catalog else [""] * len(catalog),
-            catalog["year"] if "year" in catalog else [None] * len(catalog),
-            catalog["episodes"] if "episodes" in catalog else [None] * len(catalog), genres)]) \
-            if len(catalog) else np.zeros((0, self.dim), np.float32)
+        return (
+            np.vstack(
+                [
+                    self.row(t, y, e, g)
+                    for t, y, e, g in zip(
+                        catalog["type"] if "type" in catalog else [""] * len(catalog),
+                        catalog["year"] if "year" in catalog else [None] * len(catalog),
+                        catalog["episodes"] if "episodes" in catalog else [None] * len(catalog),
+                        genres,
+                    )
+                ]
+            )
+            if len(catalog)
+            else np.zeros((0, self.dim), np.float32)
+        )
 
     def row(self, type_: str | None, year, episodes, genres: Iterable[str] | None) -> np.ndarray:
         """One anime's block; unknown values (None, NaN, 0 episodes, an unseen type or genre) light

@@ -69,7 +69,7 @@ SOURCES = ("item", "review", "recs")
 @dataclass
 class Corpus:
     texts: list[str]
-    sources: list[str]                    # one of SOURCES per text
+    sources: list[str]  # one of SOURCES per text
     description: dict = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
@@ -116,9 +116,13 @@ def build_corpus(data, split_seed: int = 0, item_text: str = "all", recipe: str 
             sources.append("recs")
 
     description = {
-        "split_seed": split_seed, "item_text": item_text, "recipe": RECIPES.get(recipe, recipe),
-        "universe_items": int(ds.n_items), "train_items": int(len(train_ids)),
-        "rec_pairs_used": int(len(recs)), "data_source": getattr(data, "source", ""),
+        "split_seed": split_seed,
+        "item_text": item_text,
+        "recipe": RECIPES.get(recipe, recipe),
+        "universe_items": int(ds.n_items),
+        "train_items": int(len(train_ids)),
+        "rec_pairs_used": int(len(recs)),
+        "data_source": getattr(data, "source", ""),
         "data_fingerprint": getattr(data, "fingerprint", "")[:16],
     }
     corpus = Corpus(texts, sources, description)
@@ -139,26 +143,26 @@ def _title(catalog, anime_id: int) -> str:
 @dataclass
 class PretrainConfig:
     out: Path
-    base: Path | None = None              # a BERT model directory; None: the bundled all-MiniLM-L6-v2
-    max_steps: int = 100_000              # optimiser steps, head phase included
-    max_minutes: float = 25.0             # wall clock for the whole run: evaluations and saving included
+    base: Path | None = None  # a BERT model directory; None: the bundled all-MiniLM-L6-v2
+    max_steps: int = 100_000  # optimiser steps, head phase included
+    max_minutes: float = 25.0  # wall clock for the whole run: evaluations and saving included
     batch_size: int = 16
     max_length: int = 128
     lr: float = 5e-5
-    head_steps: int = 100                 # encoder frozen, only the fresh MLM head learns
+    head_steps: int = 100  # encoder frozen, only the fresh MLM head learns
     head_lr: float = 1e-3
-    warmup_frac: float = 0.06             # of the planned full-model steps
+    warmup_frac: float = 0.06  # of the planned full-model steps
     weight_decay: float = 0.01
     mlm_prob: float = 0.15
-    device: str = "auto"                  # auto | cpu | cuda
-    threads: int = 0                      # torch CPU threads for the run; 0: leave torch's setting
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads for the run; 0: leave torch's setting
     seed: int = 0
-    eval_frac: float = 0.05               # of the texts, held out
-    eval_max_seqs: int = 256              # cap on held-out windows scored per evaluation
-    eval_every: int = 0                   # full-model steps between evaluations; 0: only before/after
+    eval_frac: float = 0.05  # of the texts, held out
+    eval_max_seqs: int = 256  # cap on held-out windows scored per evaluation
+    eval_every: int = 0  # full-model steps between evaluations; 0: only before/after
     max_chunks_per_text: int = 4
     log_every: int = 10
-    name: str | None = None               # model name (README title); default: the output directory's name
+    name: str | None = None  # model name (README title); default: the output directory's name
     overwrite: bool = False
 
     def to_dict(self) -> dict:
@@ -177,20 +181,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def chunk(ids: list[int], max_length: int, cls_id: int, sep_id: int, max_chunks: int,
-          min_tokens: int = 16) -> list[list[int]]:
+def chunk(
+    ids: list[int], max_length: int, cls_id: int, sep_id: int, max_chunks: int, min_tokens: int = 16
+) -> list[list[int]]:
     """[CLS] window [SEP] pieces of `ids` (no specials), each at most `max_length` long. A trailing
     piece shorter than `min_tokens` is dropped unless it is the only one."""
     width = max_length - 2
-    pieces = [ids[i:i + width] for i in range(0, len(ids), width)][:max_chunks]
+    pieces = [ids[i : i + width] for i in range(0, len(ids), width)][:max_chunks]
     if len(pieces) > 1 and len(pieces[-1]) < min_tokens:
         pieces.pop()
     return [[cls_id, *p, sep_id] for p in pieces if p]
 
 
 def _windows(tokenizer, texts: list[str], cfg: PretrainConfig) -> list[list[int]]:
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                    return_token_type_ids=False, verbose=False)["input_ids"]
+    ids = tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+    )["input_ids"]
     out: list[list[int]] = []
     for x in ids:
         out.extend(chunk(x, cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id, cfg.max_chunks_per_text))
@@ -210,7 +216,7 @@ class _Schedule:
     def plan(self, done: int, seconds_left: float, seconds_per_step: float) -> None:
         fit = done + int(max(0.0, seconds_left) / max(seconds_per_step, 1e-9))
         self.planned = max(done + 1, min(self.max_steps, fit))
-        if not self._warmup_fixed:   # warm-up is fixed at the first plan, not stretched later
+        if not self._warmup_fixed:  # warm-up is fixed at the first plan, not stretched later
             self.warmup = max(1, int(round(self.warmup_frac * self.planned)))
             self._warmup_fixed = True
 
@@ -255,8 +261,9 @@ def evaluate_mlm(model: BertForMaskedLM, batches: list[dict], device: str, amp_d
 def _optimizer(params: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float):
     decay = [p for n, p in params if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
@@ -290,7 +297,7 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
     base = Path(cfg.base) if cfg.base else default_model_dir()
     name = cfg.name or out.name
 
-    torch.manual_seed(cfg.seed)   # the MLM head's initialisation and dropout
+    torch.manual_seed(cfg.seed)  # the MLM head's initialisation and dropout
     rng = np.random.default_rng(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     model = BertForMaskedLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
@@ -310,16 +317,26 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
         keep = np.sort(rng.choice(len(eval_windows), cfg.eval_max_seqs, replace=False))
         eval_windows = [eval_windows[i] for i in keep]
     tokens = sum(len(w) for w in train_windows)
-    log.info("corpus: %d texts %s → %d training windows (%d tokens), %d held-out texts → %d eval windows "
-             "(tokenised in %.1fs)", n, corpus.counts(), len(train_windows), tokens, n_eval,
-             len(eval_windows), time.monotonic() - t0)
+    log.info(
+        "corpus: %d texts %s → %d training windows (%d tokens), %d held-out texts → %d eval windows "
+        "(tokenised in %.1fs)",
+        n,
+        corpus.counts(),
+        len(train_windows),
+        tokens,
+        n_eval,
+        len(eval_windows),
+        time.monotonic() - t0,
+    )
     if not train_windows:
         raise ValueError("no training windows")
 
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed)
     eval_collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed + 1)
-    eval_batches = [eval_collator([{"input_ids": w} for w in eval_windows[i:i + cfg.batch_size]])
-                    for i in range(0, len(eval_windows), cfg.batch_size)]
+    eval_batches = [
+        eval_collator([{"input_ids": w} for w in eval_windows[i : i + cfg.batch_size]])
+        for i in range(0, len(eval_windows), cfg.batch_size)
+    ]
 
     state = {"epoch": 0, "pos": 0, "perm": rng.permutation(len(train_windows))}
 
@@ -330,7 +347,7 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
                 state["epoch"] += 1
                 state["pos"] = 0
                 state["perm"] = rng.permutation(len(train_windows))
-            take = state["perm"][state["pos"]:state["pos"] + cfg.batch_size - len(rows)]
+            take = state["perm"][state["pos"] : state["pos"] + cfg.batch_size - len(rows)]
             state["pos"] += len(take)
             rows.extend(train_windows[i] for i in take)
         return collator([{"input_ids": w} for w in rows])
@@ -343,10 +360,23 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
             return float("nan")
         t = time.monotonic()
         loss = evaluate_mlm(model, eval_batches, device, amp_dtype)
-        evals.append({"step": step, "phase": phase, "loss": round(loss, 5), "perplexity": round(math.exp(loss), 3),
-                      "seconds": round(time.monotonic() - t, 1)})
-        log.info("eval [%s] step %d: MLM loss %.4f (perplexity %.2f) in %.1fs", phase, step, loss,
-                 math.exp(loss), time.monotonic() - t)
+        evals.append(
+            {
+                "step": step,
+                "phase": phase,
+                "loss": round(loss, 5),
+                "perplexity": round(math.exp(loss), 3),
+                "seconds": round(time.monotonic() - t, 1),
+            }
+        )
+        log.info(
+            "eval [%s] step %d: MLM loss %.4f (perplexity %.2f) in %.1fs",
+            phase,
+            step,
+            loss,
+            math.exp(loss),
+            time.monotonic() - t,
+        )
         return time.monotonic() - t
 
     eval_seconds = run_eval(0, "random head")
@@ -381,11 +411,25 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
             window_n += 1
             if step % cfg.log_every == 0 or k == n_steps - 1:
                 dt = time.monotonic() - t_window
-                curve.append({"step": step, "phase": phase, "loss": round(window_loss / window_n, 5),
-                              "lr": lr, "minutes": round((time.monotonic() - start) / 60, 2)})
-                log.info("%s step %d: loss %.4f lr %.2e  %.2f steps/s %.1f seq/s  %.1f min", phase, step,
-                         window_loss / window_n, lr, window_n / dt, window_n * cfg.batch_size / dt,
-                         (time.monotonic() - start) / 60)
+                curve.append(
+                    {
+                        "step": step,
+                        "phase": phase,
+                        "loss": round(window_loss / window_n, 5),
+                        "lr": lr,
+                        "minutes": round((time.monotonic() - start) / 60, 2),
+                    }
+                )
+                log.info(
+                    "%s step %d: loss %.4f lr %.2e  %.2f steps/s %.1f seq/s  %.1f min",
+                    phase,
+                    step,
+                    window_loss / window_n,
+                    lr,
+                    window_n / dt,
+                    window_n * cfg.batch_size / dt,
+                    (time.monotonic() - start) / 60,
+                )
                 window_loss, window_n, t_window = 0.0, 0, time.monotonic()
             if after_step is not None:
                 after_step(k + 1)
@@ -429,14 +473,25 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
     minutes = (time.monotonic() - start) / 60
     by_phase = {e["phase"]: e["loss"] for e in evals}
     report = {
-        "name": name, "base": str(base), "device": device,
+        "name": name,
+        "base": str(base),
+        "device": device,
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-        "torch_threads": torch.get_num_threads(), "steps": step, "stopped_by": stopped,
+        "torch_threads": torch.get_num_threads(),
+        "steps": step,
+        "stopped_by": stopped,
         "epochs": round(state["epoch"] + state["pos"] / max(1, len(state["perm"])), 4),
-        "sequences_seen": step * cfg.batch_size, "minutes": round(minutes, 2),
-        "corpus": {**corpus.description, "texts": corpus.counts(), "train_texts": int(len(train_idx)),
-                   "eval_texts": int(n_eval), "train_windows": len(train_windows),
-                   "train_tokens": int(tokens), "eval_windows": len(eval_windows)},
+        "sequences_seen": step * cfg.batch_size,
+        "minutes": round(minutes, 2),
+        "corpus": {
+            **corpus.description,
+            "texts": corpus.counts(),
+            "train_texts": int(len(train_idx)),
+            "eval_texts": int(n_eval),
+            "train_windows": len(train_windows),
+            "train_tokens": int(tokens),
+            "eval_windows": len(eval_windows),
+        },
         "eval": evals,
         "eval_loss_random_head": by_phase.get("random head"),
         "eval_loss_before": by_phase.get("frozen encoder, trained head", by_phase.get("random head")),
@@ -447,13 +502,20 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
     save_encoder(model, base, tokenizer, out, name, report, overwrite=cfg.overwrite)
     report["minutes_with_save"] = round((time.monotonic() - start) / 60, 2)
     (out / "pretrain.json").write_text(json.dumps(report, indent=2))
-    log.info("saved %s (%d steps, eval MLM loss %s → %s, %.1f min)", out, step, report["eval_loss_before"],
-             report["eval_loss_after"], report["minutes_with_save"])
+    log.info(
+        "saved %s (%d steps, eval MLM loss %s → %s, %.1f min)",
+        out,
+        step,
+        report["eval_loss_before"],
+        report["eval_loss_after"],
+        report["minutes_with_save"],
+    )
     return report
 
 
-def save_encoder(model: BertForMaskedLM, base: Path, tokenizer, out: Path, name: str, report: dict,
-                 overwrite: bool = False) -> None:
+def save_encoder(
+    model: BertForMaskedLM, base: Path, tokenizer, out: Path, name: str, report: dict, overwrite: bool = False
+) -> None:
     """Save the adapted encoder (no MLM head) as a complete BERT model directory.
 
     The MLM model's encoder has no pooler; it is put into a copy of the base model so the saved
@@ -475,9 +537,11 @@ def save_encoder(model: BertForMaskedLM, base: Path, tokenizer, out: Path, name:
         f"# {name}\n\n{_model_name(Path(base))} after in-domain masked-language-model training on "
         f"MyAnimeList text (anime2vec `pretrain`): {report['steps']} steps on {report['device']}, corpus "
         f"{texts} texts; held-out MLM loss {report['eval_loss_before']} (trained head, frozen encoder) → "
-        f"{report['eval_loss_after']}. Mean pooling + L2 as the base. Details: pretrain.json.\n", encoding="utf-8")
+        f"{report['eval_loss_after']}. Mean pooling + L2 as the base. Details: pretrain.json.\n",
+        encoding="utf-8",
+    )
     (tmp / "pretrain.json").write_text(json.dumps(report, indent=2))
-    for f in tmp.iterdir():   # safetensors writes 0600; the directory is meant to be shipped and shared
+    for f in tmp.iterdir():  # safetensors writes 0600; the directory is meant to be shipped and shared
         f.chmod(0o644)
     if out.exists():
         if not overwrite:
@@ -487,8 +551,9 @@ def save_encoder(model: BertForMaskedLM, base: Path, tokenizer, out: Path, name:
     os.replace(tmp, out)
 
 
-def encode_catalogue(encoder, data, recipe: str = "default", cache_path: Path | None = None,
-                     progress: bool = False) -> dict:
+def encode_catalogue(
+    encoder, data, recipe: str = "default", cache_path: Path | None = None, progress: bool = False
+) -> dict:
     """Encode the pipeline's item texts (every item of the evaluation universe, `recipe`) with
     `encoder` into the shared encoding cache, so a pipeline run with this encoder finds them."""
     from anime2vec.data.dataset import build_dataset
@@ -503,6 +568,14 @@ def encode_catalogue(encoder, data, recipe: str = "default", cache_path: Path | 
     with EncodingCache(path) as cache:
         vectors = encode_cached(encoder, texts, cache, progress=progress)
         stats = cache.last_stats
-    return {"encoder": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim,
-            "texts": len(texts), "hits": stats.hits, "encoded": stats.encoded, "cache": str(path),
-            "seconds": round(time.monotonic() - t, 1), "vectors_shape": list(vectors.shape)}
+    return {
+        "encoder": encoder.name,
+        "fingerprint": encoder.fingerprint,
+        "dim": encoder.dim,
+        "texts": len(texts),
+        "hits": stats.hits,
+        "encoded": stats.encoded,
+        "cache": str(path),
+        "seconds": round(time.monotonic() - t, 1),
+        "vectors_shape": list(vectors.shape),
+    }

@@ -35,8 +35,12 @@ class TfidfFeatures:
         seed: int = 0,
     ):
         self.params = dict(
-            max_features=max_features, min_df=min_df, max_df=max_df,
-            sublinear_tf=sublinear_tf, svd_dim=svd_dim, seed=seed,
+            max_features=max_features,
+            min_df=min_df,
+            max_df=max_df,
+            sublinear_tf=sublinear_tf,
+            svd_dim=svd_dim,
+            seed=seed,
         )
         self._vectorizer = self._make_vectorizer()
         self._svd: TruncatedSVD | None = None
@@ -45,9 +49,15 @@ class TfidfFeatures:
     def _make_vectorizer(self) -> TfidfVectorizer:
         p = self.params
         return TfidfVectorizer(
-            max_features=p["max_features"], min_df=p["min_df"], max_df=p["max_df"],
-            sublinear_tf=p["sublinear_tf"], stop_words="english", strip_accents="unicode",
-            lowercase=True, norm="l2", dtype=np.float32,
+            max_features=p["max_features"],
+            min_df=p["min_df"],
+            max_df=p["max_df"],
+            sublinear_tf=p["sublinear_tf"],
+            stop_words="english",
+            strip_accents="unicode",
+            lowercase=True,
+            norm="l2",
+            dtype=np.float32,
         )
 
     @property
@@ -63,7 +73,9 @@ class TfidfFeatures:
                 f"svd_dim={self.dim} needs more than {self.dim} terms; the corpus of {x.shape[0]} texts "
                 f"gave {len(self.terms)} (lower svd_dim or min_df)"
             )
-        self._svd = TruncatedSVD(n_components=self.dim, algorithm="randomized", n_iter=7, random_state=self.params["seed"])
+        self._svd = TruncatedSVD(
+            n_components=self.dim, algorithm="randomized", n_iter=7, random_state=self.params["seed"]
+        )
         self._svd.fit(x)
         return x
 

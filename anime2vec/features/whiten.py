@@ -31,7 +31,9 @@ class Whitener:
             raise ValueError(f"mean has shape {self.mean.shape}, expected (d,)")
         if (self.projection is None) != (self.mode == "center"):
             raise ValueError(f"mode {self.mode!r} {'takes no' if self.mode == 'center' else 'needs a'} projection")
-        if self.projection is not None and (self.projection.ndim != 2 or self.projection.shape[0] != self.mean.shape[0]):
+        if self.projection is not None and (
+            self.projection.ndim != 2 or self.projection.shape[0] != self.mean.shape[0]
+        ):
             raise ValueError(f"projection has shape {self.projection.shape}, expected ({self.mean.shape[0]}, k)")
 
     @classmethod

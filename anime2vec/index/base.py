@@ -57,6 +57,7 @@ RESCORE_BUDGET = 400
 def effective_oversampling(limit: int, offset: int, oversampling: float) -> float:
     return max(1.0, min(oversampling, RESCORE_BUDGET / (offset + limit)))
 
+
 QueryHook = Callable[[str, float], None]
 """on_query(operation, seconds): called after every data-plane call ("search", "search_batch",
 "get", "count", "upsert"), e.g. to observe a2v_qdrant_query_seconds{operation}."""
@@ -120,21 +121,22 @@ class SearchFilter:
     """Payload filter; all given parts must hold. Genre and type matching is case-insensitive.
     A year bound drops anime whose year is unknown (null)."""
 
-    include_genres: Sequence[str] = ()   # at least one of these genres
-    exclude_genres: Sequence[str] = ()   # none of these genres
-    types: Sequence[str] = ()            # type is one of these
-    year_min: int | None = None          # inclusive
-    year_max: int | None = None          # inclusive
+    include_genres: Sequence[str] = ()  # at least one of these genres
+    exclude_genres: Sequence[str] = ()  # none of these genres
+    types: Sequence[str] = ()  # type is one of these
+    year_min: int | None = None  # inclusive
+    year_max: int | None = None  # inclusive
     exclude_ids: Sequence[int] = ()
-    cold_only: bool = False              # only anime whose payload says cold (COLD_KEY)
+    cold_only: bool = False  # only anime whose payload says cold (COLD_KEY)
 
 
 class ItemIndex(Protocol):
     """What the ranker needs from Qdrant. `version=None` always means "the alias target" and is
     resolved per call, so a promotion takes effect on the next call without a restart."""
 
-    def create_version(self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024,
-                       overwrite: bool = False) -> int:
+    def create_version(
+        self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024, overwrite: bool = False
+    ) -> int:
         """Build the collection for a bundle version completely, then mark it complete; returns the
         number of points written. Does not touch the alias. Raises VersionExists unless
         overwrite=True, and VersionInUse when overwriting the alias target."""
@@ -154,9 +156,16 @@ class ItemIndex(Protocol):
     def upsert(self, points: Sequence[ItemPoint], version: str | None = None) -> None:
         """Insert or replace points; searchable when this returns."""
 
-    def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
-               version: str | None = None, exact: bool = True,
-               oversampling: float = DEFAULT_OVERSAMPLING) -> list[Hit]:
+    def search(
+        self,
+        vector: np.ndarray,
+        limit: int,
+        offset: int = 0,
+        flt: SearchFilter | None = None,
+        version: str | None = None,
+        exact: bool = True,
+        oversampling: float = DEFAULT_OVERSAMPLING,
+    ) -> list[Hit]:
         """Top `limit` points by dot product after skipping `offset`, best first. exact=True scans
         every candidate, so the ranking equals numpy's exact one; exact=False scans the quantised
         copies and rescores `oversampling` times as many (see QUANTIZATION_QUANTILE). Scores
@@ -166,13 +175,18 @@ class ItemIndex(Protocol):
         """Context around the work that leads to a `search` from this thread: a backend that
         batches concurrent searches waits (briefly) for it instead of running without it."""
 
-    def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
-                     version: str | None = None, exact: bool = True,
-                     oversampling: float = DEFAULT_OVERSAMPLING) -> list[list[Hit]]:
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        filters: Sequence[SearchFilter | None] | None = None,
+        version: str | None = None,
+        exact: bool = True,
+        oversampling: float = DEFAULT_OVERSAMPLING,
+    ) -> list[list[Hit]]:
         """`search` for each row of `vectors` (filters aligned with the rows), in one engine call."""
 
-    def get(self, anime_ids: Sequence[int], version: str | None = None,
-            with_vectors: bool = False) -> list[ItemPoint]:
+    def get(self, anime_ids: Sequence[int], version: str | None = None, with_vectors: bool = False) -> list[ItemPoint]:
         """The points that exist among `anime_ids`, in the order asked."""
 
     def count(self, version: str | None = None) -> int: ...
@@ -196,11 +210,13 @@ class ItemIndex(Protocol):
 
 # ---- helpers shared by the backends -------------------------------------------------------------
 
+
 def check_version(version: str) -> str:
     """Versions become directory and collection names, so keep them to a safe alphabet."""
     if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
-        raise ValueError(f"invalid index version {version!r}: use 1-100 of [A-Za-z0-9._-], "
-                         "starting with a letter or digit")
+        raise ValueError(
+            f"invalid index version {version!r}: use 1-100 of [A-Za-z0-9._-], starting with a letter or digit"
+        )
     return version
 
 
@@ -244,6 +260,7 @@ POST_FILTER_MAX_IDS = 64
 @dataclass(frozen=True)
 class Fetch:
     """What to ask the engine for one page, and what to drop from its answer."""
+
     flt: SearchFilter | None
     limit: int
     offset: int
@@ -262,8 +279,9 @@ def plan_fetch(flt: SearchFilter | None, limit: int, offset: int) -> Fetch:
         return Fetch(flt, limit, offset, frozenset(), slice(None))
     rest = replace(flt, exclude_ids=())
     pushed = None if rest == SearchFilter() else rest
-    return Fetch(pushed, offset + limit + len(set(ids)), 0, frozenset(int(i) for i in ids),
-                 slice(offset, offset + limit))
+    return Fetch(
+        pushed, offset + limit + len(set(ids)), 0, frozenset(int(i) for i in ids), slice(offset, offset + limit)
+    )
 
 
 def check_page(limit: int, offset: int, oversampling: float = DEFAULT_OVERSAMPLING) -> None:
@@ -309,10 +327,13 @@ def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
     return {k: x for k, x in (payload or {}).items() if k not in _DERIVED}
 
 
-def ordered_points(records: Iterable[tuple[int, list[float] | None, dict | None]],
-                   anime_ids: Sequence[int]) -> list[ItemPoint]:
-    by_id = {int(i): ItemPoint(int(i), None if v is None else np.asarray(v, np.float32), public_payload(p))
-             for i, v, p in records}
+def ordered_points(
+    records: Iterable[tuple[int, list[float] | None, dict | None]], anime_ids: Sequence[int]
+) -> list[ItemPoint]:
+    by_id = {
+        int(i): ItemPoint(int(i), None if v is None else np.asarray(v, np.float32), public_payload(p))
+        for i, v, p in records
+    }
     return [by_id[int(a)] for a in anime_ids if int(a) in by_id]
 
 
@@ -346,7 +367,7 @@ def _plain(x: Any) -> Any:
         return x.tolist()
     if isinstance(x, np.generic):
         x = x.item()
-    if isinstance(x, float) and x != x:   # NaN: pandas' missing value, not JSON
+    if isinstance(x, float) and x != x:  # NaN: pandas' missing value, not JSON
         return None
     if isinstance(x, (list, tuple)):
         return [_plain(e) for e in x]

@@ -58,8 +58,12 @@ from anime2vec.index.base import (
 )
 
 _COMPLETE = "anime2vec_complete"
-_INDEXED_FIELDS = ((GENRES_KEY, models.PayloadSchemaType.KEYWORD), (TYPE_KEY, models.PayloadSchemaType.KEYWORD),
-                   ("year", models.PayloadSchemaType.INTEGER), (COLD_KEY, models.PayloadSchemaType.BOOL))
+_INDEXED_FIELDS = (
+    (GENRES_KEY, models.PayloadSchemaType.KEYWORD),
+    (TYPE_KEY, models.PayloadSchemaType.KEYWORD),
+    ("year", models.PayloadSchemaType.INTEGER),
+    (COLD_KEY, models.PayloadSchemaType.BOOL),
+)
 
 
 def client_filter(flt: SearchFilter | None) -> models.Filter | None:
@@ -107,30 +111,31 @@ class QdrantItemIndex:
         self._on_query = on_query
 
     @classmethod
-    def connect(cls, url: str, api_key: str | None = None, timeout_s: float = 5.0,
-                on_query: QueryHook | None = None) -> "QdrantItemIndex":
+    def connect(
+        cls, url: str, api_key: str | None = None, timeout_s: float = 5.0, on_query: QueryHook | None = None
+    ) -> "QdrantItemIndex":
         """Connect and make one request now, so a wrong or dead URL fails at start-up with
         IndexUnavailable (within about timeout_s) rather than on the first user request."""
-        client = QdrantClient(url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)),
-                              check_compatibility=False)
+        client = QdrantClient(url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)), check_compatibility=False)
         index = cls(client, on_query)
         try:
             with index._reachable():
                 client.get_collections()
-        except IndexUnavailable as e:   # say which server: the start-up log line is all an operator sees
+        except IndexUnavailable as e:  # say which server: the start-up log line is all an operator sees
             raise IndexUnavailable(f"{e} (Qdrant URL {_without_credentials(url)}, timeout {timeout_s:g} s)") from e
         return index
 
     # ---- versions and alias ----
 
-    def create_version(self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024,
-                       overwrite: bool = False) -> int:
+    def create_version(
+        self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024, overwrite: bool = False
+    ) -> int:
         name = collection_name(version)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         with self._reachable():
             if self._client.collection_exists(name):
-                if self.has_version(version):   # else a crashed build: replace it silently
+                if self.has_version(version):  # else a crashed build: replace it silently
                     if not overwrite:
                         raise VersionExists(f"index version {version} already exists (pass overwrite=True to rebuild)")
                     if version == self.alias_target():
@@ -138,10 +143,16 @@ class QdrantItemIndex:
                 self._client.delete_collection(name)
             # int8 copies and no HNSW graph, as the embedded backend (edge._items_config)
             self._client.create_collection(
-                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT),
-                quantization_config=models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
-                    type=models.ScalarType.INT8, quantile=QUANTIZATION_QUANTILE, always_ram=True)),
-                hnsw_config=models.HnswConfigDiff(m=0), metadata={_COMPLETE: False})
+                name,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT),
+                quantization_config=models.ScalarQuantization(
+                    scalar=models.ScalarQuantizationConfig(
+                        type=models.ScalarType.INT8, quantile=QUANTIZATION_QUANTILE, always_ram=True
+                    )
+                ),
+                hnsw_config=models.HnswConfigDiff(m=0),
+                metadata={_COMPLETE: False},
+            )
         try:
             with self._reachable():
                 for field, schema in _INDEXED_FIELDS:
@@ -155,7 +166,7 @@ class QdrantItemIndex:
         except BaseException:
             try:
                 self._client.delete_collection(name)
-            except Exception:   # the original failure is the one to report
+            except Exception:  # the original failure is the one to report
                 pass
             raise
 
@@ -170,25 +181,28 @@ class QdrantItemIndex:
     def versions(self) -> list[str]:
         with self._reachable():
             names = [c.name for c in self._client.get_collections().collections]
-        candidates = [n[len(COLLECTION_PREFIX):] for n in names if n.startswith(COLLECTION_PREFIX)]
+        candidates = [n[len(COLLECTION_PREFIX) :] for n in names if n.startswith(COLLECTION_PREFIX)]
         return sorted(v for v in candidates if self.has_version(v))
 
     def set_alias(self, version: str) -> None:
         if not self.has_version(version):
             raise UnknownVersion(f"no index version {version} to promote; have {self.versions()}")
         with self._reachable():
-            self._client.update_collection_aliases(change_aliases_operations=[
-                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=ALIAS)),
-                models.CreateAliasOperation(create_alias=models.CreateAlias(
-                    collection_name=collection_name(version), alias_name=ALIAS)),
-            ])
+            self._client.update_collection_aliases(
+                change_aliases_operations=[
+                    models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=ALIAS)),
+                    models.CreateAliasOperation(
+                        create_alias=models.CreateAlias(collection_name=collection_name(version), alias_name=ALIAS)
+                    ),
+                ]
+            )
 
     def alias_target(self) -> str | None:
         with self._reachable():
             aliases = self._client.get_aliases().aliases
         for a in aliases:
             if a.alias_name == ALIAS and a.collection_name.startswith(COLLECTION_PREFIX):
-                return a.collection_name[len(COLLECTION_PREFIX):]
+                return a.collection_name[len(COLLECTION_PREFIX) :]
         return None
 
     def delete_version(self, version: str) -> None:
@@ -212,42 +226,67 @@ class QdrantItemIndex:
         with timed(self._on_query, "upsert"), self._serving(version):
             self._client.upsert(target, structs, wait=True)
 
-    def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
-               version: str | None = None, exact: bool = True,
-               oversampling: float = DEFAULT_OVERSAMPLING) -> list[Hit]:
+    def search(
+        self,
+        vector: np.ndarray,
+        limit: int,
+        offset: int = 0,
+        flt: SearchFilter | None = None,
+        version: str | None = None,
+        exact: bool = True,
+        oversampling: float = DEFAULT_OVERSAMPLING,
+    ) -> list[Hit]:
         query = as_query_vector(vector)
         check_page(limit, offset, oversampling)
         fetch = plan_fetch(flt, limit, offset)
         with timed(self._on_query, "search"), self._serving(version):
             found = self._client.query_points(
-                self._target(version), query=query, limit=fetch.limit, offset=fetch.offset,
-                query_filter=client_filter(fetch.flt), search_params=_params(exact, oversampling, fetch.limit, fetch.offset),
-                with_payload=True).points
+                self._target(version),
+                query=query,
+                limit=fetch.limit,
+                offset=fetch.offset,
+                query_filter=client_filter(fetch.flt),
+                search_params=_params(exact, oversampling, fetch.limit, fetch.offset),
+                with_payload=True,
+            ).points
         return fetch.apply([_hit(p) for p in found])
 
     def search_expected(self):
         """No batching here: the client's calls release the GIL, so concurrent searches overlap."""
         return nullcontext()
 
-    def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
-                     version: str | None = None, exact: bool = True,
-                     oversampling: float = DEFAULT_OVERSAMPLING) -> list[list[Hit]]:
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        filters: Sequence[SearchFilter | None] | None = None,
+        version: str | None = None,
+        exact: bool = True,
+        oversampling: float = DEFAULT_OVERSAMPLING,
+    ) -> list[list[Hit]]:
         rows = as_query_matrix(vectors)
         check_page(limit, 0, oversampling)
-        requests = [models.QueryRequest(query=v, limit=limit, filter=client_filter(f),
-                                        params=_params(exact, oversampling, limit, 0), with_payload=True)
-                    for v, f in zip(rows, aligned_filters(filters, len(rows)))]
+        requests = [
+            models.QueryRequest(
+                query=v,
+                limit=limit,
+                filter=client_filter(f),
+                params=_params(exact, oversampling, limit, 0),
+                with_payload=True,
+            )
+            for v, f in zip(rows, aligned_filters(filters, len(rows)))
+        ]
         if not requests:
             return []
         with timed(self._on_query, "search_batch"), self._serving(version):
             found = self._client.query_batch_points(self._target(version), requests=requests)
         return [[_hit(p) for p in r.points] for r in found]
 
-    def get(self, anime_ids: Sequence[int], version: str | None = None,
-            with_vectors: bool = False) -> list[ItemPoint]:
+    def get(self, anime_ids: Sequence[int], version: str | None = None, with_vectors: bool = False) -> list[ItemPoint]:
         with timed(self._on_query, "get"), self._serving(version):
-            records = self._client.retrieve(self._target(version), ids=[int(a) for a in anime_ids],
-                                            with_payload=True, with_vectors=with_vectors)
+            records = self._client.retrieve(
+                self._target(version), ids=[int(a) for a in anime_ids], with_payload=True, with_vectors=with_vectors
+            )
         return ordered_points(((r.id, r.vector if with_vectors else None, r.payload) for r in records), anime_ids)
 
     def count(self, version: str | None = None) -> int:
@@ -264,9 +303,10 @@ class QdrantItemIndex:
             if not self._client.collection_exists(name):
                 try:
                     self._client.create_collection(
-                        name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT))
+                        name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.DOT)
+                    )
                 except Exception:
-                    if not self._client.collection_exists(name):   # else another replica made it first
+                    if not self._client.collection_exists(name):  # else another replica made it first
                         raise
             have = self._client.get_collection(name).config.params.vectors.size
         if have != dim:
@@ -279,8 +319,9 @@ class QdrantItemIndex:
         name = users_collection_name(version)
         try:
             with timed(self._on_query, "get_users"), self._reachable():
-                records = self._client.retrieve(name, ids=[int(u) for u in user_ids], with_payload=True,
-                                                with_vectors=True)
+                records = self._client.retrieve(
+                    name, ids=[int(u) for u in user_ids], with_payload=True, with_vectors=True
+                )
         except IndexUnavailable:
             raise
         except Exception:
@@ -339,8 +380,11 @@ class QdrantItemIndex:
             raise
         except Exception as e:
             if self._missing(version):
-                raise UnknownVersion(f"no index version {version}" if version is not None
-                                     else "no index version has been promoted (the alias is unset)") from e
+                raise UnknownVersion(
+                    f"no index version {version}"
+                    if version is not None
+                    else "no index version has been promoted (the alias is unset)"
+                ) from e
             raise
 
     def _missing(self, version: str | None) -> bool:
@@ -350,8 +394,12 @@ class QdrantItemIndex:
 def _params(exact: bool, oversampling: float, limit: int, offset: int) -> models.SearchParams:
     if exact:
         return models.SearchParams(exact=True)
-    return models.SearchParams(exact=False, quantization=models.QuantizationSearchParams(
-        rescore=True, oversampling=effective_oversampling(limit, offset, oversampling)))
+    return models.SearchParams(
+        exact=False,
+        quantization=models.QuantizationSearchParams(
+            rescore=True, oversampling=effective_oversampling(limit, offset, oversampling)
+        ),
+    )
 
 
 def _hit(p: models.ScoredPoint) -> Hit:

@@ -37,15 +37,20 @@ class _Call(Generic[T, R]):
         self.result: R | None = None
         self.error: BaseException | None = None
         self.done = False
-        self.wake = threading.Event()   # set when answered, or when handed the lead
+        self.wake = threading.Event()  # set when answered, or when handed the lead
 
 
 class Coalescer(Generic[T, R]):
     """`run(key, item)` returns `execute(key, [items...])[i]` for its item; calls with equal keys
     may share one `execute`. execute must return one result per item, in order."""
 
-    def __init__(self, execute: Callable[[Hashable, Sequence[T]], Sequence[R]], max_batch: int = 16,
-                 max_wait_s: float = 0.002, on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        execute: Callable[[Hashable, Sequence[T]], Sequence[R]],
+        max_batch: int = 16,
+        max_wait_s: float = 0.002,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         """on_batch(size) is called before each execute (a metric)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -56,8 +61,8 @@ class Coalescer(Generic[T, R]):
         self._arrived = threading.Condition(self._lock)
         self._queue: list[_Call[T, R]] = []
         self._leading = False
-        self._expected = 0                    # announced callers not queued yet
-        self._announced = threading.local()   # .pending: this thread is counted in _expected
+        self._expected = 0  # announced callers not queued yet
+        self._announced = threading.local()  # .pending: this thread is counted in _expected
 
     @contextmanager
     def expect(self) -> Iterator[None]:
@@ -72,7 +77,7 @@ class Coalescer(Generic[T, R]):
             yield
         finally:
             with self._lock:
-                if self._announced.pending:   # left without running: stop waiting for us
+                if self._announced.pending:  # left without running: stop waiting for us
                     self._announced.pending = False
                     self._expected -= 1
                     self._arrived.notify_all()
@@ -89,11 +94,11 @@ class Coalescer(Generic[T, R]):
             self._arrived.notify_all()
         if not lead:
             call.wake.wait()
-        if not call.done:        # we lead: the queue's head is ours, so our call is in the batch
+        if not call.done:  # we lead: the queue's head is ours, so our call is in the batch
             self._lead()
         if call.error is not None:
             raise call.error
-        return call.result   # type: ignore[return-value]
+        return call.result  # type: ignore[return-value]
 
     def _lead(self) -> None:
         with self._lock:
@@ -117,7 +122,7 @@ class Coalescer(Generic[T, R]):
                 c.done = True
                 c.wake.set()
             if nxt is not None:
-                nxt.wake.set()   # not done: it leads the next batch
+                nxt.wake.set()  # not done: it leads the next batch
 
     def _answer(self, batch: list[_Call[T, R]]) -> None:
         if self._on_batch is not None:
@@ -133,7 +138,7 @@ class Coalescer(Generic[T, R]):
             if len(batch) == 1:
                 batch[0].error = e
                 return
-        for c in batch:   # one failed: find which, without failing the others
+        for c in batch:  # one failed: find which, without failing the others
             try:
                 c.result = self._execute(c.key, [c.item])[0]
             except BaseException as e:

@@ -69,8 +69,12 @@ from anime2vec.index.base import (
 from anime2vec.index.coalesce import Coalescer
 from anime2vec.index.shard_check import IN_USE, ShardHealth, check_shard
 
-_INDEXED_FIELDS = ((GENRES_KEY, qe.PayloadSchemaType.Keyword), (TYPE_KEY, qe.PayloadSchemaType.Keyword),
-                   ("year", qe.PayloadSchemaType.Integer), (COLD_KEY, qe.PayloadSchemaType.Bool))
+_INDEXED_FIELDS = (
+    (GENRES_KEY, qe.PayloadSchemaType.Keyword),
+    (TYPE_KEY, qe.PayloadSchemaType.Keyword),
+    ("year", qe.PayloadSchemaType.Integer),
+    (COLD_KEY, qe.PayloadSchemaType.Bool),
+)
 
 
 def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
@@ -101,13 +105,19 @@ def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
 class EdgeItemIndex:
     """ItemIndex on qdrant-edge shards under `root` (see the module docstring)."""
 
-    def __init__(self, root: Path, on_query: QueryHook | None = None, max_batch: int = 16,
-                 on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        on_query: QueryHook | None = None,
+        max_batch: int = 16,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         """max_batch: at most this many concurrent searches share one engine call (1: none do);
         on_batch(size) observes each engine call's number of searches."""
         self._root = Path(root)
         self._searches: Coalescer[qe.QueryRequest, list[qe.ScoredPoint]] = Coalescer(
-            self._query_many, max_batch, on_batch=on_batch)
+            self._query_many, max_batch, on_batch=on_batch
+        )
         self._versions_dir = self._root / "versions"
         self._versions_dir.mkdir(parents=True, exist_ok=True)
         self._alias_file = self._root / "aliases.json"
@@ -122,8 +132,9 @@ class EdgeItemIndex:
 
     # ---- versions and alias ----
 
-    def create_version(self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024,
-                       overwrite: bool = False) -> int:
+    def create_version(
+        self, version: str, dim: int, points: Iterable[ItemPoint], batch: int = 1024, overwrite: bool = False
+    ) -> int:
         check_version(version)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -141,10 +152,17 @@ class EdgeItemIndex:
             for chunk in batched(points, batch):
                 shard.update(qe.UpdateOperation.upsert_points([qe.Point(*stored_point(p, dim)) for p in chunk]))
                 written += len(chunk)
-            shard.optimize()   # seals the segment and builds its int8 copies (quantised search)
-            shard.close()   # flushes; the directory is only moved once nothing holds it
-            _write_json(build / "meta.json", {"version": version, "dim": dim, "points": written,
-                                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            shard.optimize()  # seals the segment and builds its int8 copies (quantised search)
+            shard.close()  # flushes; the directory is only moved once nothing holds it
+            _write_json(
+                build / "meta.json",
+                {
+                    "version": version,
+                    "dim": dim,
+                    "points": written,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+            )
             self._install(version, build, overwrite)
             return written
         except BaseException:
@@ -159,7 +177,7 @@ class EdgeItemIndex:
             if not final.exists():
                 os.rename(build, final)
                 return
-            if not overwrite:   # another process built it meanwhile
+            if not overwrite:  # another process built it meanwhile
                 raise VersionExists(f"index version {version} already exists (pass overwrite=True to rebuild)")
             trash = self._retire(version)
             os.rename(build, final)
@@ -169,8 +187,9 @@ class EdgeItemIndex:
         return (self._versions_dir / check_version(version) / "meta.json").is_file()
 
     def versions(self) -> list[str]:
-        return sorted(p.name for p in self._versions_dir.iterdir()
-                      if not p.name.startswith(".") and (p / "meta.json").is_file())
+        return sorted(
+            p.name for p in self._versions_dir.iterdir() if not p.name.startswith(".") and (p / "meta.json").is_file()
+        )
 
     def set_alias(self, version: str) -> None:
         if not self.has_version(version):
@@ -235,7 +254,7 @@ class EdgeItemIndex:
             except IndexUnavailable as e:
                 if IN_USE in str(e):
                     raise VersionInUse(f"index version {version} is open in another process: {e}") from e
-                shard = None   # damaged beyond opening: nothing holds it, move it aside all the same
+                shard = None  # damaged beyond opening: nothing holds it, move it aside all the same
         if shard is not None:
             shard.close()
         trash = self._versions_dir / f".trash-{version}-{uuid.uuid4().hex[:8]}"
@@ -251,18 +270,25 @@ class EdgeItemIndex:
             return
         with timed(self._on_query, "upsert"):
             shard.update(qe.UpdateOperation.upsert_points(ops))
-            shard.flush()   # new anime are rare and must survive a crash, not just a clean close
+            shard.flush()  # new anime are rare and must survive a crash, not just a clean close
 
-    def search(self, vector: np.ndarray, limit: int, offset: int = 0, flt: SearchFilter | None = None,
-               version: str | None = None, exact: bool = True,
-               oversampling: float = DEFAULT_OVERSAMPLING) -> list[Hit]:
+    def search(
+        self,
+        vector: np.ndarray,
+        limit: int,
+        offset: int = 0,
+        flt: SearchFilter | None = None,
+        version: str | None = None,
+        exact: bool = True,
+        oversampling: float = DEFAULT_OVERSAMPLING,
+    ) -> list[Hit]:
         check_page(limit, offset, oversampling)
         fetch = plan_fetch(flt, limit, offset)
         request = _query(as_query_vector(vector), fetch.limit, fetch.offset, fetch.flt, exact, oversampling)
         if version is None:
             version = self._alias_or_raise()
-        self._open(version)   # UnknownVersion / IndexUnavailable here, in the caller's own thread
-        with timed(self._on_query, "search"):   # includes any wait for a running batch
+        self._open(version)  # UnknownVersion / IndexUnavailable here, in the caller's own thread
+        with timed(self._on_query, "search"):  # includes any wait for a running batch
             found = self._searches.run(version, request)
         return fetch.apply([_hit(p) for p in found])
 
@@ -277,12 +303,19 @@ class EdgeItemIndex:
             return [shard.query(requests[0])]
         return shard.query_batch(qe.QueryBatchRequest(list(requests)))
 
-    def search_batch(self, vectors: np.ndarray, limit: int, filters: Sequence[SearchFilter | None] | None = None,
-                     version: str | None = None, exact: bool = True,
-                     oversampling: float = DEFAULT_OVERSAMPLING) -> list[list[Hit]]:
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        filters: Sequence[SearchFilter | None] | None = None,
+        version: str | None = None,
+        exact: bool = True,
+        oversampling: float = DEFAULT_OVERSAMPLING,
+    ) -> list[list[Hit]]:
         rows = as_query_matrix(vectors)
-        requests = [_query(v, limit, 0, f, exact, oversampling)
-                    for v, f in zip(rows, aligned_filters(filters, len(rows)))]
+        requests = [
+            _query(v, limit, 0, f, exact, oversampling) for v, f in zip(rows, aligned_filters(filters, len(rows)))
+        ]
         if not requests:
             return []
         shard, _ = self._open(version)
@@ -290,8 +323,7 @@ class EdgeItemIndex:
             found = shard.query_batch(qe.QueryBatchRequest(requests))
         return [[_hit(p) for p in ps] for ps in found]
 
-    def get(self, anime_ids: Sequence[int], version: str | None = None,
-            with_vectors: bool = False) -> list[ItemPoint]:
+    def get(self, anime_ids: Sequence[int], version: str | None = None, with_vectors: bool = False) -> list[ItemPoint]:
         shard, _ = self._open(version)
         with timed(self._on_query, "get"):
             records = shard.retrieve([int(a) for a in anime_ids], True, with_vectors)
@@ -313,7 +345,7 @@ class EdgeItemIndex:
         ops = [qe.Point(*stored_user(u, dim)) for u in users]
         with timed(self._on_query, "upsert_users"):
             shard.update(qe.UpdateOperation.upsert_points(ops))
-            shard.flush()   # another replica (or this one after a crash) must read what we wrote
+            shard.flush()  # another replica (or this one after a crash) must read what we wrote
 
     def get_users(self, version: str, user_ids: Sequence[int]) -> list[UserPoint]:
         opened = self._open_users(version, None)
@@ -342,13 +374,15 @@ class EdgeItemIndex:
                     opened = (_load_shard(path / "shard"), int(json.loads((path / "meta.json").read_text())["dim"]))
                 elif dim is None:
                     return None
-                else:   # a directory without meta.json is a creation that crashed: start over
+                else:  # a directory without meta.json is a creation that crashed: start over
                     shutil.rmtree(path, ignore_errors=True)
-                    shard = qe.EdgeShard.create(str(path / "shard"), qe.EdgeConfig(
-                        vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot)))
+                    shard = qe.EdgeShard.create(
+                        str(path / "shard"),
+                        qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot)),
+                    )
                     _write_json(path / "meta.json", {"version": version, "dim": dim})
                     opened = (shard, dim)
-            except Exception as e:   # a held lock is the usual cause
+            except Exception as e:  # a held lock is the usual cause
                 raise IndexUnavailable(f"cannot open the users of {version} at {path}: {e}") from e
             self._user_shards[version] = opened
             return opened
@@ -383,7 +417,7 @@ class EdgeItemIndex:
             path = self._versions_dir / version
             try:
                 shard = _load_shard(path / "shard")
-            except IndexUnavailable as e:   # a held lock is the usual cause
+            except IndexUnavailable as e:  # a held lock is the usual cause
                 raise IndexUnavailable(f"cannot open index version {version} at {path}: {e}") from e
             self._shards[version] = shard
             self._dims[version] = int(json.loads((path / "meta.json").read_text())["dim"])
@@ -396,19 +430,40 @@ def _items_config(dim: int) -> qe.EdgeConfig:
     indexing_threshold=1 KB lets `optimize` seal any non-empty segment, which is what builds the
     copies; points upserted later (added anime) land in an appendable segment scanned in float32."""
     return qe.EdgeConfig(
-        vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot, quantization_config=qe.ScalarQuantizationConfig(
-            qe.ScalarType.Int8, quantile=QUANTIZATION_QUANTILE, always_ram=True)),
+        vectors=qe.EdgeVectorParams(
+            size=dim,
+            distance=qe.Distance.Dot,
+            quantization_config=qe.ScalarQuantizationConfig(
+                qe.ScalarType.Int8, quantile=QUANTIZATION_QUANTILE, always_ram=True
+            ),
+        ),
         hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),
-        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1))
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1),
+    )
 
 
-def _query(vector: list[float], limit: int, offset: int, flt: SearchFilter | None, exact: bool,
-           oversampling: float) -> qe.QueryRequest:
+def _query(
+    vector: list[float], limit: int, offset: int, flt: SearchFilter | None, exact: bool, oversampling: float
+) -> qe.QueryRequest:
     check_page(limit, offset, oversampling)
-    params = qe.SearchParams(exact=True) if exact else qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(
-        rescore=True, oversampling=effective_oversampling(limit, offset, oversampling)))
-    return qe.QueryRequest(limit=limit, offset=offset, query=qe.Query.Nearest(vector), filter=edge_filter(flt),
-                           params=params, with_payload=True)
+    params = (
+        qe.SearchParams(exact=True)
+        if exact
+        else qe.SearchParams(
+            exact=False,
+            quantization=qe.QuantizationSearchParams(
+                rescore=True, oversampling=effective_oversampling(limit, offset, oversampling)
+            ),
+        )
+    )
+    return qe.QueryRequest(
+        limit=limit,
+        offset=offset,
+        query=qe.Query.Nearest(vector),
+        filter=edge_filter(flt),
+        params=params,
+        with_payload=True,
+    )
 
 
 def _hit(p: qe.ScoredPoint) -> Hit:
@@ -420,9 +475,9 @@ def _load_shard(path: Path) -> qe.EdgeShard:
     a Rust panic (damaged files) arrives as pyo3's PanicException, which is a BaseException."""
     try:
         return qe.EdgeShard.load(str(path))
-    except BaseException as e:   # noqa: B902
+    except BaseException as e:  # noqa: B902
         if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
-            raise   # KeyboardInterrupt, SystemExit
+            raise  # KeyboardInterrupt, SystemExit
         raise IndexUnavailable(f"{type(e).__name__}: {e}") from e
 
 
@@ -433,7 +488,7 @@ def _read_alias(path: Path) -> str | None:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:   # ValueError: bad JSON or bad UTF-8
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise AliasUnreadable(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:100]})") from e
     target = doc.get(ALIAS) if isinstance(doc, dict) else None
     if isinstance(doc, dict) and target is None:

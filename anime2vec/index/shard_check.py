@@ -22,14 +22,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-CHECK_TIMEOUT_S = 60.0   # a sound shard opens in seconds even on a busy machine (the full catalogue: < 1 s)
-IN_USE = "WouldBlock"    # the engine's message when another process holds the shard's lock
+CHECK_TIMEOUT_S = 60.0  # a sound shard opens in seconds even on a busy machine (the full catalogue: < 1 s)
+IN_USE = "WouldBlock"  # the engine's message when another process holds the shard's lock
 
 
 @dataclass(frozen=True)
 class ShardHealth:
-    problem: str | None = None   # why the shard cannot be served from; None: sound
-    in_use: bool = False         # another process holds it: unknown, and not ours to touch
+    problem: str | None = None  # why the shard cannot be served from; None: sound
+    in_use: bool = False  # another process holds it: unknown, and not ours to touch
 
     @property
     def sound(self) -> bool:
@@ -39,7 +39,7 @@ class ShardHealth:
 def check_shard(shard_dir: Path, dim: int, min_points: int = 0, timeout_s: float = CHECK_TIMEOUT_S) -> ShardHealth:
     """Open and read `shard_dir` in a child process (see the module docstring)."""
     cmd = [sys.executable, "-m", "anime2vec.index.shard_check", str(shard_dir), str(dim), str(min_points)]
-    root = str(Path(__file__).resolve().parents[2])   # where `services` is importable from
+    root = str(Path(__file__).resolve().parents[2])  # where `services` is importable from
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -60,7 +60,7 @@ def _probe(shard_dir: str, dim: int, min_points: int) -> dict:
 
     try:
         shard = qe.EdgeShard.load(shard_dir)
-    except BaseException as e:   # noqa: B902 - a Rust panic is a BaseException
+    except BaseException as e:  # noqa: B902 - a Rust panic is a BaseException
         if IN_USE in str(e):
             return {"in_use": True, "problem": None}
         return {"problem": f"it does not open: {type(e).__name__}: {str(e)[:300]}"}
@@ -68,24 +68,34 @@ def _probe(shard_dir: str, dim: int, min_points: int) -> dict:
         n = shard.count(qe.CountRequest(exact=True))
         if n < min_points:
             return {"problem": f"it holds {n} points, {min_points} were written"}
-        probe = [1.0 / dim ** 0.5] * dim
+        probe = [1.0 / dim**0.5] * dim
         found = []
-        for params in (qe.SearchParams(exact=True), qe.SearchParams(
-                exact=False, quantization=qe.QuantizationSearchParams(rescore=True, oversampling=2.0))):
-            found += shard.query(qe.QueryRequest(limit=10, offset=0, query=qe.Query.Nearest(probe),
-                                                 params=params, with_payload=True))
-        shard.query(qe.QueryRequest(limit=10, offset=0, query=qe.Query.Nearest(probe), with_payload=True,
-                                    filter=qe.Filter(must_not=[qe.HasIdCondition({0})])))
+        for params in (
+            qe.SearchParams(exact=True),
+            qe.SearchParams(exact=False, quantization=qe.QuantizationSearchParams(rescore=True, oversampling=2.0)),
+        ):
+            found += shard.query(
+                qe.QueryRequest(limit=10, offset=0, query=qe.Query.Nearest(probe), params=params, with_payload=True)
+            )
+        shard.query(
+            qe.QueryRequest(
+                limit=10,
+                offset=0,
+                query=qe.Query.Nearest(probe),
+                with_payload=True,
+                filter=qe.Filter(must_not=[qe.HasIdCondition({0})]),
+            )
+        )
         if n and not found:
             return {"problem": f"it counts {n} points but a search finds none"}
         shard.retrieve(sorted({int(p.id) for p in found}), True, True)
         return {"problem": None}
-    except BaseException as e:   # noqa: B902
+    except BaseException as e:  # noqa: B902
         return {"problem": f"reading it fails: {type(e).__name__}: {str(e)[:300]}"}
     finally:
         try:
             shard.close()
-        except BaseException:   # noqa: B902 - the verdict is already decided
+        except BaseException:  # noqa: B902 - the verdict is already decided
             pass
 
 

@@ -131,7 +131,11 @@ class Recommender(ABC):
                 p = pos[ex.col]
                 ok = p >= 0
                 s[ex.row[ok], p[ok]] = -np.inf
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
+            top = (
+                np.argpartition(-s, k - 1, axis=1)[:, :k]
+                if k < s.shape[1]
+                else np.tile(np.arange(s.shape[1]), (len(s), 1))
+            )
             ts = np.take_along_axis(s, top, axis=1)
             order = np.argsort(-ts, axis=1, kind="stable")
             top = np.take_along_axis(top, order, axis=1)

@@ -31,8 +31,9 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 class ContentBilinear(Recommender):
     learns_preferences = True
 
-    def __init__(self, content: np.ndarray, lam: float = 10.0, mu: float = 10.0, seed: int = 0,
-                 name: str = "content-bilinear"):
+    def __init__(
+        self, content: np.ndarray, lam: float = 10.0, mu: float = 10.0, seed: int = 0, name: str = "content-bilinear"
+    ):
         super().__init__()
         self.content = np.ascontiguousarray(content, dtype=np.float32)
         self.lam, self.mu, self.seed, self.name = float(lam), float(mu), seed, name
@@ -54,7 +55,7 @@ class ContentBilinear(Recommender):
         z = _unit_rows(np.asarray(xa @ c)).astype(np.float64)
         d_u, d_i = z.shape[1], c.shape[1]
         lhs = z.T @ z + self.lam * np.eye(d_u)
-        rhs = np.asarray(xb[:, warm].T @ z).T @ c[warm]          # Z_Aᵀ X_B C
+        rhs = np.asarray(xb[:, warm].T @ z).T @ c[warm]  # Z_Aᵀ X_B C
         gram = c[warm].T @ c[warm] + self.mu * np.eye(d_i)
         self.W = np.linalg.solve(gram, np.linalg.solve(lhs, rhs).T).T.astype(np.float32)
         return self

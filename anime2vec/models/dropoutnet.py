@@ -30,24 +30,24 @@ from torch import nn
 from .base import Queries, Recommender
 from .wmf import WMF
 
-SMALL_BATCH = 16   # rows at or below which inference runs in numpy (Tower.forward_numpy)
+SMALL_BATCH = 16  # rows at or below which inference runs in numpy (Tower.forward_numpy)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DropoutNetConfig:
-    hidden: tuple[int, ...] = (500,)   # tanh + batch-norm layers per tower
-    out_dim: int = 200                 # rank of Û, V̂
+    hidden: tuple[int, ...] = (500,)  # tanh + batch-norm layers per tower
+    out_dim: int = 200  # rank of Û, V̂
     p_item_dropout: float = 0.5
     p_user_transform: float = 0.3
     p_user_dropout: float = 0.1
     lr: float = 1e-3
     weight_decay: float = 1e-6
     epochs: int = 40
-    patience: int = 6                  # epochs without validation gain before stopping
+    patience: int = 6  # epochs without validation gain before stopping
     batch_users: int = 256
-    top_pool: int = 100                # each user's top-scored WMF items to sample from
+    top_pool: int = 100  # each user's top-scored WMF items to sample from
     n_top: int = 50
     n_rand: int = 50
     seed: int = 0
@@ -90,7 +90,7 @@ class Tower(nn.Module):
             for m in self.net:
                 if isinstance(m, nn.Linear):
                     layers.append(("linear", _np(m.weight).T.copy(), _np(m.bias)))
-                elif isinstance(m, nn.BatchNorm1d):   # eval mode: running statistics, folded to a*x + b
+                elif isinstance(m, nn.BatchNorm1d):  # eval mode: running statistics, folded to a*x + b
                     scale = _np(m.weight) / np.sqrt(_np(m.running_var) + np.float32(m.eps))
                     layers.append(("affine", scale, _np(m.bias) - _np(m.running_mean) * scale))
                 elif isinstance(m, nn.Tanh):
@@ -125,8 +125,9 @@ class Standardiser:
 @dataclass
 class _Inputs:
     """Everything the towers read, precomputed once per fit / load."""
+
     pref_u: Standardiser
-    pref_t: Standardiser           # for transformed users (mean V of their items)
+    pref_t: Standardiser  # for transformed users (mean V of their items)
     pref_v: Standardiser
     cont_u: Standardiser
     cont_v: Standardiser
@@ -137,10 +138,24 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def training_step(f_u: nn.Module, f_v: nn.Module, opt: torch.optim.Optimizer, c: DropoutNetConfig,
-                  rng: np.random.Generator, ub: np.ndarray, top_b: np.ndarray, items: np.ndarray,
-                  U: np.ndarray, V: np.ndarray, pu: np.ndarray, pt: np.ndarray, cu: np.ndarray,
-                  pv: np.ndarray, cv: np.ndarray, tensor: Callable[[np.ndarray], torch.Tensor]) -> tuple[float, int]:
+def training_step(
+    f_u: nn.Module,
+    f_v: nn.Module,
+    opt: torch.optim.Optimizer,
+    c: DropoutNetConfig,
+    rng: np.random.Generator,
+    ub: np.ndarray,
+    top_b: np.ndarray,
+    items: np.ndarray,
+    U: np.ndarray,
+    V: np.ndarray,
+    pu: np.ndarray,
+    pt: np.ndarray,
+    cu: np.ndarray,
+    pv: np.ndarray,
+    cv: np.ndarray,
+    tensor: Callable[[np.ndarray], torch.Tensor],
+) -> tuple[float, int]:
     """One optimiser step for the batch of users `ub` (rows of U, pu, pt, cu; top_b: each one's pool
     of top-scored items): candidates are n_top items from the pool plus n_rand random `items`, the
     target is the WMF score, with user transform/dropout and item dropout applied to the preference
@@ -149,7 +164,7 @@ def training_step(f_u: nn.Module, f_v: nn.Module, opt: torch.optim.Optimizer, c:
     pool = top_b.shape[1]
     tj = top_b[np.arange(len(ub))[:, None], rng.integers(0, pool, (len(ub), c.n_top))]
     rj = items[rng.integers(0, len(items), (len(ub), c.n_rand))]
-    cand = np.concatenate([tj, rj], axis=1)                      # (B, S)
+    cand = np.concatenate([tj, rj], axis=1)  # (B, S)
     target = np.einsum("bf,bsf->bs", U[ub], V[cand])
     uniq, inv = np.unique(cand, return_inverse=True)
     # user preference input: own factors, transform, or dropped
@@ -174,8 +189,14 @@ def training_step(f_u: nn.Module, f_v: nn.Module, opt: torch.optim.Optimizer, c:
 class DropoutNet(Recommender):
     learns_preferences = True
 
-    def __init__(self, content: np.ndarray, wmf: WMF, config: DropoutNetConfig | None = None,
-                 name: str = "dropoutnet", device: str | None = None):
+    def __init__(
+        self,
+        content: np.ndarray,
+        wmf: WMF,
+        config: DropoutNetConfig | None = None,
+        name: str = "dropoutnet",
+        device: str | None = None,
+    ):
         """content: (n_items, d) item content vectors aligned to item indices (already whitened).
         wmf: fitted or unfitted WMF; `fit` fits it on the same training matrix if needed."""
         super().__init__()
@@ -196,8 +217,11 @@ class DropoutNet(Recommender):
         self.post_release_dims: int = 0
 
     def params(self) -> dict:
-        return {"dropoutnet": self.config.to_dict(), "wmf": self.wmf.params(),
-                "content_dim": int(self.content.shape[1])}
+        return {
+            "dropoutnet": self.config.to_dict(),
+            "wmf": self.wmf.params(),
+            "content_dim": int(self.content.shape[1]),
+        }
 
     # ---- inputs -------------------------------------------------------------------------
     def _weighted_mean(self, h: sp.csr_matrix, x: np.ndarray) -> np.ndarray:
@@ -227,8 +251,7 @@ class DropoutNet(Recommender):
         return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
 
     # ---- training -----------------------------------------------------------------------
-    def fit(self, train: sp.csr_matrix,
-            validation: Callable[["DropoutNet"], float] | None = None) -> "DropoutNet":
+    def fit(self, train: sp.csr_matrix, validation: Callable[["DropoutNet"], float] | None = None) -> "DropoutNet":
         """Train the towers. `validation(model) -> score` (higher is better) is called after each
         epoch; the best epoch's weights are kept (selection on the validation split)."""
         self.train = train.tocsr().astype(np.float32)
@@ -251,24 +274,27 @@ class DropoutNet(Recommender):
         pool = min(c.top_pool, len(items))
         top = np.empty((len(users), pool), np.int64)
         for s in range(0, len(users), 1024):
-            sc = U[users[s:s + 1024]] @ V[items].T
-            top[s:s + 1024] = items[np.argpartition(-sc, pool - 1, axis=1)[:, :pool]]
+            sc = U[users[s : s + 1024]] @ V[items].T
+            top[s : s + 1024] = items[np.argpartition(-sc, pool - 1, axis=1)[:, :pool]]
 
         params = list(self.f_u.parameters()) + list(self.f_v.parameters())
         opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         best, best_state, stale = -math.inf, None, 0
         self.history = []
         for epoch in range(c.epochs):
-            self.f_u.train(); self.f_v.train()
+            self.f_u.train()
+            self.f_v.train()
             order = rng.permutation(len(users))
             total, n = 0.0, 0
             for s in range(0, len(order), c.batch_users):
-                b = order[s:s + c.batch_users]
+                b = order[s : s + c.batch_users]
                 if len(b) < 2:
                     continue
-                loss, _ = training_step(self.f_u, self.f_v, opt, c, rng, users[b], top[b], items,
-                                        U, V, pu, pt, cu, pv, cv, self._t)
-                total += loss * len(b); n += len(b)
+                loss, _ = training_step(
+                    self.f_u, self.f_v, opt, c, rng, users[b], top[b], items, U, V, pu, pt, cu, pv, cv, self._t
+                )
+                total += loss * len(b)
+                n += len(b)
             self._refresh_items()
             rec = {"epoch": epoch + 1, "train_mse": total / max(n, 1)}
             if validation is not None:
@@ -283,7 +309,8 @@ class DropoutNet(Recommender):
             if validation is not None and stale >= c.patience:
                 break
         if best_state is not None:
-            self.f_u.load_state_dict(best_state[0]); self.f_v.load_state_dict(best_state[1])
+            self.f_u.load_state_dict(best_state[0])
+            self.f_v.load_state_dict(best_state[1])
             self.best_epoch = best_state[2]
         else:
             self.best_epoch = len(self.history)
@@ -312,7 +339,8 @@ class DropoutNet(Recommender):
         warm = np.any(self.wmf.V != 0, axis=1)
         pref = np.where(warm[:, None], self.wmf.V, 0.0).astype(np.float32)
         self.item_emb = np.concatenate(
-            [self.item_tower(pref[s:s + 8192], self.content[s:s + 8192]) for s in range(0, len(pref), 8192)])
+            [self.item_tower(pref[s : s + 8192], self.content[s : s + 8192]) for s in range(0, len(pref), 8192)]
+        )
 
     def user_tower(self, queries: Queries) -> np.ndarray:
         """Û for known users (own factors) or favourites queries (transform of the liked items)."""
@@ -322,8 +350,9 @@ class DropoutNet(Recommender):
             return self.user_tower_from(self.wmf.U[queries.users], mean_content, transformed=False)
         return self.user_tower_from(self._weighted_mean(h, self.wmf.V), mean_content, transformed=True)
 
-    def user_tower_from(self, pref: np.ndarray | None, mean_content: np.ndarray,
-                        transformed: bool = True) -> np.ndarray:
+    def user_tower_from(
+        self, pref: np.ndarray | None, mean_content: np.ndarray, transformed: bool = True
+    ) -> np.ndarray:
         """Û from raw inputs: pref is a user's own U (transformed=False) or the mean V of the items
         they like (transformed=True); None or all-zero rows mean content alone (e.g. a free-text
         query, or favourites that are all cold items)."""
@@ -344,7 +373,7 @@ class DropoutNet(Recommender):
         items = items[self.cold_items[items]]
         view = copy.copy(self)
         view.content = self.content.copy()
-        view.content[items, -self.post_release_dims:] = 0.0
+        view.content[items, -self.post_release_dims :] = 0.0
         view.item_emb = self.item_emb.copy()
         view.item_emb[items] = self.item_tower(None, view.content[items])
         return view
@@ -369,13 +398,18 @@ class DropoutNet(Recommender):
         u = np.atleast_2d(user_emb)
         return np.hstack([u, np.ones((len(u), 1), np.float32)]).astype(np.float32)
 
-    def calibrate(self, validation: Callable[["DropoutNet"], float],
-                  grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)) -> float:
+    def calibrate(
+        self,
+        validation: Callable[["DropoutNet"], float],
+        grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
+    ) -> float:
         """Pick `cold_bias` (in units of the std of user-item scores) by the validation score."""
         rng = np.random.default_rng(self.config.seed)
         users = np.flatnonzero(self.train.getnnz(axis=1))
-        sample = self.score(Queries.of_users(rng.choice(users, min(256, len(users)), replace=False)),
-                            rng.choice(self.train.shape[1], min(2048, self.train.shape[1]), replace=False))
+        sample = self.score(
+            Queries.of_users(rng.choice(users, min(256, len(users)), replace=False)),
+            rng.choice(self.train.shape[1], min(2048, self.train.shape[1]), replace=False),
+        )
         scale = float(np.std(sample)) or 1.0
         self.calibration, best, best_b = [], -math.inf, 0.0
         for g in grid:
@@ -401,16 +435,30 @@ class DropoutNet(Recommender):
         return out
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], config: DropoutNetConfig, content: np.ndarray,
-                   wmf: WMF, name: str = "dropoutnet", device: str | None = None) -> "DropoutNet":
+    def from_state(
+        cls,
+        state: dict[str, np.ndarray],
+        config: DropoutNetConfig,
+        content: np.ndarray,
+        wmf: WMF,
+        name: str = "dropoutnet",
+        device: str | None = None,
+    ) -> "DropoutNet":
         m = cls(content, wmf, config, name=name, device=device)
         m.train = wmf.train
-        m.inputs = _Inputs(**{n: Standardiser(state[f"std.{n}.mean"], state[f"std.{n}.std"])
-                              for n in ("pref_u", "pref_t", "pref_v", "cont_u", "cont_v")})
+        m.inputs = _Inputs(
+            **{
+                n: Standardiser(state[f"std.{n}.mean"], state[f"std.{n}.std"])
+                for n in ("pref_u", "pref_t", "pref_v", "cont_u", "cont_v")
+            }
+        )
         m._build()
         for tower, mod in (("f_u", m.f_u), ("f_v", m.f_v)):
-            sd = {k[len(tower) + 1:]: torch.from_numpy(np.asarray(v)) for k, v in state.items()
-                  if k.startswith(tower + ".")}
+            sd = {
+                k[len(tower) + 1 :]: torch.from_numpy(np.asarray(v))
+                for k, v in state.items()
+                if k.startswith(tower + ".")
+            }
             mod.load_state_dict(sd)
         m.cold_bias = float(state["cold_bias"][0]) if "cold_bias" in state else 0.0
         m._refresh_items()

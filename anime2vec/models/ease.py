@@ -30,16 +30,17 @@ class EASE(Recommender):
     name = "ease"
     learns_preferences = True
 
-    def __init__(self, lam: float = 500.0, binary: bool = True, rank: int | None = None, seed: int = 0,
-                 name: str = "ease"):
+    def __init__(
+        self, lam: float = 500.0, binary: bool = True, rank: int | None = None, seed: int = 0, name: str = "ease"
+    ):
         """lam: L2 weight λ. binary: fit on who-watched-what (the paper's setting); queries still
         weigh their items by confidence. rank: serve the factored form (see the module docstring)."""
         super().__init__()
         self.lam, self.binary, self.rank, self.seed, self.name = float(lam), binary, rank, seed, name
         self.B: np.ndarray | None = None
-        self.warm: np.ndarray | None = None    # item indices with training interactions
-        self.P: np.ndarray | None = None       # (n_items, r) query side: p = x · P
-        self.Q: np.ndarray | None = None       # (n_items, r) item side; zero rows for unscorable items
+        self.warm: np.ndarray | None = None  # item indices with training interactions
+        self.P: np.ndarray | None = None  # (n_items, r) query side: p = x · P
+        self.Q: np.ndarray | None = None  # (n_items, r) item side; zero rows for unscorable items
 
     def params(self) -> dict:
         return {"lambda": self.lam, "binary": self.binary, "rank": self.rank}

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 GROUPS = ("warm", "paired", "text")
 WARM, PAIRED, TEXT = 0, 1, 2
 REQUESTS = ("users", "favourites", "text")
-POP_BUCKETS = (1, 3, 6)          # liked-list sizes ≤ 1, ≤ 3, ≤ 6, larger: one prior weight each
+POP_BUCKETS = (1, 3, 6)  # liked-list sizes ≤ 1, ≤ 3, ≤ 6, larger: one prior weight each
 GRIDS = {
     # never 0: cold anime are scored through the same content block (times their group's β)
     "content": (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5),
@@ -73,16 +73,17 @@ GRIDS = {
 # stage 2's starting offsets for the cold groups. On the full data (validation) the ascent from 0
 # ended at a mean objective of 0.5949, from −0.5 at 0.5995, from −1 at 0.6013: it is local
 STAGE2_STARTS = (0.0, -0.5, -1.0, -1.5, -2.0)
-OUT = -1e4   # an offset that keeps a group out of every list (stage 1)
+OUT = -1e4  # an offset that keeps a group out of every list (stage 1)
 
 
 @dataclass
 class Weights:
     """Query-side weights of one request type. pop: one prior weight per liked-list size bucket
     (POP_BUCKETS, then larger lists)."""
+
     cf: float = 1.0
     content: float = 0.2
-    text: float = 0.0            # plain content similarity (free-text queries)
+    text: float = 0.0  # plain content similarity (free-text queries)
     pop: list[float] = field(default_factory=lambda: [0.0] * (len(POP_BUCKETS) + 1))
     offset: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GROUPS})
 
@@ -90,18 +91,29 @@ class Weights:
         return np.asarray(self.pop, np.float32)[np.searchsorted(POP_BUCKETS, np.asarray(n_liked), side="left")]
 
     def as_dict(self) -> dict:
-        return {"cf": self.cf, "content": self.content, "text": self.text, "pop": list(self.pop),
-                "offset": dict(self.offset)}
+        return {
+            "cf": self.cf,
+            "content": self.content,
+            "text": self.text,
+            "pop": list(self.pop),
+            "offset": dict(self.offset),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Weights":
-        return cls(cf=float(d["cf"]), content=float(d["content"]), text=float(d.get("text", 0.0)),
-                   pop=[float(x) for x in d["pop"]], offset={g: float(d["offset"][g]) for g in GROUPS})
+        return cls(
+            cf=float(d["cf"]),
+            content=float(d["content"]),
+            text=float(d.get("text", 0.0)),
+            pop=[float(x) for x in d["pop"]],
+            offset={g: float(d["offset"][g]) for g in GROUPS},
+        )
 
 
 @dataclass
 class ItemSide:
     """Item-side multipliers per group, shared by every request type."""
+
     beta_cf: dict[str, float] = field(default_factory=lambda: {"warm": 1.0, "paired": 1.0, "text": 0.0})
     beta_content: dict[str, float] = field(default_factory=lambda: {g: 1.0 for g in GROUPS})
 
@@ -110,12 +122,16 @@ class ItemSide:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ItemSide":
-        return cls(beta_cf={g: float(d["beta_cf"][g]) for g in GROUPS},
-                   beta_content={g: float(d["beta_content"][g]) for g in GROUPS})
+        return cls(
+            beta_cf={g: float(d["beta_cf"][g]) for g in GROUPS},
+            beta_content={g: float(d["beta_content"][g]) for g in GROUPS},
+        )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return (np.array([self.beta_cf[g] for g in GROUPS], np.float32),
-                np.array([self.beta_content[g] for g in GROUPS], np.float32))
+        return (
+            np.array([self.beta_cf[g] for g in GROUPS], np.float32),
+            np.array([self.beta_content[g] for g in GROUPS], np.float32),
+        )
 
 
 def content_factors(W: np.ndarray, rank: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -129,8 +145,15 @@ def content_factors(W: np.ndarray, rank: int | None) -> tuple[np.ndarray, np.nda
 class Hybrid(Recommender):
     learns_preferences = True
 
-    def __init__(self, cf: EASE, content: ContentBilinear, graph: sp.csr_matrix | None = None,
-                 content_rank: int | None = 128, text_rank: int = 128, name: str = "anime2vec-hybrid"):
+    def __init__(
+        self,
+        cf: EASE,
+        content: ContentBilinear,
+        graph: sp.csr_matrix | None = None,
+        content_rank: int | None = 128,
+        text_rank: int = 128,
+        name: str = "anime2vec-hybrid",
+    ):
         """cf: a factored EASE (rank set); content: the bilinear content model; graph: MAL
         recommendation-pair adjacency over the items (None: no paired group). Unfitted parts are
         fitted on the same training matrix by `fit`."""
@@ -149,10 +172,15 @@ class Hybrid(Recommender):
 
     # ---- parameters ------------------------------------------------------------------------
     def params(self) -> dict:
-        return {"weights": {r: w.as_dict() for r, w in self.weights.items()}, "items": self.items.as_dict(),
-                "cf": self.cf.params() if self.cf is not None else None,
-                "content": self.content.params() if self.content is not None else None,
-                "content_rank": self.content_rank, "text_rank": self.text_rank, "graph": self.graph is not None}
+        return {
+            "weights": {r: w.as_dict() for r, w in self.weights.items()},
+            "items": self.items.as_dict(),
+            "cf": self.cf.params() if self.cf is not None else None,
+            "content": self.content.params() if self.content is not None else None,
+            "content_rank": self.content_rank,
+            "text_rank": self.text_rank,
+            "graph": self.graph is not None,
+        }
 
     def set_params(self, params: dict) -> "Hybrid":
         """Weights and calibration from `params()` (or set by hand): no re-tuning."""
@@ -188,7 +216,7 @@ class Hybrid(Recommender):
         # the text block: unit content rows projected on their top singular directions, re-normalised
         unit = _unit_rows(self.C)
         _, _, vt = np.linalg.svd(unit[warm].astype(np.float64), full_matrices=False)
-        self.Vt = np.ascontiguousarray(vt[:min(self.text_rank, len(vt))].T, dtype=np.float32)
+        self.Vt = np.ascontiguousarray(vt[: min(self.text_rank, len(vt))].T, dtype=np.float32)
         self.T = self.text_query(unit)
         self.item_content = (self.content.content @ self.Wv).astype(np.float32)
         counts = np.asarray(self.train.getnnz(axis=0)).ravel().astype(np.float32)
@@ -207,16 +235,16 @@ class Hybrid(Recommender):
         self.mu_content = np.stack([self._mean(self.item_content, g) for g in range(len(GROUPS))])
         self.cov_content = np.cov(self.item_content.T.astype(np.float64)).astype(np.float32)
 
-    STATE = ("P", "q", "C", "group", "pop", "Wu", "Wv", "item_content", "mu_cf", "mu_content", "cov_content",
-             "Vt", "T")
+    STATE = ("P", "q", "C", "group", "pop", "Wu", "Wv", "item_content", "mu_cf", "mu_content", "cov_content", "Vt", "T")
 
     def state(self) -> dict[str, np.ndarray]:
         """Every array scoring needs (a bundle stores these; `from_state` serves from them)."""
         return {k: np.asarray(getattr(self, k)) for k in self.STATE}
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], params: dict, train: sp.csr_matrix,
-                   name: str = "anime2vec-hybrid") -> "Hybrid":
+    def from_state(
+        cls, state: dict[str, np.ndarray], params: dict, train: sp.csr_matrix, name: str = "anime2vec-hybrid"
+    ) -> "Hybrid":
         """A servable hybrid from `state()` and `params()` (no EASE or bilinear fit needed)."""
         self = cls.__new__(cls)
         Recommender.__init__(self)
@@ -237,8 +265,9 @@ class Hybrid(Recommender):
     def request_type(queries: Queries) -> str:
         return "users" if queries.users is not None else "favourites"
 
-    def query_parts(self, history: sp.csr_matrix, extra_content: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def query_parts(
+        self, history: sp.csr_matrix, extra_content: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p, f, t) for confidence rows over the catalogue: the cf query p = x·P, the
         standardised content query and the text-similarity query of z = unit(x·C). extra_content:
         per row, the weighted sum of content rows of liked anime outside the catalogue (added at
@@ -260,13 +289,17 @@ class Hybrid(Recommender):
         """Unit projection of content rows (queries or anime) for the text-similarity block."""
         return _unit_rows(np.atleast_2d(np.asarray(z, np.float32)) @ self.Vt)
 
-    def serving_query_vectors(self, p: np.ndarray, f: np.ndarray, t: np.ndarray, request: str,
-                              n_liked: np.ndarray | int) -> np.ndarray:
+    def serving_query_vectors(
+        self, p: np.ndarray, f: np.ndarray, t: np.ndarray, request: str, n_liked: np.ndarray | int
+    ) -> np.ndarray:
         w = self.weights[request]
         p, f, t = (np.atleast_2d(x).astype(np.float32) for x in (p, f, t))
         bcf, bct = self.items.arrays()
-        off = np.array([w.offset[g] for g in GROUPS], np.float32) \
-            - w.cf * bcf * (p @ self.mu_cf.T) - w.content * bct * (f @ self.mu_content.T)
+        off = (
+            np.array([w.offset[g] for g in GROUPS], np.float32)
+            - w.cf * bcf * (p @ self.mu_cf.T)
+            - w.content * bct * (f @ self.mu_content.T)
+        )
         pop = np.broadcast_to(w.pop_for(n_liked), (len(p),)).astype(np.float32)[:, None]
         return (np.hstack([w.cf * p, w.content * f, pop, off, w.text * t]) / self._scales()).astype(np.float32)
 
@@ -313,7 +346,7 @@ class Hybrid(Recommender):
             sizes = [self.q.shape[1], self.item_content.shape[1], 1, len(GROUPS), self.T.shape[1]]
             out, at = [], 0
             for n in sizes:
-                top = float(np.quantile(np.abs(raw[:, at:at + n]), 0.99)) if len(raw) else 0.0
+                top = float(np.quantile(np.abs(raw[:, at : at + n]), 0.99)) if len(raw) else 0.0
                 out.append(np.full(n, 1.0 / top if top > 1e-12 else 1.0, np.float32))
                 at += n
             self._scale_vec, self._scale_key = np.concatenate(out), key
@@ -327,17 +360,25 @@ class Hybrid(Recommender):
         h = queries.history_matrix(self.train)
         p, f, t = self.query_parts(h)
         g = self.group[items]
-        return {"cf": p @ self.q[items].T - (p @ self.mu_cf.T)[:, g],
-                "content": f @ self.item_content[items].T - (f @ self.mu_content.T)[:, g],
-                "text": t @ self.T[items].T,
-                "pop": self.pop[items], "group": g, "n_liked": h.getnnz(axis=1)}
+        return {
+            "cf": p @ self.q[items].T - (p @ self.mu_cf.T)[:, g],
+            "content": f @ self.item_content[items].T - (f @ self.mu_content.T)[:, g],
+            "text": t @ self.T[items].T,
+            "pop": self.pop[items],
+            "group": g,
+            "n_liked": h.getnnz(axis=1),
+        }
 
     def combine(self, parts: dict, w: Weights) -> np.ndarray:
         bcf, bct = self.items.arrays()
         g = parts["group"]
         off = np.array([w.offset[x] for x in GROUPS], np.float32)[g]
-        out = (w.cf * parts["cf"] * bcf[g] + w.content * parts["content"] * bct[g]
-               + w.pop_for(parts["n_liked"])[:, None] * parts["pop"][None, :] + off)
+        out = (
+            w.cf * parts["cf"] * bcf[g]
+            + w.content * parts["content"] * bct[g]
+            + w.pop_for(parts["n_liked"])[:, None] * parts["pop"][None, :]
+            + off
+        )
         if w.text:
             out = out + w.text * parts["text"]
         return out.astype(np.float32)
@@ -360,8 +401,13 @@ class Hybrid(Recommender):
         return view
 
     # ---- selection on validation --------------------------------------------------------------
-    def tune(self, objective: Callable[[Callable[[dict], np.ndarray], str, str], float],
-             tolerance: float | None = None, passes: int = 2, starts: tuple[float, ...] = STAGE2_STARTS) -> None:
+    def tune(
+        self,
+        objective: Callable[[Callable[[dict], np.ndarray], str, str], float],
+        tolerance: float | None = None,
+        passes: int = 2,
+        starts: tuple[float, ...] = STAGE2_STARTS,
+    ) -> None:
         """Choose the weights on validation (see the module docstring).
 
         objective(scorer, request, target) → recall@100, where scorer(parts) turns cached
@@ -388,16 +434,19 @@ class Hybrid(Recommender):
                 # cold_items ranks cold anime among themselves: blind to warm-vs-cold, it aligns
                 # the paired and text groups with each other
                 return (run("mix") + run("mix_new") + run("cold_items")) / 3
+
             # from each start (the cold groups' offsets; β from where they were), keep the best
             items0, ends, best = copy.deepcopy(self.items), {}, None
             for start in starts:
                 w.offset = {"warm": 0.0, "paired": start, "text": start}
                 slots = [(w.offset, "text", GRIDS["offset"]), (w.offset, "paired", GRIDS["offset"])]
-                if request == "users":   # the item side is shared: tuned with known users
+                if request == "users":  # the item side is shared: tuned with known users
                     self.items = copy.deepcopy(items0)
-                    slots += [(self.items.beta_content, "text", GRIDS["beta"]),
-                              (self.items.beta_content, "paired", GRIDS["beta"]),
-                              (self.items.beta_cf, "paired", GRIDS["beta"])]
+                    slots += [
+                        (self.items.beta_content, "text", GRIDS["beta"]),
+                        (self.items.beta_content, "paired", GRIDS["beta"]),
+                        (self.items.beta_cf, "paired", GRIDS["beta"]),
+                    ]
                 ends[start] = self._ascend(mix, slots, passes)
                 log.info("hybrid %s: stage 2 from offset %g → %.4f", request, start, ends[start])
                 if best is None or ends[start] > best[0] + 1e-6:
@@ -405,10 +454,19 @@ class Hybrid(Recommender):
             w.offset, self.items = best[1], best[2]
             self.tuning[request] = {
                 "stage2_starts": {str(k): v for k, v in ends.items()},
-                "own_stage1": stage1, "tolerance": tolerance, "floor": floor, "own": own(),
-                "mix": run("mix"), "mix_new": run("mix_new"), "cold_items": run("cold_items"),
-                "cold": run("cold"), "new": run("new"),
-                "weights": w.as_dict(), "items": self.items.as_dict(), "saturated": self.saturated(request)}
+                "own_stage1": stage1,
+                "tolerance": tolerance,
+                "floor": floor,
+                "own": own(),
+                "mix": run("mix"),
+                "mix_new": run("mix_new"),
+                "cold_items": run("cold_items"),
+                "cold": run("cold"),
+                "new": run("new"),
+                "weights": w.as_dict(),
+                "items": self.items.as_dict(),
+                "saturated": self.saturated(request),
+            }
             log.info("hybrid %s: %s", request, self.tuning[request])
 
     def _stage1(self, objective, request: str, passes: int):
@@ -423,7 +481,7 @@ class Hybrid(Recommender):
         own_names = ["own"] if request == "users" else [f"own:{k}" for k in (1, 3, 5, 10)]
         own = lambda: float(np.mean([run(t) for t in own_names]))  # noqa: E731
         self._ascend(own, [(w, "content", GRIDS["content"])], passes)
-        if request == "favourites":   # one prior weight per list size, each on its own scenario
+        if request == "favourites":  # one prior weight per list size, each on its own scenario
             for b, t in enumerate(own_names):
                 self._ascend(lambda t=t: run(t), [(w.pop, b, GRIDS["pop"])], passes)
         else:
@@ -438,10 +496,17 @@ class Hybrid(Recommender):
     def saturated(self, request: str) -> list[str]:
         """Weights on the edge of their grid (the grid may be too narrow there)."""
         w = self.weights[request]
-        checks = [("content", w.content, GRIDS["content"]), *((f"pop[{b}]", v, GRIDS["pop"]) for b, v in enumerate(w.pop)),
-                  *((f"offset.{g}", w.offset[g], GRIDS["offset"]) for g in ("paired", "text"))]
-        checks += [(f"{kind}.{g}", v, GRIDS["beta"]) for kind in ("beta_cf", "beta_content")
-                   for g, v in getattr(self.items, kind).items() if g != "warm" and not (kind == "beta_cf" and g == "text")]
+        checks = [
+            ("content", w.content, GRIDS["content"]),
+            *((f"pop[{b}]", v, GRIDS["pop"]) for b, v in enumerate(w.pop)),
+            *((f"offset.{g}", w.offset[g], GRIDS["offset"]) for g in ("paired", "text")),
+        ]
+        checks += [
+            (f"{kind}.{g}", v, GRIDS["beta"])
+            for kind in ("beta_cf", "beta_content")
+            for g, v in getattr(self.items, kind).items()
+            if g != "warm" and not (kind == "beta_cf" and g == "text")
+        ]
         return [f"{name}={v}" for name, v, grid in checks if v != 0.0 and v in (grid[0], grid[-1])]
 
     @staticmethod

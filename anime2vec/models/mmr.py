@@ -35,8 +35,13 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     return unit @ np.swapaxes(unit, -1, -2)
 
 
-def mmr_order(scores: np.ndarray, similarity: np.ndarray, diversity: float, k: int | None = None,
-              penalty: np.ndarray | None = None) -> np.ndarray:
+def mmr_order(
+    scores: np.ndarray,
+    similarity: np.ndarray,
+    diversity: float,
+    k: int | None = None,
+    penalty: np.ndarray | None = None,
+) -> np.ndarray:
     """The MMR order of each row's candidates: (n_queries, k) positions into the row (or (k,)
     for 1-d input), best first, -1 where a row has fewer than k finite scores.
 
@@ -78,7 +83,7 @@ def mmr_order(scores: np.ndarray, similarity: np.ndarray, diversity: float, k: i
             break
         order[:, step] = np.where(ok, j, -1)
         left[rows[ok], j[ok]] = False
-        s_j = sim[rows, j].astype(np.float64)                     # (n_rows, n): similarity to the new pick
+        s_j = sim[rows, j].astype(np.float64)  # (n_rows, n): similarity to the new pick
         first = ok & ~picked_any
         max_sim = np.where(first[:, None], s_j, np.where(ok[:, None], np.maximum(max_sim, s_j), max_sim))
         picked_any |= ok

@@ -33,8 +33,7 @@ class Popularity(Recommender):
         # once counts reach the thousands). Ties must not follow the item index: MAL ids grow
         # with air date, so index order would smuggle an "older is more watched" signal into
         # the ranking of cold items, which all have a count of 0.
-        tiebreak = (np.arange(n_items) if self.seed is None
-                    else np.random.default_rng(self.seed).permutation(n_items))
+        tiebreak = np.arange(n_items) if self.seed is None else np.random.default_rng(self.seed).permutation(n_items)
         order = np.lexsort((tiebreak, -self.counts))
         self._scores = np.empty(n_items, np.float32)
         self._scores[order] = 1.0 - np.arange(n_items, dtype=np.float64) / n_items

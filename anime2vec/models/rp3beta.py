@@ -20,8 +20,7 @@ class RP3beta(Recommender):
     name = "rp3beta"
     learns_preferences = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5, K: int = 200, block: int = 1024,
-                 name: str = "rp3beta"):
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, K: int = 200, block: int = 1024, name: str = "rp3beta"):
         super().__init__()
         self.alpha, self.beta, self.K, self.block, self.name = float(alpha), float(beta), int(K), block, name
         self.W: sp.csr_matrix | None = None
@@ -34,13 +33,13 @@ class RP3beta(Recommender):
         x = self.train.copy()
         x.data[:] = 1.0
         pop = np.asarray(x.sum(axis=0)).ravel()
-        p_ui = normalize(x, norm="l1", axis=1)                    # P(j | u)
-        p_iu = normalize(x.T.tocsr(), norm="l1", axis=1)          # P(u | i)
+        p_ui = normalize(x, norm="l1", axis=1)  # P(j | u)
+        p_iu = normalize(x.T.tocsr(), norm="l1", axis=1)  # P(u | i)
         n = x.shape[1]
         penalty = np.where(pop > 0, np.power(np.maximum(pop, 1.0), -self.beta), 0.0)
         rows, cols, vals = [], [], []
-        for s in range(0, n, self.block):    # dense blocks of rows, top-K kept: memory stays O(block · n)
-            w = np.asarray((p_iu[s:s + self.block] @ p_ui).todense())
+        for s in range(0, n, self.block):  # dense blocks of rows, top-K kept: memory stays O(block · n)
+            w = np.asarray((p_iu[s : s + self.block] @ p_ui).todense())
             if self.alpha != 1.0:
                 np.power(w, self.alpha, out=w)
             w *= penalty[None, :]
@@ -49,9 +48,12 @@ class RP3beta(Recommender):
             v = np.take_along_axis(w, top, axis=1)
             keep = v > 0
             r = np.repeat(np.arange(s, s + len(w)), k).reshape(len(w), k)
-            rows.append(r[keep]); cols.append(top[keep]); vals.append(v[keep])
-        self.W = sp.csr_matrix((np.concatenate(vals).astype(np.float32),
-                                (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+            rows.append(r[keep])
+            cols.append(top[keep])
+            vals.append(v[keep])
+        self.W = sp.csr_matrix(
+            (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+        )
         self._scorable = pop > 0
         return self
 

@@ -19,8 +19,15 @@ class WMF(Recommender):
     name = "wmf"
     learns_preferences = True
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 10.0,
-                 iterations: int = 15, seed: int = 0, threads: int = 0):
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.05,
+        alpha: float = 10.0,
+        iterations: int = 15,
+        seed: int = 0,
+        threads: int = 0,
+    ):
         super().__init__()
         self.factors, self.regularization, self.alpha = factors, regularization, alpha
         self.iterations, self.seed, self.threads = iterations, seed, threads
@@ -28,14 +35,24 @@ class WMF(Recommender):
         self.V: np.ndarray | None = None
 
     def params(self) -> dict:
-        return {"factors": self.factors, "regularization": self.regularization, "alpha": self.alpha,
-                "iterations": self.iterations, "seed": self.seed}
+        return {
+            "factors": self.factors,
+            "regularization": self.regularization,
+            "alpha": self.alpha,
+            "iterations": self.iterations,
+            "seed": self.seed,
+        }
 
     def _als(self) -> AlternatingLeastSquares:
         return AlternatingLeastSquares(
-            factors=self.factors, regularization=self.regularization, alpha=self.alpha,
-            iterations=self.iterations, random_state=self.seed, num_threads=self.threads,
-            calculate_training_loss=False)
+            factors=self.factors,
+            regularization=self.regularization,
+            alpha=self.alpha,
+            iterations=self.iterations,
+            random_state=self.seed,
+            num_threads=self.threads,
+            calculate_training_loss=False,
+        )
 
     def fit(self, train: sp.csr_matrix) -> "WMF":
         self.train = train.tocsr().astype(np.float32)

@@ -24,20 +24,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Decision:
-    decision: str                        # promoted | refused | dry_run | failed
+    decision: str  # promoted | refused | dry_run | failed
     current: str | None
     candidate: str | None
     passed: bool | None = None
     reasons: list[str] = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)          # role -> metric -> mean
+    metrics: dict = field(default_factory=dict)  # role -> metric -> mean
     checks: list[dict] = field(default_factory=list)
     details: dict = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
 
     def record(self) -> dict:
-        return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp)),
-                "timestamp": round(self.timestamp, 3), **{k: v for k, v in dataclasses.asdict(self).items()
-                                                          if k != "timestamp"}}
+        return {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp)),
+            "timestamp": round(self.timestamp, 3),
+            **{k: v for k, v in dataclasses.asdict(self).items() if k != "timestamp"},
+        }
 
 
 def append_decision(store: Path, decision: Decision) -> Path:
@@ -80,26 +82,44 @@ def create_retrain_metrics(registry=None):
     r = registry if registry is not None else CollectorRegistry()
     return r, {
         "decisions": Counter(
-            "a2v_retrain_decisions_total", "Retraining decisions in the decision log, by decision: promoted, "
-            "refused (the gate kept the current version), dry_run, failed (unit: decisions).", ["decision"], registry=r),
+            "a2v_retrain_decisions_total",
+            "Retraining decisions in the decision log, by decision: promoted, "
+            "refused (the gate kept the current version), dry_run, failed (unit: decisions).",
+            ["decision"],
+            registry=r,
+        ),
         "last_decision": Gauge(
-            "a2v_retrain_last_decision_timestamp_seconds", "When the latest decision of each kind was taken "
-            "(unix time).", ["decision"], unit="seconds", registry=r),
+            "a2v_retrain_last_decision_timestamp_seconds",
+            "When the latest decision of each kind was taken (unix time).",
+            ["decision"],
+            unit="seconds",
+            registry=r,
+        ),
         "consecutive_refusals": Gauge(
-            "a2v_retrain_consecutive_refusals", "Refused candidates since the last promotion (unit: decisions).",
-            registry=r),
+            "a2v_retrain_consecutive_refusals",
+            "Refused candidates since the last promotion (unit: decisions).",
+            registry=r,
+        ),
         "gate_metric": Gauge(
-            "a2v_retrain_gate_metric", "Gate metrics of the latest decision, measured through the serving code "
+            "a2v_retrain_gate_metric",
+            "Gate metrics of the latest decision, measured through the serving code "
             "on the same evaluation data; role is current, candidate or popularity (dimensionless).",
-            ["role", "version", "metric"], registry=r),
+            ["role", "version", "metric"],
+            registry=r,
+        ),
         "events": Gauge(
-            "a2v_retrain_events", "Feedback events seen by the latest run, by outcome: used, heldout (recent-events "
-            "holdout) or skipped_<reason> (unit: events).", ["outcome"], registry=r),
+            "a2v_retrain_events",
+            "Feedback events seen by the latest run, by outcome: used, heldout (recent-events "
+            "holdout) or skipped_<reason> (unit: events).",
+            ["outcome"],
+            registry=r,
+        ),
     }
 
 
-def export_metrics(store: Path, decision: Decision, metrics_file: Path | None = None,
-                   pushgateway: str | None = None) -> tuple:
+def export_metrics(
+    store: Path, decision: Decision, metrics_file: Path | None = None, pushgateway: str | None = None
+) -> tuple:
     """Metrics from the whole decision log (so every write or push is a complete, consistent
     snapshot whichever run produced it), written as a node-exporter textfile and/or pushed."""
     from prometheus_client import push_to_gateway, write_to_textfile
@@ -107,7 +127,7 @@ def export_metrics(store: Path, decision: Decision, metrics_file: Path | None = 
     registry, m = create_retrain_metrics()
     history = read_decisions(store)
     for d in DECISIONS:
-        m["decisions"].labels(decision=d)   # every series exists, at 0 until it happens
+        m["decisions"].labels(decision=d)  # every series exists, at 0 until it happens
     refusals = 0
     for rec in history:
         d = rec.get("decision")
@@ -131,6 +151,6 @@ def export_metrics(store: Path, decision: Decision, metrics_file: Path | None = 
     if pushgateway:
         try:
             push_to_gateway(pushgateway, job=PUSH_JOB, registry=registry, timeout=10)
-        except OSError as e:   # the decision stands; monitoring sees it at the next push
+        except OSError as e:  # the decision stands; monitoring sees it at the next push
             log.error("could not push retrain metrics to %s: %s", pushgateway, e)
     return registry, m

@@ -77,10 +77,11 @@ def read_feedback(cfg: "RetrainConfig") -> pd.DataFrame:
 class RecentQuery:
     """One user of the recent-events holdout: what they did before (training events), what they
     did last (truth: new positives), what is never ranked (everything they had listed)."""
+
     user_id: int
-    events: list[FeedbackEvent]          # training events (the held-out ones removed)
-    truth: np.ndarray                    # anime ids
-    exclude: np.ndarray                  # anime ids
+    events: list[FeedbackEvent]  # training events (the held-out ones removed)
+    truth: np.ndarray  # anime ids
+    exclude: np.ndarray  # anime ids
 
 
 def read_all_events(paths) -> pd.DataFrame:
@@ -96,7 +97,9 @@ def read_all_events(paths) -> pd.DataFrame:
 
 @dataclass
 class FeedbackData:
-    interactions: pd.DataFrame           # user_id, anime_id, confidence: every anime a user's training events name (0: not positive / removed)
+    interactions: (
+        pd.DataFrame
+    )  # user_id, anime_id, confidence: every anime a user's training events name (0: not positive / removed)
     train_events: dict[int, list[FeedbackEvent]]
     recent: list[RecentQuery]
     counts: dict[str, int]
@@ -104,15 +107,28 @@ class FeedbackData:
     last_received_at: float | None
 
     def describe(self) -> dict:
-        return {"counts": self.counts, "fingerprint": self.fingerprint, "last_received_at": self.last_received_at,
-                "users": len(self.train_events), "recent_queries": len(self.recent)}
+        return {
+            "counts": self.counts,
+            "fingerprint": self.fingerprint,
+            "last_received_at": self.last_received_at,
+            "users": len(self.train_events),
+            "recent_queries": len(self.recent),
+        }
 
 
 def _to_events(df: pd.DataFrame) -> list[FeedbackEvent]:
-    return [FeedbackEvent(str(r.event_id), int(r.user_id), int(r.anime_id), str(r.kind),
-                          None if pd.isna(r.score) else int(r.score),
-                          None if pd.isna(r.occurred_at) else float(r.occurred_at), float(r.received_at))
-            for r in df.itertuples(index=False)]
+    return [
+        FeedbackEvent(
+            str(r.event_id),
+            int(r.user_id),
+            int(r.anime_id),
+            str(r.kind),
+            None if pd.isna(r.score) else int(r.score),
+            None if pd.isna(r.occurred_at) else float(r.occurred_at),
+            float(r.received_at),
+        )
+        for r in df.itertuples(index=False)
+    ]
 
 
 def _fold(user_id: int, events: list[FeedbackEvent]) -> list[tuple[int, int, float]]:
@@ -121,9 +137,15 @@ def _fold(user_id: int, events: list[FeedbackEvent]) -> list[tuple[int, int, flo
     return [(user_id, a, float(conf.get(a, 0.0))) for a in sorted({int(e.anime_id) for e in events})]
 
 
-def prepare_feedback(events: pd.DataFrame, catalog: pd.DataFrame, item_ids: np.ndarray,
-                     base_interactions: pd.DataFrame, holdout_frac: float = 0.2, holdout_min_events: int = 5,
-                     max_events_per_user: int = 10_000) -> FeedbackData:
+def prepare_feedback(
+    events: pd.DataFrame,
+    catalog: pd.DataFrame,
+    item_ids: np.ndarray,
+    base_interactions: pd.DataFrame,
+    holdout_frac: float = 0.2,
+    holdout_min_events: int = 5,
+    max_events_per_user: int = 10_000,
+) -> FeedbackData:
     """Validate and cap the events, cut the recent-events holdout, fold the rest per user.
 
     Skipped (counted by reason, never fatal): events that fail `validate_event` ("invalid"), name
@@ -161,9 +183,12 @@ def prepare_feedback(events: pd.DataFrame, catalog: pd.DataFrame, item_ids: np.n
     for uid, g in valid.groupby("user_id", sort=True):
         uid = int(uid)
         user_events = _to_events(g)
-        n_out = max(1, int(holdout_frac * len(user_events))) if (
-            holdout_frac > 0 and len(user_events) >= holdout_min_events) else 0
-        train, held = user_events[:len(user_events) - n_out], user_events[len(user_events) - n_out:]
+        n_out = (
+            max(1, int(holdout_frac * len(user_events)))
+            if (holdout_frac > 0 and len(user_events) >= holdout_min_events)
+            else 0
+        )
+        train, held = user_events[: len(user_events) - n_out], user_events[len(user_events) - n_out :]
         n_heldout += len(held)
         if train:
             train_events[uid] = train
@@ -175,13 +200,19 @@ def prepare_feedback(events: pd.DataFrame, catalog: pd.DataFrame, item_ids: np.n
             truth = [a for a in truth if after.get(a, 0.0) > 0]
             # a query needs something to fold in: a positive before the holdout
             if truth and (uid in liked_before or any(c > 0 for c in user_confidences(train).values())):
-                recent.append(RecentQuery(uid, train, np.asarray(truth, np.int64),
-                                          np.asarray(sorted(listed), np.int64)))
+                recent.append(
+                    RecentQuery(uid, train, np.asarray(truth, np.int64), np.asarray(sorted(listed), np.int64))
+                )
     counts.update(used=int(len(valid)), heldout=n_heldout, users=int(len(users)))
     interactions = pd.DataFrame(rows, columns=["user_id", "anime_id", "confidence"]).astype(
-        {"user_id": np.int64, "anime_id": np.int64, "confidence": np.float32})
-    digest = hashlib.sha256(pd.util.hash_pandas_object(
-        events[["event_id", "user_id", "anime_id", "kind", "score", "occurred_at", "received_at"]],
-        index=False).to_numpy().tobytes()).hexdigest()
+        {"user_id": np.int64, "anime_id": np.int64, "confidence": np.float32}
+    )
+    digest = hashlib.sha256(
+        pd.util.hash_pandas_object(
+            events[["event_id", "user_id", "anime_id", "kind", "score", "occurred_at", "received_at"]], index=False
+        )
+        .to_numpy()
+        .tobytes()
+    ).hexdigest()
     last = float(events["received_at"].max()) if len(events) else None
     return FeedbackData(interactions, train_events, recent, counts, digest, last)

@@ -66,8 +66,15 @@ def run(cfg: RetrainConfig) -> Decision:
         try:
             events = read_feedback(cfg)
             data, ds = base_dataset(cfg.train)
-            fb = prepare_feedback(events, data.catalog, ds.item_ids, data.interactions, cfg.holdout_frac,
-                                  cfg.holdout_min_events, cfg.max_events_per_user)
+            fb = prepare_feedback(
+                events,
+                data.catalog,
+                ds.item_ids,
+                data.interactions,
+                cfg.holdout_frac,
+                cfg.holdout_min_events,
+                cfg.max_events_per_user,
+            )
             decision.details["events"] = fb.counts
             log.info("feedback: %s; recent-events holdout: %d users", fb.counts, len(fb.recent))
             timings["events"] = time.perf_counter() - t0
@@ -97,8 +104,13 @@ def run(cfg: RetrainConfig) -> Decision:
             decision.timestamp = time.time()
             append_decision(store, decision)
             export_metrics(store, decision, cfg.metrics_file, cfg.pushgateway)
-            log.info("retrain decision: %s (current %s, candidate %s): %s", decision.decision, decision.current,
-                     decision.candidate, "; ".join(decision.reasons))
+            log.info(
+                "retrain decision: %s (current %s, candidate %s): %s",
+                decision.decision,
+                decision.current,
+                decision.candidate,
+                "; ".join(decision.reasons),
+            )
     return decision
 
 
@@ -118,8 +130,9 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _gate_and_promote(cfg: RetrainConfig, decision: Decision, ds: Dataset, fb: FeedbackData, path: Path,
-                      rollout) -> None:
+def _gate_and_promote(
+    cfg: RetrainConfig, decision: Decision, ds: Dataset, fb: FeedbackData, path: Path, rollout
+) -> None:
     with _one_thread():
         _gate(cfg, decision, ds, fb, path, rollout)
     if decision.passed and not cfg.dry_run:
@@ -134,31 +147,48 @@ def _gate(cfg: RetrainConfig, decision: Decision, ds: Dataset, fb: FeedbackData,
     scs = gate_scenarios(ds, fb, names, seed=ds.seed, max_queries=cfg.gate_queries)
     decision.details["queries"] = {sc.name: len(sc.queries) for sc in scs}
     candidate = ServedScorer(path)
-    per_query = {"candidate": evaluate_scorer(candidate, scs),
-                 "popularity": evaluate_scorer(PopularityScorer(candidate), scs)}
+    per_query = {
+        "candidate": evaluate_scorer(candidate, scs),
+        "popularity": evaluate_scorer(PopularityScorer(candidate), scs),
+    }
     served_by = {"candidate": candidate.served_by}
     leak = {"candidate": training_leak(candidate, scs)}
     current = None
     if decision.current:
         try:
             current = ServedScorer(rollout.store / decision.current)
-        except Exception as e:   # what the rankers cannot load either: gate on the floor alone
-            decision.reasons.append(f"current version {decision.current} cannot be loaded ({e}); "
-                                    "gated on the popularity floor only")
+        except Exception as e:  # what the rankers cannot load either: gate on the floor alone
+            decision.reasons.append(
+                f"current version {decision.current} cannot be loaded ({e}); gated on the popularity floor only"
+            )
         if current is not None:
             per_query["current"] = evaluate_scorer(current, scs)
             served_by["current"] = current.served_by
             leak["current"] = training_leak(current, scs)
-    passed, checks, reasons = gate(per_query.get("current"), per_query["candidate"], per_query["popularity"],
-                                   cfg.gate_metrics, cfg.tolerance, cfg.noise_z)
+    passed, checks, reasons = gate(
+        per_query.get("current"),
+        per_query["candidate"],
+        per_query["popularity"],
+        cfg.gate_metrics,
+        cfg.tolerance,
+        cfg.noise_z,
+    )
     decision.passed = passed
     decision.reasons += reasons
     decision.checks = [dataclasses.asdict(c) for c in checks]
-    decision.metrics = {role: {k: float(v.mean()) if len(v) else None for k, v in values.items()}
-                        for role, values in per_query.items()}
-    decision.details.update(served_by=served_by, training_leak=leak,
-                            gate={"tolerance": cfg.tolerance, "noise_z": cfg.noise_z,
-                                  "metrics": list(cfg.gate_metrics), "floor": FLOOR_METRIC})
+    decision.metrics = {
+        role: {k: float(v.mean()) if len(v) else None for k, v in values.items()} for role, values in per_query.items()
+    }
+    decision.details.update(
+        served_by=served_by,
+        training_leak=leak,
+        gate={
+            "tolerance": cfg.tolerance,
+            "noise_z": cfg.noise_z,
+            "metrics": list(cfg.gate_metrics),
+            "floor": FLOOR_METRIC,
+        },
+    )
     if cfg.dry_run:
         decision.decision = "dry_run"
         decision.reasons.append("dry run: " + ("would promote" if passed else "would keep the current version"))

@@ -23,17 +23,17 @@ from .events import FeedbackData
 @dataclass
 class GateQuery:
     user_id: int | None
-    truth: np.ndarray                    # anime ids
-    exclude: np.ndarray                  # anime ids never ranked
-    liked: np.ndarray | None = None      # favourites query: liked anime ids (+ weights)
+    truth: np.ndarray  # anime ids
+    exclude: np.ndarray  # anime ids never ranked
+    liked: np.ndarray | None = None  # favourites query: liked anime ids (+ weights)
     weights: np.ndarray | None = None
-    events: list[FeedbackEvent] | None = None   # a user with feedback: served through serving_model.users.compute_user
+    events: list[FeedbackEvent] | None = None  # a user with feedback: served through serving_model.users.compute_user
 
 
 @dataclass
 class GateScenario:
     name: str
-    candidates: np.ndarray               # anime ids, in the seeded tie-break order shared by every bundle
+    candidates: np.ndarray  # anime ids, in the seeded tie-break order shared by every bundle
     queries: list[GateQuery]
 
 
@@ -41,8 +41,9 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(purpose.encode())])
 
 
-def gate_scenarios(ds: Dataset, fb: FeedbackData, names: set[str], seed: int = 0,
-                   max_queries: int | None = None) -> list[GateScenario]:
+def gate_scenarios(
+    ds: Dataset, fb: FeedbackData, names: set[str], seed: int = 0, max_queries: int | None = None
+) -> list[GateScenario]:
     """The standard protocol's test scenarios named in `names` (evaluation/protocol.py, the same
     queries, truth and exclusions) plus "recent", in anime ids so any bundle can answer them."""
     from ..evaluation.protocol import scenarios
@@ -62,7 +63,7 @@ def gate_scenarios(ds: Dataset, fb: FeedbackData, names: set[str], seed: int = 0
                 queries.append(GateQuery(uid, truth, exclude, liked=ds.item_ids[sc.queries.liked[j]], weights=w))
             else:
                 evs = fb.train_events.get(uid)
-                if evs:   # the ranker never recommends anything on the user's list back
+                if evs:  # the ranker never recommends anything on the user's list back
                     exclude = np.setdiff1d(np.union1d(exclude, [int(e.anime_id) for e in evs]), truth)
                 queries.append(GateQuery(uid, truth, exclude, events=evs))
         cands = ds.item_ids[_rng(seed, f"gate/{sc.name}").permutation(sc.candidates)]
@@ -107,7 +108,7 @@ class ServedScorer:
             vec = m.favourites_vector(liked, w) if m.has_dropoutnet else None
             wmf = lambda: m.wmf_scores_favourites(liked, w)  # noqa: E731
         elif q.events:
-            user = self._compute_user(m, {}, int(q.user_id), q.events)   # no added anime offline
+            user = self._compute_user(m, {}, int(q.user_id), q.events)  # no added anime offline
             vec = user.vector
             wmf = lambda: self._wmf_online(m, user.listed)  # noqa: E731
         elif q.user_id in m.user_pos:
@@ -136,7 +137,7 @@ class PopularityScorer:
 
 
 def evaluate_scorer(scorer, scenarios: list[GateScenario], ks: tuple[int, ...] = (20, 100)) -> dict[str, np.ndarray]:
-    """"<scenario>/recall@K" → per-query recall (hits in the top K / truth size)."""
+    """ "<scenario>/recall@K" → per-query recall (hits in the top K / truth size)."""
     out: dict[str, np.ndarray] = {}
     max_k = max(ks)
     for sc in scenarios:
@@ -147,7 +148,7 @@ def evaluate_scorer(scorer, scenarios: list[GateScenario], ks: tuple[int, ...] =
         for j, q in enumerate(sc.queries):
             s_items = scorer.scores(q)
             if s_items is None:
-                continue   # recall 0: the ranker would answer NOT_FOUND
+                continue  # recall 0: the ranker would answer NOT_FOUND
             s = np.full(len(sc.candidates), -np.inf, np.float64)
             s[have] = s_items[col[have]]
             ex = [at[int(a)] for a in q.exclude if int(a) in at]
@@ -187,10 +188,10 @@ class Check:
     current: float | None
     candidate: float
     n: int
-    drop: float | None = None            # current - candidate (positive: worse)
+    drop: float | None = None  # current - candidate (positive: worse)
     relative_drop: float | None = None
-    se: float | None = None              # standard error of the paired per-query difference
-    allowed: float | None = None         # max(tolerance x current, noise_z x se)
+    se: float | None = None  # standard error of the paired per-query difference
+    allowed: float | None = None  # max(tolerance x current, noise_z x se)
     regressed: bool = False
 
 
@@ -200,15 +201,21 @@ def compare(metric: str, cur: np.ndarray | None, cand: np.ndarray, tolerance: fl
         return c
     diff = cand - cur
     c.drop = float(-diff.mean())
-    c.relative_drop = c.drop / c.current if c.current > 0 else None   # from 0 nothing can regress
+    c.relative_drop = c.drop / c.current if c.current > 0 else None  # from 0 nothing can regress
     c.se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
     c.allowed = max(tolerance * c.current, noise_z * c.se)
     c.regressed = c.drop > c.allowed
     return c
 
 
-def gate(current: dict[str, np.ndarray] | None, candidate: dict[str, np.ndarray], popularity: dict[str, np.ndarray],
-         metrics: tuple[str, ...], tolerance: float, noise_z: float) -> tuple[bool, list[Check], list[str]]:
+def gate(
+    current: dict[str, np.ndarray] | None,
+    candidate: dict[str, np.ndarray],
+    popularity: dict[str, np.ndarray],
+    metrics: tuple[str, ...],
+    tolerance: float,
+    noise_z: float,
+) -> tuple[bool, list[Check], list[str]]:
     """(passed, checks, reasons). With a current version: no gate metric may regress (`compare`).
     Without one (first bundle, or the current cannot be loaded): the absolute floor, beating the
     ranker's popularity fallback on warm users. Metrics whose scenario has no query are skipped
@@ -231,10 +238,15 @@ def gate(current: dict[str, np.ndarray] | None, candidate: dict[str, np.ndarray]
         checks.append(c)
         if c.regressed:
             passed = False
-            reasons.append(f"{name}: {c.current:.4f} → {c.candidate:.4f} ({-100 * c.relative_drop:+.1f}%, "
-                           f"allowed −{c.allowed:.4f} = max({100 * tolerance:g}% of current, "
-                           f"{noise_z:g} SE {c.se:.4f}))")
+            reasons.append(
+                f"{name}: {c.current:.4f} → {c.candidate:.4f} ({-100 * c.relative_drop:+.1f}%, "
+                f"allowed −{c.allowed:.4f} = max({100 * tolerance:g}% of current, "
+                f"{noise_z:g} SE {c.se:.4f}))"
+            )
     if passed:
-        reasons.append("no gate metric regressed beyond the tolerance" if current is not None else
-                       f"no current version: the candidate beats the popularity fallback on {floor}")
+        reasons.append(
+            "no gate metric regressed beyond the tolerance"
+            if current is not None
+            else f"no current version: the candidate beats the popularity fallback on {floor}"
+        )
     return passed, checks, reasons

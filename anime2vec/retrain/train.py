@@ -25,16 +25,25 @@ def train_candidate(cfg: TrainConfig, fb: FeedbackData, report_dir: Path | None 
     p = prepare(cfg, extend_dataset=lambda ds: extend_dataset(ds, fb.interactions))
     # the bundle's data fingerprint covers the events it learnt from
     fp = hashlib.sha256(f"{p.data.fingerprint}:{fb.fingerprint}".encode()).hexdigest()
-    p.data = dataclasses.replace(p.data, fingerprint=fp, source=f"{p.data.source}+feedback",
-                                 files={**p.data.files, "feedback.sqlite (events)": fb.fingerprint})
+    p.data = dataclasses.replace(
+        p.data,
+        fingerprint=fp,
+        source=f"{p.data.source}+feedback",
+        files={**p.data.files, "feedback.sqlite (events)": fb.fingerprint},
+    )
     models, selection = fit_models(p)
     results = evaluate(p, models, split="test")
     selection["retrain"] = fb.describe()
     if report_dir is not None:
         from ..evaluation.report import write_report
 
-        write_report(results, report_dir, title="anime2vec retrain candidate", command="anime2vec retrain",
-                     dataset_description={**p.ds.describe(), "data_source": p.data.source})
+        write_report(
+            results,
+            report_dir,
+            title="anime2vec retrain candidate",
+            command="anime2vec retrain",
+            dataset_description={**p.ds.describe(), "data_source": p.data.source},
+        )
     return export_bundle(p, models, selection, results), p.ds
 
 

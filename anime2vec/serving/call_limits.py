@@ -31,6 +31,7 @@ from .errors import ServiceError
 
 log = logging.getLogger("anime2vec.serving")
 
+
 class Alarm:
     __slots__ = ("action", "cancelled", "_watchdog")
 
@@ -40,7 +41,7 @@ class Alarm:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
-            self._watchdog._cancelled += 1   # approximate (no lock): it only decides when to compact
+            self._watchdog._cancelled += 1  # approximate (no lock): it only decides when to compact
 
 
 class Watchdog:
@@ -97,7 +98,7 @@ class Watchdog:
                     continue
             try:
                 alarm.action()
-            except Exception:   # one call's trouble must not stop the watchdog
+            except Exception:  # one call's trouble must not stop the watchdog
                 log.exception("watchdog action failed")
 
 
@@ -110,7 +111,7 @@ def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, message: str)
         if call is not None:
             call.cancel(code.value[0], message)
             return
-    except Exception:   # a grpc without that call object: fall back to the public API
+    except Exception:  # a grpc without that call object: fall back to the public API
         pass
     context.cancel()
 
@@ -155,8 +156,7 @@ class CallLimits:
     def worker(self, call: GuardedCall):
         """Hold one of the max_workers handler slots; DEADLINE_EXCEEDED when none frees up in time."""
         if not self._workers.acquire(timeout=call.context.time_remaining()):
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               "the server was busy until this call's deadline")
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the server was busy until this call's deadline")
         try:
             yield
         finally:
@@ -188,14 +188,13 @@ class GuardedCall:
         deadline). StopIteration when the caller sent none; CallEnded when the call is over."""
         limit = self._limits.request_timeout_s
         due = min(time.monotonic() + limit, self.deadline)
-        alarm = self._limits.watchdog.schedule(
-            due, lambda: self._end(f"no request message within {limit:g} s"))
+        alarm = self._limits.watchdog.schedule(due, lambda: self._end(f"no request message within {limit:g} s"))
         try:
             return next(requests)
-        except grpc.RpcError as e:   # grpc's own signal that the call was cancelled meanwhile
+        except grpc.RpcError as e:  # grpc's own signal that the call was cancelled meanwhile
             raise CallEnded(self.ended or grpc.StatusCode.CANCELLED, e) from None
         except StopIteration:
-            if self.ended is not None:   # ended by the watchdog, which grpc may report as a closed stream
+            if self.ended is not None:  # ended by the watchdog, which grpc may report as a closed stream
                 raise CallEnded(self.ended, None) from None
             raise
         finally:
@@ -206,8 +205,9 @@ class GuardedCall:
         ends calls at the caller's deadline by itself)."""
         if self.capped:
             self._alarm = self._limits.watchdog.schedule(
-                self.deadline, lambda: self._end(f"the call ran past the server's limit of "
-                                                 f"{self._limits.max_call_s:g} s per call"))
+                self.deadline,
+                lambda: self._end(f"the call ran past the server's limit of {self._limits.max_call_s:g} s per call"),
+            )
 
     def finish(self) -> None:
         if self._alarm is not None:

@@ -24,8 +24,12 @@ from grpc_status import rpc_status
 DOMAIN = "anime2vec.v1"
 SUGGESTIONS_KEY = "suggestions"
 # The google.rpc detail types these services send.
-_DETAIL_TYPES = (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo,
-                 error_details_pb2.RetryInfo)
+_DETAIL_TYPES = (
+    error_details_pb2.BadRequest,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.RetryInfo,
+)
 
 
 class ServiceError(Exception):
@@ -90,7 +94,7 @@ def _clip_wire(text: str, budget: int) -> str:
     total = 0
     for i, ch in enumerate(text):
         total += _wire_len(ch)
-        if total > budget - 9:   # room for the ellipsis, percent-encoded
+        if total > budget - 9:  # room for the ellipsis, percent-encoded
             return text[:i] + "…"
     return text
 
@@ -127,11 +131,14 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 
 def _bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadRequest:
-    return error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
+    return error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+    )
 
 
-def invalid_argument(violations: Mapping[str, str] | Iterable[tuple[str, str]], message: str | None = None) -> ServiceError:
+def invalid_argument(
+    violations: Mapping[str, str] | Iterable[tuple[str, str]], message: str | None = None
+) -> ServiceError:
     """One violation per bad field, keyed by its path in the request ("texts[3]", "options.limit")."""
     pairs = list(violations.items() if isinstance(violations, Mapping) else violations)
     if not pairs:
@@ -141,8 +148,12 @@ def invalid_argument(violations: Mapping[str, str] | Iterable[tuple[str, str]], 
 
 
 def not_found(
-    resource_type: str, resource_name: str, *, reason: str = "NOT_FOUND",
-    suggestions: Sequence[str] = (), field: str | None = None,
+    resource_type: str,
+    resource_name: str,
+    *,
+    reason: str = "NOT_FOUND",
+    suggestions: Sequence[str] = (),
+    field: str | None = None,
 ) -> ServiceError:
     """`resource_type` `resource_name` does not exist; `suggestions` are close matches to offer
     (in the message and in ErrorInfo metadata), `field` the request field that named it."""
@@ -152,9 +163,10 @@ def not_found(
     if suggestions:
         message += "; did you mean: " + ", ".join(repr(s) for s in suggestions) + "?"
     details: list[Message] = [
-        error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=resource_name,
-                                       description=message),
-        _error_info(reason, {SUGGESTIONS_KEY: json.dumps(list(suggestions), ensure_ascii=False)} if suggestions else None),
+        error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=resource_name, description=message),
+        _error_info(
+            reason, {SUGGESTIONS_KEY: json.dumps(list(suggestions), ensure_ascii=False)} if suggestions else None
+        ),
     ]
     if field:
         details.append(_bad_request([(field, message)]))
@@ -194,7 +206,7 @@ class ErrorDetails:
 
     code: grpc.StatusCode
     message: str
-    field_violations: dict[str, str] = field(default_factory=dict)   # field path → description
+    field_violations: dict[str, str] = field(default_factory=dict)  # field path → description
     reason: str = ""
     domain: str = ""
     metadata: dict[str, str] = field(default_factory=dict)

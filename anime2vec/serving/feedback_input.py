@@ -8,11 +8,15 @@ import time
 from anime2vec.feedback import KINDS, MAX_EVENT_ID_LENGTH
 from anime2vec.v1 import common_pb2 as S
 
-FEEDBACK_KINDS = {S.FEEDBACK_KIND_RATED: "rated", S.FEEDBACK_KIND_COMPLETED: "completed",
-                  S.FEEDBACK_KIND_DROPPED: "dropped", S.FEEDBACK_KIND_ADDED: "added",
-                  S.FEEDBACK_KIND_REMOVED: "removed"}
+FEEDBACK_KINDS = {
+    S.FEEDBACK_KIND_RATED: "rated",
+    S.FEEDBACK_KIND_COMPLETED: "completed",
+    S.FEEDBACK_KIND_DROPPED: "dropped",
+    S.FEEDBACK_KIND_ADDED: "added",
+    S.FEEDBACK_KIND_REMOVED: "removed",
+}
 assert set(FEEDBACK_KINDS.values()) == set(KINDS)
-MAX_FUTURE_S = 86400.0   # occurred_at may run ahead of our clock by a day (client clocks), no more
+MAX_FUTURE_S = 86400.0  # occurred_at may run ahead of our clock by a day (client clocks), no more
 
 
 def feedback_problems(e, kind: str | None) -> list[tuple[str, str]]:

@@ -11,14 +11,18 @@ from anime2vec.v1 import common_pb2
 
 @dataclass(frozen=True)
 class RequestLimits:
-    max_limit: int = 100            # RecommendOptions.limit (the page size)
-    default_limit: int = 10         # ... when the request leaves it 0
-    max_ids: int = 500              # liked / disliked / excluded ids per request
+    max_limit: int = 100  # RecommendOptions.limit (the page size)
+    default_limit: int = 10  # ... when the request leaves it 0
+    max_ids: int = 500  # liked / disliked / excluded ids per request
     max_feedback_events: int = 1000  # events per RecordFeedback call
 
     def to_proto(self) -> common_pb2.RequestLimits:
-        return common_pb2.RequestLimits(max_limit=self.max_limit, default_limit=self.default_limit,
-                                        max_ids=self.max_ids, max_feedback_events=self.max_feedback_events)
+        return common_pb2.RequestLimits(
+            max_limit=self.max_limit,
+            default_limit=self.default_limit,
+            max_ids=self.max_ids,
+            max_feedback_events=self.max_feedback_events,
+        )
 
     @classmethod
     def from_proto(cls, p: common_pb2.RequestLimits) -> RequestLimits:
@@ -42,5 +46,5 @@ class LearntLimits:
 
     def learn(self, response: common_pb2.GetModelInfoResponse) -> common_pb2.GetModelInfoResponse:
         if response.HasField("limits"):
-            self._limits = RequestLimits.from_proto(response.limits)   # one reference swap: readers see old or new
+            self._limits = RequestLimits.from_proto(response.limits)  # one reference swap: readers see old or new
         return response

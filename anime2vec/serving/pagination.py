@@ -52,6 +52,7 @@ def decode_page_token(token: str, digest: str, field: str = "options.page_token"
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError):
         raise invalid_argument({field: "not a page token issued by this service"}) from None
     if token_digest != digest:
-        raise invalid_argument({field: "page token belongs to a different request or model version; "
-                                       "start again without a token"})
+        raise invalid_argument(
+            {field: "page token belongs to a different request or model version; start again without a token"}
+        )
     return offset

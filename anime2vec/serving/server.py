@@ -34,10 +34,13 @@ rpc_log = logging.getLogger("anime2vec.rpc")
 
 _HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
 # Health checking and reflection: callable by anyone (probes, grpcurl), so bounded on their own.
-_PROBE_PREFIXES = (_HEALTH_PREFIX, "/grpc.reflection.v1alpha.ServerReflection/",
-                   "/grpc.reflection.v1.ServerReflection/")
-_HEALTH_PORT_RPCS = 16     # calls in progress on the plaintext health-only port
-_MAX_LOGGED_METHOD = 200   # a made-up method path is caller-chosen text: clip it in logs
+_PROBE_PREFIXES = (
+    _HEALTH_PREFIX,
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+_HEALTH_PORT_RPCS = 16  # calls in progress on the plaintext health-only port
+_MAX_LOGGED_METHOD = 200  # a made-up method path is caller-chosen text: clip it in logs
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class MethodNames:
     def __init__(self) -> None:
         self._generic: list[grpc.GenericRpcHandler] = []
         self._registered: set[str] = set()
-        self._known: dict[str, str] = {}   # only served methods: bounded by the services
+        self._known: dict[str, str] = {}  # only served methods: bounded by the services
 
     def recording(self, server: grpc.Server):
         names = self
@@ -97,6 +100,7 @@ class MethodNames:
 
             def __getattr__(self, name):
                 return getattr(server, name)
+
         return Recorder()
 
     def label(self, method: str) -> str:
@@ -124,8 +128,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):
     once (more: RESOURCE_EXHAUSTED at once, unread): callers without a key can never hold the
     concurrency slots the API needs."""
 
-    def __init__(self, service: str, metrics: Metrics, limits: CallLimits | None = None,
-                 methods: MethodNames | None = None, max_probe_calls: int | None = None):
+    def __init__(
+        self,
+        service: str,
+        metrics: Metrics,
+        limits: CallLimits | None = None,
+        methods: MethodNames | None = None,
+        max_probe_calls: int | None = None,
+    ):
         self.service, self.metrics, self.limits, self.methods = service, metrics, limits, methods
         self._probe_slots = threading.BoundedSemaphore(max_probe_calls) if max_probe_calls else None
 
@@ -134,8 +144,11 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         if self._probe_slots is None:
             return lambda: None
         if not self._probe_slots.acquire(blocking=False):
-            raise resource_exhausted("too many health checking or reflection calls at once; retry shortly",
-                                     reason="TOO_MANY_PROBE_CALLS", retry_after_s=1.0)
+            raise resource_exhausted(
+                "too many health checking or reflection calls at once; retry shortly",
+                reason="TOO_MANY_PROBE_CALLS",
+                retry_after_s=1.0,
+            )
         return self._probe_slots.release
 
     def intercept_service(self, continuation, handler_call_details):
@@ -185,23 +198,23 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                     response = behaviour(request, context)
                 else:
                     call.watch_deadline()
-                    with nullcontext() if probe else self.limits.worker(call):   # probes do no work
+                    with nullcontext() if probe else self.limits.worker(call):  # probes do no work
                         response = behaviour(request, call.context)
                 code = context.code() or grpc.StatusCode.OK
                 if code == grpc.StatusCode.OK and not context.is_active():
                     # the caller left (cancel or deadline), or the server's deadline ended the call
                     code = (call.ended if call is not None else None) or grpc.StatusCode.CANCELLED
                 return response
-            except CallEnded as e:   # over before the handler ran: nothing left to answer
+            except CallEnded as e:  # over before the handler ran: nothing left to answer
                 code = e.code
                 if e.error is not None:
                     raise e.error from None
-                context.abort(e.code, "ended")   # a status for grpc's books; the caller already has one
+                context.abort(e.code, "ended")  # a status for grpc's books; the caller already has one
             except ServiceError as e:
                 code = e.code
                 context.abort_with_status(e.to_status())
             except Exception:
-                if context.code() is not None:     # context.abort(): already a status, pass it on
+                if context.code() is not None:  # context.abort(): already a status, pass it on
                     code = context.code()
                     raise
                 code, error_id = grpc.StatusCode.INTERNAL, uuid.uuid4().hex[:12]
@@ -216,8 +229,12 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 in_flight.dec()
                 self.metrics.rpc_latency.labels(**labels).observe(elapsed)
                 self.metrics.rpc_requests.labels(**labels, code=code.name).inc()
-                fields = {"method": logged_method, "code": code.name, "duration_ms": round(elapsed * 1e3, 3),
-                          "peer": context.peer()}
+                fields = {
+                    "method": logged_method,
+                    "code": code.name,
+                    "duration_ms": round(elapsed * 1e3, 3),
+                    "peer": context.peer(),
+                }
                 if error_id:
                     fields["error_id"] = error_id
                 rpc_log.log(level, "rpc", extra=fields)
@@ -233,7 +250,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
             def run(requests, context, *callback):
                 return inner(BoundedRequests(requests, limits.start(context, cap=False)), context, *callback)
-        else:   # unary request, streamed response (health Watch): read the one message ourselves
+        else:  # unary request, streamed response (health Watch): read the one message ourselves
             inner = handler.unary_stream
 
             def run(requests, context, *callback):
@@ -255,16 +272,17 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 release()
                 raise
             if handler.response_streaming and not callback and result is not None:
-                return _released_at_end(result, release)   # a blocking stream: the thread is held till its end
+                return _released_at_end(result, release)  # a blocking stream: the thread is held till its end
             release()
             return result
+
         if getattr(inner, "experimental_non_blocking", False):
             streamed.experimental_non_blocking = True
         if handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(streamed, handler.request_deserializer,
-                                                         handler.response_serializer)
-        return grpc.stream_unary_rpc_method_handler(streamed, handler.request_deserializer,
-                                                    handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                streamed, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_unary_rpc_method_handler(streamed, handler.request_deserializer, handler.response_serializer)
 
 
 def _released_at_end(responses, release: Callable[[], None]):
@@ -298,7 +316,7 @@ def _tolerant(deserialize: Callable | None) -> Callable | None:
     def parse(data: bytes):
         try:
             return deserialize(data)
-        except Exception as e:   # protobuf's DecodeError, or anything a custom parser raises
+        except Exception as e:  # protobuf's DecodeError, or anything a custom parser raises
             return _MalformedRequest(str(e) or type(e).__name__)
 
     return parse
@@ -309,13 +327,22 @@ class RunningServer:
     then shuts down gracefully: health NOT_SERVING, in-flight RPCs get `shutdown_grace_s`, then
     the `on_stop` callbacks run and the metrics endpoint closes."""
 
-    def __init__(self, settings: ServiceSettings, service_name: str, server: grpc.Server, port: int,
-                 health_servicer: health.HealthServicer, metrics: Metrics, metrics_http: MetricsHttpServer,
-                 on_stop: Sequence[Callable[[], None]], health_server: grpc.Server | None = None,
-                 health_port: int | None = None):
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        service_name: str,
+        server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        metrics: Metrics,
+        metrics_http: MetricsHttpServer,
+        on_stop: Sequence[Callable[[], None]],
+        health_server: grpc.Server | None = None,
+        health_port: int | None = None,
+    ):
         self.settings, self.service_name, self.server, self.port = settings, service_name, server, port
         self.health, self.metrics, self._metrics_http = health_servicer, metrics, metrics_http
-        self.health_port = health_port   # the plaintext health-only port, if any
+        self.health_port = health_port  # the plaintext health-only port, if any
         self._health_server = health_server
         self._on_stop = list(on_stop)
         self._stop_requested = threading.Event()
@@ -328,8 +355,9 @@ class RunningServer:
 
     def set_serving(self, service: str, serving: bool) -> None:
         """Report one service (full proto name, or "" for the whole server) as (not) serving."""
-        self.health.set(service, health_pb2.HealthCheckResponse.SERVING if serving
-                        else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(
+            service, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def request_stop(self) -> None:
         """Ask `wait_for_termination` to shut down; safe from signal handlers and other threads."""
@@ -388,25 +416,30 @@ def build_server(
     metrics = metrics or create_metrics()
     # A thread for every admitted call, so a call waiting for its request message never keeps another
     # from running; at most max_workers of them run handlers at once (CallLimits.worker).
-    executor = futures.ThreadPoolExecutor(max(settings.max_workers, settings.max_concurrent_rpcs),
-                                          thread_name_prefix=f"{service_name}-rpc")
+    executor = futures.ThreadPoolExecutor(
+        max(settings.max_workers, settings.max_concurrent_rpcs), thread_name_prefix=f"{service_name}-rpc"
+    )
     limits = CallLimits(service_name, settings.request_timeout_s, settings.max_call_s, settings.max_workers)
     methods = MethodNames()
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),   # a second server on a busy port must fail, not share it
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
     ]
     if settings.max_concurrent_rpcs_per_connection is not None:
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a connection's further calls wait in its own client.
         # grpc's "overload protection" would instead let clients overshoot and then refuse the excess
         # streams (UNAVAILABLE to well-behaved callers in a burst); off, the limit is the advertised one.
-        options += [("grpc.max_concurrent_streams", settings.max_concurrent_rpcs_per_connection),
-                    ("grpc.http.overload_protection", 0)]
+        options += [
+            ("grpc.max_concurrent_streams", settings.max_concurrent_rpcs_per_connection),
+            ("grpc.http.overload_protection", 0),
+        ]
     server = grpc.server(
         executor,
-        interceptors=[ObservingInterceptor(service_name, metrics, limits, methods, settings.max_probe_calls),
-                      *interceptors],
+        interceptors=[
+            ObservingInterceptor(service_name, metrics, limits, methods, settings.max_probe_calls),
+            *interceptors,
+        ],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -427,7 +460,7 @@ def build_server(
             health_server, health_port = _health_only_server(health_servicer, settings, observer)
         metrics_http = start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
     except RuntimeError:
-        server.stop(None)   # release the ports bound so far
+        server.stop(None)  # release the ports bound so far
         if health_server is not None:
             health_server.stop(None)
         raise
@@ -435,12 +468,33 @@ def build_server(
     if health_server is not None:
         health_server.start()
     if tls is None:
-        log.warning("TLS is off: gRPC is served in plaintext (set %s and %s to serve TLS)",
-                    settings.env_name("tls_cert_file"), settings.env_name("tls_key_file"))
-    log.info("serving", extra={"grpc_port": port, "metrics_port": metrics_http.port, "health_port": health_port,
-                               "tls": "off" if tls is None else tls.mode, "services": list(health_services)})
-    return RunningServer(settings, service_name, server, port, health_servicer, metrics, metrics_http,
-                         [*on_stop, limits.stop], health_server=health_server, health_port=health_port)
+        log.warning(
+            "TLS is off: gRPC is served in plaintext (set %s and %s to serve TLS)",
+            settings.env_name("tls_cert_file"),
+            settings.env_name("tls_key_file"),
+        )
+    log.info(
+        "serving",
+        extra={
+            "grpc_port": port,
+            "metrics_port": metrics_http.port,
+            "health_port": health_port,
+            "tls": "off" if tls is None else tls.mode,
+            "services": list(health_services),
+        },
+    )
+    return RunningServer(
+        settings,
+        service_name,
+        server,
+        port,
+        health_servicer,
+        metrics,
+        metrics_http,
+        [*on_stop, limits.stop],
+        health_server=health_server,
+        health_port=health_port,
+    )
 
 
 def _bind(server: grpc.Server, address: str, tls: ServerTLS | None) -> int:
@@ -453,15 +507,19 @@ def _bind(server: grpc.Server, address: str, tls: ServerTLS | None) -> int:
     return port
 
 
-def _health_only_server(health_servicer: health.HealthServicer, settings: ServiceSettings,
-                        observer: ObservingInterceptor) -> tuple[grpc.Server, int]:
+def _health_only_server(
+    health_servicer: health.HealthServicer, settings: ServiceSettings, observer: ObservingInterceptor
+) -> tuple[grpc.Server, int]:
     """A plaintext server with the standard health service only (the same servicer, so it reports
     exactly what the main port does): Kubernetes gRPC probes cannot speak TLS. It exposes no data.
     Its calls run under the same limits as the main port's (a stalled probe is ended) and are
     counted with them."""
-    server = grpc.server(futures.ThreadPoolExecutor(_HEALTH_PORT_RPCS, thread_name_prefix="health"),
-                         maximum_concurrent_rpcs=_HEALTH_PORT_RPCS, interceptors=[observer],
-                         options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(_HEALTH_PORT_RPCS, thread_name_prefix="health"),
+        maximum_concurrent_rpcs=_HEALTH_PORT_RPCS,
+        interceptors=[observer],
+        options=[("grpc.so_reuseport", 0)],
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         return server, _bind(server, f"{settings.host}:{settings.health_port}", None)

@@ -75,7 +75,9 @@ class ServerTLS:
         ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file is not None else None
         return grpc.ssl_server_credentials(
             [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
-            root_certificates=ca, require_client_auth=ca is not None)
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,12 @@ class ClientTLS:
     def credentials(self) -> grpc.ChannelCredentials:
         def read(p: Path | None) -> bytes | None:
             return None if p is None else Path(p).read_bytes()
-        return grpc.ssl_channel_credentials(root_certificates=read(self.ca_file), private_key=read(self.key_file),
-                                            certificate_chain=read(self.cert_file))
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file),
+            private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
 
 
 def open_channel(address: str, tls: ClientTLS | None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:

@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class ItemMeta:
     """What the ranker knows about an anime that is not in the bundle arrays (added via UpsertAnime)."""
+
     anime_id: int
-    content: np.ndarray          # in the bundle's `content` space: whitened MiniLM, or TF-IDF (explanations, diversity)
+    content: np.ndarray  # in the bundle's `content` space: whitened MiniLM, or TF-IDF (explanations, diversity)
     payload: dict
-    tfidf: np.ndarray | None = None   # dense TF-IDF projection of its text
-    text: str = ""                     # its synopsis (explanations name the terms it shares)
-    row: np.ndarray | None = None      # the hybrid's content row [TF-IDF ; MiniLM ; metadata]
+    tfidf: np.ndarray | None = None  # dense TF-IDF projection of its text
+    text: str = ""  # its synopsis (explanations name the terms it shares)
+    row: np.ndarray | None = None  # the hybrid's content row [TF-IDF ; MiniLM ; metadata]
 
 
 class ServingModel:
@@ -56,8 +57,9 @@ class ServingModel:
         cat = self.catalog
         self.titles: list[str] = [str(t) for t in cat["title"]]
         self.genres: list[list[str]] = [[str(g) for g in (gs if gs is not None else [])] for gs in cat["genres"]]
-        self.synopses: list[str] = [x if isinstance(x, str) else "" for x in cat["synopsis"]] \
-            if "synopsis" in cat else [""] * len(cat)
+        self.synopses: list[str] = (
+            [x if isinstance(x, str) else "" for x in cat["synopsis"]] if "synopsis" in cat else [""] * len(cat)
+        )
         self.content = np.asarray(bundle.arrays["content"], np.float32)
         # which blocks the hybrid's content rows hold, and which space `content` is in: a quick
         # bundle (`anime2vec train --quick`) has no MiniLM block, and TF-IDF vectors as `content`
@@ -68,12 +70,15 @@ class ServingModel:
         self.whitener = Whitener.from_dict(whitener) if whitener else None
         train = bundle.train
         hp = m.get("hyperparameters", {})
-        wmf_params = {k: v for k, v in hp.get("wmf", {}).items() if k in ("regularization", "alpha", "iterations", "seed")}
+        wmf_params = {
+            k: v for k, v in hp.get("wmf", {}).items() if k in ("regularization", "alpha", "iterations", "seed")
+        }
         self.wmf = WMF.from_factors(bundle.arrays["wmf_U"], bundle.arrays["wmf_V"], train, **wmf_params)
         self.train = train
         self.tfidf = None
         if (bundle.path / "tfidf.npz").is_file():
             from anime2vec.features.tfidf import TfidfFeatures
+
             self.tfidf = TfidfFeatures.load(bundle.path / "tfidf.npz")
         state = bundle.prefixed("hybrid")
         self.hybrid: Hybrid | None = None
@@ -84,8 +89,9 @@ class ServingModel:
             self.item_tower = self.hybrid.serving_item_vectors(np.arange(len(self.item_ids)))
             self.warm = self.hybrid.group == WARM
         else:
-            log.warning("bundle %s has no hybrid arrays (an older bundle format): serving WMF and popularity only",
-                        self.version)
+            log.warning(
+                "bundle %s has no hybrid arrays (an older bundle format): serving WMF and popularity only", self.version
+            )
             self.item_tower = np.asarray(bundle.arrays["item_tower"], np.float32)
             self.warm = np.any(self.wmf.V != 0, axis=1)
         members = self.catalog["members"].fillna(0).to_numpy(np.float64) if "members" in self.catalog else None
@@ -98,10 +104,14 @@ class ServingModel:
         row = self.catalog.iloc[i]
         year = row.get("year")
         return {
-            "anime_id": int(self.item_ids[i]), "title": str(row.get("title", "")),
-            "genres": [str(g) for g in (row.get("genres") or [])], "type": str(row.get("type") or ""),
+            "anime_id": int(self.item_ids[i]),
+            "title": str(row.get("title", "")),
+            "genres": [str(g) for g in (row.get("genres") or [])],
+            "type": str(row.get("type") or ""),
             "year": None if year is None or year != year else int(year),
-            "members": int(row.get("members") or 0), "cold": not bool(self.warm[i]), "source": "bundle",
+            "members": int(row.get("members") or 0),
+            "cold": not bool(self.warm[i]),
+            "source": "bundle",
         }
 
     # ---- query vectors -----------------------------------------------------------------
@@ -110,28 +120,35 @@ class ServingModel:
         """Whether the bundle serves the hybrid's vectors (else only the in-memory fallbacks)."""
         return self.hybrid is not None
 
-    has_dropoutnet = has_vectors   # the name older callers use
+    has_dropoutnet = has_vectors  # the name older callers use
 
     def history_row(self, listed: dict[int, float]) -> sp.csr_matrix:
         """A (1, n_items) confidence row of catalogue anime (ids outside the catalogue are left out)."""
         idx = [self.pos[a] for a in listed if a in self.pos]
         w = [float(listed[a]) for a in listed if a in self.pos]
-        return sp.csr_matrix((np.asarray(w, np.float32), (np.zeros(len(idx), np.int64), np.asarray(idx, np.int64))),
-                             shape=(1, len(self.item_ids)))
+        return sp.csr_matrix(
+            (np.asarray(w, np.float32), (np.zeros(len(idx), np.int64), np.asarray(idx, np.int64))),
+            shape=(1, len(self.item_ids)),
+        )
 
-    def history_vector(self, history: sp.csr_matrix, request: str, n_liked: int,
-                       extra_content: np.ndarray | None = None) -> np.ndarray:
+    def history_vector(
+        self, history: sp.csr_matrix, request: str, n_liked: int, extra_content: np.ndarray | None = None
+    ) -> np.ndarray:
         """The query vector of one history row ("users" or "favourites" weights)."""
         assert self.hybrid is not None
         return self.hybrid.serving_query_vectors(*self.hybrid.query_parts(history, extra_content), request, n_liked)[0]
 
-    def favourites_vector(self, liked: list[int], weights: list[float] | None,
-                          extra: dict[int, ItemMeta] | None = None) -> np.ndarray:
+    def favourites_vector(
+        self, liked: list[int], weights: list[float] | None, extra: dict[int, ItemMeta] | None = None
+    ) -> np.ndarray:
         """Query vector for a set of liked anime ids (bundle items and/or added anime)."""
         w_all = [1.0] * len(liked) if not weights else [float(x) for x in weights]
         listed = {a: w for a, w in zip(liked, w_all) if a in self.pos}
-        outside = [(extra[a].row, w) for a, w in zip(liked, w_all)
-                   if a not in self.pos and extra and a in extra and extra[a].row is not None]
+        outside = [
+            (extra[a].row, w)
+            for a, w in zip(liked, w_all)
+            if a not in self.pos and extra and a in extra and extra[a].row is not None
+        ]
         z = sum(w * r for r, w in outside) if outside else None
         return self.history_vector(self.history_row(listed), "favourites", len(liked), z)
 
@@ -167,10 +184,17 @@ class ServingModel:
         MiniLM block), TF-IDF projection and fields, built as the pipeline built the catalogue's."""
         assert self.hybrid is not None and self.metadata is not None
         blocks = {
-            "tfidf": lambda: np.zeros(self.bundle.arrays["tfidf_content"].shape[1], np.float32) if tfidf is None else tfidf,
+            "tfidf": lambda: (
+                np.zeros(self.bundle.arrays["tfidf_content"].shape[1], np.float32) if tfidf is None else tfidf
+            ),
             "minilm": lambda: np.atleast_2d(minilm),
-            "meta": lambda: np.zeros(self.metadata.dim, np.float32) if fields is None else self.metadata.row(
-                fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres")),
+            "meta": lambda: (
+                np.zeros(self.metadata.dim, np.float32)
+                if fields is None
+                else self.metadata.row(
+                    fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres")
+                )
+            ),
         }
         return content_block([blocks[b]() for b in self.content_blocks])[0]
 
@@ -196,8 +220,13 @@ class ServingModel:
         idx = [self.pos[a] for a in liked if a in self.pos and self.warm[self.pos[a]]]
         if not idx:
             return None
-        w = np.ones(len(idx), np.float32) if not weights else np.asarray(
-            [wt for a, wt in zip(liked, weights) if a in self.pos and self.warm[self.pos[a]]], np.float32)
+        w = (
+            np.ones(len(idx), np.float32)
+            if not weights
+            else np.asarray(
+                [wt for a, wt in zip(liked, weights) if a in self.pos and self.warm[self.pos[a]]], np.float32
+            )
+        )
         h = sp.csr_matrix((w, (np.zeros(len(idx), int), idx)), shape=(1, len(self.item_ids)))
         u = self.wmf.fold_in(h)[0]
         return self.wmf.V @ u

@@ -27,17 +27,17 @@ from anime2vec.serving_model.model import ServingModel
 @dataclass
 class OnlineUser:
     """What RecommendForUser needs for one feedback-updated user."""
+
     user_id: int
     version: str
-    vector: np.ndarray | None           # serving query vector; None when nothing liked is in the model
-    listed: dict[int, float]            # the user's whole list: anime_id -> confidence (0: not liked)
+    vector: np.ndarray | None  # serving query vector; None when nothing liked is in the model
+    listed: dict[int, float]  # the user's whole list: anime_id -> confidence (0: not liked)
     updated_at: float = 0.0
     event_ids: set[str] = field(default_factory=set)
 
     @property
     def liked(self) -> dict[int, float]:
         return {a: c for a, c in self.listed.items() if c > 0}
-
 
 
 def compute_user(m: ServingModel, extra: Mapping[int, Any], user_id: int, events: list[FeedbackEvent]) -> OnlineUser:
@@ -48,10 +48,11 @@ def compute_user(m: ServingModel, extra: Mapping[int, Any], user_id: int, events
     named = {int(e.anime_id) for e in events}
     listed: dict[int, float] = {}
     u = m.user_pos.get(user_id)
-    if u is not None:   # training history, minus whatever the events now say about those anime
+    if u is not None:  # training history, minus whatever the events now say about those anime
         row = m.train[u]
-        listed = {int(m.item_ids[i]): float(c) for i, c in zip(row.indices, row.data)
-                  if int(m.item_ids[i]) not in named}
+        listed = {
+            int(m.item_ids[i]): float(c) for i, c in zip(row.indices, row.data) if int(m.item_ids[i]) not in named
+        }
     listed.update(feedback)
     vector = None
     if m.has_vectors:

@@ -35,12 +35,12 @@ from anime2vec.store.migrations import migrate_sqlite
 from anime2vec.store.observe import Observer, timed
 
 MAX_ANIME_ID = 2**31 - 1
-ASSIGNED_IDS = range(100_000_000, MAX_ANIME_ID + 1)   # far above MAL's ids
+ASSIGNED_IDS = range(100_000_000, MAX_ANIME_ID + 1)  # far above MAL's ids
 STORE = "added_anime"
 NOTIFY_CHANNEL = "a2v_added_anime"
 # pg_advisory_xact_lock key held by every write until it commits: revisions commit in order, and
 # assigning a new id and writing it is one step across replicas
-WRITE_LOCK = 0x61326164   # "a2ad"
+WRITE_LOCK = 0x61326164  # "a2ad"
 
 
 class StoreUnreadable(sqlite3.DatabaseError):
@@ -54,16 +54,17 @@ class IdsExhausted(Exception):
 @dataclass
 class AddedAnime:
     anime_id: int
-    fields: dict             # AnimeInput as a dict (title, synopsis, genres, ...)
-    raw_vector: np.ndarray   # encoder output, before whitening
+    fields: dict  # AnimeInput as a dict (title, synopsis, genres, ...)
+    raw_vector: np.ndarray  # encoder output, before whitening
     encoder_fingerprint: str
     updated_at: float
-    revision: int = 0        # order of the writes: higher is later
+    revision: int = 0  # order of the writes: higher is later
 
 
 @dataclass(frozen=True)
 class Written:
     """What a write did: the anime's id, whether the id was new to the store, its revision."""
+
     anime_id: int
     created: bool
     revision: int
@@ -78,8 +79,9 @@ def next_id(top_assigned: int | None, taken_above: int) -> int:
 
 
 def _row(r) -> AddedAnime:
-    return AddedAnime(int(r[0]), json.loads(r[1]), np.frombuffer(bytes(r[2]), np.float32).copy(), r[3],
-                      float(r[4]), int(r[5]))
+    return AddedAnime(
+        int(r[0]), json.loads(r[1]), np.frombuffer(bytes(r[2]), np.float32).copy(), r[3], float(r[4]), int(r[5])
+    )
 
 
 def _blob(raw_vector: np.ndarray) -> bytes:
@@ -92,8 +94,10 @@ def _sqlite_outcome(e: BaseException) -> str:
 
 _COLUMNS = "anime_id, fields, raw_vector, encoder_fingerprint, updated_at, revision"
 # SQLite keeps revisions in a table of their own (sql/sqlite_added_anime/0002_revision.sql)
-_SQLITE_SELECT = ("SELECT a.anime_id, a.fields, a.raw_vector, a.encoder_fingerprint, a.updated_at, "
-                  "COALESCE(r.revision, 0) FROM added_anime AS a LEFT JOIN added_anime_revision AS r USING (anime_id)")
+_SQLITE_SELECT = (
+    "SELECT a.anime_id, a.fields, a.raw_vector, a.encoder_fingerprint, a.updated_at, "
+    "COALESCE(r.revision, 0) FROM added_anime AS a LEFT JOIN added_anime_revision AS r USING (anime_id)"
+)
 
 
 class AddedAnimeStore:
@@ -117,17 +121,17 @@ class AddedAnimeStore:
         try:
             self._db.execute("PRAGMA busy_timeout=10000")  # another process may hold the write lock a moment
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")   # acknowledged means on disk
+            self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
             # a damaged page may only surface when read: find out now, not in a request
             problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
-            migrate_sqlite(self._db, "sqlite_added_anime")   # anime2vec/store/sql/sqlite_added_anime/
+            migrate_sqlite(self._db, "sqlite_added_anime")  # anime2vec/store/sql/sqlite_added_anime/
             self.all()
-        except sqlite3.OperationalError:   # locked, unopenable, I/O: says nothing about the file's content
+        except sqlite3.OperationalError:  # locked, unopenable, I/O: says nothing about the file's content
             self._db.close()
             raise
-        except (sqlite3.DatabaseError, ValueError) as e:   # ValueError: a row that does not decode
+        except (sqlite3.DatabaseError, ValueError) as e:  # ValueError: a row that does not decode
             self._db.close()
             raise StoreUnreadable(str(e)) from e
 
@@ -145,25 +149,30 @@ class AddedAnimeStore:
     def _insert(self, anime_id: int, fields: dict, raw_vector, encoder_fingerprint: str) -> Written:
         existed = self._db.execute("SELECT 1 FROM added_anime WHERE anime_id=?", (anime_id,)).fetchone()
         (rev,) = self._db.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM added_anime_revision").fetchone()
-        self._db.execute("INSERT OR REPLACE INTO added_anime (anime_id, fields, raw_vector, encoder_fingerprint, "
-                         "updated_at) VALUES (?, ?, ?, ?, ?)",
-                         (anime_id, json.dumps(fields, ensure_ascii=False), _blob(raw_vector), encoder_fingerprint,
-                          time.time()))
-        self._db.execute("INSERT OR REPLACE INTO added_anime_revision (anime_id, revision) VALUES (?, ?)",
-                         (anime_id, rev))
+        self._db.execute(
+            "INSERT OR REPLACE INTO added_anime (anime_id, fields, raw_vector, encoder_fingerprint, "
+            "updated_at) VALUES (?, ?, ?, ?, ?)",
+            (anime_id, json.dumps(fields, ensure_ascii=False), _blob(raw_vector), encoder_fingerprint, time.time()),
+        )
+        self._db.execute(
+            "INSERT OR REPLACE INTO added_anime_revision (anime_id, revision) VALUES (?, ?)", (anime_id, rev)
+        )
         return Written(anime_id, existed is None, int(rev))
 
     def put(self, anime_id: int, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str) -> Written:
         """Insert or replace by id, committed (fsynced) on return."""
         return self._write("put", lambda: self._insert(int(anime_id), fields, raw_vector, encoder_fingerprint))
 
-    def add_new(self, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str,
-                taken_above: int = 0) -> Written:
+    def add_new(self, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str, taken_above: int = 0) -> Written:
         """Store a new anime under the next assigned id (see `next_assigned_id`), in one step."""
+
         def add():
-            (top,) = self._db.execute("SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN ? AND ?",
-                                      (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1)).fetchone()
+            (top,) = self._db.execute(
+                "SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN ? AND ?",
+                (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1),
+            ).fetchone()
             return self._insert(next_id(top, taken_above), fields, raw_vector, encoder_fingerprint)
+
         return self._write("add_new", add)
 
     def has(self, anime_id: int) -> bool:
@@ -179,8 +188,9 @@ class AddedAnimeStore:
     def changes_since(self, revision: int) -> list[AddedAnime]:
         """Anime written after `revision`, in revision order."""
         with self._lock:
-            rows = self._db.execute(_SQLITE_SELECT + " WHERE COALESCE(r.revision, 0) > ? ORDER BY 6",
-                                    (int(revision),)).fetchall()
+            rows = self._db.execute(
+                _SQLITE_SELECT + " WHERE COALESCE(r.revision, 0) > ? ORDER BY 6", (int(revision),)
+            ).fetchall()
         return [_row(r) for r in rows]
 
     def revision(self) -> int:
@@ -193,8 +203,10 @@ class AddedAnimeStore:
         (e.g. the largest bundle id in ASSIGNED_IDS); IdsExhausted past the range. `add_new`
         assigns and writes in one step; this only tells."""
         with self._lock:
-            (top,) = self._db.execute("SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN ? AND ?",
-                                      (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1)).fetchone()
+            (top,) = self._db.execute(
+                "SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN ? AND ?",
+                (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1),
+            ).fetchone()
         return next_id(top, taken_above)
 
     def wait_for_changes(self, timeout_s: float, stop: threading.Event) -> None:
@@ -219,7 +231,7 @@ class PostgresAddedAnimeStore:
 
     def __init__(self, db):
         self.db = db
-        self.all()   # every row decodes, or the ranker does not start
+        self.all()  # every row decodes, or the ranker does not start
 
     def _insert(self, conn, anime_id: int, fields: dict, raw_vector, encoder_fingerprint: str) -> Written:
         created, rev = conn.execute(
@@ -229,49 +241,74 @@ class PostgresAddedAnimeStore:
             "encoder_fingerprint = EXCLUDED.encoder_fingerprint, updated_at = EXCLUDED.updated_at, "
             "revision = EXCLUDED.revision RETURNING (xmax = 0), revision",
             # ASCII-escaped JSON: a NUL in a title is the six characters \u0000, which text can hold
-            (int(anime_id), json.dumps(fields, ensure_ascii=True), _blob(raw_vector), encoder_fingerprint,
-             time.time())).fetchone()
+            (int(anime_id), json.dumps(fields, ensure_ascii=True), _blob(raw_vector), encoder_fingerprint, time.time()),
+        ).fetchone()
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(rev)))
         return Written(int(anime_id), bool(created), int(rev))
 
     def put(self, anime_id: int, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str) -> Written:
         """Insert or replace by id, committed on return."""
+
         def write(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             return self._insert(conn, anime_id, fields, raw_vector, encoder_fingerprint)
+
         return self.db.transact(STORE, "put", write)
 
-    def add_new(self, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str,
-                taken_above: int = 0) -> Written:
+    def add_new(self, fields: dict, raw_vector: np.ndarray, encoder_fingerprint: str, taken_above: int = 0) -> Written:
         def write(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            (top,) = conn.execute("SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN %s AND %s",
-                                  (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1)).fetchone()
+            (top,) = conn.execute(
+                "SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN %s AND %s",
+                (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1),
+            ).fetchone()
             return self._insert(conn, next_id(top, taken_above), fields, raw_vector, encoder_fingerprint)
+
         return self.db.transact(STORE, "add_new", write)
 
     def has(self, anime_id: int) -> bool:
-        return self.db.transact(STORE, "has", lambda conn: conn.execute(
-            "SELECT 1 FROM added_anime WHERE anime_id = %s", (int(anime_id),)).fetchone() is not None)
+        return self.db.transact(
+            STORE,
+            "has",
+            lambda conn: (
+                conn.execute("SELECT 1 FROM added_anime WHERE anime_id = %s", (int(anime_id),)).fetchone() is not None
+            ),
+        )
 
     def all(self) -> list[AddedAnime]:
-        rows = self.db.transact(STORE, "all", lambda conn: conn.execute(
-            f"SELECT {_COLUMNS} FROM added_anime ORDER BY anime_id").fetchall())
+        rows = self.db.transact(
+            STORE, "all", lambda conn: conn.execute(f"SELECT {_COLUMNS} FROM added_anime ORDER BY anime_id").fetchall()
+        )
         return [_row(r) for r in rows]
 
     def changes_since(self, revision: int) -> list[AddedAnime]:
-        rows = self.db.transact(STORE, "changes_since", lambda conn: conn.execute(
-            f"SELECT {_COLUMNS} FROM added_anime WHERE revision > %s ORDER BY revision", (int(revision),)).fetchall())
+        rows = self.db.transact(
+            STORE,
+            "changes_since",
+            lambda conn: conn.execute(
+                f"SELECT {_COLUMNS} FROM added_anime WHERE revision > %s ORDER BY revision", (int(revision),)
+            ).fetchall(),
+        )
         return [_row(r) for r in rows]
 
     def revision(self) -> int:
-        return int(self.db.transact(STORE, "revision", lambda conn: conn.execute(
-            "SELECT COALESCE(MAX(revision), 0) FROM added_anime").fetchone()[0]))
+        return int(
+            self.db.transact(
+                STORE,
+                "revision",
+                lambda conn: conn.execute("SELECT COALESCE(MAX(revision), 0) FROM added_anime").fetchone()[0],
+            )
+        )
 
     def next_assigned_id(self, taken_above: int = 0) -> int:
-        (top,) = self.db.transact(STORE, "next_assigned_id", lambda conn: conn.execute(
-            "SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN %s AND %s",
-            (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1)).fetchone())
+        (top,) = self.db.transact(
+            STORE,
+            "next_assigned_id",
+            lambda conn: conn.execute(
+                "SELECT MAX(anime_id) FROM added_anime WHERE anime_id BETWEEN %s AND %s",
+                (ASSIGNED_IDS.start, ASSIGNED_IDS.stop - 1),
+            ).fetchone(),
+        )
         return next_id(top, taken_above)
 
     def wait_for_changes(self, timeout_s: float, stop: threading.Event) -> None:
@@ -291,7 +328,7 @@ class PostgresAddedAnimeStore:
                     for _ in conn.notifies(timeout=0.01):
                         pass
                     return
-        except Exception:   # the listening connection broke: poll on the timeout until it is back
+        except Exception:  # the listening connection broke: poll on the timeout until it is back
             self._drop_listener()
             stop.wait(timeout_s)
 

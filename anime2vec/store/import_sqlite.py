@@ -29,7 +29,7 @@ BATCH = 1000
 class ImportReport:
     events_read: int = 0
     events_inserted: int = 0
-    events_conflicting: list[str] = field(default_factory=list)   # ids stored with other content
+    events_conflicting: list[str] = field(default_factory=list)  # ids stored with other content
     anime_read: int = 0
     anime_written: int = 0
 
@@ -41,26 +41,41 @@ def _read_only(path: Path) -> sqlite3.Connection:
 def import_feedback(db: Database, path: Path, report: ImportReport) -> None:
     src = _read_only(path)
     try:
-        rows = src.execute("SELECT event_id, user_id, anime_id, kind, score, occurred_at, received_at "
-                           "FROM events ORDER BY rowid").fetchall()
+        rows = src.execute(
+            "SELECT event_id, user_id, anime_id, kind, score, occurred_at, received_at FROM events ORDER BY rowid"
+        ).fetchall()
     finally:
         src.close()
     report.events_read += len(rows)
     for i in range(0, len(rows), BATCH):
-        chunk = rows[i: i + BATCH]
+        chunk = rows[i : i + BATCH]
 
         def write(conn, chunk=chunk):
             cols = [list(c) for c in zip(*chunk)]
-            inserted = {r[0] for r in conn.execute(
-                "INSERT INTO events (event_id, user_id, anime_id, kind, score, occurred_at, received_at) "
-                "SELECT e, u, a, k, s, o, r FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], "
-                "%s::integer[], %s::float8[], %s::float8[]) WITH ORDINALITY AS t(e, u, a, k, s, o, r, n) ORDER BY n "
-                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id", cols).fetchall()}
+            inserted = {
+                r[0]
+                for r in conn.execute(
+                    "INSERT INTO events (event_id, user_id, anime_id, kind, score, occurred_at, received_at) "
+                    "SELECT e, u, a, k, s, o, r FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], "
+                    "%s::integer[], %s::float8[], %s::float8[]) WITH ORDINALITY AS t(e, u, a, k, s, o, r, n) ORDER BY n "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+                    cols,
+                ).fetchall()
+            }
             others = [r for r in chunk if r[0] not in inserted]
-            stored = {r[0]: r[1:6] for r in conn.execute(
-                "SELECT event_id, user_id, anime_id, kind, score, occurred_at FROM events WHERE event_id = ANY(%s)",
-                ([r[0] for r in others],)).fetchall()} if others else {}
+            stored = (
+                {
+                    r[0]: r[1:6]
+                    for r in conn.execute(
+                        "SELECT event_id, user_id, anime_id, kind, score, occurred_at FROM events WHERE event_id = ANY(%s)",
+                        ([r[0] for r in others],),
+                    ).fetchall()
+                }
+                if others
+                else {}
+            )
             return len(inserted), [r[0] for r in others if tuple(stored.get(r[0], ())) != tuple(r[1:6])]
+
         n, conflicting = db.transact("feedback", "import", write)
         report.events_inserted += n
         report.events_conflicting += conflicting
@@ -69,22 +84,27 @@ def import_feedback(db: Database, path: Path, report: ImportReport) -> None:
 def import_added(db: Database, path: Path, report: ImportReport) -> None:
     src = _read_only(path)
     try:
-        rows = src.execute("SELECT anime_id, fields, raw_vector, encoder_fingerprint, updated_at "
-                           "FROM added_anime ORDER BY updated_at, anime_id").fetchall()
+        rows = src.execute(
+            "SELECT anime_id, fields, raw_vector, encoder_fingerprint, updated_at "
+            "FROM added_anime ORDER BY updated_at, anime_id"
+        ).fetchall()
     finally:
         src.close()
     report.anime_read += len(rows)
     store = PostgresAddedAnimeStore(db)
     for aid, fields, raw, fingerprint, updated_at in rows:
+
         def write(conn, aid=aid, fields=fields, raw=raw, fingerprint=fingerprint, updated_at=updated_at):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            newer = conn.execute("SELECT 1 FROM added_anime WHERE anime_id = %s AND updated_at >= %s",
-                                 (int(aid), float(updated_at))).fetchone()
+            newer = conn.execute(
+                "SELECT 1 FROM added_anime WHERE anime_id = %s AND updated_at >= %s", (int(aid), float(updated_at))
+            ).fetchone()
             if newer:
                 return 0
             # through the store's own write: a revision in commit order and a NOTIFY, so serving replicas follow
             store._insert(conn, int(aid), json.loads(fields), _vector(raw), fingerprint)
             return 1
+
         report.anime_written += db.transact("added_anime", "import", write)
 
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).parent / "sql"
 _FILE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 # pg_advisory_xact_lock key for migrations: any fixed number our other locks do not use
-MIGRATION_LOCK = 0x61326D67   # "a2mg"
+MIGRATION_LOCK = 0x61326D67  # "a2mg"
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def migrate_sqlite(db: sqlite3.Connection, schema: str) -> int:
         return current
     db.execute("BEGIN IMMEDIATE")
     try:
-        (current,) = db.execute("PRAGMA user_version").fetchone()   # another process may have been first
+        (current,) = db.execute("PRAGMA user_version").fetchone()  # another process may have been first
         for m in todo[current:]:
             for stmt in sqlite_statements(m.sql):
                 db.execute(stmt)
@@ -97,6 +97,9 @@ def migrate_postgres(conn, schema: str = "postgres") -> int:
             log.info("applied migration %s", m.name, extra={"schema": schema})
         newer = sorted(v for v in applied if v > len(todo))
         if newer:
-            log.warning("the database has migrations this code does not know (%s): it was migrated by a newer "
-                        "version; carrying on, migrations only add", newer)
+            log.warning(
+                "the database has migrations this code does not know (%s): it was migrated by a newer "
+                "version; carrying on, migrations only add",
+                newer,
+            )
     return max([len(todo), *applied]) if applied else len(todo)

@@ -18,15 +18,19 @@ def _ignore(store: str, operation: str, seconds: float, outcome: str) -> None:
 
 def metrics_observer(metrics, backend: str) -> Observer:
     """An Observer feeding anime2vec.serving.metrics' a2v_store_* metrics."""
+
     def observe(store: str, operation: str, seconds: float, outcome: str) -> None:
         metrics.store_operation.labels(backend=backend, store=store, operation=operation).observe(seconds)
         if outcome != "ok":
             metrics.store_errors.labels(backend=backend, store=store, operation=operation, kind=outcome).inc()
+
     return observe
 
 
 @contextmanager
-def timed(observe: Observer | None, store: str, operation: str, classify: Callable[[BaseException], str]) -> Iterator[None]:
+def timed(
+    observe: Observer | None, store: str, operation: str, classify: Callable[[BaseException], str]
+) -> Iterator[None]:
     """Report one operation's duration and outcome (failed ones too: a timeout is latency as well)."""
     start = time.perf_counter()
     outcome = "ok"

@@ -31,7 +31,7 @@ from .observe import Observer, timed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-ATTEMPTS = 5                  # per operation, for deadlocks / serialization failures only
+ATTEMPTS = 5  # per operation, for deadlocks / serialization failures only
 STATEMENT_TIMEOUT_MS = 30_000  # a statement stuck longer than this is an outage, not a slow write
 
 
@@ -54,7 +54,7 @@ def redacted(dsn: str) -> str:
 
 
 def classify(e: BaseException) -> str:
-    if isinstance(e, pg_errors.TransactionRollback):   # deadlock, serialization failure
+    if isinstance(e, pg_errors.TransactionRollback):  # deadlock, serialization failure
         return "retried"
     if isinstance(e, (psycopg.OperationalError, PoolTimeout, DatabaseUnavailable)):
         return "unavailable"
@@ -64,10 +64,18 @@ def classify(e: BaseException) -> str:
 class Database:
     """A pool of connections to one PostgreSQL database (thread-safe)."""
 
-    def __init__(self, dsn: str, *, min_connections: int = 1, max_connections: int = 8,
-                 connect_timeout_s: float = 5.0, pool_timeout_s: float = 10.0, observe: Observer | None = None,
-                 application_name: str = "anime2vec"):
-        params = conninfo_to_dict(dsn)   # ProgrammingError for a malformed DSN: caught by the settings
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 8,
+        connect_timeout_s: float = 5.0,
+        pool_timeout_s: float = 10.0,
+        observe: Observer | None = None,
+        application_name: str = "anime2vec",
+    ):
+        params = conninfo_to_dict(dsn)  # ProgrammingError for a malformed DSN: caught by the settings
         self.dsn, self.where, self.observe = dsn, redacted(dsn), observe
         extra = {"autocommit": True}
         if "connect_timeout" not in params:
@@ -75,14 +83,23 @@ class Database:
         if "application_name" not in params:
             extra["application_name"] = application_name
         self._connect_kwargs = extra
-        try:   # one direct connection first: an unreachable server fails now, with libpq's own reason
+        try:  # one direct connection first: an unreachable server fails now, with libpq's own reason
             with psycopg.connect(dsn, **extra) as conn:
                 self.schema_version = migrate_postgres(conn)
         except psycopg.OperationalError as e:
             raise DatabaseUnavailable(f"PostgreSQL at {self.where} cannot be reached: {_first_line(e)}") from e
-        self.pool = ConnectionPool(dsn, min_size=min_connections, max_size=max_connections, kwargs=extra,
-                                   configure=_configure, check=ConnectionPool.check_connection,
-                                   timeout=pool_timeout_s, max_lifetime=1800, open=False, name="a2v-store")
+        self.pool = ConnectionPool(
+            dsn,
+            min_size=min_connections,
+            max_size=max_connections,
+            kwargs=extra,
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            timeout=pool_timeout_s,
+            max_lifetime=1800,
+            open=False,
+            name="a2v-store",
+        )
         try:
             self.pool.open(wait=True, timeout=connect_timeout_s + 1)
         except PoolTimeout as e:
@@ -91,8 +108,9 @@ class Database:
         self._closed = threading.Event()
 
     # ---- running operations ----------------------------------------------------------------
-    def transact(self, store: str, operation: str, fn: Callable[[psycopg.Connection], T], *,
-                 snapshot: bool = False) -> T:
+    def transact(
+        self, store: str, operation: str, fn: Callable[[psycopg.Connection], T], *, snapshot: bool = False
+    ) -> T:
         """fn(conn) inside one transaction; committed on return. snapshot=True: REPEATABLE READ,
         READ ONLY (every statement of fn sees the same committed state). Deadlocks and serialization
         failures are retried (with jitter) up to ATTEMPTS times; a lost database is DatabaseUnavailable."""
@@ -130,8 +148,11 @@ class Database:
 
     def stats(self) -> dict[str, int]:
         s = self.pool.get_stats()
-        return {"size": s.get("pool_size", 0), "idle": s.get("pool_available", 0),
-                "waiting": s.get("requests_waiting", 0)}
+        return {
+            "size": s.get("pool_size", 0),
+            "idle": s.get("pool_available", 0),
+            "waiting": s.get("requests_waiting", 0),
+        }
 
     # ---- notifications ---------------------------------------------------------------------
     def notify_connection(self) -> psycopg.Connection:

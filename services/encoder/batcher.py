@@ -44,8 +44,15 @@ class _Request:
 class MicroBatcher:
     """`submit(texts)` → Future of an (len(texts), dim) array. Thread-safe."""
 
-    def __init__(self, encode: EncodeFn, *, max_batch_texts: int, max_wait_s: float, max_queue_texts: int,
-                 metrics: Metrics | None = None):
+    def __init__(
+        self,
+        encode: EncodeFn,
+        *,
+        max_batch_texts: int,
+        max_wait_s: float,
+        max_queue_texts: int,
+        metrics: Metrics | None = None,
+    ):
         if max_batch_texts < 1 or max_queue_texts < 1 or max_wait_s < 0:
             raise ValueError("max_batch_texts and max_queue_texts must be >= 1 and max_wait_s >= 0")
         self._encode = encode
@@ -129,12 +136,12 @@ class MicroBatcher:
                 vectors = self._encode(texts)
                 if len(vectors) != len(texts):
                     raise RuntimeError(f"encoder returned {len(vectors)} vectors for {len(texts)} texts")
-            except Exception as e:   # the callers' handlers report it; the worker must survive
+            except Exception as e:  # the callers' handlers report it; the worker must survive
                 log.exception("encoder call failed for a batch of %d texts", len(texts))
                 for r in live:
                     r.future.set_exception(e)
                 continue
             start = 0
             for r in live:
-                r.future.set_result(vectors[start:start + len(r.texts)])
+                r.future.set_result(vectors[start : start + len(r.texts)])
                 start += len(r.texts)

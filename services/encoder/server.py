@@ -40,8 +40,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         try:
             future = self.batcher.submit(texts)
         except QueueFull as e:
-            raise errors.resource_exhausted(f"encoder queue is full: {e}", reason="ENCODER_QUEUE_FULL",
-                                            retry_after_s=_RETRY_AFTER_S) from None
+            raise errors.resource_exhausted(
+                f"encoder queue is full: {e}", reason="ENCODER_QUEUE_FULL", retry_after_s=_RETRY_AFTER_S
+            ) from None
         except BatcherClosed:
             raise errors.unavailable("the encoder is shutting down", reason="SHUTTING_DOWN") from None
         # A caller that leaves (cancel, deadline) frees its place in the queue.
@@ -55,7 +56,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled")
         return encoder_pb2.EncodeResponse(
             vectors=[encoder_pb2.Vector(values=row) for row in vectors.tolist()],
-            model_name=self.encoder.name, model_version=self.encoder.fingerprint, dim=self.encoder.dim,
+            model_name=self.encoder.name,
+            model_version=self.encoder.fingerprint,
+            dim=self.encoder.dim,
         )
 
     def _validate(self, texts: Sequence[str]) -> None:
@@ -64,7 +67,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             raise errors.invalid_argument({"texts": "at least one text is required"})
         if len(texts) > s.max_texts_per_request:
             raise errors.invalid_argument(
-                {"texts": f"{len(texts)} texts; at most {s.max_texts_per_request} per request"})
+                {"texts": f"{len(texts)} texts; at most {s.max_texts_per_request} per request"}
+            )
         problems = {}
         for i, text in enumerate(texts):
             if len(text) > s.max_chars_per_text:
@@ -74,13 +78,20 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if problems:
             raise errors.invalid_argument(problems)
 
-    def GetInfo(self, request: encoder_pb2.GetInfoRequest, context: grpc.ServicerContext) -> encoder_pb2.GetInfoResponse:
+    def GetInfo(
+        self, request: encoder_pb2.GetInfoRequest, context: grpc.ServicerContext
+    ) -> encoder_pb2.GetInfoResponse:
         s = self.settings
         return encoder_pb2.GetInfoResponse(
-            model_name=self.encoder.name, model_version=self.encoder.fingerprint, dim=self.encoder.dim,
-            device=str(self.encoder.device), max_length=self.encoder.max_length,
-            max_texts_per_request=s.max_texts_per_request, max_chars_per_text=s.max_chars_per_text,
-            max_batch_texts=s.max_batch_texts, precision=self.encoder.precision,
+            model_name=self.encoder.name,
+            model_version=self.encoder.fingerprint,
+            dim=self.encoder.dim,
+            device=str(self.encoder.device),
+            max_length=self.encoder.max_length,
+            max_texts_per_request=s.max_texts_per_request,
+            max_chars_per_text=s.max_chars_per_text,
+            max_batch_texts=s.max_batch_texts,
+            precision=self.encoder.precision,
         )
 
 
@@ -89,24 +100,38 @@ def load_encoder(settings: EncoderSettings) -> TextEncoder:
     from anime2vec.features.encoder import TextEncoder
 
     if settings.model == "tiny-random":
-        return TextEncoder.tiny_random(device=settings.device, max_length=settings.max_length,
-                                       precision=settings.precision)
-    return TextEncoder(model_dir=settings.model_dir, device=settings.device, max_length=settings.max_length,
-                       batch_size=settings.encode_batch_size, compile=settings.compile, precision=settings.precision)
+        return TextEncoder.tiny_random(
+            device=settings.device, max_length=settings.max_length, precision=settings.precision
+        )
+    return TextEncoder(
+        model_dir=settings.model_dir,
+        device=settings.device,
+        max_length=settings.max_length,
+        batch_size=settings.encode_batch_size,
+        compile=settings.compile,
+        precision=settings.precision,
+    )
 
 
 def start(settings: EncoderSettings, encoder: TextEncoder, metrics: Metrics | None = None) -> RunningServer:
     """Start serving `encoder`; the caller owns the returned server (wait_for_termination or stop)."""
     metrics = metrics or create_metrics()
-    batcher = MicroBatcher(encoder.encode, max_batch_texts=settings.max_batch_texts,
-                           max_wait_s=settings.max_wait_ms / 1000, max_queue_texts=settings.max_queue_texts,
-                           metrics=metrics)
+    batcher = MicroBatcher(
+        encoder.encode,
+        max_batch_texts=settings.max_batch_texts,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_texts=settings.max_queue_texts,
+        metrics=metrics,
+    )
     servicer = EncoderServicer(encoder, batcher, settings)
     try:
         running = build_server(
-            settings, "encoder",
+            settings,
+            "encoder",
             lambda server: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server),
-            [SERVICE_NAME], metrics=metrics, on_stop=[batcher.close],
+            [SERVICE_NAME],
+            metrics=metrics,
+            on_stop=[batcher.close],
         )
     except BaseException:
         batcher.close()
@@ -127,9 +152,17 @@ def main() -> int:
     except (OSError, ValueError) as e:
         log.error("cannot load the encoder model: %s", e)
         return 1
-    log.info("model loaded", extra={"model": encoder.name, "fingerprint": encoder.fingerprint,
-                                    "dim": encoder.dim, "device": str(encoder.device), "precision": encoder.precision,
-                                    "precision_check": encoder.precision_check})
+    log.info(
+        "model loaded",
+        extra={
+            "model": encoder.name,
+            "fingerprint": encoder.fingerprint,
+            "dim": encoder.dim,
+            "device": str(encoder.device),
+            "precision": encoder.precision,
+            "precision_check": encoder.precision_check,
+        },
+    )
     start(settings, encoder).wait_for_termination()
     return 0
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from anime2vec.v1 import common_pb2
 
-MAX_ANIME_ID = 2**31 - 1        # MyAnimeList ids and the ids the ranker assigns are far below
-MAX_SYNOPSIS_CHARS = 20_000     # the ranker's MAX_SYNOPSIS
+MAX_ANIME_ID = 2**31 - 1  # MyAnimeList ids and the ids the ranker assigns are far below
+MAX_SYNOPSIS_CHARS = 20_000  # the ranker's MAX_SYNOPSIS
 MAX_SYNONYMS, MAX_GENRES, MAX_GENRE_CHARS, MAX_TYPE_CHARS = 50, 30, 50, 16
-MAX_EPISODES = 10_000           # the ranker's MAX_EPISODES
+MAX_EPISODES = 10_000  # the ranker's MAX_EPISODES
 
 
 def anime_id_problem(anime_id: int) -> str | None:
@@ -25,8 +25,9 @@ def anime_id_problem(anime_id: int) -> str | None:
     return None
 
 
-def anime_input_problems(a: common_pb2.AnimeInput, max_title_chars: int,
-                         max_synopsis_chars: int = MAX_SYNOPSIS_CHARS) -> list[tuple[str, str]]:
+def anime_input_problems(
+    a: common_pb2.AnimeInput, max_title_chars: int, max_synopsis_chars: int = MAX_SYNOPSIS_CHARS
+) -> list[tuple[str, str]]:
     """(field, problem) for every bad field of an AnimeInput, field paths as in AddAnimeRequest."""
     bad: list[tuple[str, str]] = []
 

@@ -29,8 +29,11 @@ from anime2vec.serving.server import Refusal
 from .settings import GatewaySettings
 
 # Methods anyone may call: probes and tooling (grpcurl) need no key.
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                   "/grpc.reflection.v1.ServerReflection/")
+PUBLIC_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 _SCHEME = "bearer"
 _GATEWAY = "/anime2vec.v1.GatewayService/"
 
@@ -38,12 +41,22 @@ _GATEWAY = "/anime2vec.v1.GatewayService/"
 # tests/gateway checks that every method of GatewayService has its scope.
 SCOPES = ("read", "feedback", "catalog")
 METHOD_SCOPES = {
-    **{f"{_GATEWAY}{m}": "read" for m in ("Recommend", "RecommendForUser", "Similar", "SearchText", "ImportMalList",
-                                          "ResolveTitles", "GetModelInfo")},
+    **{
+        f"{_GATEWAY}{m}": "read"
+        for m in (
+            "Recommend",
+            "RecommendForUser",
+            "Similar",
+            "SearchText",
+            "ImportMalList",
+            "ResolveTitles",
+            "GetModelInfo",
+        )
+    },
     f"{_GATEWAY}RecordFeedback": "feedback",
-    f"{_GATEWAY}AddAnime": "catalog",   # adds or overwrites an anime's title and text
+    f"{_GATEWAY}AddAnime": "catalog",  # adds or overwrites an anime's title and text
 }
-DEFAULT_SCOPES = frozenset({"read", "feedback"})   # a key configured without scopes
+DEFAULT_SCOPES = frozenset({"read", "feedback"})  # a key configured without scopes
 
 
 @dataclass(frozen=True)
@@ -63,8 +76,10 @@ def parse_key(entry: str, where: str) -> ApiKey:
     scopes = frozenset(s.strip() for s in scope_text.split("+"))
     unknown = sorted(s for s in scopes if s not in SCOPES)
     if unknown or not scopes:
-        raise ValueError(f"{where}: unknown scope(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"scopes are {', '.join(SCOPES)} joined with '+', e.g. <key>:read+feedback")
+        raise ValueError(
+            f"{where}: unknown scope(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"scopes are {', '.join(SCOPES)} joined with '+', e.g. <key>:read+feedback"
+        )
     return ApiKey(key, scopes)
 
 
@@ -73,9 +88,11 @@ def load_api_keys(settings: GatewaySettings) -> list[ApiKey]:
     a scope is unknown, or if one key is configured twice with different scopes."""
     entries = [(e.strip(), "A2V_GATEWAY_API_KEYS") for e in settings.api_keys.get_secret_value().split(",")]
     if settings.api_keys_file is not None:
-        entries += [(line.strip(), f"A2V_GATEWAY_API_KEYS_FILE line {i}")
-                    for i, line in enumerate(Path(settings.api_keys_file).read_text().splitlines(), 1)
-                    if not line.lstrip().startswith("#")]
+        entries += [
+            (line.strip(), f"A2V_GATEWAY_API_KEYS_FILE line {i}")
+            for i, line in enumerate(Path(settings.api_keys_file).read_text().splitlines(), 1)
+            if not line.lstrip().startswith("#")
+        ]
     keys: dict[str, ApiKey] = {}
     for entry, where in entries:
         if not entry:
@@ -94,8 +111,11 @@ def _digest(key: str) -> bytes:
 
 
 def _denied(code: grpc.StatusCode, message: str, reason: str, metadata: Mapping[str, str] | None = None) -> Refusal:
-    return Refusal(ServiceError(code, message, [
-        error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))]))
+    return Refusal(
+        ServiceError(
+            code, message, [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {}))]
+        )
+    )
 
 
 class ApiKeyInterceptor(grpc.ServerInterceptor):
@@ -109,7 +129,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         """The scopes of a configured key; None for a key that is not configured."""
         presented = _digest(key)
         found = None
-        for digest, scopes in self._keys:   # every key is compared, whatever matched before
+        for digest, scopes in self._keys:  # every key is compared, whatever matched before
             if hmac.compare_digest(presented, digest):
                 found = scopes
         return found
@@ -123,25 +143,34 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         values = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
         if not values:
-            return _denied(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing API key: send the metadata 'authorization: Bearer <key>'", "API_KEY_MISSING")
+            return _denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing API key: send the metadata 'authorization: Bearer <key>'",
+                "API_KEY_MISSING",
+            )
         scheme, _, key = (values[0] if isinstance(values[0], str) else "").strip().partition(" ")
         key = key.strip()
         if len(values) > 1 or scheme.lower() != _SCHEME or not key:
-            return _denied(grpc.StatusCode.UNAUTHENTICATED,
-                           "malformed authorization metadata: expected exactly one 'Bearer <key>'",
-                           "API_KEY_MALFORMED")
+            return _denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "malformed authorization metadata: expected exactly one 'Bearer <key>'",
+                "API_KEY_MALFORMED",
+            )
         scopes = self.scopes_of(key)
         if scopes is None:
             return _denied(grpc.StatusCode.PERMISSION_DENIED, "API key not recognised", "API_KEY_INVALID")
         handler = continuation(handler_call_details)
-        if handler is None:   # no such method: grpc answers UNIMPLEMENTED
+        if handler is None:  # no such method: grpc answers UNIMPLEMENTED
             return None
         needed = METHOD_SCOPES.get(method)
         if needed not in scopes:
             name = method.rsplit("/", 1)[-1][:100]
-            return _denied(grpc.StatusCode.PERMISSION_DENIED,
-                           f"this API key may not call {name}: it needs the scope {needed!r}" if needed else
-                           f"no API key may call {name}", "API_KEY_SCOPE",
-                           {"method": name, "required_scope": needed or ""})
+            return _denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this API key may not call {name}: it needs the scope {needed!r}"
+                if needed
+                else f"no API key may call {name}",
+                "API_KEY_SCOPE",
+                {"method": name, "required_scope": needed or ""},
+            )
         return handler

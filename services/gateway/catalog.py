@@ -27,22 +27,29 @@ from .titles import TitleIndex
 log = logging.getLogger("services.gateway.catalog")
 
 _COLUMNS = ("title", "title_english", "title_japanese", "synonyms", "members", "type", "year", "genres")
-_RETRY_S = 1.0   # how soon to try again while no snapshot could be loaded
+_RETRY_S = 1.0  # how soon to try again while no snapshot could be loaded
 
 
 def _row(e: ranker_pb2.CatalogEntry) -> dict:
-    return {"title": e.title, "title_english": e.title_english, "title_japanese": e.title_japanese,
-            "synonyms": tuple(e.synonyms), "members": int(e.members), "type": e.type,
-            "year": int(e.year) if e.HasField("year") else None, "genres": tuple(e.genres)}
+    return {
+        "title": e.title,
+        "title_english": e.title_english,
+        "title_japanese": e.title_japanese,
+        "synonyms": tuple(e.synonyms),
+        "members": int(e.members),
+        "type": e.type,
+        "year": int(e.year) if e.HasField("year") else None,
+        "genres": tuple(e.genres),
+    }
 
 
 @dataclass(frozen=True)
 class Catalogue:
     version: str
-    frame: pd.DataFrame      # index anime_id; the _COLUMNS
+    frame: pd.DataFrame  # index anime_id; the _COLUMNS
     index: TitleIndex
-    titles: dict[int, str]   # anime_id → title: every favourites request names its anime (a frame lookup is ~50 µs)
-    filterable: Facets       # the genres, types and years filters can match
+    titles: dict[int, str]  # anime_id → title: every favourites request names its anime (a frame lookup is ~50 µs)
+    filterable: Facets  # the genres, types and years filters can match
 
     @classmethod
     def build(cls, version: str, rows: dict[int, dict]) -> "Catalogue":
@@ -50,8 +57,9 @@ class Catalogue:
         frame.index = frame.index.astype("int64")
         frame["year"] = frame["year"].astype("Int64")
         frame.index.name = "anime_id"
-        return cls(version, frame, TitleIndex(frame), {int(a): str(t) for a, t in frame["title"].items()},
-                   Facets.of(frame))
+        return cls(
+            version, frame, TitleIndex(frame), {int(a): str(t) for a, t in frame["title"].items()}, Facets.of(frame)
+        )
 
     @classmethod
     def from_entries(cls, version: str, entries: Iterable[ranker_pb2.CatalogEntry]) -> "Catalogue":
@@ -69,8 +77,12 @@ class Catalogue:
     def facets(self, anime_id: int) -> dict:
         """type (str), year (int or None), members (int) and genres (tuple) of a listed anime."""
         row = self.frame.loc[anime_id]
-        return {"type": row["type"] or "", "year": None if pd.isna(row["year"]) else int(row["year"]),
-                "members": int(row["members"] or 0), "genres": row["genres"]}
+        return {
+            "type": row["type"] or "",
+            "year": None if pd.isna(row["year"]) else int(row["year"]),
+            "members": int(row["members"] or 0),
+            "genres": row["genres"],
+        }
 
     def matched_name(self, anime_id: int, query: str) -> str:
         """Which of the anime's names the query matched best (main, English, Japanese, synonym)."""
@@ -84,7 +96,7 @@ class Catalogue:
         rows = self.frame.to_dict(orient="index")
         row = _row(entry)
         old = rows.get(int(entry.anime_id))
-        if old is not None and not row["members"]:   # the ranker keeps a replaced anime's popularity
+        if old is not None and not row["members"]:  # the ranker keeps a replaced anime's popularity
             row["members"] = old["members"]
         rows[int(entry.anime_id)] = row
         return Catalogue.build(self.version, rows)
@@ -92,9 +104,15 @@ class Catalogue:
 
 def entry_from_input(anime_id: int, a: common_pb2.AnimeInput) -> ranker_pb2.CatalogEntry:
     """The catalogue entry an AddAnime request creates, as the ranker will list it."""
-    e = ranker_pb2.CatalogEntry(anime_id=anime_id, title=a.title.strip(), title_english=a.title_english.strip(),
-                                synonyms=list(a.synonyms), members=a.members, type=a.type,
-                                genres=[g.strip() for g in a.genres])
+    e = ranker_pb2.CatalogEntry(
+        anime_id=anime_id,
+        title=a.title.strip(),
+        title_english=a.title_english.strip(),
+        synonyms=list(a.synonyms),
+        members=a.members,
+        type=a.type,
+        genres=[g.strip() for g in a.genres],
+    )
     if a.HasField("year"):
         e.year = a.year
     return e
@@ -110,9 +128,13 @@ class CatalogueSync:
     """fetch_info() → ModelInfo and fetch_page(token) → ListCatalogResponse call the ranker (they
     raise grpc.RpcError or ServiceError); on_loaded(info) runs after each successful (re)build."""
 
-    def __init__(self, fetch_info: Callable[[], common_pb2.ModelInfo],
-                 fetch_page: Callable[[str], ranker_pb2.ListCatalogResponse], poll_s: float,
-                 on_loaded: Callable[[common_pb2.ModelInfo], None] = lambda info: None):
+    def __init__(
+        self,
+        fetch_info: Callable[[], common_pb2.ModelInfo],
+        fetch_page: Callable[[str], ranker_pb2.ListCatalogResponse],
+        poll_s: float,
+        on_loaded: Callable[[common_pb2.ModelInfo], None] = lambda info: None,
+    ):
         self._fetch_info, self._fetch_page, self.poll_s, self._on_loaded = fetch_info, fetch_page, poll_s, on_loaded
         self._current: Catalogue | None = None
         self._lock = threading.Lock()
@@ -135,8 +157,12 @@ class CatalogueSync:
         """The current snapshot, or UNAVAILABLE while none has loaded yet."""
         c = self._current
         if c is None:
-            raise unavailable("the title index is not loaded yet (waiting for the ranker's catalogue); "
-                              "refer to anime by id or retry shortly", reason="CATALOG_NOT_LOADED", retry_after_s=2.0)
+            raise unavailable(
+                "the title index is not loaded yet (waiting for the ranker's catalogue); "
+                "refer to anime by id or retry shortly",
+                reason="CATALOG_NOT_LOADED",
+                retry_after_s=2.0,
+            )
         return c
 
     def notice_version(self, version: str) -> None:
@@ -152,7 +178,7 @@ class CatalogueSync:
             if c is not None and c.version == version:
                 self._current = c.with_entry(entry)
             else:
-                self._wake.set()   # the snapshot is of another version anyway: rebuild
+                self._wake.set()  # the snapshot is of another version anyway: rebuild
 
     def refresh_if_changed(self) -> bool:
         """One poll: rebuild when the ranker's version or item count differs. True if rebuilt."""
@@ -182,7 +208,7 @@ class CatalogueSync:
         while not self._stop.is_set():
             try:
                 self.refresh_if_changed()
-            except Exception as e:   # ranker down, version moved mid-way, ...: keep the old snapshot
+            except Exception as e:  # ranker down, version moved mid-way, ...: keep the old snapshot
                 log.warning("cannot refresh the title index: %s", _describe(e))
             self._wake.wait(self.poll_s if self._current is not None else _RETRY_S)
             self._wake.clear()

@@ -23,16 +23,38 @@ log = logging.getLogger("services.gateway")
 RANKER_SERVICE = "anime2vec.v1.RankerService"
 # Safe to send twice: reads, and RecordFeedback (idempotent by event id). UpsertAnime is not
 # (without an id, a retry would add a second anime).
-IDEMPOTENT_METHODS = ("RecommendFromFavourites", "RecommendForUser", "SimilarItems", "RecommendFromVector",
-                      "GetModelInfo", "ListCatalog", "RecordFeedback")
-RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": RANKER_SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
+IDEMPOTENT_METHODS = (
+    "RecommendFromFavourites",
+    "RecommendForUser",
+    "SimilarItems",
+    "RecommendFromVector",
+    "GetModelInfo",
+    "ListCatalog",
+    "RecordFeedback",
+)
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": RANKER_SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 # Reconnect quickly after a ranker restart instead of gRPC's default backoff of up to 2 minutes.
-_CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG),
-                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+_CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", RETRY_SERVICE_CONFIG),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 # Leave this much of the caller's deadline for the gateway's own work after the downstream answer.
 _MARGIN_S = 0.05
 # The ranker replaces a catalogue anime only when the call names it in this metadata
@@ -66,12 +88,19 @@ def rename_fields(error: ServiceError, fields: Mapping[str, str]) -> ServiceErro
     details = []
     for d in error.details:
         if isinstance(d, error_details_pb2.BadRequest):
-            d = error_details_pb2.BadRequest(field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=sub(v.field), description=sub(v.description))
-                for v in d.field_violations])
+            d = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=sub(v.field), description=sub(v.description))
+                    for v in d.field_violations
+                ]
+            )
         elif isinstance(d, error_details_pb2.ResourceInfo):
-            d = error_details_pb2.ResourceInfo(resource_type=d.resource_type, resource_name=d.resource_name,
-                                               owner=d.owner, description=sub(d.description))
+            d = error_details_pb2.ResourceInfo(
+                resource_type=d.resource_type,
+                resource_name=d.resource_name,
+                owner=d.owner,
+                description=sub(d.description),
+            )
         details.append(d)
     return ServiceError(error.code, sub(error.message), details)
 
@@ -79,16 +108,24 @@ def rename_fields(error: ServiceError, fields: Mapping[str, str]) -> ServiceErro
 # Statuses that describe the ranker's own trouble (or the encoder's behind it) rather than the
 # caller's request: their text may name internal hosts and ports, so callers get the gateway's words
 # (the ErrorInfo reason and RetryInfo are kept) and only the log gets the original.
-_OWN_TROUBLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
-                grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS}
-_ERROR_ID = re.compile(r"\(id [0-9a-f]{12}\)")   # the ranker's INTERNAL answers carry one: it matches its log
+_OWN_TROUBLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.DATA_LOSS,
+}
+_ERROR_ID = re.compile(r"\(id [0-9a-f]{12}\)")  # the ranker's INTERNAL answers carry one: it matches its log
 
 
 def _in_own_words(error: ServiceError, address: str) -> ServiceError:
     reason = next((d.reason for d in error.details if isinstance(d, error_details_pb2.ErrorInfo)), "")
-    log.warning("ranker answered %s (%s): %s", error.code.name, reason or "no reason", error.message,
-                extra={"ranker": address})
+    log.warning(
+        "ranker answered %s (%s): %s", error.code.name, reason or "no reason", error.message, extra={"ranker": address}
+    )
     if reason == "ENCODER_UNAVAILABLE":
         message = "the encoder is unavailable (the ranker needs it for this call); retry shortly"
     elif error.code == grpc.StatusCode.INTERNAL:
@@ -102,45 +139,75 @@ def _in_own_words(error: ServiceError, address: str) -> ServiceError:
 class Ranker:
     def __init__(self, address: str, timeout_s: float, max_message_bytes: int, tls: ClientTLS | None = None):
         self.address, self.timeout_s = address, timeout_s
-        self._channel = open_channel(address, tls, options=[
-            *_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)])
+        self._channel = open_channel(
+            address, tls, options=[*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)]
+        )
         self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel)
 
     # One typed method per ranker RPC the gateway uses: `context` is the gateway caller's (its deadline
     # bounds the call), `fields` maps the ranker's request field paths to the caller's.
-    def recommend_from_favourites(self, request: ranker_pb2.RecommendFromFavouritesRequest, context=None, *,
-                                  fields: Mapping[str, str] | None = None) -> ranker_pb2.RankedList:
+    def recommend_from_favourites(
+        self,
+        request: ranker_pb2.RecommendFromFavouritesRequest,
+        context=None,
+        *,
+        fields: Mapping[str, str] | None = None,
+    ) -> ranker_pb2.RankedList:
         return self._call(self.stub.RecommendFromFavourites, request, context, fields=fields)
 
     def recommend_for_user(self, request: common_pb2.RecommendForUserRequest, context=None) -> ranker_pb2.RankedList:
         return self._call(self.stub.RecommendForUser, request, context)
 
-    def similar_items(self, request: ranker_pb2.SimilarItemsRequest, context=None, *,
-                      fields: Mapping[str, str] | None = None) -> ranker_pb2.RankedList:
+    def similar_items(
+        self, request: ranker_pb2.SimilarItemsRequest, context=None, *, fields: Mapping[str, str] | None = None
+    ) -> ranker_pb2.RankedList:
         return self._call(self.stub.SimilarItems, request, context, fields=fields)
 
-    def recommend_from_vector(self, request: ranker_pb2.RecommendFromVectorRequest, context=None, *,
-                              fields: Mapping[str, str] | None = None) -> ranker_pb2.RankedList:
+    def recommend_from_vector(
+        self, request: ranker_pb2.RecommendFromVectorRequest, context=None, *, fields: Mapping[str, str] | None = None
+    ) -> ranker_pb2.RankedList:
         return self._call(self.stub.RecommendFromVector, request, context, fields=fields)
 
-    def upsert_anime(self, request: ranker_pb2.UpsertAnimeRequest, context=None, *, timeout_s: float,
-                     metadata: tuple[tuple[str, str], ...] = ()) -> ranker_pb2.UpsertAnimeResponse:
+    def upsert_anime(
+        self,
+        request: ranker_pb2.UpsertAnimeRequest,
+        context=None,
+        *,
+        timeout_s: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> ranker_pb2.UpsertAnimeResponse:
         return self._call(self.stub.UpsertAnime, request, context, timeout_s=timeout_s, metadata=metadata)
 
-    def record_feedback(self, request: ranker_pb2.FeedbackBatch, context=None, *, timeout_s: float,
-                        fields: Mapping[str, str] | None = None) -> ranker_pb2.FeedbackResult:
+    def record_feedback(
+        self,
+        request: ranker_pb2.FeedbackBatch,
+        context=None,
+        *,
+        timeout_s: float,
+        fields: Mapping[str, str] | None = None,
+    ) -> ranker_pb2.FeedbackResult:
         return self._call(self.stub.RecordFeedback, request, context, timeout_s=timeout_s, fields=fields)
 
-    def get_model_info(self, request: common_pb2.GetModelInfoRequest | None = None,
-                       context=None) -> common_pb2.GetModelInfoResponse:
+    def get_model_info(
+        self, request: common_pb2.GetModelInfoRequest | None = None, context=None
+    ) -> common_pb2.GetModelInfoResponse:
         return self._call(self.stub.GetModelInfo, request or common_pb2.GetModelInfoRequest(), context)
 
-    def list_catalog(self, request: ranker_pb2.ListCatalogRequest, *, timeout_s: float) -> ranker_pb2.ListCatalogResponse:
+    def list_catalog(
+        self, request: ranker_pb2.ListCatalogRequest, *, timeout_s: float
+    ) -> ranker_pb2.ListCatalogResponse:
         return self._call(self.stub.ListCatalog, request, None, timeout_s=timeout_s)
 
-    def _call(self, rpc, request, context: grpc.ServicerContext | None = None, *,
-              timeout_s: float | None = None, fields: Mapping[str, str] | None = None,
-              metadata: tuple[tuple[str, str], ...] = ()):
+    def _call(
+        self,
+        rpc,
+        request,
+        context: grpc.ServicerContext | None = None,
+        *,
+        timeout_s: float | None = None,
+        fields: Mapping[str, str] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ):
         """rpc(request) with a bounded deadline; ServiceError on failure. Messages never name the
         ranker's address (it is logged instead)."""
         timeout = deadline(context, timeout_s or self.timeout_s)
@@ -152,20 +219,25 @@ class Ranker:
         except grpc.RpcError as e:
             code, error = e.code(), ServiceError.from_rpc_error(e)
             answered = any(isinstance(d, error_details_pb2.ErrorInfo) for d in error.details)
-            if code == grpc.StatusCode.UNAVAILABLE and not answered:   # unreachable, not the ranker's own answer
+            if code == grpc.StatusCode.UNAVAILABLE and not answered:  # unreachable, not the ranker's own answer
                 log.warning("ranker unreachable: %s", e.details(), extra={"ranker": self.address})
-                raise unavailable("the ranker is unavailable; retry shortly",
-                                  reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
+                raise unavailable(
+                    "the ranker is unavailable; retry shortly", reason="RANKER_UNAVAILABLE", retry_after_s=1.0
+                ) from None
             shed = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _CONCURRENCY_LIMIT in (e.details() or "")
-            if shed and not answered:   # the ranker shed it; not retried here (that would only add load)
-                raise resource_exhausted("the ranker is at its concurrency limit; retry shortly",
-                                         reason="RANKER_OVERLOADED", retry_after_s=1.0) from None
+            if shed and not answered:  # the ranker shed it; not retried here (that would only add load)
+                raise resource_exhausted(
+                    "the ranker is at its concurrency limit; retry shortly",
+                    reason="RANKER_OVERLOADED",
+                    retry_after_s=1.0,
+                ) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 remaining = time_remaining(context) if context is not None else None
                 if remaining is not None and remaining <= _MARGIN_S:
                     raise ServiceError(code, "the deadline passed while waiting for the ranker") from None
-                raise unavailable(f"the ranker did not answer within {timeout:.1f} s",
-                                  reason="RANKER_UNAVAILABLE", retry_after_s=1.0) from None
+                raise unavailable(
+                    f"the ranker did not answer within {timeout:.1f} s", reason="RANKER_UNAVAILABLE", retry_after_s=1.0
+                ) from None
             if code in _OWN_TROUBLE:
                 raise _in_own_words(error, self.address) from None
             raise rename_fields(error, fields or {}) from None

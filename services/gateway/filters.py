@@ -35,20 +35,25 @@ DOCUMENTED_TYPES = ("TV", "Movie", "OVA", "ONA", "Special", "Music")
 @dataclass(frozen=True)
 class Facets:
     """What a catalogue's anime can be filtered on: casefolded value → its usual spelling."""
+
     genres: dict[str, str]
     types: dict[str, str]
-    with_year: int            # anime with a known year
+    with_year: int  # anime with a known year
 
     @classmethod
     def of(cls, frame: pd.DataFrame) -> "Facets":
         def spelled(values) -> dict[str, str]:
             counts = Counter(v for v in values if v)
             out: dict[str, str] = {}
-            for value, _ in counts.most_common():   # the most common spelling of each name wins
+            for value, _ in counts.most_common():  # the most common spelling of each name wins
                 out.setdefault(value.casefold(), value)
             return dict(sorted(out.items()))
-        return cls(genres=spelled(g for gs in frame["genres"] for g in gs), types=spelled(frame["type"]),
-                   with_year=int(frame["year"].notna().sum()))
+
+        return cls(
+            genres=spelled(g for gs in frame["genres"] for g in gs),
+            types=spelled(frame["type"]),
+            with_year=int(frame["year"].notna().sum()),
+        )
 
 
 def _close(value: str, known: dict[str, str]) -> str:
@@ -58,8 +63,8 @@ def _close(value: str, known: dict[str, str]) -> str:
 
 @dataclass
 class FilterProblems:
-    unknown: list[tuple[str, str]]       # (field, why): INVALID_ARGUMENT
-    known_lists: dict[str, str]          # ErrorInfo metadata for them: known_genres / known_types
+    unknown: list[tuple[str, str]]  # (field, why): INVALID_ARGUMENT
+    known_lists: dict[str, str]  # ErrorInfo metadata for them: known_genres / known_types
     unanswerable: list[tuple[str, str]]  # (field, why): INVALID_ARGUMENT, reason FILTER_UNANSWERABLE
 
 
@@ -78,16 +83,25 @@ def filter_problems(f: common_pb2.Filters, facets: Facets) -> FilterProblems:
         if not folded or folded in facets.types:
             continue
         if folded in documented:
-            out.unanswerable.append((f"options.filters.types[{i}]", f"no anime of type {t!r} in this catalogue "
-                                                                    f"(its types: {', '.join(facets.types.values())})"))
+            out.unanswerable.append(
+                (
+                    f"options.filters.types[{i}]",
+                    f"no anime of type {t!r} in this catalogue (its types: {', '.join(facets.types.values())})",
+                )
+            )
         else:
             out.unknown.append((f"options.filters.types[{i}]", f"unknown type {t!r}{_close(t, facets.types)}"))
             out.known_lists["known_types"] = ", ".join(facets.types.values())
     reversed_years = f.HasField("year_min") and f.HasField("year_max") and f.year_min > f.year_max
-    if not facets.with_year and not reversed_years:   # reversed bounds are malformed whatever the catalogue
-        out.unanswerable += [(f"options.filters.{name}", "no anime in this catalogue has a known year, so a "
-                                                         "year filter matches nothing: leave it out")
-                             for name in ("year_min", "year_max") if f.HasField(name)]
+    if not facets.with_year and not reversed_years:  # reversed bounds are malformed whatever the catalogue
+        out.unanswerable += [
+            (
+                f"options.filters.{name}",
+                "no anime in this catalogue has a known year, so a year filter matches nothing: leave it out",
+            )
+            for name in ("year_min", "year_max")
+            if f.HasField(name)
+        ]
     return out
 
 
@@ -95,17 +109,26 @@ def unknown_values_error(invalid: list[tuple[str, str]], known_lists: dict[str, 
     """INVALID_ARGUMENT for every bad field of a request, the catalogue's genres or types appended."""
     lists = "; ".join(f"{k.removeprefix('known_')}: {v}" for k, v in known_lists.items())
     message = "; ".join(f"{field}: {why}" for field, why in invalid) + f" (the catalogue's {lists})"
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, [
-        _bad_request(invalid),
-        error_details_pb2.ErrorInfo(reason="UNKNOWN_FILTER_VALUE", domain=DOMAIN, metadata=known_lists)])
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        message,
+        [
+            _bad_request(invalid),
+            error_details_pb2.ErrorInfo(reason="UNKNOWN_FILTER_VALUE", domain=DOMAIN, metadata=known_lists),
+        ],
+    )
 
 
 def unanswerable_error(problems: list[tuple[str, str]]) -> ServiceError:
     """INVALID_ARGUMENT for every bad field of a request, among them a filter the catalogue cannot answer."""
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{f}: {why}" for f, why in problems), [
-        _bad_request(problems), error_details_pb2.ErrorInfo(reason="FILTER_UNANSWERABLE", domain=DOMAIN)])
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "; ".join(f"{f}: {why}" for f, why in problems),
+        [_bad_request(problems), error_details_pb2.ErrorInfo(reason="FILTER_UNANSWERABLE", domain=DOMAIN)],
+    )
 
 
 def _bad_request(violations: list[tuple[str, str]]) -> error_details_pb2.BadRequest:
-    return error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
+    return error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+    )

@@ -43,22 +43,37 @@ from anime2vec.data.confidence import LIKE_MIN_RATING, MAL_STATUS_CODES, implici
 MAX_BYTES = 5_000_000
 MAX_ENTRIES = 20_000
 MAX_ANIME_ID = 2**31 - 1
-MAX_DEPTH = 8                   # an export nests 3 deep
-MAX_FIELDS_PER_ENTRY = 64       # an export entry has 23
-MAX_ELEMENTS_PER_ENTRY = 30     # for the whole document's element bound (an export: ~24 per entry)
+MAX_DEPTH = 8  # an export nests 3 deep
+MAX_FIELDS_PER_ENTRY = 64  # an export entry has 23
+MAX_ELEMENTS_PER_ENTRY = 30  # for the whole document's element bound (an export: ~24 per entry)
 _GZIP_MAGIC = b"\x1f\x8b"
 _DIGITS = re.compile(r"[0-9]+")
 # An ASCII-compatible XML declaration's encoding (after an optional UTF-8 byte order mark).
 _DECLARED_ENCODING = re.compile(rb"(?:\xef\xbb\xbf)?\s*<\?xml\s[^>]*?\bencoding\s*=\s*[\"']([^\"']*)[\"']")
-_ENCODINGS = {"utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin-1", "latin1", "utf-16", "utf-16le",
-              "utf-16be", "windows-1252", "cp1252"}
+_ENCODINGS = {
+    "utf-8",
+    "utf8",
+    "us-ascii",
+    "ascii",
+    "iso-8859-1",
+    "latin-1",
+    "latin1",
+    "utf-16",
+    "utf-16le",
+    "utf-16be",
+    "windows-1252",
+    "cp1252",
+}
 # my_status as MAL writes it (and older/other exporters' spellings) -> data-layer status.
 _STATUS_NAMES = {
-    "watching": "watching", "currently watching": "watching",
+    "watching": "watching",
+    "currently watching": "watching",
     "completed": "completed",
-    "on-hold": "on_hold", "on hold": "on_hold",
+    "on-hold": "on_hold",
+    "on hold": "on_hold",
     "dropped": "dropped",
-    "plan to watch": "plan_to_watch", "plan-to-watch": "plan_to_watch",
+    "plan to watch": "plan_to_watch",
+    "plan-to-watch": "plan_to_watch",
     **{str(code): status for code, status in MAL_STATUS_CODES.items()},  # numeric codes 1-6
 }
 
@@ -77,15 +92,15 @@ class MalImportError(ValueError):
 class MalEntry:
     anime_id: int
     title: str
-    score: int | None      # 1-10; None when not scored (MAL writes 0)
-    status: str            # watching / completed / on_hold / dropped / plan_to_watch
+    score: int | None  # 1-10; None when not scored (MAL writes 0)
+    status: str  # watching / completed / on_hold / dropped / plan_to_watch
     watched_episodes: int
 
 
 @dataclass(frozen=True)
 class MalList:
     entries: tuple[MalEntry, ...]
-    user_name: str         # '' when the export does not say
+    user_name: str  # '' when the export does not say
 
 
 def parse_mal_export(data: bytes, max_bytes: int = MAX_BYTES, max_entries: int = MAX_ENTRIES) -> MalList:
@@ -106,17 +121,20 @@ def parse_mal_export(data: bytes, max_bytes: int = MAX_BYTES, max_entries: int =
         parser.feed(data)
         parser.close()
     except defusedxml.DTDForbidden:
-        raise MalImportError("xml", "document type declarations (DTDs, entity definitions) are not "
-                                    "allowed; a MyAnimeList export has none") from None
+        raise MalImportError(
+            "xml",
+            "document type declarations (DTDs, entity definitions) are not allowed; a MyAnimeList export has none",
+        ) from None
     except defusedxml.DefusedXmlException as e:  # entities / external references (without a DTD)
         raise MalImportError("xml", f"forbidden XML construct: {e}") from None
     except ParseError as e:
         raise MalImportError("xml", f"malformed XML: {e}") from None
-    except (LookupError, ValueError, UnicodeError) as e:   # an encoding expat and Python cannot decode
+    except (LookupError, ValueError, UnicodeError) as e:  # an encoding expat and Python cannot decode
         if isinstance(e, MalImportError):
             raise
-        raise MalImportError("xml", f"cannot decode the declared encoding ({_clip(str(e))}); "
-                                    f"MyAnimeList exports are UTF-8") from None
+        raise MalImportError(
+            "xml", f"cannot decode the declared encoding ({_clip(str(e))}); MyAnimeList exports are UTF-8"
+        ) from None
     return reader.result()
 
 
@@ -137,10 +155,11 @@ def favourites_from(mal_list: MalList, max_n: int = 50) -> tuple[list[tuple[int,
         return [], []
     rating = np.array([np.nan if e.score is None else e.score for e in entries], dtype=np.float32)
     confidence, positive = implicit_feedback(rating, [e.status for e in entries])
-    liked = sorted(((e.anime_id, round(float(c), 4)) for e, c, p in zip(entries, confidence, positive) if p),
-                   key=lambda pair: -pair[1])[:max_n]
-    disliked = [e for e in entries
-                if (e.score is not None and e.score < LIKE_MIN_RATING) or e.status == "dropped"]
+    liked = sorted(
+        ((e.anime_id, round(float(c), 4)) for e, c, p in zip(entries, confidence, positive) if p),
+        key=lambda pair: -pair[1],
+    )[:max_n]
+    disliked = [e for e in entries if (e.score is not None and e.score < LIKE_MIN_RATING) or e.status == "dropped"]
     disliked.sort(key=lambda e: e.score if e.score is not None and e.score < LIKE_MIN_RATING else LIKE_MIN_RATING)
     return liked, [e.anime_id for e in disliked]
 
@@ -170,8 +189,11 @@ def _check_declared_encoding(data: bytes) -> None:
         return
     name = m.group(1).decode("ascii", "replace")
     if name.strip().lower().replace("_", "-") not in _ENCODINGS:
-        raise MalImportError("xml", f"the XML declaration names the encoding {_clip(name)!r}; an export is "
-                                    f"UTF-8 (also accepted: UTF-16, ISO-8859-1, US-ASCII, windows-1252)")
+        raise MalImportError(
+            "xml",
+            f"the XML declaration names the encoding {_clip(name)!r}; an export is "
+            f"UTF-8 (also accepted: UTF-16, ISO-8859-1, US-ASCII, windows-1252)",
+        )
 
 
 def _clip(text: str, limit: int = 60) -> str:
@@ -189,9 +211,9 @@ class _ExportReader:
         self.max_entries = max_entries
         self.max_elements = max_entries * MAX_ELEMENTS_PER_ENTRY + 1_000
         self.depth = self.elements = 0
-        self.section: str | None = None          # the current child of the root: "anime", "myinfo", ...
-        self.field: str | None = None            # the current child of that section
-        self.fields: dict[str, str] = {}         # fields of the current section, first occurrence wins
+        self.section: str | None = None  # the current child of the root: "anime", "myinfo", ...
+        self.field: str | None = None  # the current child of that section
+        self.fields: dict[str, str] = {}  # fields of the current section, first occurrence wins
         self.text: list[str] = []
         self.n_fields = 0
         self.entries: list[MalEntry] = []
@@ -203,26 +225,39 @@ class _ExportReader:
         self.depth += 1
         self.elements += 1
         if self.depth > MAX_DEPTH:
-            raise MalImportError("xml", f"elements nested more than {MAX_DEPTH} deep; a MyAnimeList export "
-                                        "nests 3 (myanimelist > anime > field)")
+            raise MalImportError(
+                "xml",
+                f"elements nested more than {MAX_DEPTH} deep; a MyAnimeList export "
+                "nests 3 (myanimelist > anime > field)",
+            )
         if self.elements > self.max_elements:
-            raise MalImportError("xml", f"more than {self.max_elements:,} elements; a list of "
-                                        f"{self.max_entries:,} entries has fewer", too_large=True)
+            raise MalImportError(
+                "xml",
+                f"more than {self.max_elements:,} elements; a list of {self.max_entries:,} entries has fewer",
+                too_large=True,
+            )
         if self.depth == 1:
             if tag != "myanimelist":
-                raise MalImportError("myanimelist", f"the root element is <{_clip(tag)}>, not <myanimelist>: "
-                                                    "not a MyAnimeList export")
+                raise MalImportError(
+                    "myanimelist", f"the root element is <{_clip(tag)}>, not <myanimelist>: not a MyAnimeList export"
+                )
         elif self.depth == 2:
             self.section, self.fields, self.n_fields = tag, {}, 0
             if tag == "anime" and len(self.entries) >= self.max_entries:
-                raise MalImportError("anime", f"the list has more than {self.max_entries:,} entries; the limit "
-                                              f"is {self.max_entries:,}", too_large=True)
+                raise MalImportError(
+                    "anime",
+                    f"the list has more than {self.max_entries:,} entries; the limit is {self.max_entries:,}",
+                    too_large=True,
+                )
             self.saw_manga |= tag == "manga"
         elif self.depth == 3:
             self.n_fields += 1
             if self.section == "anime" and self.n_fields > MAX_FIELDS_PER_ENTRY:
-                raise MalImportError(f"anime[{len(self.entries)}]", f"more than {MAX_FIELDS_PER_ENTRY} fields; an "
-                                                                    "export entry has about 25", too_large=True)
+                raise MalImportError(
+                    f"anime[{len(self.entries)}]",
+                    f"more than {MAX_FIELDS_PER_ENTRY} fields; an export entry has about 25",
+                    too_large=True,
+                )
             self.field, self.text = tag, []
 
     def data(self, text: str) -> None:
@@ -252,8 +287,9 @@ class _ExportReader:
         entry = _entry(fields, f"anime[{i}]")
         first = self.first_seen.get(entry.anime_id)
         if first is not None:
-            raise MalImportError(f"anime[{i}].series_animedb_id",
-                                 f"anime {entry.anime_id} is listed twice (also anime[{first}])")
+            raise MalImportError(
+                f"anime[{i}].series_animedb_id", f"anime {entry.anime_id} is listed twice (also anime[{first}])"
+            )
         self.first_seen[entry.anime_id] = i
         self.entries.append(entry)
 
@@ -277,10 +313,17 @@ def _entry(fields: dict[str, str], path: str) -> MalEntry:
     status_text = fields.get("my_status") or "Plan to Watch"  # MAL's default when absent
     status = _STATUS_NAMES.get(" ".join(status_text.split()).casefold())
     if status is None:
-        raise MalImportError(f"{path}.my_status", f"unknown status {_clip(status_text)!r}; expected Watching, "
-                                                  "Completed, On-Hold, Dropped or Plan to Watch")
-    return MalEntry(anime_id=anime_id, title=fields.get("series_title", ""), score=score or None,
-                    status=status, watched_episodes=_integer(fields, "my_watched_episodes", path))
+        raise MalImportError(
+            f"{path}.my_status",
+            f"unknown status {_clip(status_text)!r}; expected Watching, Completed, On-Hold, Dropped or Plan to Watch",
+        )
+    return MalEntry(
+        anime_id=anime_id,
+        title=fields.get("series_title", ""),
+        score=score or None,
+        status=status,
+        watched_episodes=_integer(fields, "my_watched_episodes", path),
+    )
 
 
 def _integer(fields: dict[str, str], tag: str, path: str, required: bool = False) -> int:

@@ -43,13 +43,16 @@ def start(settings: GatewaySettings, metrics: Metrics | None = None) -> tuple[Ru
         if running is not None:
             running.set_serving(SERVICE_NAME, True)
 
-    limits = LearntLimits()   # the ranker's request limits: the title-index poll keeps them current
+    limits = LearntLimits()  # the ranker's request limits: the title-index poll keeps them current
     catalogue = CatalogueSync(
         fetch_info=lambda: limits.learn(ranker.get_model_info()).model,
         fetch_page=lambda token: ranker.list_catalog(
             ranker_pb2.ListCatalogRequest(page_size=CATALOG_PAGE_SIZE, page_token=token),
-            timeout_s=settings.catalog_timeout_s),
-        poll_s=settings.catalog_poll_s, on_loaded=on_loaded)
+            timeout_s=settings.catalog_timeout_s,
+        ),
+        poll_s=settings.catalog_poll_s,
+        on_loaded=on_loaded,
+    )
     servicer = GatewayServicer(settings, ranker, encoder, catalogue, metrics, limits)
 
     def close() -> None:
@@ -59,8 +62,14 @@ def start(settings: GatewaySettings, metrics: Metrics | None = None) -> tuple[Ru
 
     try:
         running = build_server(
-            settings, "gateway", lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server),
-            [SERVICE_NAME], metrics=metrics, interceptors=[ApiKeyInterceptor(keys)], on_stop=[close])
+            settings,
+            "gateway",
+            lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server),
+            [SERVICE_NAME],
+            metrics=metrics,
+            interceptors=[ApiKeyInterceptor(keys)],
+            on_stop=[close],
+        )
     except BaseException:
         encoder.close()
         ranker.close()
@@ -80,7 +89,7 @@ def main() -> int:
     configure_logging(settings.log_level, "gateway")
     try:
         running, _ = start(settings)
-    except RuntimeError as e:   # a port in use
+    except RuntimeError as e:  # a port in use
         log.error("cannot start: %s", e)
         return 1
     running.wait_for_termination()

@@ -22,32 +22,55 @@ class GatewaySettings(OutboundTLSSettings):
 
     ranker_address: str = Field("127.0.0.1:50052", min_length=1, description="ranker service host:port")
     encoder_address: str = Field("127.0.0.1:50051", min_length=1, description="encoder service host:port (free text)")
-    ranker_timeout_s: float = Field(5.0, gt=0, le=120, description="deadline of one ranker call (capped by the caller's)")
-    encoder_timeout_s: float = Field(5.0, gt=0, le=120, description="deadline of one encoder call (capped by the caller's)")
-    catalog_timeout_s: float = Field(30.0, gt=0, le=600, description="deadline of one ListCatalog page while (re)building the title index")
+    ranker_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="deadline of one ranker call (capped by the caller's)"
+    )
+    encoder_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="deadline of one encoder call (capped by the caller's)"
+    )
+    catalog_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="deadline of one ListCatalog page while (re)building the title index"
+    )
     catalog_poll_s: float = Field(
-        15.0, gt=0, le=3600, description="how often to ask the ranker whether its model version or item count "
-                                          "changed (then the title index is rebuilt, off the request path)")
+        15.0,
+        gt=0,
+        le=3600,
+        description="how often to ask the ranker whether its model version or item count "
+        "changed (then the title index is rebuilt, off the request path)",
+    )
 
-    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys callers may present, each "
-                                                           "'<key>' (scopes read, feedback) or '<key>:<scope>+...'")
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="comma-separated API keys callers may present, each "
+        "'<key>' (scopes read, feedback) or '<key>:<scope>+...'",
+    )
     api_keys_file: Path | None = Field(
-        None, description="file with one API key per line, as in api_keys ('#' comments), e.g. a mounted "
-                          "Kubernetes Secret")
+        None,
+        description="file with one API key per line, as in api_keys ('#' comments), e.g. a mounted Kubernetes Secret",
+    )
 
-    max_favourites: int = Field(100, ge=1, le=500, description="most favourites (and, separately, disliked) per request")
+    max_favourites: int = Field(
+        100, ge=1, le=500, description="most favourites (and, separately, disliked) per request"
+    )
     max_feedback_events: int = Field(
-        500, ge=1, le=1000, description="most events per RecordFeedback call (more: INVALID_ARGUMENT); the ranker's "
-                                        "A2V_RANKER_MAX_FEEDBACK_EVENTS applies when lower")
+        500,
+        ge=1,
+        le=1000,
+        description="most events per RecordFeedback call (more: INVALID_ARGUMENT); the ranker's "
+        "A2V_RANKER_MAX_FEEDBACK_EVENTS applies when lower",
+    )
     max_title_chars: int = Field(256, ge=1, le=256, description="longest title in an AnimeRef or ResolveTitles query")
     max_query_chars: int = Field(2000, ge=1, le=20_000, description="longest free-text query")
     max_synopsis_chars: int = Field(
-        20_000, ge=1, le=20_000, description="AddAnime: longest synopsis (at most the ranker's own limit, 20,000)")
-    max_mal_xml_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="largest MAL export, after gzip decompression")
-    default_min_score: int = Field(7, ge=1, le=10, description="ImportMalList: lowest MAL score that counts as a favourite")
+        20_000, ge=1, le=20_000, description="AddAnime: longest synopsis (at most the ranker's own limit, 20,000)"
+    )
+    max_mal_xml_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest MAL export, after gzip decompression")
+    default_min_score: int = Field(
+        7, ge=1, le=10, description="ImportMalList: lowest MAL score that counts as a favourite"
+    )
     text_cache_size: int = Field(
-        1024, ge=0, description="free-text query vectors kept, so the pages of one search rank the same vector")
+        1024, ge=0, description="free-text query vectors kept, so the pages of one search rank the same vector"
+    )
 
     @model_validator(mode="after")
     def _keys_configured(self):

@@ -36,8 +36,12 @@ import pandas as pd
 from rapidfuzz import fuzz, process
 
 # Fields tried by the exact tiers, in order, with the `matched_on` each one reports.
-EXACT_FIELDS = (("title", "exact_title"), ("title_english", "english"),
-                ("title_japanese", "japanese"), ("synonyms", "synonym"))
+EXACT_FIELDS = (
+    ("title", "exact_title"),
+    ("title_english", "english"),
+    ("title_japanese", "japanese"),
+    ("synonyms", "synonym"),
+)
 REQUIRED_COLUMNS = ("title", "title_english", "title_japanese", "synonyms", "members")
 # Anime types that are add-ons to a series rather than the series itself.
 EXTRA_TYPES = frozenset({"Special", "Music", "CM", "PV", "TV Special"})
@@ -49,10 +53,10 @@ EXTRA_TYPES = frozenset({"Special", "Music", "CM", "PV", "TV Special"})
 # resolved ("iwgcp" to the synonym "IWGP"). The margin is a ratio of distances rather than a fixed
 # number of points because one extra word in a long sibling title costs only a few points.
 FUZZY_THRESHOLD = 85.0
-FUZZY_MARGIN = 2.0        # the runner-up must be at least this many times further from 100
-PREFIX_SCORE = 100.0      # a name starts with the query
-ALL_WORDS_SCORE = 90.0    # every query word starts a word of the anime's names
-MAX_QUERY_CHARS = 256     # longer input is not a title; bounds the fuzzy work per request
+FUZZY_MARGIN = 2.0  # the runner-up must be at least this many times further from 100
+PREFIX_SCORE = 100.0  # a name starts with the query
+ALL_WORDS_SCORE = 90.0  # every query word starts a word of the anime's names
+MAX_QUERY_CHARS = 256  # longer input is not a title; bounds the fuzzy work per request
 N_SUGGESTIONS = 5
 _NON_WORD = re.compile(r"[\W_]+")
 _MAX_CHAR = chr(0x10FFFF)  # sorts after every string that has a given prefix
@@ -68,9 +72,9 @@ class Suggestion:
 @dataclass(frozen=True)
 class Resolution:
     query: str
-    anime_id: int | None          # None when unresolved
-    matched_on: str | None        # exact_title/english/japanese/synonym/title_prefix/fuzzy; None
-    score: float                  # 100 for exact matches, else the best (fuzzy/candidate) score
+    anime_id: int | None  # None when unresolved
+    matched_on: str | None  # exact_title/english/japanese/synonym/title_prefix/fuzzy; None
+    score: float  # 100 for exact matches, else the best (fuzzy/candidate) score
     suggestions: tuple[Suggestion, ...] = ()  # the alternatives when ambiguous, candidates when unresolved
 
     @property
@@ -98,10 +102,11 @@ def _split(folded: str) -> list[str]:
 
 class _Name(NamedTuple):
     """The normalised forms of one name string."""
-    strict: str         # strict_key
-    loose: str          # letters and digits only
-    joined: str         # words joined by one space (prefix search, fuzzy as written)
-    sorted_words: str   # words sorted, joined (fuzzy regardless of word order)
+
+    strict: str  # strict_key
+    loose: str  # letters and digits only
+    joined: str  # words joined by one space (prefix search, fuzzy as written)
+    sorted_words: str  # words sorted, joined (fuzzy regardless of word order)
     words: list[str]
 
 
@@ -121,8 +126,9 @@ class TitleIndex:
     the tie-break when present.
     """
 
-    def __init__(self, catalog: pd.DataFrame, fuzzy_threshold: float = FUZZY_THRESHOLD,
-                 fuzzy_margin: float = FUZZY_MARGIN):
+    def __init__(
+        self, catalog: pd.DataFrame, fuzzy_threshold: float = FUZZY_THRESHOLD, fuzzy_margin: float = FUZZY_MARGIN
+    ):
         missing = [c for c in REQUIRED_COLUMNS if c not in catalog.columns]
         if missing:
             raise ValueError(f"catalogue lacks column(s): {', '.join(missing)}")
@@ -147,17 +153,18 @@ class TitleIndex:
 
         # exact[pass][field]: normalised name -> anime positions, for the "strict" and "loose" passes
         self._exact: dict[str, dict[str, dict[str, list[int]]]] = {
-            p: {field: {} for field, _ in EXACT_FIELDS} for p in ("strict", "loose")}
-        prefix_names: list[tuple[str, int]] = []   # (joined words, position) of every name
-        title_names: list[tuple[str, int]] = []    # the same, main and English titles only
-        as_written: list[tuple[str, int]] = []     # fuzzy choices: names as written ...
-        word_sorted: list[tuple[str, int]] = []    # ... and word-sorted where that differs
-        postings: dict[str, list[int]] = {}        # word -> positions whose names contain it
+            p: {field: {} for field, _ in EXACT_FIELDS} for p in ("strict", "loose")
+        }
+        prefix_names: list[tuple[str, int]] = []  # (joined words, position) of every name
+        title_names: list[tuple[str, int]] = []  # the same, main and English titles only
+        as_written: list[tuple[str, int]] = []  # fuzzy choices: names as written ...
+        word_sorted: list[tuple[str, int]] = []  # ... and word-sorted where that differs
+        postings: dict[str, list[int]] = {}  # word -> positions whose names contain it
         cache: dict[str, _Name | None] = {}
         columns = [catalog[field].tolist() for field, _ in EXACT_FIELDS]
         for pos in range(n):
             anime_words: set[str] = set()
-            anime_written: dict[str, None] = {}     # ordered sets: each string once per anime
+            anime_written: dict[str, None] = {}  # ordered sets: each string once per anime
             anime_sorted: dict[str, None] = {}
             for (field, _), column in zip(EXACT_FIELDS, columns):
                 for raw in _names(column[pos]):
@@ -187,8 +194,9 @@ class TitleIndex:
         self._vocab = sorted(postings)
         counts = np.fromiter((len(postings[w]) for w in self._vocab), dtype=np.int64, count=len(self._vocab))
         self._vocab_ptr = np.concatenate(([0], np.cumsum(counts)))
-        self._vocab_pos = np.fromiter((p for w in self._vocab for p in postings[w]), dtype=np.int64,
-                                      count=int(self._vocab_ptr[-1]))
+        self._vocab_pos = np.fromiter(
+            (p for w in self._vocab for p in postings[w]), dtype=np.int64, count=int(self._vocab_ptr[-1])
+        )
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -224,8 +232,7 @@ class TitleIndex:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _exact_resolution(self, query: str, hits: list[int], matched_on: str,
-                          query_words: list[str]) -> Resolution:
+    def _exact_resolution(self, query: str, hits: list[int], matched_on: str, query_words: list[str]) -> Resolution:
         candidates = set(hits)
         if matched_on == "synonym":
             lo, hi = _prefix_range(self._title_keys, " ".join(query_words) + " ")
@@ -233,7 +240,7 @@ class TitleIndex:
         ordered = sorted(candidates, key=lambda p: self._rank[p])
         if ordered[0] not in hits:
             matched_on = "title_prefix"
-        alternatives = tuple(self._suggestion(p, 100.0) for p in ordered[1:1 + N_SUGGESTIONS])
+        alternatives = tuple(self._suggestion(p, 100.0) for p in ordered[1 : 1 + N_SUGGESTIONS])
         return Resolution(query, int(self._ids[ordered[0]]), matched_on, 100.0, alternatives)
 
     def _scores(self, query_words: list[str], floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +257,7 @@ class TitleIndex:
         for w in query_words:
             lo, hi = _prefix_range(self._vocab, w)
             has = np.zeros(n, dtype=bool)
-            has[self._vocab_pos[self._vocab_ptr[lo]:self._vocab_ptr[hi]]] = True
+            has[self._vocab_pos[self._vocab_ptr[lo] : self._vocab_ptr[hi]]] = True
             covered += has
         scores = np.maximum(fuzzy, ALL_WORDS_SCORE * covered / len(query_words))
         lo, hi = _prefix_range(self._prefix_keys, " ".join(query_words))
@@ -281,11 +288,12 @@ class TitleIndex:
 @dataclass(frozen=True)
 class _Choices:
     """Fuzzy choice strings sorted by length (for banded scans), with each one's anime position."""
+
     strings: list[str]
     lengths: np.ndarray
     anime: np.ndarray
     by_anime: np.ndarray  # permutation grouping the strings by anime (for full scans)
-    starts: np.ndarray    # first slot of each anime's group in `by_anime` ...
+    starts: np.ndarray  # first slot of each anime's group in `by_anime` ...
     group_anime: np.ndarray  # ... and that anime's position
 
     @classmethod
@@ -295,8 +303,14 @@ class _Choices:
         anime = np.fromiter((p for _, p in pairs), dtype=np.int64, count=len(pairs))
         by_anime = np.argsort(anime, kind="stable")
         starts = np.flatnonzero(np.diff(anime[by_anime], prepend=-1))
-        return cls([t for t, _ in pairs], np.fromiter((len(t) for t, _ in pairs), dtype=np.int64, count=len(pairs)),
-                   anime, by_anime, starts, anime[by_anime][starts])
+        return cls(
+            [t for t, _ in pairs],
+            np.fromiter((len(t) for t, _ in pairs), dtype=np.int64, count=len(pairs)),
+            anime,
+            by_anime,
+            starts,
+            anime[by_anime][starts],
+        )
 
     def score_into(self, scores: np.ndarray, query: str, floor: float) -> None:
         """scores[pos] = max(scores[pos], ratio of `query` to each of the anime's strings), for the
@@ -305,8 +319,9 @@ class _Choices:
         if not self.strings:
             return
         if floor <= 0:
-            ratios = process.cdist([query], self.strings, scorer=fuzz.ratio, processor=None,
-                                   dtype=np.float32, workers=1)[0]
+            ratios = process.cdist(
+                [query], self.strings, scorer=fuzz.ratio, processor=None, dtype=np.float32, workers=1
+            )[0]
             best = np.maximum.reduceat(ratios[self.by_anime], self.starts)
             np.maximum(scores[self.group_anime], best, out=best)
             scores[self.group_anime] = best
@@ -314,8 +329,15 @@ class _Choices:
         q = len(query)
         lo = int(np.searchsorted(self.lengths, q * floor / (200.0 - floor) - 1, side="left"))
         hi = int(np.searchsorted(self.lengths, q * (200.0 - floor) / floor + 1, side="right"))
-        ratios = process.cdist([query], self.strings[lo:hi], scorer=fuzz.ratio, processor=None,
-                               dtype=np.float32, workers=1, score_cutoff=floor)[0]
+        ratios = process.cdist(
+            [query],
+            self.strings[lo:hi],
+            scorer=fuzz.ratio,
+            processor=None,
+            dtype=np.float32,
+            workers=1,
+            score_cutoff=floor,
+        )[0]
         hits = np.flatnonzero(ratios)  # few: the rest fell below the floor
         np.maximum.at(scores, self.anime[lo + hits], ratios[hits])
 

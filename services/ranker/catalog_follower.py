@@ -44,11 +44,15 @@ class CatalogFollower:
         backend = self.stores.backend
         try:
             applied = self.servicer.lifecycle.follow_added()
-        except Exception as e:   # the store is down or the index refused: keep serving, ask again
+        except Exception as e:  # the store is down or the index refused: keep serving, ask again
             self.metrics.store_up.labels(backend=backend).set(0)
-            if str(e) != self._problem:   # once per problem, not once per poll
-                log.warning("cannot follow the store of added anime: %s; anime added through other replicas "
-                            "are served once it answers again", str(e)[:300], extra={"reason": "store_follow"})
+            if str(e) != self._problem:  # once per problem, not once per poll
+                log.warning(
+                    "cannot follow the store of added anime: %s; anime added through other replicas "
+                    "are served once it answers again",
+                    str(e)[:300],
+                    extra={"reason": "store_follow"},
+                )
             self._problem = str(e)
             return 0
         if self._problem is not None:

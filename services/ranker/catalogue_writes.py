@@ -18,7 +18,7 @@ from .state import Serving, anime_text, item_vectors, payload_from_fields
 
 log = logging.getLogger(__name__)
 MAX_TITLE, MAX_SYNOPSIS, MAX_GENRES = 300, 20_000, 30
-MAX_EPISODES = 10_000              # the longest-running series have a few thousand
+MAX_EPISODES = 10_000  # the longest-running series have a few thousand
 # UpsertAnime replaces a *catalogue* anime (one the bundle holds) only when the call carries this
 # metadata with that anime's id: an id sent by mistake, or to vandalise, cannot rewrite the catalogue
 REPLACE_CATALOGUE_KEY = "a2v-replace-catalogue-anime"
@@ -35,14 +35,17 @@ class CatalogueWriter:
         text = anime_text(s.model, fields)
         raw, fingerprint = self.encoder.encode([text])
         if fingerprint != s.model.manifest["encoder"]["fingerprint"]:
-            raise failed_precondition(f"encoder serves {fingerprint}, model {s.version} was trained with "
-                                      f"{s.model.manifest['encoder']['fingerprint']}", reason="ENCODER_MISMATCH")
-        with self.lifecycle.write_lock:   # the write and serving it are one step for this replica
-            aid = self._upsert_id(s, request, context)   # None: a new anime, its id assigned by the store
+            raise failed_precondition(
+                f"encoder serves {fingerprint}, model {s.version} was trained with "
+                f"{s.model.manifest['encoder']['fingerprint']}",
+                reason="ENCODER_MISMATCH",
+            )
+        with self.lifecycle.write_lock:  # the write and serving it are one step for this replica
+            aid = self._upsert_id(s, request, context)  # None: a new anime, its id assigned by the store
             if aid in s.model.pos and not fields["members"]:
                 fields["members"] = int(s.model.payload(s.model.pos[aid])["members"])
             vec, content, tfidf, cold, row = item_vectors(s, aid or 0, raw[0], text, fields)
-            if aid is None:   # id assignment and the write are one step in the store, across replicas too
+            if aid is None:  # id assignment and the write are one step in the store, across replicas too
                 try:
                     written = self.store.add_new(fields, raw[0], fingerprint, self._top_assigned(s))
                 except IdsExhausted as e:
@@ -82,10 +85,17 @@ class CatalogueWriter:
             if asked != str(aid):
                 raise already_exists(
                     f"anime_id {aid} is a catalogue anime of {s.version}; replacing its title and text takes "
-                    f"metadata {REPLACE_CATALOGUE_KEY}: {aid}", reason="CATALOGUE_ANIME", field="anime_id")
+                    f"metadata {REPLACE_CATALOGUE_KEY}: {aid}",
+                    reason="CATALOGUE_ANIME",
+                    field="anime_id",
+                )
         elif aid in ASSIGNED_IDS and not self.store.has(aid):
-            raise invalid_argument({"anime_id": f"ids from {ASSIGNED_IDS.start} on are assigned by the ranker: "
-                                                f"omit anime_id to add a new anime"})
+            raise invalid_argument(
+                {
+                    "anime_id": f"ids from {ASSIGNED_IDS.start} on are assigned by the ranker: "
+                    f"omit anime_id to add a new anime"
+                }
+            )
         return aid
 
 
@@ -113,7 +123,14 @@ def validate_anime_input(a: common_pb2.AnimeInput) -> dict:
         bad.append(("anime.members", "must be >= 0"))
     if bad:
         raise invalid_argument(bad)
-    return {"title": a.title.strip(), "title_english": a.title_english.strip(), "synonyms": list(a.synonyms),
-            "synopsis": a.synopsis.strip(), "genres": [g.strip() for g in a.genres], "type": a.type,
-            "year": a.year if a.HasField("year") else None,
-            "episodes": a.episodes if a.HasField("episodes") else None, "members": int(a.members)}
+    return {
+        "title": a.title.strip(),
+        "title_english": a.title_english.strip(),
+        "synonyms": list(a.synonyms),
+        "synopsis": a.synopsis.strip(),
+        "genres": [g.strip() for g in a.genres],
+        "type": a.type,
+        "year": a.year if a.HasField("year") else None,
+        "episodes": a.episodes if a.HasField("episodes") else None,
+        "members": int(a.members),
+    }

@@ -49,20 +49,22 @@ from anime2vec.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-TOKEN = re.compile(r"(?u)\b\w\w+\b")          # words of two or more letters/digits (sklearn's default)
-CLAUSE = re.compile(r"[.!?;:,()\[\]{}\"“”«»\n]+")   # a phrase never spans these
-PHRASE_GAP = re.compile(r"(?:'s|’s)?[\s-]+")        # what may separate the two words of a phrase
+TOKEN = re.compile(r"(?u)\b\w\w+\b")  # words of two or more letters/digits (sklearn's default)
+CLAUSE = re.compile(r"[.!?;:,()\[\]{}\"“”«»\n]+")  # a phrase never spans these
+PHRASE_GAP = re.compile(r"(?:'s|’s)?[\s-]+")  # what may separate the two words of a phrase
 # Words that describe anime in general, not one anime: no person learns anything from them.
-GENERIC = frozenset("""
+GENERIC = frozenset(
+    """
 anime animation animated series story stories episode episodes season seasons film films movie movies
 ova ovas ona special specials tv manga novel novels light adaptation adapted original based version
 written source sources rewrite mal studio production produced release released sequel prequel
 recap compilation volume volumes chapter chapters arc arcs official edition
-""".split())
+""".split()
+)
 STOP = ENGLISH_STOP_WORDS | GENERIC
-MAX_DF = 0.5           # in more than half the synopses: boilerplate, not a term
-NAME_SHARE = 0.9       # a term written capitalised this often (or more) in the catalogue is a name
-MIN_NAME_COUNT = 3     # ...counted only when it occurs at least this often
+MAX_DF = 0.5  # in more than half the synopses: boilerplate, not a term
+NAME_SHARE = 0.9  # a term written capitalised this often (or more) in the catalogue is a name
+MIN_NAME_COUNT = 3  # ...counted only when it occurs at least this often
 MIN_TOPICALITY = 0.066  # below: a word any kind of story uses (~ the median of terms 2+ synopses use)
 MAX_TERMS = 5
 MIN_SIMILARITY = 0.15  # a second related anime is named only above this content cosine
@@ -101,14 +103,16 @@ class TermProfile:
     product of two texts' weights carries topicality once), the form the text uses, the keys
     topical enough to be shown alone, and the phrases of two adjacent terms (key pair → the
     phrase as written, lower-cased)."""
+
     weights: dict[str, float]
     surface: dict[str, str]
     salient: frozenset[str] = frozenset()
     phrases: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
-def connecting_terms(rec: TermProfile, anchor: TermProfile, k: int = MAX_TERMS,
-                     exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+def connecting_terms(
+    rec: TermProfile, anchor: TermProfile, k: int = MAX_TERMS, exclude: Iterable[str] = ()
+) -> list[tuple[str, float]]:
     """The k terms or phrases that most connect two texts, strongest first, written as in `rec`.
 
     A term scores the product of its weights in the two texts (high in both = distinctive of
@@ -116,11 +120,13 @@ def connecting_terms(rec: TermProfile, anchor: TermProfile, k: int = MAX_TERMS,
     its two terms, replaces them, and needs one salient word. A word is shown once (alone or in
     one phrase). `exclude`: words never to show (e.g. the genres listed separately)."""
     banned = {fold_plural(fold_accents(w)) for x in exclude for w in TOKEN.findall(x)}
-    score = {t: rec.weights[t] * anchor.weights[t] for t in rec.weights.keys() & anchor.weights.keys()
-             if t not in banned}
+    score = {
+        t: rec.weights[t] * anchor.weights[t] for t in rec.weights.keys() & anchor.weights.keys() if t not in banned
+    }
     salient = rec.salient & anchor.salient
-    items: list[tuple[float, str, tuple[str, ...]]] = [(s, rec.surface[t], (t,)) for t, s in score.items()
-                                                       if t in salient]
+    items: list[tuple[float, str, tuple[str, ...]]] = [
+        (s, rec.surface[t], (t,)) for t, s in score.items() if t in salient
+    ]
     for (a, b), text in rec.phrases.items():
         if (a, b) in anchor.phrases and a in score and b in score and a != b and (a in salient or b in salient):
             items.append((score[a] + score[b], text, (a, b)))
@@ -148,7 +154,7 @@ class TermIndex:
         self.terms, df, uses, self.names, self.common = scan_corpus(texts)
         self.col = {t: j for j, t in enumerate(self.terms)}
         self.idf = np.log((1 + self.n_texts) / (1 + df)) + 1.0
-        self._unseen_idf = math.log(1 + self.n_texts) + 1.0   # a term no catalogue synopsis uses
+        self._unseen_idf = math.log(1 + self.n_texts) + 1.0  # a term no catalogue synopsis uses
         topic = topicality(uses, content)
         self.topicality = None if topic is None else dict(zip(self.terms, topic.tolist()))
         self._cache: OrderedDict[tuple[str, bool], TermProfile] = OrderedDict()
@@ -179,9 +185,11 @@ class TermIndex:
             key = term_key(tok)
             if key is not None and key not in self.common and (literal or key not in self.names):
                 counts[key] += 1
-                surface.setdefault(key, tok)      # shown as the text first writes it
-        raw = {t: (1 + math.log(n)) * (self.idf[self.col[t]] if t in self.col else self._unseen_idf)
-               for t, n in counts.items()}
+                surface.setdefault(key, tok)  # shown as the text first writes it
+        raw = {
+            t: (1 + math.log(n)) * (self.idf[self.col[t]] if t in self.col else self._unseen_idf)
+            for t, n in counts.items()
+        }
         norm = math.sqrt(sum(w * w for w in raw.values())) or 1.0
         weights, salient = {}, set()
         for t, w in raw.items():
@@ -194,8 +202,8 @@ class TermIndex:
             toks = list(TOKEN.finditer(clause))
             for m1, m2 in zip(toks, toks[1:]):
                 ka, kb = term_key(m1.group()), term_key(m2.group())
-                if ka in weights and kb in weights and PHRASE_GAP.fullmatch(clause[m1.end():m2.start()]):
-                    phrases.setdefault((ka, kb), clause[m1.start():m2.end()])
+                if ka in weights and kb in weights and PHRASE_GAP.fullmatch(clause[m1.end() : m2.start()]):
+                    phrases.setdefault((ka, kb), clause[m1.start() : m2.end()])
         return TermProfile(weights, surface, frozenset(salient), phrases)
 
 
@@ -206,8 +214,13 @@ def term_index(catalog, content: np.ndarray | None) -> TermIndex | None:
         return None
     t0 = time.perf_counter()
     index = TermIndex(list(catalog["synopsis"]), content)
-    log.info("explanation terms ready: %d synopses, %d terms, %d names set aside, %.1f s", index.n_texts,
-             len(index.terms), len(index.names), time.perf_counter() - t0)
+    log.info(
+        "explanation terms ready: %d synopses, %d terms, %d names set aside, %.1f s",
+        index.n_texts,
+        len(index.terms),
+        len(index.names),
+        time.perf_counter() - t0,
+    )
     return index
 
 
@@ -269,16 +282,20 @@ def topicality(uses: sp.csr_matrix, content: np.ndarray | None) -> np.ndarray | 
 # ---- reasons ------------------------------------------------------------------------------------
 
 # How the query's own anime are named in the one-line explanation, per request type.
-ROLES = {"favourites": "your favourite", "text": "your favourite", "user": "one of your top-rated",
-         "similar": ""}
-GENRES_WITH = {"favourites": " with your favourites", "text": " with your favourites",
-               "user": " with your top-rated anime", "similar": ""}
+ROLES = {"favourites": "your favourite", "text": "your favourite", "user": "one of your top-rated", "similar": ""}
+GENRES_WITH = {
+    "favourites": " with your favourites",
+    "text": " with your favourites",
+    "user": " with your top-rated anime",
+    "similar": "",
+}
 
 
 @dataclass
 class Anchor:
     """An anime the query is about: a favourite, the anime of a SimilarItems request, or one of a
     known user's most confident items."""
+
     anime_id: int
     title: str
     content: np.ndarray | None
@@ -289,6 +306,7 @@ class Anchor:
 @dataclass
 class Subject:
     """The recommendation being explained."""
+
     anime_id: int
     content: np.ndarray | None
     genres: Sequence[str]
@@ -309,7 +327,7 @@ def _shared_genres(mine: Sequence[str], theirs: Iterable[str]) -> list[str]:
 
 
 def _favourite_line(title: str, role: str, sim: float, terms: list[str], genres: list[str]) -> str:
-    """"Like X: terms; shares genres" when the synopses share terms; "Close in story to X" when
+    """ "Like X: terms; shares genres" when the synopses share terms; "Close in story to X" when
     only the content vectors are close; "Shares genres with X" when only genres are shared."""
     who = f"{title} ({role})" if role else title
     shares = "; shares " + ", ".join(genres[:5]) if genres else ""
@@ -322,9 +340,16 @@ def _favourite_line(title: str, role: str, sim: float, terms: list[str], genres:
     return f"Of the anime you gave, closest in story to {who}"
 
 
-def explain(subject: Subject, anchors: Sequence[Anchor], query_kind: str, *, fallback: str | None = None,
-            terms: TermIndex | None = None, query_content: np.ndarray | None = None,
-            query_text: str = "") -> tuple[list[common_pb2.Reason], str]:
+def explain(
+    subject: Subject,
+    anchors: Sequence[Anchor],
+    query_kind: str,
+    *,
+    fallback: str | None = None,
+    terms: TermIndex | None = None,
+    query_content: np.ndarray | None = None,
+    query_text: str = "",
+) -> tuple[list[common_pb2.Reason], str]:
     """(reasons, strongest first with weights summing to 1; one line for people) for one
     recommendation. query_kind: "favourites", "user", "similar" or "text"; fallback: "wmf" or
     "popularity" when a fallback strategy ranked it.
@@ -348,16 +373,33 @@ def explain(subject: Subject, anchors: Sequence[Anchor], query_kind: str, *, fal
         words = []
         if rec_prof is not None and a.text:
             words = [t for t, _ in connecting_terms(rec_prof, terms.profile(a.text), exclude=mine)]
-        reasons.append((max(sim, 0.05) + 0.05 * len(words), R.Reason(
-            kind=R.REASON_KIND_SIMILAR_TO_FAVOURITE, anime_id=a.anime_id, title=a.title,
-            detail=_favourite_line(a.title, role, sim, words, genres), terms=words, shared_genres=genres,
-            similarity=sim)))
+        reasons.append(
+            (
+                max(sim, 0.05) + 0.05 * len(words),
+                R.Reason(
+                    kind=R.REASON_KIND_SIMILAR_TO_FAVOURITE,
+                    anime_id=a.anime_id,
+                    title=a.title,
+                    detail=_favourite_line(a.title, role, sim, words, genres),
+                    terms=words,
+                    shared_genres=genres,
+                    similarity=sim,
+                ),
+            )
+        )
     shared = _shared_genres(mine, (g for a in anchors for g in a.genres))
     if shared:
-        reasons.append((0.05 * len(shared), R.Reason(
-            kind=R.REASON_KIND_SHARED_GENRES, shared_genres=shared,
-            detail="shares " + ", ".join(shared[:5]) + GENRES_WITH.get(query_kind, ""))))
-    lead = None   # what ranked it, when that is not the query's anime
+        reasons.append(
+            (
+                0.05 * len(shared),
+                R.Reason(
+                    kind=R.REASON_KIND_SHARED_GENRES,
+                    shared_genres=shared,
+                    detail="shares " + ", ".join(shared[:5]) + GENRES_WITH.get(query_kind, ""),
+                ),
+            )
+        )
+    lead = None  # what ranked it, when that is not the query's anime
     if fallback == "wmf":
         lead = R.Reason(kind=R.REASON_KIND_NEIGHBOUR, detail="Liked by viewers whose taste resembles yours")
     elif fallback == "popularity":
@@ -365,13 +407,22 @@ def explain(subject: Subject, anchors: Sequence[Anchor], query_kind: str, *, fal
     elif query_kind == "text":
         sim = _cos(subject.content, query_content) or 0.0
         words = []
-        if terms is not None and subject.text and query_text:   # names count here: the person typed them
-            words = [t for t, _ in connecting_terms(terms.profile(subject.text, literal=True),
-                                                    terms.profile(query_text, literal=True))]
-        lead = R.Reason(kind=R.REASON_KIND_TEXT_MATCH, terms=words, similarity=sim,
-                        detail=("Matches your description: " + ", ".join(words)) if words
-                        else "Close to your description in story and themes")
-    if lead is not None:   # the signal that ranked it leads, worth the rest together
+        if terms is not None and subject.text and query_text:  # names count here: the person typed them
+            words = [
+                t
+                for t, _ in connecting_terms(
+                    terms.profile(subject.text, literal=True), terms.profile(query_text, literal=True)
+                )
+            ]
+        lead = R.Reason(
+            kind=R.REASON_KIND_TEXT_MATCH,
+            terms=words,
+            similarity=sim,
+            detail=("Matches your description: " + ", ".join(words))
+            if words
+            else "Close to your description in story and themes",
+        )
+    if lead is not None:  # the signal that ranked it leads, worth the rest together
         reasons.append((sum(w for w, _ in reasons) or 1.0, lead))
     total = sum(w for w, _ in reasons) or 1.0
     out = []
@@ -382,8 +433,7 @@ def explain(subject: Subject, anchors: Sequence[Anchor], query_kind: str, *, fal
     return out, _line(lead, closest, out)
 
 
-def _line(lead: common_pb2.Reason | None, closest: common_pb2.Reason | None,
-          reasons: list[common_pb2.Reason]) -> str:
+def _line(lead: common_pb2.Reason | None, closest: common_pb2.Reason | None, reasons: list[common_pb2.Reason]) -> str:
     parts = [r.detail for r in (lead, closest) if r is not None]
     if not parts and reasons:
         parts = [reasons[0].detail]

@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 
 
 class Lifecycle:
-    def __init__(self, settings: RankerSettings, index: ItemIndex, store: AddedAnimeStore, users: OnlineUsers,
-                 metrics: Metrics):
+    def __init__(
+        self, settings: RankerSettings, index: ItemIndex, store: AddedAnimeStore, users: OnlineUsers, metrics: Metrics
+    ):
         self.settings, self.index, self.store, self.users, self.metrics = settings, index, store, users, metrics
         self.served: Serving | None = None
         self._swap = threading.Lock()
-        self._refused: tuple[str, tuple] | None = None   # (alias target, bundle files) last refused
-        self._alias_problem: str | None = None             # why the alias could not be read, last poll
+        self._refused: tuple[str, tuple] | None = None  # (alias target, bundle files) last refused
+        self._alias_problem: str | None = None  # why the alias could not be read, last poll
         # writes of added anime (this replica's UpsertAnime, following other replicas') and serving them: one step
         self.write_lock = threading.Lock()
 
@@ -40,14 +41,23 @@ class Lifecycle:
         serving = load_serving(model)
         if not self.index.has_version(model.version):
             log.info("building the Qdrant collection for %s (%d items)", model.version, len(model.item_ids))
-            self.index.create_version(model.version, model.item_tower.shape[1], (
-                ItemPoint(int(a), model.item_tower[i], model.payload(i)) for i, a in enumerate(model.item_ids)))
+            self.index.create_version(
+                model.version,
+                model.item_tower.shape[1],
+                (ItemPoint(int(a), model.item_tower[i], model.payload(i)) for i, a in enumerate(model.item_ids)),
+            )
         self._replay_added(serving)
         with self._swap:
             previous, self.served = self.served, serving
         self.users.version_switched(previous.version if previous else None, model.version)
-        set_model_info(self.metrics, "ranker", model.version, model.manifest["encoder"]["name"],
-                       int(model.item_tower.shape[1]), offline_metrics(model.manifest))
+        set_model_info(
+            self.metrics,
+            "ranker",
+            model.version,
+            model.manifest["encoder"]["name"],
+            int(model.item_tower.shape[1]),
+            offline_metrics(model.manifest),
+        )
         log.info("serving model %s", model.version)
 
     def _replay_added(self, serving: Serving) -> None:
@@ -56,10 +66,14 @@ class Lifecycle:
         serving.added_revision = max((a.revision for a in added), default=0)
         for a in added:
             if a.anime_id > MAX_ANIME_ID:
-                log.warning("added anime %d has an id above %d (accepted before ids were bounded): still served; "
-                            "ids for new anime are assigned from %d on regardless", a.anime_id, MAX_ANIME_ID,
-                            ASSIGNED_IDS.start)
-        if added and not m.has_vectors:   # no item vectors to embed them: serve the rest, keep them stored
+                log.warning(
+                    "added anime %d has an id above %d (accepted before ids were bounded): still served; "
+                    "ids for new anime are assigned from %d on regardless",
+                    a.anime_id,
+                    MAX_ANIME_ID,
+                    ASSIGNED_IDS.start,
+                )
+        if added and not m.has_vectors:  # no item vectors to embed them: serve the rest, keep them stored
             log.warning("model %s has no item tower: %d added anime are not served by it", m.version, len(added))
             return
         points = [p for p in (self._serve_added(serving, a) for a in added) if p is not None]
@@ -71,13 +85,25 @@ class Lifecycle:
         """Put a stored anime into `serving.extra`; its index point (None when its encoder differs)."""
         m = serving.model
         if a.encoder_fingerprint != m.manifest["encoder"]["fingerprint"]:
-            log.warning("added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
-                        a.anime_id, a.encoder_fingerprint, m.version, m.manifest["encoder"]["fingerprint"])
+            log.warning(
+                "added anime %d was encoded by %s, model %s uses %s: skipped until re-added",
+                a.anime_id,
+                a.encoder_fingerprint,
+                m.version,
+                m.manifest["encoder"]["fingerprint"],
+            )
             return None
-        vec, content, tfidf, cold, row = item_vectors(serving, a.anime_id, a.raw_vector,
-                                                            anime_text(m, a.fields), a.fields)
-        serving.extra[a.anime_id] = ItemMeta(a.anime_id, content, payload_from_fields(a.anime_id, a.fields, cold),
-                                             tfidf, a.fields.get("synopsis") or "", row)
+        vec, content, tfidf, cold, row = item_vectors(
+            serving, a.anime_id, a.raw_vector, anime_text(m, a.fields), a.fields
+        )
+        serving.extra[a.anime_id] = ItemMeta(
+            a.anime_id,
+            content,
+            payload_from_fields(a.anime_id, a.fields, cold),
+            tfidf,
+            a.fields.get("synopsis") or "",
+            row,
+        )
         serving.applied[a.anime_id] = a.revision
         return ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload)
 
@@ -91,8 +117,8 @@ class Lifecycle:
         changes = self.store.changes_since(s.added_revision)
         if not changes:
             return 0
-        with self.write_lock:   # against this replica's own UpsertAnime of the same ids
-            if self.served is not s:   # a model switch replayed the store meanwhile: next call
+        with self.write_lock:  # against this replica's own UpsertAnime of the same ids
+            if self.served is not s:  # a model switch replayed the store meanwhile: next call
                 return 0
             todo = [a for a in changes if s.applied.get(a.anime_id, 0) < a.revision]
             if not s.model.has_vectors:
@@ -103,8 +129,11 @@ class Lifecycle:
             s.added_revision = max(s.added_revision, changes[-1].revision)
             s.generation += 1
         if todo:
-            log.info("serving %d anime added through other replicas", len(todo),
-                     extra={"anime_ids": [a.anime_id for a in todo][:20], "revision": s.added_revision})
+            log.info(
+                "serving %d anime added through other replicas",
+                len(todo),
+                extra={"anime_ids": [a.anime_id for a in todo][:20], "revision": s.added_revision},
+            )
         return len(todo)
 
     def current(self) -> Serving:
@@ -122,10 +151,11 @@ class Lifecycle:
         every poll would cost a core); a failed load (e.g. Qdrant unreachable) is retried each poll."""
         try:
             target = self.index.alias_target()
-        except Exception as e:   # e.g. a Qdrant server down for a moment: ask again next poll, keep the thread
-            if str(e) != self._alias_problem:   # once per problem, not once per poll
-                log.warning("cannot read the alias: %s; still serving %s", e,
-                            self.served.version if self.served else None)
+        except Exception as e:  # e.g. a Qdrant server down for a moment: ask again next poll, keep the thread
+            if str(e) != self._alias_problem:  # once per problem, not once per poll
+                log.warning(
+                    "cannot read the alias: %s; still serving %s", e, self.served.version if self.served else None
+                )
             self._alias_problem = str(e)
             return
         self._alias_problem = None
@@ -137,8 +167,11 @@ class Lifecycle:
         if attempt == self._refused:
             return
         if not path.is_dir():
-            self._refuse(attempt, "missing", f"alias points to {target} but no such bundle in "
-                                             f"{self.settings.model_store}; still serving {current}")
+            self._refuse(
+                attempt,
+                "missing",
+                f"alias points to {target} but no such bundle in {self.settings.model_store}; still serving {current}",
+            )
             return
         try:
             bundle = load_bundle(path)
@@ -162,8 +195,14 @@ def _bundle_files(path: Path) -> tuple:
     replaced or repaired. () when there is no such directory."""
     if not path.is_dir():
         return ()
-    return tuple(sorted((str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
-                        for p in path.rglob("*") if p.is_file() for st in [p.stat()]))
+    return tuple(
+        sorted(
+            (str(p.relative_to(path)), st.st_size, st.st_mtime_ns)
+            for p in path.rglob("*")
+            if p.is_file()
+            for st in [p.stat()]
+        )
+    )
 
 
 def pick_bundles(settings: RankerSettings, index: ItemIndex) -> list[Path]:

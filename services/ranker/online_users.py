@@ -44,15 +44,22 @@ def _pack(e: FeedbackEvent) -> list:
 
 def _unpack(user_id: int, row: list) -> FeedbackEvent:
     eid, aid, kind, score, occurred, received = row
-    return FeedbackEvent(str(eid), user_id, int(aid), str(kind), None if score is None else int(score),
-                         None if occurred is None else float(occurred), None if received is None else float(received))
+    return FeedbackEvent(
+        str(eid),
+        user_id,
+        int(aid),
+        str(kind),
+        None if score is None else int(score),
+        None if occurred is None else float(occurred),
+        None if received is None else float(received),
+    )
 
 
 class OnlineUsers:
     def __init__(self, store: FeedbackStore, index: ItemIndex, metrics: Metrics):
         self.store, self.index, self.metrics = store, index, metrics
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
-        self.previous_versions: list[str] = []   # versions served before the current one, newest first
+        self.previous_versions: list[str] = []  # versions served before the current one, newest first
 
     def version_switched(self, old: str | None, new: str) -> None:
         if old and old != new:
@@ -97,7 +104,7 @@ class OnlineUsers:
                 if stored_events and not local:
                     reason = "version"
             events = {e.event_id: e for e in stored_events}
-            events.update({e.event_id: e for e in local})   # same ids, same content (the store refuses conflicts)
+            events.update({e.event_id: e for e in local})  # same ids, same content (the store refuses conflicts)
             if not events:
                 return None, False
             start = time.perf_counter()
@@ -115,8 +122,10 @@ class OnlineUsers:
         events = [_unpack(user_id, r) for r in p.get("events") or []]
         vec = np.asarray(found[0].vector, np.float32) if p.get("has_vector") else None
         listed = {int(a): float(c) for a, c in zip(p.get("listed", []), p.get("confidences", []))}
-        return (OnlineUser(user_id, version, vec, listed, float(p.get("updated_at") or 0.0),
-                           {e.event_id for e in events}), events)
+        return (
+            OnlineUser(user_id, version, vec, listed, float(p.get("updated_at") or 0.0), {e.event_id for e in events}),
+            events,
+        )
 
     def _earlier_events(self, user_id: int) -> list[FeedbackEvent]:
         """Events kept in the user's point of the newest earlier version: how a replica without
@@ -133,7 +142,12 @@ class OnlineUsers:
     def _put(self, serving, user: OnlineUser, events: list[FeedbackEvent]) -> None:
         dim = int(serving.model.item_tower.shape[1])
         vec = user.vector if user.vector is not None else np.zeros(dim, np.float32)
-        payload = {"model_version": user.version, "has_vector": user.vector is not None,
-                   "listed": list(user.listed), "confidences": [round(c, 4) for c in user.listed.values()],
-                   "updated_at": user.updated_at, "events": [_pack(e) for e in events]}
+        payload = {
+            "model_version": user.version,
+            "has_vector": user.vector is not None,
+            "listed": list(user.listed),
+            "confidences": [round(c, 4) for c in user.listed.values()],
+            "updated_at": user.updated_at,
+            "events": [_pack(e) for e in events],
+        }
         self.index.upsert_users(user.version, dim, [UserPoint(user.user_id, vec, payload)])

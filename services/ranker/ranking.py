@@ -23,12 +23,13 @@ class Candidate:
     anime_id: int
     score: float
     payload: dict
-    content: np.ndarray | None = None     # whitened content vector (MMR, explanations)
+    content: np.ndarray | None = None  # whitened content vector (MMR, explanations)
     reasons: list = field(default_factory=list)
 
 
-def validate_options(opts: common_pb2.RecommendOptions, default_limit: int, max_limit: int,
-                     max_ids: int) -> tuple[int, float]:
+def validate_options(
+    opts: common_pb2.RecommendOptions, default_limit: int, max_limit: int, max_ids: int
+) -> tuple[int, float]:
     """(limit, diversity) or INVALID_ARGUMENT naming every bad field."""
     bad: list[tuple[str, str]] = []
     limit = opts.limit or default_limit
@@ -51,7 +52,9 @@ def validate_options(opts: common_pb2.RecommendOptions, default_limit: int, max_
                 bad.append((f"options.filters.{name}[{i}]", f"must be 1-{MAX_FILTER_CHARS} non-blank characters"))
     for name in ("year_min", "year_max"):
         if f.HasField(name) and not YEAR_RANGE[0] <= getattr(f, name) <= YEAR_RANGE[1]:
-            bad.append((f"options.filters.{name}", f"must be in {YEAR_RANGE[0]}..{YEAR_RANGE[1]}, got {getattr(f, name)}"))
+            bad.append(
+                (f"options.filters.{name}", f"must be in {YEAR_RANGE[0]}..{YEAR_RANGE[1]}, got {getattr(f, name)}")
+            )
     if f.HasField("year_min") and f.HasField("year_max") and f.year_min > f.year_max:
         bad.append(("options.filters.year_min", f"{f.year_min} is after year_max {f.year_max}"))
     if len(f.exclude_ids) > max_ids:
@@ -63,11 +66,14 @@ def validate_options(opts: common_pb2.RecommendOptions, default_limit: int, max_
 
 def search_filter(f: common_pb2.Filters, excluded: set[int]) -> SearchFilter:
     return SearchFilter(
-        include_genres=tuple(g.strip() for g in f.include_genres), exclude_genres=tuple(g.strip() for g in f.exclude_genres),
+        include_genres=tuple(g.strip() for g in f.include_genres),
+        exclude_genres=tuple(g.strip() for g in f.exclude_genres),
         types=tuple(t.strip() for t in f.types),
         year_min=f.year_min if f.HasField("year_min") else None,
         year_max=f.year_max if f.HasField("year_max") else None,
-        exclude_ids=tuple(sorted(excluded | set(f.exclude_ids))), cold_only=f.cold_start_only)
+        exclude_ids=tuple(sorted(excluded | set(f.exclude_ids))),
+        cold_only=f.cold_start_only,
+    )
 
 
 class CatalogueFilter:
@@ -75,8 +81,7 @@ class CatalogueFilter:
     (for the WMF and popularity fallbacks, which rank in memory). `cold` marks the items the model
     has no interactions for (the payload's "cold"); None: none is cold."""
 
-    def __init__(self, item_ids: np.ndarray, genres: list, types: list, years: list,
-                 cold: np.ndarray | None = None):
+    def __init__(self, item_ids: np.ndarray, genres: list, types: list, years: list, cold: np.ndarray | None = None):
         self.item_ids = item_ids
         self.cold = np.zeros(len(item_ids), bool) if cold is None else np.asarray(cold, bool)
         vocab = sorted({g.casefold() for gs in genres for g in gs})
@@ -102,7 +107,7 @@ class CatalogueFilter:
         if f.types:
             m &= np.isin(self.types, [t.casefold() for t in f.types])
         if f.year_min is not None:
-            m &= self.years >= f.year_min       # NaN compares False: unknown years drop out
+            m &= self.years >= f.year_min  # NaN compares False: unknown years drop out
         if f.year_max is not None:
             m &= self.years <= f.year_max
         if f.cold_only:
@@ -114,13 +119,15 @@ class CatalogueFilter:
 
 def reranked(diversity: float, n_disliked: int) -> str:
     """ServedBy.reranked: how the re-rank changed the score order ("" when it did not run)."""
-    parts = ([f"diversity {diversity:g} (maximal marginal relevance)"] if diversity > 0 else []) + \
-            ([f"away from {n_disliked} disliked anime"] if n_disliked else [])
+    parts = ([f"diversity {diversity:g} (maximal marginal relevance)"] if diversity > 0 else []) + (
+        [f"away from {n_disliked} disliked anime"] if n_disliked else []
+    )
     return " and ".join(parts)
 
 
-def mmr(cands: list[Candidate], diversity: float, dislikes: np.ndarray | None = None,
-        dislike_weight: float = 0.5) -> list[Candidate]:
+def mmr(
+    cands: list[Candidate], diversity: float, dislikes: np.ndarray | None = None, dislike_weight: float = 0.5
+) -> list[Candidate]:
     """Maximal marginal relevance over content vectors with λ = diversity (anime2vec.models.mmr,
     the implementation the offline trade-off curve measures). Disliked items' content is a
     standing penalty: dislike_weight × the candidate's largest positive cosine to a disliked

@@ -68,10 +68,16 @@ def open_store(open_fn: Callable[[Path], Store], path: Path, data_dir: Path, wha
         raise StoreUnavailable(f"{what} at {path} cannot be opened: {e}") from e
     except sqlite3.DatabaseError as e:
         moved = quarantine(path, data_dir)
-        log.error("%s at %s is unreadable (%s): moved to %s and kept, NOT deleted; this ranker starts with an "
-                  "EMPTY store. What it acknowledged before is in the moved file (try `sqlite3 %s .recover`)",
-                  what, path, str(e)[:200], moved, moved,
-                  extra={"reason": "store_unreadable", "quarantined": str(moved)})
+        log.error(
+            "%s at %s is unreadable (%s): moved to %s and kept, NOT deleted; this ranker starts with an "
+            "EMPTY store. What it acknowledged before is in the moved file (try `sqlite3 %s .recover`)",
+            what,
+            path,
+            str(e)[:200],
+            moved,
+            moved,
+            extra={"reason": "store_unreadable", "quarantined": str(moved)},
+        )
         return open_fn(path)
 
 
@@ -81,23 +87,38 @@ def recover_alias(index: EdgeItemIndex, data_dir: Path) -> None:
         index.alias_target()
     except AliasUnreadable as e:
         moved = quarantine(index.alias_file, data_dir)
-        log.error("the collection alias is unreadable (%s): moved to %s; serving the configured bundle or "
-                  "the newest bundle that verifies, and pointing the alias at it", e, moved,
-                  extra={"reason": "alias_unreadable", "quarantined": str(moved)})
+        log.error(
+            "the collection alias is unreadable (%s): moved to %s; serving the configured bundle or "
+            "the newest bundle that verifies, and pointing the alias at it",
+            e,
+            moved,
+            extra={"reason": "alias_unreadable", "quarantined": str(moved)},
+        )
 
 
 def recover_collections(index: EdgeItemIndex, version: str, data_dir: Path) -> None:
     """Check the stored collections of `version` before this process opens them; move a damaged
     one aside (activation then builds the items again from the bundle; users are recomputed)."""
     for kind, check, where, then in (
-            ("collection", index.check_stored_version, index.version_dir,
-             "rebuilding it from the bundle"),
-            ("users collection", index.check_stored_users, index.users_dir,
-             "user vectors are recomputed from the feedback store on each user's next request")):
+        ("collection", index.check_stored_version, index.version_dir, "rebuilding it from the bundle"),
+        (
+            "users collection",
+            index.check_stored_users,
+            index.users_dir,
+            "user vectors are recomputed from the feedback store on each user's next request",
+        ),
+    ):
         health = check(version)
         if health.in_use:
             raise IndexUnavailable(f"the Qdrant {kind} of {version} at {where(version)} is held by another process")
         if health.problem:
             moved = quarantine(where(version), data_dir)
-            log.error("the Qdrant %s of %s is damaged (%s): moved to %s; %s", kind, version, health.problem,
-                      moved, then, extra={"reason": "collection_damaged", "quarantined": str(moved)})
+            log.error(
+                "the Qdrant %s of %s is damaged (%s): moved to %s; %s",
+                kind,
+                version,
+                health.problem,
+                moved,
+                then,
+                extra={"reason": "collection_damaged", "quarantined": str(moved)},
+            )

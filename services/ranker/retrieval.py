@@ -36,13 +36,14 @@ S = common_pb2
 @dataclass
 class Query:
     """What one request kind contributes to a page."""
-    kind: str                                                  # favourites | user | similar | text
-    vector_fn: Callable[[Serving], np.ndarray | None]          # the hybrid/DropoutNet query vector
-    wmf_fn: Callable[[Serving], np.ndarray | None] | None      # WMF scores over the bundle's items
-    excluded: set[int]                                         # never recommended back
-    anchors: list[Anchor] = field(default_factory=list)        # what explanations point at
-    dislikes: np.ndarray | None = None                         # content rows of disliked anime
-    query_content: np.ndarray | None = None                    # free text: its content vector
+
+    kind: str  # favourites | user | similar | text
+    vector_fn: Callable[[Serving], np.ndarray | None]  # the hybrid/DropoutNet query vector
+    wmf_fn: Callable[[Serving], np.ndarray | None] | None  # WMF scores over the bundle's items
+    excluded: set[int]  # never recommended back
+    anchors: list[Anchor] = field(default_factory=list)  # what explanations point at
+    dislikes: np.ndarray | None = None  # content rows of disliked anime
+    query_content: np.ndarray | None = None  # free text: its content vector
     query_text: str = ""
     wmf_refused: str = "WMF cannot serve this request (no interactions to fold in)"
 
@@ -50,11 +51,12 @@ class Query:
 @dataclass(frozen=True)
 class Page:
     """The page arithmetic, done once: which absolute positions a request wants and how deep to fetch."""
+
     offset: int
     limit: int
     diversity: float
     rerank: bool
-    pool: int          # how many candidates a re-rank orders (settings.rerank_pool)
+    pool: int  # how many candidates a re-rank orders (settings.rerank_pool)
 
     @property
     def need(self) -> int:
@@ -69,28 +71,42 @@ class Page:
 
 # Why a cold_start_only request skips WMF (ServedBy.degraded_reason): it goes to popularity among
 # the cold anime instead.
-WMF_COLD_REFUSAL = ("WMF cannot serve cold_start_only: it has no factors for anime without interactions "
-                    "(used popularity among them)")
+WMF_COLD_REFUSAL = (
+    "WMF cannot serve cold_start_only: it has no factors for anime without interactions (used popularity among them)"
+)
 
 
 def cold_unanswerable(s: Serving) -> ServiceError:
     """INVALID_ARGUMENT, reason FILTER_UNANSWERABLE (as the gateway's catalogue checks): a
     cold_start_only filter when the served version has no cold anime at all."""
     field = "options.filters.cold_start_only"
-    why = (f"model {s.version} has interactions for every anime it serves and none was added since, so "
-           "a cold_start_only filter matches nothing: leave it out")
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {why}", [
-        error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(
-            field=field, description=why)]),
-        error_details_pb2.ErrorInfo(reason="FILTER_UNANSWERABLE", domain=DOMAIN)])
+    why = (
+        f"model {s.version} has interactions for every anime it serves and none was added since, so "
+        "a cold_start_only filter matches nothing: leave it out"
+    )
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{field}: {why}",
+        [
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=why)]
+            ),
+            error_details_pb2.ErrorInfo(reason="FILTER_UNANSWERABLE", domain=DOMAIN),
+        ],
+    )
 
 
 def wmf_refusal(s: Serving, liked: list[int]) -> str:
     """Why WMF cannot fold in these favourites: none of them has factors in the model."""
+
     def why(a: int) -> str:
         title = s.extra[a].payload.get("title", "") if a in s.extra else s.model.titles[s.model.pos[a]]
-        return f"{title or a}: " + ("its ratings were held out of this model's training" if a in s.held_out
-                                    else "no ratings in the training data")
+        return f"{title or a}: " + (
+            "its ratings were held out of this model's training"
+            if a in s.held_out
+            else "no ratings in the training data"
+        )
+
     named = "; ".join(why(a) for a in liked[:3]) + ("; ..." if len(liked) > 3 else "")
     return f"WMF cannot serve this request: none of its anime has interactions in the model ({named})"
 
@@ -104,7 +120,9 @@ class Retriever:
         flt = search_filter(opts.filters, q.excluded)
         if flt.cold_only and not has_cold(s):
             raise cold_unanswerable(s)
-        requested = opts.strategy if opts.strategy not in (S.STRATEGY_UNSPECIFIED, S.STRATEGY_AUTO) else S.STRATEGY_DROPOUTNET
+        requested = (
+            opts.strategy if opts.strategy not in (S.STRATEGY_UNSPECIFIED, S.STRATEGY_AUTO) else S.STRATEGY_DROPOUTNET
+        )
         if page.need > self.settings.max_page_depth or (page.rerank and page.offset >= self.settings.rerank_pool):
             return ranker_pb2.RankedList(served_by=S.ServedBy(strategy=requested, model_version=s.version))
         cands, served, reasons = self._candidates(s, q, page, flt, requested)
@@ -115,19 +133,23 @@ class Retriever:
         return self._response(request, s, opts, q, page, cands, served, reasons)
 
     def _page_of(self, request, s: Serving, opts: common_pb2.RecommendOptions, q: Query) -> Page:
-        limit, diversity = validate_options(opts, self.settings.default_limit, self.settings.max_limit,
-                                            self.settings.max_ids)
+        limit, diversity = validate_options(
+            opts, self.settings.default_limit, self.settings.max_limit, self.settings.max_ids
+        )
         offset = decode_page_token(opts.page_token, request_digest(request, s.version))
         rerank = diversity > 0 or (q.dislikes is not None and len(q.dislikes) > 0)
         return Page(offset, limit, diversity, rerank, self.settings.rerank_pool)
 
-    def _candidates(self, s: Serving, q: Query, page: Page, flt: SearchFilter,
-                    requested: int) -> tuple[list[Candidate | None], int, list[str]]:
+    def _candidates(
+        self, s: Serving, q: Query, page: Page, flt: SearchFilter, requested: int
+    ) -> tuple[list[Candidate | None], int, list[str]]:
         """Ranked candidates at their absolute positions (None before `page.offset` when only the page
         was fetched), the strategy that served, and why the ones before it could not."""
-        chain = {S.STRATEGY_DROPOUTNET: [S.STRATEGY_DROPOUTNET, S.STRATEGY_WMF, S.STRATEGY_POPULARITY],
-                 S.STRATEGY_WMF: [S.STRATEGY_WMF, S.STRATEGY_POPULARITY],
-                 S.STRATEGY_POPULARITY: [S.STRATEGY_POPULARITY]}[requested]
+        chain = {
+            S.STRATEGY_DROPOUTNET: [S.STRATEGY_DROPOUTNET, S.STRATEGY_WMF, S.STRATEGY_POPULARITY],
+            S.STRATEGY_WMF: [S.STRATEGY_WMF, S.STRATEGY_POPULARITY],
+            S.STRATEGY_POPULARITY: [S.STRATEGY_POPULARITY],
+        }[requested]
         reasons: list[str] = []
         served = requested
         for strategy in chain:
@@ -136,20 +158,26 @@ class Retriever:
                 if not s.model.has_vectors:
                     reasons.append("this model has no DropoutNet weights")
                     continue
-                with self.index.search_expected():   # searches running meanwhile wait for ours: one batch
+                with self.index.search_expected():  # searches running meanwhile wait for ours: one batch
                     vec = q.vector_fn(s)
                     if vec is None:
                         reasons.append("DropoutNet cannot build a query vector for this request")
                         continue
                     start = 0 if page.rerank else page.offset
-                    hits = self.index.search(vec, limit=page.fetch - start, offset=start, flt=flt, version=s.version,
-                                             exact=self.settings.search_mode == "exact",
-                                             oversampling=self.settings.search_oversampling)
+                    hits = self.index.search(
+                        vec,
+                        limit=page.fetch - start,
+                        offset=start,
+                        flt=flt,
+                        version=s.version,
+                        exact=self.settings.search_mode == "exact",
+                        oversampling=self.settings.search_oversampling,
+                    )
                 cands = [Candidate(h.anime_id, h.score, h.payload, content_of(s, h.anime_id)) for h in hits]
-                return [None] * start + cands, served, reasons   # aligned with absolute positions
+                return [None] * start + cands, served, reasons  # aligned with absolute positions
             scores = None
             if strategy == S.STRATEGY_WMF:
-                if flt.cold_only:   # every cold anime's WMF factors are zero: it would rank them all equal
+                if flt.cold_only:  # every cold anime's WMF factors are zero: it would rank them all equal
                     reasons.append(WMF_COLD_REFUSAL)
                     continue
                 scores = q.wmf_fn(s) if q.wmf_fn else None
@@ -160,35 +188,73 @@ class Retriever:
                 scores = s.model.popularity
             idx = np.flatnonzero(s.filt.mask(flt))
             top = idx[np.argsort(-scores[idx], kind="stable")[: page.fetch]]
-            return ([Candidate(int(s.model.item_ids[i]), float(scores[i]), s.model.payload(i), s.model.content[i])
-                     for i in top], served, reasons)
-        return [], served, reasons   # popularity ends every chain: not reached
+            return (
+                [
+                    Candidate(int(s.model.item_ids[i]), float(scores[i]), s.model.payload(i), s.model.content[i])
+                    for i in top
+                ],
+                served,
+                reasons,
+            )
+        return [], served, reasons  # popularity ends every chain: not reached
 
-    def _response(self, request, s: Serving, opts: common_pb2.RecommendOptions, q: Query, page: Page,
-                  cands: list[Candidate | None], served: int, reasons: list[str]) -> ranker_pb2.RankedList:
-        shown = [c for c in cands[page.offset: page.offset + page.limit] if c is not None]
+    def _response(
+        self,
+        request,
+        s: Serving,
+        opts: common_pb2.RecommendOptions,
+        q: Query,
+        page: Page,
+        cands: list[Candidate | None],
+        served: int,
+        reasons: list[str],
+    ) -> ranker_pb2.RankedList:
+        shown = [c for c in cands[page.offset : page.offset + page.limit] if c is not None]
         has_more = len(cands) > page.offset + page.limit
         resp = ranker_pb2.RankedList(
             next_page_token=encode_page_token(page.offset + page.limit, request_digest(request, s.version))
-            if has_more else "",
-            served_by=S.ServedBy(strategy=served, model_version=s.version,
-                                 degraded=bool(reasons), degraded_reason="; ".join(reasons),
-                                 scorer={S.STRATEGY_DROPOUTNET: s.model.manifest.get("model", "dropoutnet"),
-                                         S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}[served]
-                                 + (f" + mmr({page.diversity:g})" if page.diversity > 0 else ""),
-                                 reranked=reranked(page.diversity, 0 if q.dislikes is None else len(q.dislikes))))
+            if has_more
+            else "",
+            served_by=S.ServedBy(
+                strategy=served,
+                model_version=s.version,
+                degraded=bool(reasons),
+                degraded_reason="; ".join(reasons),
+                scorer={
+                    S.STRATEGY_DROPOUTNET: s.model.manifest.get("model", "dropoutnet"),
+                    S.STRATEGY_WMF: "wmf",
+                    S.STRATEGY_POPULARITY: "popularity",
+                }[served]
+                + (f" + mmr({page.diversity:g})" if page.diversity > 0 else ""),
+                reranked=reranked(page.diversity, 0 if q.dislikes is None else len(q.dislikes)),
+            ),
+        )
         fallback = {S.STRATEGY_WMF: "wmf", S.STRATEGY_POPULARITY: "popularity"}.get(served)
         for rank, c in enumerate(shown, start=page.offset + 1):
             p = c.payload
             text_only, held = bool(p.get("cold")), c.anime_id in s.held_out
-            rec = resp.recommendations.add(anime_id=c.anime_id, title=p.get("title", ""), score=c.score,
-                                           genres=p.get("genres") or [], type=p.get("type") or "", rank=rank,
-                                           members=int(p.get("members") or 0), cold_start=text_only and not held,
-                                           held_out=text_only and held)
+            rec = resp.recommendations.add(
+                anime_id=c.anime_id,
+                title=p.get("title", ""),
+                score=c.score,
+                genres=p.get("genres") or [],
+                type=p.get("type") or "",
+                rank=rank,
+                members=int(p.get("members") or 0),
+                cold_start=text_only and not held,
+                held_out=text_only and held,
+            )
             if p.get("year") is not None:
                 rec.year = int(p["year"])
             if opts.explain:
-                why, rec.explanation = explain(subject_of(s, c), q.anchors, q.kind, fallback=fallback,
-                                               terms=s.terms, query_content=q.query_content, query_text=q.query_text)
+                why, rec.explanation = explain(
+                    subject_of(s, c),
+                    q.anchors,
+                    q.kind,
+                    fallback=fallback,
+                    terms=s.terms,
+                    query_content=q.query_content,
+                    query_text=q.query_text,
+                )
                 rec.reasons.extend(why)
         return resp

@@ -33,13 +33,18 @@ SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name
 
 def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[RunningServer, RankerServicer]:
     metrics = metrics or create_metrics()
-    index = open_index(settings.data_dir / "qdrant", settings.qdrant_url or None, settings.qdrant_api_key or None,
-                       on_query=lambda op, sec: metrics.qdrant_query.labels(operation=op).observe(sec),
-                       search_batch=settings.search_batch, on_batch=metrics.search_batch_size.observe)
-    embedded = not settings.qdrant_url   # its state is ours to check and repair (services/ranker/recovery.py)
+    index = open_index(
+        settings.data_dir / "qdrant",
+        settings.qdrant_url or None,
+        settings.qdrant_api_key or None,
+        on_query=lambda op, sec: metrics.qdrant_query.labels(operation=op).observe(sec),
+        search_batch=settings.search_batch,
+        on_batch=metrics.search_batch_size.observe,
+    )
+    embedded = not settings.qdrant_url  # its state is ours to check and repair (services/ranker/recovery.py)
     if embedded:
         recover_alias(index, settings.data_dir)
-    stores = open_stores(settings, metrics)   # PostgreSQL when A2V_RANKER_STORE_DSN is set, else SQLite files
+    stores = open_stores(settings, metrics)  # PostgreSQL when A2V_RANKER_STORE_DSN is set, else SQLite files
     encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=settings.outbound_tls())
     servicer = RankerServicer(settings, index, stores.added, metrics, encoder=encoder, feedback=stores.feedback)
     model = ServingModel(first_valid_bundle(pick_bundles(settings, index)), device=settings.device or None)
@@ -53,6 +58,7 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
     def follow():
         while not stop.wait(settings.alias_poll_s):
             servicer.lifecycle.maybe_follow_alias()
+
     if settings.alias_poll_s > 0:
         threading.Thread(target=follow, name="alias-follower", daemon=True).start()
     catalog = CatalogFollower(servicer, stores, metrics, settings.catalog_follow_s)
@@ -64,9 +70,15 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
         servicer.encoder.close()
         index.close()
         stores.close()
-    running = build_server(settings, "ranker",
-                           lambda server: ranker_pb2_grpc.add_RankerServiceServicer_to_server(servicer, server),
-                           [SERVICE_NAME], metrics=metrics, on_stop=[close])
+
+    running = build_server(
+        settings,
+        "ranker",
+        lambda server: ranker_pb2_grpc.add_RankerServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        metrics=metrics,
+        on_stop=[close],
+    )
     return running, servicer
 
 

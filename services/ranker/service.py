@@ -40,8 +40,15 @@ MIN_VECTOR_NORM, MAX_VECTOR_NORM = 0.5, 2.0
 
 
 class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
-    def __init__(self, settings: RankerSettings, index: ItemIndex, store: AddedAnimeStore,
-                 metrics: Metrics, encoder: EncoderClient | None = None, feedback: FeedbackStore | None = None):
+    def __init__(
+        self,
+        settings: RankerSettings,
+        index: ItemIndex,
+        store: AddedAnimeStore,
+        metrics: Metrics,
+        encoder: EncoderClient | None = None,
+        feedback: FeedbackStore | None = None,
+    ):
         self.settings, self.index, self.store, self.metrics = settings, index, store, metrics
         self.feedback = feedback or FeedbackStore(settings.data_dir / "feedback.sqlite")
         self.users = OnlineUsers(self.feedback, index, metrics)
@@ -69,19 +76,29 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         weights = list(request.liked_weights)
         if weights and len(weights) != len(liked):
             raise invalid_argument({"liked_weights": f"{len(weights)} weights for {len(liked)} liked ids"})
-        bad = [(f"liked_weights[{j}]", f"must be in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {w:.3g}")
-               for j, w in enumerate(weights)
-               if not np.float32(MIN_WEIGHT) <= w <= MAX_WEIGHT]   # as float32, as sent; NaN fails too
+        bad = [
+            (f"liked_weights[{j}]", f"must be in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {w:.3g}")
+            for j, w in enumerate(weights)
+            if not np.float32(MIN_WEIGHT) <= w <= MAX_WEIGHT
+        ]  # as float32, as sent; NaN fails too
         if bad:
             raise invalid_argument(bad[:10])
         excluded = set(disliked) | (set() if request.options.filters.include_liked else set(liked))
         dis = np.stack([content_of(s, a) for a in disliked]) if disliked else None
-        return self.retriever.page(request, s, request.options, Query(
-            kind="favourites",
-            vector_fn=lambda s: s.model.favourites_vector(liked, weights, s.extra),
-            wmf_fn=lambda s: s.model.wmf_scores_favourites(liked, weights),
-            excluded=excluded, anchors=[anchor_of(s, a) for a in liked[:20]], dislikes=dis,
-            wmf_refused=wmf_refusal(s, liked)))
+        return self.retriever.page(
+            request,
+            s,
+            request.options,
+            Query(
+                kind="favourites",
+                vector_fn=lambda s: s.model.favourites_vector(liked, weights, s.extra),
+                wmf_fn=lambda s: s.model.wmf_scores_favourites(liked, weights),
+                excluded=excluded,
+                anchors=[anchor_of(s, a) for a in liked[:20]],
+                dislikes=dis,
+                wmf_refused=wmf_refusal(s, liked),
+            ),
+        )
 
     def RecommendForUser(self, request, context):
         s = self.lifecycle.current()
@@ -94,8 +111,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
             log.warning("users collection unavailable: %s", e)
             online = None
             if uid not in s.model.user_pos and self.feedback.has_user(uid):
-                raise unavailable("the users collection cannot be reached", reason="USERS_UNAVAILABLE",
-                                  retry_after_s=2.0) from None
+                raise unavailable(
+                    "the users collection cannot be reached", reason="USERS_UNAVAILABLE", retry_after_s=2.0
+                ) from None
         if online is not None:
             return self._online_user_page(request, context, s, online)
         u = s.model.user_pos.get(uid)
@@ -105,11 +123,18 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         history = [int(s.model.item_ids[i]) for i in h.indices]
         top = [int(s.model.item_ids[i]) for i in h.indices[np.argsort(-h.data, kind="stable")[:10]]]
         excluded = set() if request.options.filters.include_liked else set(history)
-        return self.retriever.page(request, s, request.options, Query(
-            kind="user",
-            vector_fn=lambda s: s.model.user_vector(int(request.user_id)),
-            wmf_fn=lambda s: s.model.wmf_scores_user(int(request.user_id)),
-            excluded=excluded, anchors=[anchor_of(s, a) for a in top]))
+        return self.retriever.page(
+            request,
+            s,
+            request.options,
+            Query(
+                kind="user",
+                vector_fn=lambda s: s.model.user_vector(int(request.user_id)),
+                wmf_fn=lambda s: s.model.wmf_scores_user(int(request.user_id)),
+                excluded=excluded,
+                anchors=[anchor_of(s, a) for a in top],
+            ),
+        )
 
     def _online_user_page(self, request, context, s: Serving, online):
         """A user updated by feedback: their stored vector; their whole list (history and
@@ -117,13 +142,19 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         liked = online.liked
         listed = set(online.listed)
         excluded = (listed - set(liked)) if request.options.filters.include_liked else listed
-        top = [a for a, _ in sorted(liked.items(), key=lambda p: -p[1])
-               if a in s.model.pos or a in s.extra][:10]
-        return self.retriever.page(request, s, request.options, Query(
-            kind="user",
-            vector_fn=lambda s: online.vector,
-            wmf_fn=lambda s: wmf_scores(s.model, online.listed),
-            excluded=excluded, anchors=[anchor_of(s, a) for a in top]))
+        top = [a for a, _ in sorted(liked.items(), key=lambda p: -p[1]) if a in s.model.pos or a in s.extra][:10]
+        return self.retriever.page(
+            request,
+            s,
+            request.options,
+            Query(
+                kind="user",
+                vector_fn=lambda s: online.vector,
+                wmf_fn=lambda s: wmf_scores(s.model, online.listed),
+                excluded=excluded,
+                anchors=[anchor_of(s, a) for a in top],
+            ),
+        )
 
     def RecordFeedback(self, request, context):
         s = self.lifecycle.current()
@@ -133,22 +164,37 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         except ValueError as e:
             if isinstance(e, FeedbackConflict):
                 i, eid = e.conflicts[0]
-                raise already_exists(f"event_id {eid!r} was already used for a different event; nothing recorded",
-                                     reason="EVENT_ID_REUSED", field=f"events[{i}].event_id") from None
-            where, _, problem = str(e).partition(": ")   # the store's own check: "events[i].<field>: <problem>"
+                raise already_exists(
+                    f"event_id {eid!r} was already used for a different event; nothing recorded",
+                    reason="EVENT_ID_REUSED",
+                    field=f"events[{i}].event_id",
+                ) from None
+            where, _, problem = str(e).partition(": ")  # the store's own check: "events[i].<field>: <problem>"
             raise invalid_argument({where: problem or str(e)}) from None
-        log.info("feedback recorded", extra={"applied": result.applied, "duplicates": result.duplicates,
-                                             "users": len(updated), "version": s.version})
-        return ranker_pb2.FeedbackResult(applied=result.applied, duplicates=result.duplicates,
-                                         updated_user_ids=updated, model_version=s.version)
+        log.info(
+            "feedback recorded",
+            extra={
+                "applied": result.applied,
+                "duplicates": result.duplicates,
+                "users": len(updated),
+                "version": s.version,
+            },
+        )
+        return ranker_pb2.FeedbackResult(
+            applied=result.applied, duplicates=result.duplicates, updated_user_ids=updated, model_version=s.version
+        )
 
     def _feedback_events(self, s: Serving, raw) -> list[FeedbackEvent]:
         """Validate a batch (every problem, by field path) into store events."""
         if not raw:
             raise invalid_argument({"events": "give at least one event"})
         if len(raw) > self.settings.max_feedback_events:
-            raise invalid_argument({"events": f"at most {self.settings.max_feedback_events} events per call, "
-                                              f"got {len(raw)}: split the batch"})
+            raise invalid_argument(
+                {
+                    "events": f"at most {self.settings.max_feedback_events} events per call, "
+                    f"got {len(raw)}: split the batch"
+                }
+            )
         bad, out = [], []
         for i, e in enumerate(raw):
             kind = FEEDBACK_KINDS.get(e.kind)
@@ -157,8 +203,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 problems.append(("anime_id", "must be > 0"))
             bad += [(f"events[{i}].{f}", d) for f, d in problems]
             if not problems:
-                out.append(FeedbackEvent(e.event_id, int(e.user_id), int(e.anime_id), kind, e.score or None,
-                                         occurred_at_seconds(e)))
+                out.append(
+                    FeedbackEvent(
+                        e.event_id, int(e.user_id), int(e.anime_id), kind, e.score or None, occurred_at_seconds(e)
+                    )
+                )
         if bad:
             raise invalid_argument(bad)
         for i, e in enumerate(out):
@@ -169,11 +218,19 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     def SimilarItems(self, request, context):
         s = self.lifecycle.current()
         (aid,) = self._known_ids(s, [request.anime_id], "anime_id")
-        return self.retriever.page(request, s, request.options, Query(
-            kind="similar",
-            vector_fn=lambda s: s.model.favourites_vector([aid], None, s.extra),
-            wmf_fn=lambda s: s.model.wmf_scores_favourites([aid], None),
-            excluded={aid}, anchors=[anchor_of(s, aid)], wmf_refused=wmf_refusal(s, [aid])))
+        return self.retriever.page(
+            request,
+            s,
+            request.options,
+            Query(
+                kind="similar",
+                vector_fn=lambda s: s.model.favourites_vector([aid], None, s.extra),
+                wmf_fn=lambda s: s.model.wmf_scores_favourites([aid], None),
+                excluded={aid},
+                anchors=[anchor_of(s, aid)],
+                wmf_refused=wmf_refusal(s, [aid]),
+            ),
+        )
 
     def RecommendFromVector(self, request, context):
         s = self.lifecycle.current()
@@ -182,27 +239,41 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         vec = np.asarray(request.content_vector, np.float32)
         if len(vec) != dim:
             raise invalid_argument({"content_vector": f"length {len(vec)}, the model's encoder gives {dim}"})
-        norm = float(np.linalg.norm(vec.astype(np.float64)))   # float64: no overflow for huge entries
+        norm = float(np.linalg.norm(vec.astype(np.float64)))  # float64: no overflow for huge entries
         if not np.all(np.isfinite(vec)) or not MIN_VECTOR_NORM <= norm <= MAX_VECTOR_NORM:
-            raise invalid_argument({"content_vector": f"must be finite with L2 norm in [{MIN_VECTOR_NORM:g}, "
-                                                      f"{MAX_VECTOR_NORM:g}] (the encoder's vectors have norm 1), "
-                                                      f"got {norm:.3g}"})
+            raise invalid_argument(
+                {
+                    "content_vector": f"must be finite with L2 norm in [{MIN_VECTOR_NORM:g}, "
+                    f"{MAX_VECTOR_NORM:g}] (the encoder's vectors have norm 1), "
+                    f"got {norm:.3g}"
+                }
+            )
         fp = m.manifest["encoder"]["fingerprint"]
         if request.encoder_fingerprint and request.encoder_fingerprint != fp:
-            raise failed_precondition(f"content vector from encoder {request.encoder_fingerprint[:40]!r}, model uses {fp}",
-                                      reason="ENCODER_MISMATCH")
+            raise failed_precondition(
+                f"content vector from encoder {request.encoder_fingerprint[:40]!r}, model uses {fp}",
+                reason="ENCODER_MISMATCH",
+            )
         if len(request.query_text) > MAX_SYNOPSIS:
             raise invalid_argument({"query_text": f"at most {MAX_SYNOPSIS} characters, got {len(request.query_text)}"})
         liked = self._known_ids(s, request.liked_ids, "liked_ids")
         excluded = set() if request.options.filters.include_liked else set(liked)
         w = m.whiten(vec)
         content = m.semantic_vector(None if w is None else w[0], m.tfidf_vector(request.query_text or None))
-        return self.retriever.page(request, s, request.options, Query(
-            kind="text",
-            vector_fn=lambda s: s.model.text_vector(vec, request.query_text or None),
-            wmf_fn=None, excluded=excluded,
-            anchors=[anchor_of(s, a) for a in liked[:20]], query_content=content,
-            query_text=request.query_text))
+        return self.retriever.page(
+            request,
+            s,
+            request.options,
+            Query(
+                kind="text",
+                vector_fn=lambda s: s.model.text_vector(vec, request.query_text or None),
+                wmf_fn=None,
+                excluded=excluded,
+                anchors=[anchor_of(s, a) for a in liked[:20]],
+                query_content=content,
+                query_text=request.query_text,
+            ),
+        )
 
     def UpsertAnime(self, request, context):
         return self.writer.upsert(request, context)
@@ -221,7 +292,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         digest = request_digest(ranker_pb2.ListCatalogRequest(), s.version)
         offset = decode_page_token(request.page_token, digest, field="page_token")
         entries = s.catalog()
-        page = entries[offset: offset + size]
+        page = entries[offset : offset + size]
         more = offset + size < len(entries)
-        return ranker_pb2.ListCatalogResponse(entries=page, model_version=s.version,
-                                              next_page_token=encode_page_token(offset + size, digest) if more else "")
+        return ranker_pb2.ListCatalogResponse(
+            entries=page,
+            model_version=s.version,
+            next_page_token=encode_page_token(offset + size, digest) if more else "",
+        )

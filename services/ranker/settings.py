@@ -22,8 +22,12 @@ class RankerSettings(OutboundTLSSettings):
     grpc_port: int = Field(50052, ge=0, le=65535)
     metrics_port: int = Field(9102, ge=0, le=65535)
     model_store: Path = Field(default_factory=default_model_store, description="directory of model bundles")
-    bundle: str = Field("", description="bundle version or path to serve first; empty: the alias target, else the newest")
-    data_dir: Path = Field(REPO_ROOT / "var" / "ranker", description="embedded Qdrant, the store of added anime and the feedback store")
+    bundle: str = Field(
+        "", description="bundle version or path to serve first; empty: the alias target, else the newest"
+    )
+    data_dir: Path = Field(
+        REPO_ROOT / "var" / "ranker", description="embedded Qdrant, the store of added anime and the feedback store"
+    )
     qdrant_url: str = Field("", description="Qdrant server URL; empty: embedded Qdrant under data_dir")
     qdrant_api_key: str = Field("", description="API key for the Qdrant server", repr=False)
     encoder_address: str = Field("127.0.0.1:50051", description="encoder service host:port (UpsertAnime)")
@@ -31,40 +35,58 @@ class RankerSettings(OutboundTLSSettings):
     # request limits: defaults in anime2vec/serving/limits.py; GetModelInfo reports them, the gateway follows
     default_limit: int = Field(LIMITS.default_limit, ge=1, le=100)
     max_limit: int = Field(LIMITS.max_limit, ge=1, le=1000)
-    rerank_pool: int = Field(500, ge=50, le=5000, description="candidates re-ranked for diversity / dislikes; also the deepest page then")
+    rerank_pool: int = Field(
+        500, ge=50, le=5000, description="candidates re-ranked for diversity / dislikes; also the deepest page then"
+    )
     max_page_depth: int = Field(1000, ge=100, le=100000, description="offset + limit beyond which paging stops")
     max_ids: int = Field(LIMITS.max_ids, ge=1, description="most liked / disliked / excluded ids per request")
-    max_feedback_events: int = Field(LIMITS.max_feedback_events, ge=1, le=100000,
-                                     description="most events per RecordFeedback call")
+    max_feedback_events: int = Field(
+        LIMITS.max_feedback_events, ge=1, le=100000, description="most events per RecordFeedback call"
+    )
     alias_poll_s: float = Field(2.0, ge=0, description="how often to check whether the alias moved (0: never)")
-    next_model_file: Path | None = Field(None, description="JSON file in which a trainer reports the bundle that "
-                                                           "will replace the served one (`make run` writes it); "
-                                                           "GetModelInfo.next_model shows its `status`")
+    next_model_file: Path | None = Field(
+        None,
+        description="JSON file in which a trainer reports the bundle that "
+        "will replace the served one (`make run` writes it); "
+        "GetModelInfo.next_model shows its `status`",
+    )
     device: str = Field("", description="torch device for the towers; empty: cuda when present")
     # exact by default since the hybrid serves (2026-12): its vectors mix blocks of very different
     # range (cf factors, content, a one-hot group), and the int8 scan missed top anime that exact
     # search ranks first (tests/e2e/test_served_equals_offline.py); the catalogue is small enough
     # that a float32 scan costs a few ms
     search_mode: Literal["quantized", "exact"] = Field(
-        "exact", description="exact: scan every float32 vector (the ranking the evaluation measured); quantized: scan "
-                             "int8 copies of the item vectors, rescore the best in float32 (anime2vec/index/base.py)")
-    search_oversampling: float = Field(DEFAULT_OVERSAMPLING, ge=1.0, le=32.0,
-                                       description="quantized mode: candidates rescored per result wanted")
-    search_batch: int = Field(16, ge=1, le=256,
-                              description="embedded index: at most this many concurrent searches share one engine "
-                                          "call (1: each runs alone); a search never waits for others to arrive")
+        "exact",
+        description="exact: scan every float32 vector (the ranking the evaluation measured); quantized: scan "
+        "int8 copies of the item vectors, rescore the best in float32 (anime2vec/index/base.py)",
+    )
+    search_oversampling: float = Field(
+        DEFAULT_OVERSAMPLING, ge=1.0, le=32.0, description="quantized mode: candidates rescored per result wanted"
+    )
+    search_batch: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="embedded index: at most this many concurrent searches share one engine "
+        "call (1: each runs alone); a search never waits for others to arrive",
+    )
 
     store_dsn: str = Field(
-        "", repr=False,
+        "",
+        repr=False,
         description="PostgreSQL DSN (libpq key=value or postgresql:// URI) of the store of record shared by every "
-                    "replica: feedback events and added anime; empty: SQLite files under data_dir (one ranker). "
-                    "libpq's PG* variables (PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, ...) fill what it leaves out")
+        "replica: feedback events and added anime; empty: SQLite files under data_dir (one ranker). "
+        "libpq's PG* variables (PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, ...) fill what it leaves out",
+    )
     store_pool_size: int = Field(8, ge=1, le=100, description="most connections to PostgreSQL per replica")
     store_connect_timeout_s: float = Field(5.0, gt=0, le=60, description="PostgreSQL connect timeout")
     catalog_follow_s: float = Field(
-        2.0, ge=0.1, le=300,
+        2.0,
+        ge=0.1,
+        le=300,
         description="PostgreSQL store: at least this often each replica asks for anime added through other "
-                    "replicas (a NOTIFY at commit wakes it sooner)")
+        "replicas (a NOTIFY at commit wakes it sooner)",
+    )
 
     @field_validator("store_dsn")
     @classmethod
@@ -75,15 +97,20 @@ class RankerSettings(OutboundTLSSettings):
 
             try:
                 conninfo_to_dict(v)
-            except ProgrammingError:   # its message may quote the DSN, password included: not repeated
-                raise ValueError("not a valid PostgreSQL connection string (key=value pairs or a "
-                                 "postgresql:// URI)") from None
+            except ProgrammingError:  # its message may quote the DSN, password included: not repeated
+                raise ValueError(
+                    "not a valid PostgreSQL connection string (key=value pairs or a postgresql:// URI)"
+                ) from None
         return v
 
     @property
     def limits(self) -> RequestLimits:
-        return RequestLimits(max_limit=self.max_limit, default_limit=self.default_limit, max_ids=self.max_ids,
-                             max_feedback_events=self.max_feedback_events)
+        return RequestLimits(
+            max_limit=self.max_limit,
+            default_limit=self.default_limit,
+            max_ids=self.max_ids,
+            max_feedback_events=self.max_feedback_events,
+        )
 
     @model_validator(mode="after")
     def _qdrant_env(self):

@@ -25,17 +25,18 @@ S = common_pb2
 @dataclass
 class Serving:
     """One model version, ready: the model, its filters, and the anime added at run time."""
+
     model: ServingModel
     filt: CatalogueFilter
     extra: dict[int, ItemMeta]
     # ListCatalog pages come from one list built once per change of `extra` (not once per page)
     _catalog: tuple[int, list] | None = None
     generation: int = 0
-    terms: TermIndex | None = None   # explanation terms of this version's catalogue
+    terms: TermIndex | None = None  # explanation terms of this version's catalogue
     # anime whose interactions the model was trained without (the evaluation's cold-item split):
     # scored from text like cold anime, but they have ratings, so they are not "cold start"
     held_out: frozenset[int] = frozenset()
-    example_users: tuple[int, ...] = ()   # training users with the most interactions (GetModelInfo)
+    example_users: tuple[int, ...] = ()  # training users with the most interactions (GetModelInfo)
     # the store of added anime as this version serves it: every write up to added_revision is
     # applied (catalog_follower.py asks for the later ones), `applied` the revision of each anime
     added_revision: int = 0
@@ -54,11 +55,21 @@ class Serving:
 
 def load_serving(model: ServingModel) -> Serving:
     cat = model.catalog
-    filt = CatalogueFilter(model.item_ids, [list(g or []) for g in cat["genres"]],
-                           list(cat["type"]), [None if pd.isna(y) else int(y) for y in cat["year"]],
-                           cold=~np.asarray(model.warm, bool))
-    return Serving(model, filt, {}, terms=term_index(cat, model.content), held_out=held_out_items(model),
-                   example_users=example_users(model))
+    filt = CatalogueFilter(
+        model.item_ids,
+        [list(g or []) for g in cat["genres"]],
+        list(cat["type"]),
+        [None if pd.isna(y) else int(y) for y in cat["year"]],
+        cold=~np.asarray(model.warm, bool),
+    )
+    return Serving(
+        model,
+        filt,
+        {},
+        terms=term_index(cat, model.content),
+        held_out=held_out_items(model),
+        example_users=example_users(model),
+    )
 
 
 def held_out_items(model: ServingModel) -> frozenset[int]:
@@ -103,29 +114,44 @@ def text_of(s: Serving, anime_id: int) -> str:
 def anchor_of(s: Serving, anime_id: int) -> Anchor:
     if anime_id in s.extra:
         p = s.extra[anime_id].payload
-        return Anchor(anime_id, p.get("title", ""), s.extra[anime_id].content, p.get("genres", []),
-                      s.extra[anime_id].text)
+        return Anchor(
+            anime_id, p.get("title", ""), s.extra[anime_id].content, p.get("genres", []), s.extra[anime_id].text
+        )
     i = s.model.pos[anime_id]
     return Anchor(anime_id, s.model.titles[i], s.model.content[i], s.model.genres[i], s.model.synopses[i])
 
 
 def subject_of(s: Serving, c: Candidate) -> Subject:
-    return Subject(c.anime_id, c.content, c.payload.get("genres") or [], text_of(s, c.anime_id),
-                   int(c.payload.get("members") or 0))
+    return Subject(
+        c.anime_id, c.content, c.payload.get("genres") or [], text_of(s, c.anime_id), int(c.payload.get("members") or 0)
+    )
 
 
 def anime_text(model: ServingModel, fields: dict) -> str:
     """The text an anime is encoded from: the bundle's own recipe, so it matches training."""
-    row = {**fields, "synonyms": tuple(fields.get("synonyms", ())), "genres": tuple(fields.get("genres", ())),
-           "review": "", "title_japanese": ""}
+    row = {
+        **fields,
+        "synonyms": tuple(fields.get("synonyms", ())),
+        "genres": tuple(fields.get("genres", ())),
+        "review": "",
+        "title_japanese": "",
+    }
     return build_texts(pd.DataFrame([row], index=[0]), model.manifest["encoder"]["recipe"]).iloc[0]
 
 
 def payload_from_fields(anime_id: int, f: dict, cold: bool = True) -> dict:
-    return {"anime_id": anime_id, "title": f.get("title", ""), "title_english": f.get("title_english", ""),
-            "synonyms": list(f.get("synonyms", [])), "genres": list(f.get("genres", [])),
-            "type": f.get("type", ""), "year": f.get("year"), "members": int(f.get("members") or 0),
-            "cold": cold, "source": "upsert"}
+    return {
+        "anime_id": anime_id,
+        "title": f.get("title", ""),
+        "title_english": f.get("title_english", ""),
+        "synonyms": list(f.get("synonyms", [])),
+        "genres": list(f.get("genres", [])),
+        "type": f.get("type", ""),
+        "year": f.get("year"),
+        "members": int(f.get("members") or 0),
+        "cold": cold,
+        "source": "upsert",
+    }
 
 
 def item_vectors(s: Serving, aid: int, raw: np.ndarray, text: str, fields: dict):
@@ -145,12 +171,18 @@ def item_vectors(s: Serving, aid: int, raw: np.ndarray, text: str, fields: dict)
 
 def model_info(s: Serving) -> common_pb2.ModelInfo:
     m = s.model.manifest
-    info = S.ModelInfo(version=s.version, encoder_name=m["encoder"]["name"], encoder_dim=int(m["encoder"]["dim"]),
-                       tower_dim=int(s.model.item_tower.shape[1]), n_items=len(s.model.item_ids) + len(
-                           [a for a in s.extra if a not in s.model.pos]),
-                       n_users=len(s.model.user_ids), encoder_fingerprint=m["encoder"]["fingerprint"],
-                       data_fingerprint=m["data"]["fingerprint"], example_user_ids=s.example_users,
-                       preset=m.get("preset", "full"))
+    info = S.ModelInfo(
+        version=s.version,
+        encoder_name=m["encoder"]["name"],
+        encoder_dim=int(m["encoder"]["dim"]),
+        tower_dim=int(s.model.item_tower.shape[1]),
+        n_items=len(s.model.item_ids) + len([a for a in s.extra if a not in s.model.pos]),
+        n_users=len(s.model.user_ids),
+        encoder_fingerprint=m["encoder"]["fingerprint"],
+        data_fingerprint=m["data"]["fingerprint"],
+        example_user_ids=s.example_users,
+        preset=m.get("preset", "full"),
+    )
     info.created_at.FromJsonString(m["created_at"])
     info.offline_metrics.update(offline_metrics(m))
     return info
@@ -184,10 +216,16 @@ def catalog_entries(s: Serving) -> list[ranker_pb2.CatalogEntry]:
         if aid in s.extra:
             out.append(_entry_from_payload(aid, s.extra[aid].payload, s.extra[aid]))
             continue
-        e = ranker_pb2.CatalogEntry(anime_id=aid, title=str(row["title"]), title_english=str(row.get("title_english") or ""),
-                                    title_japanese=str(row.get("title_japanese") or ""),
-                                    synonyms=[str(x) for x in (row.get("synonyms") or [])], members=int(row.get("members") or 0),
-                                    type=str(row.get("type") or ""), genres=[str(g) for g in (row.get("genres") or [])])
+        e = ranker_pb2.CatalogEntry(
+            anime_id=aid,
+            title=str(row["title"]),
+            title_english=str(row.get("title_english") or ""),
+            title_japanese=str(row.get("title_japanese") or ""),
+            synonyms=[str(x) for x in (row.get("synonyms") or [])],
+            members=int(row.get("members") or 0),
+            type=str(row.get("type") or ""),
+            genres=[str(g) for g in (row.get("genres") or [])],
+        )
         if not pd.isna(row.get("year")):
             e.year = int(row["year"])
         out.append(e)
@@ -197,9 +235,15 @@ def catalog_entries(s: Serving) -> list[ranker_pb2.CatalogEntry]:
 
 
 def _entry_from_payload(aid: int, p: dict, meta: ItemMeta) -> ranker_pb2.CatalogEntry:
-    e = ranker_pb2.CatalogEntry(anime_id=aid, title=p.get("title", ""), title_english=p.get("title_english", ""),
-                                synonyms=p.get("synonyms", []), members=int(p.get("members") or 0),
-                                type=p.get("type") or "", genres=p.get("genres") or [])
+    e = ranker_pb2.CatalogEntry(
+        anime_id=aid,
+        title=p.get("title", ""),
+        title_english=p.get("title_english", ""),
+        synonyms=p.get("synonyms", []),
+        members=int(p.get("members") or 0),
+        type=p.get("type") or "",
+        genres=p.get("genres") or [],
+    )
     if p.get("year") is not None:
         e.year = int(p["year"])
     return e

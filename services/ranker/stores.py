@@ -24,9 +24,9 @@ log = logging.getLogger("services.ranker")
 
 @dataclass
 class RankerStores:
-    added: object        # AddedAnimeStore | PostgresAddedAnimeStore
-    feedback: object     # FeedbackStore | PostgresFeedbackStore
-    database: object | None = None   # anime2vec.store.postgres.Database when on PostgreSQL
+    added: object  # AddedAnimeStore | PostgresAddedAnimeStore
+    feedback: object  # FeedbackStore | PostgresFeedbackStore
+    database: object | None = None  # anime2vec.store.postgres.Database when on PostgreSQL
 
     @property
     def backend(self) -> str:
@@ -49,17 +49,30 @@ def open_stores(settings: RankerSettings, metrics: Metrics) -> RankerStores:
         observe = metrics_observer(metrics, "sqlite")
         metrics.store_up.labels(backend="sqlite").set(1)
         return RankerStores(
-            open_store(lambda p: AddedAnimeStore(p, observe), settings.data_dir / "added_anime.sqlite",
-                       settings.data_dir, "the store of added anime"),
-            open_store(lambda p: FeedbackStore(p, observe), settings.data_dir / "feedback.sqlite",
-                       settings.data_dir, "the feedback store"))
+            open_store(
+                lambda p: AddedAnimeStore(p, observe),
+                settings.data_dir / "added_anime.sqlite",
+                settings.data_dir,
+                "the store of added anime",
+            ),
+            open_store(
+                lambda p: FeedbackStore(p, observe),
+                settings.data_dir / "feedback.sqlite",
+                settings.data_dir,
+                "the feedback store",
+            ),
+        )
     from anime2vec.store.feedback_postgres import PostgresFeedbackStore
     from anime2vec.store.postgres import Database, DatabaseUnavailable
 
     try:
-        db = Database(settings.store_dsn, max_connections=settings.store_pool_size,
-                      connect_timeout_s=settings.store_connect_timeout_s,
-                      observe=metrics_observer(metrics, "postgres"), application_name="anime2vec-ranker")
+        db = Database(
+            settings.store_dsn,
+            max_connections=settings.store_pool_size,
+            connect_timeout_s=settings.store_connect_timeout_s,
+            observe=metrics_observer(metrics, "postgres"),
+            application_name="anime2vec-ranker",
+        )
     except DatabaseUnavailable as e:
         metrics.store_up.labels(backend="postgres").set(0)
         raise StoreUnavailable(e.message) from e

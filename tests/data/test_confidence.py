@@ -8,22 +8,22 @@ from anime2vec.data.confidence import MAX_CONFIDENCE, implicit_feedback
 NAN = float("nan")
 # rating (NaN = none), status, expected confidence, expected positive
 TABLE = [
-    (NAN, "listed", 1.0, True),          # CooperUnion -1: in the list, unrated
+    (NAN, "listed", 1.0, True),  # CooperUnion -1: in the list, unrated
     (10, "rated", 5.0, True),
-    (8, "rated", 3.4, True),             # 1 + 3 * 0.8
+    (8, "rated", 3.4, True),  # 1 + 3 * 0.8
     (6, "rated", 1.8, True),
-    (5, "rated", 0.0, False),            # explicit dislike
+    (5, "rated", 0.0, False),  # explicit dislike
     (1, "rated", 0.0, False),
-    (NAN, "completed", 1.0, True),       # MAL-2023 score 0
+    (NAN, "completed", 1.0, True),  # MAL-2023 score 0
     (9, "completed", 4.2, True),
-    (5, "completed", 0.0, False),        # completed but scored 5: not a positive
+    (5, "completed", 0.0, False),  # completed but scored 5: not a positive
     (NAN, "watching", 1.0, True),
     (7, "watching", 2.6, True),
-    (NAN, "on_hold", 0.5, True),         # weak positive
+    (NAN, "on_hold", 0.5, True),  # weak positive
     (10, "on_hold", 2.5, True),
     (4, "on_hold", 0.0, False),
     (NAN, "dropped", 0.0, False),
-    (9, "dropped", 0.0, False),          # dropped is never a positive, whatever the score
+    (9, "dropped", 0.0, False),  # dropped is never a positive, whatever the score
     (NAN, "plan_to_watch", 0.0, False),  # intent, not consumption
     (10, "plan_to_watch", 0.0, False),
 ]

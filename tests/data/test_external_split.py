@@ -1,4 +1,5 @@
 """An externally supplied split (another protocol's train/val/test users and items) is used as given."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,14 @@ def test_an_external_split_is_used_as_given(data, tmp_path):
     items = rng.permutation(base.item_ids[np.concatenate([base.train_items, base.val_items, base.test_items])])
     users = rng.permutation(base.user_ids)
     n_i, n_u = len(items), len(users)
-    spec = {"train_items": items[: n_i * 7 // 10], "val_items": items[n_i * 7 // 10: n_i * 85 // 100],
-            "test_items": items[n_i * 85 // 100:], "train_users": users[: n_u * 7 // 10],
-            "val_users": users[n_u * 7 // 10: n_u * 85 // 100], "test_users": users[n_u * 85 // 100:]}
+    spec = {
+        "train_items": items[: n_i * 7 // 10],
+        "val_items": items[n_i * 7 // 10 : n_i * 85 // 100],
+        "test_items": items[n_i * 85 // 100 :],
+        "train_users": users[: n_u * 7 // 10],
+        "val_users": users[n_u * 7 // 10 : n_u * 85 // 100],
+        "test_users": users[n_u * 85 // 100 :],
+    }
     path = tmp_path / "split.json"
     path.write_text(json.dumps({k: [int(x) for x in v] for k, v in spec.items()}))
     ds = build_dataset(data.catalog, data.interactions, seed=3, split=ExternalSplit.from_json(path))
@@ -41,8 +47,18 @@ def test_an_external_split_is_used_as_given(data, tmp_path):
 
 def test_an_overlapping_split_is_refused(data, tmp_path):
     path = tmp_path / "split.json"
-    path.write_text(json.dumps({"train_items": [1, 2], "val_items": [2], "test_items": [3],
-                                "train_users": [1], "val_users": [2], "test_users": [3]}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_items": [1, 2],
+                "val_items": [2],
+                "test_items": [3],
+                "train_users": [1],
+                "val_users": [2],
+                "test_users": [3],
+            }
+        )
+    )
     with pytest.raises(ValueError, match="overlap"):
         build_dataset(data.catalog, data.interactions, split=ExternalSplit.from_json(path))
     path.write_text(json.dumps({"train_items": [1]}))

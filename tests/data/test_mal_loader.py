@@ -45,13 +45,16 @@ def broken(tmp_path):
 
 def set_value(row, column, value):
     """Change 1-based data row `row` of `column`."""
+
     def change(frame):
         frame.loc[row - 1, column] = value
         return frame
+
     return change
 
 
 # --- the real sample ---------------------------------------------------------------------------
+
 
 def test_sample_counts_and_columns(sample):
     assert sample.source == "sample"
@@ -61,7 +64,9 @@ def test_sample_counts_and_columns(sample):
     assert list(inter.columns) == list(INTERACTION_COLUMNS)
     # README: 11,376 + 2,060 rows, no duplicate (user, anime) pairs; 150 + 20 users
     assert inter["source"].value_counts().to_dict() == {
-        "cooperunion_ratings_sample.csv": 11_376, "mal2023_animelists_sample_small.csv": 2_060}
+        "cooperunion_ratings_sample.csv": 11_376,
+        "mal2023_animelists_sample_small.csv": 2_060,
+    }
     assert inter["user_id"].nunique() == 170
     assert not inter.duplicated(["user_id", "anime_id"]).any()
     assert list(sample.recs.columns) == list(RECS_COLUMNS) and len(sample.recs) == 8_580
@@ -100,6 +105,7 @@ def test_file_hashes_and_fingerprint(sample, broken):
 
 # --- corrupt copies ----------------------------------------------------------------------------
 
+
 def test_missing_file(broken):
     data_dir, _ = broken
     (data_dir / "sample" / "anime_recs_sample.csv").unlink()
@@ -111,7 +117,9 @@ def test_missing_file(broken):
 def test_missing_column(broken):
     data_dir, edit = broken
     edit("mal2023_animelists_sample_small.csv", lambda f: f.drop(columns="watching_status"))
-    with pytest.raises(DataError, match="mal2023_animelists_sample_small.csv: missing required column.*watching_status"):
+    with pytest.raises(
+        DataError, match="mal2023_animelists_sample_small.csv: missing required column.*watching_status"
+    ):
         load_mal(data_dir, sample=True)
 
 
@@ -127,7 +135,9 @@ def test_rating_outside_the_allowed_set_names_file_and_row(broken):
 def test_bad_watching_status(broken):
     data_dir, edit = broken
     edit("mal2023_animelists_sample_small.csv", set_value(10, "watching_status", "5"))
-    with pytest.raises(DataError, match=r"mal2023_animelists_sample_small.csv, row 10: watching_status 5 is not one of"):
+    with pytest.raises(
+        DataError, match=r"mal2023_animelists_sample_small.csv, row 10: watching_status 5 is not one of"
+    ):
         load_mal(data_dir, sample=True)
 
 
@@ -158,16 +168,18 @@ def test_a_problem_in_the_last_file_read_still_returns_nothing(broken):
 
 def test_duplicates_keep_the_first_row_and_unknown_anime_are_kept(broken):
     data_dir, edit = broken
-    extra = pd.DataFrame({"user_id": ["72570", "72570"], "anime_id": ["20", "999999"],
-                          "rating": ["3", "8"], "source": ["tail", "tail"]})
+    extra = pd.DataFrame(
+        {"user_id": ["72570", "72570"], "anime_id": ["20", "999999"], "rating": ["3", "8"], "source": ["tail", "tail"]}
+    )
     edit("cooperunion_ratings_sample.csv", lambda f: pd.concat([f, extra], ignore_index=True))
     inter = load_mal(data_dir, sample=True).interactions.set_index(["user_id", "anime_id"])
     assert len(inter) == 11_376 + 2_060 + 1
-    assert inter.loc[(72570, 20), "status"] == "listed"      # the first row, not the later rating 3
+    assert inter.loc[(72570, 20), "status"] == "listed"  # the first row, not the later rating 3
     assert inter.loc[(72570, 999999), "confidence"] == pytest.approx(3.4)
 
 
 # --- the full data -----------------------------------------------------------------------------
+
 
 def test_full_data_loads():
     data = load_mal()
@@ -176,7 +188,11 @@ def test_full_data_loads():
     # README counts: 612,645 + 303,441 rows, 5,888 + 576 users, no duplicates
     assert len(inter) == 612_645 + 303_441 and inter["user_id"].nunique() == 5_888 + 576
     assert inter["status"].value_counts()[["rated", "listed", "completed", "plan_to_watch"]].tolist() == [
-        494_309, 118_336, 195_584, 75_676]
+        494_309,
+        118_336,
+        195_584,
+        75_676,
+    ]
     # synopses: 14,925 from the 2021 pages + 1,761 from the supplement; one review for 7,921 anime
     assert (cat["synopsis"] != "").sum() == 14_925 + 1_761
     assert (cat["review"] != "").sum() == 7_921 and len(data.recs) == 46_604

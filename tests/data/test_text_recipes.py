@@ -11,12 +11,23 @@ from anime2vec.data.text import FIELDS, RECIPES, build_texts, parse_recipe, stri
 @pytest.fixture
 def catalog():
     rows = {
-        1: dict(title="Shingeki no Kyojin", title_english="Attack on Titan", genres=("Action", "Drama"),
-                type="TV", synopsis="Humanity lives\ninside walls.", review="Great show"),
-        2: dict(title="Kimi no Na wa.", title_english="Your Name.", genres=(), type="Movie",
-                synopsis="", review=""),
-        3: dict(title="Cowboy Bebop", title_english="cowboy bebop", genres=("Sci-Fi",), type="",
-                synopsis="Bounty hunters!", review=""),
+        1: dict(
+            title="Shingeki no Kyojin",
+            title_english="Attack on Titan",
+            genres=("Action", "Drama"),
+            type="TV",
+            synopsis="Humanity lives\ninside walls.",
+            review="Great show",
+        ),
+        2: dict(title="Kimi no Na wa.", title_english="Your Name.", genres=(), type="Movie", synopsis="", review=""),
+        3: dict(
+            title="Cowboy Bebop",
+            title_english="cowboy bebop",
+            genres=("Sci-Fi",),
+            type="",
+            synopsis="Bounty hunters!",
+            review="",
+        ),
         4: dict(title="", title_english="", genres=(), type="", synopsis="", review=""),
     }
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("anime_id")
@@ -25,8 +36,9 @@ def catalog():
 def test_default_recipe_renders_labelled_sentences(catalog):
     texts = build_texts(catalog)
     assert texts.index.tolist() == [1, 2, 3, 4]
-    assert texts[1] == ("Title: Shingeki no Kyojin (Attack on Titan). Genres: Action, Drama. "
-                        "Synopsis: Humanity lives inside walls.")
+    assert texts[1] == (
+        "Title: Shingeki no Kyojin (Attack on Titan). Genres: Action, Drama. Synopsis: Humanity lives inside walls."
+    )
     # empty fields are skipped, no doubled full stop after a title that ends in one
     assert texts[2] == "Title: Kimi no Na wa. (Your Name.)"
     # an English title that only differs in case is not repeated
@@ -85,4 +97,6 @@ def test_real_sample_texts():
     texts = build_texts(catalog, "full")
     assert texts.index.equals(catalog.index) and texts.str.startswith("Title: ").all()
     assert texts.str.contains(" Synopsis: ").all() and texts.str.contains(" Review: ").sum() == 100
-    assert texts[1].startswith("Title: Cowboy Bebop. Genres: Action, Adventure, Comedy, Drama, Sci-Fi, Space. Synopsis: In the year 2071")
+    assert texts[1].startswith(
+        "Title: Cowboy Bebop. Genres: Action, Adventure, Comedy, Drama, Sci-Fi, Space. Synopsis: In the year 2071"
+    )

@@ -15,7 +15,7 @@ K8S = REPO_ROOT / "deploy" / "k8s"
 TREES = ("overlays/local", "overlays/gpu", "overlays/production", "overlays/production-tls", "jobs", "release")
 # Prometheus Operator CRDs: kubernetes-validate ships core schemas only, so these kinds are checked
 # by the structural tests here, not by the strict schema test.
-CRD_KINDS = frozenset({"ServiceMonitor", "Cluster", "ScheduledBackup"})   # + CloudNativePG (postgresql.cnpg.io)
+CRD_KINDS = frozenset({"ServiceMonitor", "Cluster", "ScheduledBackup"})  # + CloudNativePG (postgresql.cnpg.io)
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "Job", "CronJob"})
 SERVICE_UID = 10001
 
@@ -36,7 +36,7 @@ def by_kind(tree: str, kind: str) -> dict[str, dict]:
 
 
 def pod_spec(obj: dict) -> dict:
-    if obj["kind"] == "CronJob":   # the pod template of the Jobs it creates
+    if obj["kind"] == "CronJob":  # the pod template of the Jobs it creates
         return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return obj["spec"]["template"]["spec"]
 

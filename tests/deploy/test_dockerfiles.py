@@ -16,7 +16,10 @@ DOCKERFILES = {
     "services/ranker/Dockerfile": ("ranker", (50052, 9102)),
     "services/gateway/Dockerfile": ("gateway", (50050, 9100)),
 }
-PINNED_BASES = (re.compile(r"python:3\.11\.\d+-slim-bookworm"), re.compile(r"nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu22\.04"))
+PINNED_BASES = (
+    re.compile(r"python:3\.11\.\d+-slim-bookworm"),
+    re.compile(r"nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu22\.04"),
+)
 
 
 def _instructions(path: str) -> list[tuple[str, str]]:
@@ -41,7 +44,7 @@ def test_dockerfile_is_pinned_non_root_and_exposes_the_manifest_ports(path):
         assert any(p.fullmatch(image) for p in PINNED_BASES), f"{path}: base {image!r} is not an exact pinned tag"
     assert "python:3.11.7-slim-bookworm" in froms or "cuda" in path
 
-    final_stage = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    final_stage = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
     users = [args for word, args in final_stage if word == "USER"]
     assert users, f"{path}: the final stage sets no USER (it would run as root)"
     uid = users[-1].split(":")[0]

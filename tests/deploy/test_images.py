@@ -52,8 +52,9 @@ def _component_images() -> dict[str, dict]:
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          env=env or os.environ.copy())
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env or os.environ.copy()
+    )
 
 
 def test_third_party_images_carry_a_real_digest_in_every_tree():
@@ -94,11 +95,13 @@ def test_check_refuses_every_container_without_a_real_digest():
     assert {re.search(r"(ghcr\.io/anime2vec/[a-z]+):", line)[1] for line in refused} == set(unresolved)
     assert all("digest not resolved yet" in line and "pin_images.py resolve" in line for line in refused)
 
-    proc = _run("check", "overlays/local")          # by tag: refused, each container named
+    proc = _run("check", "overlays/local")  # by tag: refused, each container named
     assert proc.returncode == 1
     assert {line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("UNPINNED")} == {
-        "Deployment/encoder container encoder", "Deployment/gateway container gateway",
-        "Deployment/ranker container ranker"}
+        "Deployment/encoder container encoder",
+        "Deployment/gateway container gateway",
+        "Deployment/ranker container ranker",
+    }
     assert "not pinned by digest" in proc.stdout
 
 
@@ -136,8 +139,9 @@ def test_resolve_writes_the_registry_digests_that_check_then_accepts(tmp_path):
     proc = _run("--k8s", str(root), "check", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("every one by digest") == len(PRODUCTION_TREES)
-    rendered = subprocess.run(["kubectl", "kustomize", str(root / "overlays/production")],
-                              capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(root / "overlays/production")], capture_output=True, text=True, check=True
+    ).stdout
     for name in _component_images():
         digest = hashlib.sha256(f"{name}:9.9.9".encode()).hexdigest()
         assert f"image: {name}:9.9.9@sha256:{digest}" in rendered
@@ -146,8 +150,12 @@ def test_resolve_writes_the_registry_digests_that_check_then_accepts(tmp_path):
 def test_resolve_takes_given_digests_without_asking_the_registry(tmp_path):
     root = _copy(tmp_path)
     digests = {name: "sha256:" + hashlib.sha256(name.encode()).hexdigest() for name in _component_images()}
-    env = {**os.environ, "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
-                                                 if not (p and os.path.exists(os.path.join(p, "crane"))))}
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join(
+            p for p in os.environ["PATH"].split(os.pathsep) if not (p and os.path.exists(os.path.join(p, "crane")))
+        ),
+    }
     args = [a for name, d in digests.items() for a in ("--digest", f"{name}={d}")]
     proc = _run("--k8s", str(root), "resolve", *args, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -174,7 +182,11 @@ def test_resolve_writes_nothing_unless_every_image_resolves(tmp_path, case):
         path.insert(0, str(tmp_path / "bin"))
     proc = _run("--k8s", str(root), "resolve", *args, env={**os.environ, "PATH": os.pathsep.join(path)})
     assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
-    expected = {"registry refuses one image": "MANIFEST_UNKNOWN", "not a digest": "is not a sha256 digest",
-                "unknown image": "ghcr.io/anime2vec/nope", "no crane": "`crane`"}[case]
+    expected = {
+        "registry refuses one image": "MANIFEST_UNKNOWN",
+        "not a digest": "is not a sha256 digest",
+        "unknown image": "ghcr.io/anime2vec/nope",
+        "no crane": "`crane`",
+    }[case]
     assert expected in proc.stderr
     assert component.read_text() == before

@@ -40,7 +40,7 @@ def test_every_container_is_hardened(tree):
     for obj, spec, c in _containers(tree):
         where = f"{tree}: {obj['kind']}/{obj['metadata']['name']} container {c['name']}"
         seen += 1
-        if obj["kind"] not in ("Job", "CronJob"):   # runs to completion; probes would only kill a long training run
+        if obj["kind"] not in ("Job", "CronJob"):  # runs to completion; probes would only kill a long training run
             assert "livenessProbe" in c and "readinessProbe" in c, f"{where}: needs liveness and readiness probes"
         res = c.get("resources", {})
         for part in ("requests", "limits"):
@@ -124,7 +124,7 @@ def test_wiring_between_services(tree):
     mount = next(m for m in gateway["containers"][0]["volumeMounts"] if keys_file.startswith(m["mountPath"] + "/"))
     volume = next(v for v in gateway["volumes"] if v["name"] == mount["name"])
     assert mount.get("readOnly") is True
-    item = next(i for i in volume["secret"]["items"] if i["path"] == keys_file[len(mount["mountPath"]) + 1:])
+    item = next(i for i in volume["secret"]["items"] if i["path"] == keys_file[len(mount["mountPath"]) + 1 :])
     assert volume["secret"]["secretName"] == "anime2vec-gateway-api-keys" and item["key"] == "api-keys"
     for name, (grpc_port, metrics_port) in PORTS.items():
         assert {p["port"] for p in services[name]["spec"]["ports"]} == {grpc_port, metrics_port}
@@ -133,6 +133,7 @@ def test_wiring_between_services(tree):
 def _allows(policies: dict, src: str | None, dst: str, port: int, namespace: str | None = None) -> bool:
     """Whether the rendered policies let pods named `src` (or namespace `namespace`) reach `dst` on `port`:
     `dst` must admit it on ingress and, for an in-namespace `src`, `src` must permit it on egress."""
+
     def selects(selector: dict, name: str) -> bool:
         if not selector:
             return True
@@ -144,8 +145,11 @@ def _allows(policies: dict, src: str | None, dst: str, port: int, namespace: str
 
     def peer_matches(peer: dict, name: str | None) -> bool:
         if "namespaceSelector" in peer:
-            return namespace is not None and peer["namespaceSelector"]["matchLabels"].get(
-                "kubernetes.io/metadata.name") == namespace and name is None
+            return (
+                namespace is not None
+                and peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name") == namespace
+                and name is None
+            )
         return name is not None and selects(peer["podSelector"], name)
 
     def rule_ok(rule: dict, peers_key: str, peer_name: str | None) -> bool:
@@ -155,12 +159,17 @@ def _allows(policies: dict, src: str | None, dst: str, port: int, namespace: str
         peers = rule.get(peers_key)
         return not peers or any(peer_matches(p, peer_name) for p in peers)
 
-    ingress = any(rule_ok(r, "from", src) for p in policies.values() if selects(p["spec"]["podSelector"], dst)
-                  and "Ingress" in p["spec"]["policyTypes"] for r in p["spec"].get("ingress", []))
+    ingress = any(
+        rule_ok(r, "from", src)
+        for p in policies.values()
+        if selects(p["spec"]["podSelector"], dst) and "Ingress" in p["spec"]["policyTypes"]
+        for r in p["spec"].get("ingress", [])
+    )
     if src is None:
         return ingress
-    egress_policies = [p for p in policies.values() if selects(p["spec"]["podSelector"], src)
-                       and "Egress" in p["spec"]["policyTypes"]]
+    egress_policies = [
+        p for p in policies.values() if selects(p["spec"]["podSelector"], src) and "Egress" in p["spec"]["policyTypes"]
+    ]
     egress = any(rule_ok(r, "to", dst) for p in egress_policies for r in p["spec"].get("egress", []))
     return ingress and egress
 
@@ -168,10 +177,22 @@ def _allows(policies: dict, src: str | None, dst: str, port: int, namespace: str
 def test_network_policies_allow_exactly_the_request_paths():
     policies = by_kind("overlays/production", "NetworkPolicy")
     assert policies["default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-    allowed = [("gateway", "encoder", 50051), ("gateway", "ranker", 50052), ("ranker", "encoder", 50051),
-               ("ranker", "qdrant", 6333), ("ranker", "qdrant", 6334), ("qdrant", "qdrant", 6335)]
-    denied = [("gateway", "qdrant", 6333), ("encoder", "ranker", 50052), ("encoder", "qdrant", 6333),
-              ("ranker", "gateway", 50050), ("gateway", "ranker", 9102), ("encoder", "gateway", 50050)]
+    allowed = [
+        ("gateway", "encoder", 50051),
+        ("gateway", "ranker", 50052),
+        ("ranker", "encoder", 50051),
+        ("ranker", "qdrant", 6333),
+        ("ranker", "qdrant", 6334),
+        ("qdrant", "qdrant", 6335),
+    ]
+    denied = [
+        ("gateway", "qdrant", 6333),
+        ("encoder", "ranker", 50052),
+        ("encoder", "qdrant", 6333),
+        ("ranker", "gateway", 50050),
+        ("gateway", "ranker", 9102),
+        ("encoder", "gateway", 50050),
+    ]
     for src, dst, port in allowed:
         assert _allows(policies, src, dst, port), f"{src} -> {dst}:{port} should be allowed"
     for src, dst, port in denied:
@@ -242,8 +263,8 @@ def test_production_scales_spreads_and_clusters_qdrant():
     qc = pod_spec(q)["containers"][0]
     assert {"name": "QDRANT__CLUSTER__ENABLED", "value": "true"} in qc["env"]
     script = qc["args"][0]
-    assert "--bootstrap \"${scheme}://qdrant-0.qdrant-headless:6335\"" in script and "--uri" in script
-    assert 'scheme="${A2V_QDRANT_P2P_SCHEME:-http}"' in script   # https under components/tls
+    assert '--bootstrap "${scheme}://qdrant-0.qdrant-headless:6335"' in script and "--uri" in script
+    assert 'scheme="${A2V_QDRANT_P2P_SCHEME:-http}"' in script  # https under components/tls
     headless = by_kind(tree, "Service")["qdrant-headless"]["spec"]
     assert headless["clusterIP"] == "None" and 6335 in {p["port"] for p in headless["ports"]}
     assert pdbs["qdrant"]["spec"]["maxUnavailable"] == 1
@@ -252,9 +273,15 @@ def test_production_scales_spreads_and_clusters_qdrant():
     monitors = by_kind(tree, "ServiceMonitor")
     assert monitors["anime2vec"]["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitors["anime2vec"]["spec"]["endpoints"][0]["port"] == "metrics"
-    assert monitors["qdrant"]["spec"]["endpoints"][0]["port"] == "metrics"   # 9103, not the REST port
-    selected = [s for s in by_kind(tree, "Service").values()
-                if all(s["metadata"]["labels"].get(k) == v for k, v in monitors["qdrant"]["spec"]["selector"]["matchLabels"].items())]
+    assert monitors["qdrant"]["spec"]["endpoints"][0]["port"] == "metrics"  # 9103, not the REST port
+    selected = [
+        s
+        for s in by_kind(tree, "Service").values()
+        if all(
+            s["metadata"]["labels"].get(k) == v
+            for k, v in monitors["qdrant"]["spec"]["selector"]["matchLabels"].items()
+        )
+    ]
     assert [s["metadata"]["name"] for s in selected] == ["qdrant"], "one scrape target per Qdrant pod (job=qdrant)"
 
 

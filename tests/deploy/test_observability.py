@@ -89,18 +89,32 @@ def test_dashboard_covers_every_concern_and_uses_only_recorded_series():
     recorded_by_rules = {r["record"] for r in _rules() if "record" in r}
     used = set(RECORDED.findall(exprs))
     assert used <= recorded_by_rules, f"dashboard reads series no rule records: {used - recorded_by_rules}"
-    for concern in ("service:a2v_rpc_errors:ratio_rate5m", "service:a2v_rpc_latency_slow:ratio_rate1h",
-                    "service:a2v_fallbacks:ratio_rate5m", "a2v_encoder_queue_depth",
-                    "instance:a2v_encoder_queue_wait_seconds:p95_5m", "a2v:ranker_model_versions:count",
-                    'up{job="qdrant"}', "a2v_qdrant_query_seconds_bucket", "a2v_model_info",
-                    "store:a2v_store_write_seconds:p99_5m", "a2v_store_errors_total", "a2v_store_up",
-                    "a2v_store_connections", "a2v_added_anime_revision", "cnpg_pg_replication_lag"):
+    for concern in (
+        "service:a2v_rpc_errors:ratio_rate5m",
+        "service:a2v_rpc_latency_slow:ratio_rate1h",
+        "service:a2v_fallbacks:ratio_rate5m",
+        "a2v_encoder_queue_depth",
+        "instance:a2v_encoder_queue_wait_seconds:p95_5m",
+        "a2v:ranker_model_versions:count",
+        'up{job="qdrant"}',
+        "a2v_qdrant_query_seconds_bucket",
+        "a2v_model_info",
+        "store:a2v_store_write_seconds:p99_5m",
+        "a2v_store_errors_total",
+        "a2v_store_up",
+        "a2v_store_connections",
+        "a2v_added_anime_revision",
+        "cnpg_pg_replication_lag",
+    ):
         assert concern in exprs, f"no dashboard panel shows {concern}"
 
 
 def _exposed_names(text: str) -> set[str]:
-    return {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0)
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0)
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +127,8 @@ def encoder_exposition() -> str:
         started = _wait_for(lines, "serving")
         with grpc.insecure_channel(f"127.0.0.1:{started['grpc_port']}") as channel:
             encoder_pb2_grpc.EncoderServiceStub(channel).Encode(
-                encoder_pb2.EncodeRequest(texts=["A boy becomes a ninja."]), timeout=60)
+                encoder_pb2.EncodeRequest(texts=["A boy becomes a ninja."]), timeout=60
+            )
         url = f"http://127.0.0.1:{started['metrics_port']}/metrics"
         return urllib.request.urlopen(url, timeout=30).read().decode()
     finally:
@@ -148,8 +163,14 @@ def retrain_exposition(store) -> str:
     """What the retrain job writes and pushes after one logged decision (store: an empty directory)."""
     from anime2vec.retrain import Decision, append_decision, export_metrics
 
-    d = Decision("promoted", "v0", "v1", passed=True, metrics={"candidate": {"warm/recall@100": 0.5}},
-                 details={"events": {"used": 1}})
+    d = Decision(
+        "promoted",
+        "v0",
+        "v1",
+        passed=True,
+        metrics={"candidate": {"warm/recall@100": 0.5}},
+        details={"events": {"used": 1}},
+    )
     append_decision(store, d)
     return generate_latest(export_metrics(store, d)[0]).decode()
 

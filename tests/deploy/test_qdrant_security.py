@@ -27,18 +27,18 @@ from tests.deploy.manifests import by_kind, pod_spec, render, workloads
 from tests.deploy.test_manifests import _allows
 
 OVERLAYS = ("overlays/local", "overlays/gpu", "overlays/production", "overlays/production-tls")
-CLIENT_TREES = ("jobs", "release")     # applied into whichever environment runs them
+CLIENT_TREES = ("jobs", "release")  # applied into whichever environment runs them
 RW, RO = "anime2vec-qdrant-api-key", "anime2vec-qdrant-read-only-api-key"
 TLS_SECRET = "anime2vec-qdrant-tls"
-KEY_VAR = "QDRANT_API_KEY"             # the entry of both Secrets; what the ranker and the CLI read
+KEY_VAR = "QDRANT_API_KEY"  # the entry of both Secrets; what the ranker and the CLI read
 METRICS_PORT = 9103
 # (workload, container) -> the Secret whose key it holds. Everything else holds none.
 CLIENTS = {
-    ("ranker", "ranker"): RW,                        # upserts added anime, online users
-    ("anime2vec-index", "index"): RW,                # creates a collection
-    ("anime2vec-promote", "promote"): RW,            # moves the alias
-    ("anime2vec-promote", "wait-for-index"): RO,     # `versions`: GET requests only
-    ("anime2vec-retrain", "retrain"): RW,            # index + promote
+    ("ranker", "ranker"): RW,  # upserts added anime, online users
+    ("anime2vec-index", "index"): RW,  # creates a collection
+    ("anime2vec-promote", "promote"): RW,  # moves the alias
+    ("anime2vec-promote", "wait-for-index"): RO,  # `versions`: GET requests only
+    ("anime2vec-retrain", "retrain"): RW,  # index + promote
 }
 
 
@@ -80,8 +80,11 @@ def _qdrant_url(env: dict[str, str]) -> str | None:
 
 def _key_secrets(container: dict) -> set[str]:
     refs = {src["secretRef"]["name"] for src in container.get("envFrom", []) if "secretRef" in src}
-    refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
-             if "secretKeyRef" in e.get("valueFrom", {}) and "API_KEY" in e["name"]}
+    refs |= {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {}) and "API_KEY" in e["name"]
+    }
     return refs & {RW, RO}
 
 
@@ -91,11 +94,12 @@ def _secret_file(spec: dict, container: dict, path: str) -> tuple[str, str]:
     assert mount is not None, f"{container['name']}: nothing mounted at {path}"
     assert mount.get("readOnly") is True, f"{container['name']}: {path} must be mounted read-only"
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    item = next(i for i in volume["secret"]["items"] if i["path"] == path[len(mount["mountPath"]) + 1:])
+    item = next(i for i in volume["secret"]["items"] if i["path"] == path[len(mount["mountPath"]) + 1 :])
     return volume["secret"]["secretName"], item["key"]
 
 
 # ---- keys ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_qdrant_requires_keys_from_secrets_in_every_overlay(overlay):
@@ -113,7 +117,7 @@ def test_qdrant_requires_keys_from_secrets_in_every_overlay(overlay):
 def test_no_key_is_committed(tree):
     assert not [o for o in render(tree) if o["kind"] == "Secret"], "Secrets are created out of band"
     for cm in by_kind(tree, "ConfigMap").values():
-        keys = [k for k in cm.get("data", {}) if re.search(r"API_KEYS?$", k)]   # a key itself, not a file path
+        keys = [k for k in cm.get("data", {}) if re.search(r"API_KEYS?$", k)]  # a key itself, not a file path
         assert not keys, f"{tree}: ConfigMap {cm['metadata']['name']} holds {keys}"
 
 
@@ -122,7 +126,7 @@ def test_every_qdrant_client_holds_exactly_the_key_its_work_needs(overlay):
     maps = by_kind(overlay, "ConfigMap")
     seen = {}
     for workload, _, c in _environment(overlay):
-        if workload == "qdrant":        # the server: both keys, checked above
+        if workload == "qdrant":  # the server: both keys, checked above
             continue
         secrets = _key_secrets(c)
         url = _qdrant_url(_env(c, maps))
@@ -138,14 +142,18 @@ def test_every_qdrant_client_holds_exactly_the_key_its_work_needs(overlay):
     assert seen == CLIENTS, f"{overlay}: clients missing: {set(CLIENTS) - set(seen)}"
 
     # The network agrees: what can reach Qdrant's API holds a key, and every key holder can reach it.
-    policies = {**by_kind(overlay, "NetworkPolicy"), **by_kind("jobs", "NetworkPolicy"),
-                **by_kind("release", "NetworkPolicy")}
+    policies = {
+        **by_kind(overlay, "NetworkPolicy"),
+        **by_kind("jobs", "NetworkPolicy"),
+        **by_kind("release", "NetworkPolicy"),
+    }
     names = {w for w, _, _ in _environment(overlay)} - {"qdrant"}
     reach = {w for w in names if _allows(policies, w, "qdrant", 6333)}
     assert reach == {w for w, _ in CLIENTS}, f"{overlay}: reach Qdrant's API: {sorted(reach)}"
 
 
 # ---- metrics -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_prometheus_reaches_qdrant_metrics_port_and_nothing_else(overlay):
@@ -161,13 +169,16 @@ def test_prometheus_reaches_qdrant_metrics_port_and_nothing_else(overlay):
     ports = {p["name"]: p for p in by_kind(overlay, "Service")["qdrant"]["spec"]["ports"]}
     assert ports["metrics"]["port"] == METRICS_PORT and ports["metrics"]["targetPort"] == "metrics"
 
-    policies = {**by_kind(overlay, "NetworkPolicy"), **by_kind("jobs", "NetworkPolicy"),
-                **by_kind("release", "NetworkPolicy")}
+    policies = {
+        **by_kind(overlay, "NetworkPolicy"),
+        **by_kind("jobs", "NetworkPolicy"),
+        **by_kind("release", "NetworkPolicy"),
+    }
     assert _allows(policies, None, "qdrant", METRICS_PORT, namespace="monitoring")
-    for port in (6333, 6334, 6335):      # REST (collection deletes included), gRPC, cluster p2p
+    for port in (6333, 6334, 6335):  # REST (collection deletes included), gRPC, cluster p2p
         assert not _allows(policies, None, "qdrant", port, namespace="monitoring"), f"monitoring -> qdrant:{port}"
     assert not _allows(policies, None, "qdrant", METRICS_PORT, namespace="default")
-    for name in ("gateway", "encoder", "ranker"):    # the services' metrics ports don't open Qdrant's
+    for name in ("gateway", "encoder", "ranker"):  # the services' metrics ports don't open Qdrant's
         assert not _allows(policies, name, "qdrant", METRICS_PORT)
 
     monitors = by_kind(overlay, "ServiceMonitor")
@@ -176,6 +187,7 @@ def test_prometheus_reaches_qdrant_metrics_port_and_nothing_else(overlay):
 
 
 # ---- TLS -----------------------------------------------------------------------------------------
+
 
 def test_production_tls_qdrant_serves_tls_and_every_client_verifies_it():
     tree = "overlays/production-tls"
@@ -193,7 +205,7 @@ def test_production_tls_qdrant_serves_tls_and_every_client_verifies_it():
     # kubelet probes speak HTTPS (and need no key: Qdrant whitelists /healthz and /readyz)
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert qc[probe]["httpGet"]["scheme"] == "HTTPS" and qc[probe]["httpGet"]["port"] == 6333
-    assert "QDRANT__SERVICE__VERIFY_HTTPS_CLIENT_CERTIFICATE" not in env   # probes present no certificate
+    assert "QDRANT__SERVICE__VERIFY_HTTPS_CLIENT_CERTIFICATE" not in env  # probes present no certificate
 
     for workload, pod, c in _environment(tree):
         if (workload, c["name"]) not in CLIENTS:
@@ -222,13 +234,15 @@ def test_without_the_tls_component_qdrant_and_its_clients_speak_plain_http(overl
 
 # ---- the clients over real sockets -----------------------------------------------------------------
 
+
 class _StandInQdrant(BaseHTTPRequestHandler):
     """Answers the read calls `versions` and the ranker's start-up check make, as Qdrant would:
     403 without a configured key, and the read-only key for GET only (Qdrant's rule)."""
-    keys: dict[str, str] = {}          # key -> "rw" | "ro"
+
+    keys: dict[str, str] = {}  # key -> "rw" | "ro"
     seen: list[tuple[str, str, str]] = []
 
-    def log_message(self, *args):      # quiet
+    def log_message(self, *args):  # quiet
         pass
 
     def _answer(self):
@@ -279,18 +293,26 @@ def _local(env: dict[str, str], port: int, ca_file) -> dict[str, str]:
         if k == "SSL_CERT_FILE":
             out[k] = str(ca_file)
         elif k in ("QDRANT_URL", "A2V_RANKER_QDRANT_URL"):
-            out[k] = v.replace("://qdrant:6333", f"://localhost:{port}") if v.startswith("https") \
-                else "http://127.0.0.1:9"     # a plain fallback that must lose (nothing listens there)
+            out[k] = (
+                v.replace("://qdrant:6333", f"://localhost:{port}") if v.startswith("https") else "http://127.0.0.1:9"
+            )  # a plain fallback that must lose (nothing listens there)
         else:
             out[k] = v
     return out
 
 
 def _cli_versions(env: dict[str, str], store) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("QDRANT", "A2V_", "SSL_CERT")) and k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-m", "anime2vec.cli", "versions", "--store", str(store)],
-                          env={**base, **env}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("QDRANT", "A2V_", "SSL_CERT")) and k != "PYTHONPATH"
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "anime2vec.cli", "versions", "--store", str(store)],
+        env={**base, **env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_clients_dial_qdrant_over_verified_tls_with_their_key(stand_in, tmp_path, monkeypatch):
@@ -334,6 +356,7 @@ def test_clients_dial_qdrant_over_verified_tls_with_their_key(stand_in, tmp_path
     assert proc.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in proc.stderr, proc.stderr
     monkeypatch.delenv("SSL_CERT_FILE")
     from anime2vec.index.base import IndexUnavailable
+
     with pytest.raises(IndexUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
         open_index(None, s.qdrant_url, s.qdrant_api_key or None)
     assert seen == []

@@ -13,8 +13,8 @@ from tests.deploy.manifests import by_kind, pod_spec, render
 
 TREE = "overlays/production-tls"
 SETTINGS = {"encoder": EncoderSettings, "ranker": RankerSettings, "gateway": GatewaySettings}
-MUTUAL = {"encoder", "ranker"}            # the gateway's public callers use API keys, not certificates
-CALLERS = {"ranker", "gateway"}           # services that dial others
+MUTUAL = {"encoder", "ranker"}  # the gateway's public callers use API keys, not certificates
+CALLERS = {"ranker", "gateway"}  # services that dial others
 
 
 def _env(container: dict) -> dict[str, str]:
@@ -31,7 +31,7 @@ def _secret_file(spec: dict, container: dict, path: str) -> tuple[str, str]:
     mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
     assert mount.get("readOnly") is True, f"{path}: the certificate mount must be read-only"
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    rel = path[len(mount["mountPath"]) + 1:]
+    rel = path[len(mount["mountPath"]) + 1 :]
     item = next(i for i in volume["secret"]["items"] if i["path"] == rel)
     return volume["secret"]["secretName"], item["key"]
 
@@ -61,14 +61,17 @@ def test_each_service_serves_tls_from_its_secret_and_is_probed_in_plaintext(name
             assert c[probe]["grpc"]["port"] == health, f"{name}.{probe}"
     # Every variable the component sets is a setting of that service (a typo would be ignored silently).
     fields = SETTINGS[name].model_fields
-    unknown = [k for k in env if k.startswith(prefix) and k[len(prefix):].lower() not in fields]
+    unknown = [k for k in env if k.startswith(prefix) and k[len(prefix) :].lower() not in fields]
     assert not unknown, f"{name}: not settings: {unknown}"
 
 
 def test_tls_changes_nothing_else_than_production():
     def shape(tree):
-        return sorted((o["kind"], o["metadata"]["name"].rsplit("-", 1)[0] if o["kind"] == "ConfigMap"
-                       else o["metadata"]["name"]) for o in render(tree))
+        return sorted(
+            (o["kind"], o["metadata"]["name"].rsplit("-", 1)[0] if o["kind"] == "ConfigMap" else o["metadata"]["name"])
+            for o in render(tree)
+        )
+
     assert shape(TREE) == shape("overlays/production")
     prod = by_kind("overlays/production", "Deployment")
     for name, d in by_kind(TREE, "Deployment").items():

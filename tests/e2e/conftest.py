@@ -40,11 +40,28 @@ def bundle(e2e_dir) -> Path:
     store, cache = e2e_dir / "models", e2e_dir / "cache"
     # only what the bundle serves (the hybrid, WMF as its fallback) and one baseline: the whole
     # comparison is tests/test_cli.py's job
-    cmd = [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--quiet",
-           "--models", "popularity,wmf,anime2vec-hybrid",
-           "--store", str(store), "--report-dir", str(e2e_dir / "report")]
-    run = subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(cache)},
-                         capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "anime2vec.cli",
+        "train",
+        "--sample",
+        "--quiet",
+        "--models",
+        "popularity,wmf,anime2vec-hybrid",
+        "--store",
+        str(store),
+        "--report-dir",
+        str(e2e_dir / "report"),
+    ]
+    run = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
     assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
     (path,) = list_bundles(store)
     return path

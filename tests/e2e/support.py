@@ -57,18 +57,28 @@ class Stack:
                 time.sleep(0.2)
 
 
-def stack_processes(root: Path, bundle: Path, *, names: Sequence[str] = ("encoder", "ranker", "gateway"),
-                    env: Mapping[str, Mapping[str, str]] | None = None, encoder_address: str | None = None,
-                    ranker_address: str | None = None) -> dict[str, ServiceProcess]:
+def stack_processes(
+    root: Path,
+    bundle: Path,
+    *,
+    names: Sequence[str] = ("encoder", "ranker", "gateway"),
+    env: Mapping[str, Mapping[str, str]] | None = None,
+    encoder_address: str | None = None,
+    ranker_address: str | None = None,
+) -> dict[str, ServiceProcess]:
     """The services `names` of the standard three (ranker data and logs under root, serving `bundle` from its store), not started yet, with settings per service (`env`:
     name → {"MAX_WORKERS": "2", ...}, without the prefix) and an encoder or ranker already
     running elsewhere (`*_address`)."""
     ports = free_ports(6)
-    specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
-                                         "gateway": tuple(ports[4:6])},
-                           encoder_model="minilm", model_store=bundle.parent, bundle=bundle.name,
-                           ranker_data_dir=root / "ranker", gateway_env={"API_KEYS": GATEWAY_API_KEYS,
-                                                                          "CATALOG_POLL_S": "2"})
+    specs = standard_specs(
+        "127.0.0.1",
+        {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]), "gateway": tuple(ports[4:6])},
+        encoder_model="minilm",
+        model_store=bundle.parent,
+        bundle=bundle.name,
+        ranker_data_dir=root / "ranker",
+        gateway_env={"API_KEYS": GATEWAY_API_KEYS, "CATALOG_POLL_S": "2"},
+    )
     procs: dict[str, ServiceProcess] = {}
     for spec in specs:
         if encoder_address and spec.name != "encoder":
@@ -81,13 +91,17 @@ def stack_processes(root: Path, bundle: Path, *, names: Sequence[str] = ("encode
     return procs
 
 
-def start_services(root: Path, bundle: Path, names: tuple[str, ...] = ("encoder", "ranker", "gateway"),
-                   encoder_address: str | None = None) -> dict[str, ServiceProcess]:
+def start_services(
+    root: Path,
+    bundle: Path,
+    names: tuple[str, ...] = ("encoder", "ranker", "gateway"),
+    encoder_address: str | None = None,
+) -> dict[str, ServiceProcess]:
     """Start `names` of the standard three (ranker data and logs under root), wired together;
     encoder_address points the others at an encoder already running instead."""
     procs = stack_processes(root, bundle, names=names, encoder_address=encoder_address)
     try:
-        for name in ("encoder", "ranker"):   # both load models: start them together
+        for name in ("encoder", "ranker"):  # both load models: start them together
             if name in procs:
                 procs[name].start()
         for name in ("encoder", "ranker"):

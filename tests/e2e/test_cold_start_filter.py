@@ -17,10 +17,15 @@ COLD = S.Filters(cold_start_only=True)
 # story no catalogue anime tells, so a query with its words finds it.
 LIGHTHOUSE = S.AnimeInput(
     title="Lanternfall Lighthouse Mysteries",
-    synopsis=("On a foggy island, the retired lighthouse keeper Ilse and her talking grey cat solve small "
-              "mysteries for the fishing village: a stolen lantern lens, a ghost ship seen in the fog, a "
-              "message in a bottle. Each night the lighthouse beam reveals a new clue along the cliffs."),
-    genres=["Mystery", "Comedy"], type="TV", episodes=12)
+    synopsis=(
+        "On a foggy island, the retired lighthouse keeper Ilse and her talking grey cat solve small "
+        "mysteries for the fishing village: a stolen lantern lens, a ghost ship seen in the fog, a "
+        "message in a bottle. Each night the lighthouse beam reveals a new clue along the cliffs."
+    ),
+    genres=["Mystery", "Comedy"],
+    type="TV",
+    episodes=12,
+)
 LIGHTHOUSE_QUERY = "an old lighthouse keeper and her cat solve mysteries in a foggy fishing village"
 
 
@@ -29,23 +34,29 @@ def opts(**kw) -> S.RecommendOptions:
 
 
 def recommend(stack: Stack, *ids: int, **kw) -> gateway_pb2.RecommendResponse:
-    return stack.gateway.Recommend(gateway_pb2.RecommendRequest(
-        favourites=[S.AnimeRef(anime_id=a) for a in ids], options=opts(**kw)), metadata=AUTH, timeout=30)
+    return stack.gateway.Recommend(
+        gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=a) for a in ids], options=opts(**kw)),
+        metadata=AUTH,
+        timeout=30,
+    )
 
 
 def for_user(stack: Stack, user_id: int, **kw) -> gateway_pb2.RecommendResponse:
-    return stack.gateway.RecommendForUser(S.RecommendForUserRequest(user_id=user_id, options=opts(**kw)),
-                                          metadata=AUTH, timeout=30)
+    return stack.gateway.RecommendForUser(
+        S.RecommendForUserRequest(user_id=user_id, options=opts(**kw)), metadata=AUTH, timeout=30
+    )
 
 
 def similar(stack: Stack, anime_id: int, **kw) -> gateway_pb2.RecommendResponse:
-    return stack.gateway.Similar(gateway_pb2.SimilarRequest(anime=S.AnimeRef(anime_id=anime_id), options=opts(**kw)),
-                                 metadata=AUTH, timeout=30)
+    return stack.gateway.Similar(
+        gateway_pb2.SimilarRequest(anime=S.AnimeRef(anime_id=anime_id), options=opts(**kw)), metadata=AUTH, timeout=30
+    )
 
 
 def search(stack: Stack, query: str, **kw) -> gateway_pb2.RecommendResponse:
-    return stack.gateway.SearchText(gateway_pb2.SearchTextRequest(query=query, options=opts(**kw)),
-                                    metadata=AUTH, timeout=30)
+    return stack.gateway.SearchText(
+        gateway_pb2.SearchTextRequest(query=query, options=opts(**kw)), metadata=AUTH, timeout=30
+    )
 
 
 def training_user(stack: Stack) -> int:
@@ -76,7 +87,7 @@ def test_every_ranking_rpc_returns_only_cold_anime_and_differs_from_the_unfilter
         assert len(cold.recommendations) == 40, name
         assert all_cold(cold), (name, [(r.anime_id, r.cold_start, r.held_out) for r in cold.recommendations])
         assert not cold.served_by.degraded, (name, cold.served_by.degraded_reason)
-        assert cold.served_by.strategy == S.STRATEGY_DROPOUTNET, name   # the served model ranked them
+        assert cold.served_by.strategy == S.STRATEGY_DROPOUTNET, name  # the served model ranked them
         scores = [r.score for r in cold.recommendations]
         assert scores == sorted(scores, reverse=True), name
         assert all(r.explanation for r in cold.recommendations), name
@@ -117,8 +128,10 @@ def test_diversity_keeps_the_filter(stack: Stack):
 
 def test_wmf_cannot_rank_cold_anime_so_popularity_among_them_serves_and_says_why(stack: Stack):
     user = training_user(stack)
-    for resp in (for_user(stack, user, limit=10, filters=COLD, strategy=S.STRATEGY_WMF),
-                 recommend(stack, NARUTO, limit=10, filters=COLD, strategy=S.STRATEGY_WMF)):
+    for resp in (
+        for_user(stack, user, limit=10, filters=COLD, strategy=S.STRATEGY_WMF),
+        recommend(stack, NARUTO, limit=10, filters=COLD, strategy=S.STRATEGY_WMF),
+    ):
         assert resp.served_by.strategy == S.STRATEGY_POPULARITY and resp.served_by.degraded
         assert "cold_start_only" in resp.served_by.degraded_reason
         assert len(resp.recommendations) == 10 and all_cold(resp)
@@ -126,7 +139,7 @@ def test_wmf_cannot_rank_cold_anime_so_popularity_among_them_serves_and_says_why
         assert members == sorted(members, reverse=True)
     popular = recommend(stack, NARUTO, limit=10, filters=COLD, strategy=S.STRATEGY_POPULARITY)
     assert popular.served_by.strategy == S.STRATEGY_POPULARITY and all_cold(popular)
-    assert not popular.served_by.degraded   # asked for popularity, got it
+    assert not popular.served_by.degraded  # asked for popularity, got it
 
 
 def test_the_client_asks_for_new_anime_with_new_only(stack: Stack, capsys):
@@ -137,4 +150,4 @@ def test_the_client_asks_for_new_anime_with_new_only(stack: Stack, capsys):
     recs = json.loads(run("recommend", "Naruto", "--new-only", "--limit", "8", "--json"))["recommendations"]
     assert len(recs) == 8 and all(r.get("coldStart") or r.get("heldOut") for r in recs)
     table = run("similar", "--id", str(BEBOP), "--cold-start-only", "--limit", "5")
-    assert "cold start" in table or "held out" in table   # the legend of the marks the rows carry
+    assert "cold start" in table or "held out" in table  # the legend of the marks the rows carry

@@ -15,10 +15,10 @@ from .support import AUTH, Stack
 
 def test_every_dashboard_and_rule_metric_is_in_a_live_scrape(stack: Stack, tmp_path):
     # one request of each kind so the lazily created series (Qdrant timings, batch sizes) exist
-    stack.gateway.Recommend(gateway_pb2.RecommendRequest(favourites=[common_pb2.AnimeRef(anime_id=1)]),
-                            metadata=AUTH, timeout=30)
-    stack.gateway.SearchText(gateway_pb2.SearchTextRequest(query="space bounty hunters"),
-                             metadata=AUTH, timeout=60)
+    stack.gateway.Recommend(
+        gateway_pb2.RecommendRequest(favourites=[common_pb2.AnimeRef(anime_id=1)]), metadata=AUTH, timeout=30
+    )
+    stack.gateway.SearchText(gateway_pb2.SearchTextRequest(query="space bounty hunters"), metadata=AUTH, timeout=60)
     exposed: set[str] = set()
     for name in ("gateway", "ranker", "encoder"):
         text = urllib.request.urlopen(stack.metrics_url(name), timeout=10).read().decode()
@@ -30,8 +30,13 @@ def test_every_dashboard_and_rule_metric_is_in_a_live_scrape(stack: Stack, tmp_p
                 family, kind = line.split()[2:4]
                 exposed |= {family, f"{family}_total"} if kind == "counter" else {family}
     used = {m for m in METRIC.findall(" ".join(r["expr"] for r in _rules())) if m.startswith("a2v_")}
-    used |= {m for p in _dashboard()["panels"] for t in p.get("targets", []) for m in METRIC.findall(t["expr"])
-             if m.startswith("a2v_")}
+    used |= {
+        m
+        for p in _dashboard()["panels"]
+        for t in p.get("targets", [])
+        for m in METRIC.findall(t["expr"])
+        if m.startswith("a2v_")
+    }
     assert len(used) >= 10
     # the nightly retrain job's metrics reach Prometheus through the Pushgateway, never from a live
     # service: set aside exactly what that job exports (tests/deploy/test_observability.py checks them)

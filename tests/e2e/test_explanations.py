@@ -16,10 +16,15 @@ S = common_pb2
 NARUTO, FMA = 20, 121
 CORSAIRS = S.AnimeInput(
     title="Brine Buccaneers of the Coral Sea",
-    synopsis=("Young pirates crew a battered ship across the open sea, hunting the buried treasure of a "
-              "legendary pirate king. They chart islands, outrun navy warships and fight rival pirate "
-              "crews for the treasure map."),
-    genres=["Adventure", "Action"], type="TV", episodes=12)
+    synopsis=(
+        "Young pirates crew a battered ship across the open sea, hunting the buried treasure of a "
+        "legendary pirate king. They chart islands, outrun navy warships and fight rival pirate "
+        "crews for the treasure map."
+    ),
+    genres=["Adventure", "Action"],
+    type="TV",
+    episodes=12,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +43,13 @@ def in_text(term: str, text: str) -> bool:
 
 
 def recommend(stack: Stack, *ids: int, explain: bool = True, **options) -> gateway_pb2.RecommendResponse:
-    return stack.gateway.Recommend(gateway_pb2.RecommendRequest(
-        favourites=[S.AnimeRef(anime_id=a) for a in ids], options=S.RecommendOptions(explain=explain, **options)),
-        metadata=AUTH, timeout=30)
+    return stack.gateway.Recommend(
+        gateway_pb2.RecommendRequest(
+            favourites=[S.AnimeRef(anime_id=a) for a in ids], options=S.RecommendOptions(explain=explain, **options)
+        ),
+        metadata=AUTH,
+        timeout=30,
+    )
 
 
 def test_each_recommendation_names_its_closest_favourite_and_the_words_they_share(stack: Stack, synopses):
@@ -53,7 +62,7 @@ def test_each_recommendation_names_its_closest_favourite_and_the_words_they_shar
         assert first.anime_id in (NARUTO, FMA) and first.title in r.explanation
         assert -1 <= first.similarity <= 1
         assert set(first.shared_genres) <= set(r.genres)
-        for term in first.terms:   # in both synopses, and never a stop word, generic word or genre
+        for term in first.terms:  # in both synopses, and never a stop word, generic word or genre
             assert in_text(term, synopses[r.anime_id]) and in_text(term, synopses[first.anime_id]), term
             assert term_key(term.split()[-1]) and term.casefold() not in {g.casefold() for g in r.genres}
         with_terms += bool(first.terms)
@@ -69,8 +78,11 @@ def test_each_recommendation_names_its_closest_favourite_and_the_words_they_shar
 
 def test_free_text_names_the_query_words_the_synopsis_shares(stack: Stack, synopses):
     query = "two brothers use alchemy to search for the philosopher's stone to restore their bodies"
-    resp = stack.gateway.SearchText(gateway_pb2.SearchTextRequest(
-        query=query, options=S.RecommendOptions(limit=10, explain=True)), metadata=AUTH, timeout=30)
+    resp = stack.gateway.SearchText(
+        gateway_pb2.SearchTextRequest(query=query, options=S.RecommendOptions(limit=10, explain=True)),
+        metadata=AUTH,
+        timeout=30,
+    )
     asked = words(query)
     matched = 0
     for r in resp.recommendations:
@@ -78,7 +90,7 @@ def test_free_text_names_the_query_words_the_synopsis_shares(stack: Stack, synop
         assert lead.kind == S.REASON_KIND_TEXT_MATCH and r.explanation
         for term in lead.terms:
             assert {term_key(w) for w in TOKEN.findall(term)} <= asked
-            assert r.anime_id not in synopses or in_text(term, synopses[r.anime_id])   # other tests add anime
+            assert r.anime_id not in synopses or in_text(term, synopses[r.anime_id])  # other tests add anime
         matched += len(lead.terms) >= 2
         if lead.terms:
             assert r.explanation == "Matches your description: " + ", ".join(lead.terms)
@@ -97,9 +109,13 @@ def test_an_added_anime_explains_and_is_explained_by_its_own_text(stack: Stack, 
         other = synopses.get(r.anime_id)
         assert all(in_text(t, CORSAIRS.synopsis) and (other is None or in_text(t, other)) for t in first.terms)
     # as a recommendation: its own synopsis is what matches the words of a query
-    found = stack.gateway.SearchText(gateway_pb2.SearchTextRequest(
-        query="pirates hunting buried treasure across the sea",
-        options=S.RecommendOptions(limit=10, explain=True)), metadata=AUTH, timeout=30)
+    found = stack.gateway.SearchText(
+        gateway_pb2.SearchTextRequest(
+            query="pirates hunting buried treasure across the sea", options=S.RecommendOptions(limit=10, explain=True)
+        ),
+        metadata=AUTH,
+        timeout=30,
+    )
     mine = next(r for r in found.recommendations if r.anime_id == added.anime_id)
-    assert "buried treasure" in mine.reasons[0].terms        # a phrase of the query and of its synopsis
+    assert "buried treasure" in mine.reasons[0].terms  # a phrase of the query and of its synopsis
     assert all(in_text(t, CORSAIRS.synopsis) for t in mine.reasons[0].terms)

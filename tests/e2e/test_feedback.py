@@ -24,20 +24,35 @@ S = common_pb2
 C = grpc.StatusCode
 # Two neighbourhoods of the sample catalogue: Key's tear-jerker dramas, and Gundam mecha war.
 DRAMA = ["Clannad", "Clannad: After Story", "Air", "Clannad Movie"]
-MECHA = ["Mobile Suit Gundam SEED", "Mobile Suit Gundam SEED Destiny", "Mobile Suit Gundam 00",
-         "Mobile Suit Gundam 00 Second Season"]
-BASE_USER = 10**12   # far above the sample's user ids: these users exist only through feedback
+MECHA = [
+    "Mobile Suit Gundam SEED",
+    "Mobile Suit Gundam SEED Destiny",
+    "Mobile Suit Gundam 00",
+    "Mobile Suit Gundam 00 Second Season",
+]
+BASE_USER = 10**12  # far above the sample's user ids: these users exist only through feedback
 
 
 def new_user() -> int:
     return BASE_USER + uuid.uuid4().int % 10**9
 
 
-def event(user: int, title: str | None = None, kind=S.FEEDBACK_KIND_COMPLETED, score: int = 0,
-          event_id: str | None = None, anime_id: int | None = None) -> gateway_pb2.FeedbackEvent:
+def event(
+    user: int,
+    title: str | None = None,
+    kind=S.FEEDBACK_KIND_COMPLETED,
+    score: int = 0,
+    event_id: str | None = None,
+    anime_id: int | None = None,
+) -> gateway_pb2.FeedbackEvent:
     ref = S.AnimeRef(anime_id=anime_id) if anime_id is not None else S.AnimeRef(title=title)
-    return gateway_pb2.FeedbackEvent(event_id=event_id if event_id is not None else str(uuid.uuid4()),
-                                     user_id=user, anime=ref, kind=kind, score=score)
+    return gateway_pb2.FeedbackEvent(
+        event_id=event_id if event_id is not None else str(uuid.uuid4()),
+        user_id=user,
+        anime=ref,
+        kind=kind,
+        score=score,
+    )
 
 
 def record(stack: Stack, *events) -> gateway_pb2.RecordFeedbackResponse:
@@ -45,8 +60,9 @@ def record(stack: Stack, *events) -> gateway_pb2.RecordFeedbackResponse:
 
 
 def for_user(stack: Stack, user: int, limit: int = 10) -> gateway_pb2.RecommendResponse:
-    return stack.gateway.RecommendForUser(S.RecommendForUserRequest(user_id=user, options=S.RecommendOptions(limit=limit)),
-                                          metadata=AUTH, timeout=60)
+    return stack.gateway.RecommendForUser(
+        S.RecommendForUserRequest(user_id=user, options=S.RecommendOptions(limit=limit)), metadata=AUTH, timeout=60
+    )
 
 
 def failure(call, request) -> ErrorDetails:
@@ -57,7 +73,9 @@ def failure(call, request) -> ErrorDetails:
 
 def likes(user: int, titles: list[str]) -> list[gateway_pb2.FeedbackEvent]:
     """Completed the first, rated the others 9 and 10."""
-    return [event(user, titles[0])] + [event(user, t, S.FEEDBACK_KIND_RATED, 9 + i % 2) for i, t in enumerate(titles[1:])]
+    return [event(user, titles[0])] + [
+        event(user, t, S.FEEDBACK_KIND_RATED, 9 + i % 2) for i, t in enumerate(titles[1:])
+    ]
 
 
 def store_of(stack: Stack) -> FeedbackStore:
@@ -74,7 +92,9 @@ def stored_events(stack: Stack, user: int) -> list[FeedbackEvent]:
 
 
 def anime_id(stack: Stack, title: str) -> int:
-    found = stack.gateway.ResolveTitles(gateway_pb2.ResolveTitlesRequest(query=title, limit=1), metadata=AUTH, timeout=30)
+    found = stack.gateway.ResolveTitles(
+        gateway_pb2.ResolveTitlesRequest(query=title, limit=1), metadata=AUTH, timeout=30
+    )
     assert found.candidates[0].title == title
     return found.candidates[0].anime_id
 
@@ -95,7 +115,7 @@ def closeness(content, recs: list[int], liked: list[int]) -> float:
 def test_feedback_makes_a_new_user_known_and_moves_their_recommendations(stack: Stack, content):
     drama_fan, mecha_fan = new_user(), new_user()
     err = failure(stack.gateway.RecommendForUser, S.RecommendForUserRequest(user_id=drama_fan))
-    assert err.code == C.NOT_FOUND and err.reason == "USER_NOT_FOUND"   # unknown before any event
+    assert err.code == C.NOT_FOUND and err.reason == "USER_NOT_FOUND"  # unknown before any event
 
     resp = record(stack, *likes(drama_fan, DRAMA), *likes(mecha_fan, MECHA))
     assert (resp.applied, resp.duplicates) == (8, 0)
@@ -109,7 +129,7 @@ def test_feedback_makes_a_new_user_known_and_moves_their_recommendations(stack: 
         page = for_user(stack, user)
         assert page.served_by.strategy == S.STRATEGY_DROPOUTNET and not page.served_by.degraded
         recs[user] = [r.anime_id for r in page.recommendations]
-        assert len(recs[user]) == 10 and not set(recs[user]) & set(liked)   # liked anime are not recommended back
+        assert len(recs[user]) == 10 and not set(recs[user]) & set(liked)  # liked anime are not recommended back
     # each fan's list is closer to what they liked than the other fan's list is
     assert closeness(content, recs[drama_fan], drama_ids) > closeness(content, recs[mecha_fan], drama_ids)
     assert closeness(content, recs[mecha_fan], mecha_ids) > closeness(content, recs[drama_fan], mecha_ids)
@@ -118,7 +138,7 @@ def test_feedback_makes_a_new_user_known_and_moves_their_recommendations(stack: 
     assert record(stack, *later).updated_user_ids == [drama_fan]
     moved = [r.anime_id for r in for_user(stack, drama_fan).recommendations]
     assert closeness(content, moved, mecha_ids) > closeness(content, recs[drama_fan], mecha_ids)
-    assert not set(moved) & set(drama_ids + mecha_ids)   # dropped anime stay excluded too
+    assert not set(moved) & set(drama_ids + mecha_ids)  # dropped anime stay excluded too
 
 
 def test_a_duplicate_event_id_is_applied_once(stack: Stack):
@@ -126,12 +146,14 @@ def test_a_duplicate_event_id_is_applied_once(stack: Stack):
     events = likes(user, MECHA[:3])
     first = record(stack, *events)
     before = for_user(stack, user)
-    again = record(stack, *events, events[0])   # a retry of the whole batch, one event twice
+    again = record(stack, *events, events[0])  # a retry of the whole batch, one event twice
     assert (first.applied, first.duplicates, list(first.updated_user_ids)) == (3, 0, [user])
     assert (again.applied, again.duplicates, list(again.updated_user_ids)) == (0, 4, [])
     assert len(stored_events(stack, user)) == 3
     after = for_user(stack, user)
-    assert [(r.anime_id, r.score) for r in after.recommendations] == [(r.anime_id, r.score) for r in before.recommendations]
+    assert [(r.anime_id, r.score) for r in after.recommendations] == [
+        (r.anime_id, r.score) for r in before.recommendations
+    ]
     with urllib.request.urlopen(stack.metrics_url("ranker"), timeout=10) as r:
         text = r.read().decode()
     assert 'a2v_feedback_events_total{kind="rated",outcome="duplicate"}' in text
@@ -145,7 +167,7 @@ def test_acknowledged_feedback_survives_kill_9_of_the_ranker(stack: Stack):
     assert ack.applied == 4
     liked = {r.anime_id for r in ack.anime}
     ranker = stack.procs["ranker"]
-    ranker.proc.send_signal(signal.SIGKILL)   # right after the acknowledgement: no clean shutdown
+    ranker.proc.send_signal(signal.SIGKILL)  # right after the acknowledgement: no clean shutdown
     ranker.proc.wait(30)
     stack.start("ranker")
     stack.wait_answering()
@@ -163,8 +185,12 @@ def test_events_in_the_store_without_a_user_vector_are_folded_in_on_the_next_rea
     user, clannad, air = new_user(), anime_id(stack, "Clannad"), anime_id(stack, "Air")
     store = store_of(stack)
     try:
-        store.record([FeedbackEvent(str(uuid.uuid4()), user, clannad, "rated", 10),
-                      FeedbackEvent(str(uuid.uuid4()), user, air, "completed")])
+        store.record(
+            [
+                FeedbackEvent(str(uuid.uuid4()), user, clannad, "rated", 10),
+                FeedbackEvent(str(uuid.uuid4()), user, air, "completed"),
+            ]
+        )
     finally:
         store.close()
     page = for_user(stack, user)
@@ -204,18 +230,22 @@ def test_bad_feedback_gets_precise_statuses_and_records_nothing(stack: Stack):
 
     err = bad(event(user, "Clannad"), event(user, "Air", event_id=""))
     assert err.code == C.INVALID_ARGUMENT and list(err.field_violations) == ["events[1].event_id"]
-    err = bad(event(user, "Clannad", kind=99), event(user, "Air", S.FEEDBACK_KIND_RATED, score=11),
-              event(user, "Air", S.FEEDBACK_KIND_RATED), event(user, "Air", event_id="x" * 129))
+    err = bad(
+        event(user, "Clannad", kind=99),
+        event(user, "Air", S.FEEDBACK_KIND_RATED, score=11),
+        event(user, "Air", S.FEEDBACK_KIND_RATED),
+        event(user, "Air", event_id="x" * 129),
+    )
     assert err.code == C.INVALID_ARGUMENT
     assert list(err.field_violations) == ["events[0].kind", "events[1].score", "events[2].score", "events[3].event_id"]
     err = bad(event(user, "Clannad"), event(user, "Clanad: Afterr Storyy Zzz"))
     assert err.code == C.NOT_FOUND and err.reason == "ANIME_NOT_FOUND"
     assert list(err.field_violations) == ["events[1].anime.title"] and err.suggestions
-    err = bad(event(user, anime_id=987654321))   # an id no model knows: the ranker's answer, in the gateway's terms
+    err = bad(event(user, anime_id=987654321))  # an id no model knows: the ranker's answer, in the gateway's terms
     assert err.code == C.NOT_FOUND and list(err.field_violations) == ["events[0].anime.anime_id"]
     err = failure(call, gateway_pb2.RecordFeedbackRequest())
     assert err.code == C.INVALID_ARGUMENT and list(err.field_violations) == ["events"]
-    with pytest.raises(grpc.RpcError) as info:   # like every gateway RPC: an API key first
+    with pytest.raises(grpc.RpcError) as info:  # like every gateway RPC: an API key first
         call(gateway_pb2.RecordFeedbackRequest(events=[event(user, "Air")]), timeout=30)
     assert info.value.code() == C.UNAUTHENTICATED
     err = failure(call, gateway_pb2.RecordFeedbackRequest(events=[event(user, "Air")] * 501))
@@ -233,13 +263,30 @@ def test_client_feedback_subcommand_records_and_retries_safely(stack: Stack, cap
     from tests.e2e.support import API_KEYS
 
     user = new_user()
-    args = ["--address", stack.procs["gateway"].spec.address, "--api-key", API_KEYS[0], "feedback", "--user", str(user),
-            "--completed", "Clannad", "--rated", "Air=9", "--event-id", f"{user}-a", "--event-id", f"{user}-b"]
+    args = [
+        "--address",
+        stack.procs["gateway"].spec.address,
+        "--api-key",
+        API_KEYS[0],
+        "feedback",
+        "--user",
+        str(user),
+        "--completed",
+        "Clannad",
+        "--rated",
+        "Air=9",
+        "--event-id",
+        f"{user}-a",
+        "--event-id",
+        f"{user}-b",
+    ]
     assert client.main(args) == 0
     out = capsys.readouterr().out
-    assert re.search(rf"{user}-a\s+completed\s+Clannad\s+\d+\s+-", out) and re.search(rf"{user}-b\s+rated\s+Air\s+\d+\s+9", out)
+    assert re.search(rf"{user}-a\s+completed\s+Clannad\s+\d+\s+-", out) and re.search(
+        rf"{user}-b\s+rated\s+Air\s+\d+\s+9", out
+    )
     assert f"applied 2, duplicates 0; users updated: {user}" in out
-    assert client.main(args) == 0   # the same event ids again: nothing new
+    assert client.main(args) == 0  # the same event ids again: nothing new
     assert "applied 0, duplicates 2; users updated: none" in capsys.readouterr().out
-    assert client.main(args[:4] + ["feedback", "--user", str(user), "--rated", "Air"]) == 2   # a rating needs a score
+    assert client.main(args[:4] + ["feedback", "--user", str(user), "--rated", "Air"]) == 2  # a rating needs a score
     assert "TITLE=SCORE" in capsys.readouterr().err

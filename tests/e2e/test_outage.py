@@ -27,10 +27,14 @@ def without_hybrid(bundle_path, store):
     arrays = {k: v for k, v in b.arrays.items() if not k.startswith("hybrid.")}
     assert len(arrays) < len(b.arrays)
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "version", "format")}
-    extra = {rel: (b.path / rel).read_bytes() for rel in b.manifest["files"]
-             if not rel.startswith("arrays/") and rel not in ("catalog.jsonl", "manifest.json")}
-    return write_bundle(store, manifest, b.catalog, arrays, b.train, version=b.version + "-no-hybrid",
-                        extra_files=extra)
+    extra = {
+        rel: (b.path / rel).read_bytes()
+        for rel in b.manifest["files"]
+        if not rel.startswith("arrays/") and rel not in ("catalog.jsonl", "manifest.json")
+    }
+    return write_bundle(
+        store, manifest, b.catalog, arrays, b.train, version=b.version + "-no-hybrid", extra_files=extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +46,16 @@ def wmf_gateway(services, e2e_dir):
     assert not bundle.prefixed("hybrid")
     # an anime added earlier on this data directory: this model has no item tower to embed it
     store = AddedAnimeStore(e2e_dir / "no-hybrid" / "ranker" / "added_anime.sqlite")
-    store.put(100_000_000, {"title": "Added Before", "synopsis": "An anime added under an earlier model."},
-              np.full(bundle.manifest["encoder"]["dim"], 0.05, np.float32), bundle.manifest["encoder"]["fingerprint"])
+    store.put(
+        100_000_000,
+        {"title": "Added Before", "synopsis": "An anime added under an earlier model."},
+        np.full(bundle.manifest["encoder"]["dim"], 0.05, np.float32),
+        bundle.manifest["encoder"]["fingerprint"],
+    )
     store.close()
-    procs = start_services(e2e_dir / "no-hybrid", path, names=("ranker", "gateway"),
-                           encoder_address=services.procs["encoder"].spec.address)
+    procs = start_services(
+        e2e_dir / "no-hybrid", path, names=("ranker", "gateway"), encoder_address=services.procs["encoder"].spec.address
+    )
     channel = grpc.insecure_channel(procs["gateway"].spec.address)
     yield gateway_pb2_grpc.GatewayServiceStub(channel), path.name, procs["gateway"].spec.address
     channel.close()
@@ -56,45 +65,68 @@ def wmf_gateway(services, e2e_dir):
 
 def test_a_bundle_without_the_hybrid_serves_wmf_and_says_so(wmf_gateway, capsys):
     gateway, version, address = wmf_gateway
-    resp = gateway.Recommend(gateway_pb2.RecommendRequest(
-        favourites=[S.AnimeRef(title="Naruto"), S.AnimeRef(title="Bleach")], options=S.RecommendOptions(limit=10)),
-        metadata=AUTH, timeout=30)
+    resp = gateway.Recommend(
+        gateway_pb2.RecommendRequest(
+            favourites=[S.AnimeRef(title="Naruto"), S.AnimeRef(title="Bleach")], options=S.RecommendOptions(limit=10)
+        ),
+        metadata=AUTH,
+        timeout=30,
+    )
     served = resp.served_by
     assert (served.strategy, served.model_version, served.degraded) == (S.STRATEGY_WMF, version, True)
     assert gateway.GetModelInfo(S.GetModelInfoRequest(), metadata=AUTH, timeout=30).model.n_items == 800
     assert "DropoutNet" in served.degraded_reason and served.scorer == "wmf"
     assert len(resp.recommendations) == 10 and not {20, 269} & {r.anime_id for r in resp.recommendations}
     # free text cannot use WMF (no interactions): popularity, degraded with both reasons
-    text = gateway.SearchText(gateway_pb2.SearchTextRequest(query="a ninja village", options=S.RecommendOptions(limit=5)),
-                              metadata=AUTH, timeout=30)
+    text = gateway.SearchText(
+        gateway_pb2.SearchTextRequest(query="a ninja village", options=S.RecommendOptions(limit=5)),
+        metadata=AUTH,
+        timeout=30,
+    )
     assert text.served_by.strategy == S.STRATEGY_POPULARITY and text.served_by.degraded
     members = [r.members for r in text.recommendations]
     assert len(members) == 5 and members == sorted(members, reverse=True)
     # the command-line client shows it
-    assert client.main(["--address", address, "--api-key", API_KEYS[0], "recommend", "Naruto", "Bleach", "--limit", "3"]) == 0
+    assert (
+        client.main(["--address", address, "--api-key", API_KEYS[0], "recommend", "Naruto", "Bleach", "--limit", "3"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "served by: wmf (wmf)" in out and "degraded: this model has no DropoutNet weights" in out
 
 
 def test_with_the_encoder_down_favourites_work_and_free_text_is_unavailable(stack: Stack):
     stack.stop("encoder")
-    resp = stack.gateway.Recommend(gateway_pb2.RecommendRequest(
-        favourites=[S.AnimeRef(title="Cowboy Bebop")], options=S.RecommendOptions(limit=5)), metadata=AUTH, timeout=30)
+    resp = stack.gateway.Recommend(
+        gateway_pb2.RecommendRequest(
+            favourites=[S.AnimeRef(title="Cowboy Bebop")], options=S.RecommendOptions(limit=5)
+        ),
+        metadata=AUTH,
+        timeout=30,
+    )
     assert len(resp.recommendations) == 5 and not resp.served_by.degraded
-    similar = stack.gateway.Similar(gateway_pb2.SimilarRequest(anime=S.AnimeRef(title="Bleach")), metadata=AUTH, timeout=30)
+    similar = stack.gateway.Similar(
+        gateway_pb2.SimilarRequest(anime=S.AnimeRef(title="Bleach")), metadata=AUTH, timeout=30
+    )
     assert len(similar.recommendations) == 10
 
     with pytest.raises(grpc.RpcError) as info:
-        stack.gateway.SearchText(gateway_pb2.SearchTextRequest(query="robots fight aliens in deep space"),
-                                 metadata=AUTH, timeout=30)
+        stack.gateway.SearchText(
+            gateway_pb2.SearchTextRequest(query="robots fight aliens in deep space"), metadata=AUTH, timeout=30
+        )
     err = ErrorDetails.from_rpc_error(info.value)
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ENCODER_UNAVAILABLE")
     assert "free-text search needs the encoder" in err.message and "favourites" in err.message
     assert err.retry_after_s and err.retry_after_s > 0
 
     n_items = stack.gateway.GetModelInfo(S.GetModelInfoRequest(), metadata=AUTH, timeout=30).model.n_items
-    with pytest.raises(grpc.RpcError) as info:   # adding an anime needs the encoder too (in the ranker)
-        stack.gateway.AddAnime(gateway_pb2.AddAnimeRequest(anime=S.AnimeInput(
-            title="Offline Show", synopsis="A show added while the encoder is down.")), metadata=AUTH, timeout=30)
+    with pytest.raises(grpc.RpcError) as info:  # adding an anime needs the encoder too (in the ranker)
+        stack.gateway.AddAnime(
+            gateway_pb2.AddAnimeRequest(
+                anime=S.AnimeInput(title="Offline Show", synopsis="A show added while the encoder is down.")
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
     assert ErrorDetails.from_rpc_error(info.value).reason == "ENCODER_UNAVAILABLE"
     assert stack.gateway.GetModelInfo(S.GetModelInfoRequest(), metadata=AUTH, timeout=30).model.n_items == n_items

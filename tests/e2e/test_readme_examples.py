@@ -43,7 +43,7 @@ STARTUP_TIMEOUT_S = 600
 @dataclass(frozen=True)
 class Example:
     section: str
-    prelude: tuple[str, ...]   # the export lines before it, in README order
+    prelude: tuple[str, ...]  # the export lines before it, in README order
     command: str
 
 
@@ -52,7 +52,7 @@ def sections(text: str) -> dict[str, str]:
     heads = [(m.start(), len(m.group(1)), m.group(2).strip()) for m in re.finditer(r"^(#{2,3}) (.+)$", text, re.M)]
     out = {}
     for i, (start, level, title) in enumerate(heads):
-        end = next((s for s, lv, _ in heads[i + 1:] if lv <= level), len(text))
+        end = next((s for s, lv, _ in heads[i + 1 :] if lv <= level), len(text))
         out[title] = text[start:end]
     return out
 
@@ -77,7 +77,7 @@ def examples(readme: str) -> list[Example]:
             if line.startswith("export "):
                 prelude.append(line)
             elif line.startswith("make "):
-                continue   # how the stack under test was started
+                continue  # how the stack under test was started
             elif line.startswith(CLIENT + " "):
                 out.append(Example(title, tuple(prelude), line))
             else:
@@ -100,10 +100,16 @@ class Runner:
 
     def run(self, prelude, command: str) -> subprocess.CompletedProcess:
         script = "set -euo pipefail\n" + "\n".join(self.localise(c) for c in (*prelude, command))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_")}   # only what the README sets
-        default_address = {"A2V_GATEWAY_ADDRESS": self.localise("127.0.0.1:50050")}   # the client's default
-        return subprocess.run(["bash", "-c", script], cwd=self.checkout, env=env | OFFLINE_ENV | default_address,
-                              capture_output=True, text=True, timeout=120)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_")}  # only what the README sets
+        default_address = {"A2V_GATEWAY_ADDRESS": self.localise("127.0.0.1:50050")}  # the client's default
+        return subprocess.run(
+            ["bash", "-c", script],
+            cwd=self.checkout,
+            env=env | OFFLINE_ENV | default_address,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +123,28 @@ def runner(tmp_path_factory, bundle):
     (store / bundle.name).symlink_to(bundle)
     grpc_base, metrics_base = free_port_runs()
     env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_GATEWAY_API_KEYS")} | OFFLINE_ENV
-    proc = subprocess.Popen([sys.executable, "-m", "anime2vec.runlocal", "--sample", "--store", str(store),
-                             "--state-dir", str(checkout / "var" / "run"), "--base-port", str(grpc_base),
-                             "--metrics-base-port", str(metrics_base)],
-                            cwd=REPO_ROOT, env=env, text=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "anime2vec.runlocal",
+            "--sample",
+            "--store",
+            str(store),
+            "--state-dir",
+            str(checkout / "var" / "run"),
+            "--base-port",
+            str(grpc_base),
+            "--metrics-base-port",
+            str(metrics_base),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     output = Output(proc.stdout)
     try:
         ready = output.wait_for(lambda lines: any("anime2vec is running" in x for x in lines), STARTUP_TIMEOUT_S, proc)
@@ -135,13 +158,21 @@ def runner(tmp_path_factory, bundle):
 def _expect(example: str, result: subprocess.CompletedProcess) -> None:
     """rc 0, nothing on stderr, and what the command is for on stdout."""
     assert result.returncode == 0 and result.stderr == "", (
-        f"{example}\nexit status {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        f"{example}\nexit status {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
     out, words = result.stdout, shlex.split(example.split(CLIENT, 1)[1].split("#")[0])
     command = words[words.index("call")] if "call" in words else next(w for w in words if not w.startswith("-"))
-    expected = {"recommend": "served by: ", "similar": "similar to: ", "search-text": "served by: ",
-                "for-user": "served by: ", "import-mal": "read 7 entries", "add-anime": "added anime #",
-                "resolve": "Fullmetal Alchemist", "feedback": "applied 3, duplicates 0",
-                "info": "model version"}
+    expected = {
+        "recommend": "served by: ",
+        "similar": "similar to: ",
+        "search-text": "served by: ",
+        "for-user": "served by: ",
+        "import-mal": "read 7 entries",
+        "add-anime": "added anime #",
+        "resolve": "Fullmetal Alchemist",
+        "feedback": "applied 3, duplicates 0",
+        "info": "model version",
+    }
     if command in expected:
         assert expected[command] in out, f"{example}\n{out}"
     elif command == "users":
@@ -159,7 +190,7 @@ def _expect(example: str, result: subprocess.CompletedProcess) -> None:
 def test_the_readme_examples_are_found_and_explain_the_key_first():
     readme = (REPO_ROOT / "README.md").read_text()
     found = examples(readme)
-    assert len({e.command.split()[3] for e in found}) >= 10   # every client command is exemplified
+    assert len({e.command.split()[3] for e in found}) >= 10  # every client command is exemplified
     quick = [e for e in found if e.section == "Quick start"]
     assert quick and all("export A2V_API_KEY=$(cat var/run/api-key)" in e.prelude for e in quick)
     body = "\n".join(sections(readme)[t] for t in SECTIONS)
@@ -174,7 +205,8 @@ def test_a_filter_the_catalogue_cannot_answer_says_why(runner):
     assert result.stderr.splitlines()[1:] == [
         "  options.filters.types[0]: no anime of type 'Music' in this catalogue (its types: Movie, ONA, OVA, Special, TV)",
         "  options.filters.year_min: no anime in this catalogue has a known year, so a year filter matches nothing: "
-        "leave it out"]
+        "leave it out",
+    ]
 
 
 def test_every_readme_command_works_when_pasted_after_make_run(runner):
@@ -202,7 +234,8 @@ def test_ctrl_c_stops_the_runner_and_every_service(runner):
     """Last (module order): the stack is not needed after this."""
     seen = {p.pid: p for p in descendants(runner.proc.pid)}
     assert {"services.gateway.server", "services.ranker.server", "services.encoder.server"} <= {
-        m for p in seen.values() for m in p.cmdline.split() if m.startswith("services.")}
+        m for p in seen.values() for m in p.cmdline.split() if m.startswith("services.")
+    }
     runner.proc.send_signal(signal.SIGINT)
     rc = runner.proc.wait(timeout=120)
     leftovers = still_running(set(seen), {p.session for p in seen.values()} - {os.getsid(0)})

@@ -50,10 +50,11 @@ def check_page(resp, scores: np.ndarray, item_ids: np.ndarray, excluded: set[int
 
 def test_a_known_user_is_served_the_offline_scores(stack: Stack, offline):
     b, hy = offline
-    u = int(np.argmax(b.train.getnnz(axis=1)))                 # the training user with the longest list
+    u = int(np.argmax(b.train.getnnz(axis=1)))  # the training user with the longest list
     uid = int(b.arrays["user_ids"][u])
-    resp = stack.gateway.RecommendForUser(S.RecommendForUserRequest(
-        user_id=uid, options=S.RecommendOptions(limit=LIMIT)), metadata=AUTH, timeout=30)
+    resp = stack.gateway.RecommendForUser(
+        S.RecommendForUserRequest(user_id=uid, options=S.RecommendOptions(limit=LIMIT)), metadata=AUTH, timeout=30
+    )
     scores = hy.score(Queries.of_users([u]), np.arange(b.train.shape[1]))[0]
     history = {int(b.arrays["item_ids"][i]) for i in b.train[u].indices}
     check_page(resp, scores, np.asarray(b.arrays["item_ids"]), history)
@@ -66,28 +67,40 @@ def test_favourites_and_similar_are_served_the_offline_scores(stack: Stack, offl
     popular = np.argsort(-b.train.getnnz(axis=0), kind="stable")[:n_liked]
     liked = [int(ids[i]) for i in popular]
     if n_liked == 1:
-        resp = stack.gateway.Similar(gateway_pb2.SimilarRequest(
-            anime=S.AnimeRef(anime_id=liked[0]), options=S.RecommendOptions(limit=LIMIT)), metadata=AUTH, timeout=30)
+        resp = stack.gateway.Similar(
+            gateway_pb2.SimilarRequest(anime=S.AnimeRef(anime_id=liked[0]), options=S.RecommendOptions(limit=LIMIT)),
+            metadata=AUTH,
+            timeout=30,
+        )
     else:
-        resp = stack.gateway.Recommend(gateway_pb2.RecommendRequest(
-            favourites=[S.AnimeRef(anime_id=a) for a in liked], options=S.RecommendOptions(limit=LIMIT)),
-            metadata=AUTH, timeout=30)
+        resp = stack.gateway.Recommend(
+            gateway_pb2.RecommendRequest(
+                favourites=[S.AnimeRef(anime_id=a) for a in liked], options=S.RecommendOptions(limit=LIMIT)
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
     scores = hy.score(Queries.of_liked([popular], [np.ones(n_liked, np.float32)]), np.arange(len(ids)))[0]
     check_page(resp, scores, ids, set(liked))
 
 
 ADDED = S.AnimeInput(
-    title="Ninja Village Chronicle", synopsis=(
+    title="Ninja Village Chronicle",
+    synopsis=(
         "A young ninja who dreams of becoming the strongest shinobi of his hidden village trains with his "
-        "team, fights rogue ninja and learns forbidden jutsu to protect his friends."),
-    genres=["Action", "Adventure"], type="TV", episodes=52)
+        "team, fights rogue ninja and learns forbidden jutsu to protect his friends."
+    ),
+    genres=["Action", "Adventure"],
+    type="TV",
+    episodes=52,
+)
 
 
 def test_an_added_anime_is_served_the_offline_score(stack: Stack, offline):
     b, hy = offline
     m = b.manifest
-    for attempt in range(4):   # UNAVAILABLE (the encoder slow or restarting on a busy machine) wrote nothing:
-        try:                   # retry it as the status asks
+    for attempt in range(4):  # UNAVAILABLE (the encoder slow or restarting on a busy machine) wrote nothing:
+        try:  # retry it as the status asks
             added = stack.gateway.AddAnime(gateway_pb2.AddAnimeRequest(anime=ADDED), metadata=AUTH, timeout=60)
             break
         except grpc.RpcError as e:
@@ -96,25 +109,50 @@ def test_an_added_anime_is_served_the_offline_score(stack: Stack, offline):
             time.sleep(2)
     # its content row as the pipeline builds one: the recipe's text, TF-IDF with the bundle's
     # vocabulary, the encoder's vector whitened with the bundle's whitener, the metadata block
-    row = {"title": ADDED.title, "title_english": "", "synonyms": (), "synopsis": ADDED.synopsis,
-           "genres": tuple(ADDED.genres), "type": ADDED.type, "year": None, "episodes": ADDED.episodes,
-           "members": 0, "review": "", "title_japanese": ""}
+    row = {
+        "title": ADDED.title,
+        "title_english": "",
+        "synonyms": (),
+        "synopsis": ADDED.synopsis,
+        "genres": tuple(ADDED.genres),
+        "type": ADDED.type,
+        "year": None,
+        "episodes": ADDED.episodes,
+        "members": 0,
+        "review": "",
+        "title_japanese": "",
+    }
     text = build_texts(pd.DataFrame([row], index=[0]), m["encoder"]["recipe"]).iloc[0]
     with grpc.insecure_channel(stack.procs["encoder"].spec.address) as ch:
-        raw = np.asarray(encoder_pb2_grpc.EncoderServiceStub(ch).Encode(
-            encoder_pb2.EncodeRequest(texts=[text]), timeout=60).vectors[0].values, np.float32)
+        raw = np.asarray(
+            encoder_pb2_grpc.EncoderServiceStub(ch)
+            .Encode(encoder_pb2.EncodeRequest(texts=[text]), timeout=60)
+            .vectors[0]
+            .values,
+            np.float32,
+        )
     tfidf = TfidfFeatures.load(b.path / "tfidf.npz")
     meta = ItemMetadata.from_dict(m["metadata"])
-    c = content_block([tfidf.dense(tfidf.transform([text])), Whitener.from_dict(b.prefixed("whitener")).transform(raw[None]),
-                       meta.row(ADDED.type, None, ADDED.episodes, list(ADDED.genres))])
+    c = content_block(
+        [
+            tfidf.dense(tfidf.transform([text])),
+            Whitener.from_dict(b.prefixed("whitener")).transform(raw[None]),
+            meta.row(ADDED.type, None, ADDED.episodes, list(ADDED.genres)),
+        ]
+    )
     item = hy.serving_item_vectors(content=c)[0]
 
-    naruto = int(np.flatnonzero(np.asarray(b.arrays["item_ids"]) == 20)[0])   # the sample's Naruto
+    naruto = int(np.flatnonzero(np.asarray(b.arrays["item_ids"]) == 20)[0])  # the sample's Naruto
     query = hy.query_vectors(Queries.of_liked([np.array([naruto])], [np.ones(1, np.float32)]))[0]
     # among anime without interactions (a whole-catalogue list shows a cold anime only when it is as
     # likely to be watched as the known anime it would displace)
-    resp = stack.gateway.Similar(gateway_pb2.SimilarRequest(anime=S.AnimeRef(anime_id=20), options=S.RecommendOptions(
-        limit=20, filters=S.Filters(cold_start_only=True))), metadata=AUTH, timeout=30)
+    resp = stack.gateway.Similar(
+        gateway_pb2.SimilarRequest(
+            anime=S.AnimeRef(anime_id=20), options=S.RecommendOptions(limit=20, filters=S.Filters(cold_start_only=True))
+        ),
+        metadata=AUTH,
+        timeout=30,
+    )
     served = {r.anime_id: r for r in resp.recommendations}
     assert added.anime_id in served, "a near-copy of Naruto's story is among the 20 new anime most like Naruto"
     assert served[added.anime_id].score == pytest.approx(float(query @ item), rel=1e-3, abs=1e-3)

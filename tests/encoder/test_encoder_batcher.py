@@ -64,8 +64,10 @@ def test_concurrent_requests_become_fewer_calls_with_results_in_order(make):
     assert enc.first_started.wait(10)
     # 12 callers on 12 threads while the model is busy with the first call
     futures: dict[int, Future] = {}
-    threads = [threading.Thread(target=lambda i=i: futures.__setitem__(i, b.submit(texts_for(i, i % 3 + 1))))
-               for i in range(1, 13)]
+    threads = [
+        threading.Thread(target=lambda i=i: futures.__setitem__(i, b.submit(texts_for(i, i % 3 + 1))))
+        for i in range(1, 13)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -88,7 +90,7 @@ def test_batches_never_exceed_the_limit_and_requests_are_not_split(make):
     b = make(enc, max_batch_texts=5)
     b.submit(texts_for(0, 1))
     assert enc.first_started.wait(10)
-    sizes = [3, 2, 4, 1, 7, 2]   # 7 > the limit: it goes alone
+    sizes = [3, 2, 4, 1, 7, 2]  # 7 > the limit: it goes alone
     futs = [b.submit(texts_for(i, n)) for i, n in enumerate(sizes, start=1)]
     enc.release_first.set()
     for i, (n, fut) in enumerate(zip(sizes, futs), start=1):
@@ -110,11 +112,11 @@ def test_full_queue_is_refused_at_once(make):
     enc = FakeEncoder(hold_first=True)
     b = make(enc, max_queue_texts=10)
     b.submit(texts_for(0, 1))
-    assert enc.first_started.wait(10)   # taken by the worker: the queue is empty again
+    assert enc.first_started.wait(10)  # taken by the worker: the queue is empty again
     kept = b.submit(texts_for(1, 8))
     with pytest.raises(QueueFull):
-        b.submit(texts_for(2, 3))       # 8 + 3 > 10
-    fits = b.submit(texts_for(3, 2))    # 8 + 2 = 10
+        b.submit(texts_for(2, 3))  # 8 + 3 > 10
+    fits = b.submit(texts_for(3, 2))  # 8 + 2 = 10
     enc.release_first.set()
     np.testing.assert_array_equal(kept.result(10), expected(1, 8))
     np.testing.assert_array_equal(fits.result(10), expected(3, 2))
@@ -127,7 +129,7 @@ def test_a_failed_call_fails_its_requests_and_the_worker_survives(make):
     assert enc.first_started.wait(10)
     doomed = [b.submit(texts_for(1, 1)), b.submit(texts_for(2, 1))]
     enc.release_first.set()
-    for fut in doomed:   # same batch as the failing text
+    for fut in doomed:  # same batch as the failing text
         with pytest.raises(RuntimeError, match="model exploded"):
             fut.result(10)
     np.testing.assert_array_equal(b.submit(texts_for(3, 1)).result(10), expected(3, 1))

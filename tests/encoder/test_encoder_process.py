@@ -25,14 +25,26 @@ from anime2vec.v1 import encoder_pb2, encoder_pb2_grpc
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_ENCODER_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", A2V_ENCODER_HOST="127.0.0.1",
-               A2V_ENCODER_GRPC_PORT="0", A2V_ENCODER_METRICS_PORT="0", **extra)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        A2V_ENCODER_HOST="127.0.0.1",
+        A2V_ENCODER_GRPC_PORT="0",
+        A2V_ENCODER_METRICS_PORT="0",
+        **extra,
+    )
     return env
 
 
 def _launch(env: dict) -> tuple[subprocess.Popen, queue.Queue]:
-    proc = subprocess.Popen([sys.executable, "-m", "services.encoder.server"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.encoder.server"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue = queue.Queue()
 
     def pump():
@@ -81,8 +93,10 @@ def test_serves_over_a_socket_and_exits_cleanly_on_sigterm(encoder_process):
 
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "anime2vec.v1.EncoderService"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     assert "anime2vec.v1.EncoderService" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
 
     stub = encoder_pb2_grpc.EncoderServiceStub(channel)

@@ -23,8 +23,17 @@ def tiny() -> TextEncoder:
 
 
 def _settings(**kw) -> EncoderSettings:
-    return EncoderSettings.from_env(**{"host": "127.0.0.1", "grpc_port": 0, "metrics_port": 0, "model": "tiny-random",
-                                       "max_texts_per_request": 8, "max_chars_per_text": 1000, **kw})
+    return EncoderSettings.from_env(
+        **{
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "model": "tiny-random",
+            "max_texts_per_request": 8,
+            "max_chars_per_text": 1000,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture
@@ -60,8 +69,13 @@ def test_encode_returns_the_encoders_vectors_in_order(serve, tiny):
     # no deadline at all is legal too
     assert stub.Encode(encoder_pb2.EncodeRequest(texts=texts[:1])).vectors[0] == resp.vectors[0]
     info = stub.GetInfo(encoder_pb2.GetInfoRequest(), timeout=30)
-    assert (info.model_version, info.dim, info.device, info.max_texts_per_request, info.max_chars_per_text) == \
-        (tiny.fingerprint, 32, "cpu", 8, 1000)
+    assert (info.model_version, info.dim, info.device, info.max_texts_per_request, info.max_chars_per_text) == (
+        tiny.fingerprint,
+        32,
+        "cpu",
+        8,
+        1000,
+    )
 
 
 def test_concurrent_callers_each_get_their_own_vectors(serve, tiny):
@@ -83,17 +97,24 @@ def test_concurrent_callers_each_get_their_own_vectors(serve, tiny):
         np.testing.assert_allclose(results[i], want[i], atol=1e-5)
     get = running.metrics.registry.get_sample_value
     assert get("a2v_encoder_batch_size_sum") == 16
-    assert get("a2v_model_info", {"service": "encoder", "version": tiny.fingerprint, "encoder": tiny.name,
-                                  "dim": "32"}) == 1
+    assert (
+        get("a2v_model_info", {"service": "encoder", "version": tiny.fingerprint, "encoder": tiny.name, "dim": "32"})
+        == 1
+    )
 
 
 def test_bad_input_gets_precise_statuses(serve, tiny):
     _, stub, channel = serve(tiny)
     d = error_of(stub.Encode, encoder_pb2.EncodeRequest())
-    assert (d.code, d.field_violations) == (grpc.StatusCode.INVALID_ARGUMENT, {"texts": "at least one text is required"})
+    assert (d.code, d.field_violations) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        {"texts": "at least one text is required"},
+    )
 
     d = error_of(stub.Encode, encoder_pb2.EncodeRequest(texts=["x"] * 9))
-    assert d.code == grpc.StatusCode.INVALID_ARGUMENT and d.field_violations == {"texts": "9 texts; at most 8 per request"}
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT and d.field_violations == {
+        "texts": "9 texts; at most 8 per request"
+    }
 
     d = error_of(stub.Encode, encoder_pb2.EncodeRequest(texts=["ok", " \n", "fine", "y" * 1001]))
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -165,7 +186,7 @@ def test_a_caller_whose_deadline_passes_is_dropped_from_the_queue(serve):
     enc.release.set()
     assert len(first.result().vectors) == 1
     assert len(stub.Encode(encoder_pb2.EncodeRequest(texts=["next"]), timeout=30).vectors) == 1
-    assert enc.calls == [["first"], ["next"]]   # "late" was never encoded
+    assert enc.calls == [["first"], ["next"]]  # "late" was never encoded
 
 
 def test_settings_refuse_a_request_limit_the_queue_cannot_hold():

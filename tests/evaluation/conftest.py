@@ -29,11 +29,17 @@ def _m(entries: dict[int, dict[int, float]]) -> sp.csr_matrix:
 
 def tiny_dataset() -> Dataset:
     return Dataset(
-        item_ids=np.arange(100, 100 + N_ITEMS), user_ids=np.arange(1000, 1000 + N_USERS),
-        train_items=np.arange(8), val_items=np.array([8, 9]), test_items=np.array([10, 11]),
-        train_users=np.arange(6), val_users=np.array([6, 7]), test_users=np.array([8, 9]),
-        train=_m({0: {0: 5, 1: 3, 2: 1}, 1: {0: 2, 3: 1}, 2: {1: 1, 4: 2}, 3: {0: 1, 5: 1},
-                  4: {0: 1, 1: 1}, 5: {6: 1}}),
+        item_ids=np.arange(100, 100 + N_ITEMS),
+        user_ids=np.arange(1000, 1000 + N_USERS),
+        train_items=np.arange(8),
+        val_items=np.array([8, 9]),
+        test_items=np.array([10, 11]),
+        train_users=np.arange(6),
+        val_users=np.array([6, 7]),
+        test_users=np.array([8, 9]),
+        train=_m(
+            {0: {0: 5, 1: 3, 2: 1}, 1: {0: 2, 3: 1}, 2: {1: 1, 4: 2}, 3: {0: 1, 5: 1}, 4: {0: 1, 1: 1}, 5: {6: 1}}
+        ),
         warm_val=_m({0: {3: 1}, 2: {0: 1}}),
         warm_test=_m({0: {4: 1}, 1: {1: 1}, 3: {2: 1}}),
         cold_val=_m({1: {8: 1}, 4: {9: 1}}),
@@ -47,17 +53,29 @@ def tiny_dataset() -> Dataset:
 # user 0 trained on "Naruto" -> its test item "Naruto: Shippuuden" is same-franchise; user 5
 # trained on "Kimi no Na wa." -> "Kimi no Na wa. Special" is same-franchise; "Kimi no Todoke"
 # (user 0) is NOT the franchise of "Kimi no Na wa." (stopword "no" dropped from the key).
-TITLES = np.array([
-    "Naruto", "Shingeki no Kyojin", "Kimi no Todoke", "Cowboy Bebop", "Toradora!", "Clannad",
-    "Kimi no Na wa.", "Mushishi", "Shingeki no Kyojin Season 2", "Haikyuu!!",
-    "Naruto: Shippuuden", "Kimi no Na wa. Special",
-])
+TITLES = np.array(
+    [
+        "Naruto",
+        "Shingeki no Kyojin",
+        "Kimi no Todoke",
+        "Cowboy Bebop",
+        "Toradora!",
+        "Clannad",
+        "Kimi no Na wa.",
+        "Mushishi",
+        "Shingeki no Kyojin Season 2",
+        "Haikyuu!!",
+        "Naruto: Shippuuden",
+        "Kimi no Na wa. Special",
+    ]
+)
 
 # 2-d content space for intra-list diversity; pairs used below:
 # (0,1) same direction -> distance 0; (2,3) opposite -> 2; (5,6) 45 degrees -> 1 - 1/sqrt(2);
 # (10,11) orthogonal -> 1
-SPACE = np.array([[1, 0], [2, 0], [0, 3], [0, -1], [1, 1], [1, 0], [1, 1], [0, 1],
-                  [1, 0], [1, 0], [1, 0], [0, 1]], dtype=np.float32)
+SPACE = np.array(
+    [[1, 0], [2, 0], [0, 3], [0, -1], [1, 1], [1, 0], [1, 1], [0, 1], [1, 0], [1, 0], [1, 0], [0, 1]], dtype=np.float32
+)
 
 
 @pytest.fixture

@@ -30,8 +30,16 @@ class EveryItem(Popularity):
 
 @pytest.fixture
 def results(tiny, titles, space):
-    exp = Experiment(tiny, [EveryItem(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
-                     diversity_space=space, titles=titles, batch_size=2)  # batch 2: chunks are averaged
+    exp = Experiment(
+        tiny,
+        [EveryItem(seed=None)],
+        split="test",
+        ks=(2, 10),
+        fav_ks=(1, 2),
+        diversity_space=space,
+        titles=titles,
+        batch_size=2,
+    )  # batch 2: chunks are averaged
     return exp.run(progress=False)
 
 
@@ -80,25 +88,44 @@ def test_table_is_tidy_and_complete(results):
     assert list(t.columns) == ["model", "scenario", "metric", "value", "ci_low", "ci_high", "n_queries", "split"]
     assert (t["split"] == "test").all()
     n = dict(zip(results.scenarios["name"], results.scenarios["n_queries"]))
-    assert n == {"cold_test_items": 3, "cold_whole": 3, "cold_whole_nofranchise": 2, "new_test_items": 3,
-                 "new_whole": 3, "new_whole_nofranchise": 2, "warm": 3, "fav_k1": 1, "fav_k2": 1}
+    assert n == {
+        "cold_test_items": 3,
+        "cold_whole": 3,
+        "cold_whole_nofranchise": 2,
+        "new_test_items": 3,
+        "new_whole": 3,
+        "new_whole_nofranchise": 2,
+        "warm": 3,
+        "fav_k1": 1,
+        "fav_k2": 1,
+    }
     for name, g in t.groupby("scenario"):
         assert (g["n_queries"] == n[name]).all()
-        assert set(g["metric"]) == {"recall@2", "recall@10", "ndcg@2", "ndcg@10", "mrr", "coverage@2",
-                                    "popularity_pct@2", "diversity@2"}
+        assert set(g["metric"]) == {
+            "recall@2",
+            "recall@10",
+            "ndcg@2",
+            "ndcg@10",
+            "mrr",
+            "coverage@2",
+            "popularity_pct@2",
+            "diversity@2",
+        }
     # bootstrap intervals over users for the per-query metrics, none for list-level ones
     per_query = t["metric"].str.match(r"(recall|ndcg)@|mrr$")
     q = t[per_query]
     assert (q["ci_low"] <= q["value"] + 1e-12).all() and (q["value"] <= q["ci_high"] + 1e-12).all()
     assert t[~per_query][["ci_low", "ci_high"]].isna().all().all()
     warm_recall = t[(t["scenario"] == "cold_whole") & (t["metric"] == "recall@10")].iloc[0]
-    assert warm_recall["ci_low"] < warm_recall["ci_high"]   # 3 users with recall 1, 1, 0: the mean can move
+    assert warm_recall["ci_low"] < warm_recall["ci_high"]  # 3 users with recall 1, 1, 0: the mean can move
     assert results.curves.groupby(["model", "scenario"]).size().eq(10).all()
     assert results.models["popularity"]["fit_seconds"] is not None
 
 
 def test_max_queries_caps_every_scenario(tiny):
-    r = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2), max_queries=2).run(progress=False)
+    r = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2), max_queries=2).run(
+        progress=False
+    )
     assert r.scenarios["n_queries"].max() == 2
     assert r.table["n_queries"].max() == 2
     assert any("diversity" in note for note in r.notes) and any("nofranchise" in n for n in r.notes)
@@ -117,8 +144,13 @@ def test_experiment_rejects_bad_setups(tiny):
 
 
 def test_write_report(results, tmp_path, tiny):
-    paths = write_report(results, tmp_path / "out", title="Tiny evaluation",
-                         command="anime2vec evaluate --split test", dataset_description=tiny.describe())
+    paths = write_report(
+        results,
+        tmp_path / "out",
+        title="Tiny evaluation",
+        command="anime2vec evaluate --split test",
+        dataset_description=tiny.describe(),
+    )
     md, js, *pngs = paths
     assert [p.name for p in paths] == ["report.md", "report.json", "recall_curves.png", "diversity_accuracy.png"]
     text = md.read_text()
@@ -143,7 +175,9 @@ def test_report_bolds_the_best_value_per_column(tiny, tmp_path):
         def score(self, queries, items):
             return -super().score(queries, items)
 
-    r = Experiment(tiny, [Popularity(seed=None), Reversed()], split="test", ks=(2, 10), fav_ks=(1, 2)).run(progress=False)
+    r = Experiment(tiny, [Popularity(seed=None), Reversed()], split="test", ks=(2, 10), fav_ks=(1, 2)).run(
+        progress=False
+    )
     text = write_report(r, tmp_path, "t", "cmd", {})[0].read_text()
     table = text.split("### warm")[1].split("\n\n")[2].splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
@@ -167,16 +201,30 @@ def test_ties_are_broken_at_random_not_by_item_index():
     # 20 train users, each trained on one of items 0-99 and holding test items 100-104, the
     # lowest-index test items: an index-order tie-break would rank them first (recall@20 = 1, MRR = 1)
     n_users, n_items = 20, 200
-    train = sp.csr_matrix((np.ones(n_users, np.float32), (np.arange(n_users), np.arange(n_users))),
-                          shape=(n_users, n_items))
-    cold = sp.csr_matrix((np.ones(5 * n_users, np.float32), (np.repeat(np.arange(n_users), 5),
-                                                               np.tile(np.arange(100, 105), n_users))),
-                         shape=(n_users, n_items))
+    train = sp.csr_matrix(
+        (np.ones(n_users, np.float32), (np.arange(n_users), np.arange(n_users))), shape=(n_users, n_items)
+    )
+    cold = sp.csr_matrix(
+        (np.ones(5 * n_users, np.float32), (np.repeat(np.arange(n_users), 5), np.tile(np.arange(100, 105), n_users))),
+        shape=(n_users, n_items),
+    )
     empty = sp.csr_matrix((n_users, n_items), dtype=np.float32)
-    ds = Dataset(item_ids=np.arange(n_items), user_ids=np.arange(n_users), train_items=np.arange(100),
-                 val_items=np.zeros(0, np.int64), test_items=np.arange(100, 200), train_users=np.arange(n_users),
-                 val_users=np.zeros(0, np.int64), test_users=np.zeros(0, np.int64), train=train,
-                 warm_val=empty, warm_test=empty, cold_val=empty, cold_test=cold, heldout=empty)
+    ds = Dataset(
+        item_ids=np.arange(n_items),
+        user_ids=np.arange(n_users),
+        train_items=np.arange(100),
+        val_items=np.zeros(0, np.int64),
+        test_items=np.arange(100, 200),
+        train_users=np.arange(n_users),
+        val_users=np.zeros(0, np.int64),
+        test_users=np.zeros(0, np.int64),
+        train=train,
+        warm_val=empty,
+        warm_test=empty,
+        cold_val=empty,
+        cold_test=cold,
+        heldout=empty,
+    )
     run = lambda: Experiment(ds, [Constant()], ks=(20, 100), fav_ks=()).run(progress=False)  # noqa: E731
     r = run()
     assert r.value("constant", "cold_test_items", "recall@20") < 0.6
@@ -190,16 +238,18 @@ def test_unscorable_items_rank_below_every_scored_one(tiny, titles):
     """The real Popularity has no count for anime nobody interacted with (cold items 8-11 and train
     item 7): they are never recommended and rank last, so every cold scenario scores 0 and the
     rest is as if they were not candidates."""
-    r = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
-                   titles=titles).run(progress=False)
+    r = Experiment(tiny, [Popularity(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2), titles=titles).run(
+        progress=False
+    )
     for sc in ("cold_test_items", "cold_whole", "cold_whole_nofranchise", "new_test_items", "new_whole"):
         for metric in ("recall@10", "ndcg@10", "mrr"):
             assert r.value("popularity", sc, metric) == 0.0, (sc, metric)
     # top-2 lists without the unscorable items: cold_test_items has no scorable candidate at all
     assert r.value("popularity", "cold_test_items", "coverage@2") == 0.0
     # warm and fav_k2 have no unscorable target: the same numbers as when those anime ranked last
-    everything = Experiment(tiny, [EveryItem(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2),
-                            titles=titles).run(progress=False)
+    everything = Experiment(tiny, [EveryItem(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2), titles=titles).run(
+        progress=False
+    )
     for sc in ("warm", "fav_k2"):
         for metric in ("recall@2", "recall@10", "mrr"):
             assert r.value("popularity", sc, metric) == pytest.approx(everything.value("popularity", sc, metric))
@@ -226,8 +276,9 @@ class ForgetsOnDayOne(EveryItem):
 
 def test_new_scenarios_score_every_never_seen_anime_as_brand_new(tiny, titles):
     ForgetsOnDayOne.asked = []
-    r = Experiment(tiny, [EveryItem(seed=None), ForgetsOnDayOne(seed=None)], split="test", ks=(2, 10),
-                   fav_ks=(1, 2), titles=titles).run(progress=False)
+    r = Experiment(
+        tiny, [EveryItem(seed=None), ForgetsOnDayOne(seed=None)], split="test", ks=(2, 10), fav_ks=(1, 2), titles=titles
+    ).run(progress=False)
     # the day-one view was asked for every anime without training interactions (val and test items),
     # once per new_* scenario
     assert ForgetsOnDayOne.asked == [[8, 9, 10, 11]] * 3

@@ -104,12 +104,14 @@ def test_diversity_matches_a_brute_force_pairwise_mean():
 
 def test_mrr_from_scores_by_hand():
     ninf = -np.inf
-    scores = np.array([
-        [0.9, 0.5, 0.7, 0.1],   # relevant {1, 3}: 0.9, 0.7 ahead of 0.5 -> rank 3
-        [0.2, 0.2, 0.2, 0.2],   # all tied, relevant {2}: columns 0, 1 ahead -> rank 3
-        [ninf, 0.3, 0.1, 0.3],  # relevant {0} excluded -> 0
-        [ninf, 0.3, 0.4, 0.3],  # relevant {1, 3} tied: the first column wins; 0.4 ahead -> rank 2
-    ])
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.7, 0.1],  # relevant {1, 3}: 0.9, 0.7 ahead of 0.5 -> rank 3
+            [0.2, 0.2, 0.2, 0.2],  # all tied, relevant {2}: columns 0, 1 ahead -> rank 3
+            [ninf, 0.3, 0.1, 0.3],  # relevant {0} excluded -> 0
+            [ninf, 0.3, 0.4, 0.3],  # relevant {1, 3} tied: the first column wins; 0.4 ahead -> rank 2
+        ]
+    )
     rel = np.array([[0, 1, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 1]], dtype=bool)
     assert M.mrr_from_scores(scores, rel) == pytest.approx((1 / 3 + 1 / 3 + 0 + 1 / 2) / 4)
     with pytest.raises(ValueError, match="no relevant"):

@@ -18,8 +18,17 @@ def rows(m):
 
 def test_scenario_names_and_families(tiny, titles):
     scs = scenarios(tiny, "test", fav_ks=(1, 2), titles=titles)
-    assert [s.name for s in scs] == ["cold_test_items", "cold_whole", "cold_whole_nofranchise", "new_test_items",
-                                     "new_whole", "new_whole_nofranchise", "warm", "fav_k1", "fav_k2"]
+    assert [s.name for s in scs] == [
+        "cold_test_items",
+        "cold_whole",
+        "cold_whole_nofranchise",
+        "new_test_items",
+        "new_whole",
+        "new_whole_nofranchise",
+        "warm",
+        "fav_k1",
+        "fav_k2",
+    ]
     assert [s.family for s in scs] == ["cold"] * 6 + ["warm", "favourites", "favourites"]
     assert all(s.split == "test" for s in scs)
     # without titles the franchise scenario is left out
@@ -146,8 +155,9 @@ def test_max_queries_subsamples_deterministically_and_shares_cold_users(tiny):
     # the truth rows follow the subsampled users
     full = tiny.cold_test.toarray()
     np.testing.assert_array_equal(a["cold_whole"].truth.toarray() > 0, full[a["cold_whole"].users] > 0)
-    drawn = {tuple(by_name(scenarios(tiny, "test", fav_ks=(1, 2), max_queries=2, seed=s))["warm"].users)
-             for s in range(10)}
+    drawn = {
+        tuple(by_name(scenarios(tiny, "test", fav_ks=(1, 2), max_queries=2, seed=s))["warm"].users) for s in range(10)
+    }
     assert len(drawn) > 1
 
 

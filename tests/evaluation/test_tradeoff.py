@@ -16,7 +16,7 @@ from anime2vec.models.mmr import cosine_matrix, mmr_order, relevance
 # Four candidates, best score first. 0 and 1 are near-duplicates (cosine 0.99), 3 is close to
 # them (0.98), 2 is orthogonal to all of them.
 VECS = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.98, 0.2]], np.float32)
-SCORES = np.array([4.0, 3.9, 3.0, 2.0])   # relevance after min-max: 1, 0.95, 0.5, 0
+SCORES = np.array([4.0, 3.9, 3.0, 2.0])  # relevance after min-max: 1, 0.95, 0.5, 0
 
 
 def test_lambda_zero_is_the_score_order():
@@ -67,18 +67,28 @@ def test_the_curve_reproduces_the_evaluation_at_zero_and_buys_diversity(tmp_path
     ds, content = synthetic()
     model = ContentKNN(content, name="content-knn").fit(ds.train)
     warm = next(s for s in scenarios(ds, "test") if s.name == "warm")
-    df = run_tradeoff(model, [warm], content, out_dir=tmp_path, lambdas=(0.0, 0.3, 0.9), pool=60,
-                      k_recall=20, k_list=5, popularity=ds.popularity)
+    df = run_tradeoff(
+        model,
+        [warm],
+        content,
+        out_dir=tmp_path,
+        lambdas=(0.0, 0.3, 0.9),
+        pool=60,
+        k_recall=20,
+        k_list=5,
+        popularity=ds.popularity,
+    )
     assert df["lambda"].tolist() == [0.0, 0.3, 0.9] and set(df["scenario"]) == {"warm"}
 
-    exp = Experiment(ds, [ContentKNN(content, name="content-knn").fit(ds.train)], split="test", ks=(5, 20),
-                     diversity_space=content).run(progress=False)
+    exp = Experiment(
+        ds, [ContentKNN(content, name="content-knn").fit(ds.train)], split="test", ks=(5, 20), diversity_space=content
+    ).run(progress=False)
     zero = df.iloc[0]
     for metric in ("recall@20", "recall@5", "diversity@5", "coverage@5", "popularity_pct@5"):
         assert zero[metric] == pytest.approx(exp.value("content-knn", "warm", metric), abs=1e-9), metric
 
     ild = df["diversity@5"].to_numpy()
-    assert ild[-1] > ild[0] + 0.05     # the diverse end really is more diverse
+    assert ild[-1] > ild[0] + 0.05  # the diverse end really is more diverse
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     md = (tmp_path / "tradeoff.md").read_text()
     assert "| lambda | recall@20 | recall@5 | diversity@5 | coverage@5 | popularity_pct@5 |" in md

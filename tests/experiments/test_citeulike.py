@@ -70,7 +70,7 @@ def test_loader_reads_the_formats_and_the_split_exactly(fixture_dir):
         assert set(d.train[u].indices) == {i for i in items if i not in COLD}
         assert set(d.test[u].indices) == {i for i in items if i in COLD}
     assert d.train.nnz == 18 and d.test.nnz == 7
-    assert d.train[:, COLD].nnz == 0                      # cold items never in training
+    assert d.train[:, COLD].nnz == 0  # cold items never in training
     np.testing.assert_array_equal(d.test_users, [0, 1, 2, 3, 4, 5])
     for i, tags in enumerate(ITEM_TAGS):
         assert set(d.item_tags[i].indices) == set(tags)
@@ -80,13 +80,13 @@ def test_loader_reads_the_formats_and_the_split_exactly(fixture_dir):
 
 
 def test_loader_refuses_a_cold_item_in_training(tmp_path):
-    make_fixture(tmp_path, train_extra="2,8,1\n")          # user 2 / item 8 (1-based) is a cold item
+    make_fixture(tmp_path, train_extra="2,8,1\n")  # user 2 / item 8 (1-based) is a cold item
     with pytest.raises(DataError, match="cold test item 8 has a training pair"):
         load_citeulike(tmp_path)
 
 
 def test_loader_refuses_a_split_that_does_not_rebuild_users_dat(tmp_path):
-    make_fixture(tmp_path, users=[*USERS[:5], [0, 2, 5, 9]])   # users.dat lost one pair
+    make_fixture(tmp_path, users=[*USERS[:5], [0, 2, 5, 9]])  # users.dat lost one pair
     with pytest.raises(DataError, match="do not rebuild users.dat"):
         load_citeulike(tmp_path)
 
@@ -105,7 +105,7 @@ def test_validation_holds_out_training_items_with_all_their_pairs(fixture_dir):
     assert not set(v.candidates) & set(COLD)
     assert v.train[:, v.candidates].nnz == 0
     assert v.truth.nnz == d.train[:, v.candidates].nnz
-    assert (v.train + v.truth != d.train).nnz == 0          # nothing lost, nothing added
+    assert (v.train + v.truth != d.train).nnz == 0  # nothing lost, nothing added
     assert all(v.truth[u].nnz and v.train[u].nnz for u in v.users)
 
 
@@ -124,15 +124,18 @@ def test_cold_recall_at_100_is_hits_over_relevant_averaged_over_users():
     # 200 candidates (items 10..209, ranked by index); item 10 + r - 1 is at rank r
     n_users, n_items = 4, 210
     at = lambda r: 9 + r  # noqa: E731
-    truth = {0: [at(5), at(150)],          # 1 of 2 in the top 100 → 0.5
-             1: [at(1), at(2), at(3)],     # 3 of 3 → 1.0
-             2: [at(101)],                 # just outside → 0.0
-             3: [at(100), at(200)]}        # the 100th counts → 0.5
+    truth = {
+        0: [at(5), at(150)],  # 1 of 2 in the top 100 → 0.5
+        1: [at(1), at(2), at(3)],  # 3 of 3 → 1.0
+        2: [at(101)],  # just outside → 0.0
+        3: [at(100), at(200)],
+    }  # the 100th counts → 0.5
     rows = [u for u, items in truth.items() for _ in items]
     cols = [i for items in truth.values() for i in items]
     t = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
-    split = ColdSplit("hand", sp.csr_matrix((n_users, n_items), dtype=np.float32), t,
-                      np.arange(10, 210), np.arange(n_users))
+    split = ColdSplit(
+        "hand", sp.csr_matrix((n_users, n_items), dtype=np.float32), t, np.arange(10, 210), np.arange(n_users)
+    )
     curve = cold_recall_curve(RankedByIndex().fit(split.train), split, max_k=300)
     # per user then mean: (0.5 + 1 + 0 + 0.5) / 4; pooling the pairs would give 5/8
     assert curve[99] == pytest.approx(0.5)
@@ -147,7 +150,7 @@ def test_expected_random_recall_is_k_over_the_candidates():
 def test_tag_features_give_untagged_items_zero_rows(fixture_dir):
     d = load_citeulike(fixture_dir)
     tfidf, dense = tag_features(d.item_tags, svd_dim=300, seed=0)
-    assert tfidf.shape == (10, 5) and dense.shape == (10, 4)   # SVD rank capped by the tiny matrix
+    assert tfidf.shape == (10, 5) and dense.shape == (10, 4)  # SVD rank capped by the tiny matrix
     assert tfidf[8].nnz == 0
     np.testing.assert_allclose(dense[8], 0.0, atol=1e-6)
     norms = np.sqrt(np.asarray(tfidf.multiply(tfidf).sum(axis=1)).ravel())

@@ -62,9 +62,12 @@ from tests.faults.ranker_harness import Ranker, encoder_process, train_tiny_bund
 S = common_pb2
 C = grpc.StatusCode
 CALL_TIMEOUT_S = 15
-EXPECTED = {C.UNAVAILABLE, C.DEADLINE_EXCEEDED}   # what a caller of a killed or starting ranker sees
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 500)]   # reconnect at once after each restart
+EXPECTED = {C.UNAVAILABLE, C.DEADLINE_EXCEEDED}  # what a caller of a killed or starting ranker sees
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]  # reconnect at once after each restart
 KINDS = [S.FEEDBACK_KIND_RATED, S.FEEDBACK_KIND_COMPLETED, S.FEEDBACK_KIND_DROPPED, S.FEEDBACK_KIND_ADDED]
 
 
@@ -75,25 +78,30 @@ class DrillReport:
     kills_during_startup: int = 0
     restarts: int = 0
     failed_restarts: int = 0
-    anime_acknowledged: int = 0          # UpsertAnime calls acknowledged (new or by id)
-    anime_outcome_unknown: int = 0       # id-less adds whose call failed (may or may not have landed)
-    anime_unknown_landed: int = 0        # ... of which the store holds one at the end
+    anime_acknowledged: int = 0  # UpsertAnime calls acknowledged (new or by id)
+    anime_outcome_unknown: int = 0  # id-less adds whose call failed (may or may not have landed)
+    anime_unknown_landed: int = 0  # ... of which the store holds one at the end
     feedback_batches_acknowledged: int = 0
     events_acknowledged: int = 0
     acknowledged_lost: int = 0
     duplicates_applied: int = 0
     unexpected_statuses: dict = field(default_factory=dict)
-    recoveries: list = field(default_factory=list)   # damaged state moved aside at a restart
-    problems: list = field(default_factory=list)     # what each nonzero count above was
+    recoveries: list = field(default_factory=list)  # damaged state moved aside at a restart
+    problems: list = field(default_factory=list)  # what each nonzero count above was
     rankers: int = 1
     backend: str = "sqlite"
-    users_checked: int = 0               # replicated drill: feedback users whose stored vectors were checked
-    stale_users: int = 0                 # ... whose vector on some ranker missed or added events
+    users_checked: int = 0  # replicated drill: feedback users whose stored vectors were checked
+    stale_users: int = 0  # ... whose vector on some ranker missed or added events
 
     @property
     def clean(self) -> bool:
-        return not (self.acknowledged_lost or self.failed_restarts or self.duplicates_applied
-                    or self.unexpected_statuses or self.stale_users)
+        return not (
+            self.acknowledged_lost
+            or self.failed_restarts
+            or self.duplicates_applied
+            or self.unexpected_statuses
+            or self.stale_users
+        )
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -102,10 +110,11 @@ class DrillReport:
 @dataclass
 class Ledger:
     """What the writers know was acknowledged (guarded by `lock`)."""
+
     lock: threading.Lock = field(default_factory=threading.Lock)
-    anime: dict[int, str] = field(default_factory=dict)       # acknowledged id -> title
-    unknown_titles: set[str] = field(default_factory=set)     # id-less adds with a failed call
-    events: dict[str, tuple] = field(default_factory=dict)    # acknowledged event id -> (user, anime, kind, score)
+    anime: dict[int, str] = field(default_factory=dict)  # acknowledged id -> title
+    unknown_titles: set[str] = field(default_factory=set)  # id-less adds with a failed call
+    events: dict[str, tuple] = field(default_factory=dict)  # acknowledged event id -> (user, anime, kind, score)
     batches: int = 0
     statuses: Counter = field(default_factory=Counter)
 
@@ -114,8 +123,16 @@ class Writer(threading.Thread):
     """Writes through `address` (one ranker) or, given several, through address[n % len] first
     and through the next one after each failed call."""
 
-    def __init__(self, n: int, address: str | list[str], ledger: Ledger, catalogue: list[int], own_ids: range,
-                 stop: threading.Event, seed: int):
+    def __init__(
+        self,
+        n: int,
+        address: str | list[str],
+        ledger: Ledger,
+        catalogue: list[int],
+        own_ids: range,
+        stop: threading.Event,
+        seed: int,
+    ):
         super().__init__(name=f"drill-writer-{n}", daemon=True)
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.n, self.ledger, self.catalogue = n, ledger, catalogue
@@ -148,7 +165,7 @@ class Writer(threading.Thread):
             if e.code() not in EXPECTED:
                 with self.ledger.lock:
                     self.ledger.statuses[f"{e.code().name}: {(e.details() or '')[:80]}"] += 1
-            self._at = (self._at + 1) % len(self._stubs)   # the next attempt goes through another replica
+            self._at = (self._at + 1) % len(self._stubs)  # the next attempt goes through another replica
             return None, e.code()
 
     def _until_acknowledged(self, method: str, request):
@@ -171,9 +188,8 @@ class Writer(threading.Thread):
 
     def add_own_id(self) -> None:
         aid = self.rng.choice(self.own_ids)
-        title = f"Drill w{self.n} id {aid}"   # the same text every time: a retry is the same write
-        resp = self._until_acknowledged("UpsertAnime",
-                                        ranker_pb2.UpsertAnimeRequest(anime_id=aid, anime=anime(title)))
+        title = f"Drill w{self.n} id {aid}"  # the same text every time: a retry is the same write
+        resp = self._until_acknowledged("UpsertAnime", ranker_pb2.UpsertAnimeRequest(anime_id=aid, anime=anime(title)))
         with self.ledger.lock:
             self.ledger.anime[resp.anime_id] = title
 
@@ -182,9 +198,15 @@ class Writer(threading.Thread):
         for k in range(self.rng.randint(1, 3)):
             kind = self.rng.choice(KINDS)
             score = self.rng.randint(1, 10) if kind == S.FEEDBACK_KIND_RATED else 0
-            events.append(ranker_pb2.ResolvedFeedbackEvent(
-                event_id=f"drill-w{self.n}-{self.seq}-{k}", user_id=self.rng.randint(1_000_001, 1_000_040),
-                anime_id=self.rng.choice(self.catalogue), kind=kind, score=score))
+            events.append(
+                ranker_pb2.ResolvedFeedbackEvent(
+                    event_id=f"drill-w{self.n}-{self.seq}-{k}",
+                    user_id=self.rng.randint(1_000_001, 1_000_040),
+                    anime_id=self.rng.choice(self.catalogue),
+                    kind=kind,
+                    score=score,
+                )
+            )
         self._until_acknowledged("RecordFeedback", ranker_pb2.FeedbackBatch(events=events))
         with self.ledger.lock:
             self.ledger.batches += 1
@@ -192,13 +214,21 @@ class Writer(threading.Thread):
                 self.ledger.events[e.event_id] = (e.user_id, e.anime_id, KIND_NAMES[e.kind], e.score or None)
 
 
-KIND_NAMES = {S.FEEDBACK_KIND_RATED: "rated", S.FEEDBACK_KIND_COMPLETED: "completed",
-              S.FEEDBACK_KIND_DROPPED: "dropped", S.FEEDBACK_KIND_ADDED: "added"}
+KIND_NAMES = {
+    S.FEEDBACK_KIND_RATED: "rated",
+    S.FEEDBACK_KIND_COMPLETED: "completed",
+    S.FEEDBACK_KIND_DROPPED: "dropped",
+    S.FEEDBACK_KIND_ADDED: "added",
+}
 
 
 def anime(title: str) -> S.AnimeInput:
-    return S.AnimeInput(title=title, type="TV", genres=["Adventure"],
-                        synopsis=f"{title}: couriers cross a stormy archipelago carrying letters nobody expects.")
+    return S.AnimeInput(
+        title=title,
+        type="TV",
+        genres=["Adventure"],
+        synopsis=f"{title}: couriers cross a stormy archipelago carrying letters nobody expects.",
+    )
 
 
 def stored_events(data_dir: Path) -> list[tuple]:
@@ -213,8 +243,10 @@ def stored_events(data_dir: Path) -> list[tuple]:
 def stored_anime(data_dir: Path) -> list[tuple[int, str]]:
     db = sqlite3.connect(f"file:{data_dir / 'added_anime.sqlite'}?mode=ro", uri=True)
     try:
-        return [(aid, json.loads(fields)["title"]) for aid, fields in
-                db.execute("SELECT anime_id, fields FROM added_anime").fetchall()]
+        return [
+            (aid, json.loads(fields)["title"])
+            for aid, fields in db.execute("SELECT anime_id, fields FROM added_anime").fetchall()
+        ]
     finally:
         db.close()
 
@@ -224,16 +256,18 @@ def catalogue_entries(address: str) -> list[tuple[int, str]]:
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
         out, token = [], ""
         while True:
-            page = stub.ListCatalog(ranker_pb2.ListCatalogRequest(page_size=5000, page_token=token),
-                                    timeout=CALL_TIMEOUT_S)
+            page = stub.ListCatalog(
+                ranker_pb2.ListCatalogRequest(page_size=5000, page_token=token), timeout=CALL_TIMEOUT_S
+            )
             out += [(e.anime_id, e.title) for e in page.entries]
             token = page.next_page_token
             if not token:
                 return out
 
 
-def check_acknowledged(report: DrillReport, ranker: Ranker, acked_anime: dict[int, str],
-                       acked_events: dict[str, tuple], when: str) -> None:
+def check_acknowledged(
+    report: DrillReport, ranker: Ranker, acked_anime: dict[int, str], acked_events: dict[str, tuple], when: str
+) -> None:
     """Everything acknowledged before `when` is served (anime) and stored (events)."""
     served = dict(catalogue_entries(ranker.address))
     for aid, title in acked_anime.items():
@@ -257,12 +291,15 @@ def start_until_serving(report: DrillReport, ranker: Ranker) -> None:
             report.failed_restarts += 1
             report.problems.append(f"restart failed: {str(e)[-600:]}")
             ranker.kill9()
-    raise RuntimeError("the ranker failed to start three times in a row; stopping the drill. Last failure: "
-                       + (report.problems[-1] if report.problems else "?"))
+    raise RuntimeError(
+        "the ranker failed to start three times in a row; stopping the drill. Last failure: "
+        + (report.problems[-1] if report.problems else "?")
+    )
 
 
-def run_drill(root: Path, bundle: Path, encoder_address: str, cycles: int, writers: int = 3, seed: int = 0,
-              log=print) -> DrillReport:
+def run_drill(
+    root: Path, bundle: Path, encoder_address: str, cycles: int, writers: int = 3, seed: int = 0, log=print
+) -> DrillReport:
     rng = random.Random(seed)
     report = DrillReport()
     ranker = Ranker(root, bundle, encoder_address)
@@ -271,21 +308,25 @@ def run_drill(root: Path, bundle: Path, encoder_address: str, cycles: int, write
     top = max(bundle_ids)
     ledger = Ledger()
     stop = threading.Event()
-    threads = [Writer(n, ranker.address, ledger, bundle_ids, range(top + 1 + 20 * n, top + 1 + 20 * (n + 1)), stop,
-                      seed * 100 + n) for n in range(writers)]
+    threads = [
+        Writer(
+            n, ranker.address, ledger, bundle_ids, range(top + 1 + 20 * n, top + 1 + 20 * (n + 1)), stop, seed * 100 + n
+        )
+        for n in range(writers)
+    ]
     for t in threads:
         t.start()
     try:
         for cycle in range(1, cycles + 1):
-            time.sleep(rng.uniform(0.2, 3.0))   # writes go on
+            time.sleep(rng.uniform(0.2, 3.0))  # writes go on
             report.kills_while_serving += 1
             during_startup = cycle % 4 == 2
-            if during_startup:   # and kill it again while it starts: recovery, replay, collection build
+            if during_startup:  # and kill it again while it starts: recovery, replay, collection build
                 ranker.kill9()
                 ranker.start(wait=False)
                 time.sleep(rng.uniform(0.2, 6.0))
                 report.kills_during_startup += 1
-            with ledger.lock:   # what was acknowledged before the kill
+            with ledger.lock:  # what was acknowledged before the kill
                 acked_anime, acked_events = dict(ledger.anime), dict(ledger.events)
             ranker.kill9()
             offset = ranker.log_size()
@@ -293,10 +334,12 @@ def run_drill(root: Path, bundle: Path, encoder_address: str, cycles: int, write
             report.recoveries += [x["msg"][:300] for x in ranker.log_records(offset) if x.get("quarantined")]
             check_acknowledged(report, ranker, acked_anime, acked_events, f"cycle {cycle}")
             report.cycles = cycle
-            log(f"cycle {cycle}/{cycles}: {'start-up' if during_startup else 'serving'} kill, restarted; "
-                f"{len(ledger.anime)} anime and {len(ledger.events)} events acknowledged so far")
+            log(
+                f"cycle {cycle}/{cycles}: {'start-up' if during_startup else 'serving'} kill, restarted; "
+                f"{len(ledger.anime)} anime and {len(ledger.events)} events acknowledged so far"
+            )
     finally:
-        stop.set()   # writers finish their retries against the running ranker
+        stop.set()  # writers finish their retries against the running ranker
         for t in threads:
             t.join(120)
     final_checks(report, ranker, ledger, set(bundle_ids))
@@ -320,7 +363,7 @@ def final_checks(report: DrillReport, ranker: Ranker, ledger: Ledger, bundle_ids
 
     events = stored_events(ranker.data_dir)
     event_ids = Counter(e[0] for e in events)
-    phantom = set(event_ids) - set(ledger.events)   # every batch ends acknowledged: nothing else may be stored
+    phantom = set(event_ids) - set(ledger.events)  # every batch ends acknowledged: nothing else may be stored
     report.duplicates_applied += sum(n - 1 for n in event_ids.values() if n > 1) + len(phantom)
     report.problems += [f"event {e} stored but never acknowledged" for e in sorted(phantom)[:10]]
     report.feedback_batches_acknowledged = ledger.batches
@@ -343,6 +386,7 @@ def final_checks(report: DrillReport, ranker: Ranker, ledger: Ledger, bundle_ids
 
 # ---- replicated: rankers sharing one PostgreSQL store of record ---------------------------------
 
+
 def pg_stored_events(dsn: str) -> list[tuple]:
     import psycopg
 
@@ -354,11 +398,13 @@ def pg_stored_anime(dsn: str) -> list[tuple[int, str]]:
     import psycopg
 
     with psycopg.connect(dsn) as conn:
-        return [(int(aid), json.loads(f)["title"]) for aid, f in
-                conn.execute("SELECT anime_id, fields FROM added_anime").fetchall()]
+        return [
+            (int(aid), json.loads(f)["title"])
+            for aid, f in conn.execute("SELECT anime_id, fields FROM added_anime").fetchall()
+        ]
 
 
-FOLLOW_WAIT_S = 60   # how long a replica may take to serve another's write (it polls every 0.5 s here)
+FOLLOW_WAIT_S = 60  # how long a replica may take to serve another's write (it polls every 0.5 s here)
 
 
 def check_served_everywhere(report: DrillReport, rankers: list[Ranker], acked_anime: dict[int, str], when: str) -> None:
@@ -373,8 +419,10 @@ def check_served_everywhere(report: DrillReport, rankers: list[Ranker], acked_an
                 break
             time.sleep(0.5)
         report.acknowledged_lost += len(missing)
-        report.problems += [f"{when}: acknowledged anime {aid} {t!r} not served by {r.root.name} "
-                            f"(served as {served.get(aid)!r})" for aid, t in list(missing.items())[:10]]
+        report.problems += [
+            f"{when}: acknowledged anime {aid} {t!r} not served by {r.root.name} (served as {served.get(aid)!r})"
+            for aid, t in list(missing.items())[:10]
+        ]
 
 
 def check_events_stored(report: DrillReport, dsn: str, acked_events: dict[str, tuple], when: str) -> None:
@@ -385,22 +433,42 @@ def check_events_stored(report: DrillReport, dsn: str, acked_events: dict[str, t
             report.problems.append(f"{when}: acknowledged event {eid} {event} stored as {stored.get(eid)}")
 
 
-def run_replicated_drill(root: Path, bundle: Path, encoder_address: str, dsn: str, cycles: int, writers: int = 3,
-                         seed: int = 0, rankers: int = 2, log=print) -> DrillReport:
+def run_replicated_drill(
+    root: Path,
+    bundle: Path,
+    encoder_address: str,
+    dsn: str,
+    cycles: int,
+    writers: int = 3,
+    seed: int = 0,
+    rankers: int = 2,
+    log=print,
+) -> DrillReport:
     rng = random.Random(seed)
     report = DrillReport(rankers=rankers, backend="postgres")
-    replicas = [Ranker(root / f"ranker{i}", bundle, encoder_address,
-                       env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5"}) for i in range(rankers)]
+    replicas = [
+        Ranker(root / f"ranker{i}", bundle, encoder_address, env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5"})
+        for i in range(rankers)
+    ]
     try:
         return _replicated(report, replicas, rng, dsn, cycles, writers, seed, rankers, log)
-    except BaseException:   # an interrupted drill leaves no ranker behind
+    except BaseException:  # an interrupted drill leaves no ranker behind
         for r in replicas:
             r.kill9()
         raise
 
 
-def _replicated(report: DrillReport, replicas: list[Ranker], rng: random.Random, dsn: str, cycles: int,
-                writers: int, seed: int, rankers: int, log) -> DrillReport:
+def _replicated(
+    report: DrillReport,
+    replicas: list[Ranker],
+    rng: random.Random,
+    dsn: str,
+    cycles: int,
+    writers: int,
+    seed: int,
+    rankers: int,
+    log,
+) -> DrillReport:
     for r in replicas:
         start_until_serving(report, r)
     bundle_ids = [aid for aid, _ in catalogue_entries(replicas[0].address)]
@@ -408,8 +476,10 @@ def _replicated(report: DrillReport, replicas: list[Ranker], rng: random.Random,
     ledger = Ledger()
     stop = threading.Event()
     addresses = [r.address for r in replicas]
-    threads = [Writer(n, addresses, ledger, bundle_ids, range(top + 1 + 20 * n, top + 1 + 20 * (n + 1)), stop,
-                      seed * 100 + n) for n in range(writers)]
+    threads = [
+        Writer(n, addresses, ledger, bundle_ids, range(top + 1 + 20 * n, top + 1 + 20 * (n + 1)), stop, seed * 100 + n)
+        for n in range(writers)
+    ]
     for t in threads:
         t.start()
     try:
@@ -432,8 +502,10 @@ def _replicated(report: DrillReport, replicas: list[Ranker], rng: random.Random,
             check_served_everywhere(report, replicas, acked_anime, f"cycle {cycle}")
             check_events_stored(report, dsn, acked_events, f"cycle {cycle}")
             report.cycles = cycle
-            log(f"cycle {cycle}/{cycles}: {victim.root.name} {'start-up' if during_startup else 'serving'} kill, "
-                f"restarted; {len(ledger.anime)} anime and {len(ledger.events)} events acknowledged so far")
+            log(
+                f"cycle {cycle}/{cycles}: {victim.root.name} {'start-up' if during_startup else 'serving'} kill, "
+                f"restarted; {len(ledger.anime)} anime and {len(ledger.events)} events acknowledged so far"
+            )
     finally:
         stop.set()
         for t in threads:
@@ -491,15 +563,18 @@ def final_replicated_checks(report: DrillReport, replicas: list[Ranker], ledger:
         if points != sizes[r.root.name]:
             report.duplicates_applied += max(0, points - sizes[r.root.name])
             report.acknowledged_lost += max(0, sizes[r.root.name] - points)
-            report.problems.append(f"{r.root.name}: the collection holds {points} points for "
-                                   f"{sizes[r.root.name]} catalogue anime")
+            report.problems.append(
+                f"{r.root.name}: the collection holds {points} points for {sizes[r.root.name]} catalogue anime"
+            )
         stored = {u.user_id: {e[0] for e in u.payload.get("events") or []} for u in users}
         for uid, acked in by_user.items():
             report.users_checked += 1
             if stored.get(uid) != acked:
                 report.stale_users += 1
-                report.problems.append(f"{r.root.name}: user {uid} served from {len(stored.get(uid) or ())} events, "
-                                       f"{len(acked)} acknowledged")
+                report.problems.append(
+                    f"{r.root.name}: user {uid} served from {len(stored.get(uid) or ())} events, "
+                    f"{len(acked)} acknowledged"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,8 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bundle", type=Path, help="a bundle trained with the tiny-random encoder (default: train one)")
     p.add_argument("--json", type=Path, help="also write the report here")
-    p.add_argument("--postgres", action="store_true",
-                   help="rankers share a PostgreSQL store of record (a throwaway server unless --dsn)")
+    p.add_argument(
+        "--postgres",
+        action="store_true",
+        help="rankers share a PostgreSQL store of record (a throwaway server unless --dsn)",
+    )
     p.add_argument("--dsn", help="with --postgres: an empty database to use instead of a throwaway server")
     p.add_argument("--rankers", type=int, default=None, help="rankers (with --postgres; default 2)")
     p.add_argument("--keep-logs", type=Path, help="when the drill fails, copy every service's log here")
@@ -533,12 +611,20 @@ def main(argv: list[str] | None = None) -> int:
 
                     server = PostgresServer().start()
                     dsn = server.create_database("drill")
-                report = run_replicated_drill(root / "drill", bundle, encoder.spec.address, dsn, a.cycles, a.writers,
-                                              a.seed, rankers=a.rankers or 2)
+                report = run_replicated_drill(
+                    root / "drill",
+                    bundle,
+                    encoder.spec.address,
+                    dsn,
+                    a.cycles,
+                    a.writers,
+                    a.seed,
+                    rankers=a.rankers or 2,
+                )
             else:
                 report = run_drill(root / "drill", bundle, encoder.spec.address, a.cycles, a.writers, a.seed)
         except BaseException:
-            if a.keep_logs:   # the temporary directory goes: keep what explains the failure
+            if a.keep_logs:  # the temporary directory goes: keep what explains the failure
                 import shutil
 
                 for log_file in list(root.rglob("*.log")):
@@ -553,12 +639,14 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
     print(report.as_json())
-    print(f"{report.cycles} cycles ({report.kills_while_serving} kills while serving, {report.kills_during_startup} "
-          f"during start-up) of {report.rankers} ranker(s) on {report.backend} in {time.monotonic() - started:.0f} s: "
-          f"{report.anime_acknowledged} anime and {report.events_acknowledged} events in "
-          f"{report.feedback_batches_acknowledged} batches acknowledged; lost {report.acknowledged_lost}, failed "
-          f"restarts {report.failed_restarts}, duplicates {report.duplicates_applied}, unexpected statuses "
-          f"{sum(report.unexpected_statuses.values())}, stale users {report.stale_users}/{report.users_checked}")
+    print(
+        f"{report.cycles} cycles ({report.kills_while_serving} kills while serving, {report.kills_during_startup} "
+        f"during start-up) of {report.rankers} ranker(s) on {report.backend} in {time.monotonic() - started:.0f} s: "
+        f"{report.anime_acknowledged} anime and {report.events_acknowledged} events in "
+        f"{report.feedback_batches_acknowledged} batches acknowledged; lost {report.acknowledged_lost}, failed "
+        f"restarts {report.failed_restarts}, duplicates {report.duplicates_applied}, unexpected statuses "
+        f"{sum(report.unexpected_statuses.values())}, stale users {report.stale_users}/{report.users_checked}"
+    )
     if a.json:
         a.json.write_text(report.as_json())
     return 0 if report.clean else 1

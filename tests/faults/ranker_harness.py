@@ -27,7 +27,7 @@ from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, ServiceSpec, free_po
 from anime2vec.v1 import ranker_pb2_grpc
 
 TRAIN_TIMEOUT_S = 900
-STARTUP_TIMEOUT_S = 300   # hang guards, not timing assertions
+STARTUP_TIMEOUT_S = 300  # hang guards, not timing assertions
 _SESSION: dict[str, object] = {}
 
 
@@ -35,11 +35,32 @@ def train_tiny_bundle(root: Path) -> Path:
     """The sample bundle with the tiny-random encoder, trained through the CLI into root/models."""
     store = root / "models"
     run = subprocess.run(
-        [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--encoder", "tiny-random", "--epochs", "2",
-         "--models", "wmf", "--test-queries", "50", "--quiet", "--store", str(store),
-         "--report-dir", str(root / "report")],
-        cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
-        capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+        [
+            sys.executable,
+            "-m",
+            "anime2vec.cli",
+            "train",
+            "--sample",
+            "--encoder",
+            "tiny-random",
+            "--epochs",
+            "2",
+            "--models",
+            "wmf",
+            "--test-queries",
+            "50",
+            "--quiet",
+            "--store",
+            str(store),
+            "--report-dir",
+            str(root / "report"),
+        ],
+        cwd=REPO_ROOT,
+        env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
     if run.returncode != 0:
         raise RuntimeError(f"training the tiny bundle failed:\n{run.stderr[-4000:]}")
     (bundle,) = list_bundles(store)
@@ -48,8 +69,15 @@ def train_tiny_bundle(root: Path) -> Path:
 
 def encoder_process(root: Path) -> ServiceProcess:
     grpc_port, metrics_port = free_ports(2)
-    spec = ServiceSpec("encoder", "services.encoder.server", "anime2vec.v1.EncoderService", "127.0.0.1",
-                       grpc_port, metrics_port, env={"MODEL": "tiny-random"})
+    spec = ServiceSpec(
+        "encoder",
+        "services.encoder.server",
+        "anime2vec.v1.EncoderService",
+        "127.0.0.1",
+        grpc_port,
+        metrics_port,
+        env={"MODEL": "tiny-random"},
+    )
     return ServiceProcess(spec, root / "encoder.log")
 
 
@@ -70,6 +98,7 @@ def session_bundle_and_encoder(tmp_path_factory, add_cleanup) -> tuple[Path, str
         def stop() -> None:
             encoder.stop()
             _SESSION.pop("encoder", None)
+
         add_cleanup(stop)
     return _SESSION["bundle"], _SESSION["encoder"].spec.address
 
@@ -77,11 +106,12 @@ def session_bundle_and_encoder(tmp_path_factory, add_cleanup) -> tuple[Path, str
 @dataclass
 class Ranker:
     """One ranker process over `data_dir` (kept across restarts: restarts reuse its ports)."""
+
     root: Path
     bundle: Path
     encoder_address: str
-    env: Mapping[str, str] = field(default_factory=dict)   # extra A2V_RANKER_* settings, without the prefix
-    pin_bundle: bool = True                                 # BUNDLE=<the bundle>; False: alias, else newest
+    env: Mapping[str, str] = field(default_factory=dict)  # extra A2V_RANKER_* settings, without the prefix
+    pin_bundle: bool = True  # BUNDLE=<the bundle>; False: alias, else newest
 
     def __post_init__(self) -> None:
         store = self.root / "models"
@@ -89,11 +119,24 @@ class Ranker:
         if not (store / self.bundle.name).exists():
             (store / self.bundle.name).symlink_to(self.bundle, target_is_directory=True)
         grpc_port, metrics_port = free_ports(2)
-        settings = {"MODEL_STORE": str(store), "DATA_DIR": str(self.data_dir),
-                    "ENCODER_ADDRESS": self.encoder_address, "ALIAS_POLL_S": "0", "MAX_WORKERS": "8",
-                    **({"BUNDLE": self.bundle.name} if self.pin_bundle else {}), **self.env}
-        spec = ServiceSpec("ranker", "services.ranker.server", "anime2vec.v1.RankerService", "127.0.0.1",
-                           grpc_port, metrics_port, env=settings)
+        settings = {
+            "MODEL_STORE": str(store),
+            "DATA_DIR": str(self.data_dir),
+            "ENCODER_ADDRESS": self.encoder_address,
+            "ALIAS_POLL_S": "0",
+            "MAX_WORKERS": "8",
+            **({"BUNDLE": self.bundle.name} if self.pin_bundle else {}),
+            **self.env,
+        }
+        spec = ServiceSpec(
+            "ranker",
+            "services.ranker.server",
+            "anime2vec.v1.RankerService",
+            "127.0.0.1",
+            grpc_port,
+            metrics_port,
+            env=settings,
+        )
         self.proc = ServiceProcess(spec, self.root / "ranker.log")
         self._channel: grpc.Channel | None = None
 

@@ -40,7 +40,7 @@ def corrupt(path) -> None:
 
 
 def point_alias(alias_file, version: str) -> None:
-    tmp = alias_file.with_name(".aliases.json.test")   # replaced atomically, as the index does
+    tmp = alias_file.with_name(".aliases.json.test")  # replaced atomically, as the index does
     tmp.write_text(json.dumps({"anime2vec_items": version}))
     os.replace(tmp, alias_file)
 
@@ -80,7 +80,7 @@ def test_a_corrupt_bundle_behind_the_alias_is_refused_and_the_old_one_keeps_serv
             point_alias(alias_file, b.name)
             failures = lambda: metric(scrape(url), "a2v_bundle_load_failures_total", service="ranker")  # noqa: E731
             wait_until(lambda: failures() > failures_before, GUARD_S, "the ranker noticed the alias move")
-            time.sleep(20 * ALIAS_POLL_S)   # many more polls: still counted once
+            time.sleep(20 * ALIAS_POLL_S)  # many more polls: still counted once
             n = len(results)
             wait_until(lambda: len(results) >= n + 5, GUARD_S, "requests after the refusal")
             body = scrape(url)
@@ -88,7 +88,7 @@ def test_a_corrupt_bundle_behind_the_alias_is_refused_and_the_old_one_keeps_serv
         finally:
             stop.set()
             thread.join(30)
-            point_alias(alias_file, a.name)   # leave the shared stack as it was
+            point_alias(alias_file, a.name)  # leave the shared stack as it was
             shutil.rmtree(b)
 
     assert metric(body, "a2v_bundle_load_failures_total", service="ranker") == failures_before + 1

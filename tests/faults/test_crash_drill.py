@@ -15,7 +15,7 @@ from tests.faults.ranker_harness import session_bundle_and_encoder
 
 pytestmark = pytest.mark.faults
 
-CYCLES = int(os.environ.get("A2V_DRILL_CYCLES", "2"))   # 2: a kill while serving and one during start-up
+CYCLES = int(os.environ.get("A2V_DRILL_CYCLES", "2"))  # 2: a kill while serving and one during start-up
 
 
 def test_kill_9_under_writes_loses_nothing_acknowledged_and_applies_nothing_twice(request, tmp_path_factory, tmp_path):

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.faults
 
 S = common_pb2
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
-GUARD_S = 120         # hang guards for each phase (the encoder loads MiniLM), not timing assertions
+GUARD_S = 120  # hang guards for each phase (the encoder loads MiniLM), not timing assertions
 
 
 def count(outcomes: list[Outcome], kind: str, code: grpc.StatusCode, reason: str = "") -> int:
@@ -38,10 +38,16 @@ def test_free_text_fails_precisely_while_the_encoder_is_down_and_recovers_withou
         load.wait_for(lambda o: count(o, "search", OK) >= 3, GUARD_S, "load under way")
         kill9(stack.procs["encoder"])
         down = len(load.snapshot())
-        load.wait_for(lambda o: count(o[down:], "search", UNAVAILABLE, "ENCODER_UNAVAILABLE") >= 3
-                      and count(o[down:], "recommend", OK) >= 3 and count(o[down:], "similar", OK) >= 3,
-                      GUARD_S, "free text fails, favourites and similar work")
-        stack.start("encoder")   # same port
+        load.wait_for(
+            lambda o: (
+                count(o[down:], "search", UNAVAILABLE, "ENCODER_UNAVAILABLE") >= 3
+                and count(o[down:], "recommend", OK) >= 3
+                and count(o[down:], "similar", OK) >= 3
+            ),
+            GUARD_S,
+            "free text fails, favourites and similar work",
+        )
+        stack.start("encoder")  # same port
         back, serving_at = len(load.snapshot()), time.monotonic()
         load.wait_for(lambda o: count(o[back:], "search", OK) >= 3, GUARD_S, "free text works again")
     outcomes = load.snapshot()
@@ -50,19 +56,27 @@ def test_free_text_fails_precisely_while_the_encoder_is_down_and_recovers_withou
 
     failed = [o for o in outcomes if o.code != OK]
     assert all(o.kind == "search" for o in failed), {(o.kind, o.code.name, o.reason) for o in failed}
-    odd = {(o.code.name, o.reason, o.message[:100]) for o in failed
-           if (o.code, o.reason) != (UNAVAILABLE, "ENCODER_UNAVAILABLE") or not o.retry_after_s}
+    odd = {
+        (o.code.name, o.reason, o.message[:100])
+        for o in failed
+        if (o.code, o.reason) != (UNAVAILABLE, "ENCODER_UNAVAILABLE") or not o.retry_after_s
+    }
     assert not odd, f"free text failed otherwise than UNAVAILABLE/ENCODER_UNAVAILABLE with RetryInfo: {odd}"
     assert all(p.poll() is None and stack.procs[n].proc is p for n, p in others.items()), "nothing else restarted"
 
     # the ranker (never restarted) reaches the new encoder for AddAnime
     def added() -> bool:
         try:
-            stack.gateway.AddAnime(gateway_pb2.AddAnimeRequest(anime=S.AnimeInput(
-                title="Encoder Returns", synopsis="A show added after the encoder came back.")), metadata=AUTH,
-                timeout=60)
+            stack.gateway.AddAnime(
+                gateway_pb2.AddAnimeRequest(
+                    anime=S.AnimeInput(title="Encoder Returns", synopsis="A show added after the encoder came back.")
+                ),
+                metadata=AUTH,
+                timeout=60,
+            )
             return True
         except grpc.RpcError as e:
             assert e.code() == UNAVAILABLE, e
             return False
+
     wait_until(added, GUARD_S, "AddAnime works again", every_s=1.0)

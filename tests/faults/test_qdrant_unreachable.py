@@ -26,19 +26,30 @@ def launch_ranker(root, url: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("A2V_RANKER_", "QDRANT_"))}
     grpc_port, metrics_port = free_ports(2)
     env |= OFFLINE_ENV | {
-        "A2V_RANKER_QDRANT_URL": url, "A2V_RANKER_HOST": "127.0.0.1", "A2V_RANKER_GRPC_PORT": str(grpc_port),
-        "A2V_RANKER_METRICS_PORT": str(metrics_port), "A2V_RANKER_MODEL_STORE": str(root / "models"),
-        "A2V_RANKER_DATA_DIR": str(root / "data"), "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "services.ranker.server"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        "A2V_RANKER_QDRANT_URL": url,
+        "A2V_RANKER_HOST": "127.0.0.1",
+        "A2V_RANKER_GRPC_PORT": str(grpc_port),
+        "A2V_RANKER_METRICS_PORT": str(metrics_port),
+        "A2V_RANKER_MODEL_STORE": str(root / "models"),
+        "A2V_RANKER_DATA_DIR": str(root / "data"),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.ranker.server"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def exits(tmp_path_factory):
     """{case: (url, exit status, output)} for a closed port and a silent one."""
     root = tmp_path_factory.mktemp("qdrant-unreachable")
-    (closed,) = free_ports(1)   # nothing listens there
-    with socket.socket() as sink:   # the kernel completes the handshakes; nobody ever reads or replies
+    (closed,) = free_ports(1)  # nothing listens there
+    with socket.socket() as sink:  # the kernel completes the handshakes; nobody ever reads or replies
         sink.bind(("127.0.0.1", 0))
         sink.listen(64)
         urls = {"closed": f"http://127.0.0.1:{closed}", "silent": f"http://127.0.0.1:{sink.getsockname()[1]}"}

@@ -75,15 +75,30 @@ def seed(tiny, tmp_path_factory):
     r.start()
     try:
         stub = r.stub()
-        liked = [e.anime_id for e in stub.ListCatalog(ranker_pb2.ListCatalogRequest(page_size=3),
-                                                        timeout=TIMEOUT_S).entries]
-        added = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=S.AnimeInput(
-            title="Quarantine Lighthouse", type="TV", genres=["Mystery"],
-            synopsis="A lighthouse keeper on a quarantined island decodes signals from ships that never arrive.")),
-            timeout=TIMEOUT_S).anime_id
-        stub.RecordFeedback(ranker_pb2.FeedbackBatch(events=[ranker_pb2.ResolvedFeedbackEvent(
-            event_id="seed-1", user_id=424242, anime_id=liked[0], kind=S.FEEDBACK_KIND_RATED, score=9)]),
-            timeout=TIMEOUT_S)
+        liked = [
+            e.anime_id for e in stub.ListCatalog(ranker_pb2.ListCatalogRequest(page_size=3), timeout=TIMEOUT_S).entries
+        ]
+        added = stub.UpsertAnime(
+            ranker_pb2.UpsertAnimeRequest(
+                anime=S.AnimeInput(
+                    title="Quarantine Lighthouse",
+                    type="TV",
+                    genres=["Mystery"],
+                    synopsis="A lighthouse keeper on a quarantined island decodes signals from ships that never arrive.",
+                )
+            ),
+            timeout=TIMEOUT_S,
+        ).anime_id
+        stub.RecordFeedback(
+            ranker_pb2.FeedbackBatch(
+                events=[
+                    ranker_pb2.ResolvedFeedbackEvent(
+                        event_id="seed-1", user_id=424242, anime_id=liked[0], kind=S.FEEDBACK_KIND_RATED, score=9
+                    )
+                ]
+            ),
+            timeout=TIMEOUT_S,
+        )
     finally:
         assert r.stop() == 0
     assert (r.data_dir / "qdrant" / "users" / bundle.name / "shard").is_dir()
@@ -92,29 +107,64 @@ def seed(tiny, tmp_path_factory):
 
 CASES = {
     # case: (damage(data dir, version), what the ERROR line says, path moved aside, pin the bundle)
-    "segments truncated": (lambda d, v: truncate_segments(d / "qdrant" / "versions" / v / "shard"),
-                           "Qdrant collection of {v} is damaged", "qdrant/versions/{v}", True),
-    "points silently missing": (lambda d, v: lose_points(d / "qdrant" / "versions" / v / "shard"),
-                                "Qdrant collection of {v} is damaged", "qdrant/versions/{v}", True),
-    "a length overwritten (engine aborts)": (lambda d, v: overwrite_a_length(d / "qdrant" / "versions" / v / "shard"),
-                                             "Qdrant collection of {v} is damaged", "qdrant/versions/{v}", True),
-    "meta.json garbage": (lambda d, v: (d / "qdrant" / "versions" / v / "meta.json").write_bytes(GARBAGE),
-                          "Qdrant collection of {v} is damaged", "qdrant/versions/{v}", True),
-    "users segments truncated": (lambda d, v: truncate_segments(d / "qdrant" / "users" / v / "shard"),
-                                 "Qdrant users collection of {v} is damaged", "qdrant/users/{v}", True),
-    "aliases.json garbage": (lambda d, v: (d / "qdrant" / "aliases.json").write_bytes(GARBAGE),
-                             "collection alias is unreadable", "qdrant/aliases.json", False),
-    "aliases.json names no version": (lambda d, v: (d / "qdrant" / "aliases.json").write_text(
-                                          '{"anime2vec_items": "../../etc"}'),
-                                      "collection alias is unreadable", "qdrant/aliases.json", False),
-    "added_anime.sqlite garbage": (lambda d, v: (d / "added_anime.sqlite").write_bytes(GARBAGE),
-                                   "the store of added anime at", "added_anime.sqlite", True),
-    "feedback.sqlite garbage": (lambda d, v: (d / "feedback.sqlite").write_bytes(GARBAGE),
-                                "the feedback store at", "feedback.sqlite", True),
+    "segments truncated": (
+        lambda d, v: truncate_segments(d / "qdrant" / "versions" / v / "shard"),
+        "Qdrant collection of {v} is damaged",
+        "qdrant/versions/{v}",
+        True,
+    ),
+    "points silently missing": (
+        lambda d, v: lose_points(d / "qdrant" / "versions" / v / "shard"),
+        "Qdrant collection of {v} is damaged",
+        "qdrant/versions/{v}",
+        True,
+    ),
+    "a length overwritten (engine aborts)": (
+        lambda d, v: overwrite_a_length(d / "qdrant" / "versions" / v / "shard"),
+        "Qdrant collection of {v} is damaged",
+        "qdrant/versions/{v}",
+        True,
+    ),
+    "meta.json garbage": (
+        lambda d, v: (d / "qdrant" / "versions" / v / "meta.json").write_bytes(GARBAGE),
+        "Qdrant collection of {v} is damaged",
+        "qdrant/versions/{v}",
+        True,
+    ),
+    "users segments truncated": (
+        lambda d, v: truncate_segments(d / "qdrant" / "users" / v / "shard"),
+        "Qdrant users collection of {v} is damaged",
+        "qdrant/users/{v}",
+        True,
+    ),
+    "aliases.json garbage": (
+        lambda d, v: (d / "qdrant" / "aliases.json").write_bytes(GARBAGE),
+        "collection alias is unreadable",
+        "qdrant/aliases.json",
+        False,
+    ),
+    "aliases.json names no version": (
+        lambda d, v: (d / "qdrant" / "aliases.json").write_text('{"anime2vec_items": "../../etc"}'),
+        "collection alias is unreadable",
+        "qdrant/aliases.json",
+        False,
+    ),
+    "added_anime.sqlite garbage": (
+        lambda d, v: (d / "added_anime.sqlite").write_bytes(GARBAGE),
+        "the store of added anime at",
+        "added_anime.sqlite",
+        True,
+    ),
+    "feedback.sqlite garbage": (
+        lambda d, v: (d / "feedback.sqlite").write_bytes(GARBAGE),
+        "the feedback store at",
+        "feedback.sqlite",
+        True,
+    ),
 }
 
 
-HEAL_CHECKED = {"segments truncated", "aliases.json garbage", "added_anime.sqlite garbage"}   # one per kind
+HEAL_CHECKED = {"segments truncated", "aliases.json garbage", "added_anime.sqlite garbage"}  # one per kind
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -129,11 +179,12 @@ def test_the_ranker_recovers_from_damaged_state_and_says_so_once(case, tiny, see
     before = r.data_dir / moved.format(v=v)
     damaged_bytes = before.read_bytes() if before.is_file() else None
 
-    r.start()   # before the fix: the process exited (traceback) and wait_serving raised
+    r.start()  # before the fix: the process exited (traceback) and wait_serving raised
     try:
         stub = r.stub()
-        page = stub.RecommendFromFavourites(ranker_pb2.RecommendFromFavouritesRequest(liked_ids=liked[:2]),
-                                            timeout=TIMEOUT_S)
+        page = stub.RecommendFromFavourites(
+            ranker_pb2.RecommendFromFavouritesRequest(liked_ids=liked[:2]), timeout=TIMEOUT_S
+        )
         assert len(page.recommendations) == 10 and page.served_by.model_version == v
 
         records = r.log_records()
@@ -144,26 +195,43 @@ def test_the_ranker_recovers_from_damaged_state_and_says_so_once(case, tiny, see
         quarantined = Path(errors[0]["quarantined"])
         assert str(quarantined) in msg and quarantined.exists()
         assert quarantined.relative_to(r.data_dir / "quarantine").parts[1:] == Path(moved.format(v=v)).parts
-        if damaged_bytes is not None:   # kept byte for byte, never deleted or "repaired"
+        if damaged_bytes is not None:  # kept byte for byte, never deleted or "repaired"
             assert quarantined.read_bytes() == damaged_bytes
         assert "Traceback" not in r.log_text()
 
-        served_ids = {e.anime_id for e in stub.ListCatalog(ranker_pb2.ListCatalogRequest(page_size=5000),
-                                                           timeout=TIMEOUT_S).entries}
+        served_ids = {
+            e.anime_id
+            for e in stub.ListCatalog(ranker_pb2.ListCatalogRequest(page_size=5000), timeout=TIMEOUT_S).entries
+        }
         if case == "added_anime.sqlite garbage":
-            assert added not in served_ids   # its record is in quarantine, not served from nowhere
-            new = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=S.AnimeInput(
-                title="After Quarantine", synopsis="A new store takes new anime.")), timeout=TIMEOUT_S)
+            assert added not in served_ids  # its record is in quarantine, not served from nowhere
+            new = stub.UpsertAnime(
+                ranker_pb2.UpsertAnimeRequest(
+                    anime=S.AnimeInput(title="After Quarantine", synopsis="A new store takes new anime.")
+                ),
+                timeout=TIMEOUT_S,
+            )
             assert new.created
-        else:   # derived data rebuilt: the added anime is replayed into the new collection and served
+        else:  # derived data rebuilt: the added anime is replayed into the new collection and served
             assert added in served_ids
             similar = stub.SimilarItems(ranker_pb2.SimilarItemsRequest(anime_id=added), timeout=TIMEOUT_S)
             assert len(similar.recommendations) == 10
         if case == "feedback.sqlite garbage":
-            stub.RecordFeedback(ranker_pb2.FeedbackBatch(events=[ranker_pb2.ResolvedFeedbackEvent(
-                event_id="after-1", user_id=7, anime_id=liked[1], kind=S.FEEDBACK_KIND_COMPLETED)]), timeout=TIMEOUT_S)
-        user = stub.RecommendForUser(S.RecommendForUserRequest(user_id=424242), timeout=TIMEOUT_S) \
-            if case != "feedback.sqlite garbage" else None
+            stub.RecordFeedback(
+                ranker_pb2.FeedbackBatch(
+                    events=[
+                        ranker_pb2.ResolvedFeedbackEvent(
+                            event_id="after-1", user_id=7, anime_id=liked[1], kind=S.FEEDBACK_KIND_COMPLETED
+                        )
+                    ]
+                ),
+                timeout=TIMEOUT_S,
+            )
+        user = (
+            stub.RecommendForUser(S.RecommendForUserRequest(user_id=424242), timeout=TIMEOUT_S)
+            if case != "feedback.sqlite garbage"
+            else None
+        )
         assert user is None or len(user.recommendations) == 10
     finally:
         assert r.stop() == 0, r.proc.log_tail()

@@ -24,7 +24,7 @@ from tests.faults.ranker_harness import Ranker, session_bundle_and_encoder
 from tests.store.conftest import session_postgres
 
 pytestmark = pytest.mark.faults
-CYCLES = int(os.environ.get("A2V_DRILL_CYCLES", "2"))   # 2: each replica killed once, one kill during start-up
+CYCLES = int(os.environ.get("A2V_DRILL_CYCLES", "2"))  # 2: each replica killed once, one kill during start-up
 
 
 @pytest.fixture
@@ -35,8 +35,10 @@ def dsn(request) -> str:
 @pytest.fixture
 def pair(request, tmp_path_factory, tmp_path, dsn):
     bundle, encoder = session_bundle_and_encoder(tmp_path_factory, request.config.add_cleanup)
-    rankers = [Ranker(tmp_path / name, bundle, encoder, env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5"})
-               for name in ("a", "b")]
+    rankers = [
+        Ranker(tmp_path / name, bundle, encoder, env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5"})
+        for name in ("a", "b")
+    ]
     for r in rankers:
         r.start()
     yield rankers
@@ -72,32 +74,53 @@ def test_writes_through_one_ranker_are_served_by_the_other(pair):
     liked = catalogue[:6]
 
     # feedback through A, the user served by B, from a vector that reflects it
-    events = [ranker_pb2.ResolvedFeedbackEvent(event_id=f"two-{i}", user_id=4_000_001, anime_id=aid,
-                                               kind=S.FEEDBACK_KIND_RATED, score=10) for i, aid in enumerate(liked)]
+    events = [
+        ranker_pb2.ResolvedFeedbackEvent(
+            event_id=f"two-{i}", user_id=4_000_001, anime_id=aid, kind=S.FEEDBACK_KIND_RATED, score=10
+        )
+        for i, aid in enumerate(liked)
+    ]
     assert a.RecordFeedback(ranker_pb2.FeedbackBatch(events=events), timeout=60).applied == len(events)
     page = b.RecommendForUser(S.RecommendForUserRequest(user_id=4_000_001), timeout=60)
-    assert page.recommendations and not {r.anime_id for r in page.recommendations} & set(liked), \
+    assert page.recommendations and not {r.anime_id for r in page.recommendations} & set(liked), (
         "B must know the user's list (its liked anime are excluded from their recommendations)"
+    )
     # a second batch through B; A serves the user from both batches
-    more = [ranker_pb2.ResolvedFeedbackEvent(event_id="two-more", user_id=4_000_001, anime_id=catalogue[10],
-                                             kind=S.FEEDBACK_KIND_COMPLETED)]
+    more = [
+        ranker_pb2.ResolvedFeedbackEvent(
+            event_id="two-more", user_id=4_000_001, anime_id=catalogue[10], kind=S.FEEDBACK_KIND_COMPLETED
+        )
+    ]
     assert b.RecordFeedback(ranker_pb2.FeedbackBatch(events=more), timeout=60).applied == 1
     page = a.RecommendForUser(S.RecommendForUserRequest(user_id=4_000_001), timeout=60)
     assert catalogue[10] not in {r.anime_id for r in page.recommendations}
 
     # an anime added through A: listed, findable by title and recommendable through B
-    added = a.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=S.AnimeInput(
-        title="Lanternfish Relay", type="TV", genres=["Twofold Genre"],
-        synopsis="Deep-sea couriers pass glowing messages between sleeping submarine towns.")), timeout=60)
+    added = a.UpsertAnime(
+        ranker_pb2.UpsertAnimeRequest(
+            anime=S.AnimeInput(
+                title="Lanternfish Relay",
+                type="TV",
+                genres=["Twofold Genre"],
+                synopsis="Deep-sea couriers pass glowing messages between sleeping submarine towns.",
+            )
+        ),
+        timeout=60,
+    )
     assert added.created
     entry = _eventually(lambda: _catalogue(b).get(added.anime_id), "B lists the anime added through A")
     assert entry.title == "Lanternfish Relay"
     similar = b.SimilarItems(ranker_pb2.SimilarItemsRequest(anime_id=added.anime_id), timeout=60)
-    assert similar.recommendations   # B knows it as an anime of its own
-    only_it = b.RecommendFromFavourites(ranker_pb2.RecommendFromFavouritesRequest(
-        liked_ids=liked[:2], options=S.RecommendOptions(filters=S.Filters(include_genres=["twofold genre"]))), timeout=60)
-    assert [r.anime_id for r in only_it.recommendations] == [added.anime_id], \
+    assert similar.recommendations  # B knows it as an anime of its own
+    only_it = b.RecommendFromFavourites(
+        ranker_pb2.RecommendFromFavouritesRequest(
+            liked_ids=liked[:2], options=S.RecommendOptions(filters=S.Filters(include_genres=["twofold genre"]))
+        ),
+        timeout=60,
+    )
+    assert [r.anime_id for r in only_it.recommendations] == [added.anime_id], (
         "B's own index must hold the anime (a payload filter that only it matches)"
+    )
     # and the next id assigned through B does not collide with A's
     second = b.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=anime("Second Through B")), timeout=60)
     assert second.anime_id > added.anime_id
@@ -107,9 +130,14 @@ def test_writes_through_one_ranker_are_served_by_the_other(pair):
 
     def record(stub) -> None:
         start.wait()
-        batch = [ranker_pb2.ResolvedFeedbackEvent(event_id=f"race-{i}", user_id=4_000_002, anime_id=catalogue[i],
-                                                  kind=S.FEEDBACK_KIND_COMPLETED) for i in range(20)]
+        batch = [
+            ranker_pb2.ResolvedFeedbackEvent(
+                event_id=f"race-{i}", user_id=4_000_002, anime_id=catalogue[i], kind=S.FEEDBACK_KIND_COMPLETED
+            )
+            for i in range(20)
+        ]
         results.append(stub.RecordFeedback(ranker_pb2.FeedbackBatch(events=batch), timeout=60))
+
     threads = [threading.Thread(target=record, args=(s,)) for s in (a, b)]
     for t in threads:
         t.start()
@@ -124,16 +152,21 @@ def test_a_ranker_whose_database_is_unreachable_does_not_start(request, tmp_path
 
     bundle, encoder = session_bundle_and_encoder(tmp_path_factory, request.config.add_cleanup)
     (port,) = free_ports(1)
-    r = Ranker(tmp_path, bundle, encoder,
-               env={"STORE_DSN": f"host=127.0.0.1 port={port} dbname=x user=u password=hunter2 connect_timeout=2"})
+    r = Ranker(
+        tmp_path,
+        bundle,
+        encoder,
+        env={"STORE_DSN": f"host=127.0.0.1 port={port} dbname=x user=u password=hunter2 connect_timeout=2"},
+    )
     r.start(wait=False)
     assert r.proc.proc.wait(120) == 1
     log = r.log_text()
     assert "cannot start" in log and "PostgreSQL" in log and "hunter2" not in log
 
 
-def test_two_rankers_killed_in_turn_under_writes_lose_nothing_and_apply_nothing_twice(request, tmp_path_factory,
-                                                                                       tmp_path, dsn):
+def test_two_rankers_killed_in_turn_under_writes_lose_nothing_and_apply_nothing_twice(
+    request, tmp_path_factory, tmp_path, dsn
+):
     bundle, encoder = session_bundle_and_encoder(tmp_path_factory, request.config.add_cleanup)
     report = run_replicated_drill(tmp_path, bundle, encoder, dsn, cycles=CYCLES, writers=3, seed=CYCLES)
     print("\n" + report.as_json())

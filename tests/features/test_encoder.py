@@ -61,7 +61,7 @@ def test_bf16_agrees_with_fp32_on_real_texts_and_auto_picks_it_only_where_native
     got, want = auto.encode(texts), real_encoder.encode(texts)
     assert real_encoder.precision == "fp32" and auto.fingerprint == real_encoder.fingerprint
     cosines = np.sum(got * want, axis=1)
-    assert cosines.min() >= 0.999 and not np.array_equal(got, want)   # bf16 really ran, and agrees
+    assert cosines.min() >= 0.999 and not np.array_equal(got, want)  # bf16 really ran, and agrees
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
@@ -75,8 +75,10 @@ def test_precision_is_checked_and_auto_falls_back_to_fp32_without_native_bf16(mo
     monkeypatch.setattr(enc, "cpu_has_native_bf16", lambda: False)
     tiny = TextEncoder.tiny_random(device="cpu", precision="auto")
     assert tiny.precision == "fp32" and tiny.precision_check == {"native_bf16": False}
-    np.testing.assert_array_equal(tiny.encode(["A boy becomes a ninja."]),
-                                  TextEncoder.tiny_random(device="cpu").encode(["A boy becomes a ninja."]))
+    np.testing.assert_array_equal(
+        tiny.encode(["A boy becomes a ninja."]),
+        TextEncoder.tiny_random(device="cpu").encode(["A boy becomes a ninja."]),
+    )
 
 
 def test_real_minilm_order_preserved_under_bucketing(real_encoder):

@@ -111,7 +111,7 @@ def test_an_interrupted_encode_resumes_where_it_stopped(tmp_path, tiny):
     with EncodingCache(tmp_path / "c.sqlite") as cache:
         with pytest.raises(KeyboardInterrupt):
             encode_cached(FailingEncoder(tiny, ok=2), texts, cache, chunk=3)
-        assert cache.count(tiny.fingerprint) == 6        # two chunks were stored before the stop
+        assert cache.count(tiny.fingerprint) == 6  # two chunks were stored before the stop
         enc = CountingEncoder(tiny)
         out = encode_cached(enc, texts, cache, chunk=3)
         assert [t for call in enc.calls for t in call] == texts[6:]

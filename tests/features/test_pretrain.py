@@ -18,8 +18,14 @@ from anime2vec.features.pretrain import Corpus, PretrainConfig, build_corpus, ch
 
 SUBJECTS = ["the pirate crew", "a young witch", "the giant robot", "two brothers", "a quiet girl", "the detective"]
 VERBS = ["sails across", "searches for", "fights for", "dreams of", "runs through", "protects"]
-OBJECTS = ["the hidden treasure", "the lost city", "the old bakery", "the endless ocean", "the school festival",
-           "the ancient sword"]
+OBJECTS = [
+    "the hidden treasure",
+    "the lost city",
+    "the old bakery",
+    "the endless ocean",
+    "the school festival",
+    "the ancient sword",
+]
 
 
 def repetitive_corpus(n: int = 240, seed: int = 0) -> Corpus:
@@ -36,8 +42,15 @@ def repetitive_corpus(n: int = 240, seed: int = 0) -> Corpus:
 def tiny_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -47,8 +60,23 @@ def tiny_base(tmp_path_factory):
 
 def tiny_config(out, base, **kw) -> PretrainConfig:
     # One thread: tiny ops are dominated by thread hand-offs, above all on a shared machine.
-    args = dict(out=out, base=base, max_steps=60, head_steps=20, batch_size=8, max_length=32, lr=5e-3,
-                head_lr=5e-2, device="cpu", threads=1, seed=0, eval_frac=0.1, eval_max_seqs=32, max_minutes=30, log_every=20)
+    args = dict(
+        out=out,
+        base=base,
+        max_steps=60,
+        head_steps=20,
+        batch_size=8,
+        max_length=32,
+        lr=5e-3,
+        head_lr=5e-2,
+        device="cpu",
+        threads=1,
+        seed=0,
+        eval_frac=0.1,
+        eval_max_seqs=32,
+        max_minutes=30,
+        log_every=20,
+    )
     args.update(kw)
     return PretrainConfig(**args)
 
@@ -156,13 +184,49 @@ def test_cli_pretrain_then_encode_into_the_cache(tiny_base, tmp_path, capsys, sa
     threads = torch.get_num_threads()
     request.addfinalizer(lambda: torch.set_num_threads(threads))  # `encode --threads` sets it for the process
     out = tmp_path / "enc"
-    assert main(["pretrain", "--sample", "--base", str(tiny_base), "--out", str(out), "--max-steps", "4",
-                 "--head-steps", "2", "--batch-size", "4", "--max-length", "32", "--eval-max-seqs", "8",
-                 "--device", "cpu", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--sample",
+                "--base",
+                str(tiny_base),
+                "--out",
+                str(out),
+                "--max-steps",
+                "4",
+                "--head-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "32",
+                "--eval-max-seqs",
+                "8",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.splitlines()[0])["steps"] == 4
     assert main(["pretrain", "--sample", "--base", str(tiny_base), "--out", str(out)]) == 2  # exists
     cache = tmp_path / "encodings.sqlite"
-    args = ["encode", "--encoder", str(out), "--sample", "--cache", str(cache), "--quiet", "--device", "cpu", "--threads", "1"]
+    args = [
+        "encode",
+        "--encoder",
+        str(out),
+        "--sample",
+        "--cache",
+        str(cache),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert first["texts"] == 800 and first["encoded"] > 0 and first["dim"] == 32

@@ -37,7 +37,7 @@ def bundle(e2e_dir, tmp_path_factory) -> Path:
 def services(e2e_dir, bundle):
     env = {"gateway": {"API_KEYS": GATEWAY_KEYS}}
     if json.loads((bundle / "manifest.json").read_text())["encoder"]["name"].startswith("tiny-random"):
-        env["encoder"] = {"MODEL": "tiny-random"}   # a bundle given by A2V_E2E_BUNDLE for a quick run
+        env["encoder"] = {"MODEL": "tiny-random"}  # a bundle given by A2V_E2E_BUNDLE for a quick run
     procs = stack_processes(e2e_dir / "fuzz-stack", bundle, env=env)
     start_together(procs)
     channel = grpc.insecure_channel(procs["gateway"].spec.address)

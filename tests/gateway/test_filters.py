@@ -5,8 +5,13 @@ import pandas as pd
 from anime2vec.v1 import common_pb2 as S
 from services.gateway.filters import Facets, filter_problems
 
-FRAME = pd.DataFrame({"genres": [("Action", "Sci-Fi"), ("action",), ("Drama",)], "type": ["TV", "Movie", ""],
-                      "year": pd.array([None, None, None], dtype="Int64")})
+FRAME = pd.DataFrame(
+    {
+        "genres": [("Action", "Sci-Fi"), ("action",), ("Drama",)],
+        "type": ["TV", "Movie", ""],
+        "year": pd.array([None, None, None], dtype="Int64"),
+    }
+)
 
 
 def test_facets_keep_the_usual_spelling_of_each_value():
@@ -16,7 +21,9 @@ def test_facets_keep_the_usual_spelling_of_each_value():
 
 
 def test_known_values_pass_in_any_case():
-    found = filter_problems(S.Filters(include_genres=["SCI-FI"], exclude_genres=["drama"], types=["tv"]), Facets.of(FRAME))
+    found = filter_problems(
+        S.Filters(include_genres=["SCI-FI"], exclude_genres=["drama"], types=["tv"]), Facets.of(FRAME)
+    )
     assert (found.unknown, found.unanswerable) == ([], [])
 
 
@@ -31,7 +38,8 @@ def test_unknown_values_name_the_field_and_the_closest_known_one():
     assert found.unknown == [
         ("options.filters.include_genres[0]", "unknown genre 'Actoin'; did you mean 'Action'?"),
         ("options.filters.include_genres[1]", "unknown genre 'Cooking'"),
-        ("options.filters.types[0]", "unknown type 'Moive'; did you mean 'Movie'?")]
+        ("options.filters.types[0]", "unknown type 'Moive'; did you mean 'Movie'?"),
+    ]
     assert found.known_lists == {"known_genres": "Action, Drama, Sci-Fi", "known_types": "Movie, TV"}
 
 
@@ -39,7 +47,7 @@ def test_filters_the_catalogue_cannot_answer():
     f = S.Filters(types=["OVA"], year_min=2000)
     found = filter_problems(f, Facets.of(FRAME))
     assert [field for field, _ in found.unanswerable] == ["options.filters.types[0]", "options.filters.year_min"]
-    assert found.unknown == []   # OVA is a documented type, just not in this catalogue
+    assert found.unknown == []  # OVA is a documented type, just not in this catalogue
     with_years = FRAME.assign(year=pd.array([2001, None, None], dtype="Int64"))
     assert [x for x, _ in filter_problems(f, Facets.of(with_years)).unanswerable] == ["options.filters.types[0]"]
 

@@ -22,21 +22,27 @@ def gateway(tmp_path_factory):
 
 
 def recommend(gw, limit: int):
-    return gw.stub.Recommend(gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=20)],
-                                                          options=S.RecommendOptions(limit=limit)),
-                             metadata=auth(READER), timeout=30)
+    return gw.stub.Recommend(
+        gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=20)], options=S.RecommendOptions(limit=limit)),
+        metadata=auth(READER),
+        timeout=30,
+    )
 
 
 def test_the_gateway_follows_the_limits_the_ranker_reports(gateway):
     assert DEFAULTS.max_limit < 150 < RANKER.max_limit
-    assert recommend(gateway, 150).recommendations   # past the shared default, within the ranker's: relayed
+    assert recommend(gateway, 150).recommendations  # past the shared default, within the ranker's: relayed
     with pytest.raises(grpc.RpcError) as e:
         recommend(gateway, 201)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 200, got 201" in e.value.details()
 
-    events = [gateway_pb2.FeedbackEvent(event_id=f"e-{i}", user_id=7, anime=S.AnimeRef(anime_id=20),
-                                        kind=S.FEEDBACK_KIND_RATED, score=8) for i in range(3)]
-    with pytest.raises(grpc.RpcError) as e:   # the ranker's 2, lower than the gateway's own 500
+    events = [
+        gateway_pb2.FeedbackEvent(
+            event_id=f"e-{i}", user_id=7, anime=S.AnimeRef(anime_id=20), kind=S.FEEDBACK_KIND_RATED, score=8
+        )
+        for i in range(3)
+    ]
+    with pytest.raises(grpc.RpcError) as e:  # the ranker's 2, lower than the gateway's own 500
         gateway.stub.RecordFeedback(gateway_pb2.RecordFeedbackRequest(events=events), metadata=auth(READER), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 2 events" in e.value.details()
 

@@ -38,8 +38,11 @@ class FakeRanker:
     def page(self, token: str) -> ranker_pb2.ListCatalogResponse:
         offset = int(token or 0)
         self.pages_served += 1
-        resp = ranker_pb2.ListCatalogResponse(entries=self.entries[offset: offset + 2], model_version=self.version,
-                                              next_page_token=str(offset + 2) if offset + 2 < len(self.entries) else "")
+        resp = ranker_pb2.ListCatalogResponse(
+            entries=self.entries[offset : offset + 2],
+            model_version=self.version,
+            next_page_token=str(offset + 2) if offset + 2 < len(self.entries) else "",
+        )
         if self.switch_after_first_page:
             self.version, self.switch_after_first_page = self.switch_after_first_page, None
         return resp
@@ -47,8 +50,14 @@ class FakeRanker:
 
 @pytest.fixture
 def ranker():
-    return FakeRanker("v1", [entry(20, "Naruto", members=500, type="TV"), entry(269, "Bleach", members=400),
-                             entry(121, "Fullmetal Alchemist", synonyms=["FMA"], year=2003, genres=["Action"])])
+    return FakeRanker(
+        "v1",
+        [
+            entry(20, "Naruto", members=500, type="TV"),
+            entry(269, "Bleach", members=400),
+            entry(121, "Fullmetal Alchemist", synonyms=["FMA"], year=2003, genres=["Action"]),
+        ],
+    )
 
 
 def test_catalogue_rebuilds_only_when_version_or_size_changes(ranker):
@@ -61,10 +70,10 @@ def test_catalogue_rebuilds_only_when_version_or_size_changes(ranker):
     cat = sync.get()
     assert cat.index.resolve("fma").anime_id == 121 and cat.title(121) == "Fullmetal Alchemist"
     assert cat.facets(121)["year"] == 2003 and cat.facets(20)["year"] is None
-    assert not sync.refresh_if_changed() and ranker.pages_served == 2          # nothing changed
-    ranker.entries.append(entry(1, "Cowboy Bebop"))                           # added through another replica
+    assert not sync.refresh_if_changed() and ranker.pages_served == 2  # nothing changed
+    ranker.entries.append(entry(1, "Cowboy Bebop"))  # added through another replica
     assert sync.refresh_if_changed() and sync.get().index.resolve("Cowboy Bebop").anime_id == 1
-    ranker.version = "v2"                                                     # a promotion
+    ranker.version = "v2"  # a promotion
     assert sync.refresh_if_changed() and sync.get().version == "v2" and loaded == ["v1", "v1", "v2"]
 
 
@@ -84,23 +93,35 @@ def test_an_added_anime_resolves_at_once_and_keeps_a_replaced_ones_popularity(ra
     sync.refresh_if_changed()
     sync.add(entry(100_000_000, "Saltwind Corsairs", title_english="Corsairs of the Salt Wind"), "v1")
     assert sync.get().index.resolve("corsairs of the salt wind").anime_id == 100_000_000
-    sync.add(entry(20, "Naruto (retold)"), "v1")                            # replaces id 20, members 0
+    sync.add(entry(20, "Naruto (retold)"), "v1")  # replaces id 20, members 0
     assert sync.get().facets(20)["members"] == 500 and sync.get().title(20) == "Naruto (retold)"
-    sync.add(entry(7, "Other version's anime"), "v9")                        # not this snapshot's version
+    sync.add(entry(7, "Other version's anime"), "v9")  # not this snapshot's version
     assert 7 not in sync.get()
 
 
 def test_rename_fields_maps_whole_paths_only():
-    error = ServiceError(grpc.StatusCode.NOT_FOUND, "liked_ids[10]: anime '5' not found", [
-        error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field="liked_ids[10]", description="liked_ids[10] unknown"),
-            error_details_pb2.BadRequest.FieldViolation(field="liked_ids[1]", description="x")]),
-        error_details_pb2.ErrorInfo(reason="ANIME_NOT_FOUND")])
+    error = ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "liked_ids[10]: anime '5' not found",
+        [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="liked_ids[10]", description="liked_ids[10] unknown"
+                    ),
+                    error_details_pb2.BadRequest.FieldViolation(field="liked_ids[1]", description="x"),
+                ]
+            ),
+            error_details_pb2.ErrorInfo(reason="ANIME_NOT_FOUND"),
+        ],
+    )
     renamed = rename_fields(error, {"liked_ids[1]": "favourites[0].title", "liked_ids[10]": "favourites[12].anime_id"})
     assert renamed.message == "favourites[12].anime_id: anime '5' not found"
     bad = renamed.details[0]
     assert [(v.field, v.description) for v in bad.field_violations] == [
-        ("favourites[12].anime_id", "favourites[12].anime_id unknown"), ("favourites[0].title", "x")]
+        ("favourites[12].anime_id", "favourites[12].anime_id unknown"),
+        ("favourites[0].title", "x"),
+    ]
     assert renamed.details[1].reason == "ANIME_NOT_FOUND" and renamed.code == grpc.StatusCode.NOT_FOUND
 
 
@@ -114,7 +135,7 @@ class Ctx:
 
 def test_downstream_deadline_never_outlives_the_caller():
     assert deadline(None, 5.0) == 5.0
-    assert deadline(Ctx(1e12), 5.0) == 5.0            # grpc's "no deadline"
+    assert deadline(Ctx(1e12), 5.0) == 5.0  # grpc's "no deadline"
     assert deadline(Ctx(2.0), 5.0) == pytest.approx(1.95)
     assert deadline(Ctx(60.0), 5.0) == 5.0
     with pytest.raises(ServiceError) as e:
@@ -131,8 +152,9 @@ def test_several_unresolved_titles_name_every_field():
     assert err.code == grpc.StatusCode.NOT_FOUND
     bad = next(d for d in err.details if isinstance(d, error_details_pb2.BadRequest))
     assert [v.field for v in bad.field_violations] == ["favourites[0].title", "favourites[2].title"]
-    first = not_found("anime", "Narutoo Movie 9", reason="ANIME_NOT_FOUND", suggestions=["Naruto"],
-                      field="favourites[0].title")
+    first = not_found(
+        "anime", "Narutoo Movie 9", reason="ANIME_NOT_FOUND", suggestions=["Naruto"], field="favourites[0].title"
+    )
     assert err.message == first.message + "; also favourites[2].title: no anime matches 'Zzz'"
 
 
@@ -147,19 +169,29 @@ def test_api_keys_match_exactly():
 def test_api_key_scopes_are_parsed_and_checked(tmp_path):
     keys_file = tmp_path / "keys"
     keys_file.write_text("# one per line\nfile-key:catalog\n\nplain-file-key\n")
-    keys = load_api_keys(GatewaySettings(api_keys=" bare , admin:read+feedback+catalog,reader:read ",
-                                         api_keys_file=keys_file))
+    keys = load_api_keys(
+        GatewaySettings(api_keys=" bare , admin:read+feedback+catalog,reader:read ", api_keys_file=keys_file)
+    )
     assert {k.key: k.scopes for k in keys} == {
-        "bare": DEFAULT_SCOPES, "admin": frozenset(SCOPES), "reader": {"read"}, "file-key": {"catalog"},
-        "plain-file-key": DEFAULT_SCOPES}
+        "bare": DEFAULT_SCOPES,
+        "admin": frozenset(SCOPES),
+        "reader": {"read"},
+        "file-key": {"catalog"},
+        "plain-file-key": DEFAULT_SCOPES,
+    }
     check = ApiKeyInterceptor(keys)
     assert check.scopes_of("admin") == frozenset(SCOPES) and check.scopes_of("admin:read+feedback+catalog") is None
 
 
-@pytest.mark.parametrize("entry, fragment", [
-    ("s3cret-k3y:write", "unknown scope(s) 'write'"), ("s3cret-k3y:", "unknown scope(s) ''"),
-    (":read", "no key before ':'"), ("s3cret-k3y:read,s3cret-k3y:catalog", "different scopes"),
-])
+@pytest.mark.parametrize(
+    "entry, fragment",
+    [
+        ("s3cret-k3y:write", "unknown scope(s) 'write'"),
+        ("s3cret-k3y:", "unknown scope(s) ''"),
+        (":read", "no key before ':'"),
+        ("s3cret-k3y:read,s3cret-k3y:catalog", "different scopes"),
+    ],
+)
 def test_bad_api_key_entries_stop_the_start_without_echoing_the_key(entry, fragment):
     with pytest.raises(ValueError) as e:
         load_api_keys(GatewaySettings(api_keys=entry))
@@ -168,8 +200,10 @@ def test_bad_api_key_entries_stop_the_start_without_echoing_the_key(entry, fragm
 
 
 def test_every_gateway_method_has_a_scope():
-    methods = {f"/anime2vec.v1.GatewayService/{m.name}"
-               for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
+    methods = {
+        f"/anime2vec.v1.GatewayService/{m.name}"
+        for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods
+    }
     assert set(METHOD_SCOPES) == methods and set(METHOD_SCOPES.values()) == set(SCOPES)
     assert METHOD_SCOPES["/anime2vec.v1.GatewayService/AddAnime"] == "catalog"
     assert ApiKey("k", DEFAULT_SCOPES).scopes == {"read", "feedback"}
@@ -179,7 +213,7 @@ def test_text_vectors_keep_the_most_recent_queries():
     cache = TextVectors(2)
     for q in ("a", "b"):
         cache.put(q, [q], "fp")
-    cache.get("a")            # a is now the most recent
+    cache.get("a")  # a is now the most recent
     cache.put("c", ["c"], "fp")
     assert cache.get("b") is None and cache.get("a") == (["a"], "fp") and cache.get("c") == (["c"], "fp")
 
@@ -189,8 +223,8 @@ def test_local_api_key_is_generated_once_and_private(tmp_path, monkeypatch):
     monkeypatch.delenv("A2V_GATEWAY_API_KEYS_FILE", raising=False)
     key_file = tmp_path / "run" / "api-key"
     env, key = api_key_env(key_file)
-    assert env == {"API_KEYS_FILE": str(key_file.with_name("gateway-api-keys"))} and len(key) >= 32   # key + scopes
+    assert env == {"API_KEYS_FILE": str(key_file.with_name("gateway-api-keys"))} and len(key) >= 32  # key + scopes
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
-    assert api_key_env(key_file) == (env, key)             # reused, not regenerated
+    assert api_key_env(key_file) == (env, key)  # reused, not regenerated
     monkeypatch.setenv("A2V_GATEWAY_API_KEYS", "configured")
-    assert api_key_env(key_file) == ({}, None)             # configured keys are neither replaced nor printed
+    assert api_key_env(key_file) == ({}, None)  # configured keys are neither replaced nor printed

@@ -50,7 +50,7 @@ def _export(*anime: str, export_type: int = 1) -> bytes:
     <user_name>spike</user_name>
     <user_export_type>{export_type}</user_export_type>
     <user_total_anime>{len(anime)}</user_total_anime>
-  </myinfo>{''.join(anime)}
+  </myinfo>{"".join(anime)}
 </myanimelist>
 """.encode()
 
@@ -117,8 +117,14 @@ def test_status_spellings_and_missing_fields():
       <anime><series_animedb_id> 3 </series_animedb_id></anime>
     </myanimelist>"""
     parsed = parse_mal_export(data)
-    assert parsed == MalList((MalEntry(1, "", 7, "completed", 0), MalEntry(2, "", None, "on_hold", 0),
-                              MalEntry(3, "", None, "plan_to_watch", 0)), user_name="")
+    assert parsed == MalList(
+        (
+            MalEntry(1, "", 7, "completed", 0),
+            MalEntry(2, "", None, "on_hold", 0),
+            MalEntry(3, "", None, "plan_to_watch", 0),
+        ),
+        user_name="",
+    )
 
 
 def test_empty_list_is_valid():
@@ -186,15 +192,18 @@ def test_size_limits():
     assert len(bomb) < 20_000
     error = _error(bomb)
     assert error.field == "gzip" and "more than 5,000,000 bytes" in error.problem and error.too_large
-    many = _error(LIST, max_entries=3)   # refused at the fourth entry, before the rest is read
+    many = _error(LIST, max_entries=3)  # refused at the fourth entry, before the rest is read
     assert many.field == "anime" and "more than 3 entries" in many.problem and many.too_large
 
 
-@pytest.mark.parametrize("body, field, fragment, too_large", [
-    (b"<a>" * 1_390_000, "xml", "nested more than 8 deep", False),                  # the issue's element bomb
-    (b"<a/>" * 1_000_000, "xml", "more than 601,000 elements", True),                # legal depth, huge count
-    (b"<anime>" + b"<f/>" * 65 + b"</anime>", "anime[0]", "more than 64 fields", True),
-])
+@pytest.mark.parametrize(
+    "body, field, fragment, too_large",
+    [
+        (b"<a>" * 1_390_000, "xml", "nested more than 8 deep", False),  # the issue's element bomb
+        (b"<a/>" * 1_000_000, "xml", "more than 601,000 elements", True),  # legal depth, huge count
+        (b"<anime>" + b"<f/>" * 65 + b"</anime>", "anime[0]", "more than 64 fields", True),
+    ],
+)
 def test_element_bombs_are_refused_while_parsing(body, field, fragment, too_large):
     error = _error(b"<myanimelist>" + body + b"</myanimelist>")
     assert (error.field, error.too_large) == (field, too_large) and fragment in error.problem
@@ -207,10 +216,16 @@ def test_unknown_or_unusable_encodings_are_named(encoding):
 
 
 def test_encodings_an_export_may_have():
-    entry = ("<myanimelist><anime><series_animedb_id>5</series_animedb_id><series_title>Café</series_title>"
-             "</anime></myanimelist>")
-    for name, codec in (("UTF-8", "utf-8"), ("ISO-8859-1", "latin-1"), ("windows-1252", "cp1252"),
-                        ("utf-16", "utf-16")):
+    entry = (
+        "<myanimelist><anime><series_animedb_id>5</series_animedb_id><series_title>Café</series_title>"
+        "</anime></myanimelist>"
+    )
+    for name, codec in (
+        ("UTF-8", "utf-8"),
+        ("ISO-8859-1", "latin-1"),
+        ("windows-1252", "cp1252"),
+        ("utf-16", "utf-16"),
+    ):
         parsed = parse_mal_export(f'<?xml version="1.0" encoding="{name}"?>{entry}'.encode(codec))
         assert parsed.entries[0].title == "Café"
     # a UTF-16 document that declares what it cannot be: still a precise error, not a crash
@@ -218,19 +233,29 @@ def test_encodings_an_export_may_have():
     assert error.field == "xml"
 
 
-@pytest.mark.parametrize("anime_xml, field, fragment", [
-    ("<series_animedb_id>abc</series_animedb_id>", "anime[1].series_animedb_id", "'abc' is not a non-negative integer"),
-    ("<series_animedb_id>-5</series_animedb_id>", "anime[1].series_animedb_id", "not a non-negative integer"),
-    ("<series_animedb_id>1.5</series_animedb_id>", "anime[1].series_animedb_id", "not a non-negative integer"),
-    ("<series_animedb_id>0</series_animedb_id>", "anime[1].series_animedb_id", "not a valid anime id"),
-    ("<series_animedb_id>99999999999999999999</series_animedb_id>", "anime[1].series_animedb_id", "too large"),
-    ("<series_title>no id</series_title>", "anime[1].series_animedb_id", "missing"),
-    ("<series_animedb_id>7</series_animedb_id><my_score>11</my_score>", "anime[1].my_score", "outside 0-10"),
-    ("<series_animedb_id>7</series_animedb_id><my_status>Binging</my_status>", "anime[1].my_status", "'Binging'"),
-    ("<series_animedb_id>7</series_animedb_id><my_watched_episodes>x</my_watched_episodes>",
-     "anime[1].my_watched_episodes", "not a non-negative integer"),
-    ("<series_animedb_id>1</series_animedb_id>", "anime[1].series_animedb_id", "listed twice (also anime[0])"),
-])
+@pytest.mark.parametrize(
+    "anime_xml, field, fragment",
+    [
+        (
+            "<series_animedb_id>abc</series_animedb_id>",
+            "anime[1].series_animedb_id",
+            "'abc' is not a non-negative integer",
+        ),
+        ("<series_animedb_id>-5</series_animedb_id>", "anime[1].series_animedb_id", "not a non-negative integer"),
+        ("<series_animedb_id>1.5</series_animedb_id>", "anime[1].series_animedb_id", "not a non-negative integer"),
+        ("<series_animedb_id>0</series_animedb_id>", "anime[1].series_animedb_id", "not a valid anime id"),
+        ("<series_animedb_id>99999999999999999999</series_animedb_id>", "anime[1].series_animedb_id", "too large"),
+        ("<series_title>no id</series_title>", "anime[1].series_animedb_id", "missing"),
+        ("<series_animedb_id>7</series_animedb_id><my_score>11</my_score>", "anime[1].my_score", "outside 0-10"),
+        ("<series_animedb_id>7</series_animedb_id><my_status>Binging</my_status>", "anime[1].my_status", "'Binging'"),
+        (
+            "<series_animedb_id>7</series_animedb_id><my_watched_episodes>x</my_watched_episodes>",
+            "anime[1].my_watched_episodes",
+            "not a non-negative integer",
+        ),
+        ("<series_animedb_id>1</series_animedb_id>", "anime[1].series_animedb_id", "listed twice (also anime[0])"),
+    ],
+)
 def test_bad_fields_are_named(anime_xml, field, fragment):
     data = f"""<myanimelist><anime><series_animedb_id>1</series_animedb_id></anime>
                <anime>{anime_xml}</anime></myanimelist>""".encode()

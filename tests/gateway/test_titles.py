@@ -16,8 +16,9 @@ META = Path(default_data_dir()) / "anime_mal2021_meta.csv.xz"
 
 def _catalogue(rows: list[tuple]) -> pd.DataFrame:
     """(anime_id, title, english, japanese, synonyms, type, members) rows -> catalogue frame."""
-    frame = pd.DataFrame(rows, columns=["anime_id", "title", "title_english", "title_japanese",
-                                        "synonyms", "type", "members"])
+    frame = pd.DataFrame(
+        rows, columns=["anime_id", "title", "title_english", "title_japanese", "synonyms", "type", "members"]
+    )
     return frame.set_index("anime_id")
 
 
@@ -25,42 +26,52 @@ def _catalogue(rows: list[tuple]) -> pd.DataFrame:
 def index() -> TitleIndex:
     if not META.exists():
         pytest.skip(f"{META} not available")
-    raw = pd.read_csv(META, usecols=["anime_id", "title", "title_english", "title_japanese",
-                                      "title_synonyms", "type", "members"])
+    raw = pd.read_csv(
+        META, usecols=["anime_id", "title", "title_english", "title_japanese", "title_synonyms", "type", "members"]
+    )
 
     def text(column: str) -> pd.Series:  # as the data loader does: '' when none, HTML decoded
         return raw[column].fillna("").map(html.unescape).str.strip()
 
-    catalog = pd.DataFrame({
-        "title": text("title"), "title_english": text("title_english"),
-        "title_japanese": text("title_japanese"),
-        # the file separates synonyms with ", "
-        "synonyms": [tuple(s.strip() for s in v.split(", ") if s.strip()) if isinstance(v, str) else ()
-                     for v in raw["title_synonyms"]],
-        "type": raw["type"].fillna(""), "members": raw["members"],
-    }).set_index(raw["anime_id"])
+    catalog = pd.DataFrame(
+        {
+            "title": text("title"),
+            "title_english": text("title_english"),
+            "title_japanese": text("title_japanese"),
+            # the file separates synonyms with ", "
+            "synonyms": [
+                tuple(s.strip() for s in v.split(", ") if s.strip()) if isinstance(v, str) else ()
+                for v in raw["title_synonyms"]
+            ],
+            "type": raw["type"].fillna(""),
+            "members": raw["members"],
+        }
+    ).set_index(raw["anime_id"])
     return TitleIndex(catalog)
 
 
-@pytest.mark.parametrize("query, anime_id, matched_on", [
-    ("Naruto", 20, "exact_title"),
-    ("Bleach", 269, "exact_title"),
-    ("Fullmetal Alchemist", 121, "exact_title"),           # the 2003 series, not Brotherhood
-    ("fullmetal alchemist brotherhood", 5114, "exact_title"),  # ':' ignored in the loose pass
-    ("FMAB", 5114, "synonym"),
-    ("Hagane no Renkinjutsushi", 121, "synonym"),
-    ("Attack on Titan", 16498, "english"),
-    ("Shingeki no Kyojin", 16498, "exact_title"),
-    ("  SHINGEKI   no kyojin ", 16498, "exact_title"),
-    ("進撃の巨人", 16498, "japanese"),
-    ("Steins Gate", 9253, "exact_title"),                   # real title "Steins;Gate"
-    ("Ｎａｒｕｔｏ", 20, "exact_title"),                      # full-width, NFKC-folded
-    ("Narutoo", 20, "fuzzy"),
-    ("Cowboy Bebp", 1, "fuzzy"),
-    ("bebop cowboy", 1, "fuzzy"),                           # word order
-    ("naruto shipuden", 1735, "fuzzy"),
-    ("Fullmetal alchemist brotherhod", 5114, "fuzzy"),
-])
+@pytest.mark.parametrize(
+    "query, anime_id, matched_on",
+    [
+        ("Naruto", 20, "exact_title"),
+        ("Bleach", 269, "exact_title"),
+        ("Fullmetal Alchemist", 121, "exact_title"),  # the 2003 series, not Brotherhood
+        ("fullmetal alchemist brotherhood", 5114, "exact_title"),  # ':' ignored in the loose pass
+        ("FMAB", 5114, "synonym"),
+        ("Hagane no Renkinjutsushi", 121, "synonym"),
+        ("Attack on Titan", 16498, "english"),
+        ("Shingeki no Kyojin", 16498, "exact_title"),
+        ("  SHINGEKI   no kyojin ", 16498, "exact_title"),
+        ("進撃の巨人", 16498, "japanese"),
+        ("Steins Gate", 9253, "exact_title"),  # real title "Steins;Gate"
+        ("Ｎａｒｕｔｏ", 20, "exact_title"),  # full-width, NFKC-folded
+        ("Narutoo", 20, "fuzzy"),
+        ("Cowboy Bebp", 1, "fuzzy"),
+        ("bebop cowboy", 1, "fuzzy"),  # word order
+        ("naruto shipuden", 1735, "fuzzy"),
+        ("Fullmetal alchemist brotherhod", 5114, "fuzzy"),
+    ],
+)
 def test_resolves_real_titles(index, query, anime_id, matched_on):
     resolution = index.resolve(query)
     assert (resolution.anime_id, resolution.matched_on) == (anime_id, matched_on)
@@ -142,21 +153,29 @@ def test_search_limit_is_bounded(index):
 
 
 def test_extras_lose_ties_even_when_more_popular():
-    index = TitleIndex(_catalogue([
-        (1, "Foo", "", "", (), "TV", 100),
-        (2, "Foo", "", "", (), "Special", 1000),
-        (3, "Foo", "", "", (), "OVA", 500),
-    ]))
+    index = TitleIndex(
+        _catalogue(
+            [
+                (1, "Foo", "", "", (), "TV", 100),
+                (2, "Foo", "", "", (), "Special", 1000),
+                (3, "Foo", "", "", (), "OVA", 500),
+            ]
+        )
+    )
     resolution = index.resolve("foo")
     assert resolution.anime_id == 3  # non-extras first, then members
     assert [s.anime_id for s in resolution.suggestions] == [1, 2]
 
 
 def test_fuzzy_needs_a_clear_lead_over_another_anime():
-    index = TitleIndex(_catalogue([
-        (1, "Toradora", "", "", (), "TV", 10),
-        (2, "Toradoru", "", "", (), "TV", 5),
-    ]))
+    index = TitleIndex(
+        _catalogue(
+            [
+                (1, "Toradora", "", "", (), "TV", 10),
+                (2, "Toradoru", "", "", (), "TV", 5),
+            ]
+        )
+    )
     # ratio("toradorra", "toradora") = 94.1 (5.9 from 100); "toradoru" = 82.4 (17.6 >= 2 x 5.9)
     clear = index.resolve("Toradorra")
     assert (clear.anime_id, clear.matched_on, clear.score) == (1, "fuzzy", 94.1)
@@ -167,11 +186,15 @@ def test_fuzzy_needs_a_clear_lead_over_another_anime():
 
 
 def test_field_order_title_before_english_before_synonym():
-    index = TitleIndex(_catalogue([
-        (1, "Alpha", "Beta", "", ("Gamma",), "TV", 1),
-        (2, "Beta", "Gamma", "", ("Alpha",), "TV", 1000),
-        (3, "Delta", "", "", ("Gamma",), "TV", 1_000_000),
-    ]))
+    index = TitleIndex(
+        _catalogue(
+            [
+                (1, "Alpha", "Beta", "", ("Gamma",), "TV", 1),
+                (2, "Beta", "Gamma", "", ("Alpha",), "TV", 1000),
+                (3, "Delta", "", "", ("Gamma",), "TV", 1_000_000),
+            ]
+        )
+    )
     assert (index.resolve("alpha").anime_id, index.resolve("alpha").matched_on) == (1, "exact_title")
     assert index.resolve("beta").anime_id == 2
     assert (index.resolve("gamma").anime_id, index.resolve("gamma").matched_on) == (2, "english")

@@ -33,7 +33,7 @@ from tests.e2e.support import AUTH, STARTUP_TIMEOUT_S, Stack, stack_processes
 S = common_pb2
 LOAD_SECONDS = float(os.environ.get("A2V_LOAD_SECONDS", "20"))
 LOAD_SCALE = max(1.0, float(os.environ.get("A2V_LOAD_SCALE", "1")))
-ALIAS_POLL_S = 0.2    # the shared ranker follows the collection alias this often
+ALIAS_POLL_S = 0.2  # the shared ranker follows the collection alias this often
 
 
 def scaled(n: int) -> int:
@@ -41,6 +41,7 @@ def scaled(n: int) -> int:
 
 
 # ---- processes -----------------------------------------------------------------------------------
+
 
 def start_together(procs: Mapping[str, ServiceProcess]) -> None:
     """Start every process at once (a gateway retries until its ranker answers), then wait until
@@ -81,6 +82,7 @@ def shared_stack(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory
             stack.channel.close()
             stop_all(procs)
             _SHARED.pop("stack", None)
+
         config.add_cleanup(stop)
     return _SHARED["stack"]
 
@@ -123,6 +125,7 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, every
 
 # ---- metrics -------------------------------------------------------------------------------------
 
+
 def scrape(url: str) -> str:
     return urllib.request.urlopen(url, timeout=10).read().decode()
 
@@ -152,14 +155,15 @@ def codes_seen(body: str, service: str, method: str) -> dict[str, float]:
 
 # ---- clients -------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Outcome:
     kind: str
     code: grpc.StatusCode
-    reason: str = ""          # ErrorInfo reason of a failure
+    reason: str = ""  # ErrorInfo reason of a failure
     message: str = ""
-    retry_after_s: float | None = None   # RetryInfo of a failure
-    at: float = 0.0           # time.monotonic() when it completed
+    retry_after_s: float | None = None  # RetryInfo of a failure
+    at: float = 0.0  # time.monotonic() when it completed
 
 
 def outcome_of(kind: str, call: Callable[[], object]) -> Outcome:
@@ -172,11 +176,46 @@ def outcome_of(kind: str, call: Callable[[], object]) -> Outcome:
 
 
 # Popular titles of the sample catalogue (every bundle the tests train holds them).
-FAVOURITES = ["Death Note", "Naruto", "Cowboy Bebop", "Fullmetal Alchemist", "Shingeki no Kyojin", "Elfen Lied",
-              "Angel Beats!", "Neon Genesis Evangelion", "Toradora!", "Steins;Gate", "Clannad", "Soul Eater"]
-WORDS = ["pirates", "robots", "school", "magic", "detective", "space", "samurai", "music", "sports", "demons",
-         "friendship", "revenge", "war", "cooking", "time travel", "vampires", "idols", "racing", "ghosts",
-         "a small village", "a lost sister", "an old sword", "the last city", "giant monsters"]
+FAVOURITES = [
+    "Death Note",
+    "Naruto",
+    "Cowboy Bebop",
+    "Fullmetal Alchemist",
+    "Shingeki no Kyojin",
+    "Elfen Lied",
+    "Angel Beats!",
+    "Neon Genesis Evangelion",
+    "Toradora!",
+    "Steins;Gate",
+    "Clannad",
+    "Soul Eater",
+]
+WORDS = [
+    "pirates",
+    "robots",
+    "school",
+    "magic",
+    "detective",
+    "space",
+    "samurai",
+    "music",
+    "sports",
+    "demons",
+    "friendship",
+    "revenge",
+    "war",
+    "cooking",
+    "time travel",
+    "vampires",
+    "idols",
+    "racing",
+    "ghosts",
+    "a small village",
+    "a lost sister",
+    "an old sword",
+    "the last city",
+    "giant monsters",
+]
 
 
 def text_query(rng: random.Random) -> str:
@@ -185,9 +224,13 @@ def text_query(rng: random.Random) -> str:
     return " ".join(rng.sample(WORDS, 3)) + f" #{rng.randrange(10**6)}"
 
 
-def gateway_mix(gateway: gateway_pb2_grpc.GatewayServiceStub, kinds: Sequence[str] = (
-        "recommend", "similar", "resolve", "search"), timeout_s: float = 30.0):
+def gateway_mix(
+    gateway: gateway_pb2_grpc.GatewayServiceStub,
+    kinds: Sequence[str] = ("recommend", "similar", "resolve", "search"),
+    timeout_s: float = 30.0,
+):
     """(kind, call) makers for the public RPCs a closed-loop client mixes."""
+
     def make(kind: str, rng: random.Random) -> Callable[[], object]:
         if kind == "recommend":
             favs = [S.AnimeRef(title=t) for t in rng.sample(FAVOURITES, rng.randint(1, 3))]
@@ -203,6 +246,7 @@ def gateway_mix(gateway: gateway_pb2_grpc.GatewayServiceStub, kinds: Sequence[st
             req = gateway_pb2.SearchTextRequest(query=text_query(rng), options=S.RecommendOptions(limit=10))
             return lambda: gateway.SearchText(req, metadata=AUTH, timeout=timeout_s)
         raise ValueError(kind)
+
     return list(kinds), make
 
 
@@ -210,8 +254,13 @@ class ClosedLoop:
     """`concurrency` client threads, each sending its next request when the last one answered,
     cycling through `kinds`; every answer is recorded as an Outcome."""
 
-    def __init__(self, kinds: Sequence[str], make: Callable[[str, random.Random], Callable[[], object]],
-                 concurrency: int, pause_s: float = 0.0):
+    def __init__(
+        self,
+        kinds: Sequence[str],
+        make: Callable[[str, random.Random], Callable[[], object]],
+        concurrency: int,
+        pause_s: float = 0.0,
+    ):
         self.kinds, self.make, self.concurrency, self.pause_s = list(kinds), make, concurrency, pause_s
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
@@ -269,6 +318,7 @@ def burst(calls: Sequence[Callable[[], grpc.Future]]) -> list[Outcome]:
 
 # ---- a counting pass-through ---------------------------------------------------------------------
 
+
 class CountingProxy:
     """A gRPC pass-through in this process: forwards every unary call as raw bytes to `target` and
     relays the answer (status, message and rich details included), counting attempts by
@@ -309,7 +359,7 @@ class _ProxyHandler(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details):
         method = handler_call_details.method
-        forward = self.proxy._channel.unary_unary(method)   # no (de)serializers: bytes in, bytes out
+        forward = self.proxy._channel.unary_unary(method)  # no (de)serializers: bytes in, bytes out
 
         def relay(request: bytes, context: grpc.ServicerContext) -> bytes:
             injected = self.proxy.inject

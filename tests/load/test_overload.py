@@ -41,7 +41,7 @@ pytestmark = pytest.mark.load
 S = common_pb2
 C = grpc.StatusCode
 RANKER_LIMIT, GATEWAY_LIMIT = 2, 3
-MAX_BURSTS = 30       # bursts until both outcomes were seen (one burst normally suffices)
+MAX_BURSTS = 30  # bursts until both outcomes were seen (one burst normally suffices)
 RECOMMEND = "anime2vec.v1.RankerService/RecommendFromFavourites"
 GW_RECOMMEND = "anime2vec.v1.GatewayService/Recommend"
 
@@ -60,15 +60,24 @@ def overload(request, tmp_path_factory, bundle):
     root = tmp_path_factory.mktemp("overload")
     encoder = stack.procs["encoder"].spec.address
     limited = {"MAX_CONCURRENT_RPCS": str(RANKER_LIMIT), "MAX_WORKERS": str(RANKER_LIMIT)}
-    procs = {"ranker": stack_processes(root / "small-ranker", stack.bundle, names=("ranker",),
-                                       env={"ranker": limited}, encoder_address=encoder)["ranker"]}
+    procs = {
+        "ranker": stack_processes(
+            root / "small-ranker", stack.bundle, names=("ranker",), env={"ranker": limited}, encoder_address=encoder
+        )["ranker"]
+    }
     proxy = CountingProxy(procs["ranker"].spec.address)
-    procs["gateway-over-proxy"] = stack_processes(root / "gw-proxy", stack.bundle, names=("gateway",),
-                                                  encoder_address=encoder, ranker_address=proxy.address)["gateway"]
+    procs["gateway-over-proxy"] = stack_processes(
+        root / "gw-proxy", stack.bundle, names=("gateway",), encoder_address=encoder, ranker_address=proxy.address
+    )["gateway"]
     limited = {"MAX_CONCURRENT_RPCS": str(GATEWAY_LIMIT), "MAX_WORKERS": str(GATEWAY_LIMIT)}
     procs["small-gateway"] = stack_processes(
-        root / "gw-small", stack.bundle, names=("gateway",), env={"gateway": limited},
-        encoder_address=encoder, ranker_address=stack.procs["ranker"].spec.address)["gateway"]
+        root / "gw-small",
+        stack.bundle,
+        names=("gateway",),
+        env={"gateway": limited},
+        encoder_address=encoder,
+        ranker_address=stack.procs["ranker"].spec.address,
+    )["gateway"]
     try:
         start_together(procs)
         channels = {name: grpc.insecure_channel(p.spec.address) for name, p in procs.items()}
@@ -106,8 +115,9 @@ def test_the_ranker_sheds_load_beyond_its_limit_and_recovers(overload):
     before = codes_seen(scrape(_metrics_url(procs["ranker"])), "ranker", RECOMMEND)
     request = ranker_pb2.RecommendFromFavouritesRequest(liked_ids=[1, 20], options=S.RecommendOptions(limit=10))
 
-    seen, _ = bursts_until_both(lambda: stub.RecommendFromFavourites.future(request, timeout=60),
-                                scaled(4 * RANKER_LIMIT))
+    seen, _ = bursts_until_both(
+        lambda: stub.RecommendFromFavourites.future(request, timeout=60), scaled(4 * RANKER_LIMIT)
+    )
     print(f"\nranker burst outcomes: {dict(seen)}")
     assert set(seen) <= {(C.OK, ""), (C.RESOURCE_EXHAUSTED, "")}, seen
     shed, ok = seen[(C.RESOURCE_EXHAUSTED, "")], seen[(C.OK, "")]
@@ -118,7 +128,7 @@ def test_the_ranker_sheds_load_beyond_its_limit_and_recovers(overload):
     assert {c: n - before.get(c, 0) for c, n in after.items() if n - before.get(c, 0)} == {"OK": ok}
 
     assert_serving(channels["ranker"], "anime2vec.v1.RankerService")
-    for _ in range(5):   # one at a time: all accepted
+    for _ in range(5):  # one at a time: all accepted
         assert len(stub.RecommendFromFavourites(request, timeout=60).recommendations) == 10
 
 
@@ -129,8 +139,9 @@ def test_the_gateway_sheds_load_beyond_its_limit_and_recovers(overload):
     before = codes_seen(scrape(url), "gateway", GW_RECOMMEND)
     request = gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(title="Naruto"), S.AnimeRef(title="Death Note")])
 
-    seen, _ = bursts_until_both(lambda: gateway.Recommend.future(request, metadata=AUTH, timeout=60),
-                                scaled(4 * GATEWAY_LIMIT))
+    seen, _ = bursts_until_both(
+        lambda: gateway.Recommend.future(request, metadata=AUTH, timeout=60), scaled(4 * GATEWAY_LIMIT)
+    )
     print(f"\ngateway burst outcomes: {dict(seen)}")
     # the gateway's own limit (grpc's maximum_concurrent_rpcs) sheds without details; the ranker
     # behind it has the default limit and sheds nothing
@@ -142,12 +153,18 @@ def test_the_gateway_sheds_load_beyond_its_limit_and_recovers(overload):
 
     assert_serving(channels["small-gateway"], "anime2vec.v1.GatewayService")
     assert len(gateway.Recommend(request, metadata=AUTH, timeout=60).recommendations) == 10
-    assert gateway.Similar(gateway_pb2.SimilarRequest(anime=S.AnimeRef(title="Naruto")), metadata=AUTH,
-                           timeout=60).recommendations
-    assert gateway.SearchText(gateway_pb2.SearchTextRequest(query="ninjas protect their village"), metadata=AUTH,
-                              timeout=60).recommendations
-    assert gateway.ResolveTitles(gateway_pb2.ResolveTitlesRequest(query="Naruto"), metadata=AUTH,
-                                 timeout=60).candidates[0].anime_id == 20
+    assert gateway.Similar(
+        gateway_pb2.SimilarRequest(anime=S.AnimeRef(title="Naruto")), metadata=AUTH, timeout=60
+    ).recommendations
+    assert gateway.SearchText(
+        gateway_pb2.SearchTextRequest(query="ninjas protect their village"), metadata=AUTH, timeout=60
+    ).recommendations
+    assert (
+        gateway.ResolveTitles(gateway_pb2.ResolveTitlesRequest(query="Naruto"), metadata=AUTH, timeout=60)
+        .candidates[0]
+        .anime_id
+        == 20
+    )
 
 
 def test_the_gateway_relays_ranker_shedding_as_resource_exhausted_without_retrying(overload):
@@ -157,8 +174,7 @@ def test_the_gateway_relays_ranker_shedding_as_resource_exhausted_without_retryi
     attempts_before = proxy.attempts("RecommendFromFavourites")
     shed_before = proxy.attempts("RecommendFromFavourites", "RESOURCE_EXHAUSTED")
 
-    seen, errors = bursts_until_both(lambda: gateway.Recommend.future(request, metadata=AUTH, timeout=60),
-                                     scaled(16))
+    seen, errors = bursts_until_both(lambda: gateway.Recommend.future(request, metadata=AUTH, timeout=60), scaled(16))
     print(f"\ngateway-over-limited-ranker burst outcomes: {dict(seen)}")
     assert set(seen) <= {(C.OK, ""), (C.RESOURCE_EXHAUSTED, "RANKER_OVERLOADED")}, seen
     shed = seen[(C.RESOURCE_EXHAUSTED, "RANKER_OVERLOADED")]

@@ -20,9 +20,9 @@ from tests.load.support import LOAD_SECONDS, ClosedLoop, codes_seen, gateway_mix
 
 pytestmark = pytest.mark.load
 
-CONCURRENCY = 4                  # clients in flight; far below every MAX_CONCURRENT_RPCS (64)
-WARMUP_FRACTION = 0.3            # caches, thread pools and allocator arenas fill up first
-RSS_GROWTH_BOUND = 30 * 2**20    # after warm-up, per service
+CONCURRENCY = 4  # clients in flight; far below every MAX_CONCURRENT_RPCS (64)
+WARMUP_FRACTION = 0.3  # caches, thread pools and allocator arenas fill up first
+RSS_GROWTH_BOUND = 30 * 2**20  # after warm-up, per service
 METHODS = {"recommend": "Recommend", "similar": "Similar", "resolve": "ResolveTitles", "search": "SearchText"}
 
 
@@ -54,8 +54,10 @@ class RssSampler:
         assert len(kept) >= 6, f"only {len(kept)} RSS samples after warm-up"
         first = [r for t, r in kept if t <= kept[0][0] + window_s]
         last = [r for t, r in kept if t >= kept[-1][0] - window_s]
-        return {n: (int(statistics.median(r[n] for r in first)), int(statistics.median(r[n] for r in last)))
-                for n in self.pids}
+        return {
+            n: (int(statistics.median(r[n] for r in first)), int(statistics.median(r[n] for r in last)))
+            for n in self.pids
+        }
 
 
 def test_sustained_mixed_load_has_no_failures_and_flat_memory(stack: Stack):

@@ -31,18 +31,31 @@ MODEL_FACTORIES: list[tuple[str, Factory]] = [
     ("item-knn", lambda ds, content: ItemKNN(K=20)),
     ("wmf", lambda ds, content: WMF(factors=8, regularization=0.1, alpha=5.0, iterations=10, seed=0, threads=1)),
     ("content-knn", lambda ds, content: ContentKNN(content, name="content-knn")),
-    ("dropoutnet", lambda ds, content: DropoutNet(
-        content, WMF(factors=8, regularization=0.1, alpha=5.0, iterations=10, seed=0, threads=1),
-        DropoutNetConfig(hidden=(32,), out_dim=16, epochs=30, batch_users=16, top_pool=10, n_top=8, n_rand=8,
-                         lr=3e-3, seed=0), device="cpu")),
+    (
+        "dropoutnet",
+        lambda ds, content: DropoutNet(
+            content,
+            WMF(factors=8, regularization=0.1, alpha=5.0, iterations=10, seed=0, threads=1),
+            DropoutNetConfig(
+                hidden=(32,), out_dim=16, epochs=30, batch_users=16, top_pool=10, n_top=8, n_rand=8, lr=3e-3, seed=0
+            ),
+            device="cpu",
+        ),
+    ),
     # λ on the scale of this tiny matrix (items have ~15 positives; the default 500 is for MAL)
     ("ease", lambda ds, content: EASE(lam=10.0)),
     ("ease-factored", lambda ds, content: EASE(lam=10.0, rank=12, seed=0)),
     ("rp3beta", lambda ds, content: RP3beta(alpha=1.0, beta=0.5, K=20)),
     ("content-bilinear", lambda ds, content: ContentBilinear(content, lam=1.0, mu=1.0, seed=0)),
-    ("anime2vec-hybrid", lambda ds, content: Hybrid(EASE(lam=10.0, rank=12, seed=0),
-                                                    ContentBilinear(content, lam=1.0, mu=1.0, seed=0),
-                                                    graph=None, content_rank=None)),
+    (
+        "anime2vec-hybrid",
+        lambda ds, content: Hybrid(
+            EASE(lam=10.0, rank=12, seed=0),
+            ContentBilinear(content, lam=1.0, mu=1.0, seed=0),
+            graph=None,
+            content_rank=None,
+        ),
+    ),
 ]
 
 # Two clusters of items (A: 0-19, B: 20-39) and users (A: 24, B: 36). Users like items of their
@@ -69,13 +82,21 @@ def _split(ds_rng: np.random.Generator, likes: sp.coo_matrix) -> Dataset:
 
     train_users = np.setdiff1d(np.arange(N_USERS), np.r_[VAL_USERS, TEST_USERS])
     return Dataset(
-        item_ids=np.arange(1, N_ITEMS + 1), user_ids=np.arange(1, N_USERS + 1),
+        item_ids=np.arange(1, N_ITEMS + 1),
+        user_ids=np.arange(1, N_USERS + 1),
         train_items=np.setdiff1d(np.arange(N_ITEMS), np.r_[VAL_ITEMS, TEST_ITEMS]),
-        val_items=VAL_ITEMS, test_items=TEST_ITEMS,
-        train_users=train_users, val_users=VAL_USERS, test_users=TEST_USERS,
-        train=m(warm & ~to_val & ~to_test), warm_val=m(to_val), warm_test=m(to_test),
-        cold_val=m(~held_user & np.isin(i, VAL_ITEMS)), cold_test=m(~held_user & np.isin(i, TEST_ITEMS)),
-        heldout=m(held_user & ~cold), seed=0,
+        val_items=VAL_ITEMS,
+        test_items=TEST_ITEMS,
+        train_users=train_users,
+        val_users=VAL_USERS,
+        test_users=TEST_USERS,
+        train=m(warm & ~to_val & ~to_test),
+        warm_val=m(to_val),
+        warm_test=m(to_test),
+        cold_val=m(~held_user & np.isin(i, VAL_ITEMS)),
+        cold_test=m(~held_user & np.isin(i, TEST_ITEMS)),
+        heldout=m(held_user & ~cold),
+        seed=0,
     )
 
 
@@ -113,8 +134,9 @@ def _query_kinds(ds: Dataset) -> dict[str, Queries]:
     return {
         "users": Queries.of_users(ds.train_users[::4]),
         # favourites, one of them a cold (val) item: a user may like an anime nobody rated yet
-        "liked": Queries.of_liked([[0, 1, 2], [25], [3, 18], [20, 21, 22, 23, 30]],
-                                  weights=[[5, 1, 1], [2], [1, 3], [1, 1, 1, 1, 1]]),
+        "liked": Queries.of_liked(
+            [[0, 1, 2], [25], [3, 18], [20, 21, 22, 23, 30]], weights=[[5, 1, 1], [2], [1, 3], [1, 1, 1, 1, 1]]
+        ),
     }
 
 
@@ -161,7 +183,7 @@ def test_recommend_respects_candidates_and_exclusions(fitted, world, kind):
     known = np.asarray(fitted.scorable(items), bool)
     for r in range(len(q)):
         got = idx[r][idx[r] >= 0]
-        assert set(got) <= set(items[known].tolist())   # never an item the model cannot score
+        assert set(got) <= set(items[known].tolist())  # never an item the model cannot score
         assert not set(got) & set(exclude[r].indices.tolist())
         assert len(set(got)) == len(got)
         assert np.all(np.diff(scores[r][idx[r] >= 0]) <= 0)  # best first
@@ -177,8 +199,10 @@ def test_recommend_respects_candidates_and_exclusions(fitted, world, kind):
 def test_recommend_pads_when_too_few_candidates_remain(fitted, world):
     q = _query_kinds(world[0])["liked"]
     items = np.arange(6)
-    exclude = sp.csr_matrix((np.ones(len(q) * 3, np.float32),
-                             (np.repeat(np.arange(len(q)), 3), np.tile([0, 2, 4], len(q)))), shape=(len(q), N_ITEMS))
+    exclude = sp.csr_matrix(
+        (np.ones(len(q) * 3, np.float32), (np.repeat(np.arange(len(q)), 3), np.tile([0, 2, 4], len(q)))),
+        shape=(len(q), N_ITEMS),
+    )
     idx, scores = fitted.recommend(q, k=6, items=items, exclude=exclude)
     assert (np.sort(idx[:, :3], axis=1) == [1, 3, 5]).all()
     assert (idx[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
@@ -230,9 +254,11 @@ def test_quality_beats_popularity(fitted, world, kind):
 
 
 # ---- collaborative models and items nobody interacted with -------------------------------------
-@pytest.mark.parametrize("factory", [lambda: EASE(lam=10.0), lambda: EASE(lam=10.0, rank=12, seed=0),
-                                     lambda: RP3beta(alpha=1.0, beta=0.5, K=20)],
-                         ids=["ease", "ease-factored", "rp3beta"])
+@pytest.mark.parametrize(
+    "factory",
+    [lambda: EASE(lam=10.0), lambda: EASE(lam=10.0, rank=12, seed=0), lambda: RP3beta(alpha=1.0, beta=0.5, K=20)],
+    ids=["ease", "ease-factored", "rp3beta"],
+)
 def test_items_without_training_interactions_are_unscorable_and_never_recommended(world, factory):
     ds = world[0]
     model = factory().fit(ds.train)
@@ -246,7 +272,7 @@ def test_items_without_training_interactions_are_unscorable_and_never_recommende
         idx, scores = model.recommend(q, k=N_ITEMS)
         assert not np.isin(idx, cold).any(), kind
         assert ((idx >= 0).sum(axis=1) == N_ITEMS - len(cold)).all(), kind
-        assert (idx[:, N_ITEMS - len(cold):] == -1).all() and np.isneginf(scores[:, N_ITEMS - len(cold):]).all()
+        assert (idx[:, N_ITEMS - len(cold) :] == -1).all() and np.isneginf(scores[:, N_ITEMS - len(cold) :]).all()
         # only cold candidates left: nothing to recommend
         idx, _ = model.recommend(q, k=4, items=cold)
         assert (idx == -1).all(), kind
@@ -266,8 +292,10 @@ def test_factored_ease_at_full_rank_ranks_like_full_ease():
     warm = np.flatnonzero(train.getnnz(axis=0))
     full = EASE(lam=20.0).fit(train)
     rng = np.random.default_rng(1)
-    queries = {"users": Queries.of_users(np.arange(0, train.shape[0], 3)),
-               "liked": Queries.of_liked([rng.choice(warm, 5, replace=False) for _ in range(40)])}
+    queries = {
+        "users": Queries.of_users(np.arange(0, train.shape[0], 3)),
+        "liked": Queries.of_liked([rng.choice(warm, 5, replace=False) for _ in range(40)]),
+    }
 
     def overlap(model, q, k=20):
         ex = q.history_matrix(train)
@@ -276,13 +304,13 @@ def test_factored_ease_at_full_rank_ranks_like_full_ease():
         return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
 
     at_full = full.factored(train.shape[1])
-    assert at_full.B is full.B and at_full.P.shape[1] == len(warm) - 1   # no second solve; rank capped
-    assert full.P is None                                                # the full model stays full
+    assert at_full.B is full.B and at_full.P.shape[1] == len(warm) - 1  # no second solve; rank capped
+    assert full.P is None  # the full model stays full
     np.testing.assert_array_equal(at_full.Q[~np.isin(np.arange(train.shape[1]), warm)], 0.0)
     coarse = full.factored(2)
     for kind, q in queries.items():
         assert overlap(at_full, q) >= 0.95, kind
-        assert overlap(coarse, q) < 0.8, kind   # the comparison can tell ranks apart
+        assert overlap(coarse, q) < 0.8, kind  # the comparison can tell ranks apart
     # fitting with `rank` is the same model as factoring a fitted one
     direct = EASE(lam=20.0, rank=40, seed=0).fit(train)
     np.testing.assert_allclose(direct.P, full.factored(40).P, rtol=1e-4, atol=1e-5)

@@ -42,8 +42,12 @@ def sample():
 
 
 def build(sample) -> Hybrid:
-    return Hybrid(EASE(lam=300.0, rank=64, seed=0), ContentBilinear(sample["content"], lam=10.0, mu=10.0, seed=0),
-                  graph=sample["graph"], content_rank=32).fit(sample["ds"].train)
+    return Hybrid(
+        EASE(lam=300.0, rank=64, seed=0),
+        ContentBilinear(sample["content"], lam=10.0, mu=10.0, seed=0),
+        graph=sample["graph"],
+        content_rank=32,
+    ).fit(sample["ds"].train)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +58,32 @@ def fitted(sample) -> Hybrid:
 # weights far from the defaults: every term and every group matters
 PARAMS = {
     "weights": {
-        "users": {"cf": 1.0, "content": 0.5, "text": 0.0, "pop": [0.2, 0.5, 1.0, 0.35],
-                  "offset": {"warm": 0.0, "paired": -0.5, "text": -1.25}},
-        "favourites": {"cf": 0.75, "content": 1.5, "text": 0.0, "pop": [1.0, 0.5, 0.2, 0.1],
-                       "offset": {"warm": 0.25, "paired": 0.5, "text": -0.75}},
-        "text": {"cf": 0.0, "content": 0.0, "text": 1.0, "pop": [0.0, 0.0, 0.0, 0.0],
-                 "offset": {"warm": 0.0, "paired": 0.0, "text": 0.0}},
+        "users": {
+            "cf": 1.0,
+            "content": 0.5,
+            "text": 0.0,
+            "pop": [0.2, 0.5, 1.0, 0.35],
+            "offset": {"warm": 0.0, "paired": -0.5, "text": -1.25},
+        },
+        "favourites": {
+            "cf": 0.75,
+            "content": 1.5,
+            "text": 0.0,
+            "pop": [1.0, 0.5, 0.2, 0.1],
+            "offset": {"warm": 0.25, "paired": 0.5, "text": -0.75},
+        },
+        "text": {
+            "cf": 0.0,
+            "content": 0.0,
+            "text": 1.0,
+            "pop": [0.0, 0.0, 0.0, 0.0],
+            "offset": {"warm": 0.0, "paired": 0.0, "text": 0.0},
+        },
     },
-    "items": {"beta_cf": {"warm": 1.0, "paired": 0.75, "text": 0.0},
-              "beta_content": {"warm": 1.0, "paired": 2.0, "text": 3.0}},
+    "items": {
+        "beta_cf": {"warm": 1.0, "paired": 0.75, "text": 0.0},
+        "beta_content": {"warm": 1.0, "paired": 2.0, "text": 3.0},
+    },
 }
 
 
@@ -83,8 +104,15 @@ def queries(hy: Hybrid, ds) -> dict[str, Queries]:
     users = np.flatnonzero(counts)
     picked = np.unique(np.r_[users[np.argsort(counts[users], kind="stable")[:6]], users[::17]])
     g = by_group(hy)
-    liked = [[g[WARM][0]], [g[PAIRED][0]], [g[TEXT][0]], [g[WARM][3], g[WARM][50]],
-             [g[WARM][5], g[PAIRED][2], g[TEXT][1]], list(g[WARM][10:15]), [*g[WARM][20:25], *g[PAIRED][5:8]]]
+    liked = [
+        [g[WARM][0]],
+        [g[PAIRED][0]],
+        [g[TEXT][0]],
+        [g[WARM][3], g[WARM][50]],
+        [g[WARM][5], g[PAIRED][2], g[TEXT][1]],
+        list(g[WARM][10:15]),
+        [*g[WARM][20:25], *g[PAIRED][5:8]],
+    ]
     weights = [np.linspace(1.0, 3.0, len(x)) for x in liked]
     return {"users": Queries.of_users(picked), "favourites": Queries.of_liked(liked, weights)}
 
@@ -104,7 +132,7 @@ def test_every_anime_is_in_the_group_its_data_allows(fitted, sample):
     to_warm = np.asarray((graph @ has_positives.astype(np.float32))).ravel() > 0
     np.testing.assert_array_equal(fitted.group == PAIRED, ~has_positives & to_warm)
     g = by_group(fitted)
-    assert all(len(g[x]) >= 5 for x in g)   # the sample has anime of every group
+    assert all(len(g[x]) >= 5 for x in g)  # the sample has anime of every group
     # a paired anime borrows its warm neighbours' audience, a text-only one has none
     assert np.all(np.linalg.norm(fitted.q[g[PAIRED]], axis=1) > 0)
     np.testing.assert_array_equal(fitted.q[g[TEXT]], 0.0)
@@ -126,7 +154,7 @@ def test_serving_vectors_rank_exactly_like_the_score(hybrid, sample, request_typ
     q = queries(hybrid, sample["ds"])[request_type]
     items = np.arange(sample["ds"].n_items)
     expected = hybrid.score(q, items)
-    assert np.ptp(expected) > 1.0   # not a flat (stub) score
+    assert np.ptp(expected) > 1.0  # not a flat (stub) score
     assert np.abs(served_scores(hybrid, q) - expected).max() < 1e-4
     # also for a subset in another order (the vector of an item does not depend on the others)
     some = np.random.default_rng(0).permutation(items)[:100]
@@ -148,14 +176,14 @@ def test_offsets_and_item_weights_act_on_their_group_only(hybrid, sample):
     paired = hybrid.group == PAIRED
     np.testing.assert_array_equal(again[:, ~paired], after[:, ~paired])
     assert not np.allclose(again[:, paired], after[:, paired])
-    assert np.abs(served_scores(hybrid, q) - again).max() < 1e-4   # still one dot product
+    assert np.abs(served_scores(hybrid, q) - again).max() < 1e-4  # still one dot product
 
 
 def test_a_request_type_uses_its_own_weights(hybrid, sample):
     ds = sample["ds"]
     user = queries(hybrid, ds)["users"].slice(0, 1)
     row = ds.train[user.users[0]]
-    as_list = Queries.of_liked([row.indices], [row.data])   # the same history, asked as favourites
+    as_list = Queries.of_liked([row.indices], [row.data])  # the same history, asked as favourites
     items = np.arange(ds.n_items)
     assert not np.allclose(hybrid.score(user, items), hybrid.score(as_list, items))
     hybrid.weights["favourites"] = Weights.from_dict(hybrid.weights["users"].as_dict())
@@ -164,22 +192,23 @@ def test_a_request_type_uses_its_own_weights(hybrid, sample):
 
 # ---- state and parameters ----------------------------------------------------------------------
 def test_from_state_serves_identically_without_the_fitted_parts(hybrid, sample):
-    buf = io.BytesIO()   # through .npz and JSON, as a bundle stores them
+    buf = io.BytesIO()  # through .npz and JSON, as a bundle stores them
     np.savez(buf, **hybrid.state())
     buf.seek(0)
     state = dict(np.load(buf))
     assert set(state) == set(Hybrid.STATE)
     params = json.loads(json.dumps(hybrid.params()))
     again = Hybrid.from_state(state, params, sample["ds"].train)
-    assert again.cf is None and again.content is None   # no EASE or bilinear model needed
+    assert again.cf is None and again.content is None  # no EASE or bilinear model needed
     items = np.arange(sample["ds"].n_items)
     for kind, q in queries(hybrid, sample["ds"]).items():
         np.testing.assert_allclose(again.score(q, items), hybrid.score(q, items), rtol=1e-6, atol=1e-6, err_msg=kind)
         np.testing.assert_allclose(served_scores(again, q), served_scores(hybrid, q), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(again.serving_item_vectors(items), hybrid.serving_item_vectors(items))
     moved = by_group(hybrid)[PAIRED][:5]
-    np.testing.assert_array_equal(again.day_one(moved).serving_item_vectors(moved),
-                                  hybrid.day_one(moved).serving_item_vectors(moved))
+    np.testing.assert_array_equal(
+        again.day_one(moved).serving_item_vectors(moved), hybrid.day_one(moved).serving_item_vectors(moved)
+    )
 
 
 def test_set_params_round_trips(fitted, hybrid, sample):
@@ -221,15 +250,20 @@ def test_day_one_moves_cold_anime_to_the_text_group_and_leaves_warm_ones(hybrid,
         assert np.abs(served_scores(view, qs) - view.score(qs, np.arange(len(group)))).max() < 1e-4
     # a moved anime's vector is what an anime added at serving time with the same content gets
     moved = np.r_[paired, text]
-    np.testing.assert_allclose(view.serving_item_vectors(moved),
-                               hybrid.serving_item_vectors(content=hybrid.C[moved]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        view.serving_item_vectors(moved), hybrid.serving_item_vectors(content=hybrid.C[moved]), rtol=1e-5, atol=1e-6
+    )
     # a catalogue anime with its content row given again keeps its audience
-    np.testing.assert_allclose(hybrid.serving_item_vectors(warm, content=hybrid.C[warm]),
-                               hybrid.serving_item_vectors(warm), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        hybrid.serving_item_vectors(warm, content=hybrid.C[warm]),
+        hybrid.serving_item_vectors(warm),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ---- tuning ------------------------------------------------------------------------------------
-FAV_TARGET_POP = (3.0, 1.0, 0.0, 0.2)   # per liked-list size bucket (own:1, own:3, own:5, own:10)
+FAV_TARGET_POP = (3.0, 1.0, 0.0, 0.2)  # per liked-list size bucket (own:1, own:3, own:5, own:10)
 
 
 def synthetic_objective(hy: Hybrid, parts: dict, calls: list):
@@ -243,6 +277,7 @@ def synthetic_objective(hy: Hybrid, parts: dict, calls: list):
                 offset 3.5; paired offset best at 0.5 for known users, ever better for favourites
                 (up to the grid's edge); more content weight on the text group always helps a
                 little (up to the edge). "mix_new" one lower: a shift changes no optimum."""
+
     def objective(scorer, request, target):
         calls.append((request, target))
         w = hy.weights[request]
@@ -250,7 +285,7 @@ def synthetic_objective(hy: Hybrid, parts: dict, calls: list):
         np.testing.assert_allclose(scorer(parts), hy.combine(parts, w))
         text, paired = w.offset["text"], w.offset["paired"]
         if not target.startswith("own"):
-            fit = -(paired - 0.5) ** 2 if request == "users" else 0.1 * paired
+            fit = -((paired - 0.5) ** 2) if request == "users" else 0.1 * paired
             return -((text - 3.5) ** 2) + fit + 0.01 * hy.items.beta_content["text"] - (target == "mix_new")
         cost = 0.03 * max(0.0, text - 1.0)
         if request == "users":
@@ -258,6 +293,7 @@ def synthetic_objective(hy: Hybrid, parts: dict, calls: list):
             return 1.0 - 0.1 * abs(w.content - 0.35) - 0.05 * abs(w.pop[3] - 0.5) - cost - 0.04 * max(0.0, paired)
         b = {"own:1": 0, "own:3": 1, "own:5": 2, "own:10": 3}[target]
         return 1.0 - 0.1 * abs(w.content - 1.5) - 0.1 * abs(w.pop[b] - FAV_TARGET_POP[b]) - cost
+
     return objective
 
 
@@ -273,7 +309,7 @@ def test_tuning_finds_the_own_optimum_then_calibrates_the_groups(fitted, sample)
     hy = tuned(fitted, sample, None, calls)
     own_targets = {r: {t for q, t in calls if q == r and t.startswith("own")} for r in ("users", "favourites")}
     assert own_targets == {"users": {"own"}, "favourites": {"own:1", "own:3", "own:5", "own:10"}}
-    for request in ("users", "favourites"):   # stage 2 and the report: the mix and cold anime
+    for request in ("users", "favourites"):  # stage 2 and the report: the mix and cold anime
         assert {t for q, t in calls if q == request} >= {"mix", "mix_new", "cold", "new"}
     users, fav = hy.weights["users"], hy.weights["favourites"]
     # stage 1: the own scenario's optimum
@@ -282,7 +318,7 @@ def test_tuning_finds_the_own_optimum_then_calibrates_the_groups(fitted, sample)
     # stage 2, no floor: the mix's optimum, whatever it costs the own scenario
     assert users.offset == {"warm": 0.0, "paired": 0.5, "text": 3.5}
     assert fav.offset == {"warm": 0.0, "paired": 4.0, "text": 3.5}
-    assert hy.items.beta_content == {"warm": 1.0, "paired": 1.0, "text": 12.0}   # tuned once, with known users
+    assert hy.items.beta_content == {"warm": 1.0, "paired": 1.0, "text": 12.0}  # tuned once, with known users
     assert hy.items.beta_cf == {"warm": 1.0, "paired": 1.0, "text": 0.0}
     t = hy.tuning["users"]
     assert t["tolerance"] is None and t["floor"] is None
@@ -313,11 +349,14 @@ def test_tuned_weights_lie_on_their_grids_and_edge_values_are_reported(fitted, s
         assert w.content in GRIDS["content"] and all(p in GRIDS["pop"] for p in w.pop)
         assert all(w.offset[g] in GRIDS["offset"] for g in ("paired", "text")) and w.offset["warm"] == 0.0
     assert all(hy.items.beta_content[g] in GRIDS["beta"] for g in ("paired", "text"))
-    assert hy.items.beta_cf["paired"] in GRIDS["beta"] and hy.items.beta_cf["text"] == 0.0   # text anime have no cf
+    assert hy.items.beta_cf["paired"] in GRIDS["beta"] and hy.items.beta_cf["text"] == 0.0  # text anime have no cf
     # weights on the edge of their grid (a 0 prior or offset is a choice, not a saturation)
     assert hy.tuning["users"]["saturated"] == hy.saturated("users") == ["beta_content.text=12.0"]
-    assert hy.tuning["favourites"]["saturated"] == hy.saturated("favourites") == [
-        "content=1.5", "pop[0]=3.0", "offset.paired=4.0", "beta_content.text=12.0"]
+    assert (
+        hy.tuning["favourites"]["saturated"]
+        == hy.saturated("favourites")
+        == ["content=1.5", "pop[0]=3.0", "offset.paired=4.0", "beta_content.text=12.0"]
+    )
 
 
 def test_stage_one_ranks_warm_anime_only(fitted):
@@ -328,6 +367,7 @@ def test_stage_one_ranks_warm_anime_only(fitted):
     def objective(scorer, request, target):
         seen.append((request, target, dict(hy.weights[request].offset)))
         return 0.5
+
     hy.tune(objective)
     out = {"warm": 0.0, "paired": OUT, "text": OUT}
     for request in ("users", "favourites"):

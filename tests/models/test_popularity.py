@@ -15,7 +15,7 @@ def test_ranks_by_count_for_every_query_kind_with_seeded_ties():
     first = None
     for q in (Queries.of_users([0, 2]), Queries.of_liked([[2], [0, 4]])):
         idx, _ = m.recommend(q, k=5)
-        assert (idx == idx[0]).all()                       # the same list for everybody
+        assert (idx == idx[0]).all()  # the same list for everybody
         # item 2 has no positive: no popularity to rank it by, never recommended (padding instead)
         assert set(idx[0, :2]) == {1, 3} and set(idx[0, 2:4]) == {0, 4} and idx[0, 4] == -1
         first = idx[0] if first is None else first

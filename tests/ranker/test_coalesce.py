@@ -53,7 +53,7 @@ def test_concurrent_calls_share_batches_and_each_gets_its_own_answer():
     assert out == {i: f"k/{i}" for i in range(40)}
     sizes = [len(items) for _, items in ex.batches]
     assert sum(sizes) == 40 and max(sizes) <= 8
-    assert len(ex.batches) < 40 and max(sizes) > 1   # calls piled up behind a running batch
+    assert len(ex.batches) < 40 and max(sizes) > 1  # calls piled up behind a running batch
 
 
 def test_a_bad_item_fails_only_its_own_call():
@@ -62,9 +62,9 @@ def test_a_bad_item_fails_only_its_own_call():
     out = run_all(c, [("k", "bad" if i == 3 else i) for i in range(20)])
     assert isinstance(out[3], ValueError)
     assert {j: v for j, v in out.items() if j != 3} == {i: f"k/{i}" for i in range(20) if i != 3}
-    with pytest.raises(ValueError, match="bad item"):   # alone, too
+    with pytest.raises(ValueError, match="bad item"):  # alone, too
         c.run("k", "bad")
-    assert c.run("k", 1) == "k/1"   # and the coalescer still works
+    assert c.run("k", 1) == "k/1"  # and the coalescer still works
 
 
 def test_calls_with_different_keys_never_share_a_batch():
@@ -80,7 +80,7 @@ def test_calls_with_different_keys_never_share_a_batch():
 def test_max_batch_one_runs_every_call_alone():
     ex = Recorder(delay=0.005)
     c = Coalescer(ex, max_batch=1)
-    with c.expect():   # a no-op then: nobody waits
+    with c.expect():  # a no-op then: nobody waits
         pass
     out = run_all(c, [("k", i) for i in range(10)])
     assert out == {i: f"k/{i}" for i in range(10)}
@@ -114,12 +114,12 @@ def test_a_leader_waits_for_an_announced_caller_and_not_for_one_that_left():
     leader = threading.Thread(target=lambda: result.__setitem__("first", c.run("k", "first")))
     leader.start()
     time.sleep(0.2)
-    assert ex.batches == []   # the leader is waiting for the announced caller
+    assert ex.batches == []  # the leader is waiting for the announced caller
     go.set()
     t.join(10)
     leader.join(10)
     assert result == {"late": "k/late", "first": "k/first"}
-    assert [sorted(items) for _, items in ex.batches] == [["first", "late"]]   # one batch
+    assert [sorted(items) for _, items in ex.batches] == [["first", "late"]]  # one batch
 
     # a caller that announces itself and leaves without running releases the leader at once,
     # not after max_wait_s (30 s: the join below would time out)
@@ -139,7 +139,7 @@ def test_a_caller_with_nobody_announced_runs_at_once():
     done = threading.Event()
     t = threading.Thread(target=lambda: (c.run("k", 1), done.set()))
     t.start()
-    assert done.wait(10)   # would take 30 s if it waited for company
+    assert done.wait(10)  # would take 30 s if it waited for company
     t.join()
 
 

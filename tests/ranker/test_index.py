@@ -25,8 +25,10 @@ from anime2vec.index.client import QdrantItemIndex
 from anime2vec.index.edge import EdgeItemIndex
 
 # Local mode warns that it ignores payload indexes and search params; the calls are still the server's.
-pytestmark = [pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
-              pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
+]
 
 DIM = 16
 
@@ -134,7 +136,7 @@ def test_quantised_search_sees_points_upserted_after_the_build_and_honours_filte
     index.create_version("v1", vectors.shape[1], points_of(ids, vectors, payloads))
     index.set_alias("v1")
     q = queries[0]
-    index.upsert([ItemPoint(90_001, q * 3.0, {"genres": ["Drama"]})])   # lands outside the sealed segment
+    index.upsert([ItemPoint(90_001, q * 3.0, {"genres": ["Drama"]})])  # lands outside the sealed segment
     assert index.search(q, limit=1, exact=False)[0].anime_id == 90_001
     mecha = index.search(q, limit=10, exact=False, flt=SearchFilter(include_genres=["mecha"]))
     want, _ = numpy_top(ids, vectors, q, 10, keep={int(i) for i in ids if i % 2})
@@ -156,7 +158,7 @@ def test_pages_with_a_few_excluded_ids_equal_the_exact_filtered_pages(index, ran
     ranked, _ = numpy_top(ids, vectors, q, len(ids))
     mecha = {int(i) for i in ids if i % 3}
     for n_excluded in (3, POST_FILTER_MAX_IDS + 6):
-        excluded = ranked[:n_excluded:2] + ranked[-3:]          # the best, interleaved, and some worst
+        excluded = ranked[:n_excluded:2] + ranked[-3:]  # the best, interleaved, and some worst
         for genres in ((), ("mecha",)):
             keep = (set(map(int, ids)) if not genres else mecha) - set(excluded)
             want = [a for a in ranked if a in keep][:40]
@@ -214,8 +216,12 @@ FILTER_CASES = [
     (SearchFilter(year_max=2001), {1, 6, 10}),
     (SearchFilter(year_min=2001, year_max=2010), {2, 3, 5, 6}),
     (SearchFilter(exclude_ids=[1, 2, 99]), {3, 4, 5, 6, 7, 8, 9, 10}),
-    (SearchFilter(include_genres=["Comedy"], exclude_genres=["Romance"], types=["TV", "Movie"], year_min=2000,
-                  exclude_ids=[3]), {2}),
+    (
+        SearchFilter(
+            include_genres=["Comedy"], exclude_genres=["Romance"], types=["TV", "Movie"], year_min=2000, exclude_ids=[3]
+        ),
+        {2},
+    ),
 ]
 
 
@@ -233,8 +239,7 @@ def test_every_filter_gives_the_exact_filtered_top_k(index):
             got = index.search(q, limit=k, flt=flt)
             assert [h.anime_id for h in got] == want, (flt, k)
     hit = index.search(q, limit=1, flt=SearchFilter(include_genres=["SCI-FI"]))[0]
-    assert hit.payload == {"genres": ["sci-fi", "Action"], "type": "ONA", "year": 2020, "members": 700,
-                           "anime_id": 7}
+    assert hit.payload == {"genres": ["sci-fi", "Action"], "type": "ONA", "year": 2020, "members": 700, "anime_id": 7}
 
 
 def test_cold_only_translates_to_a_must_condition_on_the_boolean_cold_field():
@@ -249,7 +254,8 @@ def test_cold_only_translates_to_a_must_condition_on_the_boolean_cold_field():
     # a boolean, not the integer 1 that qdrant-edge makes of a Python True (never matches a bool)
     assert cond.match.value is True
     assert client_filter(SearchFilter(cold_only=True)) == models.Filter(
-        must=[models.FieldCondition(key="cold", match=models.MatchValue(value=True))])
+        must=[models.FieldCondition(key="cold", match=models.MatchValue(value=True))]
+    )
     both = client_filter(SearchFilter(cold_only=True, include_genres=["Action"], exclude_ids=[3]))
     assert [c.key for c in both.must] == ["_genres", "cold"] and len(both.must_not) == 1
     assert edge_filter(SearchFilter(cold_only=False)) is None and client_filter(SearchFilter()) is None
@@ -260,14 +266,19 @@ def test_cold_only_keeps_exactly_the_cold_points_upserted_ones_included(index, e
     """Points whose payload says cold (true) pass; warm ones (false) and ones without the field do
     not; a cold point upserted after the build passes too, and the condition combines with others."""
     ids, vectors, queries = clustered_items(n=600)
-    payloads = [{"genres": ["Mecha" if i % 2 else "Drama"], **({"cold": bool(i % 4 == 0)} if i % 7 else {})}
-                for i in ids]
+    payloads = [
+        {"genres": ["Mecha" if i % 2 else "Drama"], **({"cold": bool(i % 4 == 0)} if i % 7 else {})} for i in ids
+    ]
     index.create_version("v1", vectors.shape[1], points_of(ids, vectors, payloads))
     index.set_alias("v1")
     cold = {int(i) for i, p in zip(ids, payloads) if p.get("cold") is True}
     q = queries[2]
-    index.upsert([ItemPoint(90_001, q * 3.0, {"cold": True, "genres": ["Drama"]}),
-                  ItemPoint(90_002, q * 2.9, {"cold": False, "genres": ["Drama"]})])
+    index.upsert(
+        [
+            ItemPoint(90_001, q * 3.0, {"cold": True, "genres": ["Drama"]}),
+            ItemPoint(90_002, q * 2.9, {"cold": False, "genres": ["Drama"]}),
+        ]
+    )
     got = [h.anime_id for h in index.search(q, limit=20, flt=SearchFilter(cold_only=True), exact=exact)]
     want, _ = numpy_top(ids, vectors, q, 19, keep=cold)
     assert got == [90_001] + want
@@ -282,8 +293,7 @@ def test_cold_only_works_on_an_edge_version_built_without_the_cold_index(tmp_pat
     """Versions built before "cold" was indexed still filter on it (the engine reads the payload)."""
     import anime2vec.index.edge as index_edge
 
-    monkeypatch.setattr(index_edge, "_INDEXED_FIELDS",
-                        tuple(f for f in index_edge._INDEXED_FIELDS if f[0] != "cold"))
+    monkeypatch.setattr(index_edge, "_INDEXED_FIELDS", tuple(f for f in index_edge._INDEXED_FIELDS if f[0] != "cold"))
     ids, vectors, queries = clustered_items(n=300)
     index = EdgeItemIndex(tmp_path / "edge")
     try:
@@ -339,7 +349,7 @@ def test_searches_follow_the_alias_through_promotion_and_rollback(index, random_
         assert [h.anime_id for h in index.search(q, limit=10)] == want
     assert [h.anime_id for h in index.search(q, limit=10, version="20250101-000000-abcdef12")] == top_v2
 
-    index.upsert([ItemPoint(70_002, q, {})])    # goes to the alias target only
+    index.upsert([ItemPoint(70_002, q, {})])  # goes to the alias target only
     assert (index.count("v1"), index.count("20250101-000000-abcdef12")) == (len(ids) + 1, len(ids))
 
 
@@ -383,9 +393,14 @@ def test_unknown_versions_raise_unknown_version(index, random_items):
     with pytest.raises(UnknownVersion, match="alias"):
         index.search(queries[0], limit=3)
     index.create_version("v1", DIM, points_of(ids[:10], vectors[:10]))
-    for call in (lambda: index.search(queries[0], limit=3, version="v9"), lambda: index.count("v9"),
-                 lambda: index.get([1], version="v9"), lambda: index.upsert(points_of(ids[:1], vectors[:1]), "v9"),
-                 lambda: index.set_alias("v9"), lambda: index.delete_version("v9")):
+    for call in (
+        lambda: index.search(queries[0], limit=3, version="v9"),
+        lambda: index.count("v9"),
+        lambda: index.get([1], version="v9"),
+        lambda: index.upsert(points_of(ids[:1], vectors[:1]), "v9"),
+        lambda: index.set_alias("v9"),
+        lambda: index.delete_version("v9"),
+    ):
         with pytest.raises(UnknownVersion) as err:
             call()
         assert isinstance(err.value, KeyError) and "v9" in str(err.value)
@@ -421,13 +436,13 @@ def test_edge_follows_an_alias_switched_by_another_process(tmp_path, random_item
     flipped = -vectors
     job.create_version("v2", DIM, points_of(ids, flipped))
     job.set_alias("v2")
-    with pytest.raises(IndexUnavailable, match="v1"):   # the ranker holds v1's shard
+    with pytest.raises(IndexUnavailable, match="v1"):  # the ranker holds v1's shard
         job.count("v1")
     job.close()
 
     assert ranker.search(queries[0], limit=5)[0].anime_id == numpy_top(ids, flipped, queries[0], 1)[0][0]
 
-    job = EdgeItemIndex(tmp_path)   # roll back, then try to drop v2 while the ranker still has it open
+    job = EdgeItemIndex(tmp_path)  # roll back, then try to drop v2 while the ranker still has it open
     job.set_alias("v1")
     with pytest.raises(VersionInUse, match="another process"):
         job.delete_version("v2")
@@ -454,7 +469,7 @@ def test_edge_serves_searches_from_many_threads_during_upserts(tmp_path, random_
 
     def upserter():
         try:
-            for k in range(40):   # zero vectors score 0, below every query's top 5
+            for k in range(40):  # zero vectors score 0, below every query's top 5
                 index.upsert([ItemPoint(80_000 + k, np.zeros(DIM, np.float32), {})])
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -481,21 +496,24 @@ def test_edge_concurrent_searches_share_engine_calls_and_answer_like_single_sear
     (anime2vec/index/coalesce.py) and still get exactly their own pages: offsets, excluded ids
     and both search modes mixed in one batch."""
     ids, vectors, queries = random_items
-    sizes: list[int] = []   # searches per engine call
+    sizes: list[int] = []  # searches per engine call
     index = EdgeItemIndex(tmp_path, max_batch=8, on_batch=sizes.append)
     index.create_version("v1", DIM, points_of(ids, vectors))
     index.set_alias("v1")
-    cases = [(q, limit, offset, SearchFilter(exclude_ids=tuple(int(a) for a in ids[:n])) if n else None, exact)
-             for q in queries for limit, offset, n, exact in ((5, 0, 0, True), (11, 3, 0, False), (7, 0, 4, False),
-                                                             (3, 20, 70, True))]
-    alone = [[(h.anime_id, h.score) for h in index.search(q, limit=k, offset=o, flt=f, exact=e)]
-             for q, k, o, f, e in cases]
+    cases = [
+        (q, limit, offset, SearchFilter(exclude_ids=tuple(int(a) for a in ids[:n])) if n else None, exact)
+        for q in queries
+        for limit, offset, n, exact in ((5, 0, 0, True), (11, 3, 0, False), (7, 0, 4, False), (3, 20, 70, True))
+    ]
+    alone = [
+        [(h.anime_id, h.score) for h in index.search(q, limit=k, offset=o, flt=f, exact=e)] for q, k, o, f, e in cases
+    ]
     sizes.clear()
     start = threading.Barrier(len(cases))
     got: dict[int, list] = {}
 
     def searcher(j, q, k, o, f, e):
-        with index.search_expected():   # as the ranker's request path does, before building its vector
+        with index.search_expected():  # as the ranker's request path does, before building its vector
             start.wait(10)
             got[j] = [(h.anime_id, h.score) for h in index.search(q, limit=k, offset=o, flt=f, exact=e)]
 

@@ -33,8 +33,11 @@ GARBAGE = b"\x00\xff garbage \x13" * 100
 def build(root: Path, version: str = "v1", n: int = 300) -> EdgeItemIndex:
     rng = np.random.default_rng(0)
     index = EdgeItemIndex(root)
-    index.create_version(version, DIM, (ItemPoint(i + 1, rng.standard_normal(DIM), {"title": f"t{i}", "genres": ["A"]})
-                                        for i in range(n)))
+    index.create_version(
+        version,
+        DIM,
+        (ItemPoint(i + 1, rng.standard_normal(DIM), {"title": f"t{i}", "genres": ["A"]}) for i in range(n)),
+    )
     index.set_alias(version)
     # an added anime, as the ranker replays them: the flush moves the engine's WAL past the build,
     # so on reopening the sealed segment's files alone say which points exist
@@ -49,8 +52,10 @@ def built(tmp_path) -> Path:
     return tmp_path / "qdrant"
 
 
-@pytest.mark.parametrize("content", [GARBAGE, b'{"anime2vec_items": "../../etc"}', b'["v1"]', b'"v1"',
-                                     b'{"anime2vec_items": 7}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content",
+    [GARBAGE, b'{"anime2vec_items": "../../etc"}', b'["v1"]', b'"v1"', b'{"anime2vec_items": 7}', b"\xff\xfe"],
+)
 def test_a_damaged_alias_record_is_alias_unreadable(built, content):
     (built / "aliases.json").write_bytes(content)
     index = EdgeItemIndex(built)
@@ -73,16 +78,19 @@ def test_recover_alias_moves_a_damaged_one_aside_and_the_alias_is_unset(built, c
     assert moved.read_bytes() == GARBAGE
     (line,) = [r.message for r in caplog.records if r.levelno == logging.ERROR]
     assert line.startswith(f"the collection alias is unreadable ({built / 'aliases.json'} is not readable JSON")
-    assert line.endswith(f"moved to {moved}; serving the configured bundle or the newest bundle that verifies, "
-                         "and pointing the alias at it")
+    assert line.endswith(
+        f"moved to {moved}; serving the configured bundle or the newest bundle that verifies, "
+        "and pointing the alias at it"
+    )
 
 
 def test_promote_rewrites_a_damaged_alias_and_rollback_refuses_clearly(built, tmp_path, monkeypatch):
     (built / "aliases.json").write_bytes(GARBAGE)
     (built / "alias_history.json").write_bytes(GARBAGE)
-    rollout = Rollout(EdgeItemIndex(built), FileAliasHistory(built / "alias_history.json"), tmp_path / "models",
-                      str(built))
-    monkeypatch.setattr(rollout, "_check_promotable", lambda version: None)   # no bundle store here
+    rollout = Rollout(
+        EdgeItemIndex(built), FileAliasHistory(built / "alias_history.json"), tmp_path / "models", str(built)
+    )
+    monkeypatch.setattr(rollout, "_check_promotable", lambda version: None)  # no bundle store here
     with pytest.raises(RolloutError, match="nothing to roll back from"):
         rollout.rollback()
     assert [row.live for row in rollout.versions()] == [False]
@@ -93,7 +101,7 @@ def test_promote_rewrites_a_damaged_alias_and_rollback_refuses_clearly(built, tm
 
 def test_a_sound_collection_passes_the_check(built):
     index = EdgeItemIndex(built)
-    assert index.check_stored_version("v1").sound and index.check_stored_users("v1").sound   # no users yet: sound
+    assert index.check_stored_version("v1").sound and index.check_stored_users("v1").sound  # no users yet: sound
 
 
 def halve(path: Path) -> None:
@@ -101,14 +109,22 @@ def halve(path: Path) -> None:
         f.truncate(path.stat().st_size // 2)
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda shard: [halve(p) for p in (shard / "segments").rglob("status.dat")], "does not open: PanicException"),
-    (lambda shard: [halve(p) for p in (shard / "segments").rglob("id_tracker.versions")], "were written"),
-    (lambda shard: [p.write_bytes(struct.pack("<Q", 2**40) + p.read_bytes()[8:])
-                    for p in (shard / "segments").rglob("id_tracker.mappings")], "crashed reading it (SIGABRT)"),
-    (lambda shard: (shard.parent / "meta.json").unlink(), "meta.json is missing"),
-    (lambda shard: (shard.parent / "meta.json").write_bytes(GARBAGE), "meta.json is unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda shard: [halve(p) for p in (shard / "segments").rglob("status.dat")], "does not open: PanicException"),
+        (lambda shard: [halve(p) for p in (shard / "segments").rglob("id_tracker.versions")], "were written"),
+        (
+            lambda shard: [
+                p.write_bytes(struct.pack("<Q", 2**40) + p.read_bytes()[8:])
+                for p in (shard / "segments").rglob("id_tracker.mappings")
+            ],
+            "crashed reading it (SIGABRT)",
+        ),
+        (lambda shard: (shard.parent / "meta.json").unlink(), "meta.json is missing"),
+        (lambda shard: (shard.parent / "meta.json").write_bytes(GARBAGE), "meta.json is unreadable"),
+    ],
+)
 def test_a_damaged_collection_fails_the_check_without_harming_this_process(built, damage, problem):
     damage(built / "versions" / "v1" / "shard")
     health = EdgeItemIndex(built).check_stored_version("v1")
@@ -117,7 +133,7 @@ def test_a_damaged_collection_fails_the_check_without_harming_this_process(built
 
 def test_a_collection_held_by_another_process_is_in_use_not_damaged(built, tmp_path):
     holder = EdgeItemIndex(built)
-    holder.count("v1")   # opens (and locks) the shard
+    holder.count("v1")  # opens (and locks) the shard
     try:
         health = EdgeItemIndex(built).check_stored_version("v1")
         assert health.in_use and health.problem is None
@@ -172,7 +188,7 @@ def test_a_store_with_a_damaged_page_is_unreadable(tmp_path):
         s.put(1000 + i, {"title": "x" * 500}, np.zeros(4), "fp")
     s.close()
     data = bytearray(path.read_bytes())
-    data[8192:12288] = b"\x07" * 4096   # a page in the middle
+    data[8192:12288] = b"\x07" * 4096  # a page in the middle
     path.write_bytes(bytes(data))
     with pytest.raises(sqlite3.DatabaseError):
         AddedAnimeStore(path)
@@ -188,7 +204,7 @@ def test_new_ids_ignore_ids_outside_the_assigned_range(tmp_path):
     store = AddedAnimeStore(tmp_path / "a.sqlite")
     assert store.next_assigned_id() == ASSIGNED_IDS.start
     assert store.next_assigned_id(taken_above=ASSIGNED_IDS.start + 41) == ASSIGNED_IDS.start + 42
-    for poisoned in (2**63 - 1, MAX_ANIME_ID + 1, 20):   # what an unbounded version accepted
+    for poisoned in (2**63 - 1, MAX_ANIME_ID + 1, 20):  # what an unbounded version accepted
         store.put(poisoned, {"title": "p"}, np.zeros(4), "fp")
     store.put(ASSIGNED_IDS.start + 6, {"title": "a"}, np.zeros(4), "fp")
     assert store.next_assigned_id() == ASSIGNED_IDS.start + 7

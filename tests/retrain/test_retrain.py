@@ -34,15 +34,32 @@ UNKNOWN_ANIME = (99_999_901, 99_999_902, 99_999_903)
 # every item-side representation a served item vector is built from (ServingModel recomputes the
 # hybrid's item vectors from its state: collaborative vector, group, prior, content), so a row
 # permutation gives each anime another anime's vectors
-ITEM_ARRAYS = ("wmf_V", "content", "tfidf_content", "item_tower",
-               "hybrid.q", "hybrid.group", "hybrid.pop", "hybrid.C", "hybrid.item_content")
+ITEM_ARRAYS = (
+    "wmf_V",
+    "content",
+    "tfidf_content",
+    "item_tower",
+    "hybrid.q",
+    "hybrid.group",
+    "hybrid.pop",
+    "hybrid.C",
+    "hybrid.item_content",
+)
 
 
 def fast_config(store: Path, cache: Path) -> TrainConfig:
-    cfg = TrainConfig(sample=True, encoder="tiny-random", progress=False, store=store, cache_dir=cache,
-                      models=("popularity", "wmf", SERVING_MODEL), val_queries=50,
-                      wmf_grid=({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
-                      ease_lambdas=(300.0,), bilinear_grid=({"lam": 10.0, "mu": 10.0},))
+    cfg = TrainConfig(
+        sample=True,
+        encoder="tiny-random",
+        progress=False,
+        store=store,
+        cache_dir=cache,
+        models=("popularity", "wmf", SERVING_MODEL),
+        val_queries=50,
+        wmf_grid=({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
+        ease_lambdas=(300.0,),
+        bilinear_grid=({"lam": 10.0, "mu": 10.0},),
+    )
     return cfg
 
 
@@ -56,8 +73,11 @@ def copy_bundle(src: Path, store: Path, version: str, shuffle_seed: int | None =
         assert (perm != np.arange(len(perm))).mean() > 0.99
         arrays.update({k: arrays[k][perm] for k in ITEM_ARRAYS})
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "version", "created_at")}
-    extra = {rel: (src / rel).read_bytes() for rel in b.manifest["files"]
-             if not rel.startswith("arrays/") and rel != "catalog.jsonl"}
+    extra = {
+        rel: (src / rel).read_bytes()
+        for rel in b.manifest["files"]
+        if not rel.startswith("arrays/") and rel != "catalog.jsonl"
+    }
     return write_bundle(store, manifest, b.catalog, arrays, b.train, version=version, extra_files=extra)
 
 
@@ -75,8 +95,11 @@ def last_decision(store: Path) -> dict:
 
 def samples(path: Path) -> dict[tuple[str, tuple], float]:
     """(sample name, sorted labels) → value of a textfile exposition."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(path.read_text()) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(path.read_text())
+        for s in fam.samples
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,25 +143,44 @@ def world(tmp_path_factory):
     try:
         for u in range(NEW_USERS):
             uid = FIRST_NEW_USER + u
-            fs.record([FeedbackEvent(f"u{uid}-{j}", uid, int(a), "rated", int(rng.integers(9, 11)))
-                       for j, a in enumerate(rng.choice(cluster, EVENTS_PER_USER, replace=False))])
+            fs.record(
+                [
+                    FeedbackEvent(f"u{uid}-{j}", uid, int(a), "rated", int(rng.integers(9, 11)))
+                    for j, a in enumerate(rng.choice(cluster, EVENTS_PER_USER, replace=False))
+                ]
+            )
         fs.record([FeedbackEvent(f"bad-{a}", FIRST_NEW_USER, a, "completed") for a in UNKNOWN_ANIME])
     finally:
         fs.close()
     # a row no client could have sent (the store validates): a corrupted database, not a crash
     with sqlite3.connect(data_dir / "feedback.sqlite") as db:
-        db.execute("INSERT INTO events VALUES ('corrupt-1', ?, ?, 'bogus', 42, NULL, ?)",
-                   (FIRST_NEW_USER + 1, int(cluster[0]), time.time()))
-    return {"root": root, "store": store, "data_dir": data_dir, "cfg": cfg, "base": base.name,
-            "cluster": set(cluster.tolist()), "base_users": len(ds.user_ids)}
+        db.execute(
+            "INSERT INTO events VALUES ('corrupt-1', ?, ?, 'bogus', 42, NULL, ?)",
+            (FIRST_NEW_USER + 1, int(cluster[0]), time.time()),
+        )
+    return {
+        "root": root,
+        "store": store,
+        "data_dir": data_dir,
+        "cfg": cfg,
+        "base": base.name,
+        "cluster": set(cluster.tolist()),
+        "base_users": len(ds.user_ids),
+    }
 
 
 @pytest.fixture(scope="module")
 def retrained(world):
     """One real retrain: train on base + events, gate against the base bundle, promote."""
     metrics_file = world["root"] / "textfile" / "retrain.prom"
-    decision = run(RetrainConfig(train=world["cfg"], events=world["data_dir"] / "feedback.sqlite",
-                                 ranker_data_dir=world["data_dir"], metrics_file=metrics_file))
+    decision = run(
+        RetrainConfig(
+            train=world["cfg"],
+            events=world["data_dir"] / "feedback.sqlite",
+            ranker_data_dir=world["data_dir"],
+            metrics_file=metrics_file,
+        )
+    )
     return decision, metrics_file
 
 
@@ -168,23 +210,46 @@ def test_events_that_teach_a_new_preference_are_trained_gated_and_promoted(world
 
     line = last_decision(store)
     assert (line["decision"], line["current"], line["candidate"]) == ("promoted", world["base"], d.candidate)
-    assert {c["metric"] for c in line["checks"]} == {"warm/recall@100", "fav_k5/recall@100",
-                                                     "cold_whole/recall@100", "recent/recall@100"}
+    assert {c["metric"] for c in line["checks"]} == {
+        "warm/recall@100",
+        "fav_k5/recall@100",
+        "cold_whole/recall@100",
+        "recent/recall@100",
+    }
     assert not any(c["regressed"] for c in line["checks"])
     got = samples(metrics_file)
     assert got[("a2v_retrain_decisions_total", (("decision", "promoted"),))] == 1
     assert got[("a2v_retrain_decisions_total", (("decision", "refused"),))] == 0
     assert got[("a2v_retrain_consecutive_refusals", ())] == 0
     assert got[("a2v_retrain_events", (("outcome", "skipped_unknown_anime"),))] == len(UNKNOWN_ANIME)
-    key = ("a2v_retrain_gate_metric", (("metric", "recent/recall@100"), ("role", "candidate"), ("version", d.candidate)))
+    key = (
+        "a2v_retrain_gate_metric",
+        (("metric", "recent/recall@100"), ("role", "candidate"), ("version", d.candidate)),
+    )
     assert got[key] == pytest.approx(cand["recent/recall@100"])
 
 
 def _gate_cli(world, version: str, *extra: str, capsys) -> dict:
-    rc = cli.main(["retrain", "--sample", "--encoder", "tiny-random", "--quiet",
-                   "--events", str(world["data_dir"] / "feedback.sqlite"), "--store", str(world["store"]),
-                   "--ranker-data-dir", str(world["data_dir"]), "--candidate", version,
-                   "--metrics-file", str(world["root"] / "textfile" / "retrain.prom"), *extra])
+    rc = cli.main(
+        [
+            "retrain",
+            "--sample",
+            "--encoder",
+            "tiny-random",
+            "--quiet",
+            "--events",
+            str(world["data_dir"] / "feedback.sqlite"),
+            "--store",
+            str(world["store"]),
+            "--ranker-data-dir",
+            str(world["data_dir"]),
+            "--candidate",
+            version,
+            "--metrics-file",
+            str(world["root"] / "textfile" / "retrain.prom"),
+            *extra,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     return json.loads(out)
@@ -195,13 +260,24 @@ def ranker(world, retrained):
     """A ranker process serving the live version and following the alias (polled every 0.2 s)."""
     live = alias_target(world["store"], world["data_dir"])
     ports = free_ports(6)
-    specs = {s.name: s for s in standard_specs(
-        "127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]), "gateway": tuple(ports[4:6])},
-        encoder_model="tiny-random", model_store=world["store"], bundle=live, ranker_data_dir=world["data_dir"],
-        gateway_env={})}
+    specs = {
+        s.name: s
+        for s in standard_specs(
+            "127.0.0.1",
+            {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]), "gateway": tuple(ports[4:6])},
+            encoder_model="tiny-random",
+            model_store=world["store"],
+            bundle=live,
+            ranker_data_dir=world["data_dir"],
+            gateway_env={},
+        )
+    }
     specs["ranker"].env["ALIAS_POLL_S"] = "0.2"
-    proc = ServiceProcess(specs["ranker"], world["root"] / "ranker.log",
-                          base_env=os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    proc = ServiceProcess(
+        specs["ranker"],
+        world["root"] / "ranker.log",
+        base_env=os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+    )
     proc.start()
     try:
         proc.wait_serving(STARTUP_TIMEOUT_S)
@@ -217,7 +293,7 @@ def test_a_candidate_with_shuffled_item_vectors_is_refused_and_the_old_version_k
     live = alias_target(store, data_dir)
     assert ranker() == live
     broken = copy_bundle(store / live, store, "shuffled-" + live, shuffle_seed=1)
-    load_bundle(broken)   # checksums and dimensions verify: only the quality is wrong
+    load_bundle(broken)  # checksums and dimensions verify: only the quality is wrong
 
     out = _gate_cli(world, broken.name, capsys=capsys)
     assert (out["decision"], out["current"], out["candidate"], out["passed"]) == ("refused", live, broken.name, False)
@@ -232,7 +308,7 @@ def test_a_candidate_with_shuffled_item_vectors_is_refused_and_the_old_version_k
     assert got[("a2v_retrain_consecutive_refusals", ())] >= 1
 
     assert alias_target(store, data_dir) == live
-    time.sleep(2.0)   # ten alias polls
+    time.sleep(2.0)  # ten alias polls
     assert ranker() == live
     # ... and the ranker does follow the alias: an equally good copy passes the gate and is served
     same = copy_bundle(store / live, store, "same-" + live)
@@ -252,12 +328,12 @@ def test_dry_run_evaluates_but_never_promotes(world, retrained, capsys):
     same = copy_bundle(store / live, store, "dry-" + live)
     out = _gate_cli(world, same.name, "--dry-run", capsys=capsys)
     assert (out["decision"], out["current"], out["passed"]) == ("dry_run", live, True)
-    assert out["metrics"]["candidate"] == out["metrics"]["current"]   # the same model, measured the same way
+    assert out["metrics"]["candidate"] == out["metrics"]["current"]  # the same model, measured the same way
     assert "dry run: would promote" in out["reasons"]
     assert alias_target(store, data_dir) == live
     r = open_rollout(store, data_dir)
     try:
-        assert same.name not in r.index.versions()   # not even indexed
+        assert same.name not in r.index.versions()  # not even indexed
     finally:
         r.close()
     assert last_decision(store)["decision"] == "dry_run"

@@ -17,7 +17,7 @@ def test_retrain_runs_nightly_one_at_a_time_like_the_train_job():
     cj = _cronjob()
     assert cj["spec"]["concurrencyPolicy"] == "Forbid"
     minute, hour, *rest = cj["spec"]["schedule"].split()
-    assert rest == ["*", "*", "*"] and 0 <= int(hour) < 24 and 0 <= int(minute) < 60   # once a day
+    assert rest == ["*", "*", "*"] and 0 <= int(hour) < 24 and 0 <= int(minute) < 60  # once a day
     job = cj["spec"]["jobTemplate"]["spec"]
     assert job["backoffLimit"] <= 1 and job["activeDeadlineSeconds"] > 0
     spec, train = pod_spec(cj), pod_spec(by_kind("jobs", "Job")["anime2vec-train"])
@@ -57,13 +57,20 @@ def test_retrain_reaches_qdrant_postgres_and_the_pushgateway_only():
     assert _allows(policies, job, "postgres", 5432) and not _allows(policies, job, "postgres", 8000)
     for dst, port in (("ranker", 50052), ("encoder", 50051), ("gateway", 50050), ("qdrant", 6335)):
         assert not _allows(policies, job, dst, port), f"{job} -> {dst}:{port} should be denied"
-    assert not _allows(policies, "gateway", "qdrant", 6333)   # the extra Qdrant ingress admits the job only
-    push = [r for r in policies["retrain"]["spec"]["egress"]
-            if any(p.get("namespaceSelector") for p in r["to"])]
-    assert push == [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-                             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pushgateway"}}}],
-                     "ports": [{"protocol": "TCP", "port": 9091}]}]
-    assert "ingress" not in policies["retrain"]["spec"]   # nothing calls the job
+    assert not _allows(policies, "gateway", "qdrant", 6333)  # the extra Qdrant ingress admits the job only
+    push = [r for r in policies["retrain"]["spec"]["egress"] if any(p.get("namespaceSelector") for p in r["to"])]
+    assert push == [
+        {
+            "to": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pushgateway"}},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": 9091}],
+        }
+    ]
+    assert "ingress" not in policies["retrain"]["spec"]  # nothing calls the job
 
 
 def test_release_jobs_reach_qdrant_and_nothing_else():

@@ -22,8 +22,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _cfg(tmp_path, dsn=None) -> RetrainConfig:
-    return RetrainConfig(train=TrainConfig(sample=True, store=tmp_path / "models"),
-                         events=(tmp_path / "feedback.sqlite",), events_dsn=dsn)
+    return RetrainConfig(
+        train=TrainConfig(sample=True, store=tmp_path / "models"),
+        events=(tmp_path / "feedback.sqlite",),
+        events_dsn=dsn,
+    )
 
 
 def test_the_postgres_store_reads_as_the_sqlite_one_does(tmp_path, pg_dsn):  # noqa: F811
@@ -50,6 +53,7 @@ def test_a_read_while_replicas_write_sees_whole_batches_only(tmp_path, pg_dsn): 
         while not stop.is_set() and b < 400:
             writer.record([E(f"b{b}-{i}", 1 + b % 7, 10 + i, "completed") for i in range(10)])
             b += 1
+
     t = threading.Thread(target=write)
     t.start()
     try:

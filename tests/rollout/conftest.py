@@ -19,8 +19,14 @@ TRAIN_TIMEOUT_S = 600
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anime2vec.cli", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env=os.environ | OFFLINE_ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "anime2vec.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=os.environ | OFFLINE_ENV,
+        timeout=timeout,
+    )
 
 
 def derive_bundle(src: Path, store: Path, version: str, seed: int) -> Path:
@@ -33,8 +39,11 @@ def derive_bundle(src: Path, store: Path, version: str, seed: int) -> Path:
     for k in ("wmf_V", "hybrid.q"):
         arrays[k] = (b.arrays[k] * (1 + 0.01 * rng.standard_normal(b.arrays[k].shape))).astype(b.arrays[k].dtype)
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "version", "created_at")}
-    extra = {rel: (src / rel).read_bytes() for rel in b.manifest["files"]
-             if not rel.startswith("arrays/") and rel != "catalog.jsonl"}
+    extra = {
+        rel: (src / rel).read_bytes()
+        for rel in b.manifest["files"]
+        if not rel.startswith("arrays/") and rel != "catalog.jsonl"
+    }
     return write_bundle(store, manifest, b.catalog, arrays, b.train, version=version, extra_files=extra)
 
 
@@ -44,11 +53,32 @@ def bundles(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("rollout")
     store = root / "models"
     run = subprocess.run(
-        [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--encoder", "tiny-random", "--epochs", "2",
-         "--models", "wmf", "--test-queries", "50", "--quiet", "--store", str(store),
-         "--report-dir", str(root / "report")],
-        cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
-        capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+        [
+            sys.executable,
+            "-m",
+            "anime2vec.cli",
+            "train",
+            "--sample",
+            "--encoder",
+            "tiny-random",
+            "--epochs",
+            "2",
+            "--models",
+            "wmf",
+            "--test-queries",
+            "50",
+            "--quiet",
+            "--store",
+            str(store),
+            "--report-dir",
+            str(root / "report"),
+        ],
+        cwd=REPO_ROOT,
+        env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
     assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
     (a,) = list_bundles(store)
     return a, derive_bundle(a, store, "b-" + a.name, seed=1)

@@ -41,7 +41,7 @@ class Load:
                 self.results.append((grpc.StatusCode.OK, r.served_by.model_version))
             except grpc.RpcError as e:
                 self.results.append((e.code(), ""))
-            time.sleep(0.01)   # 2 shared cores: leave room for the switch itself
+            time.sleep(0.01)  # 2 shared cores: leave room for the switch itself
 
     def __enter__(self) -> "Load":
         self._thread.start()
@@ -72,12 +72,17 @@ def ranker(tmp_path, bundles):
     """A ranker serving A and following the alias, with a tiny-random encoder for UpsertAnime."""
     a, _ = bundles
     ports = free_ports(6)
-    specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
-                                         "gateway": tuple(ports[4:6])},
-                           encoder_model="tiny-random", model_store=a.parent, bundle=a.name,
-                           ranker_data_dir=tmp_path / "ranker", gateway_env={})
+    specs = standard_specs(
+        "127.0.0.1",
+        {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]), "gateway": tuple(ports[4:6])},
+        encoder_model="tiny-random",
+        model_store=a.parent,
+        bundle=a.name,
+        ranker_data_dir=tmp_path / "ranker",
+        gateway_env={},
+    )
     spec = {s.name: s for s in specs}
-    spec["ranker"].env["ALIAS_POLL_S"] = "0.2"   # follow the alias (standard_specs pins the bundle with 0)
+    spec["ranker"].env["ALIAS_POLL_S"] = "0.2"  # follow the alias (standard_specs pins the bundle with 0)
     procs = [ServiceProcess(spec[name], tmp_path / f"{name}.log") for name in ("encoder", "ranker")]
     try:
         for p in procs:
@@ -97,25 +102,33 @@ def test_promote_and_rollback_switch_a_running_ranker_without_failures(ranker, b
     where = ["--store", str(a.parent), "--data-dir", str(data_dir)]
     liked = [int(x) for x in load_bundle(a, verify=False).arrays["item_ids"][:3]]
 
-    added = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=common_pb2.AnimeInput(
-        title="Rollout Test Anime", synopsis="A pilot learns to fly a giant robot across the sea.",
-        genres=["Mecha"], type="TV")), timeout=30)
+    added = stub.UpsertAnime(
+        ranker_pb2.UpsertAnimeRequest(
+            anime=common_pb2.AnimeInput(
+                title="Rollout Test Anime",
+                synopsis="A pilot learns to fly a giant robot across the sea.",
+                genres=["Mecha"],
+                type="TV",
+            )
+        ),
+        timeout=30,
+    )
     assert added.created and added.model_version == a.name
-    liked.append(added.anime_id)   # served only if the switch replays the added anime
+    liked.append(added.anime_id)  # served only if the switch replays the added anime
 
     with Load(stub, liked) as load:
         load.wait_for(a.name)
         r = cli("index", b.name, *where)
         assert r.returncode == 0, r.stderr
         assert f"{b.name}: built collection with 800 items" in r.stdout
-        r = cli("index", b.name, *where)                  # idempotent
+        r = cli("index", b.name, *where)  # idempotent
         assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
         r = cli("promote", b.name, *where)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == f"{a.name} → {b.name}"
         load.wait_for(b.name, since=len(load.results))
         info = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).model
-        assert info.version == b.name and info.n_items == 801    # the added anime came along
+        assert info.version == b.name and info.n_items == 801  # the added anime came along
 
         r = cli("versions", *where)
         assert r.returncode == 0, r.stderr
@@ -144,7 +157,7 @@ def test_promote_refuses_unknown_unindexed_and_corrupt_versions(tmp_path, bundle
     assert r.returncode == 2 and "no bundle no-such-version" in r.stderr
     r = cli("index", "../" + a.name, *where)
     assert r.returncode == 2 and "invalid index version" in r.stderr
-    r = cli("promote", b.name, *where)                    # a bundle, but never indexed
+    r = cli("promote", b.name, *where)  # a bundle, but never indexed
     assert r.returncode == 2 and f"run `anime2vec index {b.name}` first" in r.stderr
     r = cli("rollback", *where)
     assert r.returncode == 2 and "nothing to roll back to" in r.stderr
@@ -179,20 +192,23 @@ def test_server_backend_keeps_the_history_on_the_live_collection(bundles):
     assert rollout.build(a.name) == (True, 800) and rollout.build(b.name) == (True, 800)
     assert rollout.build(b.name) == (False, 0)
     ids = [int(x) for x in load_bundle(a, verify=False).arrays["item_ids"][:50]]
-    va, vb = (np.array([p.vector for p in rollout.index.get(ids, version=v, with_vectors=True)])
-              for v in (a.name, b.name))
+    va, vb = (
+        np.array([p.vector for p in rollout.index.get(ids, version=v, with_vectors=True)]) for v in (a.name, b.name)
+    )
     assert va.shape == vb.shape == (50, rollout.index.get(ids[:1], version=a.name, with_vectors=True)[0].vector.size)
-    assert not np.allclose(va, vb)   # B really serves other vectors
+    assert not np.allclose(va, vb)  # B really serves other vectors
     with pytest.raises(RolloutError, match="nothing to roll back to"):
         rollout.rollback()
     assert rollout.promote(a.name) == (None, a.name)
     assert rollout.promote(b.name) == (a.name, b.name)
-    assert rollout.promote(b.name) == (b.name, b.name)    # no-op, history unchanged
+    assert rollout.promote(b.name) == (b.name, b.name)  # no-op, history unchanged
     assert rollout.promote(a.name) == (b.name, a.name)
     assert rollout.rollback() == (a.name, b.name)
     assert rollout.rollback() == (b.name, a.name)
     assert rollout.index.alias_target() == a.name
     with pytest.raises(RolloutError, match="nothing to roll back to"):
         rollout.rollback()
-    assert [(v.version, v.collection, v.live) for v in rollout.versions()] == [(a.name, True, True),
-                                                                               (b.name, True, False)]
+    assert [(v.version, v.collection, v.live) for v in rollout.versions()] == [
+        (a.name, True, True),
+        (b.name, True, False),
+    ]

@@ -42,38 +42,48 @@ def auth(key: str) -> list[tuple[str, str]]:
 class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
     """Answers what the gateway asks of a ranker; remembers every UpsertAnime request."""
 
-    SLOW_ID = 4242   # RecommendFromFavourites with this liked id answers only when release_slow is set
+    SLOW_ID = 4242  # RecommendFromFavourites with this liked id answers only when release_slow is set
     # ... and with this one as a ranker whose encoder is down answers: naming the encoder's address
     ENCODER_DOWN_ID, ENCODER_ADDRESS = 4343, "10.1.2.3:50051"
 
     def __init__(self, limits: common_pb2.RequestLimits | None = None) -> None:
-        self.limits = limits   # None: a ranker that reports no limits (the gateway keeps the shared defaults)
+        self.limits = limits  # None: a ranker that reports no limits (the gateway keeps the shared defaults)
         self.upserts: list[ranker_pb2.UpsertAnimeRequest] = []
         self.upsert_metadata: list[dict[str, str]] = []
         self.release_slow = threading.Event()
         self._lock = threading.Lock()
 
     def GetModelInfo(self, request, context):
-        return S.GetModelInfoResponse(model=S.ModelInfo(version=VERSION, encoder_name="fake", encoder_dim=8,
-                                                        n_items=len(CATALOGUE)), limits=self.limits)
+        return S.GetModelInfoResponse(
+            model=S.ModelInfo(version=VERSION, encoder_name="fake", encoder_dim=8, n_items=len(CATALOGUE)),
+            limits=self.limits,
+        )
 
     def ListCatalog(self, request, context):
         return ranker_pb2.ListCatalogResponse(
             entries=[ranker_pb2.CatalogEntry(anime_id=a, title=t, members=1000 - a) for a, t in CATALOGUE],
-            model_version=VERSION)
+            model_version=VERSION,
+        )
 
     def _ranked(self) -> ranker_pb2.RankedList:
         return ranker_pb2.RankedList(
-            recommendations=[S.Recommendation(anime_id=a, title=t, score=1.0, rank=i + 1)
-                             for i, (a, t) in enumerate(CATALOGUE[:2])],
-            served_by=S.ServedBy(strategy=S.STRATEGY_DROPOUTNET, model_version=VERSION))
+            recommendations=[
+                S.Recommendation(anime_id=a, title=t, score=1.0, rank=i + 1) for i, (a, t) in enumerate(CATALOGUE[:2])
+            ],
+            served_by=S.ServedBy(strategy=S.STRATEGY_DROPOUTNET, model_version=VERSION),
+        )
 
     def RecommendFromFavourites(self, request, context):
         if self.SLOW_ID in request.liked_ids:
             self.release_slow.wait(30)
         if self.ENCODER_DOWN_ID in request.liked_ids:
-            context.abort_with_status(unavailable(f"encoder at {self.ENCODER_ADDRESS} unavailable (UNAVAILABLE)",
-                                                  reason="ENCODER_UNAVAILABLE", retry_after_s=1.0).to_status())
+            context.abort_with_status(
+                unavailable(
+                    f"encoder at {self.ENCODER_ADDRESS} unavailable (UNAVAILABLE)",
+                    reason="ENCODER_UNAVAILABLE",
+                    retry_after_s=1.0,
+                ).to_status()
+            )
         return self._ranked()
 
     def SimilarItems(self, request, context):
@@ -90,8 +100,9 @@ class FakeRanker(ranker_pb2_grpc.RankerServiceServicer):
             self.upserts.append(request)
             self.upsert_metadata.append(dict(context.invocation_metadata()))
             aid = request.anime_id if request.HasField("anime_id") else 100_000_000 + len(self.upserts)
-        return ranker_pb2.UpsertAnimeResponse(anime_id=aid, created=not request.HasField("anime_id"),
-                                              model_version=VERSION)
+        return ranker_pb2.UpsertAnimeResponse(
+            anime_id=aid, created=not request.HasField("anime_id"), model_version=VERSION
+        )
 
 
 @dataclass
@@ -100,7 +111,7 @@ class Gateway:
     ranker: FakeRanker
     ranker_server: grpc.Server
     ranker_address: str
-    encoder_address: str          # nothing listens there
+    encoder_address: str  # nothing listens there
     channel: grpc.Channel
     stub: gateway_pb2_grpc.GatewayServiceStub
     channels: list[grpc.Channel] = field(default_factory=list)
@@ -128,8 +139,9 @@ class Gateway:
         return self.proc.log_path.read_text(errors="replace")
 
 
-def start_gateway(root: Path, env: Mapping[str, str] | None = None,
-                  ranker_limits: common_pb2.RequestLimits | None = None) -> tuple[Gateway, Callable[[], None]]:
+def start_gateway(
+    root: Path, env: Mapping[str, str] | None = None, ranker_limits: common_pb2.RequestLimits | None = None
+) -> tuple[Gateway, Callable[[], None]]:
     """A fake ranker in this process (reporting `ranker_limits`) and a real gateway process in front of
     it, SERVING (its title index loaded). Returns the gateway and a function that stops both."""
     ranker = FakeRanker(ranker_limits)
@@ -138,11 +150,23 @@ def start_gateway(root: Path, env: Mapping[str, str] | None = None,
     ranker_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     grpc_port, metrics_port, dead_port = free_ports(3)
-    spec = ServiceSpec("gateway", "services.gateway.server", "anime2vec.v1.GatewayService", "127.0.0.1",
-                       grpc_port, metrics_port,
-                       env={"RANKER_ADDRESS": f"127.0.0.1:{ranker_port}", "ENCODER_ADDRESS": f"127.0.0.1:{dead_port}",
-                            "API_KEYS": API_KEYS, "CATALOG_POLL_S": "60", "RANKER_TIMEOUT_S": "5",
-                            "ENCODER_TIMEOUT_S": "2", **(env or {})})
+    spec = ServiceSpec(
+        "gateway",
+        "services.gateway.server",
+        "anime2vec.v1.GatewayService",
+        "127.0.0.1",
+        grpc_port,
+        metrics_port,
+        env={
+            "RANKER_ADDRESS": f"127.0.0.1:{ranker_port}",
+            "ENCODER_ADDRESS": f"127.0.0.1:{dead_port}",
+            "API_KEYS": API_KEYS,
+            "CATALOG_POLL_S": "60",
+            "RANKER_TIMEOUT_S": "5",
+            "ENCODER_TIMEOUT_S": "2",
+            **(env or {}),
+        },
+    )
     proc = ServiceProcess(spec, root / "gateway.log")
     proc.start()
     try:
@@ -152,14 +176,22 @@ def start_gateway(root: Path, env: Mapping[str, str] | None = None,
         server.stop(None)
         raise
     channel = grpc.insecure_channel(spec.address)
-    gw = Gateway(proc, ranker, server, f"127.0.0.1:{ranker_port}", f"127.0.0.1:{dead_port}", channel,
-                 gateway_pb2_grpc.GatewayServiceStub(channel))
+    gw = Gateway(
+        proc,
+        ranker,
+        server,
+        f"127.0.0.1:{ranker_port}",
+        f"127.0.0.1:{dead_port}",
+        channel,
+        gateway_pb2_grpc.GatewayServiceStub(channel),
+    )
 
     def stop() -> None:
         for ch in [channel, *gw.channels]:
             ch.close()
         proc.stop()
         server.stop(None)
+
     return gw, stop
 
 

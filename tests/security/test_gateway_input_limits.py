@@ -38,19 +38,22 @@ def add(gw, anime: S.AnimeInput) -> ErrorDetails | None:
         return ErrorDetails.from_rpc_error(e)
 
 
-@pytest.mark.parametrize("anime, field", [
-    (S.AnimeInput(title="Big", synopsis="x" * (7 * MB)), "anime.synopsis"),
-    (S.AnimeInput(title="Big", synopsis="x" * 20_001), "anime.synopsis"),
-    (S.AnimeInput(title="T" * 257, synopsis="A story."), "anime.title"),
-    (S.AnimeInput(title="Big", title_english="E" * (5 * MB), synopsis="A story."), "anime.title_english"),
-    (S.AnimeInput(title="Big", synonyms=["s" * 300], synopsis="A story."), "anime.synonyms[0]"),
-    (S.AnimeInput(title="Big", synonyms=["s"] * 51, synopsis="A story."), "anime.synonyms"),
-    (S.AnimeInput(title="Big", genres=["g" * 51], synopsis="A story."), "anime.genres[0]"),
-    (S.AnimeInput(title="Big", type="T" * (5 * MB), synopsis="A story."), "anime.type"),
-    (S.AnimeInput(title="Negative", synopsis="A story.", episodes=-1), "anime.episodes"),
-    (S.AnimeInput(title="Endless", synopsis="A story.", episodes=10_001), "anime.episodes"),
-    (S.AnimeInput(title="Negative", synopsis="A story.", members=-5), "anime.members"),
-])
+@pytest.mark.parametrize(
+    "anime, field",
+    [
+        (S.AnimeInput(title="Big", synopsis="x" * (7 * MB)), "anime.synopsis"),
+        (S.AnimeInput(title="Big", synopsis="x" * 20_001), "anime.synopsis"),
+        (S.AnimeInput(title="T" * 257, synopsis="A story."), "anime.title"),
+        (S.AnimeInput(title="Big", title_english="E" * (5 * MB), synopsis="A story."), "anime.title_english"),
+        (S.AnimeInput(title="Big", synonyms=["s" * 300], synopsis="A story."), "anime.synonyms[0]"),
+        (S.AnimeInput(title="Big", synonyms=["s"] * 51, synopsis="A story."), "anime.synonyms"),
+        (S.AnimeInput(title="Big", genres=["g" * 51], synopsis="A story."), "anime.genres[0]"),
+        (S.AnimeInput(title="Big", type="T" * (5 * MB), synopsis="A story."), "anime.type"),
+        (S.AnimeInput(title="Negative", synopsis="A story.", episodes=-1), "anime.episodes"),
+        (S.AnimeInput(title="Endless", synopsis="A story.", episodes=10_001), "anime.episodes"),
+        (S.AnimeInput(title="Negative", synopsis="A story.", members=-5), "anime.members"),
+    ],
+)
 def test_bad_anime_input_is_invalid_argument_naming_the_field(gateway, anime, field):
     n = len(gateway.ranker.upserts)
     error = add(gateway, anime)
@@ -60,14 +63,16 @@ def test_bad_anime_input_is_invalid_argument_naming_the_field(gateway, anime, fi
 
 
 def test_the_largest_legal_anime_is_added(gateway):
-    anime = S.AnimeInput(title="T" * 256, synopsis="s" * 20_000, synonyms=["y" * 256] * 50, genres=["g" * 50] * 30,
-                         episodes=0)
+    anime = S.AnimeInput(
+        title="T" * 256, synopsis="s" * 20_000, synonyms=["y" * 256] * 50, genres=["g" * 50] * 30, episodes=0
+    )
     assert add(gateway, anime) is None
     assert gateway.ranker.upserts[-1].anime.synopsis == anime.synopsis
 
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (wire type 2)."""
+
     def varint(n: int) -> bytes:
         out = bytearray()
         while True:
@@ -75,23 +80,26 @@ def _field(number: int, payload: bytes) -> bytes:
             n >>= 7
             if not n:
                 return bytes(out)
+
     return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def test_unknown_fields_are_not_passed_on(gateway):
-    padding = _field(1000, b"p" * (5 * MB))      # a field number no message has
+    padding = _field(1000, b"p" * (5 * MB))  # a field number no message has
     anime = S.AnimeInput(title="Padded", synopsis="A story with megabytes of padding.").SerializeToString()
-    body = _field(2, anime + padding)           # AddAnimeRequest.anime, with the padding inside it
-    call = gateway.channel.unary_unary("/anime2vec.v1.GatewayService/AddAnime",
-                                       response_deserializer=gateway_pb2.AddAnimeResponse.FromString)
+    body = _field(2, anime + padding)  # AddAnimeRequest.anime, with the padding inside it
+    call = gateway.channel.unary_unary(
+        "/anime2vec.v1.GatewayService/AddAnime", response_deserializer=gateway_pb2.AddAnimeResponse.FromString
+    )
     assert call(body, metadata=auth(ADMIN), timeout=60).anime_id > 0
     forwarded = gateway.ranker.upserts[-1]
     assert forwarded.anime.title == "Padded" and len(forwarded.SerializeToString()) < 1_000
 
     options = S.RecommendOptions(limit=2).SerializeToString() + padding
     request = gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(title="Naruto")]).SerializeToString()
-    recommend = gateway.channel.unary_unary("/anime2vec.v1.GatewayService/Recommend",
-                                            response_deserializer=gateway_pb2.RecommendResponse.FromString)
+    recommend = gateway.channel.unary_unary(
+        "/anime2vec.v1.GatewayService/Recommend", response_deserializer=gateway_pb2.RecommendResponse.FromString
+    )
     assert recommend(request + _field(3, options), metadata=auth(READER), timeout=60).recommendations
 
 
@@ -104,13 +112,14 @@ def assert_no_address(error: ErrorDetails, *addresses: str) -> None:
 
 def test_an_encoder_outage_does_not_show_its_address(gateway):
     with pytest.raises(grpc.RpcError) as e:
-        gateway.stub.SearchText(gateway_pb2.SearchTextRequest(query="pirates at sea"), metadata=auth(READER),
-                                timeout=30)
+        gateway.stub.SearchText(
+            gateway_pb2.SearchTextRequest(query="pirates at sea"), metadata=auth(READER), timeout=30
+        )
     error = ErrorDetails.from_rpc_error(e.value)
     assert (error.code, error.reason) == (C.UNAVAILABLE, "ENCODER_UNAVAILABLE") and error.retry_after_s
     assert "free-text search needs the encoder" in error.message
     assert_no_address(error, gateway.encoder_address)
-    assert gateway.encoder_address in gateway.log()      # the operator still has it
+    assert gateway.encoder_address in gateway.log()  # the operator still has it
 
 
 def test_an_address_the_ranker_quotes_is_not_relayed(gateway):
@@ -126,8 +135,9 @@ def test_a_ranker_outage_does_not_show_its_address(gateway):
     """Last in this module: it stops the ranker."""
     gateway.ranker_server.stop(None).wait()
     with pytest.raises(grpc.RpcError) as e:
-        gateway.stub.Recommend(gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(title="Naruto")]),
-                               metadata=auth(READER), timeout=30)
+        gateway.stub.Recommend(
+            gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(title="Naruto")]), metadata=auth(READER), timeout=30
+        )
     error = ErrorDetails.from_rpc_error(e.value)
     assert (error.code, error.reason) == (C.UNAVAILABLE, "RANKER_UNAVAILABLE") and error.retry_after_s
     assert_no_address(error, gateway.ranker_address)

@@ -95,8 +95,9 @@ def test_an_unusable_declared_encoding_is_invalid_argument(gateway, encoding):
 
 
 def test_a_utf8_export_still_imports(gateway):
-    xml = ('<?xml version="1.0" encoding="UTF-8"?><myanimelist><anime><series_animedb_id>20</series_animedb_id>'
-           '<my_score>9</my_score><my_status>Completed</my_status></anime></myanimelist>').encode()
-    resp = gateway.stub.ImportMalList(gateway_pb2.ImportMalListRequest(mal_xml=xml), metadata=auth(READER),
-                                      timeout=60)
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><myanimelist><anime><series_animedb_id>20</series_animedb_id>'
+        "<my_score>9</my_score><my_status>Completed</my_status></anime></myanimelist>"
+    ).encode()
+    resp = gateway.stub.ImportMalList(gateway_pb2.ImportMalListRequest(mal_xml=xml), metadata=auth(READER), timeout=60)
     assert [f.anime_id for f in resp.favourites] == [20] and resp.recommendations

@@ -40,8 +40,9 @@ def recommend(gw, key: str):
 
 
 def feedback(gw, key: str):
-    event = gateway_pb2.FeedbackEvent(event_id="e-1", user_id=10**13, anime=S.AnimeRef(anime_id=20),
-                                      kind=S.FEEDBACK_KIND_COMPLETED)
+    event = gateway_pb2.FeedbackEvent(
+        event_id="e-1", user_id=10**13, anime=S.AnimeRef(anime_id=20), kind=S.FEEDBACK_KIND_COMPLETED
+    )
     return outcome(gw.stub.RecordFeedback, gateway_pb2.RecordFeedbackRequest(events=[event]), key)
 
 
@@ -54,16 +55,19 @@ def test_a_bare_key_reads_and_records_feedback_but_cannot_overwrite_an_anime(gat
     denied = overwrite(gateway, READER)
     assert denied is not None and (denied.code, denied.reason) == (C.PERMISSION_DENIED, "API_KEY_SCOPE")
     assert denied.metadata == {"method": "AddAnime", "required_scope": "catalog"}
-    added = outcome(gateway.stub.AddAnime, gateway_pb2.AddAnimeRequest(anime=NARUTO), READER)   # a new one neither
+    added = outcome(gateway.stub.AddAnime, gateway_pb2.AddAnimeRequest(anime=NARUTO), READER)  # a new one neither
     assert added is not None and added.code == C.PERMISSION_DENIED
-    assert gateway.ranker.upserts == []           # nothing reached the ranker
+    assert gateway.ranker.upserts == []  # nothing reached the ranker
 
 
 def test_a_read_only_key_only_reads(gateway):
     assert recommend(gateway, READ_ONLY) is None
     denied = feedback(gateway, READ_ONLY)
-    assert (denied.code, denied.reason, denied.metadata["required_scope"]) == (C.PERMISSION_DENIED, "API_KEY_SCOPE",
-                                                                               "feedback")
+    assert (denied.code, denied.reason, denied.metadata["required_scope"]) == (
+        C.PERMISSION_DENIED,
+        "API_KEY_SCOPE",
+        "feedback",
+    )
 
 
 def test_a_catalog_key_overwrites(gateway):
@@ -74,7 +78,7 @@ def test_a_catalog_key_overwrites(gateway):
     assert "authorization" not in gateway.ranker.upsert_metadata[-1]
 
 
-@pytest.mark.parametrize("anime_id", [2**63 - 1, 2**31, 0, -1, -2**63])
+@pytest.mark.parametrize("anime_id", [2**63 - 1, 2**31, 0, -1, -(2**63)])
 def test_an_insane_id_never_reaches_the_ranker(gateway, anime_id):
     n = len(gateway.ranker.upserts)
     error = overwrite(gateway, ADMIN, anime_id)
@@ -85,14 +89,17 @@ def test_an_insane_id_never_reaches_the_ranker(gateway, anime_id):
 
 @pytest.mark.parametrize("anime_id", [2**63 - 1, 2**31, -7])
 def test_an_insane_favourite_id_is_invalid_argument(gateway, anime_id):
-    error = outcome(gateway.stub.Recommend, gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=anime_id)]),
-                    READER)
+    error = outcome(
+        gateway.stub.Recommend, gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=anime_id)]), READER
+    )
     assert error.code == C.INVALID_ARGUMENT and "favourites[0].anime_id" in error.field_violations
 
 
 def test_unknown_keys_and_missing_keys_keep_their_statuses(gateway):
     assert (recommend(gateway, "not-a-key").code, recommend(gateway, "not-a-key").reason) == (
-        C.PERMISSION_DENIED, "API_KEY_INVALID")
+        C.PERMISSION_DENIED,
+        "API_KEY_INVALID",
+    )
     # the scope suffix is configuration, not part of the key a caller presents
     assert recommend(gateway, f"{ADMIN}:read+feedback+catalog").reason == "API_KEY_INVALID"
     missing = outcome(gateway.stub.Recommend, gateway_pb2.RecommendRequest(), "")

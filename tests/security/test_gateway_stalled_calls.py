@@ -25,17 +25,23 @@ from anime2vec.v1 import gateway_pb2
 from tests.security.gateway_stack import READER, S, auth, gauge, start_gateway, wait_until
 
 C = grpc.StatusCode
-LIMIT, PER_CONNECTION = 64, 16          # the gateway's MAX_CONCURRENT_RPCS and its per-connection bound
+LIMIT, PER_CONNECTION = 64, 16  # the gateway's MAX_CONCURRENT_RPCS and its per-connection bound
 RECOMMEND = "/anime2vec.v1.GatewayService/Recommend"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-GUARD_S = 60                            # hang guards only
+GUARD_S = 60  # hang guards only
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gw, stop = start_gateway(tmp_path_factory.mktemp("stalled"), env={
-        "MAX_CONCURRENT_RPCS": str(LIMIT), "MAX_CONCURRENT_RPCS_PER_CONNECTION": str(PER_CONNECTION),
-        "REQUEST_TIMEOUT_S": "2", "MAX_CALL_S": "3"})
+    gw, stop = start_gateway(
+        tmp_path_factory.mktemp("stalled"),
+        env={
+            "MAX_CONCURRENT_RPCS": str(LIMIT),
+            "MAX_CONCURRENT_RPCS_PER_CONNECTION": str(PER_CONNECTION),
+            "REQUEST_TIMEOUT_S": "2",
+            "MAX_CALL_S": "3",
+        },
+    )
     yield gw
     gw.ranker.release_slow.set()
     stop()
@@ -50,11 +56,12 @@ class Stalled:
 
     def __init__(self, channel: grpc.Channel, n: int, metadata=(), path: str = RECOMMEND):
         self.release = threading.Event()
-        call = channel.stream_unary(path)        # raw bytes: what a hand-written client sends
+        call = channel.stream_unary(path)  # raw bytes: what a hand-written client sends
 
         def body():
-            self.release.wait()                  # never, until the test is over
+            self.release.wait()  # never, until the test is over
             yield recommend_request()
+
         self.futures = [call.future(body(), metadata=metadata) for _ in range(n)]
 
     def codes(self) -> Counter:
@@ -74,8 +81,9 @@ def authenticated_calls(gw, n: int = 10) -> Counter:
     out: Counter = Counter()
     for _ in range(n):
         try:
-            stub.Recommend(gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(title="Naruto")]),
-                           metadata=auth(READER), timeout=30)
+            stub.Recommend(
+                gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(title="Naruto")]), metadata=auth(READER), timeout=30
+            )
             out[C.OK] += 1
         except grpc.RpcError as e:
             out[e.code()] += 1
@@ -94,7 +102,7 @@ def test_stalled_calls_without_a_key_hold_no_slot(gateway):
         wait_until(lambda: stalled.done() >= 16, GUARD_S, "the stalled calls reached the gateway")
         assert authenticated_calls(gateway) == Counter({C.OK: 10})
         wait_until(lambda: stalled.done() == LIMIT + 16, GUARD_S, "every unauthenticated call was answered")
-        assert stalled.codes() == Counter({C.UNAUTHENTICATED: LIMIT + 16})   # none waited for its body
+        assert stalled.codes() == Counter({C.UNAUTHENTICATED: LIMIT + 16})  # none waited for its body
     finally:
         stalled.close()
 
@@ -110,22 +118,26 @@ def test_stalled_health_checks_hold_only_the_probe_slots(gateway):
         wait_until(lambda: sum(s.done() for s in stalled) >= n - LIMIT, GUARD_S, "the checks reached the gateway")
         assert authenticated_calls(gateway) == Counter({C.OK: 10})
         codes = sum((s.codes() for s in stalled), Counter())
-        assert codes == Counter({C.RESOURCE_EXHAUSTED: n - 8})    # all but the 8 probe slots' holders
+        assert codes == Counter({C.RESOURCE_EXHAUSTED: n - 8})  # all but the 8 probe slots' holders
         wait_until(lambda: sum(s.done() for s in stalled) == n, GUARD_S, "the 8 were ended (REQUEST_TIMEOUT_S)")
-        assert sum((s.codes() for s in stalled), Counter()) == Counter({C.RESOURCE_EXHAUSTED: n - 8,
-                                                                         C.DEADLINE_EXCEEDED: 8})
+        assert sum((s.codes() for s in stalled), Counter()) == Counter(
+            {C.RESOURCE_EXHAUSTED: n - 8, C.DEADLINE_EXCEEDED: 8}
+        )
     finally:
         for s in stalled:
             s.close()
 
 
 def test_stalled_calls_with_a_key_are_bounded_per_connection_and_in_time(gateway):
-    n = LIMIT + 1   # unfixed, the last one is refused RESOURCE_EXHAUSTED: the slots are full
+    n = LIMIT + 1  # unfixed, the last one is refused RESOURCE_EXHAUSTED: the slots are full
     stalled = Stalled(gateway.own_channel(), n, metadata=auth(READER))
     try:
-        wait_until(lambda: in_flight(gateway) >= PER_CONNECTION or stalled.done() > 0, GUARD_S,
-                   "the stalled calls reached the gateway")
-        assert in_flight(gateway) <= PER_CONNECTION      # one connection holds no more than its share
+        wait_until(
+            lambda: in_flight(gateway) >= PER_CONNECTION or stalled.done() > 0,
+            GUARD_S,
+            "the stalled calls reached the gateway",
+        )
+        assert in_flight(gateway) <= PER_CONNECTION  # one connection holds no more than its share
         assert authenticated_calls(gateway) == Counter({C.OK: 10})
         # every stalled call ends, as DEADLINE_EXCEEDED (no message within REQUEST_TIMEOUT_S)
         wait_until(lambda: stalled.done() == n, GUARD_S, "every stalled call was ended by the gateway")
@@ -141,7 +153,7 @@ def test_a_call_without_a_deadline_gets_the_servers_own(gateway):
     deadline is answered DEADLINE_EXCEEDED once MAX_CALL_S has passed, not after the ranker."""
     request = gateway_pb2.RecommendRequest(favourites=[S.AnimeRef(anime_id=gateway.ranker.SLOW_ID)])
     with pytest.raises(grpc.RpcError) as e:
-        gateway.stub.Recommend(request, metadata=auth(READER))          # no timeout
+        gateway.stub.Recommend(request, metadata=auth(READER))  # no timeout
     assert e.value.code() == C.DEADLINE_EXCEEDED
     assert "Traceback" not in (e.value.details() or "")
     assert authenticated_calls(gateway, 3) == Counter({C.OK: 3})

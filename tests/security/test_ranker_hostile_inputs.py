@@ -31,8 +31,13 @@ REPLACE_CATALOGUE = "a2v-replace-catalogue-anime"
 
 
 def anime(title: str, **extra) -> S.AnimeInput:
-    return S.AnimeInput(title=title, synopsis=f"{title}: a crew of pirates sails the sea for buried treasure.",
-                        genres=["Adventure"], type="TV", **extra)
+    return S.AnimeInput(
+        title=title,
+        synopsis=f"{title}: a crew of pirates sails the sea for buried treasure.",
+        genres=["Adventure"],
+        type="TV",
+        **extra,
+    )
 
 
 def refused(call, request, code: grpc.StatusCode, field: str, metadata=()) -> ErrorDetails:
@@ -66,19 +71,28 @@ def catalogue(ranker) -> dict[int, str]:
 
 def test_out_of_range_anime_ids_are_refused_and_never_break_later_adds(ranker, catalogue):
     stub = ranker.stub()
-    for bad in (2**63 - 1, 2**31, 0, -1, -2**63):
-        refused(stub.UpsertAnime, ranker_pb2.UpsertAnimeRequest(anime_id=bad, anime=anime(f"Id {bad}")),
-                C.INVALID_ARGUMENT, "anime_id")
+    for bad in (2**63 - 1, 2**31, 0, -1, -(2**63)):
+        refused(
+            stub.UpsertAnime,
+            ranker_pb2.UpsertAnimeRequest(anime_id=bad, anime=anime(f"Id {bad}")),
+            C.INVALID_ARGUMENT,
+            "anime_id",
+        )
     # the ranker's own range: a caller may not create ids there (they would collide with assigned ones)
-    refused(stub.UpsertAnime, ranker_pb2.UpsertAnimeRequest(anime_id=ASSIGNED_FROM + 12345, anime=anime("Squatter")),
-            C.INVALID_ARGUMENT, "anime_id")
+    refused(
+        stub.UpsertAnime,
+        ranker_pb2.UpsertAnimeRequest(anime_id=ASSIGNED_FROM + 12345, anime=anime("Squatter")),
+        C.INVALID_ARGUMENT,
+        "anime_id",
+    )
     first = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=anime("First Corsairs")), timeout=TIMEOUT_S)
     second = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=anime("Second Corsairs")), timeout=TIMEOUT_S)
     assert first.created and second.created
     assert ASSIGNED_FROM <= first.anime_id < second.anime_id <= 2**31 - 1
     # an assigned id can be replaced by id, and a free id below the range can be chosen by the caller
-    again = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime_id=first.anime_id, anime=anime("First Corsairs II")),
-                             timeout=TIMEOUT_S)
+    again = stub.UpsertAnime(
+        ranker_pb2.UpsertAnimeRequest(anime_id=first.anime_id, anime=anime("First Corsairs II")), timeout=TIMEOUT_S
+    )
     assert (again.anime_id, again.created) == (first.anime_id, False)
     free = max(catalogue) + 1000
     chosen = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime_id=free, anime=anime("Chosen Id")), timeout=TIMEOUT_S)
@@ -96,9 +110,12 @@ def test_a_store_poisoned_by_a_huge_id_heals(tiny, tmp_path):
     finally:
         assert r.stop() == 0
     poison = 2**63 - 1
-    with sqlite3.connect(r.data_dir / "added_anime.sqlite") as db:   # what the unbounded version stored
-        db.execute("INSERT INTO added_anime SELECT ?, replace(fields, 'Before The Poison', 'Poisoned'), raw_vector, "
-                   "encoder_fingerprint, updated_at FROM added_anime WHERE anime_id = ?", (poison, added.anime_id))
+    with sqlite3.connect(r.data_dir / "added_anime.sqlite") as db:  # what the unbounded version stored
+        db.execute(
+            "INSERT INTO added_anime SELECT ?, replace(fields, 'Before The Poison', 'Poisoned'), raw_vector, "
+            "encoder_fingerprint, updated_at FROM added_anime WHERE anime_id = ?",
+            (poison, added.anime_id),
+        )
     db.close()
     offset = r.log_size()
     r.start()
@@ -125,17 +142,25 @@ def test_a_catalogue_anime_is_replaced_only_when_asked_explicitly(ranker, catalo
     def title() -> str:
         page = stub.ListCatalog(ranker_pb2.ListCatalogRequest(page_size=5000), timeout=TIMEOUT_S)
         return next(e.title for e in page.entries if e.anime_id == aid)
+
     assert title() == catalogue[aid]
 
-    done = stub.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime_id=aid, anime=anime("Corrected Title")),
-                            timeout=TIMEOUT_S, metadata=[(REPLACE_CATALOGUE, str(aid))])
+    done = stub.UpsertAnime(
+        ranker_pb2.UpsertAnimeRequest(anime_id=aid, anime=anime("Corrected Title")),
+        timeout=TIMEOUT_S,
+        metadata=[(REPLACE_CATALOGUE, str(aid))],
+    )
     assert (done.anime_id, done.created) == (aid, False) and title() == "Corrected Title"
 
 
 def test_negative_or_absurd_episode_counts_are_refused(ranker):
-    for episodes in (-1, -2**31, 2**31 - 1):
-        refused(ranker.stub().UpsertAnime, ranker_pb2.UpsertAnimeRequest(anime=anime("Episodes", episodes=episodes)),
-                C.INVALID_ARGUMENT, "anime.episodes")
+    for episodes in (-1, -(2**31), 2**31 - 1):
+        refused(
+            ranker.stub().UpsertAnime,
+            ranker_pb2.UpsertAnimeRequest(anime=anime("Episodes", episodes=episodes)),
+            C.INVALID_ARGUMENT,
+            "anime.episodes",
+        )
 
 
 def unit(dim: int, seed: int = 0) -> np.ndarray:
@@ -150,18 +175,35 @@ def test_content_vectors_the_encoder_cannot_have_made_are_refused(ranker, tiny):
     u = unit(dim)
     ok = stub.RecommendFromVector(ranker_pb2.RecommendFromVectorRequest(content_vector=u.tolist()), timeout=TIMEOUT_S)
     assert len(ok.recommendations) == 10 and any(r.score != 0.0 for r in ok.recommendations)
-    for vector in ((u * 1e-30).tolist(), (u * 1e30).tolist(), [1e-45] * dim, [3e38] * dim,
-                   [math.nan] + u[1:].tolist(), [math.inf] + [0.0] * (dim - 1), [0.0] * dim, u[:-1].tolist()):
-        refused(stub.RecommendFromVector, ranker_pb2.RecommendFromVectorRequest(content_vector=vector),
-                C.INVALID_ARGUMENT, "content_vector")
+    for vector in (
+        (u * 1e-30).tolist(),
+        (u * 1e30).tolist(),
+        [1e-45] * dim,
+        [3e38] * dim,
+        [math.nan] + u[1:].tolist(),
+        [math.inf] + [0.0] * (dim - 1),
+        [0.0] * dim,
+        u[:-1].tolist(),
+    ):
+        refused(
+            stub.RecommendFromVector,
+            ranker_pb2.RecommendFromVectorRequest(content_vector=vector),
+            C.INVALID_ARGUMENT,
+            "content_vector",
+        )
 
 
 def test_liked_weights_that_zero_or_swamp_the_ranking_are_refused(ranker, catalogue):
     stub = ranker.stub()
     liked = sorted(catalogue)[:2]
-    ok = stub.RecommendFromFavourites(ranker_pb2.RecommendFromFavouritesRequest(
-        liked_ids=liked, liked_weights=[1.0, 4.5]), timeout=TIMEOUT_S)
+    ok = stub.RecommendFromFavourites(
+        ranker_pb2.RecommendFromFavouritesRequest(liked_ids=liked, liked_weights=[1.0, 4.5]), timeout=TIMEOUT_S
+    )
     assert len(ok.recommendations) == 10 and any(r.score != 0.0 for r in ok.recommendations)
     for bad in (1e-30, 1e30, 0.0, -1.0, math.nan, math.inf):
-        refused(stub.RecommendFromFavourites, ranker_pb2.RecommendFromFavouritesRequest(
-            liked_ids=liked, liked_weights=[1.0, bad]), C.INVALID_ARGUMENT, "liked_weights[1]")
+        refused(
+            stub.RecommendFromFavourites,
+            ranker_pb2.RecommendFromFavouritesRequest(liked_ids=liked, liked_weights=[1.0, bad]),
+            C.INVALID_ARGUMENT,
+            "liked_weights[1]",
+        )

@@ -20,8 +20,9 @@ def serve(probe):
     started = []
 
     def start(on_stop=(), interceptors=(), **kw):
-        running = build_server(settings(**kw), "probe", add_probe(probe), [PROBE], on_stop=on_stop,
-                               interceptors=interceptors)
+        running = build_server(
+            settings(**kw), "probe", add_probe(probe), [PROBE], on_stop=on_stop, interceptors=interceptors
+        )
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         started.append((running, channel))
         return running, channel

@@ -15,8 +15,8 @@ PROBE = "a2v.test.Probe"
 
 class Probe:
     def __init__(self):
-        self.release = threading.Event()   # Slow waits for it
-        self.entered = threading.Event()   # set when Slow is running
+        self.release = threading.Event()  # Slow waits for it
+        self.entered = threading.Event()  # set when Slow is running
 
     def Ok(self, request, context):
         return encoder_pb2.EncodeResponse(model_name=f"{len(request.texts)} texts", dim=7)
@@ -28,8 +28,13 @@ class Probe:
         raise errors.invalid_argument({"texts[3]": "too long", "options.limit": "must be <= 100"})
 
     def Missing(self, request, context):
-        raise errors.not_found("anime", "Narutoo", reason="ANIME_NOT_FOUND", suggestions=["Naruto", "Naruto: Shippuuden"],
-                               field="favourites[0].title")
+        raise errors.not_found(
+            "anime",
+            "Narutoo",
+            reason="ANIME_NOT_FOUND",
+            suggestions=["Naruto", "Naruto: Shippuuden"],
+            field="favourites[0].title",
+        )
 
     def Abort(self, request, context):
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
@@ -51,10 +56,12 @@ def add_probe(probe: Probe):
             name: grpc.unary_unary_rpc_method_handler(
                 getattr(probe, name),
                 request_deserializer=encoder_pb2.EncodeRequest.FromString,
-                response_serializer=encoder_pb2.EncodeResponse.SerializeToString)
+                response_serializer=encoder_pb2.EncodeResponse.SerializeToString,
+            )
             for name in ("Ok", "Boom", "Invalid", "Missing", "Abort", "SetCode", "Slow")
         }
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(PROBE, handlers)])
+
     return add
 
 
@@ -63,8 +70,10 @@ def settings(**kw) -> ServiceSettings:
     return ServiceSettings(**{**base, **kw})
 
 
-
 def call(channel: grpc.Channel, method: str, request=None, **kw):
-    stub = channel.unary_unary(f"/{PROBE}/{method}", request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
-                               response_deserializer=encoder_pb2.EncodeResponse.FromString)
+    stub = channel.unary_unary(
+        f"/{PROBE}/{method}",
+        request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=encoder_pb2.EncodeResponse.FromString,
+    )
     return stub(request or encoder_pb2.EncodeRequest(), timeout=kw.pop("timeout", 10), **kw)

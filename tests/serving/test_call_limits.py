@@ -38,6 +38,7 @@ def stalled(channel: grpc.Channel, path: str, n: int = 1, **kw):
     def body():
         release.wait()
         yield encoder_pb2.EncodeRequest().SerializeToString()
+
     return [channel.stream_unary(path).future(body(), **kw) for _ in range(n)], release
 
 
@@ -48,7 +49,7 @@ def test_a_call_whose_message_never_comes_is_ended(serve):
         for f in futures:
             assert f.exception(30) is not None and f.code() == C.DEADLINE_EXCEEDED
             assert "no request message within 0.5 s" in f.details()
-        assert call(channel, "Ok").dim == 7             # the slots are free again
+        assert call(channel, "Ok").dim == 7  # the slots are free again
         counted(running, "Ok", "DEADLINE_EXCEEDED", 2)
     finally:
         release.set()
@@ -62,6 +63,7 @@ def test_stalled_health_checks_and_watches_are_ended_too(serve):
         def body():
             release.wait()
             yield health_pb2.HealthCheckRequest().SerializeToString()
+
         call_ = channel.stream_stream(path)(body())
         with pytest.raises(grpc.RpcError) as e:
             list(call_)
@@ -71,13 +73,15 @@ def test_stalled_health_checks_and_watches_are_ended_too(serve):
 
 def test_a_health_watch_still_streams(serve):
     running, channel = serve(request_timeout_s=0.5)
-    watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
-                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+    watch = channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
     stream = watch(health_pb2.HealthCheckRequest(service=PROBE), timeout=30)
     assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
     running.set_serving(PROBE, False)
-    assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING   # past REQUEST_TIMEOUT_S is fine
+    assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING  # past REQUEST_TIMEOUT_S is fine
     stream.cancel()
 
 
@@ -100,12 +104,15 @@ def test_handlers_see_the_capped_deadline(serve):
             def behaviour(request, context):
                 seen.append(context.time_remaining())
                 return handler.unary_unary(request, context)
-            return grpc.unary_unary_rpc_method_handler(behaviour, handler.request_deserializer,
-                                                       handler.response_serializer)
+
+            return grpc.unary_unary_rpc_method_handler(
+                behaviour, handler.request_deserializer, handler.response_serializer
+            )
+
     _, channel = serve(max_call_s=5, interceptors=[Remaining()])
     call(channel, "Ok", timeout=None)
     call(channel, "Ok", timeout=2)
-    assert 0 < seen[0] <= 5 and 0 < seen[1] <= 2.5   # the caller's own when shorter (its clock, rounded)
+    assert 0 < seen[0] <= 5 and 0 < seen[1] <= 2.5  # the caller's own when shorter (its clock, rounded)
 
 
 def test_stalled_calls_take_no_worker(serve, probe):
@@ -127,8 +134,9 @@ def test_a_refusal_is_answered_without_the_request_and_counted(serve):
             if continuation(details) is None:
                 return None
             return Refusal(ServiceError(C.PERMISSION_DENIED, "no"))
+
     running, channel = serve(max_concurrent_rpcs=1, request_timeout_s=60, interceptors=[RefuseAll()])
-    for _ in range(10):   # one slot: each refusal must be over, its message never sent, before the next
+    for _ in range(10):  # one slot: each refusal must be over, its message never sent, before the next
         (future,), release = stalled(channel, f"/{PROBE}/Ok")
         try:
             assert future.exception(30) is not None and future.code() == C.PERMISSION_DENIED
@@ -138,17 +146,22 @@ def test_a_refusal_is_answered_without_the_request_and_counted(serve):
 
 
 def test_made_up_methods_are_labelled_unknown(serve):
-    class RefuseAll(grpc.ServerInterceptor):   # as an auth interceptor does before any method lookup
+    class RefuseAll(grpc.ServerInterceptor):  # as an auth interceptor does before any method lookup
         def intercept_service(self, continuation, details):
             return Refusal(ServiceError(C.UNAUTHENTICATED, "no key"))
+
     running, channel = serve(interceptors=[RefuseAll()])
     for i in range(50):
         with pytest.raises(grpc.RpcError):
             channel.unary_unary(f"/made.up.Service{i}/{'x' * 500}")(b"", timeout=10)
     with pytest.raises(grpc.RpcError):
         call(channel, "Ok")
-    labels = {s.labels["method"] for m in running.metrics.registry.collect() if m.name == "a2v_rpc_requests"
-              for s in m.samples}
+    labels = {
+        s.labels["method"]
+        for m in running.metrics.registry.collect()
+        if m.name == "a2v_rpc_requests"
+        for s in m.samples
+    }
     assert labels == {"unknown", f"{PROBE}/Ok"}
 
 
@@ -163,8 +176,11 @@ def test_an_empty_request_stream_is_invalid_argument(serve):
 def test_per_connection_bound_queues_a_connections_extra_calls(serve, probe):
     """Two calls at most per connection: the third waits in its client until one ends, then succeeds."""
     running, channel = serve(max_concurrent_rpcs_per_connection=2, max_workers=4)
-    stub = channel.unary_unary(f"/{PROBE}/Slow", request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
-                               response_deserializer=encoder_pb2.EncodeResponse.FromString)
+    stub = channel.unary_unary(
+        f"/{PROBE}/Slow",
+        request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=encoder_pb2.EncodeResponse.FromString,
+    )
     futures = [stub.future(encoder_pb2.EncodeRequest(), timeout=60) for _ in range(3)]
     assert probe.entered.wait(10)
     labels = {"service": "probe", "method": f"{PROBE}/Slow"}
@@ -172,7 +188,7 @@ def test_per_connection_bound_queues_a_connections_extra_calls(serve, probe):
     while running.metrics.registry.get_sample_value("a2v_rpc_in_flight", labels) != 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.3)   # give a third call the chance to arrive, were it not held back
+    time.sleep(0.3)  # give a third call the chance to arrive, were it not held back
     assert running.metrics.registry.get_sample_value("a2v_rpc_in_flight", labels) == 2
     probe.release.set()
     assert [f.result().dim for f in futures] == [1, 1, 1]
@@ -193,7 +209,7 @@ def test_watchdog_runs_due_actions_and_skips_cancelled_ones():
     many = [dog.schedule(now + 3600, lambda: None) for _ in range(3000)]
     for alarm in many:
         alarm.cancel()
-    dog.schedule(now + 3600, lambda: None)     # compacts: the cancelled ones are dropped
+    dog.schedule(now + 3600, lambda: None)  # compacts: the cancelled ones are dropped
     assert dog.pending() == 1 and len(dog._heap) < 100
     dog.stop()
 
@@ -202,11 +218,13 @@ def test_probe_calls_have_their_own_small_budget(serve):
     """Health checks need no key: beyond max_probe_calls at once they are refused, unread, so they
     cannot hold the slots the API needs; a running health Watch does not hold one."""
     _, channel = serve(max_probe_calls=2, max_concurrent_rpcs=8, request_timeout_s=30)
-    watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
-                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+    watch = channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
     streams = []
-    for _ in range(3):   # one after another: each holds its slot only until it is set up
+    for _ in range(3):  # one after another: each holds its slot only until it is set up
         streams.append(watch(health_pb2.HealthCheckRequest(service=PROBE), timeout=30))
         assert next(streams[-1]).status == health_pb2.HealthCheckResponse.SERVING
     held, release = stalled(channel, "/grpc.health.v1.Health/Check", 2)
@@ -216,7 +234,7 @@ def test_probe_calls_have_their_own_small_budget(serve):
             assert f.exception(30) is not None and f.code() == C.RESOURCE_EXHAUSTED
             assert ErrorDetails.from_rpc_error(f).reason == "TOO_MANY_PROBE_CALLS"
         release_more.set()
-        assert call(channel, "Ok").dim == 7                 # the API is not affected
+        assert call(channel, "Ok").dim == 7  # the API is not affected
     finally:
         release.set()
         for s in streams:

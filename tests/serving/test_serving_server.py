@@ -21,7 +21,8 @@ from tests.serving.probe_service import PROBE, call
 
 def count(running, method: str, code: str) -> float:
     value = running.metrics.registry.get_sample_value(
-        "a2v_rpc_requests_total", {"service": "probe", "method": f"{PROBE}/{method}", "code": code})
+        "a2v_rpc_requests_total", {"service": "probe", "method": f"{PROBE}/{method}", "code": code}
+    )
     return value or 0.0
 
 
@@ -48,9 +49,11 @@ def test_calls_are_counted_by_final_code(serve):
 
 def test_in_flight_gauge_counts_running_calls(serve, probe):
     running, channel = serve()
-    fut = channel.unary_unary(f"/{PROBE}/Slow", request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
-                              response_deserializer=encoder_pb2.EncodeResponse.FromString).future(
-        encoder_pb2.EncodeRequest(), timeout=30)
+    fut = channel.unary_unary(
+        f"/{PROBE}/Slow",
+        request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=encoder_pb2.EncodeResponse.FromString,
+    ).future(encoder_pb2.EncodeRequest(), timeout=30)
     assert probe.entered.wait(10)
     labels = {"service": "probe", "method": f"{PROBE}/Slow"}
     assert running.metrics.registry.get_sample_value("a2v_rpc_in_flight", labels) == 1
@@ -66,7 +69,8 @@ class RequireKey(grpc.ServerInterceptor):
         if ("authorization", "Bearer k1") in details.invocation_metadata:
             return continuation(details)
         return grpc.unary_unary_rpc_method_handler(
-            lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing key"))
+            lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing key")
+        )
 
 
 def test_inner_interceptor_aborts_are_counted(serve):
@@ -122,10 +126,12 @@ def test_plain_errors_have_no_details(serve):
 
 def test_malformed_request_bytes_are_invalid_argument(serve):
     running, channel = serve()
-    raw = channel.unary_unary(f"/{PROBE}/Ok")   # no serializers: bytes go on the wire as they are
-    assert raw(b"\x0a\x03abc", timeout=10) == encoder_pb2.EncodeResponse(model_name="1 texts", dim=7).SerializeToString()
+    raw = channel.unary_unary(f"/{PROBE}/Ok")  # no serializers: bytes go on the wire as they are
+    assert (
+        raw(b"\x0a\x03abc", timeout=10) == encoder_pb2.EncodeResponse(model_name="1 texts", dim=7).SerializeToString()
+    )
     with pytest.raises(grpc.RpcError) as ei:
-        raw(b"\x0a\x02\xff\xfe", timeout=10)     # texts[0] with invalid UTF-8
+        raw(b"\x0a\x02\xff\xfe", timeout=10)  # texts[0] with invalid UTF-8
     d = ErrorDetails.from_rpc_error(ei.value)
     assert d.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in d.field_violations["request"]
@@ -134,8 +140,11 @@ def test_malformed_request_bytes_are_invalid_argument(serve):
 
 def test_concurrency_limit_rejects_with_resource_exhausted(serve, probe):
     _, channel = serve(max_concurrent_rpcs=1)
-    slow = channel.unary_unary(f"/{PROBE}/Slow", request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
-                               response_deserializer=encoder_pb2.EncodeResponse.FromString)
+    slow = channel.unary_unary(
+        f"/{PROBE}/Slow",
+        request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=encoder_pb2.EncodeResponse.FromString,
+    )
     fut = slow.future(encoder_pb2.EncodeRequest(), timeout=30)
     assert probe.entered.wait(10)
     with pytest.raises(grpc.RpcError) as ei:
@@ -163,8 +172,10 @@ def test_health_and_reflection(serve):
         check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND
     running.set_serving(PROBE, False)
-    assert check(health_pb2.HealthCheckRequest(service=PROBE), timeout=10).status == \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (
+        check(health_pb2.HealthCheckRequest(service=PROBE), timeout=10).status
+        == health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert services == {PROBE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
 
@@ -172,25 +183,30 @@ def test_health_and_reflection(serve):
 def test_stop_drains_in_flight_calls_then_runs_callbacks(serve, probe):
     order = []
     running, channel = serve(on_stop=[lambda: order.append("on_stop")])
-    slow = channel.unary_unary(f"/{PROBE}/Slow", request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
-                               response_deserializer=encoder_pb2.EncodeResponse.FromString)
+    slow = channel.unary_unary(
+        f"/{PROBE}/Slow",
+        request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=encoder_pb2.EncodeResponse.FromString,
+    )
     fut = slow.future(encoder_pb2.EncodeRequest(), timeout=30)
     assert probe.entered.wait(10)
     stopper = threading.Thread(target=running.stop)
     stopper.start()
     # shutting down: health says NOT_SERVING while the in-flight call is still running
     deadline = time.monotonic() + 10
-    while running.health.Check(health_pb2.HealthCheckRequest(service=PROBE), None).status != \
-            health_pb2.HealthCheckResponse.NOT_SERVING:
+    while (
+        running.health.Check(health_pb2.HealthCheckRequest(service=PROBE), None).status
+        != health_pb2.HealthCheckResponse.NOT_SERVING
+    ):
         assert time.monotonic() < deadline, "health never went NOT_SERVING"
         time.sleep(0.01)
     assert not fut.done()
     assert order == []
     probe.release.set()
-    assert fut.result().dim == 1           # the in-flight call finished within the grace period
+    assert fut.result().dim == 1  # the in-flight call finished within the grace period
     stopper.join(10)
     assert order == ["on_stop"]
-    running.stop()                          # idempotent
+    running.stop()  # idempotent
     assert order == ["on_stop"]
 
 
@@ -209,8 +225,12 @@ def test_one_json_log_line_per_call_without_bodies_or_keys(serve, capsys):
     configure_logging("INFO", "probe")
     try:
         _, channel = serve()
-        call(channel, "Ok", encoder_pb2.EncodeRequest(texts=["SECRET-BODY"]),
-             metadata=[("authorization", "Bearer SECRET-KEY")])
+        call(
+            channel,
+            "Ok",
+            encoder_pb2.EncodeRequest(texts=["SECRET-BODY"]),
+            metadata=[("authorization", "Bearer SECRET-KEY")],
+        )
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])

@@ -22,7 +22,7 @@ class DemoSettings(ServiceSettings):
 def test_settings_read_the_service_prefix(monkeypatch):
     monkeypatch.setenv("A2V_DEMO_GRPC_PORT", "6001")
     monkeypatch.setenv("A2V_DEMO_LOG_LEVEL", "debug")
-    monkeypatch.setenv("A2V_OTHER_METRICS_PORT", "1")   # another service's variable: ignored
+    monkeypatch.setenv("A2V_OTHER_METRICS_PORT", "1")  # another service's variable: ignored
     s = DemoSettings.from_env()
     assert (s.grpc_port, s.log_level, s.metrics_port) == (6001, "DEBUG", 9100)
 
@@ -44,14 +44,16 @@ def test_settings_errors_name_every_variable_and_never_echo_values(monkeypatch):
 def test_settings_reject_one_port_for_both_servers():
     with pytest.raises(SettingsError, match="grpc_port and metrics_port are both 7000"):
         DemoSettings.from_env(grpc_port=7000, metrics_port=7000)
-    assert DemoSettings.from_env(grpc_port=0, metrics_port=0).grpc_port == 0   # both "pick a free one"
+    assert DemoSettings.from_env(grpc_port=0, metrics_port=0).grpc_port == 0  # both "pick a free one"
 
 
-def _request(offset_token: str = "", limit: int = 10, diversity: float = 0.0,
-             explain: bool = False) -> ranker_pb2.SimilarItemsRequest:
+def _request(
+    offset_token: str = "", limit: int = 10, diversity: float = 0.0, explain: bool = False
+) -> ranker_pb2.SimilarItemsRequest:
     return ranker_pb2.SimilarItemsRequest(
-        anime_id=20, options=common_pb2.RecommendOptions(limit=limit, page_token=offset_token,
-                                                         diversity=diversity, explain=explain))
+        anime_id=20,
+        options=common_pb2.RecommendOptions(limit=limit, page_token=offset_token, diversity=diversity, explain=explain),
+    )
 
 
 def test_page_token_round_trip_and_binding():
@@ -101,27 +103,50 @@ def test_model_info_replaces_the_previous_version():
     set_model_info(m, "ranker", "v1", "all-MiniLM-L6-v2", 384, {"cold_items/recall@100": 0.41})
     set_model_info(m, "ranker", "v2", "all-MiniLM-L6-v2", 384, {"cold_items/recall@100": 0.45, "warm/ndcg@20": 0.2})
     get = m.registry.get_sample_value
-    assert get("a2v_model_info", {"service": "ranker", "version": "v1", "encoder": "all-MiniLM-L6-v2", "dim": "384"}) is None
-    assert get("a2v_model_info", {"service": "ranker", "version": "v2", "encoder": "all-MiniLM-L6-v2", "dim": "384"}) == 1
+    assert (
+        get("a2v_model_info", {"service": "ranker", "version": "v1", "encoder": "all-MiniLM-L6-v2", "dim": "384"})
+        is None
+    )
+    assert (
+        get("a2v_model_info", {"service": "ranker", "version": "v2", "encoder": "all-MiniLM-L6-v2", "dim": "384"}) == 1
+    )
     assert get("a2v_model_offline_metric", {"version": "v2", "scenario": "cold_items", "metric": "recall@100"}) == 0.45
     assert get("a2v_model_offline_metric", {"version": "v1", "scenario": "cold_items", "metric": "recall@100"}) is None
     with pytest.raises(ValueError, match="not '<scenario>/<metric>'"):
         set_model_info(m, "ranker", "v3", "x", 1, {"recall": 0.1})
     # a rejected update leaves the published model as it was
-    assert get("a2v_model_info", {"service": "ranker", "version": "v2", "encoder": "all-MiniLM-L6-v2", "dim": "384"}) == 1
+    assert (
+        get("a2v_model_info", {"service": "ranker", "version": "v2", "encoder": "all-MiniLM-L6-v2", "dim": "384"}) == 1
+    )
 
 
 def test_every_metric_has_help_and_the_agreed_name():
     names = {metric.name: metric for metric in create_metrics().registry.collect()}
     # prometheus_client reports counters without _total
     assert set(names) == {
-        "a2v_rpc_requests", "a2v_rpc_latency_seconds", "a2v_rpc_in_flight", "a2v_fallbacks", "a2v_model_info",
-        "a2v_encoder_batch_size", "a2v_encoder_queue_wait_seconds", "a2v_encoder_queue_depth",
-        "a2v_qdrant_query_seconds", "a2v_search_batch_size", "a2v_model_offline_metric", "a2v_bundle_load_failures",
-        "a2v_feedback_events", "a2v_user_vector_updates", "a2v_user_fold_in_seconds",
+        "a2v_rpc_requests",
+        "a2v_rpc_latency_seconds",
+        "a2v_rpc_in_flight",
+        "a2v_fallbacks",
+        "a2v_model_info",
+        "a2v_encoder_batch_size",
+        "a2v_encoder_queue_wait_seconds",
+        "a2v_encoder_queue_depth",
+        "a2v_qdrant_query_seconds",
+        "a2v_search_batch_size",
+        "a2v_model_offline_metric",
+        "a2v_bundle_load_failures",
+        "a2v_feedback_events",
+        "a2v_user_vector_updates",
+        "a2v_user_fold_in_seconds",
         # the stores of record (SQLite or PostgreSQL) and a replica following the shared catalogue
-        "a2v_store_operation_seconds", "a2v_store_errors", "a2v_store_up", "a2v_store_connections",
-        "a2v_added_anime_revision", "a2v_catalog_follow_timestamp_seconds"}
+        "a2v_store_operation_seconds",
+        "a2v_store_errors",
+        "a2v_store_up",
+        "a2v_store_connections",
+        "a2v_added_anime_revision",
+        "a2v_catalog_follow_timestamp_seconds",
+    }
     assert all(m.documentation for m in names.values())
     assert names["a2v_rpc_latency_seconds"].unit == "seconds"
 
@@ -136,5 +161,6 @@ def test_error_trailers_fit_the_clients_limit_in_bytes_not_characters():
     err = invalid_argument({f"options.filters.include_genres[{i}]": "ü%" * 300 for i in range(30)}, "é%" * 600)
     status = err.to_status()
     wire = len(quote(status.details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")) + sum(
-        len(v) * 4 // 3 for _, v in status.trailing_metadata)
+        len(v) * 4 // 3 for _, v in status.trailing_metadata
+    )
     assert wire < 6000 and status.details.startswith("é%")

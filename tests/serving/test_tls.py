@@ -36,9 +36,14 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     ca, other = CertificateAuthority(root / "ca"), CertificateAuthority(root / "other", "other CA")
-    return {"ca": ca, "other": other, "server": ca.issue("server"), "client": ca.issue("client"),
-            "stranger": other.issue("stranger"),
-            "named": ca.issue("named", dns=("ranker.internal",), ips=())}   # SAN differs from 127.0.0.1
+    return {
+        "ca": ca,
+        "other": other,
+        "server": ca.issue("server"),
+        "client": ca.issue("client"),
+        "stranger": other.issue("stranger"),
+        "named": ca.issue("named", dns=("ranker.internal",), ips=()),
+    }  # SAN differs from 127.0.0.1
 
 
 @pytest.fixture
@@ -74,25 +79,26 @@ def _tls_server(pki, **kw) -> dict:
 
 # ---- server and client -------------------------------------------------------------------------
 
+
 def test_tls_server_answers_tls_clients_and_refuses_plaintext_and_unknown_cas(serve, pki):
     port = serve(**_tls_server(pki)).port
     assert _ok(port, ClientTLS(ca_file=pki["ca"].ca_file)) == 7
-    assert _code(port, None) == C.UNAVAILABLE                                       # plaintext client
-    assert _code(port, ClientTLS(ca_file=pki["other"].ca_file)) == C.UNAVAILABLE    # server not trusted
-    assert _code(port, ClientTLS()) == C.UNAVAILABLE                                # public roots: not ours
+    assert _code(port, None) == C.UNAVAILABLE  # plaintext client
+    assert _code(port, ClientTLS(ca_file=pki["other"].ca_file)) == C.UNAVAILABLE  # server not trusted
+    assert _code(port, ClientTLS()) == C.UNAVAILABLE  # public roots: not ours
 
 
 def test_server_name_override_matches_a_certificate_for_another_name(serve, pki):
     named = pki["named"]
     port = serve(tls_cert_file=named.cert, tls_key_file=named.key).port
-    assert _code(port, ClientTLS(ca_file=pki["ca"].ca_file)) == C.UNAVAILABLE       # 127.0.0.1 not in its SAN
+    assert _code(port, ClientTLS(ca_file=pki["ca"].ca_file)) == C.UNAVAILABLE  # 127.0.0.1 not in its SAN
     assert _ok(port, ClientTLS(ca_file=pki["ca"].ca_file, server_name="ranker.internal")) == 7
 
 
 def test_mutual_tls_needs_a_client_certificate_from_the_configured_ca(serve, pki):
     port = serve(**_tls_server(pki, tls_client_ca_file=pki["ca"].ca_file)).port
     ca = pki["ca"].ca_file
-    assert _code(port, ClientTLS(ca_file=ca)) == C.UNAVAILABLE                      # no client certificate
+    assert _code(port, ClientTLS(ca_file=ca)) == C.UNAVAILABLE  # no client certificate
     stranger = pki["stranger"]
     assert _code(port, ClientTLS(ca, stranger.cert, stranger.key)) == C.UNAVAILABLE  # signed by another CA
     client = pki["client"]
@@ -107,8 +113,8 @@ def test_plaintext_health_port_serves_health_only_while_the_api_stays_tls(serve,
         assert check(health_pb2.HealthCheckRequest(service=PROBE), timeout=5).status == SERVING
         with pytest.raises(grpc.RpcError) as info:
             call(channel, "Ok", timeout=5)
-        assert info.value.code() == C.UNIMPLEMENTED                                 # no API on this port
-        running.set_serving(PROBE, False)                                           # one health state
+        assert info.value.code() == C.UNIMPLEMENTED  # no API on this port
+        running.set_serving(PROBE, False)  # one health state
         assert check(health_pb2.HealthCheckRequest(service=PROBE), timeout=5).status != SERVING
     assert _code(running.port, None) == C.UNAVAILABLE
 
@@ -123,6 +129,7 @@ def test_message_size_limit_holds_over_tls(serve, pki):
 
 
 # ---- settings ----------------------------------------------------------------------------------
+
 
 def _error(cls, **kw) -> str:
     with pytest.raises(SettingsError) as info:
@@ -157,15 +164,28 @@ def test_tls_settings_are_validated_with_the_variable_named(pki, tmp_path, monke
     monkeypatch.setenv("A2V_GATEWAY_OUTBOUND_TLS_SERVER_NAME", "ranker.internal")
     s = GatewaySettings.from_env(api_keys="k")
     assert s.server_tls().mode == "TLS" and s.outbound_tls() == ClientTLS(ca, None, None, "ranker.internal")
-    assert EncoderSettings.from_env().server_tls() is None                          # other prefixes untouched
+    assert EncoderSettings.from_env().server_tls() is None  # other prefixes untouched
 
 
 def test_a_service_refuses_to_start_with_a_bad_tls_file(pki, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_ENCODER_")} | OFFLINE_ENV | {
-        "A2V_ENCODER_TLS_CERT_FILE": str(pki["server"].cert), "A2V_ENCODER_TLS_KEY_FILE": str(tmp_path / "gone.key"),
-        "A2V_ENCODER_GRPC_PORT": "0", "A2V_ENCODER_METRICS_PORT": "0"}
-    run = subprocess.run([sys.executable, "-m", "services.encoder.server"], cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("A2V_ENCODER_")}
+        | OFFLINE_ENV
+        | {
+            "A2V_ENCODER_TLS_CERT_FILE": str(pki["server"].cert),
+            "A2V_ENCODER_TLS_KEY_FILE": str(tmp_path / "gone.key"),
+            "A2V_ENCODER_GRPC_PORT": "0",
+            "A2V_ENCODER_METRICS_PORT": "0",
+        }
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "services.encoder.server"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert "A2V_ENCODER_TLS_KEY_FILE" in run.stderr and "gone.key is not a readable file" in run.stderr
 
@@ -184,17 +204,40 @@ def bundle(tmp_path_factory) -> Path:
     first), else a small tiny-random bundle trained here (~45 s on 2 cores)."""
     if os.environ.get("A2V_E2E_BUNDLE"):
         return Path(os.environ["A2V_E2E_BUNDLE"]).resolve()
-    trained = sorted(tmp_path_factory.getbasetemp().glob("*/models/*/manifest.json"),
-                     key=lambda p: "tiny-random" not in p.read_text())
+    trained = sorted(
+        tmp_path_factory.getbasetemp().glob("*/models/*/manifest.json"),
+        key=lambda p: "tiny-random" not in p.read_text(),
+    )
     if trained:
         return trained[0].parent
     root = tmp_path_factory.mktemp("tls-bundle")
     run = subprocess.run(
-        [sys.executable, "-m", "anime2vec.cli", "train", "--sample", "--encoder", "tiny-random", "--epochs", "2",
-         "--models", "wmf", "--test-queries", "50", "--quiet", "--store", str(root / "models"),
-         "--report-dir", str(root / "report")],
-        cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "anime2vec.cli",
+            "train",
+            "--sample",
+            "--encoder",
+            "tiny-random",
+            "--epochs",
+            "2",
+            "--models",
+            "wmf",
+            "--test-queries",
+            "50",
+            "--quiet",
+            "--store",
+            str(root / "models"),
+            "--report-dir",
+            str(root / "report"),
+        ],
+        cwd=REPO_ROOT,
+        env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
     (path,) = list_bundles(root / "models")
     return path
@@ -208,27 +251,37 @@ def chain(tmp_path_factory, pki, bundle):
     ca, client = pki["ca"], pki["client"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     ports = free_ports(9)
-    specs = standard_specs("127.0.0.1", {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]),
-                                         "gateway": tuple(ports[4:6])},
-                           encoder_model="tiny-random" if manifest["encoder"]["name"].startswith("tiny-random")
-                           else "minilm",
-                           model_store=bundle.parent, bundle=bundle.name, ranker_data_dir=root / "ranker",
-                           gateway_env={"API_KEYS": f"{API_KEY}:read+feedback+catalog", "CATALOG_POLL_S": "2"})
+    specs = standard_specs(
+        "127.0.0.1",
+        {"encoder": tuple(ports[0:2]), "ranker": tuple(ports[2:4]), "gateway": tuple(ports[4:6])},
+        encoder_model="tiny-random" if manifest["encoder"]["name"].startswith("tiny-random") else "minilm",
+        model_store=bundle.parent,
+        bundle=bundle.name,
+        ranker_data_dir=root / "ranker",
+        gateway_env={"API_KEYS": f"{API_KEY}:read+feedback+catalog", "CATALOG_POLL_S": "2"},
+    )
     tls = ClientTLS(ca.ca_file, client.cert, client.key)
     procs = {}
     for spec, health_port in zip(specs, ports[6:]):
         issued = ca.issue(spec.name)
-        spec.env |= {"TLS_CERT_FILE": str(issued.cert), "TLS_KEY_FILE": str(issued.key),
-                     "TLS_CLIENT_CA_FILE": str(ca.ca_file), "HEALTH_PORT": str(health_port)}
+        spec.env |= {
+            "TLS_CERT_FILE": str(issued.cert),
+            "TLS_KEY_FILE": str(issued.key),
+            "TLS_CLIENT_CA_FILE": str(ca.ca_file),
+            "HEALTH_PORT": str(health_port),
+        }
         if spec.name != "encoder":
-            spec.env |= {"OUTBOUND_TLS_CA_FILE": str(ca.ca_file), "OUTBOUND_TLS_CERT_FILE": str(issued.cert),
-                         "OUTBOUND_TLS_KEY_FILE": str(issued.key)}
+            spec.env |= {
+                "OUTBOUND_TLS_CA_FILE": str(ca.ca_file),
+                "OUTBOUND_TLS_CERT_FILE": str(issued.cert),
+                "OUTBOUND_TLS_KEY_FILE": str(issued.key),
+            }
         if spec.name == "ranker":
-            spec.env["QDRANT_API_KEY"] = QDRANT_KEY   # unused by the embedded engine; must not be logged
+            spec.env["QDRANT_API_KEY"] = QDRANT_KEY  # unused by the embedded engine; must not be logged
         spec.tls = tls
         procs[spec.name] = ServiceProcess(spec, root / "logs" / f"{spec.name}.log")
     try:
-        for p in procs.values():   # all at once: the gateway keeps asking the ranker for its catalogue
+        for p in procs.values():  # all at once: the gateway keeps asking the ranker for its catalogue
             p.start()
         for p in procs.values():
             p.wait_serving(300)
@@ -246,30 +299,49 @@ def test_every_hop_runs_mutual_tls(chain, pki, bundle, capsys):
     with open_channel(address, tls) as channel:
         gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
         # gateway → ranker
-        resp = gateway.Recommend(gateway_pb2.RecommendRequest(
-            favourites=[common_pb2.AnimeRef(anime_id=catalogue[0]["anime_id"]),
-                        common_pb2.AnimeRef(title=catalogue[1]["title"])],
-            options=common_pb2.RecommendOptions(limit=5)), metadata=auth, timeout=60)
+        resp = gateway.Recommend(
+            gateway_pb2.RecommendRequest(
+                favourites=[
+                    common_pb2.AnimeRef(anime_id=catalogue[0]["anime_id"]),
+                    common_pb2.AnimeRef(title=catalogue[1]["title"]),
+                ],
+                options=common_pb2.RecommendOptions(limit=5),
+            ),
+            metadata=auth,
+            timeout=60,
+        )
         assert len(resp.recommendations) == 5 and resp.served_by.model_version == manifest["version"]
         # gateway → encoder, then → ranker
-        resp = gateway.SearchText(gateway_pb2.SearchTextRequest(
-            query=SECRET_QUERY, options=common_pb2.RecommendOptions(limit=3)), metadata=auth, timeout=60)
+        resp = gateway.SearchText(
+            gateway_pb2.SearchTextRequest(query=SECRET_QUERY, options=common_pb2.RecommendOptions(limit=3)),
+            metadata=auth,
+            timeout=60,
+        )
         assert len(resp.recommendations) == 3
         # gateway → ranker → encoder
-        added = gateway.AddAnime(gateway_pb2.AddAnimeRequest(anime=common_pb2.AnimeInput(
-            title=SECRET_TITLE, synopsis=SECRET_QUERY, genres=["Adventure"])), metadata=auth, timeout=60)
+        added = gateway.AddAnime(
+            gateway_pb2.AddAnimeRequest(
+                anime=common_pb2.AnimeInput(title=SECRET_TITLE, synopsis=SECRET_QUERY, genres=["Adventure"])
+            ),
+            metadata=auth,
+            timeout=60,
+        )
         assert added.created and added.anime_id > 0
         # a request body must not reach the logs, even in an error
         with pytest.raises(grpc.RpcError) as info:
-            gateway.Recommend(gateway_pb2.RecommendRequest(favourites=[common_pb2.AnimeRef(title=SECRET_TITLE + "!?")]),
-                              metadata=[("authorization", "Bearer wrong-key-0d3c")], timeout=30)
+            gateway.Recommend(
+                gateway_pb2.RecommendRequest(favourites=[common_pb2.AnimeRef(title=SECRET_TITLE + "!?")]),
+                metadata=[("authorization", "Bearer wrong-key-0d3c")],
+                timeout=30,
+            )
         assert info.value.code() == C.PERMISSION_DENIED
 
     for tls_without_cert in (None, ClientTLS(pki["ca"].ca_file)):
         with open_channel(address, tls_without_cert) as channel:
             with pytest.raises(grpc.RpcError) as info:
                 gateway_pb2_grpc.GatewayServiceStub(channel).GetModelInfo(
-                    common_pb2.GetModelInfoRequest(), metadata=auth, timeout=10)
+                    common_pb2.GetModelInfoRequest(), metadata=auth, timeout=10
+                )
             assert info.value.code() == C.UNAVAILABLE
 
     # Probes: plaintext health on each service's health port.
@@ -280,8 +352,19 @@ def test_every_hop_runs_mutual_tls(chain, pki, bundle, capsys):
 
     # The command-line client over mutual TLS.
     from anime2vec import client as cli
-    args = ["--address", address, "--api-key", API_KEY, "--tls-ca-file", str(pki["ca"].ca_file),
-            "--tls-cert-file", str(pki["client"].cert), "--tls-key-file", str(pki["client"].key)]
+
+    args = [
+        "--address",
+        address,
+        "--api-key",
+        API_KEY,
+        "--tls-ca-file",
+        str(pki["ca"].ca_file),
+        "--tls-cert-file",
+        str(pki["client"].cert),
+        "--tls-key-file",
+        str(pki["client"].key),
+    ]
     assert cli.main([*args, "info"]) == 0
     assert manifest["version"] in capsys.readouterr().out
     assert cli.main([*args[:4], "--tls-ca-file", "/nonexistent/ca.pem", "info"]) == 2
@@ -289,8 +372,12 @@ def test_every_hop_runs_mutual_tls(chain, pki, bundle, capsys):
 
     # Nothing secret in any log: keys, private keys, request bodies.
     logs = {name: p.log_path.read_text() for name, p in procs.items()}
-    key_lines = [line for name in ("encoder", "ranker", "gateway", "client")
-                 for line in (pki["ca"].root / f"{name}.key").read_text().splitlines() if "-----" not in line]
+    key_lines = [
+        line
+        for name in ("encoder", "ranker", "gateway", "client")
+        for line in (pki["ca"].root / f"{name}.key").read_text().splitlines()
+        if "-----" not in line
+    ]
     for name, log in logs.items():
         for secret in (API_KEY, "wrong-key-0d3c", QDRANT_KEY, SECRET_TITLE, SECRET_QUERY, *key_lines):
             assert secret not in log, f"{name}'s log holds a secret: {secret[:12]}..."

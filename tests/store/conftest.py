@@ -22,6 +22,7 @@ def session_postgres(add_cleanup) -> PostgresServer:
 
         def stop() -> None:
             _SERVER.pop("server").stop()
+
         add_cleanup(stop)
     return _SERVER["server"]
 

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from anime2vec.runlocal import free_ports
 
-INSTALL_HINT = ("PostgreSQL is not installed: `make postgres` installs Debian's package (apt, as root); without "
-                "root, install it with your package manager (e.g. `sudo apt-get install postgresql`) or point "
-                "A2V_PG_BIN at a directory holding initdb and pg_ctl")
+INSTALL_HINT = (
+    "PostgreSQL is not installed: `make postgres` installs Debian's package (apt, as root); without "
+    "root, install it with your package manager (e.g. `sudo apt-get install postgresql`) or point "
+    "A2V_PG_BIN at a directory holding initdb and pg_ctl"
+)
 
 
 def find_bin_dir() -> Path | None:
@@ -34,9 +36,14 @@ def find_bin_dir() -> Path | None:
     candidates = []
     if os.environ.get("A2V_PG_BIN"):
         candidates.append(Path(os.environ["A2V_PG_BIN"]))
-    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                                            key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
-                                            reverse=True)]
+    candidates += [
+        Path(p)
+        for p in sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"),
+            key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+            reverse=True,
+        )
+    ]
     on_path = shutil.which("pg_ctl")
     if on_path:
         candidates.append(Path(os.path.realpath(on_path)).parent)
@@ -51,7 +58,7 @@ class PostgresServer:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="a2v-pg-")))
     port: int = 0
     bin_dir: Path | None = None
-    user: str = "a2v"          # the database superuser the tests connect as
+    user: str = "a2v"  # the database superuser the tests connect as
 
     def __post_init__(self) -> None:
         self.bin_dir = self.bin_dir or find_bin_dir()
@@ -60,7 +67,7 @@ class PostgresServer:
         self.port = self.port or free_ports(1)[0]
         self._run_as: list[str] = []
         if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")   # created by Debian's package
+            pw = pwd.getpwnam("postgres")  # created by Debian's package
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
             self._run_as = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
 
@@ -69,20 +76,50 @@ class PostgresServer:
         return self.root / "data"
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*self._run_as, *args], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"})
+        proc = subprocess.run(
+            [*self._run_as, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"},
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{Path(args[0]).name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{Path(args[0]).name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
         return proc
 
     def start(self) -> "PostgresServer":
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "-A", "trust",
-                  "-E", "UTF8", "--no-instructions")
+        self._run(
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            self.user,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
         # loopback only; fsync stays on (the default): kill -9 tests rely on what was committed
-        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                f"-c max_connections=200 -c shared_buffers=32MB -c log_min_messages=warning")
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
-                  "-o", opts, "-w", "-t", "60", "start")
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+            f"-c max_connections=200 -c shared_buffers=32MB -c log_min_messages=warning"
+        )
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self) -> None:
@@ -90,7 +127,7 @@ class PostgresServer:
             try:
                 self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
             except RuntimeError:
-                pass   # not running
+                pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
 
     def dsn(self, dbname: str = "postgres") -> str:

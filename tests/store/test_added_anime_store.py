@@ -26,9 +26,9 @@ def test_put_reports_new_ids_and_every_write_gets_a_later_revision(stores):
     assert a.revision < b.revision < c.revision == store.revision()
     got = {x.anime_id: x for x in store.all()}
     assert got[500].fields == {"title": "First, renamed"} and got[500].encoder_fingerprint == "fp2"
-    assert got[501].fields["synopsis"] == "ü \x00 ok"   # a NUL in a text field survives both backends
+    assert got[501].fields["synopsis"] == "ü \x00 ok"  # a NUL in a text field survives both backends
     np.testing.assert_array_equal(got[501].raw_vector, VEC * 2)
-    assert [x.anime_id for x in store.changes_since(a.revision)] == [501, 500]   # revision order
+    assert [x.anime_id for x in store.changes_since(a.revision)] == [501, 500]  # revision order
     assert store.changes_since(c.revision) == [] and store.has(501) and not store.has(502)
 
 
@@ -36,7 +36,10 @@ def test_add_new_assigns_the_next_id_of_the_reserved_range(stores):
     store = stores.added()
     first = store.add_new({"title": "A"}, VEC, "fp")
     assert first.anime_id == ASSIGNED_IDS.start and first.created
-    assert store.add_new({"title": "B"}, VEC, "fp", taken_above=ASSIGNED_IDS.start + 41).anime_id == ASSIGNED_IDS.start + 42
+    assert (
+        store.add_new({"title": "B"}, VEC, "fp", taken_above=ASSIGNED_IDS.start + 41).anime_id
+        == ASSIGNED_IDS.start + 42
+    )
     store.put(2**40, {"title": "poisoned (stored before ids were bounded)"}, VEC, "fp")
     assert store.add_new({"title": "C"}, VEC, "fp").anime_id == ASSIGNED_IDS.start + 43
     store.put(MAX_ANIME_ID, {"title": "last"}, VEC, "fp")
@@ -56,8 +59,9 @@ def test_two_replicas_adding_at_once_never_share_an_id_and_lose_nothing(stores):
         for i in range(15):
             try:
                 written.append((replicas[n % 2].add_new({"title": f"w{n}-{i}"}, VEC, "fp"), f"w{n}-{i}"))
-            except Exception as e:   # pragma: no cover - reported below
+            except Exception as e:  # pragma: no cover - reported below
                 errors.append(repr(e))
+
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
@@ -84,6 +88,7 @@ def test_a_follower_that_polls_changes_since_sees_every_write_once(stores):
         for i in range(40):
             writer.put(1000 + i % 25, {"title": f"t{i}"}, VEC, "fp")
         stop.set()
+
     t = threading.Thread(target=write)
     t.start()
     while True:
@@ -104,7 +109,7 @@ def test_wait_for_changes_returns_when_another_replica_writes(stores):
     listener, writer = stores.added(), stores.added()
     stop = threading.Event()
     if stores.backend == "postgres":
-        listener.wait_for_changes(0.1, stop)   # starts listening
+        listener.wait_for_changes(0.1, stop)  # starts listening
         woke = threading.Event()
         t = threading.Thread(target=lambda: (listener.wait_for_changes(120, stop), woke.set()))
         t.start()
@@ -112,7 +117,7 @@ def test_wait_for_changes_returns_when_another_replica_writes(stores):
         t.join(60)
         assert woke.is_set(), "a committed write did not wake the listener"
     stop.set()
-    listener.wait_for_changes(120, stop)   # returns at once
+    listener.wait_for_changes(120, stop)  # returns at once
 
 
 def test_an_sqlite_store_written_before_revisions_existed_is_migrated(tmp_path):
@@ -125,14 +130,17 @@ def test_an_sqlite_store_written_before_revisions_existed_is_migrated(tmp_path):
     db.commit()
     db.close()
     store = AddedAnimeStore(path)
-    assert [x.anime_id for x in store.changes_since(0)] == [5, 7, 9]   # the order they were written
+    assert [x.anime_id for x in store.changes_since(0)] == [5, 7, 9]  # the order they were written
     assert store.put(11, {"title": "new"}, VEC, "fp").revision == 4
     store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (2,)
-    assert len(AddedAnimeStore(path).all()) == 4   # opening again changes nothing
+    assert len(AddedAnimeStore(path).all()) == 4  # opening again changes nothing
     # a ranker of the previous version (a rolled-back image) still writes the file as it did
     db = sqlite3.connect(path)
-    db.execute("INSERT OR REPLACE INTO added_anime VALUES (?, ?, ?, ?, ?)", (12, '{"title": "old code"}', VEC.tobytes(), "fp", 9.0))
+    db.execute(
+        "INSERT OR REPLACE INTO added_anime VALUES (?, ?, ?, ?, ?)",
+        (12, '{"title": "old code"}', VEC.tobytes(), "fp", 9.0),
+    )
     db.commit()
     db.close()
     assert {x.anime_id: x.revision for x in AddedAnimeStore(path).all()}[12] == 0

@@ -21,8 +21,13 @@ def test_record_is_idempotent_by_event_id_and_reads_back_in_arrival_order(stores
     r = store.record(batch)
     assert (r.applied, r.duplicates, r.users, r.outcomes) == (2, 1, {1, 2}, ["applied", "applied", "duplicate"])
     r = store.record(batch[:2] + [E("c", 1, 12, "added"), E("d", 1, 12, "removed")])
-    assert (r.applied, r.duplicates, r.users, r.outcomes) == (2, 2, {1}, ["duplicate", "duplicate", "applied", "applied"])
-    assert [e.event_id for e in store.events_for_user(1)] == ["a", "c", "d"]   # arrival order, within a batch too
+    assert (r.applied, r.duplicates, r.users, r.outcomes) == (
+        2,
+        2,
+        {1},
+        ["duplicate", "duplicate", "applied", "applied"],
+    )
+    assert [e.event_id for e in store.events_for_user(1)] == ["a", "c", "d"]  # arrival order, within a batch too
     got = store.events_for_user(1)[0]
     assert (got.user_id, got.anime_id, got.kind, got.score, got.occurred_at) == (1, 10, "rated", 9, 100.0)
     assert got.received_at is not None and store.events_for_user(1)[2].score is None
@@ -39,18 +44,21 @@ def test_an_id_reused_for_a_different_event_writes_nothing_of_the_batch(stores):
     with pytest.raises(FeedbackConflict) as err:
         store.record([E("new", 1, 11, "completed"), E("a", 1, 10, "rated", 3)])
     assert err.value.conflicts == [(1, "a")]
-    with pytest.raises(FeedbackConflict):   # reused within one batch
+    with pytest.raises(FeedbackConflict):  # reused within one batch
         store.record([E("x", 1, 11, "completed"), E("x", 1, 12, "completed")])
     assert store.count() == 1 and [e.event_id for e in store.events_for_user(1)] == ["a"]
 
 
-@pytest.mark.parametrize("event, problem", [
-    (E("", 1, 10, "completed"), "events[0].event_id"),
-    (E("nul\x00id", 1, 10, "completed"), "events[0].event_id: must not contain NUL"),
-    (E("a", 0, 10, "completed"), "events[0].user_id"),
-    (E("a", 1, 10, "rated"), "events[0].score"),
-    (E("a", 1, 10, "liked"), "events[0].kind"),
-])
+@pytest.mark.parametrize(
+    "event, problem",
+    [
+        (E("", 1, 10, "completed"), "events[0].event_id"),
+        (E("nul\x00id", 1, 10, "completed"), "events[0].event_id: must not contain NUL"),
+        (E("a", 0, 10, "completed"), "events[0].user_id"),
+        (E("a", 1, 10, "rated"), "events[0].score"),
+        (E("a", 1, 10, "liked"), "events[0].kind"),
+    ],
+)
 def test_invalid_events_are_refused_before_anything_is_written(stores, event, problem):
     store = stores.feedback()
     with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("]", r"\]")):
@@ -62,7 +70,7 @@ def test_what_was_recorded_is_there_after_reopening(stores):
     store = stores.feedback()
     store.record([E(f"e{i}", 1 + i % 3, 10 + i, "completed") for i in range(20)])
     store.close()
-    again = stores.feedback()   # a new connection: migrations run again and change nothing
+    again = stores.feedback()  # a new connection: migrations run again and change nothing
     assert again.count() == 20 and [e.event_id for e in again.events_for_user(2)] == [f"e{i}" for i in range(1, 20, 3)]
 
 
@@ -72,7 +80,7 @@ def test_two_replicas_recording_the_same_ids_at_once_apply_each_once(stores):
     replicas = [stores.feedback(), stores.feedback()]
     ids = [f"same-{i}" for i in range(40)]
     events = [E(eid, 7, 100 + i, "completed") for i, eid in enumerate(ids)]
-    batches = [events[k: k + 8] for k in range(0, 40, 4)]
+    batches = [events[k : k + 8] for k in range(0, 40, 4)]
     results: list = []
     errors: list = []
     start = threading.Barrier(4)
@@ -80,11 +88,12 @@ def test_two_replicas_recording_the_same_ids_at_once_apply_each_once(stores):
     def worker(n: int) -> None:
         store = replicas[n % 2]
         start.wait()
-        for b in (batches if n < 2 else [list(reversed(b)) for b in reversed(batches)]):
+        for b in batches if n < 2 else [list(reversed(b)) for b in reversed(batches)]:
             try:
                 results.append(store.record(b))
-            except Exception as e:   # pragma: no cover - reported below
+            except Exception as e:  # pragma: no cover - reported below
                 errors.append(repr(e))
+
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()

@@ -27,19 +27,27 @@ def test_import_twice_copies_everything_once(tmp_path, pg_dsn, capsys):
     added.close()
     db = Database(pg_dsn)
     pg_feedback, pg_added = PostgresFeedbackStore(db), PostgresAddedAnimeStore(db)
-    pg_feedback.record([E("b", 2, 11, "dropped")])            # the same id, other content: reported
-    newer = pg_added.put(100_000_001, {"title": "Renamed later"}, VEC, "fp")   # newer than the file's row
+    pg_feedback.record([E("b", 2, 11, "dropped")])  # the same id, other content: reported
+    newer = pg_added.put(100_000_001, {"title": "Renamed later"}, VEC, "fp")  # newer than the file's row
 
-    args = ["--dsn", pg_dsn, "--feedback", str(tmp_path / "feedback.sqlite"),
-            "--added", str(tmp_path / "added_anime.sqlite")]
+    args = [
+        "--dsn",
+        pg_dsn,
+        "--feedback",
+        str(tmp_path / "feedback.sqlite"),
+        "--added",
+        str(tmp_path / "added_anime.sqlite"),
+    ]
     assert main(args) == 1 and '"events_conflicting": [\n    "b"\n  ]' in capsys.readouterr().out
-    assert main(args) == 1   # again: nothing new
+    assert main(args) == 1  # again: nothing new
     got = pg_feedback.all_events()
     assert list(got["event_id"]) == ["b", "a", "c"] and got.loc[got.event_id == "b", "kind"].item() == "dropped"
     sqlite_times = FeedbackStore(tmp_path / "feedback.sqlite").all_events().set_index("event_id")["received_at"]
     assert got.set_index("event_id").loc[["a", "c"], "received_at"].tolist() == sqlite_times.loc[["a", "c"]].tolist()
     anime = {a.anime_id: a for a in pg_added.all()}
-    assert anime[100_000_000].fields == {"title": "Old title"} and anime[100_000_001].fields == {"title": "Renamed later"}
+    assert anime[100_000_000].fields == {"title": "Old title"} and anime[100_000_001].fields == {
+        "title": "Renamed later"
+    }
     assert anime[100_000_001].revision == newer.revision and pg_added.revision() == 2
     np.testing.assert_array_equal(anime[100_000_000].raw_vector, VEC)
     db.close()

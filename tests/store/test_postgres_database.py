@@ -29,8 +29,9 @@ def test_replicas_starting_together_apply_each_migration_once(pg_dsn):
         start.wait()
         try:
             opened.append(Database(pg_dsn))
-        except Exception as e:   # pragma: no cover - reported below
+        except Exception as e:  # pragma: no cover - reported below
             errors.append(repr(e))
+
     threads = [threading.Thread(target=open_one) for _ in range(4)]
     for t in threads:
         t.start()
@@ -49,7 +50,9 @@ def test_an_unreachable_database_is_unavailable_and_the_password_is_never_shown(
     with pytest.raises(DatabaseUnavailable) as err:
         Database(f"host=127.0.0.1 port={port} dbname=x user=u password=s3cret connect_timeout=2")
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "s3cret" not in err.value.message
-    assert "password=***" in redacted("host=h password=s3cret") and "s3cret" not in redacted("postgresql://u:s3cret@h/d")
+    assert "password=***" in redacted("host=h password=s3cret") and "s3cret" not in redacted(
+        "postgresql://u:s3cret@h/d"
+    )
 
 
 def test_a_store_is_unavailable_while_its_server_is_down_and_works_again_after_a_restart():
@@ -62,10 +65,19 @@ def test_a_store_is_unavailable_while_its_server_is_down_and_works_again_after_a
         with pytest.raises(DatabaseUnavailable):
             store.record([E("during", 1, 11, "completed")])
         assert not db.ping()
-        opts = (f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={server.root}")
-        server._run(str(server.bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-l", str(server.root / "server.log"),
-                    "-o", opts, "-w", "start")
-        for _ in range(30):   # as a client does on UNAVAILABLE: the pool reconnects with a backoff
+        opts = f"-c listen_addresses=127.0.0.1 -c port={server.port} -c unix_socket_directories={server.root}"
+        server._run(
+            str(server.bin_dir / "pg_ctl"),
+            "-D",
+            str(server.data_dir),
+            "-l",
+            str(server.root / "server.log"),
+            "-o",
+            opts,
+            "-w",
+            "start",
+        )
+        for _ in range(30):  # as a client does on UNAVAILABLE: the pool reconnects with a backoff
             try:
                 assert store.record([E("after", 1, 12, "completed")]).applied == 1
                 break
