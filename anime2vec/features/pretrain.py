@@ -194,6 +194,8 @@ def chunk(
 
 
 def _windows(tokenizer, texts: list[str], cfg: PretrainConfig) -> list[list[int]]:
+    if not texts:  # eval_frac=0: the tokenizer fails on an empty batch
+        return []
     ids = tokenizer(
         texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
     )["input_ids"]
@@ -281,86 +283,119 @@ def pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
-    start = time.monotonic()
-    budget = cfg.max_minutes * 60.0
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if not corpus.texts:
-        raise ValueError("empty corpus")
-    if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.max_length < 8:
-        raise ValueError("batch_size and max_steps must be >= 1, max_length >= 8")
-    device = resolve_device(cfg.device)
-    amp_dtype = None
-    if device == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    base = Path(cfg.base) if cfg.base else default_model_dir()
-    name = cfg.name or out.name
+    run = _Run(corpus, cfg)
+    run.train()
+    return run.finish()
 
-    torch.manual_seed(cfg.seed)  # the MLM head's initialisation and dropout
-    rng = np.random.default_rng(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = BertForMaskedLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
-    if cfg.max_length > model.config.max_position_embeddings:
-        raise ValueError(f"max_length={cfg.max_length} > {model.config.max_position_embeddings} positions")
-    model.to(device)
 
-    # Hold out whole texts, so no window of an eval text is trained on.
-    n = len(corpus.texts)
-    order = rng.permutation(n)
-    n_eval = min(n - 1, max(1, int(round(cfg.eval_frac * n)))) if cfg.eval_frac > 0 and n > 1 else 0
-    eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
-    t0 = time.monotonic()
-    train_windows = _windows(tokenizer, [corpus.texts[i] for i in train_idx], cfg)
-    eval_windows = _windows(tokenizer, [corpus.texts[i] for i in eval_idx], cfg)
-    if len(eval_windows) > cfg.eval_max_seqs:
-        keep = np.sort(rng.choice(len(eval_windows), cfg.eval_max_seqs, replace=False))
-        eval_windows = [eval_windows[i] for i in keep]
-    tokens = sum(len(w) for w in train_windows)
-    log.info(
-        "corpus: %d texts %s → %d training windows (%d tokens), %d held-out texts → %d eval windows "
-        "(tokenised in %.1fs)",
-        n,
-        corpus.counts(),
-        len(train_windows),
-        tokens,
-        n_eval,
-        len(eval_windows),
-        time.monotonic() - t0,
-    )
-    if not train_windows:
-        raise ValueError("no training windows")
+class _Windows:
+    """The training windows as an endless stream of batches: a fresh seeded permutation each epoch."""
 
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed)
-    eval_collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed + 1)
-    eval_batches = [
-        eval_collator([{"input_ids": w} for w in eval_windows[i : i + cfg.batch_size]])
-        for i in range(0, len(eval_windows), cfg.batch_size)
-    ]
+    def __init__(self, windows: list[list[int]], batch_size: int, rng: np.random.Generator, collator):
+        self.windows, self.batch_size, self.rng, self.collator = windows, batch_size, rng, collator
+        self.epoch, self.pos, self.perm = 0, 0, rng.permutation(len(windows))
 
-    state = {"epoch": 0, "pos": 0, "perm": rng.permutation(len(train_windows))}
+    def next_batch(self) -> dict:
+        rows: list[list[int]] = []
+        while len(rows) < self.batch_size:
+            if self.pos >= len(self.perm):
+                self.epoch += 1
+                self.pos = 0
+                self.perm = self.rng.permutation(len(self.windows))
+            take = self.perm[self.pos : self.pos + self.batch_size - len(rows)]
+            self.pos += len(take)
+            rows.extend(self.windows[i] for i in take)
+        return self.collator([{"input_ids": w} for w in rows])
 
-    def next_batch() -> dict:
-        rows = []
-        while len(rows) < cfg.batch_size:
-            if state["pos"] >= len(state["perm"]):
-                state["epoch"] += 1
-                state["pos"] = 0
-                state["perm"] = rng.permutation(len(train_windows))
-            take = state["perm"][state["pos"] : state["pos"] + cfg.batch_size - len(rows)]
-            state["pos"] += len(take)
-            rows.extend(train_windows[i] for i in take)
-        return collator([{"input_ids": w} for w in rows])
+    @property
+    def epochs(self) -> float:
+        return round(self.epoch + self.pos / max(1, len(self.perm)), 4)
 
-    evals: list[dict] = []
-    curve: list[dict] = []
 
-    def run_eval(step: int, phase: str) -> float:
-        if not eval_batches:
-            return float("nan")
+class _Run:
+    """One pre-training run: set-up (model, held-out texts, windows, fixed eval masks), the two training
+    phases under the step and time limits, evaluations, and the report."""
+
+    def __init__(self, corpus: Corpus, cfg: PretrainConfig):
+        self.corpus, self.cfg = corpus, cfg
+        self.start = time.monotonic()
+        self.budget = cfg.max_minutes * 60.0
+        self.out = Path(cfg.out)
+        if self.out.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{self.out} exists; pass overwrite=True (--overwrite) to replace it")
+        if not corpus.texts:
+            raise ValueError("empty corpus")
+        if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.max_length < 8:
+            raise ValueError("batch_size and max_steps must be >= 1, max_length >= 8")
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = None
+        if self.device == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.base = Path(cfg.base) if cfg.base else default_model_dir()
+        self.name = cfg.name or self.out.name
+
+        torch.manual_seed(cfg.seed)  # the MLM head's initialisation and dropout
+        rng = np.random.default_rng(cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base, local_files_only=True)
+        self.model = BertForMaskedLM.from_pretrained(self.base, local_files_only=True, dtype=torch.float32)
+        if cfg.max_length > self.model.config.max_position_embeddings:
+            raise ValueError(f"max_length={cfg.max_length} > {self.model.config.max_position_embeddings} positions")
+        self.model.to(self.device)
+        self._split_and_window(rng)
+        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed)
+        eval_collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed + 1)
+        self.eval_batches = [
+            eval_collator([{"input_ids": w} for w in self.eval_windows[i : i + cfg.batch_size]])
+            for i in range(0, len(self.eval_windows), cfg.batch_size)
+        ]
+        self.stream = _Windows(self.train_windows, cfg.batch_size, rng, collator)
+        self.evals: list[dict] = []
+        self.curve: list[dict] = []
+        self.step = 0
+        self.stopped = "max_steps"
+        self.eval_seconds = self.evaluate(0, "random head")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _split_and_window(self, rng: np.random.Generator) -> None:
+        """Hold out whole texts, so no window of an eval text is trained on; cut both into windows."""
+        cfg, texts = self.cfg, self.corpus.texts
+        n = len(texts)
+        order = rng.permutation(n)
+        self.n_eval = min(n - 1, max(1, int(round(cfg.eval_frac * n)))) if cfg.eval_frac > 0 and n > 1 else 0
+        eval_idx, self.train_idx = np.sort(order[: self.n_eval]), np.sort(order[self.n_eval :])
+        t0 = time.monotonic()
+        self.train_windows = _windows(self.tokenizer, [texts[i] for i in self.train_idx], cfg)
+        self.eval_windows = _windows(self.tokenizer, [texts[i] for i in eval_idx], cfg)
+        if len(self.eval_windows) > cfg.eval_max_seqs:
+            keep = np.sort(rng.choice(len(self.eval_windows), cfg.eval_max_seqs, replace=False))
+            self.eval_windows = [self.eval_windows[i] for i in keep]
+        self.tokens = sum(len(w) for w in self.train_windows)
+        log.info(
+            "corpus: %d texts %s → %d training windows (%d tokens), %d held-out texts → %d eval windows "
+            "(tokenised in %.1fs)",
+            n,
+            self.corpus.counts(),
+            len(self.train_windows),
+            self.tokens,
+            self.n_eval,
+            len(self.eval_windows),
+            time.monotonic() - t0,
+        )
+        if not self.train_windows:
+            raise ValueError("no training windows")
+
+    def seconds_left(self) -> float:
+        """Of the time budget, keeping room for one more evaluation and the save."""
+        return self.budget - (time.monotonic() - self.start) - self.eval_seconds - 5.0
+
+    def evaluate(self, step: int, phase: str) -> float:
+        """The held-out MLM loss, recorded; returns how long it took (0 without held-out texts: it
+        returned nan, and a nan in seconds_left() switched the time bound off)."""
+        if not self.eval_batches:
+            return 0.0
         t = time.monotonic()
-        loss = evaluate_mlm(model, eval_batches, device, amp_dtype)
-        evals.append(
+        loss = evaluate_mlm(self.model, self.eval_batches, self.device, self.amp_dtype)
+        self.evals.append(
             {
                 "step": step,
                 "phase": phase,
@@ -379,76 +414,80 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
         )
         return time.monotonic() - t
 
-    eval_seconds = run_eval(0, "random head")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    step = 0
-    stopped = "max_steps"
-    sec_left = lambda: budget - (time.monotonic() - start) - eval_seconds - 5.0  # noqa: E731 — keep room to eval + save
-
-    def train_steps(params, n_steps: int, lr_at, phase: str, after_step=None) -> None:
-        nonlocal step, stopped
+    def train_steps(self, params, n_steps: int, lr_at, phase: str, after_step=None) -> None:
+        cfg = self.cfg
         opt = _optimizer(params, lr_at(0), cfg.weight_decay)
         window_loss, window_n, t_window = 0.0, 0, time.monotonic()
         for k in range(n_steps):
-            if step >= cfg.max_steps:
-                stopped = "max_steps"
+            if self.step >= cfg.max_steps:
+                self.stopped = "max_steps"
                 return
-            if sec_left() <= 0:
-                stopped = "max_minutes"
+            if self.seconds_left() <= 0:
+                self.stopped = "max_minutes"
                 return
             lr = lr_at(k)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, _ = _mlm_loss(model, next_batch(), device, amp_dtype)
+            loss, _ = _mlm_loss(self.model, self.stream.next_batch(), self.device, self.amp_dtype)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.step += 1
             window_loss += float(loss.detach())
             window_n += 1
-            if step % cfg.log_every == 0 or k == n_steps - 1:
-                dt = time.monotonic() - t_window
-                curve.append(
-                    {
-                        "step": step,
-                        "phase": phase,
-                        "loss": round(window_loss / window_n, 5),
-                        "lr": lr,
-                        "minutes": round((time.monotonic() - start) / 60, 2),
-                    }
-                )
-                log.info(
-                    "%s step %d: loss %.4f lr %.2e  %.2f steps/s %.1f seq/s  %.1f min",
-                    phase,
-                    step,
-                    window_loss / window_n,
-                    lr,
-                    window_n / dt,
-                    window_n * cfg.batch_size / dt,
-                    (time.monotonic() - start) / 60,
-                )
+            if self.step % cfg.log_every == 0 or k == n_steps - 1:
+                self._log_window(phase, lr, window_loss / window_n, window_n, time.monotonic() - t_window)
                 window_loss, window_n, t_window = 0.0, 0, time.monotonic()
             if after_step is not None:
                 after_step(k + 1)
 
-    model.train()
-    try:
-        # Phase 1: the fresh head learns to read the frozen encoder.
-        head_steps = min(cfg.head_steps, cfg.max_steps)
-        if head_steps > 0:
-            for p in model.bert.parameters():
-                p.requires_grad_(False)
-            head = [(n, p) for n, p in model.cls.named_parameters() if p.requires_grad]
-            train_steps(head, head_steps, lambda k: cfg.head_lr, "head")
-            for p in model.bert.parameters():
-                p.requires_grad_(True)
-            eval_seconds = run_eval(step, "frozen encoder, trained head")
+    def _log_window(self, phase: str, lr: float, loss: float, steps: int, seconds: float) -> None:
+        minutes = (time.monotonic() - self.start) / 60
+        self.curve.append(
+            {"step": self.step, "phase": phase, "loss": round(loss, 5), "lr": lr, "minutes": round(minutes, 2)}
+        )
+        log.info(
+            "%s step %d: loss %.4f lr %.2e  %.2f steps/s %.1f seq/s  %.1f min",
+            phase,
+            self.step,
+            loss,
+            lr,
+            steps / seconds,
+            steps * self.cfg.batch_size / seconds,
+            minutes,
+        )
 
-        # Phase 2: everything. Tied decoder weights appear once in named_parameters.
-        schedule = _Schedule(cfg.lr, max(1, cfg.max_steps - step), cfg.warmup_frac)
+    def train(self) -> None:
+        self.model.train()
+        try:
+            self._train_head()
+            self._train_everything()
+        except KeyboardInterrupt:
+            self.stopped = "interrupted"
+            log.warning("interrupted at step %d: evaluating and saving what there is", self.step)
+
+    def _train_head(self) -> None:
+        """Phase 1: the fresh head learns to read the frozen encoder."""
+        cfg, model = self.cfg, self.model
+        head_steps = min(cfg.head_steps, cfg.max_steps)
+        if head_steps <= 0:
+            return
+        for p in model.bert.parameters():
+            p.requires_grad_(False)
+        head = [(n, p) for n, p in model.cls.named_parameters() if p.requires_grad]
+        self.train_steps(head, head_steps, lambda k: cfg.head_lr, "head")
+        for p in model.bert.parameters():
+            p.requires_grad_(True)
+        self.eval_seconds = self.evaluate(self.step, "frozen encoder, trained head")
+
+    def _train_everything(self) -> None:
+        """Phase 2: everything, on a schedule re-planned from the measured speed and the time left.
+        Tied decoder weights appear once in named_parameters."""
+        cfg = self.cfg
+        schedule = _Schedule(cfg.lr, max(1, cfg.max_steps - self.step), cfg.warmup_frac)
         # (done, time) after recent steps: the speed the plan uses, evaluations left out.
         stamps: deque[tuple[int, float]] = deque([(0, time.monotonic())], maxlen=31)
 
@@ -456,61 +495,60 @@ def _pretrain(corpus: Corpus, cfg: PretrainConfig) -> dict:
             stamps.append((done, time.monotonic()))
             if done >= 5 and done % 5 == 0:  # re-plan from the speed of the last <= 30 steps
                 (d0, t0), (d1, t1) = stamps[0], stamps[-1]
-                schedule.plan(done, sec_left(), (t1 - t0) / max(1, d1 - d0))
+                schedule.plan(done, self.seconds_left(), (t1 - t0) / max(1, d1 - d0))
             if cfg.eval_every and done % cfg.eval_every == 0:
-                run_eval(step, "full")
+                self.evaluate(self.step, "full")
                 stamps.clear()
                 stamps.append((done, time.monotonic()))
 
-        if step < cfg.max_steps and sec_left() > 0:
-            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            train_steps(params, cfg.max_steps - step, schedule, "full", after_step=on_full_step)
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        log.warning("interrupted at step %d: evaluating and saving what there is", step)
+        if self.step < cfg.max_steps and self.seconds_left() > 0:
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.train_steps(params, cfg.max_steps - self.step, schedule, "full", after_step=on_full_step)
 
-    run_eval(step, "final")
-    minutes = (time.monotonic() - start) / 60
-    by_phase = {e["phase"]: e["loss"] for e in evals}
-    report = {
-        "name": name,
-        "base": str(base),
-        "device": device,
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-        "torch_threads": torch.get_num_threads(),
-        "steps": step,
-        "stopped_by": stopped,
-        "epochs": round(state["epoch"] + state["pos"] / max(1, len(state["perm"])), 4),
-        "sequences_seen": step * cfg.batch_size,
-        "minutes": round(minutes, 2),
-        "corpus": {
-            **corpus.description,
-            "texts": corpus.counts(),
-            "train_texts": int(len(train_idx)),
-            "eval_texts": int(n_eval),
-            "train_windows": len(train_windows),
-            "train_tokens": int(tokens),
-            "eval_windows": len(eval_windows),
-        },
-        "eval": evals,
-        "eval_loss_random_head": by_phase.get("random head"),
-        "eval_loss_before": by_phase.get("frozen encoder, trained head", by_phase.get("random head")),
-        "eval_loss_after": by_phase.get("final"),
-        "loss_curve": curve,
-        "config": cfg.to_dict(),
-    }
-    save_encoder(model, base, tokenizer, out, name, report, overwrite=cfg.overwrite)
-    report["minutes_with_save"] = round((time.monotonic() - start) / 60, 2)
-    (out / "pretrain.json").write_text(json.dumps(report, indent=2))
-    log.info(
-        "saved %s (%d steps, eval MLM loss %s → %s, %.1f min)",
-        out,
-        step,
-        report["eval_loss_before"],
-        report["eval_loss_after"],
-        report["minutes_with_save"],
-    )
-    return report
+    def finish(self) -> dict:
+        """The final evaluation, the saved encoder and its report."""
+        self.evaluate(self.step, "final")
+        by_phase = {e["phase"]: e["loss"] for e in self.evals}
+        report = {
+            "name": self.name,
+            "base": str(self.base),
+            "device": self.device,
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            "torch_threads": torch.get_num_threads(),
+            "steps": self.step,
+            "stopped_by": self.stopped,
+            "epochs": self.stream.epochs,
+            "sequences_seen": self.step * self.cfg.batch_size,
+            "minutes": round((time.monotonic() - self.start) / 60, 2),
+            "corpus": {
+                **self.corpus.description,
+                "texts": self.corpus.counts(),
+                "train_texts": int(len(self.train_idx)),
+                "eval_texts": int(self.n_eval),
+                "train_windows": len(self.train_windows),
+                "train_tokens": int(self.tokens),
+                "eval_windows": len(self.eval_windows),
+            },
+            "eval": self.evals,
+            "eval_loss_random_head": by_phase.get("random head"),
+            "eval_loss_before": by_phase.get("frozen encoder, trained head", by_phase.get("random head")),
+            "eval_loss_after": by_phase.get("final"),
+            "loss_curve": self.curve,
+            "config": self.cfg.to_dict(),
+        }
+        out = self.out
+        save_encoder(self.model, self.base, self.tokenizer, out, self.name, report, overwrite=self.cfg.overwrite)
+        report["minutes_with_save"] = round((time.monotonic() - self.start) / 60, 2)
+        (out / "pretrain.json").write_text(json.dumps(report, indent=2))
+        log.info(
+            "saved %s (%d steps, eval MLM loss %s → %s, %.1f min)",
+            out,
+            self.step,
+            report["eval_loss_before"],
+            report["eval_loss_after"],
+            report["minutes_with_save"],
+        )
+        return report
 
 
 def save_encoder(

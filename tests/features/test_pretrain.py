@@ -242,6 +242,11 @@ def test_time_bound_stops_and_still_saves(tiny_base, tmp_path):
     assert r["stopped_by"] == "max_minutes" and r["steps"] < 60
     assert TextEncoder(out, device="cpu").dim == 32
     assert json.loads((out / "pretrain.json").read_text())["stopped_by"] == "max_minutes"
+    # without held-out texts too (nothing to evaluate; the bound used to be ignored then)
+    r = pretrain(
+        repetitive_corpus(), tiny_config(tmp_path / "timed-no-eval", tiny_base, max_minutes=0.001, eval_frac=0)
+    )
+    assert r["stopped_by"] == "max_minutes" and r["steps"] < 60 and r["eval"] == []
 
 
 def test_schedule_warms_up_decays_and_replans_to_the_time_left():
