@@ -127,11 +127,35 @@ def summary(result: dict) -> list[dict]:
             {
                 "figure": f"ranker search recall, exact mode, {s['items']:,} items",
                 "baseline": "exact numpy top-k",
-                "result": f"{t['exact_recall']:.3f} (served quantized mode: {t['served_recall']:.4f})",
-                "target": "1.0",
-                "met": t["recall_met"],
+                "result": f"{t['exact_recall']:.3f} (served {s['served_mode']} mode: {t['served_recall']:.4f} at "
+                f"top-{s.get('served_page', 11)}, {t.get('served_recall_top100', float('nan')):.4f} at top-100)",
+                "target": "1.0 (served: 1.0 at top-11, ≥ 0.999 at top-100)",
+                "met": t["recall_met"] and t.get("served_recall_met", True),
             }
         )
+        if p := s.get("peers"):
+            u, f = p["unfiltered"], p["filtered"]
+            rows.append(
+                {
+                    "figure": f"ranker search p50, served {s['served_mode']} mode, unfiltered top-{s['served_page']}",
+                    "baseline": f"one pass over the int8 vectors (read floor); numpy 1 thread {u['vs_numpy_1_thread']:.1f}×, "
+                    f"faiss flat {u['vs_faiss_flat']:.1f}×",
+                    "result": f"{u['served_p50_ms']:.2f} ms = {u['vs_int8_read_floor']:.1f}× the floor",
+                    "target": f"≤ {t['floor_ratio']:g}×",
+                    "met": t["floor_met"],
+                }
+            )
+            rows.append(
+                {
+                    "figure": f"ranker search p50, served {s['served_mode']} mode, filtered top-{s['served_page']} "
+                    f"({s['filter']['matching_items']:,} of {s['items']:,} match)",
+                    "baseline": f"numpy over the matching rows; faiss id selector {f['vs_faiss_id_selector']:.1f}×, "
+                    f"numpy scan-all-and-mask {f['vs_numpy_scan_all_and_mask']:.1f}×",
+                    "result": f"{f['served_p50_ms']:.2f} ms = {f['vs_numpy_matching_rows']:.1f}× numpy over the matching rows",
+                    "target": f"≤ {t['filtered_ratio']:g}×",
+                    "met": t["filtered_met"],
+                }
+            )
         rows.append(
             {
                 "figure": f"ranker search p99, served mode and page (top-{s.get('served_page', 11)}, filtered or not)",

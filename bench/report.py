@@ -36,8 +36,8 @@ def _md_search(s: dict) -> list[str]:
         f"## Ranker search: {s['items']:,} items × {s['dim']} dims, {s['queries']} queries",
         "",
         f"Vectors: {s['source']}.",
-        "Baseline: exact numpy dot-product top-k over the same vectors (float32 BLAS). Modes: `exact` scans "
-        "every float32 vector; `quantized` (served by default) scans int8 copies and rescores the best "
+        "Baseline: exact numpy dot-product top-k over the same vectors (float32 BLAS). Modes: `exact` (served by "
+        "default) scans every float32 vector; `quantized` scans int8 copies and rescores the best "
         f"{s['oversampling']:g}× the page in float32 (at most 400 vectors: top-100 rescores 4×). Cases run "
         f"interleaved query by query, so a stall of the machine hits all alike. Filtered: {', '.join(s['filter']['include_genres'])}, "
         f"{s['filter']['year_min']}–{s['filter']['year_max']} ({s['filter']['matching_items']:,} items match).",
@@ -52,10 +52,27 @@ def _md_search(s: dict) -> list[str]:
             f"| {name} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {'–' if ratio is None else f'{ratio:.2f}×'} "
             f"| {'–' if rec is None else f'{rec:.4f}'} |"
         )
+    if p := s.get("peers"):
+        u, f = p["unfiltered"], p["filtered"]
+        lines += [
+            "",
+            f"Against the tools a user would pick instead (p50, served `{s['served_mode']}` mode, top-{s['served_page']}, "
+            "everything on one thread):",
+            "",
+            f"- unfiltered: {u['served_p50_ms']:.2f} ms = {u['vs_int8_read_floor']:.1f}× the int8 read floor (target "
+            f"≤ {t['floor_ratio']:g}×: {_yes(t.get('floor_met'))}), {u['vs_numpy_1_thread']:.1f}× numpy, "
+            f"{u['vs_faiss_flat']:.1f}× faiss flat",
+            f"- filtered: {f['served_p50_ms']:.2f} ms = {f['vs_numpy_matching_rows']:.1f}× numpy over the matching rows "
+            f"(target ≤ {t['filtered_ratio']:g}×: {_yes(t.get('filtered_met'))}), {f['vs_faiss_id_selector']:.1f}× faiss "
+            f"with an id selector, {f['vs_numpy_scan_all_and_mask']:.1f}× numpy scanning everything then masking",
+            f"- served recall: {t.get('served_recall', float('nan')):.4f} at top-{s['served_page']}, "
+            f"{t.get('served_recall_top100', float('nan')):.4f} at top-100 (target 1.0 / ≥ 0.999: "
+            f"{_yes(t.get('served_recall_met'))})",
+        ]
     lines += [
         "",
         f"- exact mode recall: {t.get('exact_recall', float('nan')):.4f} — target 1.0: {_yes(t.get('recall_met'))}",
-        f"- served mode (quantized) at the served page (top-{s.get('served_page', 11)}, filtered or not): "
+        f"- served mode ({s.get('served_mode', 'quantized')}) at the served page (top-{s.get('served_page', 11)}, filtered or not): "
         f"worst p99 {t.get('served_p99_ms', float('nan')):.2f} ms — target "
         f"≤ {t.get('p99_ms', 5):g} ms: {_yes(t.get('p99_met'))}; worst recall {t.get('served_recall', float('nan')):.4f}",
         "",

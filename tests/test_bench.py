@@ -118,8 +118,18 @@ def test_cheapest_parts_write_a_complete_report(tmp_path):
     assert s["source"].startswith("synthetic") and s["items"] == 1500 and s["dim"] == 32
     exact = {n: r for n, r in s["recall"].items() if n.startswith("qdrant exact")}
     assert len(exact) == 4 and set(exact.values()) == {1.0} and s["targets"]["recall_met"] is True
-    assert len(s["recall"]) == 8 and all(0.5 <= r <= 1.0 for r in s["recall"].values())
-    assert s["targets"]["served_recall"] == min(r for n, r in s["recall"].items() if "quantized" in n)
+    qdrant = {n: r for n, r in s["recall"].items() if n.startswith("qdrant")}
+    assert len(qdrant) == 8 and all(0.5 <= r <= 1.0 for r in qdrant.values())
+    mode = s["served_mode"]
+    assert s["targets"]["served_recall"] == min(r for n, r in qdrant.items() if mode in n and n.endswith("top-11"))
+    # the peers are exact: same ids as numpy (faiss, numpy over the matching rows, faiss with an id selector)
+    peers = {n: r for n, r in s["recall"].items() if not n.startswith("qdrant")}
+    assert len(peers) == 4 and set(peers.values()) == {1.0}, peers
+    for side in ("unfiltered", "filtered"):
+        assert all(v > 0 for v in s["peers"][side].values())
+    assert s["peers"]["filtered"]["vs_numpy_matching_rows"] == pytest.approx(
+        s["cases"][f"qdrant {mode} filtered top-11"]["p50_ms"] / s["cases"]["numpy matching rows top-11"]["p50_ms"]
+    )
     sc = data["scale"]
     (idx,) = sc["measured"]["index"]
     assert idx["n_items"] == 500 and idx["recall_vs_numpy"] == 1.0 and idx["disk_mib"] > 0
