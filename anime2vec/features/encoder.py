@@ -29,7 +29,8 @@ POOLING = "mean"
 # with native bf16 units (AVX512-BF16 or AMX) bf16 autocast when it agrees with fp32 on the probe
 # texts (min cosine MIN_AGREEMENT), else fp32. bf16 measured 1.2-1.6x faster than fp32 on such a
 # CPU at min cosine 0.99997 (bench/encoder.py re-measures it); without native units torch emulates
-# bf16 and it is slower. Pooling and normalisation stay in fp32 whatever the precision.
+# bf16 and it is slower. Pooling and normalisation stay in fp32 whatever the precision. Unset (the
+# library's default: training and the encoding cache): fp16 autocast on CUDA, fp32 on a CPU, as before.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIN_AGREEMENT = 0.999
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,7 +98,7 @@ class TextEncoder:
         max_length: int = 256,
         batch_size: int = 32,
         compile: bool = False,
-        precision: str = "fp32",
+        precision: str | None = None,
     ):
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (model_dir / "config.json").is_file():
@@ -114,7 +115,7 @@ class TextEncoder:
         layers: int = 2,
         device: str | None = None,
         max_length: int = 256,
-        precision: str = "fp32",
+        precision: str | None = None,
     ) -> "TextEncoder":
         """A randomly initialised small BERT with the real MiniLM tokenizer: same plumbing as the
         real encoder, milliseconds per batch, identical weights for identical arguments."""
@@ -146,14 +147,14 @@ class TextEncoder:
         max_length: int,
         batch_size: int,
         compile: bool,
-        precision: str,
+        precision: str | None,
     ):
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_length < 2 or (max_positions is not None and max_length > max_positions):
             raise ValueError(f"max_length={max_length} must be in [2, {max_positions}] for {name}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
         if tokenizer.padding_side != "right":
             raise ValueError(f"{name}: tokenizer pads on the {tokenizer.padding_side}; right padding is assumed")
@@ -171,9 +172,12 @@ class TextEncoder:
         self.precision, self.precision_check = "fp32", None
         self.precision, self.precision_check = self._choose_precision(precision)
 
-    def _choose_precision(self, asked: str) -> tuple[str, dict | None]:
-        """The precision to run at; and for "auto" on a CPU, what the choice was based on."""
+    def _choose_precision(self, asked: str | None) -> tuple[str, dict | None]:
+        """The precision to run at; and for "auto" on a CPU, what the choice was based on. None (the
+        library's default, what training and the encoding cache use): fp16 on CUDA, fp32 on a CPU."""
         on_cuda = torch.device(self.device).type == "cuda"
+        if asked is None:
+            return ("fp16" if on_cuda else "fp32"), None
         if asked == "auto" and on_cuda:
             return "fp16", None
         if asked != "auto":
