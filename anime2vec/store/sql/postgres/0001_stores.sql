@@ -16,7 +16,7 @@ CREATE TABLE events (
 CREATE INDEX events_user ON events (user_id, seq);
 CREATE INDEX events_seq ON events (seq);
 
--- Anime added through UpsertAnime (services/ranker/added_anime.py). revision orders the changes
+-- Anime added through UpsertAnime (anime2vec/store/added_anime.py). revision orders the changes
 -- every replica follows: writers hold one advisory lock until commit, so revisions become visible
 -- in increasing order and "revision > the last one I applied" never skips a change.
 CREATE TABLE added_anime (
