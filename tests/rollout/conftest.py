@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anime2vec.bundle import list_bundles, load_bundle, write_bundle
+from anime2vec.bundle import load_bundle, write_bundle
 from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV
+from tests.faults.ranker_harness import train_tiny_bundle
 
 TRAIN_TIMEOUT_S = 600
 
@@ -52,33 +53,5 @@ def bundles(tmp_path_factory) -> tuple[Path, Path]:
     """(A, B) in one store."""
     root = tmp_path_factory.mktemp("rollout")
     store = root / "models"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "anime2vec.cli",
-            "train",
-            "--sample",
-            "--encoder",
-            "tiny-random",
-            "--epochs",
-            "2",
-            "--models",
-            "wmf",
-            "--test-queries",
-            "50",
-            "--quiet",
-            "--store",
-            str(store),
-            "--report-dir",
-            str(root / "report"),
-        ],
-        cwd=REPO_ROOT,
-        env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
-        capture_output=True,
-        text=True,
-        timeout=TRAIN_TIMEOUT_S,
-    )
-    assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
-    (a,) = list_bundles(store)
+    a = train_tiny_bundle(root)
     return a, derive_bundle(a, store, "b-" + a.name, seed=1)

@@ -14,7 +14,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from anime2vec.bundle import list_bundles
 from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, standard_specs
 from anime2vec.serving.server import build_server
@@ -25,6 +24,7 @@ from services.encoder.settings import EncoderSettings
 from services.gateway.settings import GatewaySettings
 from services.ranker.settings import RankerSettings
 from tests.e2e.support import free_ports
+from tests.faults.ranker_harness import train_tiny_bundle
 from tests.serving.certs import CertificateAuthority
 from tests.serving.probe_service import PROBE, Probe, add_probe, call, settings
 
@@ -210,37 +210,7 @@ def bundle(tmp_path_factory) -> Path:
     )
     if trained:
         return trained[0].parent
-    root = tmp_path_factory.mktemp("tls-bundle")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "anime2vec.cli",
-            "train",
-            "--sample",
-            "--encoder",
-            "tiny-random",
-            "--epochs",
-            "2",
-            "--models",
-            "wmf",
-            "--test-queries",
-            "50",
-            "--quiet",
-            "--store",
-            str(root / "models"),
-            "--report-dir",
-            str(root / "report"),
-        ],
-        cwd=REPO_ROOT,
-        env=os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(root / "cache")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, f"training failed:\n{run.stderr[-4000:]}"
-    (path,) = list_bundles(root / "models")
-    return path
+    return train_tiny_bundle(tmp_path_factory.mktemp("tls-bundle"))
 
 
 @pytest.fixture(scope="module")
