@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from anime2vec.runlocal import ServiceProcess, free_ports, standard_specs
-from anime2vec.v1 import common_pb2, gateway_pb2_grpc
+from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 API_KEYS = ("e2e-key-1", "e2e-key-2")
 # The gateway's key setting: the first key has every scope (AddAnime needs catalog), the second is
@@ -39,17 +39,21 @@ class Stack:
         self.procs[name].wait_serving(STARTUP_TIMEOUT_S)
 
     def ensure_running(self) -> None:
-        for name in ("encoder", "ranker", "gateway"):
-            if not self.procs[name].alive():
-                self.start(name)
-        self.wait_answering()
+        restarted = [name for name in ("encoder", "ranker", "gateway") if not self.procs[name].alive()]
+        for name in restarted:
+            self.start(name)
+        self.wait_answering(through_encoder="encoder" in restarted)
 
-    def wait_answering(self, timeout_s: float = 60) -> None:
-        """Until the gateway answers a ranker-backed call (its channel reconnects after a restart)."""
+    def wait_answering(self, timeout_s: float = 60, through_encoder: bool = False) -> None:
+        """Until the gateway answers a ranker-backed call (its channel reconnects after a restart) and,
+        with `through_encoder`, a free-text one: after the encoder was down, the gateway's channel to
+        it reconnects on its own back-off (up to 2 s), and a call before that is UNAVAILABLE."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 self.gateway.GetModelInfo(common_pb2.GetModelInfoRequest(), metadata=AUTH, timeout=5)
+                if through_encoder:
+                    self.gateway.SearchText(gateway_pb2.SearchTextRequest(query="ready"), metadata=AUTH, timeout=30)
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:

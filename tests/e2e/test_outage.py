@@ -2,7 +2,8 @@
 (and starts even though its data directory holds an anime added under another model);
 with the encoder down, favourites queries still work and free text fails with a clear UNAVAILABLE.
 
-Sorts last among the e2e tests because it stops the encoder (the `stack` fixture would restart it)."""
+It stops the encoder; the `stack` fixture of the next test on the same worker restarts it and waits
+until free text answers again."""
 
 from __future__ import annotations
 

@@ -227,14 +227,22 @@ def test_probe_calls_have_their_own_small_budget(serve):
     for _ in range(3):  # one after another: each holds its slot only until it is set up
         streams.append(watch(health_pb2.HealthCheckRequest(service=PROBE), timeout=30))
         assert next(streams[-1]).status == health_pb2.HealthCheckResponse.SERVING
-    held, release = stalled(channel, "/grpc.health.v1.Health/Check", 2)
+    # Five stalled checks at once: which two the server admits first is its dispatch order, so the
+    # test counts, it does not name them. The admitted two wait for their message; three are refused.
+    futures, release = stalled(channel, "/grpc.health.v1.Health/Check", 5)
     try:
-        more, release_more = stalled(channel, "/grpc.health.v1.Health/Check", 3)
-        for f in more:
-            assert f.exception(30) is not None and f.code() == C.RESOURCE_EXHAUSTED
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in futures) < 3:
+            assert time.monotonic() < deadline, "the checks beyond the budget were not refused"
+            time.sleep(0.02)
+        refused = [f for f in futures if f.done()]
+        held = [f for f in futures if not f.done()]
+        assert len(refused) == 3 and len(held) == 2
+        for f in refused:
+            assert f.code() == C.RESOURCE_EXHAUSTED
             assert ErrorDetails.from_rpc_error(f).reason == "TOO_MANY_PROBE_CALLS"
-        release_more.set()
         assert call(channel, "Ok").dim == 7  # the API is not affected
+        assert not any(f.done() for f in held)  # still holding their slots, waiting for a message
     finally:
         release.set()
         for s in streams:
