@@ -6,7 +6,9 @@ constructors below; the server interceptor aborts the RPC with its status, so ha
 
 Conventions (documented in common.proto): INVALID_ARGUMENT carries google.rpc.BadRequest with the
 field path; NOT_FOUND carries ResourceInfo and ErrorInfo whose metadata "suggestions" is a JSON
-array; RESOURCE_EXHAUSTED and UNAVAILABLE carry ErrorInfo and, when known, RetryInfo.
+array; RESOURCE_EXHAUSTED and UNAVAILABLE carry ErrorInfo and, when known, RetryInfo. A field path
+is only ever in a violation's `field`; the message of an error about fields is composed from its
+violations ("path: description; ..."), so a relay can rename the paths (`renamed`) without reading text.
 """
 
 from __future__ import annotations
@@ -57,6 +59,27 @@ class ServiceError(Exception):
             if len(status.SerializeToString()) * 4 // 3 <= MAX_DETAILS_WIRE_BYTES or limit <= 8:
                 return rpc_status.to_status(status)
             limit //= 2
+
+    def renamed(self, fields: Mapping[str, str]) -> "ServiceError":
+        """The same error for a caller whose request names these fields differently (a gateway
+        relaying the ranker's answer): each violation's path is looked up whole in `fields` (kept when
+        absent), and a message composed from the violations is composed again from the renamed ones.
+        Nothing is searched in text: a message that is not such a composition is kept as it is."""
+        if not fields:
+            return self
+        old = [v for d in self.details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations]
+        if not old:
+            return self
+        details = [
+            _bad_request((fields.get(v.field, v.field), v.description) for v in d.field_violations)
+            if isinstance(d, error_details_pb2.BadRequest)
+            else d
+            for d in self.details
+        ]
+        message = self.message
+        if message == _compose((v.field, v.description) for v in old):
+            message = _compose((fields.get(v.field, v.field), v.description) for v in old)
+        return ServiceError(self.code, message, details)
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> "ServiceError":
@@ -130,6 +153,11 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
+def _compose(violations: Iterable[tuple[str, str]]) -> str:
+    """The message of an error about request fields: each path with what is wrong there."""
+    return "; ".join(f"{f}: {d}" for f, d in violations)
+
+
 def _bad_request(violations: Iterable[tuple[str, str]]) -> error_details_pb2.BadRequest:
     return error_details_pb2.BadRequest(
         field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
@@ -143,7 +171,7 @@ def invalid_argument(
     pairs = list(violations.items() if isinstance(violations, Mapping) else violations)
     if not pairs:
         raise ValueError("invalid_argument needs at least one field violation")
-    message = message or "; ".join(f"{f}: {d}" for f, d in pairs)
+    message = message or _compose(pairs)
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, [_bad_request(pairs)])
 
 
@@ -157,20 +185,18 @@ def not_found(
 ) -> ServiceError:
     """`resource_type` `resource_name` does not exist; `suggestions` are close matches to offer
     (in the message and in ErrorInfo metadata), `field` the request field that named it."""
-    message = f"{resource_type} {resource_name!r} not found"
-    if field:
-        message = f"{field}: {message}"
+    what = f"{resource_type} {resource_name!r} not found"
     if suggestions:
-        message += "; did you mean: " + ", ".join(repr(s) for s in suggestions) + "?"
+        what += "; did you mean: " + ", ".join(repr(s) for s in suggestions) + "?"
     details: list[Message] = [
-        error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=resource_name, description=message),
+        error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=resource_name, description=what),
         _error_info(
             reason, {SUGGESTIONS_KEY: json.dumps(list(suggestions), ensure_ascii=False)} if suggestions else None
         ),
     ]
     if field:
-        details.append(_bad_request([(field, message)]))
-    return ServiceError(grpc.StatusCode.NOT_FOUND, message, details)
+        details.append(_bad_request([(field, what)]))
+    return ServiceError(grpc.StatusCode.NOT_FOUND, _compose([(field, what)]) if field else what, details)
 
 
 def already_exists(message: str, *, reason: str, field: str | None = None) -> ServiceError:

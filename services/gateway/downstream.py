@@ -76,35 +76,6 @@ def deadline(context: grpc.ServicerContext | None, configured_s: float) -> float
     return min(configured_s, remaining - _MARGIN_S)
 
 
-def rename_fields(error: ServiceError, fields: Mapping[str, str]) -> ServiceError:
-    """The same error with the ranker's request field paths replaced by the caller's."""
-    if not fields:
-        return error
-    pattern = re.compile("|".join(re.escape(k) for k in sorted(fields, key=len, reverse=True)))
-
-    def sub(text: str) -> str:
-        return pattern.sub(lambda m: fields[m.group(0)], text)
-
-    details = []
-    for d in error.details:
-        if isinstance(d, error_details_pb2.BadRequest):
-            d = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=sub(v.field), description=sub(v.description))
-                    for v in d.field_violations
-                ]
-            )
-        elif isinstance(d, error_details_pb2.ResourceInfo):
-            d = error_details_pb2.ResourceInfo(
-                resource_type=d.resource_type,
-                resource_name=d.resource_name,
-                owner=d.owner,
-                description=sub(d.description),
-            )
-        details.append(d)
-    return ServiceError(error.code, sub(error.message), details)
-
-
 # Statuses that describe the ranker's own trouble (or the encoder's behind it) rather than the
 # caller's request: their text may name internal hosts and ports, so callers get the gateway's words
 # (the ErrorInfo reason and RetryInfo are kept) and only the log gets the original.
@@ -240,7 +211,7 @@ class Ranker:
                 ) from None
             if code in _OWN_TROUBLE:
                 raise _in_own_words(error, self.address) from None
-            raise rename_fields(error, fields or {}) from None
+            raise error.renamed(fields or {}) from None
 
     def close(self) -> None:
         self._channel.close()

@@ -28,7 +28,7 @@ from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 from . import mal_import
 from .anime_input import anime_id_problem, anime_input_problems
 from .catalog import CatalogueSync, entry_from_input
-from .downstream import REPLACE_CATALOGUE_KEY, Ranker, deadline, rename_fields
+from .downstream import REPLACE_CATALOGUE_KEY, Ranker, deadline
 from .filters import filter_problems, unanswerable_error, unknown_values_error
 from .settings import GatewaySettings
 
@@ -357,7 +357,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     reason="ENCODER_UNAVAILABLE",
                     retry_after_s=2.0,
                 ) from None
-            raise rename_fields(e, {"texts[0]": "query", "texts": "query"}) from None
+            raise e.renamed({"texts[0]": "query", "texts": "query"}) from None
         self.text_vectors.put(query, vectors[0], fingerprint)
         return vectors[0], fingerprint
 

@@ -12,11 +12,11 @@ import pytest
 from google.rpc import error_details_pb2
 
 from anime2vec.runlocal import api_key_env
-from anime2vec.serving.errors import ServiceError, not_found
+from anime2vec.serving.errors import ServiceError, already_exists, invalid_argument, not_found
 from anime2vec.v1 import common_pb2, gateway_pb2, ranker_pb2
 from services.gateway.auth import DEFAULT_SCOPES, METHOD_SCOPES, SCOPES, ApiKey, ApiKeyInterceptor, load_api_keys
 from services.gateway.catalog import CatalogueSync
-from services.gateway.downstream import deadline, rename_fields
+from services.gateway.downstream import deadline
 from services.gateway.service import TextVectors, _Problems
 from services.gateway.settings import GatewaySettings
 
@@ -99,30 +99,31 @@ def test_an_added_anime_resolves_at_once_and_keeps_a_replaced_ones_popularity(ra
     assert 7 not in sync.get()
 
 
-def test_rename_fields_maps_whole_paths_only():
-    error = ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        "liked_ids[10]: anime '5' not found",
-        [
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field="liked_ids[10]", description="liked_ids[10] unknown"
-                    ),
-                    error_details_pb2.BadRequest.FieldViolation(field="liked_ids[1]", description="x"),
-                ]
-            ),
-            error_details_pb2.ErrorInfo(reason="ANIME_NOT_FOUND"),
-        ],
-    )
-    renamed = rename_fields(error, {"liked_ids[1]": "favourites[0].title", "liked_ids[10]": "favourites[12].anime_id"})
-    assert renamed.message == "favourites[12].anime_id: anime '5' not found"
-    bad = renamed.details[0]
-    assert [(v.field, v.description) for v in bad.field_violations] == [
-        ("favourites[12].anime_id", "favourites[12].anime_id unknown"),
-        ("favourites[0].title", "x"),
+def test_renamed_maps_whole_paths_and_recomposes_the_message_without_reading_text():
+    """The gateway relays the ranker's field errors in its caller's terms: paths are looked up whole
+    (liked_ids[1] never matches inside liked_ids[10]), descriptions are not searched."""
+    error = not_found("anime", "5", reason="ANIME_NOT_FOUND", field="liked_ids[10]", suggestions=["Naruto"])
+    assert error.message == "liked_ids[10]: anime '5' not found; did you mean: 'Naruto'?"
+    renamed = error.renamed({"liked_ids[1]": "favourites[0].title", "liked_ids[10]": "favourites[12].anime_id"})
+    assert renamed.message == "favourites[12].anime_id: anime '5' not found; did you mean: 'Naruto'?"
+    assert renamed.code == grpc.StatusCode.NOT_FOUND
+    by_type = {type(d).__name__: d for d in renamed.details}
+    assert [(v.field, v.description) for v in by_type["BadRequest"].field_violations] == [
+        ("favourites[12].anime_id", "anime '5' not found; did you mean: 'Naruto'?")
     ]
-    assert renamed.details[1].reason == "ANIME_NOT_FOUND" and renamed.code == grpc.StatusCode.NOT_FOUND
+    assert by_type["ErrorInfo"].reason == "ANIME_NOT_FOUND" and by_type["ResourceInfo"].resource_name == "5"
+
+    several = invalid_argument([("liked_ids[1]", "see liked_ids[10]"), ("options.limit", "too big")])
+    renamed = several.renamed({"liked_ids[1]": "favourites[0].title"})
+    assert renamed.message == "favourites[0].title: see liked_ids[10]; options.limit: too big"
+    # a message that is not composed from the violations is the ranker's own sentence: kept
+    taken = already_exists("event_id 'e1' was already used", reason="EVENT_ID_REUSED", field="events[0].event_id")
+    renamed = taken.renamed({"events[0].event_id": "events[3].event_id"})
+    assert renamed.message == "event_id 'e1' was already used"
+    assert [v.field for d in renamed.details if hasattr(d, "field_violations") for v in d.field_violations] == [
+        "events[3].event_id"
+    ]
+    assert invalid_argument({"query": "blank"}).renamed({}).message == "query: blank"
 
 
 class Ctx:
