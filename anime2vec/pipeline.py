@@ -96,8 +96,7 @@ class TrainConfig:
     # users, favourites) at ≥ (1 − tolerance) of the warm-only blend's (a product floor)
     hybrid_tolerance: float | None = None
     hybrid_starts: tuple[float, ...] = STAGE2_STARTS  # stage 2's starting offsets (models/hybrid.py)
-    # full data, validation: the hybrid picked the lowest (300) and the EASE baseline the highest (3000)
-    ease_lambdas: tuple[float, ...] = (100.0, 300.0, 1000.0, 3000.0, 10000.0)
+    ease_lambdas: tuple[float, ...] = (300.0, 1000.0, 3000.0)
     ease_rank: int = 256  # the served, factored EASE (models/ease.py)
     rp3beta_grid: tuple[dict, ...] = ({"alpha": 1.0, "beta": 0.3}, {"alpha": 1.0, "beta": 0.5})
     bilinear_grid: tuple[dict, ...] = ({"lam": 10.0, "mu": 10.0}, {"lam": 1.0, "mu": 1.0})

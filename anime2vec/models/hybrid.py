@@ -65,10 +65,9 @@ REQUESTS = ("users", "favourites", "text")
 POP_BUCKETS = (1, 3, 6)  # liked-list sizes ≤ 1, ≤ 3, ≤ 6, larger: one prior weight each
 GRIDS = {
     # never 0: cold anime are scored through the same content block (times their group's β)
-    "content": (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5),
+    "content": (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5),
     "pop": (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
-    # full data, validation: β_content.paired ended on 12 and β_cf.paired on 0.5, the old ends
-    "beta": (0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0),
+    "beta": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0),
     "offset": tuple(float(x) for x in np.round(np.arange(-4.0, 4.01, 0.25), 2)),
 }
 # stage 2's starting offsets for the cold groups. On the full data (validation) the ascent from 0

@@ -318,13 +318,12 @@ def test_tuning_finds_the_own_optimum_then_calibrates_the_groups(fitted, sample)
     # stage 2, no floor: the mix's optimum, whatever it costs the own scenario
     assert users.offset == {"warm": 0.0, "paired": 0.5, "text": 3.5}
     assert fav.offset == {"warm": 0.0, "paired": 4.0, "text": 3.5}
-    # tuned once, with known users; the synthetic objective wants text anime's content as strong as it gets
-    assert hy.items.beta_content == {"warm": 1.0, "paired": 1.0, "text": GRIDS["beta"][-1]}
+    assert hy.items.beta_content == {"warm": 1.0, "paired": 1.0, "text": 12.0}  # tuned once, with known users
     assert hy.items.beta_cf == {"warm": 1.0, "paired": 1.0, "text": 0.0}
     t = hy.tuning["users"]
     assert t["tolerance"] is None and t["floor"] is None
     assert t["own_stage1"] == pytest.approx(1.0) and t["own"] == pytest.approx(1.0 - 0.075 - 0.02)
-    assert t["mix"] == pytest.approx(0.01 * GRIDS["beta"][-1]) and t["mix_new"] == pytest.approx(t["mix"] - 1.0)
+    assert t["mix"] == pytest.approx(0.12) and t["mix_new"] == pytest.approx(t["mix"] - 1.0)
     assert t["weights"] == users.as_dict() and hy.tuning["favourites"]["weights"] == fav.as_dict()
     # the text weights are never tuned: free text is content alone
     assert hy.weights["text"].as_dict() == fitted.weights["text"].as_dict()
@@ -352,12 +351,11 @@ def test_tuned_weights_lie_on_their_grids_and_edge_values_are_reported(fitted, s
     assert all(hy.items.beta_content[g] in GRIDS["beta"] for g in ("paired", "text"))
     assert hy.items.beta_cf["paired"] in GRIDS["beta"] and hy.items.beta_cf["text"] == 0.0  # text anime have no cf
     # weights on the edge of their grid (a 0 prior or offset is a choice, not a saturation)
-    top_beta = f"beta_content.text={GRIDS['beta'][-1]}"
-    assert hy.tuning["users"]["saturated"] == hy.saturated("users") == [top_beta]
+    assert hy.tuning["users"]["saturated"] == hy.saturated("users") == ["beta_content.text=12.0"]
     assert (
         hy.tuning["favourites"]["saturated"]
         == hy.saturated("favourites")
-        == ["content=1.5", "pop[0]=3.0", "offset.paired=4.0", top_beta]
+        == ["content=1.5", "pop[0]=3.0", "offset.paired=4.0", "beta_content.text=12.0"]
     )
 
 
