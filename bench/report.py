@@ -63,7 +63,8 @@ def _md_search(s: dict) -> list[str]:
             f"≤ {t['floor_ratio']:g}×: {_yes(t.get('floor_met'))}; {u.get('vs_float32_read_floor', float('nan')):.1f}× "
             f"one pass over the float32 vectors, which the exact mode reads), {u['vs_numpy_1_thread']:.1f}× numpy, "
             f"{u['vs_faiss_flat']:.1f}× faiss flat",
-            f"- filtered: {f['served_p50_ms']:.2f} ms = {f['vs_numpy_matching_rows']:.1f}× numpy over the matching rows "
+            f"- filtered (served by `{f.get('served_case', 'qdrant')}`): {f['served_p50_ms']:.2f} ms = "
+            f"{f['vs_numpy_matching_rows']:.2f}× numpy over the matching rows "
             f"(target ≤ {t['filtered_ratio']:g}×: {_yes(t.get('filtered_met'))}), {f['vs_faiss_id_selector']:.1f}× faiss "
             f"with an id selector, {f['vs_numpy_scan_all_and_mask']:.1f}× numpy scanning everything then masking",
             f"- served recall: {t.get('served_recall', float('nan')):.4f} at top-{s['served_page']}, "

@@ -121,14 +121,17 @@ def test_cheapest_parts_write_a_complete_report(tmp_path):
     qdrant = {n: r for n, r in s["recall"].items() if n.startswith("qdrant")}
     assert len(qdrant) == 8 and all(0.5 <= r <= 1.0 for r in qdrant.values())
     mode = s["served_mode"]
-    assert s["targets"]["served_recall"] == min(r for n, r in qdrant.items() if mode in n and n.endswith("top-11"))
-    # the peers are exact: same ids as numpy (faiss, numpy over the matching rows, faiss with an id selector)
+    # the peers and the ranker's in-memory filtered search are exact: the same ids as numpy
     peers = {n: r for n, r in s["recall"].items() if not n.startswith("qdrant")}
-    assert len(peers) == 4 and set(peers.values()) == {1.0}, peers
+    assert len(peers) == 7 and set(peers.values()) == {1.0}, peers
+    # a selective filter is served in memory: that case is the served filtered one
+    served_filtered = s["peers"]["filtered"]["served_case"]
+    assert served_filtered == "ranker in-memory filtered top-11"
+    assert s["targets"]["served_recall"] == min(qdrant[f"qdrant {mode} top-11"], peers[served_filtered])
     for side in ("unfiltered", "filtered"):
-        assert all(v > 0 for v in s["peers"][side].values())
+        assert all(v > 0 for k, v in s["peers"][side].items() if k != "served_case")
     assert s["peers"]["filtered"]["vs_numpy_matching_rows"] == pytest.approx(
-        s["cases"][f"qdrant {mode} filtered top-11"]["p50_ms"] / s["cases"]["numpy matching rows top-11"]["p50_ms"]
+        s["cases"][served_filtered]["p50_ms"] / s["cases"]["numpy matching rows top-11"]["p50_ms"]
     )
     sc = data["scale"]
     (idx,) = sc["measured"]["index"]

@@ -318,6 +318,27 @@ def stored_point(point: ItemPoint, dim: int) -> tuple[int, list[float], dict[str
     return anime_id, v.tolist(), payload
 
 
+def payload_matches(payload: dict[str, Any], flt: SearchFilter) -> bool:
+    """Whether one anime's payload passes `flt`: the engine's condition (edge.py's edge_filter), in
+    Python, for the few anime a caller scores outside the engine (the ranker's added anime)."""
+    genres = set(folded(payload.get("genres") or []))
+    if flt.include_genres and not genres & set(folded(flt.include_genres)):
+        return False
+    if flt.exclude_genres and genres & set(folded(flt.exclude_genres)):
+        return False
+    kind = payload.get("type")
+    if flt.types and (kind is None or str(kind).casefold() not in folded(flt.types)):
+        return False
+    year = payload.get("year")
+    if flt.year_min is not None and (year is None or year < flt.year_min):
+        return False
+    if flt.year_max is not None and (year is None or year > flt.year_max):
+        return False
+    if flt.cold_only and not bool(payload.get(COLD_KEY)):
+        return False
+    return int(payload["anime_id"]) not in set(flt.exclude_ids)
+
+
 def folded(values: Iterable[Any]) -> list[str]:
     """The case-folded form filters match against (see GENRES_KEY)."""
     return sorted({str(v).casefold() for v in values})

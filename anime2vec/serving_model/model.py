@@ -40,6 +40,7 @@ class ItemMeta:
     tfidf: np.ndarray | None = None  # dense TF-IDF projection of its text
     text: str = ""  # its synopsis (explanations name the terms it shares)
     row: np.ndarray | None = None  # the hybrid's content row [TF-IDF ; MiniLM ; metadata]
+    vector: np.ndarray | None = None  # its serving vector, as written to the index
 
 
 class ServingModel:
@@ -53,6 +54,7 @@ class ServingModel:
         self.user_ids = np.asarray(bundle.arrays["user_ids"], np.int64)
         self.user_pos = {int(u): i for i, u in enumerate(self.user_ids)}
         self.catalog = bundle.catalog
+        self._payloads: dict[int, dict] = {}
         # Plain Python columns: a request reads a few rows, and a pandas row lookup costs ~50 µs
         cat = self.catalog
         self.titles: list[str] = [str(t) for t in cat["title"]]
@@ -101,6 +103,13 @@ class ServingModel:
 
     # ---- item metadata -------------------------------------------------------------------
     def payload(self, i: int) -> dict:
+        """Anime row i's index payload (a copy; built once: a pandas row lookup costs ~50 µs)."""
+        cached = self._payloads.get(i)
+        if cached is None:
+            cached = self._payloads[i] = self._build_payload(i)
+        return dict(cached)
+
+    def _build_payload(self, i: int) -> dict:
         row = self.catalog.iloc[i]
         year = row.get("year")
         return {

@@ -54,7 +54,7 @@ class CatalogueWriter:
             else:
                 written = self.store.put(aid, fields, raw[0], fingerprint)
             created = written.created and aid not in s.model.pos
-            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf, fields["synopsis"], row)
+            meta = ItemMeta(aid, content, payload_from_fields(aid, fields, cold), tfidf, fields["synopsis"], row, vec)
             self.index.upsert([ItemPoint(aid, vec, meta.payload)], version=s.version)
             s.extra[aid] = meta
             s.applied[aid] = written.revision

@@ -103,6 +103,7 @@ class Lifecycle:
             tfidf,
             a.fields.get("synopsis") or "",
             row,
+            vec,
         )
         serving.applied[a.anime_id] = a.revision
         return ItemPoint(a.anime_id, vec, serving.extra[a.anime_id].payload)

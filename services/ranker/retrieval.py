@@ -4,7 +4,8 @@ scores, what it excludes, what explanations are anchored on); `Retriever.page` d
 way for every kind:
 
     options (limit, diversity) and the page token → the page (offset, limit) and how deep to fetch
-    strategy chain: DropoutNet/hybrid query vector → Qdrant search with the payload filter; else WMF
+    strategy chain: DropoutNet/hybrid query vector → Qdrant search with the payload filter (a selective
+      filter: the matching anime's vectors in memory, filtered_scan.py, the same exact ranking); else WMF
       scores, else popularity, ranked in memory with the same filter (CatalogueFilter)
     re-rank (diversity by MMR, dislikes) over a fixed pool, so pages never repeat
     the page's recommendations, explanations when asked, the next page token
@@ -26,6 +27,7 @@ from anime2vec.serving.pagination import decode_page_token, encode_page_token, r
 from anime2vec.v1 import common_pb2, ranker_pb2
 
 from .explanations import Anchor, explain
+from .filtered_scan import ScanHit
 from .ranking import Candidate, mmr, reranked, search_filter, validate_options
 from .settings import RankerSettings
 from .state import Serving, content_of, has_cold, subject_of
@@ -111,6 +113,13 @@ def wmf_refusal(s: Serving, liked: list[int]) -> str:
     return f"WMF cannot serve this request: none of its anime has interactions in the model ({named})"
 
 
+def _payload(s: Serving, h: ScanHit) -> dict:
+    if h.added is not None:
+        return h.added.payload
+    assert h.row is not None  # a bundle anime
+    return s.model.payload(h.row)
+
+
 class Retriever:
     def __init__(self, settings: RankerSettings, index: ItemIndex, metrics: Metrics):
         self.settings, self.index, self.metrics = settings, index, metrics
@@ -158,12 +167,20 @@ class Retriever:
                 if not s.model.has_vectors:
                     reasons.append("this model has no DropoutNet weights")
                     continue
+                start = 0 if page.rerank else page.offset
+                in_memory = self.settings.filter_in_memory and s.scan is not None and s.scan.block(flt) is not None
+                if in_memory:
+                    vec = q.vector_fn(s)
+                    if vec is None:
+                        reasons.append("DropoutNet cannot build a query vector for this request")
+                        continue
+                    self.metrics.memory_searches.inc()
+                    return [None] * start + self._scanned(s, vec, flt, page.fetch)[start:], served, reasons
                 with self.index.search_expected():  # searches running meanwhile wait for ours: one batch
                     vec = q.vector_fn(s)
                     if vec is None:
                         reasons.append("DropoutNet cannot build a query vector for this request")
                         continue
-                    start = 0 if page.rerank else page.offset
                     hits = self.index.search(
                         vec,
                         limit=page.fetch - start,
@@ -197,6 +214,14 @@ class Retriever:
                 reasons,
             )
         return [], served, reasons  # popularity ends every chain: not reached
+
+    @staticmethod
+    def _scanned(s: Serving, vec: np.ndarray, flt: SearchFilter, fetch: int) -> list[Candidate]:
+        """A selective filter's top `fetch`, scored in memory (filtered_scan.py)."""
+        assert s.scan is not None
+        hits = s.scan.search(vec, flt, fetch, dict(s.extra))  # dict(): one atomic copy against writers
+        assert hits is not None
+        return [Candidate(h.anime_id, h.score, _payload(s, h), content_of(s, h.anime_id)) for h in hits]
 
     def _response(
         self,

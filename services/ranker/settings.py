@@ -63,6 +63,12 @@ class RankerSettings(OutboundTLSSettings):
     search_oversampling: float = Field(
         DEFAULT_OVERSAMPLING, ge=1.0, le=32.0, description="quantized mode: candidates rescored per result wanted"
     )
+    filter_in_memory: bool = Field(
+        True,
+        description="answer searches whose filter keeps at most a quarter of the catalogue from the served "
+        "vectors in memory (services/ranker/filtered_scan.py: the same exact ranking, ~3x faster than the "
+        "engine's filtered scan); false: every search goes to Qdrant",
+    )
     search_batch: int = Field(
         16,
         ge=1,

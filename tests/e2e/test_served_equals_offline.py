@@ -1,11 +1,14 @@
 """What is evaluated is what serves: scores that come back over real sockets (gateway → ranker →
 Qdrant) equal the offline model's, computed here from the bundle with the library (models/hybrid.py,
 features/metadata.py), not with the ranker's code: for a known user, a favourites query, a
-similar-to query, and an anime added through AddAnime a moment before."""
+similar-to query, a favourites query under filters (selective ones are answered from the served vectors
+in memory, broad ones by Qdrant: the same exact ranking either way), and an anime added through AddAnime
+a moment before."""
 
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -84,6 +87,65 @@ def test_favourites_and_similar_are_served_the_offline_scores(stack: Stack, offl
     check_page(resp, scores, ids, set(liked))
 
 
+def memory_searches(stack: Stack) -> float:
+    text = urllib.request.urlopen(stack.metrics_url("ranker"), timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("a2v_memory_searches_total"))
+
+
+def filter_mask(catalog: pd.DataFrame, f: S.Filters) -> np.ndarray:
+    """The filter's condition over the bundle's catalogue, written here from the API's definition."""
+    genres = [{g.casefold() for g in (gs if gs is not None else [])} for gs in catalog["genres"]]
+    keep = np.ones(len(catalog), bool)
+    if f.include_genres:
+        keep &= [bool(g & {x.casefold() for x in f.include_genres}) for g in genres]
+    if f.exclude_genres:
+        keep &= [not g & {x.casefold() for x in f.exclude_genres} for g in genres]
+    if f.types:
+        keep &= catalog["type"].fillna("").str.casefold().isin([t.casefold() for t in f.types]).to_numpy()
+    return keep
+
+
+@pytest.mark.parametrize(
+    "filters, in_memory",
+    [
+        (S.Filters(include_genres=["mecha"]), True),
+        (S.Filters(types=["Movie"], exclude_genres=["Comedy"]), True),
+        (S.Filters(include_genres=["Romance", "Drama"], exclude_genres=["School", "Comedy"], types=["TV"]), True),
+        (S.Filters(exclude_genres=["Hentai"]), False),  # keeps most of the catalogue: Qdrant's scan
+    ],
+)
+def test_a_filtered_page_is_the_offline_top_under_the_filter(stack: Stack, offline, filters, in_memory):
+    b, hy = offline
+    ids = np.asarray(b.arrays["item_ids"])
+    popular = np.argsort(-b.train.getnnz(axis=0), kind="stable")[:3]
+    liked = {int(ids[i]) for i in popular}
+    scores = hy.score(Queries.of_liked([popular], [np.ones(3, np.float32)]), np.arange(len(ids)))[0]
+    keep = filter_mask(b.catalog, filters) & ~np.isin(ids, list(liked))
+    order = np.flatnonzero(keep)[np.argsort(-scores[keep], kind="stable")]
+    before = memory_searches(stack)
+    token, pages = "", []
+    for _ in range(2):  # two pages: the second one continues the first
+        resp = stack.gateway.Recommend(
+            gateway_pb2.RecommendRequest(
+                favourites=[S.AnimeRef(anime_id=a) for a in liked],
+                options=S.RecommendOptions(limit=10, filters=filters, page_token=token),
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
+        pages.append(resp)
+        token = resp.next_page_token
+    assert memory_searches(stack) - before == (2 if in_memory else 0)
+    served = [(r.anime_id, r.score) for p in pages for r in p.recommendations]
+    assert len(served) == min(20, len(order)) and len({a for a, _ in served}) == len(served)
+    pos = {int(a): i for i, a in enumerate(ids)}
+    for rank, (aid, score) in enumerate(served):
+        assert keep[pos[aid]], f"{aid} does not pass the filter"
+        assert score == pytest.approx(float(scores[pos[aid]]), rel=1e-3, abs=1e-3), aid
+        # exact: the anime at each rank scores as the offline anime at that rank (ties may swap)
+        assert float(scores[pos[aid]]) == pytest.approx(float(scores[order[rank]]), abs=1e-4), rank
+
+
 ADDED = S.AnimeInput(
     title="Ninja Village Chronicle",
     synopsis=(
@@ -157,3 +219,22 @@ def test_an_added_anime_is_served_the_offline_score(stack: Stack, offline):
     assert added.anime_id in served, "a near-copy of Naruto's story is among the 20 new anime most like Naruto"
     assert served[added.anime_id].score == pytest.approx(float(query @ item), rel=1e-3, abs=1e-3)
     assert served[added.anime_id].cold_start
+    # a selective filter is answered in memory: the added anime is scored from the vector written to
+    # Qdrant with it, and its own payload decides whether it passes
+    for filters, passes in (
+        (S.Filters(cold_start_only=True, include_genres=["adventure"], types=["tv"]), True),
+        (S.Filters(cold_start_only=True, exclude_genres=["Adventure"]), False),
+    ):
+        before = memory_searches(stack)
+        narrow = stack.gateway.Similar(
+            gateway_pb2.SimilarRequest(
+                anime=S.AnimeRef(anime_id=20), options=S.RecommendOptions(limit=20, filters=filters)
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
+        assert memory_searches(stack) == before + 1
+        got = {r.anime_id: r.score for r in narrow.recommendations}
+        assert (added.anime_id in got) == passes
+        if passes:
+            assert got[added.anime_id] == pytest.approx(served[added.anime_id].score, rel=1e-5, abs=1e-5)

@@ -20,6 +20,7 @@ from anime2vec.index.base import (
     UnknownVersion,
     VersionExists,
     VersionInUse,
+    payload_matches,
 )
 from anime2vec.index.client import QdrantItemIndex
 from anime2vec.index.edge import EdgeItemIndex
@@ -240,6 +241,27 @@ def test_every_filter_gives_the_exact_filtered_top_k(index):
             assert [h.anime_id for h in got] == want, (flt, k)
     hit = index.search(q, limit=1, flt=SearchFilter(include_genres=["SCI-FI"]))[0]
     assert hit.payload == {"genres": ["sci-fi", "Action"], "type": "ONA", "year": 2020, "members": 700, "anime_id": 7}
+
+
+def test_payload_matches_is_the_engines_filter_in_python():
+    """The ranker scores its added anime outside the engine (services/ranker/filtered_scan.py) with
+    payload_matches: the same cases give the same anime as the engine's search above."""
+    for flt, allowed in FILTER_CASES:
+        got = {
+            i
+            for i, g, t, y in CATALOGUE
+            if payload_matches({"anime_id": i, "genres": g, "type": t, "year": y, "cold": i % 2 == 0}, flt)
+        }
+        assert got == allowed, flt
+    cold = SearchFilter(cold_only=True, include_genres=["comedy"])
+    assert {
+        i for i, g, t, y in CATALOGUE if payload_matches({"anime_id": i, "genres": g, "cold": i % 2 == 0}, cold)
+    } == {
+        2,
+        8,
+        10,
+    }
+    assert not payload_matches({"anime_id": 5, "genres": [], "cold": None}, SearchFilter(cold_only=True))
 
 
 def test_cold_only_translates_to_a_must_condition_on_the_boolean_cold_field():

@@ -98,3 +98,45 @@ def test_options_are_validated_with_the_field_named():
     msg = e.value.message
     assert "options.limit" in msg and "options.diversity" in msg and "options.filters.year_min" in msg
     assert validate_options(common_pb2.RecommendOptions(), 10, 100, 10) == (10, 0.0)
+
+
+def test_the_filtered_scan_ranks_exactly_with_exclusions_and_added_anime():
+    """Selective filters are answered in memory (services/ranker/filtered_scan.py): the exact top-k of
+    the matching rows, minus excluded ids and bundle rows an added anime replaces, merged with the
+    added anime that pass; broad filters and no filter are left to the engine."""
+    from anime2vec.serving_model.model import ItemMeta
+    from services.ranker.filtered_scan import FilteredScan
+
+    rng = np.random.default_rng(0)
+    n = 400
+    ids = np.arange(1000, 1000 + n)
+    genres = [["Mecha"] if i % 10 == 0 else ["Comedy"] for i in range(n)]  # 40 mecha: a tenth
+    vectors = rng.normal(size=(n, 16)).astype(np.float32)
+    filt = CatalogueFilter(ids, genres, types=["TV"] * n, years=[2000] * n)
+    # room for two blocks of 40 rows (16 float32 each, and their row numbers)
+    scan = FilteredScan(ids, vectors, filt, max_fraction=0.25, cached_bytes=2 * 40 * (16 * 4 + 8))
+    q = rng.normal(size=16).astype(np.float32)
+    mecha = SearchFilter(include_genres=("mecha",))
+    assert scan.search(q, SearchFilter(), 10, {}) is None  # restricts nothing
+    assert scan.search(q, SearchFilter(include_genres=("Comedy",)), 10, {}) is None  # 90%: the engine's
+
+    rows = np.flatnonzero([g == ["Mecha"] for g in genres])
+    exact = rows[np.argsort(-(vectors[rows] @ q))]
+    got = scan.search(q, mecha, 10, {})
+    assert [h.anime_id for h in got] == [int(ids[r]) for r in exact[:10]]
+    assert [h.score for h in got] == pytest.approx([float(vectors[r] @ q) for r in exact[:10]], rel=1e-5)
+
+    best, second = int(ids[exact[0]]), int(ids[exact[1]])
+    replaced = ItemMeta(second, np.zeros(4), {"anime_id": second, "genres": ["Comedy"], "cold": True}, vector=q)
+    new = ItemMeta(7, np.zeros(4), {"anime_id": 7, "genres": ["MECHA"], "type": "TV", "cold": True}, vector=q * 100)
+    got = scan.search(q, SearchFilter(include_genres=("mecha",), exclude_ids=(best,)), 5, {second: replaced, 7: new})
+    # 7 passes and scores highest; `best` is excluded; `second` became a comedy: its bundle row is gone
+    assert [h.anime_id for h in got] == [7, *(int(ids[r]) for r in exact[2:6])]
+    assert got[0].added is new and got[0].row is None and got[1].row == exact[2]
+    assert len(scan.search(q, mecha, 1000, {})) == len(rows)  # a deep page ends with the matching rows
+
+    scan.search(q, SearchFilter(types=("TV",), include_genres=("mecha",)), 3, {})
+    scan.search(q, SearchFilter(year_min=1990, include_genres=("mecha",)), 3, {})
+    # over the byte budget, the least recently used go first (the broad filter's refusal, then mecha alone)
+    assert len(scan._blocks) == 2 and scan._bytes == 2 * 40 * (16 * 4 + 8)
+    assert scan.key(mecha) not in scan._blocks
