@@ -1,8 +1,8 @@
 """Fault tests: the encoder, ranker and gateway as real processes that the tests kill (SIGKILL) and
 start again on the same ports and data directories. The stack is the one tests/load uses too
 (tests.load.support.shared_stack: its ranker follows the alias and has a store of its own); the
-`stack` fixture restarts whatever a test left down. It serves the sample bundle tests/e2e trains
-(reused when this session already trained it; trained here otherwise, or A2V_E2E_BUNDLE)."""
+`stack` fixture restarts whatever a test left down. It serves the test run's one sample
+bundle (tests/e2e/conftest.py shared_bundle, or A2V_E2E_BUNDLE)."""
 
 from __future__ import annotations
 

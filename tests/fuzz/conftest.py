@@ -3,8 +3,7 @@ here, since a conftest only serves its own folder), except that the stack's firs
 scope, so AddAnime (scope `catalog`) is fuzzed too.
 
 A session fixture defined in two conftests is two fixtures, so a full run starts a second stack for
-these tests; `bundle` is overridden so that it at least reuses the bundle tests/e2e already trained
-in this session instead of training another one.
+these tests; the bundle is the run's one e2e bundle (tests/e2e/conftest.py shared_bundle).
 """
 
 from __future__ import annotations
@@ -26,11 +25,8 @@ GATEWAY_KEYS = f"{API_KEYS[0]}:read+feedback+catalog,{API_KEYS[1]}"
 
 
 @pytest.fixture(scope="session")
-def bundle(e2e_dir, tmp_path_factory) -> Path:
-    trained = sorted(tmp_path_factory.getbasetemp().glob("e2e*/models/*/manifest.json"))
-    if trained:
-        return trained[0].parent
-    return e2e.bundle.__wrapped__(e2e_dir)
+def bundle(tmp_path_factory) -> Path:
+    return e2e.shared_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """Load and overload tests: the encoder, ranker and gateway as processes on loopback (so each has
-its own RSS), serving the sample bundle that tests/e2e trains (reused when this session already
-trained it, as tests/fuzz does; trained here otherwise, or A2V_E2E_BUNDLE). The stack is the one
+its own RSS), serving the test run's one sample bundle (tests/e2e/conftest.py shared_bundle, or A2V_E2E_BUNDLE). The stack is the one
 tests/faults uses too (tests.load.support.shared_stack)."""
 
 from __future__ import annotations
