@@ -111,7 +111,7 @@ class FilteredScan:
         query = np.asarray(query, np.float32)
         scores = block.vectors @ query
         gone = np.asarray([self.filt.pos[a] for a in {*flt.exclude_ids, *added} if a in self.filt.pos], np.int64)
-        if len(gone):  # excluded, or replaced by an added anime of the same id
+        if len(gone) and len(block.rows):  # excluded, or replaced by an added anime of the same id
             at = np.searchsorted(block.rows, gone)
             at = at[(at < len(block.rows)) & (block.rows[np.minimum(at, len(block.rows) - 1)] == gone)]
             scores[at] = -np.inf

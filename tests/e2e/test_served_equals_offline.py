@@ -111,6 +111,7 @@ def filter_mask(catalog: pd.DataFrame, f: S.Filters) -> np.ndarray:
         (S.Filters(include_genres=["mecha"]), True),
         (S.Filters(types=["Movie"], exclude_genres=["Comedy"]), True),
         (S.Filters(include_genres=["Romance", "Drama"], exclude_genres=["School", "Comedy"], types=["TV"]), True),
+        (S.Filters(include_genres=["Mecha"], types=["ONA", "Special"]), True),  # no such anime: an empty page
         (S.Filters(exclude_genres=["Hentai"]), False),  # keeps most of the catalogue: Qdrant's scan
     ],
 )

@@ -140,3 +140,9 @@ def test_the_filtered_scan_ranks_exactly_with_exclusions_and_added_anime():
     # over the byte budget, the least recently used go first (the broad filter's refusal, then mecha alone)
     assert len(scan._blocks) == 2 and scan._bytes == 2 * 40 * (16 * 4 + 8)
     assert scan.key(mecha) not in scan._blocks
+
+    # a filter no bundle anime passes: only the added anime that pass it, exclusions or not
+    nothing = SearchFilter(include_genres=("mecha",), types=("Movie",), exclude_ids=(best, 7))
+    assert scan.search(q, nothing, 10, {}) == []
+    movie = ItemMeta(8, np.zeros(4), {"anime_id": 8, "genres": ["Mecha"], "type": "movie"}, vector=q)
+    assert [h.anime_id for h in scan.search(q, nothing, 10, {7: new, 8: movie})] == [8]
