@@ -35,9 +35,11 @@ def dsn(request) -> str:
 @pytest.fixture
 def pair(request, tmp_path_factory, tmp_path, dsn):
     bundle, encoder = session_bundle_and_encoder(tmp_path_factory, request.config.add_cleanup)
+    # B sends even selective filters to Qdrant, so that a filter only an anime added through A matches
+    # proves B's own index holds it (A answers such filters from memory, the default)
     rankers = [
-        Ranker(tmp_path / name, bundle, encoder, env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5"})
-        for name in ("a", "b")
+        Ranker(tmp_path / name, bundle, encoder, env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5", **extra})
+        for name, extra in (("a", {}), ("b", {"FILTER_IN_MEMORY": "false"}))
     ]
     for r in rankers:
         r.start()
@@ -112,15 +114,16 @@ def test_writes_through_one_ranker_are_served_by_the_other(pair):
     assert entry.title == "Lanternfish Relay"
     similar = b.SimilarItems(ranker_pb2.SimilarItemsRequest(anime_id=added.anime_id), timeout=60)
     assert similar.recommendations  # B knows it as an anime of its own
-    only_it = b.RecommendFromFavourites(
-        ranker_pb2.RecommendFromFavouritesRequest(
-            liked_ids=liked[:2], options=S.RecommendOptions(filters=S.Filters(include_genres=["twofold genre"]))
-        ),
-        timeout=60,
+    only_twofold = ranker_pb2.RecommendFromFavouritesRequest(
+        liked_ids=liked[:2], options=S.RecommendOptions(filters=S.Filters(include_genres=["twofold genre"]))
     )
+    only_it = b.RecommendFromFavourites(only_twofold, timeout=60)
     assert [r.anime_id for r in only_it.recommendations] == [added.anime_id], (
         "B's own index must hold the anime (a payload filter that only it matches)"
     )
+    from_memory = a.RecommendFromFavourites(only_twofold, timeout=60)  # A: the same answer from memory
+    assert [r.anime_id for r in from_memory.recommendations] == [added.anime_id]
+    assert from_memory.recommendations[0].score == pytest.approx(only_it.recommendations[0].score, rel=1e-5)
     # and the next id assigned through B does not collide with A's
     second = b.UpsertAnime(ranker_pb2.UpsertAnimeRequest(anime=anime("Second Through B")), timeout=60)
     assert second.anime_id > added.anime_id
