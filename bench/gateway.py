@@ -36,7 +36,9 @@ API_KEY = "bench-key"
 GATEWAY_METHOD = "/anime2vec.v1.GatewayService/Recommend"
 RANKER_METHOD = "/anime2vec.v1.RankerService/RecommendFromFavourites"
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
-TARGET_RATIO, TARGET_P99_MS = 0.35, 20.0
+# the ranker's CPU per favourites request against one pass over the int8 vectors (issue 16); the
+# gateway / echo ratio is reported as context only: it mostly measures Python gRPC on shared cores
+TARGET_CPU_TO_FLOOR, TARGET_P99_MS = 2.5, 20.0
 STARTUP_TIMEOUT_S = 600
 
 
@@ -125,9 +127,31 @@ class _Context:
         return "in-process"
 
 
+def int8_read_floor_ms(vectors: np.ndarray, passes: int = 50) -> float:
+    """CPU ms of one pass over the int8 copy of the item vectors: what any search over the catalogue
+    must at least read (bench/search.py's floor, measured here in the same process and run)."""
+    lo, hi = np.quantile(vectors, [0.01, 0.99])
+    int8 = np.clip(np.round((vectors - lo) / (hi - lo) * 255 - 128), -128, 127).astype(np.int8)
+    words = int8.reshape(-1).view(np.uint8)[: int8.size // 8 * 8].view(np.uint64)
+    words.sum()
+    start = time.process_time()
+    for _ in range(passes):
+        words.sum()
+    return (time.process_time() - start) / passes * 1e3
+
+
+def _cpu_ms_per_call(call, requests: list, calls: int) -> float:
+    start = time.process_time()
+    for i in range(calls):
+        call(requests[i % len(requests)])
+    return (time.process_time() - start) / calls * 1e3
+
+
 def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], calls: int) -> dict:
-    """RecommendFromFavourites called in-process (no gRPC): its own time, and cProfile's top costs."""
-    from anime2vec.v1 import ranker_pb2
+    """RecommendFromFavourites called in-process (no gRPC): its own time, its CPU time per request
+    (plain, with explanations, with a selective filter) against the int8 read floor, and cProfile's
+    top costs."""
+    from anime2vec.v1 import common_pb2, ranker_pb2
     from services.ranker.server import start
     from services.ranker.settings import RankerSettings
 
@@ -147,9 +171,34 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
     running, servicer = start(settings)
     try:
         requests = [ranker_pb2.RecommendFromFavouritesRequest(liked_ids=f) for f in favourites]
+        kinds = {
+            "plain": requests,
+            "explain": [
+                ranker_pb2.RecommendFromFavouritesRequest(
+                    liked_ids=f, options=common_pb2.RecommendOptions(explain=True)
+                )
+                for f in favourites
+            ],
+            # bench/search.py's filter: answered in memory (services/ranker/filtered_scan.py)
+            "filtered": [
+                ranker_pb2.RecommendFromFavouritesRequest(
+                    liked_ids=f,
+                    options=common_pb2.RecommendOptions(
+                        filters=common_pb2.Filters(include_genres=["Mecha", "Horror"], year_min=2000, year_max=2015)
+                    ),
+                )
+                for f in favourites
+            ],
+        }
         ctx = _Context()
-        for r in requests[:5]:
-            servicer.RecommendFromFavourites(r, ctx)
+        for batch in kinds.values():
+            for r in batch[:5]:
+                servicer.RecommendFromFavourites(r, ctx)
+        cpu_ms = {
+            kind: _cpu_ms_per_call(lambda r: servicer.RecommendFromFavourites(r, ctx), batch, calls)
+            for kind, batch in kinds.items()
+        }
+        floor_ms = int8_read_floor_ms(servicer.lifecycle.current().model.item_tower)
         times = []
         for i in range(calls):
             t0 = time.perf_counter()
@@ -180,6 +229,9 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
     t = np.asarray(times) * 1e3
     return {
         "calls": calls,
+        "cpu_ms_per_request": cpu_ms,
+        "int8_read_floor_ms": floor_ms,
+        "cpu_to_floor": {kind: ms / floor_ms for kind, ms in cpu_ms.items()},
         "p50_ms": float(np.percentile(t, 50)),
         "p99_ms": float(np.percentile(t, 99)),
         "mean_ms": float(t.mean()),
@@ -357,9 +409,9 @@ def run_gateway_bench(
         "latency_c1_ms": {name: s.get("p50_ms") for name, s in c1.items()},
         "profile_ranker_in_process": profile,
         "targets": {
-            "ratio": TARGET_RATIO,
+            "cpu_to_floor": TARGET_CPU_TO_FLOOR,
+            "cpu_to_floor_met": bool(profile.get("cpu_to_floor", {}).get("plain", np.inf) <= TARGET_CPU_TO_FLOOR),
             "p99_ms_at_half_max": TARGET_P99_MS,
-            "ratio_met": ratio >= TARGET_RATIO,
             "p99_met": bool(p99_half <= TARGET_P99_MS),
         },
     }

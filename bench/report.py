@@ -178,8 +178,8 @@ def _md_gateway(g: dict) -> list[str]:
         "",
         f"- best throughput: gateway {b['gateway']['throughput_rps']:.0f} req/s (at {b['gateway']['concurrency']} "
         f"in flight), ranker {b['ranker']['throughput_rps']:.0f}{relay_best}, echo {b['echo']['throughput_rps']:.0f}",
-        f"- gateway / echo ceiling: **{g['ratio_gateway_to_echo']:.2f}×** — target ≥ {t['ratio']:g}×: "
-        f"{_yes(t['ratio_met'])} (ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×{relay_ratio})",
+        f"- gateway / echo ceiling: {g['ratio_gateway_to_echo']:.2f}× (context, no target: it mostly measures "
+        f"Python gRPC on the shared cores; ranker alone / echo: {g['ratio_ranker_to_echo']:.2f}×{relay_ratio})",
         f"- open loop at half the gateway's best ({og.get('offered_rps', 0):.0f} req/s): gateway p50 "
         f"{_f(og.get('p50_ms'))} ms, **p99 {_f(og.get('p99_ms'))} ms** — target ≤ {t['p99_ms_at_half_max']:g} ms: "
         f"{_yes(t['p99_met'])}; echo at the same rate: p50 {_f(oe.get('p50_ms'))} ms, p99 {_f(oe.get('p99_ms'))} ms",
@@ -193,6 +193,15 @@ def _md_gateway(g: dict) -> list[str]:
             f"{sb['mean']:.2f} per call (concurrent searches coalesced, A2V_RANKER_SEARCH_BATCH)"
         )
     prof = g.get("profile_ranker_in_process", {})
+    if "cpu_ms_per_request" in prof:
+        cpu, ratio = prof["cpu_ms_per_request"], prof["cpu_to_floor"]
+        lines += [
+            f"- the ranker's CPU per favourites request (in-process, process CPU time): {cpu['plain']:.2f} ms = "
+            f"**{ratio['plain']:.1f}×** one pass over the int8 vectors ({prof['int8_read_floor_ms']:.2f} ms, same "
+            f"run) — target ≤ {t.get('cpu_to_floor', 2.5):g}×: {_yes(t.get('cpu_to_floor_met'))}; with "
+            f"explanations {cpu['explain']:.2f} ms ({ratio['explain']:.1f}×); with a selective filter (answered in "
+            f"memory) {cpu['filtered']:.2f} ms ({ratio['filtered']:.1f}×)",
+        ]
     if "top_self" in prof:
         lines += [
             "",
@@ -461,15 +470,6 @@ def _gateway_plot(path: Path, g: dict, device: str) -> None:
         a.set_xscale("log", base=2)
         a.set_xlabel("requests in flight (closed loop)")
         a.legend(fontsize=8)
-    a1.axhline(g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"], color="grey", lw=0.8, ls=":")
-    a1.annotate(
-        f"target: {g['targets']['ratio']:g}× echo",
-        (xs[0], g["targets"]["ratio"] * g["best"]["echo"]["throughput_rps"]),
-        textcoords="offset points",
-        xytext=(2, 3),
-        fontsize=8,
-        color="grey",
-    )
     a1.set_yscale("log")
     a1.set_ylabel("requests/s (log)")
     a1.set_title(f"throughput: gateway {g['ratio_gateway_to_echo']:.2f}× echo ({device})", fontsize=10)
