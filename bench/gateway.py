@@ -130,9 +130,9 @@ class _Context:
 def int8_read_floor_ms(vectors: np.ndarray, passes: int = 50) -> float:
     """CPU ms of one pass over the int8 copy of the item vectors: what any search over the catalogue
     must at least read (bench/search.py's floor, measured here in the same process and run)."""
-    lo, hi = np.quantile(vectors, [0.01, 0.99])
-    int8 = np.clip(np.round((vectors - lo) / (hi - lo) * 255 - 128), -128, 127).astype(np.int8)
-    words = int8.reshape(-1).view(np.uint8)[: int8.size // 8 * 8].view(np.uint64)
+    from bench.search import int8_words
+
+    words = int8_words(vectors)
     words.sum()
     start = time.process_time()
     for _ in range(passes):

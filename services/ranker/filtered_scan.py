@@ -106,8 +106,12 @@ class FilteredScan:
         """The exact top `limit` under `flt`, best first, over the bundle's anime and the added ones
         (`added` replaces bundle rows of the same id); None when the filter is left to the engine."""
         block = self.block(flt)
-        if block is None:
-            return None
+        return None if block is None else self.scan(block, query, flt, limit, added)
+
+    def scan(
+        self, block: Block, query: np.ndarray, flt: SearchFilter, limit: int, added: dict[int, ItemMeta]
+    ) -> list[ScanHit]:
+        """`search` over a block already looked up for `flt` (the ranker looks it up to choose the path)."""
         query = np.asarray(query, np.float32)
         scores = block.vectors @ query
         gone = np.asarray([self.filt.pos[a] for a in {*flt.exclude_ids, *added} if a in self.filt.pos], np.int64)

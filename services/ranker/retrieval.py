@@ -14,6 +14,7 @@ way for every kind:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +28,7 @@ from anime2vec.serving.pagination import decode_page_token, encode_page_token, r
 from anime2vec.v1 import common_pb2, ranker_pb2
 
 from .explanations import Anchor, explain
-from .filtered_scan import ScanHit
+from .filtered_scan import Block, ScanHit
 from .ranking import Candidate, mmr, reranked, search_filter, validate_options
 from .settings import RankerSettings
 from .state import Serving, content_of, has_cold, subject_of
@@ -168,19 +169,16 @@ class Retriever:
                     reasons.append("this model has no DropoutNet weights")
                     continue
                 start = 0 if page.rerank else page.offset
-                in_memory = self.settings.filter_in_memory and s.scan is not None and s.scan.block(flt) is not None
-                if in_memory:
+                block = s.scan.block(flt) if self.settings.filter_in_memory and s.scan is not None else None
+                # an engine search: searches running meanwhile wait for ours, one batch
+                with nullcontext() if block is not None else self.index.search_expected():
                     vec = q.vector_fn(s)
                     if vec is None:
                         reasons.append("DropoutNet cannot build a query vector for this request")
                         continue
-                    self.metrics.memory_searches.inc()
-                    return [None] * start + self._scanned(s, vec, flt, page.fetch)[start:], served, reasons
-                with self.index.search_expected():  # searches running meanwhile wait for ours: one batch
-                    vec = q.vector_fn(s)
-                    if vec is None:
-                        reasons.append("DropoutNet cannot build a query vector for this request")
-                        continue
+                    if block is not None:  # a selective filter: scored in memory (filtered_scan.py)
+                        self.metrics.memory_searches.inc()
+                        return [None] * start + self._scanned(s, block, vec, flt, page.fetch)[start:], served, reasons
                     hits = self.index.search(
                         vec,
                         limit=page.fetch - start,
@@ -216,11 +214,10 @@ class Retriever:
         return [], served, reasons  # popularity ends every chain: not reached
 
     @staticmethod
-    def _scanned(s: Serving, vec: np.ndarray, flt: SearchFilter, fetch: int) -> list[Candidate]:
-        """A selective filter's top `fetch`, scored in memory (filtered_scan.py)."""
+    def _scanned(s: Serving, block: Block, vec: np.ndarray, flt: SearchFilter, fetch: int) -> list[Candidate]:
+        """A selective filter's top `fetch`, scored in memory over its block (filtered_scan.py)."""
         assert s.scan is not None
-        hits = s.scan.search(vec, flt, fetch, dict(s.extra))  # dict(): one atomic copy against writers
-        assert hits is not None
+        hits = s.scan.scan(block, vec, flt, fetch, dict(s.extra))  # dict(): one atomic copy against writers
         return [Candidate(h.anime_id, h.score, _payload(s, h), content_of(s, h.anime_id)) for h in hits]
 
     def _response(
