@@ -68,11 +68,12 @@ postgres:
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || [ -x "$$A2V_PG_BIN/pg_ctl" ] || \
 	  (apt-get update && apt-get install -y --no-install-recommends postgresql)
 
-# ruff: lint (rules and reasons in pyproject.toml) and the formatting check; the import-direction checks are
-# tests/test_structure.py
+# ruff: lint (rules and reasons in pyproject.toml) and the formatting check; mypy: the type check of the
+# package and the services (settings in pyproject.toml); the import-direction checks are tests/test_structure.py
 lint: setup
 	$(PY) -m ruff check --quiet .
 	$(PY) -m ruff format --check --quiet .
+	$(PY) -m mypy
 
 # Test files run in parallel, each file in one worker process (its module fixtures stay together); at most 4
 # workers, because each one that draws an end-to-end file trains its own sample bundle and starts its own

@@ -214,7 +214,8 @@ class FeedbackStore:
     def all_events(self, since: float | None = None) -> pd.DataFrame:
         """Every event (received at or after `since`, unix seconds, if given) in received order,
         with the table's columns; score / occurred_at are NaN where absent."""
-        sql, args = "SELECT * FROM events", ()
+        sql = "SELECT * FROM events"
+        args: tuple[float, ...] = ()
         if since is not None:
             sql, args = sql + " WHERE received_at >= ?", (float(since),)
         with self._lock:
@@ -304,7 +305,7 @@ def user_confidences(events: Iterable[FeedbackEvent]) -> dict[int, float]:
         return {}
     ids = list(entries)
     statuses = [entries[a][0] for a in ids]
-    scores = [np.nan if entries[a][1] is None else float(entries[a][1]) for a in ids]
+    scores = [np.nan if (score := entries[a][1]) is None else float(score) for a in ids]
     # "rated" with no score cannot happen (validated), but a "rated" status inherited a score.
     statuses = [("listed" if s == "rated" and np.isnan(r) else s) for s, r in zip(statuses, scores)]
     confidence, _ = implicit_feedback(np.asarray(scores, np.float32), statuses)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -237,7 +238,9 @@ def make_encoder(kind: str) -> TextEncoder:
 def _encode_whitened(cfg: TrainConfig, encoder: TextEncoder, texts: list[str], ds: Dataset, t: dict, key: str):
     with EncodingCache(Path(cfg.cache_dir) / "encodings.sqlite") as cache:
         raw = encode_cached(encoder, texts, cache, progress=cfg.progress)
-        t[f"{key}_cache"] = {"hits": cache.last_stats.hits, "encoded": cache.last_stats.encoded}
+        stats = cache.last_stats
+        assert stats is not None  # set by encode_cached
+        t[f"{key}_cache"] = {"hits": stats.hits, "encoded": stats.encoded}
     # statistics from training items only: val/test items are unseen at training time
     whitener = Whitener.fit(raw[ds.train_items], mode=cfg.whiten)
     return raw, whitener, whitener.transform(raw)
@@ -316,12 +319,17 @@ def val_recall(model: Recommender, scs: list[Scenario], k: int = 100) -> dict[st
     return out
 
 
+R = TypeVar("R", bound=Recommender)
+
+
 def _select(
-    kind: str, grid, build: Callable[[dict], Recommender], scs: list[Scenario], timings: dict, keep: list | None = None
-) -> tuple[Recommender, list[dict]]:
+    kind: str, grid, build: Callable[[dict], R], scs: list[Scenario], timings: dict, keep: list[R] | None = None
+) -> tuple[R, list[dict]]:
     """Fit each setting, keep the best by mean validation recall@100 over `scs` (`keep`: a list
     that receives every fitted model)."""
-    trials, best, best_score = [], None, -1.0
+    trials: list[dict] = []
+    best: R | None = None
+    best_score = -1.0
     for params in grid:
         with timed_step(timings, f"fit {kind} {params}"):
             m = build(dict(params))
@@ -333,6 +341,8 @@ def _select(
         log.info("%s %s → %s", kind, params, {k: round(v, 4) for k, v in r.items()})
         if score > best_score:
             best, best_score = m, score
+    if best is None:
+        raise ValueError(f"{kind}: nothing to select (an empty grid, or no setting with a validation score)")
     return best, trials
 
 
@@ -374,7 +384,8 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
         # WMF: a baseline, the DropoutNet's preference model, and the serving fallback
         wmf, selection["wmf_trials"] = select_wmf(p, scs)
         selection["wmf"] = wmf.params()
-    ease, eases = None, []
+    ease: EASE | None = None
+    eases: list[EASE] = []
     if need & {"ease", SERVING_MODEL}:
         ease, selection["ease_trials"] = _select(
             "ease",
@@ -385,7 +396,7 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
             keep=eases if SERVING_MODEL in need else None,
         )
         selection["ease"] = ease.params()
-    builders: dict[str, Callable[[], Recommender]] = {
+    builders: dict[str, Callable[[], Recommender | None]] = {
         "popularity": lambda: Popularity(),
         "item-knn": lambda: ItemKNN(K=100),
         "wmf": lambda: wmf,
@@ -410,12 +421,16 @@ def fit_models(p: Prepared) -> tuple[dict[str, Recommender], dict]:
         if name in builders:
             with timed_step(p.timings, f"fit {name}"):
                 m = builders[name]()
+                assert m is not None, name  # wmf / ease: selected above whenever asked for
                 models[name] = m if m.train is not None else m.fit(ds.train)
     if need & set(DROPOUTNET_VARIANTS):
+        assert wmf is not None  # selected above: the variants need it
         _fit_dropoutnets(p, wmf, scs, models, selection)
     if SERVING_MODEL in need:
         with timed_step(p.timings, f"fit and tune {SERVING_MODEL}"):
-            hy, selection[SERVING_MODEL] = fit_hybrid(p, eases, models.get("content-bilinear"), scs, selection)
+            bilinear = models.get("content-bilinear")
+            assert bilinear is None or isinstance(bilinear, ContentBilinear)
+            hy, selection[SERVING_MODEL] = fit_hybrid(p, eases, bilinear, scs, selection)
             models[SERVING_MODEL] = hy
     selection["val_final"] = {n: val_recall(m, scs) for n, m in models.items()}
     return models, selection
@@ -429,6 +444,7 @@ def _selected(selection: dict, kind: str, grid, build, scs, timings) -> Recommen
 
 def _fit_dropoutnets(p: Prepared, wmf: WMF, scs: list[Scenario], models: dict, selection: dict) -> None:
     """DropoutNet variants (compared in the report; the served model no longer needs one)."""
+    assert wmf.V is not None, "fit the WMF first"
     cfg, ds = p.config, p.ds
     # the graph block: mean WMF factors of each item's training-item neighbours (+ edge weight)
     known = np.zeros(ds.n_items, bool)
@@ -473,7 +489,8 @@ def fit_hybrid(
         eases = [EASE(lam=cfg.ease_lambdas[0], seed=cfg.seed).fit(ds.train)]
     content = bilinear if bilinear is not None else ContentBilinear(p.content, seed=cfg.seed, **cfg.bilinear_grid[0])
     own = _pick(scs, "warm", *(f"fav_k{k}" for k in VAL_FAV_KS))
-    trials, best = [], None
+    trials: list[dict[str, Any]] = []
+    best: tuple[Hybrid, dict[str, float]] | None = None
     for ease in eases:
         hy = Hybrid(ease.factored(cfg.ease_rank), content, graph=p.graph, content_rank=cfg.content_rank).fit(ds.train)
         if len(eases) > 1:
@@ -483,6 +500,7 @@ def fit_hybrid(
             if best is not None and np.mean(list(score.values())) <= np.mean(list(best[1].values())):
                 continue
         best = (hy, trials[-1]["stage1_own"] if trials else {})
+    assert best is not None  # eases is not empty
     hy = best[0]
     hy.tune(
         HybridObjective(hy, ds, scs + mix_scenarios(ds, cfg.seed, cfg.val_queries)),
@@ -597,6 +615,8 @@ def _graph_knn(p: Prepared, scs: list[Scenario], selection: dict) -> ContentKNN:
         if best is None or np.mean(list(r.values())) > best[0]:
             best = (float(np.mean(list(r.values()))), m)
     selection["content-knn-tfidf-graph"] = trials
+    if best is None:
+        raise ValueError("content-knn-tfidf-graph: no graph_alphas to select from")
     return best[1]
 
 
@@ -639,6 +659,8 @@ def export_bundle(
     wmf = models.get("wmf")
     if wmf is None:
         wmf = WMF(iterations=p.config.wmf_iterations, seed=p.config.seed, **p.config.wmf_grid[0]).fit(p.ds.train)
+    assert isinstance(wmf, WMF) and wmf.U is not None and wmf.V is not None, "models['wmf'] is a fitted WMF"
+    assert p.metadata is not None  # set by prepare()
     arrays: dict[str, np.ndarray] = {
         "item_ids": p.ds.item_ids,
         "user_ids": p.ds.user_ids,

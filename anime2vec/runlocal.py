@@ -170,7 +170,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        if self.alive():
+        if self.proc is not None and self.alive():
             raise RuntimeError(f"{self.spec.name} is already running (pid {self.proc.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -331,6 +331,7 @@ def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, log
 
     def line(name: str, role: str) -> str:
         p = procs[name]
+        assert p.proc is not None  # printed once every service has started
         return (
             f"  {name:8s} {p.spec.address}  ({role}metrics http://{p.spec.host}:{p.spec.metrics_port}/metrics, "
             f"pid {p.proc.pid})"
@@ -478,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             if nxt is not None:
                 nxt.poll()
             time.sleep(0.5)
+        assert dead[0].proc is not None  # every service was started above: this one exited
         print(
             f"{dead[0].spec.name} exited with status {dead[0].proc.returncode}; stopping the others. "
             f"Last log lines:\n{dead[0].log_tail()}",

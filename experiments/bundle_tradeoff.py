@@ -4,10 +4,9 @@
 
 The bundle's split is rebuilt from the data (build_dataset with the bundle's seed: the split it
 was evaluated on; the item and user ids are checked against the bundle's). Queries are scored
-with the ranker's own ServingModel: the stored user vectors' path for known users
-(`user_vector`) and the favourites path (`favourites_vector`) for favourites queries, against the
-served item vectors (`item_tower`, what Qdrant ranks), then re-ranked by anime2vec.models.mmr,
-exactly as the ranker does, in the bundle's content space.
+as the ranker serves them (`ServedRecommender`: the known-user and favourites paths of the ranker's
+ServingModel against the served item vectors, what Qdrant ranks), then re-ranked by
+anime2vec.models.mmr, exactly as the ranker does, in the bundle's content space.
 """
 
 from __future__ import annotations
@@ -24,34 +23,11 @@ from anime2vec.data.dataset import build_dataset
 from anime2vec.data.loader import load_mal
 from anime2vec.evaluation.protocol import scenarios
 from anime2vec.evaluation.tradeoff import LAMBDAS, POOL, run_tradeoff
-from anime2vec.models.base import Queries, Recommender
 from anime2vec.paths import default_model_store
 from anime2vec.serving_model.model import ServingModel
+from anime2vec.serving_model.recommender import ServedRecommender
 
 log = logging.getLogger("measure_tradeoff")
-
-
-class Served(Recommender):
-    """The ranker's scoring path as a Recommender: one query vector per query · item_tower."""
-
-    def __init__(self, model: ServingModel):
-        super().__init__()
-        self.m, self.name, self.train = model, f"served {model.manifest.get('model', 'model')}", model.train
-
-    def fit(self, train):
-        return self
-
-    def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
-        m = self.m
-        if queries.users is not None:
-            vecs = [m.user_vector(int(m.user_ids[u])) for u in queries.users]
-        else:
-            w = queries.liked_weights or [None] * len(queries.liked)
-            vecs = [
-                m.favourites_vector([int(m.item_ids[i]) for i in liked], None if wt is None else wt.tolist())
-                for liked, wt in zip(queries.liked, w)
-            ]
-        return np.asarray(np.stack(vecs) @ m.item_tower[items].T, np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     scs = [s for s in scenarios(ds, "test", seed=seed, max_queries=a.max_queries) if s.name in wanted]
     t0 = time.perf_counter()
     df = run_tradeoff(
-        Served(model),
+        ServedRecommender(
+            model, ds.item_ids, ds.user_ids, ds.train, name=f"served {model.manifest.get('model', 'model')}"
+        ),
         scs,
         model.content,
         out_dir=a.out,

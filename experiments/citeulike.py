@@ -46,7 +46,7 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from threadpoolctl import threadpool_limits
 
 from anime2vec.data.types import DataError
-from anime2vec.evaluation.metrics import recall_curve
+from anime2vec.evaluation.protocol import EvaluationData, Experiment, Scenario
 from anime2vec.models.base import Queries, Recommender
 from anime2vec.models.content_knn import ContentKNN
 from anime2vec.models.dropoutnet import DropoutNet, DropoutNetConfig
@@ -372,23 +372,44 @@ def carve_validation(train: sp.csr_matrix, fraction: float, seed: int = 0) -> Co
     return ColdSplit("validation", fit, truth, val_items, users)
 
 
+def cold_scenario(split: ColdSplit, seed: int = 0) -> Scenario:
+    """The split as a scenario of the package's `Experiment`: each of split.users ranks
+    split.candidates only, judged against its pairs in split.truth. Candidates go in one seeded
+    random order, so exact ties (untagged items, WMF's all-zero cold scores) are broken at random
+    rather than by item index, identically for every model."""
+    truth = split.truth[split.users].tocsr()
+    truth.sort_indices()
+    outside = truth.tocsc()[:, np.setdiff1d(np.arange(truth.shape[1]), split.candidates)].nnz
+    if outside:
+        raise ValueError(f"{outside} relevant pairs are on items outside the candidates")
+    return Scenario(
+        name=f"cold_{split.name}",
+        queries=Queries.of_users(split.users),
+        candidates=np.random.default_rng(seed).permutation(split.candidates),
+        truth=truth,
+        exclude=None,
+        split=split.name,
+        family="cold",
+        users=np.asarray(split.users),
+        shuffle=False,
+        about="item cold start (DropoutNet's CiteULike protocol): rank the split's cold items only",
+    )
+
+
 def cold_recall_curve(model: Recommender, split: ColdSplit, max_k: int = 300, seed: int = 0) -> np.ndarray:
-    """(max_k,) recall@K for K = 1..max_k: each of split.users ranks split.candidates only, and
-    |top-K ∩ relevant| / |relevant| is averaged over the users (DropoutNet's batch_eval_recall).
-    Candidates go in one seeded random order, so exact ties (untagged items, WMF's all-zero cold
-    scores) are broken at random rather than by item index, identically for every model."""
-    order = np.random.default_rng(seed).permutation(split.candidates)
+    """(max_k,) recall@K for K = 1..max_k on `cold_scenario(split)`, run by `Experiment`:
+    |top-K ∩ relevant| / |relevant| averaged over the users (DropoutNet's batch_eval_recall)."""
     # the paper's protocol ranks every candidate by the model's score, a cold item's 0 included:
     # items a model reports as unscorable (Recommender.scorable: popularity's and WMF's cold items)
     # take part with that score instead of being left out of the list
     view = copy.copy(model)
-    view.scorable = lambda items: np.ones(len(items), bool)
-    recs, _ = view.recommend(Queries.of_users(split.users), max_k, items=order)
-    truth = split.truth[split.users]
-    outside = truth.tocsc()[:, np.setdiff1d(np.arange(truth.shape[1]), split.candidates)].nnz
-    if outside:
-        raise ValueError(f"{outside} relevant pairs are on items outside the candidates")
-    return recall_curve(recs, truth, max_k)
+    view.scorable = lambda items: np.ones(len(items), bool)  # type: ignore[method-assign]
+    sc = cold_scenario(split, seed)
+    res = Experiment(EvaluationData(split.train), [view], split=split.name, ks=(max_k,), seed=seed, scenarios=[sc]).run(
+        progress=False
+    )
+    curve = res.curves.sort_values("k")
+    return curve["recall"].to_numpy(np.float64)
 
 
 def expected_random_curve(n_candidates: int, max_k: int) -> np.ndarray:

@@ -11,12 +11,13 @@ Conventions shared by every function:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-Relevant = sp.spmatrix | sp.sparray | Sequence[np.ndarray]
+Relevant: TypeAlias = sp.spmatrix | sp.sparray | Sequence[np.ndarray]
 
 
 def _relevant_csr(relevant: Relevant, n_queries: int) -> sp.csr_matrix:

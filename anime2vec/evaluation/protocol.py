@@ -78,9 +78,15 @@ class Scenario:
     family: str  # "cold" / "warm" / "favourites"
     users: np.ndarray  # dataset user index behind each query
     day_one: np.ndarray | None = None  # items scored as brand-new anime (Recommender.day_one)
+    # True: the Experiment ranks the candidates in a seeded random order per batch (exact ties at
+    # random); False: in the order given (the scenario's builder fixed its own tie order)
+    shuffle: bool = True
+    about: str = ""  # what the scenario measures, for scenarios outside the standard protocol
 
     @property
     def description(self) -> str:
+        if self.about:
+            return self.about
         if self.family == "favourites":
             return f"favourites queries: {self.name.removeprefix('fav_k')} liked items given, predict the rest (train items)"
         return DESCRIPTIONS[self.name]
@@ -293,6 +299,23 @@ def scenarios(
 
 
 @dataclass
+class EvaluationData:
+    """What an Experiment needs of the data when the scenarios come from elsewhere (the retrain
+    gate, CiteULike): the training matrix models are fitted on, whose item space the scenarios
+    index. A `Dataset` is one too."""
+
+    train: sp.csr_matrix
+
+    @property
+    def n_items(self) -> int:
+        return int(self.train.shape[1])
+
+    @property
+    def popularity(self) -> np.ndarray:
+        return np.asarray((self.train > 0).sum(axis=0)).ravel().astype(np.float32)
+
+
+@dataclass
 class Results:
     """Tidy metrics of one Experiment run.
 
@@ -301,6 +324,8 @@ class Results:
     scenarios: one row per scenario: name, family, description, split, n_queries, n_candidates
     models: name -> {"params": ..., "fit_seconds": ... or None when it came fitted}
     timings: one row per (model, scenario): seconds spent ranking and scoring
+    per_query: (model, scenario) -> metric -> one value per query (recall@K, ndcg@K, mrr), in the
+               scenario's query order: for paired comparisons (the retrain gate)
     """
 
     table: pd.DataFrame
@@ -313,6 +338,7 @@ class Results:
     ks: tuple[int, ...]
     max_queries: int | None = None
     notes: list[str] = field(default_factory=list)
+    per_query: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
 
     def metrics(self, scenario: str) -> pd.DataFrame:
         """models x metrics for one scenario, in model and metric order of the run."""
@@ -329,7 +355,8 @@ class Results:
 
 
 class Experiment:
-    """Run every model on every scenario of one split with the same queries.
+    """Run every model on every scenario of one split with the same queries: the one way models
+    are compared here (the report, model selection, the retrain gate, the CiteULike replication).
 
     Models that are not fitted yet (`train is None`) are fitted on `dataset.train`; fitted ones
     must have been fitted on a matrix of the dataset's shape. ks: cut-offs for recall/NDCG; the
@@ -337,12 +364,13 @@ class Experiment:
     percentile, diversity), the largest the length of the recall@K curves. MRR uses the full
     ranking of the candidates. `diversity_space` (n_items, d) is the one content space in which
     intra-list diversity is measured for all models; `titles` (aligned to item index) enables
-    cold_whole_nofranchise.
+    cold_whole_nofranchise. `scenarios`: run these instead of the standard protocol's (`scenarios`
+    of the dataset); then `dataset` may be any `EvaluationData` and `split` is only a label.
     """
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: Dataset | EvaluationData,
         models: list[Recommender],
         split: str = "test",
         ks: tuple[int, ...] = (20, 100),
@@ -352,12 +380,15 @@ class Experiment:
         max_queries: int | None = None,
         titles: np.ndarray | None = None,
         batch_size: int = 512,
+        scenarios: list[Scenario] | None = None,
     ):
         names = [m.name for m in models]
         if not models or len(set(names)) != len(names):
             raise ValueError(f"models need distinct names, got {names}")
-        if split not in SPLITS:
+        if scenarios is None and split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if scenarios is None and not isinstance(dataset, Dataset):
+            raise ValueError("the standard protocol's scenarios need a Dataset; pass scenarios= for other data")
         ks = tuple(sorted({int(k) for k in ks}))
         if not ks or ks[0] < 1:
             raise ValueError(f"ks must be positive cut-offs, got {ks}")
@@ -368,36 +399,26 @@ class Experiment:
         self.dataset, self.models, self.split, self.ks = dataset, list(models), split, ks
         self.fav_ks, self.seed, self.max_queries = tuple(fav_ks), seed, max_queries
         self.diversity_space, self.titles, self.batch_size = diversity_space, titles, batch_size
+        self.given = None if scenarios is None else list(scenarios)
 
     def run(self, progress: bool = True) -> Results:
-        ds = self.dataset
-        scs = scenarios(ds, self.split, self.fav_ks, self.seed, self.max_queries, self.titles)
+        notes: list[str] = []
+        if self.given is not None:
+            scs = self.given
+        else:
+            scs, notes = self._protocol()
         if not scs:
             raise ValueError(f"no scenario of the {self.split} split has a query: nothing to evaluate")
-        notes = []
-        if self.titles is None:
-            notes.append("cold_whole_nofranchise skipped: no titles given")
-        expected = [
-            "cold_test_items",
-            "cold_whole",
-            "new_test_items",
-            "new_whole",
-            "warm",
-            *(f"fav_k{k}" for k in sorted(set(self.fav_ks))),
-        ]
-        if self.titles is not None:
-            expected += ["cold_whole_nofranchise", "new_whole_nofranchise"]
-        got = {s.name for s in scs}
-        notes += [f"{name} skipped: no query qualifies" for name in expected if name not in got]
         if self.diversity_space is None:
             notes.append("intra-list diversity not measured: no diversity space given")
         model_info = {m.name: self._fit(m) for m in self.models}
-        rows, curves, timings = [], [], []
+        rows, curves, timings, per_query = [], [], [], {}
         pairs = [(m, s) for m in self.models for s in scs]
         for model, sc in tqdm(pairs, disable=not progress, desc=f"evaluate[{self.split}]"):
             t0 = time.perf_counter()
             view = model if sc.day_one is None else model.day_one(sc.day_one)
-            values, curve, cis = self._evaluate(view, sc)
+            values, curve, cis, pq = self._evaluate(view, sc)
+            per_query[(model.name, sc.name)] = pq
             timings.append({"model": model.name, "scenario": sc.name, "seconds": time.perf_counter() - t0})
             rows += [
                 {
@@ -437,7 +458,29 @@ class Experiment:
             ks=self.ks,
             max_queries=self.max_queries,
             notes=notes,
+            per_query=per_query,
         )
+
+    def _protocol(self) -> tuple[list[Scenario], list[str]]:
+        """The standard protocol's scenarios of the dataset, and notes on the ones left out."""
+        assert isinstance(self.dataset, Dataset)
+        scs = scenarios(self.dataset, self.split, self.fav_ks, self.seed, self.max_queries, self.titles)
+        notes = []
+        if self.titles is None:
+            notes.append("cold_whole_nofranchise skipped: no titles given")
+        expected = [
+            "cold_test_items",
+            "cold_whole",
+            "new_test_items",
+            "new_whole",
+            "warm",
+            *(f"fav_k{k}" for k in sorted(set(self.fav_ks))),
+        ]
+        if self.titles is not None:
+            expected += ["cold_whole_nofranchise", "new_whole_nofranchise"]
+        got = {s.name for s in scs}
+        notes += [f"{name} skipped: no query qualifies" for name in expected if name not in got]
+        return scs, notes
 
     def _fit(self, model: Recommender) -> dict:
         shape = self.dataset.train.shape
@@ -450,7 +493,9 @@ class Experiment:
             raise ValueError(f"{model.name} was fitted on a {model.train.shape} matrix, the dataset's is {shape}")
         return {"params": model.params(), "fit_seconds": fit_seconds}
 
-    def _evaluate(self, model: Recommender, sc: Scenario) -> tuple[dict[str, float], np.ndarray, dict]:
+    def _evaluate(
+        self, model: Recommender, sc: Scenario
+    ) -> tuple[dict[str, float], np.ndarray, dict, dict[str, np.ndarray]]:
         """Chunk by chunk: top-max(ks) lists from `recommend`, the full-ranking MRR from the
         same model's scores (counting, not sorting: a full sort per query dominated the run
         time); per-query values kept for the means and their bootstrap intervals over users,
@@ -466,7 +511,9 @@ class Experiment:
             # Candidates in a seeded random order (the same for every model): exact ties, e.g.
             # WMF's all-zero cold items, then resolve at random instead of by item index, which
             # on MAL follows age and hence popularity and would flatter whoever ties most.
-            cands = _rng(self.seed, f"ties/{sc.name}/{start}").permutation(sc.candidates)
+            cands = (
+                _rng(self.seed, f"ties/{sc.name}/{start}").permutation(sc.candidates) if sc.shuffle else sc.candidates
+            )
             position = np.full(self.dataset.n_items, -1, dtype=np.int64)
             position[cands] = np.arange(len(cands))
             ex = None if sc.exclude is None else sc.exclude[start:stop]
@@ -493,4 +540,4 @@ class Experiment:
         values[f"popularity_pct@{list_k}"] = metrics.popularity_percentile(top, self.dataset.popularity)
         if self.diversity_space is not None:
             values[f"diversity@{list_k}"] = metrics.intra_list_diversity(top, self.diversity_space)
-        return values, curve / n, cis
+        return values, curve / n, cis, pq

@@ -67,12 +67,16 @@ def tradeoff_curve(
     content = np.asarray(content, np.float32)
     n_items = content.shape[0]
     k_keep = max(k_recall, k_list)
-    tops = {lam: [] for lam in lambdas}
+    tops: dict[float, list[np.ndarray]] = {lam: [] for lam in lambdas}
     n = len(scenario.users)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         q = scenario.queries.slice(start, stop)
-        cands = _rng(seed, f"ties/{scenario.name}/{start}").permutation(scenario.candidates)
+        cands = (
+            _rng(seed, f"ties/{scenario.name}/{start}").permutation(scenario.candidates)
+            if scenario.shuffle
+            else scenario.candidates
+        )
         ex = None if scenario.exclude is None else scenario.exclude[start:stop]
         ranked, scores = model.recommend(q, k=pool, items=cands, exclude=ex, batch_size=batch_size)
         for a in range(0, len(ranked), mmr_batch):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel  # noqa: E402
 
 POOLING = "mean"
 # Numeric precision of the transformer's matrix products. "auto": fp16 autocast on CUDA; on a CPU
@@ -73,7 +73,7 @@ def _model_name(model_dir: Path) -> str:
     return model_dir.name
 
 
-def _fingerprint(model: torch.nn.Module, tokenizer, name: str, max_length: int) -> str:
+def _fingerprint(model: PreTrainedModel, tokenizer, name: str, max_length: int) -> str:
     """16 hex chars identifying what `encode` computes: weights, architecture, vocabulary,
     pooling, truncation and name. Device and precision are left out on purpose, so vectors made on
     a GPU and on a CPU share one cache."""

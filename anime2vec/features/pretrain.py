@@ -340,7 +340,7 @@ class _Run:
         self.model = BertForMaskedLM.from_pretrained(self.base, local_files_only=True, dtype=torch.float32)
         if cfg.max_length > self.model.config.max_position_embeddings:
             raise ValueError(f"max_length={cfg.max_length} > {self.model.config.max_position_embeddings} positions")
-        self.model.to(self.device)
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to via @wraps: no bound self
         self._split_and_window(rng)
         collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed)
         eval_collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=cfg.mlm_prob, seed=cfg.seed + 1)
@@ -606,6 +606,7 @@ def encode_catalogue(
     with EncodingCache(path) as cache:
         vectors = encode_cached(encoder, texts, cache, progress=progress)
         stats = cache.last_stats
+    assert stats is not None  # set by encode_cached
     return {
         "encoder": encoder.name,
         "fingerprint": encoder.fingerprint,

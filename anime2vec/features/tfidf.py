@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,7 +34,7 @@ class TfidfFeatures:
         svd_dim: int = 300,
         seed: int = 0,
     ):
-        self.params = dict(
+        self.params: dict[str, Any] = dict(
             max_features=max_features,
             min_df=min_df,
             max_df=max_df,
@@ -86,13 +86,13 @@ class TfidfFeatures:
 
     def dense(self, x: sp.spmatrix) -> np.ndarray:
         """(n, svd_dim) float32 projection of TF-IDF rows onto the fitted SVD basis."""
-        self._check_fitted()
-        return self._svd.transform(x).astype(np.float32)
+        svd, _ = self._check_fitted()
+        return svd.transform(x).astype(np.float32)
 
     def top_terms(self, x_row: sp.spmatrix | np.ndarray, k: int = 10) -> list[tuple[str, float]]:
         """The k highest-weighted terms of one TF-IDF row, best first (ties by term)."""
-        self._check_fitted()
-        if sp.issparse(x_row):
+        _, terms = self._check_fitted()
+        if sp.issparse(x_row) and not isinstance(x_row, np.ndarray):
             if x_row.shape[0] != 1:
                 raise ValueError(f"top_terms takes one row, got shape {x_row.shape}")
             row = x_row.tocsr(copy=True)
@@ -102,22 +102,22 @@ class TfidfFeatures:
             dense = np.asarray(x_row).reshape(-1)
             n_cols, cols = len(dense), np.flatnonzero(dense)
             vals = dense[cols]
-        if n_cols != len(self.terms):
-            raise ValueError(f"row has {n_cols} columns, the vocabulary {len(self.terms)}")
+        if n_cols != len(terms):
+            raise ValueError(f"row has {n_cols} columns, the vocabulary {len(terms)}")
         keep = vals > 0
-        pairs = sorted(zip(self.terms[cols[keep]], vals[keep].tolist()), key=lambda p: (-p[1], p[0]))
+        pairs = sorted(zip(terms[cols[keep]], vals[keep].tolist()), key=lambda p: (-p[1], p[0]))
         return [(str(t), float(w)) for t, w in pairs[:k]]
 
     def save(self, file: str | Path | BinaryIO) -> None:
         """Write vocabulary, idf, SVD basis and parameters as one .npz of plain arrays."""
-        self._check_fitted()
+        svd, terms = self._check_fitted()
         np.savez(
             file,
             format=np.array(_FORMAT),
             params=np.array(json.dumps(self.params, sort_keys=True)),
-            terms=self.terms,
+            terms=terms,
             idf=self._vectorizer.idf_,
-            components=self._svd.components_,
+            components=svd.components_,
         )
 
     @classmethod
@@ -140,9 +140,11 @@ class TfidfFeatures:
         self._svd.n_features_in_ = components.shape[1]
         return self
 
-    def _check_fitted(self) -> None:
-        if self._svd is None:
+    def _check_fitted(self) -> tuple[TruncatedSVD, np.ndarray]:
+        """The fitted SVD and vocabulary (`terms`)."""
+        if self._svd is None or self.terms is None:
             raise RuntimeError("TfidfFeatures is not fitted: call fit_transform() or load() first")
+        return self._svd, self.terms
 
 
 def _as_texts(texts: Sequence[str]) -> list[str]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, ContextManager, Protocol
+from typing import Any, ContextManager, Protocol, SupportsInt
 
 import numpy as np
 
@@ -211,7 +211,7 @@ class ItemIndex(Protocol):
 # ---- helpers shared by the backends -------------------------------------------------------------
 
 
-def check_version(version: str) -> str:
+def check_version(version: object) -> str:
     """Versions become directory and collection names, so keep them to a safe alphabet."""
     if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
         raise ValueError(
@@ -245,7 +245,12 @@ def stored_user(user: UserPoint, dim: int) -> tuple[int, list[float], dict[str, 
     return user_id, v.tolist(), {**{k: _plain(x) for k, x in user.payload.items()}, "user_id": user_id}
 
 
-def ordered_users(records: Iterable[tuple[int, Any, dict | None]], user_ids: Sequence[int]) -> list[UserPoint]:
+# A point as an engine returns it: (id, vector or None, payload or None). The ids are the ints we
+# stored, which the clients type as int | str | UUID; the vector is whatever np.asarray reads.
+StoredRecord = tuple[SupportsInt | str, Any, dict | None]
+
+
+def ordered_users(records: Iterable[StoredRecord], user_ids: Sequence[int]) -> list[UserPoint]:
     by_id = {int(i): UserPoint(int(i), np.asarray(v, np.float32), dict(p or {})) for i, v, p in records}
     return [by_id[int(u)] for u in user_ids if int(u) in by_id]
 
@@ -275,7 +280,7 @@ class Fetch:
 
 def plan_fetch(flt: SearchFilter | None, limit: int, offset: int) -> Fetch:
     ids = flt.exclude_ids if flt is not None else ()
-    if not ids or len(ids) > POST_FILTER_MAX_IDS:
+    if flt is None or not ids or len(ids) > POST_FILTER_MAX_IDS:
         return Fetch(flt, limit, offset, frozenset(), slice(None))
     rest = replace(flt, exclude_ids=())
     pushed = None if rest == SearchFilter() else rest
@@ -348,9 +353,7 @@ def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
     return {k: x for k, x in (payload or {}).items() if k not in _DERIVED}
 
 
-def ordered_points(
-    records: Iterable[tuple[int, list[float] | None, dict | None]], anime_ids: Sequence[int]
-) -> list[ItemPoint]:
+def ordered_points(records: Iterable[StoredRecord], anime_ids: Sequence[int]) -> list[ItemPoint]:
     by_id = {
         int(i): ItemPoint(int(i), None if v is None else np.asarray(v, np.float32), public_payload(p))
         for i, v, p in records

@@ -221,7 +221,7 @@ class QdrantItemIndex:
             return
         target = self._target(version)
         with self._serving(version):
-            dim = self._client.get_collection(target).config.params.vectors.size
+            dim = _vector_size(self._client.get_collection(target))
         structs = self._structs(points, dim)
         with timed(self._on_query, "upsert"), self._serving(version):
             self._client.upsert(target, structs, wait=True)
@@ -308,7 +308,7 @@ class QdrantItemIndex:
                 except Exception:
                     if not self._client.collection_exists(name):  # else another replica made it first
                         raise
-            have = self._client.get_collection(name).config.params.vectors.size
+            have = _vector_size(self._client.get_collection(name))
         if have != dim:
             raise ValueError(f"users of {version} have dim {have}, got {dim}")
         structs = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in (stored_user(u, dim) for u in users)]
@@ -365,7 +365,7 @@ class QdrantItemIndex:
         except ResponseHandlingException as e:
             raise IndexUnavailable(f"Qdrant is unreachable: {e}") from e
         except UnexpectedResponse as e:
-            if e.status_code in (401, 403, 429) or e.status_code >= 500:
+            if e.status_code in (401, 403, 429) or (e.status_code is not None and e.status_code >= 500):
                 raise IndexUnavailable(f"Qdrant cannot serve: {e}") from e
             raise
 
@@ -389,6 +389,12 @@ class QdrantItemIndex:
 
     def _missing(self, version: str | None) -> bool:
         return self.alias_target() is None if version is None else not self.has_version(version)
+
+
+def _vector_size(info: models.CollectionInfo) -> int:
+    vectors = info.config.params.vectors
+    assert isinstance(vectors, models.VectorParams)  # our collections hold one unnamed vector
+    return vectors.size
 
 
 def _params(exact: bool, oversampling: float, limit: int, offset: int) -> models.SearchParams:

@@ -25,14 +25,15 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class _Call(Generic[T, R]):
+class _Call(Generic[K, T, R]):
     __slots__ = ("key", "item", "result", "error", "done", "wake")
 
-    def __init__(self, key: Hashable, item: T):
+    def __init__(self, key: K, item: T):
         self.key, self.item = key, item
         self.result: R | None = None
         self.error: BaseException | None = None
@@ -40,13 +41,13 @@ class _Call(Generic[T, R]):
         self.wake = threading.Event()  # set when answered, or when handed the lead
 
 
-class Coalescer(Generic[T, R]):
+class Coalescer(Generic[K, T, R]):
     """`run(key, item)` returns `execute(key, [items...])[i]` for its item; calls with equal keys
     may share one `execute`. execute must return one result per item, in order."""
 
     def __init__(
         self,
-        execute: Callable[[Hashable, Sequence[T]], Sequence[R]],
+        execute: Callable[[K, Sequence[T]], Sequence[R]],
         max_batch: int = 16,
         max_wait_s: float = 0.002,
         on_batch: Callable[[int], None] | None = None,
@@ -59,7 +60,7 @@ class Coalescer(Generic[T, R]):
         self._execute, self.max_batch, self.max_wait_s, self._on_batch = execute, max_batch, max_wait_s, on_batch
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._queue: list[_Call[T, R]] = []
+        self._queue: list[_Call[K, T, R]] = []
         self._leading = False
         self._expected = 0  # announced callers not queued yet
         self._announced = threading.local()  # .pending: this thread is counted in _expected
@@ -82,8 +83,8 @@ class Coalescer(Generic[T, R]):
                     self._expected -= 1
                     self._arrived.notify_all()
 
-    def run(self, key: Hashable, item: T) -> R:
-        call: _Call[T, R] = _Call(key, item)
+    def run(self, key: K, item: T) -> R:
+        call: _Call[K, T, R] = _Call(key, item)
         with self._lock:
             if getattr(self._announced, "pending", False):
                 self._announced.pending = False
@@ -124,7 +125,7 @@ class Coalescer(Generic[T, R]):
             if nxt is not None:
                 nxt.wake.set()  # not done: it leads the next batch
 
-    def _answer(self, batch: list[_Call[T, R]]) -> None:
+    def _answer(self, batch: list[_Call[K, T, R]]) -> None:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         try:

@@ -96,7 +96,8 @@ def edge_filter(flt: SearchFilter | None) -> qe.Filter | None:
     if flt.cold_only:
         # np.True_, not True: qdrant-edge 0.9 reads a Python bool as the integer 1 (bool is an int
         # subclass), which never matches the stored boolean; numpy's bool converts to a boolean.
-        must.append(qe.FieldCondition(COLD_KEY, match=qe.MatchValue(np.True_)))
+        # (qdrant-edge's stubs accept only str | int | bool here.)
+        must.append(qe.FieldCondition(COLD_KEY, match=qe.MatchValue(np.True_)))  # type: ignore[arg-type]
     if not must and not must_not:
         return None
     return qe.Filter(must=must or None, must_not=must_not or None)
@@ -115,7 +116,7 @@ class EdgeItemIndex:
         """max_batch: at most this many concurrent searches share one engine call (1: none do);
         on_batch(size) observes each engine call's number of searches."""
         self._root = Path(root)
-        self._searches: Coalescer[qe.QueryRequest, list[qe.ScoredPoint]] = Coalescer(
+        self._searches: Coalescer[str, qe.QueryRequest, list[qe.ScoredPoint]] = Coalescer(
             self._query_many, max_batch, on_batch=on_batch
         )
         self._versions_dir = self._root / "versions"

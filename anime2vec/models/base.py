@@ -32,7 +32,13 @@ class Queries:
             raise ValueError("Queries needs exactly one of users / liked")
 
     def __len__(self) -> int:
-        return len(self.users) if self.users is not None else len(self.liked)
+        return len(self.users) if self.users is not None else len(self._liked_sets)
+
+    @property
+    def _liked_sets(self) -> tuple[np.ndarray, ...]:
+        """`liked`, for a favourites batch (set whenever `users` is not: see __post_init__)."""
+        assert self.liked is not None, "a batch of known users has no liked sets"
+        return self.liked
 
     @classmethod
     def of_users(cls, users) -> "Queries":
@@ -48,20 +54,21 @@ class Queries:
         if self.users is not None:
             return Queries(users=self.users[start:stop])
         wt = None if self.liked_weights is None else self.liked_weights[start:stop]
-        return Queries(liked=self.liked[start:stop], liked_weights=wt)
+        return Queries(liked=self._liked_sets[start:stop], liked_weights=wt)
 
     def history_matrix(self, train: sp.csr_matrix) -> sp.csr_matrix:
         """(n, n_items) confidence rows: training rows for known users, the liked sets otherwise."""
         if self.users is not None:
             return train[self.users]
         n_items = train.shape[1]
-        rows = np.repeat(np.arange(len(self.liked)), [len(x) for x in self.liked])
-        cols = np.concatenate(self.liked) if self.liked else np.zeros(0, np.int64)
+        liked = self._liked_sets
+        rows = np.repeat(np.arange(len(liked)), [len(x) for x in liked])
+        cols = np.concatenate(liked) if liked else np.zeros(0, np.int64)
         if self.liked_weights is None:
             vals = np.ones(len(cols), np.float32)
         else:
             vals = np.concatenate(self.liked_weights).astype(np.float32)
-        m = sp.csr_matrix((vals, (rows, cols)), shape=(len(self.liked), n_items), dtype=np.float32)
+        m = sp.csr_matrix((vals, (rows, cols)), shape=(len(liked), n_items), dtype=np.float32)
         m.sum_duplicates()
         return m
 

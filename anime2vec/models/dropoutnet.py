@@ -86,11 +86,12 @@ class Tower(nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         cached = getattr(self, "_numpy_layers", None)
         if cached is None or cached[0] != key:
-            layers = []
+            layers: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
             for m in self.net:
                 if isinstance(m, nn.Linear):
                     layers.append(("linear", _np(m.weight).T.copy(), _np(m.bias)))
                 elif isinstance(m, nn.BatchNorm1d):  # eval mode: running statistics, folded to a*x + b
+                    assert m.running_mean is not None and m.running_var is not None  # track_running_stats
                     scale = _np(m.weight) / np.sqrt(_np(m.running_var) + np.float32(m.eps))
                     layers.append(("affine", scale, _np(m.bias) - _np(m.running_mean) * scale))
                 elif isinstance(m, nn.Tanh):
@@ -231,6 +232,7 @@ class DropoutNet(Recommender):
 
     def _fit_inputs(self, train: sp.csr_matrix) -> _Inputs:
         U, V = self.wmf.U, self.wmf.V
+        assert U is not None and V is not None, "fit the WMF first"
         users = np.flatnonzero(train.getnnz(axis=1))
         items = np.flatnonzero(train.getnnz(axis=0))
         return _Inputs(
@@ -262,6 +264,7 @@ class DropoutNet(Recommender):
         self.inputs = self._fit_inputs(self.train)
         self._build()
         U, V = self.wmf.U, self.wmf.V
+        assert U is not None and V is not None  # fitted above
         users = np.flatnonzero(self.train.getnnz(axis=1))
         items = np.flatnonzero(self.train.getnnz(axis=0))
 
@@ -336,6 +339,7 @@ class DropoutNet(Recommender):
             return tower(self._t(x)).cpu().numpy().astype(np.float32)
 
     def _refresh_items(self) -> None:
+        assert self.wmf.V is not None, "fit the WMF first"
         warm = np.any(self.wmf.V != 0, axis=1)
         pref = np.where(warm[:, None], self.wmf.V, 0.0).astype(np.float32)
         self.item_emb = np.concatenate(
@@ -344,6 +348,7 @@ class DropoutNet(Recommender):
 
     def user_tower(self, queries: Queries) -> np.ndarray:
         """Û for known users (own factors) or favourites queries (transform of the liked items)."""
+        assert self.wmf.U is not None and self.wmf.V is not None, "fit() first"
         h = queries.history_matrix(self.train)
         mean_content = self._weighted_mean(h, self.content)
         if queries.users is not None:
@@ -371,6 +376,7 @@ class DropoutNet(Recommender):
             return self
         items = np.asarray(items, np.int64)
         items = items[self.cold_items[items]]
+        assert self.item_emb is not None, "fit() first"
         view = copy.copy(self)
         view.content = self.content.copy()
         view.content[items, -self.post_release_dims :] = 0.0
@@ -383,6 +389,7 @@ class DropoutNet(Recommender):
         return ~np.any(self.wmf.V != 0, axis=1)
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
+        assert self.item_emb is not None, "fit() first"
         s = self.user_tower(queries) @ self.item_emb[items].T
         if self.cold_bias:
             s += np.float32(self.cold_bias) * self.cold_items[items][None, :]
@@ -404,6 +411,7 @@ class DropoutNet(Recommender):
         grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
     ) -> float:
         """Pick `cold_bias` (in units of the std of user-item scores) by the validation score."""
+        assert self.train is not None, "fit() first"
         rng = np.random.default_rng(self.config.seed)
         users = np.flatnonzero(self.train.getnnz(axis=1))
         sample = self.score(
@@ -446,11 +454,12 @@ class DropoutNet(Recommender):
     ) -> "DropoutNet":
         m = cls(content, wmf, config, name=name, device=device)
         m.train = wmf.train
+
+        def std(n: str) -> Standardiser:
+            return Standardiser(state[f"std.{n}.mean"], state[f"std.{n}.std"])
+
         m.inputs = _Inputs(
-            **{
-                n: Standardiser(state[f"std.{n}.mean"], state[f"std.{n}.std"])
-                for n in ("pref_u", "pref_t", "pref_v", "cont_u", "cont_v")
-            }
+            pref_u=std("pref_u"), pref_t=std("pref_t"), pref_v=std("pref_v"), cont_u=std("cont_u"), cont_v=std("cont_v")
         )
         m._build()
         for tower, mod in (("f_u", m.f_u), ("f_v", m.f_v)):

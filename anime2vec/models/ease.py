@@ -74,6 +74,7 @@ class EASE(Recommender):
     def _factor(self, x: sp.csr_matrix) -> None:
         from sklearn.utils.extmath import randomized_svd
 
+        assert self.train is not None and self.warm is not None and self.B is not None, "fit() first"
         r = int(min(self.rank, len(self.warm) - 1, x.shape[0]))
         xb = np.asarray(x.astype(np.float32) @ self.B)
         _, _, vt = randomized_svd(xb, r, n_iter=4, random_state=self.seed)
@@ -87,6 +88,7 @@ class EASE(Recommender):
 
     def factored(self, rank: int) -> "EASE":
         """This fitted model in factored form (rank r), sharing B: no second solve."""
+        assert self.train is not None, "fit() first"
         view = copy.copy(self)
         view.rank = rank
         x = self.train[:, self.warm].astype(np.float64)
@@ -110,6 +112,7 @@ class EASE(Recommender):
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
         items = np.asarray(items, np.int64)
         if self.P is not None:
+            assert self.Q is not None  # set with P (_factor)
             return self.user_factors(queries.history_matrix(self.train)) @ self.Q[items].T
         s = self.warm_scores(queries.history_matrix(self.train))
         col = self._col[items]

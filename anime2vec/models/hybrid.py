@@ -45,8 +45,9 @@ edge of its grid is reported as saturated.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,7 +88,7 @@ class Weights:
     pop: list[float] = field(default_factory=lambda: [0.0] * (len(POP_BUCKETS) + 1))
     offset: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GROUPS})
 
-    def pop_for(self, n_liked: np.ndarray) -> np.ndarray:
+    def pop_for(self, n_liked: np.ndarray | int) -> np.ndarray:
         return np.asarray(self.pop, np.float32)[np.searchsorted(POP_BUCKETS, np.asarray(n_liked), side="left")]
 
     def as_dict(self) -> dict:
@@ -144,6 +145,10 @@ def content_factors(W: np.ndarray, rank: int | None) -> tuple[np.ndarray, np.nda
 
 class Hybrid(Recommender):
     learns_preferences = True
+    # a hybrid served from a bundle (`from_state`) has neither part: it scores from its arrays alone
+    cf: EASE | None
+    content: ContentBilinear | None
+    text_rank: int | None  # from_state: whatever the bundle's params hold
 
     def __init__(
         self,
@@ -190,6 +195,7 @@ class Hybrid(Recommender):
 
     # ---- fitting ----------------------------------------------------------------------------
     def fit(self, train: sp.csr_matrix) -> "Hybrid":
+        assert self.cf is not None and self.content is not None, "a hybrid loaded with from_state() cannot be fitted"
         self.train = train.tocsr().astype(np.float32)
         for part in (self.cf, self.content):
             if part.train is None:
@@ -201,6 +207,8 @@ class Hybrid(Recommender):
         """Everything scoring needs that follows from the fitted parts (also run when a bundle is
         loaded): groups, the cf vectors of paired anime, the prior, the content factors and the
         per-group statistics."""
+        assert self.train is not None and self.cf is not None and self.content is not None, "fit() first"
+        assert self.cf.Q is not None and self.content.W is not None and self.text_rank is not None, "fit() first"
         n = self.train.shape[1]
         self.P, self.C = self.cf.P, self.content.content
         warm = np.zeros(n, bool)
@@ -308,7 +316,9 @@ class Hybrid(Recommender):
         return self.serving_query_vectors(*self.query_parts(h), self.request_type(queries), h.getnnz(axis=1))
 
     # ---- item side ----------------------------------------------------------------------------
-    def serving_item_vectors(self, items: np.ndarray | None = None, content: np.ndarray | None = None) -> np.ndarray:
+    def serving_item_vectors(
+        self, items: np.ndarray | Sequence[int] | None = None, content: np.ndarray | None = None
+    ) -> np.ndarray:
         """Item vectors of catalogue items; of anime outside the catalogue from their content rows
         (`content` alone: an anime added at serving time is in the text group); or of catalogue
         items with new content rows (both: a catalogue anime whose text was replaced keeps its
@@ -323,6 +333,7 @@ class Hybrid(Recommender):
             c = self.item_content[items] if content is None else content @ self.Wv
             t = self.T[items] if content is None else self.text_query(_unit_rows(content))
         else:
+            assert content is not None  # checked above: items or content
             c, t = content @ self.Wv, self.text_query(_unit_rows(content))
             n = len(c)
             q, g, pop = np.zeros((n, self.q.shape[1]), np.float32), np.full(n, TEXT, np.int8), np.zeros(n, np.float32)
@@ -451,6 +462,7 @@ class Hybrid(Recommender):
                 log.info("hybrid %s: stage 2 from offset %g → %.4f", request, start, ends[start])
                 if best is None or ends[start] > best[0] + 1e-6:
                     best = (ends[start], dict(w.offset), copy.deepcopy(self.items))
+            assert best is not None, "stage 2 needs at least one start"
             w.offset, self.items = best[1], best[2]
             self.tuning[request] = {
                 "stage2_starts": {str(k): v for k, v in ends.items()},
@@ -483,7 +495,7 @@ class Hybrid(Recommender):
         self._ascend(own, [(w, "content", GRIDS["content"])], passes)
         if request == "favourites":  # one prior weight per list size, each on its own scenario
             for b, t in enumerate(own_names):
-                self._ascend(lambda t=t: run(t), [(w.pop, b, GRIDS["pop"])], passes)
+                self._ascend(functools.partial(run, t), [(w.pop, b, GRIDS["pop"])], passes)
         else:
             self._ascend(own, [(w.pop, b, GRIDS["pop"]) for b in range(len(w.pop))], passes)
         return run, own

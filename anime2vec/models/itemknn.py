@@ -36,6 +36,7 @@ class ItemKNN(Recommender):
         return self
 
     def scorable(self, items: np.ndarray) -> np.ndarray:
+        assert self.train is not None, "fit() first"
         return np.asarray(self.train.getnnz(axis=0)).ravel()[np.asarray(items, np.int64)] > 0
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
 
 def mmr_order(
     scores: np.ndarray,
-    similarity: np.ndarray,
+    similarity: np.ndarray | None,
     diversity: float,
     k: int | None = None,
     penalty: np.ndarray | None = None,

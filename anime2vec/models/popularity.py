@@ -44,6 +44,7 @@ class Popularity(Recommender):
 
     def scorable(self, items: np.ndarray) -> np.ndarray:
         """An anime nobody has watched yet has no popularity to rank it by."""
+        assert self.counts is not None, "fit() first"
         return self.counts[np.asarray(items, np.int64)] > 0
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:

@@ -61,5 +61,6 @@ class RP3beta(Recommender):
         return self._scorable[np.asarray(items, np.int64)]
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
+        assert self.W is not None, "fit() first"
         h = queries.history_matrix(self.train)
         return np.asarray((h @ self.W[:, np.asarray(items, np.int64)]).todense(), dtype=np.float32)

@@ -94,6 +94,7 @@ class WMF(Recommender):
         items = np.asarray(items, np.int64)
         if len(items) == 0:
             return np.zeros(self.factors, np.float32)
+        assert self.V is not None, "fit() first"
         items, where = np.unique(items, return_inverse=True)
         c = self.alpha * np.bincount(where, weights=np.asarray(confidences, np.float64))
         Y = self.V[items].astype(np.float64)
@@ -102,6 +103,7 @@ class WMF(Recommender):
 
     def _gram(self) -> np.ndarray:
         """VᵀV + λI, computed once per item-factor matrix."""
+        assert self.V is not None, "fit() first"
         cached = getattr(self, "_gram_cache", None)
         if cached is None or cached[0] is not self.V:
             g = self.V.T.astype(np.float64) @ self.V.astype(np.float64) + self.regularization * np.eye(self.factors)
@@ -110,11 +112,14 @@ class WMF(Recommender):
 
     def user_vectors(self, queries: Queries) -> np.ndarray:
         if queries.users is not None:
+            assert self.U is not None, "fit() first"
             return self.U[queries.users]
         return self.fold_in(queries.history_matrix(self.train))
 
     def scorable(self, items: np.ndarray) -> np.ndarray:
+        assert self.V is not None, "fit() first"
         return np.any(self.V[np.asarray(items, np.int64)] != 0, axis=1)
 
     def score(self, queries: Queries, items: np.ndarray) -> np.ndarray:
+        assert self.V is not None, "fit() first"
         return self.user_vectors(queries) @ self.V[items].T

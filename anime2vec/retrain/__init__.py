@@ -10,7 +10,8 @@ compares it with the served version on the same evaluation data, scored through 
         data's split dataset (`extend_dataset`, through `pipeline.prepare(extend_dataset=...)`)
       → the standard pipeline trains and exports a candidate bundle
       → gate: current (alias target, else the newest other bundle) and candidate are loaded from disk
-        into `ServingModel`s and score the same queries as the ranker would answer them; promote
+        as `ServedRecommender`s (serving_model/recommender.py) and score the same queries as the
+        ranker would answer them, run by the evaluation's `Experiment` like every model; promote
         with `Rollout.build` + `Rollout.promote` only if no gate metric regresses beyond the
         tolerance (with no current version: only if the candidate beats the ranker's popularity
         fallback on warm users).
@@ -18,7 +19,7 @@ compares it with the served version on the same evaluation data, scored through 
 Splits stay those of the base data (same seed, same item universe), so the current and the
 candidate are evaluated on data neither was trained on, as long as the current version was trained
 from the same base data and seed (every retrain and the train Job are); each decision logs the share
-of the evaluation truth either side was trained on (`training_leak`, 0 when sound). Feedback interactions are routed the way
+of the evaluation truth either side was trained on (`serving_model.recommender.training_leak`, 0 when sound). Feedback interactions are routed the way
 `build_dataset` routes base interactions: a pair the base data already places keeps its place
 (training or an evaluation split) with the new confidence, or leaves it when the events make it a
 non-positive; a new pair of a training (or new) user goes to training on a training item, to the
@@ -57,18 +58,7 @@ from .events import (
     read_feedback,
 )
 from .job import run
-from .quality_gate import (
-    Check,
-    GateQuery,
-    GateScenario,
-    PopularityScorer,
-    ServedScorer,
-    compare,
-    evaluate_scorer,
-    gate,
-    gate_scenarios,
-    training_leak,
-)
+from .quality_gate import Check, GateEvaluation, compare, gate, gate_scenarios
 from .train import base_dataset, train_candidate
 
 __all__ = [
@@ -81,17 +71,14 @@ __all__ = [
     "DECISION_LOG",
     "DECISIONS",
     "DEFAULT_GATE_METRICS",
-    "evaluate_scorer",
     "export_metrics",
     "extend_dataset",
     "FeedbackData",
     "FLOOR_METRIC",
     "gate",
     "gate_scenarios",
-    "GateQuery",
-    "GateScenario",
+    "GateEvaluation",
     "LOCK_FILE",
-    "PopularityScorer",
     "prepare_feedback",
     "PUSH_JOB",
     "read_all_events",
@@ -104,8 +91,6 @@ __all__ = [
     "RetrainConfig",
     "RetrainError",
     "run",
-    "ServedScorer",
     "SKIP_REASONS",
     "train_candidate",
-    "training_leak",
 ]

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from ..data.dataset import Dataset
-
-if TYPE_CHECKING:
-    pass
-
 from .config import _MATRICES
 
 

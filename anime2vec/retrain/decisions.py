@@ -10,12 +10,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    pass
 
 from .config import DECISION_LOG, DECISIONS, PUSH_JOB
 
@@ -126,8 +122,8 @@ def export_metrics(
 
     registry, m = create_retrain_metrics()
     history = read_decisions(store)
-    for d in DECISIONS:
-        m["decisions"].labels(decision=d)  # every series exists, at 0 until it happens
+    for name in DECISIONS:
+        m["decisions"].labels(decision=name)  # every series exists, at 0 until it happens
     refusals = 0
     for rec in history:
         d = rec.get("decision")

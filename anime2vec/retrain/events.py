@@ -7,20 +7,15 @@ import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ..feedback import FeedbackEvent, FeedbackStore, user_confidences, validate_event
-
-if TYPE_CHECKING:
-    pass
-
 from .config import SKIP_REASONS, RetrainConfig, RetrainError
 
 
-def read_events(path: Path) -> pd.DataFrame:
+def read_events(path: str | Path) -> pd.DataFrame:
     """Every event of the feedback store at `path` (FeedbackStore.all_events columns), read from a
     consistent snapshot: the live database is opened read-only (`mode=ro`, never written, no
     tables created) and copied with SQLite's online backup, which reads it in one transaction

@@ -9,18 +9,14 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..data.dataset import Dataset
-
-if TYPE_CHECKING:
-    pass
-
+from ..serving_model.recommender import training_leak
 from .config import FLOOR_METRIC, LOCK_FILE, RetrainConfig, RetrainError
 from .dataset_hook import extend_dataset
 from .decisions import Decision, append_decision, export_metrics
 from .events import FeedbackData, prepare_feedback, read_feedback
-from .quality_gate import PopularityScorer, ServedScorer, evaluate_scorer, gate, gate_scenarios, training_leak
+from .quality_gate import gate, gate_scenarios
 from .train import base_dataset, train_candidate
 
 log = logging.getLogger(__name__)
@@ -144,27 +140,24 @@ def _gate_and_promote(
 
 def _gate(cfg: RetrainConfig, decision: Decision, ds: Dataset, fb: FeedbackData, path: Path, rollout) -> None:
     names = {m.split("/")[0] for m in (*cfg.gate_metrics, FLOOR_METRIC)}
-    scs = gate_scenarios(ds, fb, names, seed=ds.seed, max_queries=cfg.gate_queries)
-    decision.details["queries"] = {sc.name: len(sc.queries) for sc in scs}
-    candidate = ServedScorer(path)
-    per_query = {
-        "candidate": evaluate_scorer(candidate, scs),
-        "popularity": evaluate_scorer(PopularityScorer(candidate), scs),
-    }
+    ev = gate_scenarios(ds, fb, names, seed=ds.seed, max_queries=cfg.gate_queries)
+    decision.details["queries"] = {sc.name: len(sc.users) for sc in ev.scenarios}
+    candidate = ev.served(path, "candidate")
+    per_query = {"candidate": ev.recall(candidate), "popularity": ev.recall(ev.popularity(candidate))}
     served_by = {"candidate": candidate.served_by}
-    leak = {"candidate": training_leak(candidate, scs)}
+    leak = {"candidate": training_leak(candidate, ev.scenarios)}
     current = None
     if decision.current:
         try:
-            current = ServedScorer(rollout.store / decision.current)
+            current = ev.served(rollout.store / decision.current, "current")
         except Exception as e:  # what the rankers cannot load either: gate on the floor alone
             decision.reasons.append(
                 f"current version {decision.current} cannot be loaded ({e}); gated on the popularity floor only"
             )
         if current is not None:
-            per_query["current"] = evaluate_scorer(current, scs)
+            per_query["current"] = ev.recall(current)
             served_by["current"] = current.served_by
-            leak["current"] = training_leak(current, scs)
+            leak["current"] = training_leak(current, ev.scenarios)
     passed, checks, reasons = gate(
         per_query.get("current"),
         per_query["candidate"],

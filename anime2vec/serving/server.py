@@ -197,6 +197,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
                 if call is None:
                     response = behaviour(request, context)
                 else:
+                    assert self.limits is not None  # call is only set when there are limits
                     call.watch_deadline()
                     with nullcontext() if probe else self.limits.worker(call):  # probes do no work
                         response = behaviour(request, call.context)
@@ -277,7 +278,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):
             return result
 
         if getattr(inner, "experimental_non_blocking", False):
-            streamed.experimental_non_blocking = True
+            # an attribute grpc reads off the handler function, absent from its stubs
+            streamed.experimental_non_blocking = True  # type: ignore[attr-defined]
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 streamed, handler.request_deserializer, handler.response_serializer
@@ -368,8 +370,12 @@ class RunningServer:
         if handle_signals:
             # The handler only records and sets an event: logging from a signal handler can
             # deadlock on the logging lock the interrupted code holds.
+            def on_signal(signum: int, _frame: object) -> None:
+                received.append(signum)
+                self.request_stop()
+
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda signum, _frame: (received.append(signum), self.request_stop()))
+                signal.signal(sig, on_signal)
         # Short waits keep the main thread responsive to signals.
         while not self._stop_requested.wait(0.5):
             pass

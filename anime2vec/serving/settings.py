@@ -115,7 +115,7 @@ class ServiceSettings(BaseSettings):
         cert = info.data["tls_cert_file"]
         if (cert is None) != (v is None):
             raise ValueError(f"{cls.env_name('tls_cert_file')} and {cls.env_name('tls_key_file')} must be set together")
-        if cert is not None:
+        if cert is not None and v is not None:  # both or neither, checked above
             check_key_pair(cert, v)
         return v
 
@@ -207,7 +207,7 @@ class OutboundTLSSettings(ServiceSettings):
                 f"{cls.env_name('outbound_tls_cert_file')} and "
                 f"{cls.env_name('outbound_tls_key_file')} must be set together"
             )
-        if cert is not None:
+        if cert is not None and v is not None:  # both or neither, checked above
             check_key_pair(cert, v)
             if info.data.get("outbound_tls_ca_file") is None and "outbound_tls_ca_file" in info.data:
                 raise ValueError(

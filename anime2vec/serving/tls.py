@@ -97,7 +97,7 @@ class ClientTLS:
             check_certificates(self.ca_file)
         if (self.cert_file is None) != (self.key_file is None):
             raise TLSFileError("a client certificate needs both its certificate and its key file")
-        if self.cert_file is not None:
+        if self.cert_file is not None and self.key_file is not None:  # both or neither, checked above
             check_key_pair(self.cert_file, self.key_file)
         return self
 

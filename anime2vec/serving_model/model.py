@@ -16,6 +16,7 @@ popularity needs nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,17 +149,18 @@ class ServingModel:
         return self.hybrid.serving_query_vectors(*self.hybrid.query_parts(history, extra_content), request, n_liked)[0]
 
     def favourites_vector(
-        self, liked: list[int], weights: list[float] | None, extra: dict[int, ItemMeta] | None = None
+        self, liked: list[int], weights: list[float] | None, extra: Mapping[int, ItemMeta] | None = None
     ) -> np.ndarray:
         """Query vector for a set of liked anime ids (bundle items and/or added anime)."""
         w_all = [1.0] * len(liked) if not weights else [float(x) for x in weights]
         listed = {a: w for a, w in zip(liked, w_all) if a in self.pos}
         outside = [
-            (extra[a].row, w)
+            (row, w)
             for a, w in zip(liked, w_all)
-            if a not in self.pos and extra and a in extra and extra[a].row is not None
+            if a not in self.pos and extra and a in extra and (row := extra[a].row) is not None
         ]
-        z = sum(w * r for r, w in outside) if outside else None
+        # start: the zero the default 0 adds, as an array (typed, and the same sum bit for bit)
+        z = sum((w * r for r, w in outside), np.zeros_like(outside[0][0])) if outside else None
         return self.history_vector(self.history_row(listed), "favourites", len(liked), z)
 
     def user_vector(self, user_id: int) -> np.ndarray:
@@ -192,17 +194,16 @@ class ServingModel:
         fields, its metadata block stays empty) from its whitened encoding (unused without a
         MiniLM block), TF-IDF projection and fields, built as the pipeline built the catalogue's."""
         assert self.hybrid is not None and self.metadata is not None
+        metadata = self.metadata
         blocks = {
             "tfidf": lambda: (
                 np.zeros(self.bundle.arrays["tfidf_content"].shape[1], np.float32) if tfidf is None else tfidf
             ),
-            "minilm": lambda: np.atleast_2d(minilm),
+            "minilm": lambda: np.atleast_2d(np.asarray(minilm)),  # asarray: as atleast_2d does, typed
             "meta": lambda: (
-                np.zeros(self.metadata.dim, np.float32)
+                np.zeros(metadata.dim, np.float32)
                 if fields is None
-                else self.metadata.row(
-                    fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres")
-                )
+                else metadata.row(fields.get("type"), fields.get("year"), fields.get("episodes"), fields.get("genres"))
             ),
         }
         return content_block([blocks[b]() for b in self.content_blocks])[0]
@@ -214,6 +215,7 @@ class ServingModel:
         w = self.whiten(raw)
         row = self.content_row(None if w is None else w[0], self.tfidf_vector(text), None)
         hy = self.hybrid
+        assert hy.P is not None  # set by derive(), which loading a bundle runs
         z = row[None] / max(float(np.linalg.norm(row)), 1e-9)
         p = np.zeros((1, hy.P.shape[1]), np.float32)
         return hy.serving_query_vectors(p, hy.content_query(z), hy.text_query(z), "text", 0)[0]
@@ -241,5 +243,6 @@ class ServingModel:
         return self.wmf.V @ u
 
     def wmf_scores_user(self, user_id: int) -> np.ndarray | None:
+        assert self.wmf.U is not None  # WMF.from_factors sets the factors
         u = self.wmf.U[self.user_pos[user_id]]
         return None if not np.any(u) else self.wmf.V @ u

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 
@@ -343,3 +344,7 @@ class PostgresAddedAnimeStore:
     def close(self) -> None:
         """Closes the listening connection; the Database belongs to whoever opened it."""
         self._drop_listener()
+
+
+# The store of added anime on either backend (one interface, see the module docstring).
+AnyAddedAnimeStore: TypeAlias = AddedAnimeStore | PostgresAddedAnimeStore

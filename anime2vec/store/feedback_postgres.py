@@ -13,11 +13,13 @@ synchronous replication, once a standby has it): acknowledged means durable.
 from __future__ import annotations
 
 import time
+from typing import TypeAlias
 
 import numpy as np
 import pandas as pd
+import psycopg
 
-from anime2vec.feedback import COLUMNS, FeedbackConflict, FeedbackEvent, RecordResult, validate_event
+from anime2vec.feedback import COLUMNS, FeedbackConflict, FeedbackEvent, FeedbackStore, RecordResult, validate_event
 
 from .postgres import Database
 
@@ -114,9 +116,12 @@ class PostgresFeedbackStore:
         )
 
     def count(self) -> int:
-        return int(
-            self.db.transact(STORE, "count", lambda conn: conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-        )
+        def read(conn: psycopg.Connection) -> int:
+            row = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+            assert row is not None  # an aggregate without GROUP BY returns one row
+            return int(row[0])
+
+        return self.db.transact(STORE, "count", read)
 
     def all_events(self, since: float | None = None) -> pd.DataFrame:
         """Every event (received at or after `since` if given) in received order, read in one
@@ -136,6 +141,10 @@ class PostgresFeedbackStore:
 
     def close(self) -> None:
         """The Database belongs to whoever opened it (it is shared with the added-anime store)."""
+
+
+# The feedback store on either backend (SQLite: anime2vec.feedback.FeedbackStore; same interface).
+AnyFeedbackStore: TypeAlias = FeedbackStore | PostgresFeedbackStore
 
 
 def _event(r) -> FeedbackEvent:

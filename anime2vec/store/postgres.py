@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -50,7 +50,7 @@ def redacted(dsn: str) -> str:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         return "<unparsable DSN>"
-    return make_conninfo(**{k: ("***" if k == "password" else v) for k, v in params.items()})
+    return make_conninfo("", **{k: ("***" if k == "password" else v) for k, v in params.items()})
 
 
 def classify(e: BaseException) -> str:
@@ -77,7 +77,8 @@ class Database:
     ):
         params = conninfo_to_dict(dsn)  # ProgrammingError for a malformed DSN: caught by the settings
         self.dsn, self.where, self.observe = dsn, redacted(dsn), observe
-        extra = {"autocommit": True}
+        # psycopg.connect's keywords: autocommit, and libpq parameters (str | int)
+        extra: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in params:
             extra["connect_timeout"] = max(1, int(round(connect_timeout_s)))
         if "application_name" not in params:

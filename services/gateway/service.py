@@ -495,7 +495,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 c.year = f["year"]
         return out
 
-    def RecordFeedback(self, request, context):
+    def RecordFeedback(
+        self, request: gateway_pb2.RecordFeedbackRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.RecordFeedbackResponse:
         problems = _Problems()
         n = len(request.events)
         most = min(self.settings.max_feedback_events, self.limits.current.max_feedback_events)
@@ -511,14 +513,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
             resolved.append(self._resolve_one(e.anime, f"events[{i}].anime", problems))
         problems.raise_if_any()
+        found = [r for r in resolved if r is not None]  # all of them: each None added a problem raised above
         batch = ranker_pb2.FeedbackBatch()
-        for e, r in zip(request.events, resolved):
+        for e, r in zip(request.events, found):
             out = batch.events.add(
                 event_id=e.event_id, user_id=e.user_id, anime_id=r.anime_id, kind=e.kind, score=e.score
             )
             if e.HasField("occurred_at"):  # left unset otherwise: a retry must send the same event
                 out.occurred_at.CopyFrom(e.occurred_at)
-        fields = {f"events[{i}].anime_id": r.field for i, r in enumerate(resolved)}
+        fields = {f"events[{i}].anime_id": r.field for i, r in enumerate(found)}
         result = self.ranker.record_feedback(
             batch, context, fields=fields, timeout_s=self.settings.ranker_timeout_s + _FEEDBACK_EXTRA_S
         )
@@ -528,7 +531,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             duplicates=result.duplicates,
             updated_user_ids=result.updated_user_ids,
             model_version=result.model_version,
-            anime=[r.message() for r in resolved],
+            anime=[r.message() for r in found],
         )
 
     def GetModelInfo(self, request, context):

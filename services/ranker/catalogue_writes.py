@@ -10,7 +10,7 @@ from anime2vec.index.base import ItemIndex, ItemPoint
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.errors import already_exists, failed_precondition, invalid_argument, resource_exhausted
 from anime2vec.serving_model.model import ItemMeta
-from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnimeStore, IdsExhausted
+from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AnyAddedAnimeStore, IdsExhausted
 from anime2vec.v1 import common_pb2, ranker_pb2
 
 from .lifecycle import Lifecycle
@@ -26,7 +26,7 @@ TYPES = ("TV", "Movie", "OVA", "ONA", "Special", "Music")
 
 
 class CatalogueWriter:
-    def __init__(self, lifecycle: Lifecycle, store: AddedAnimeStore, index: ItemIndex, encoder: EncoderClient):
+    def __init__(self, lifecycle: Lifecycle, store: AnyAddedAnimeStore, index: ItemIndex, encoder: EncoderClient):
         self.lifecycle, self.store, self.index, self.encoder = lifecycle, store, index, encoder
 
     def upsert(self, request: ranker_pb2.UpsertAnimeRequest, context) -> ranker_pb2.UpsertAnimeResponse:

@@ -131,7 +131,8 @@ def connecting_terms(
         if (a, b) in anchor.phrases and a in score and b in score and a != b and (a in salient or b in salient):
             items.append((score[a] + score[b], text, (a, b)))
     items.sort(key=lambda x: (-x[0], x[1]))
-    out, used = [], set()
+    out: list[tuple[str, float]] = []
+    used: set[str] = set()
     for s, text, keys in items:
         if s <= 0 or any(t in used for t in keys):
             continue
@@ -371,7 +372,7 @@ def explain(
             break
         genres = _shared_genres(mine, a.genres)
         words = []
-        if rec_prof is not None and a.text:
+        if rec_prof is not None and terms is not None and a.text:  # rec_prof is only set when terms is
             words = [t for t, _ in connecting_terms(rec_prof, terms.profile(a.text), exclude=mine)]
         reasons.append(
             (

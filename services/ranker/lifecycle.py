@@ -14,7 +14,7 @@ from anime2vec.index.base import ItemIndex, ItemPoint
 from anime2vec.serving.errors import unavailable
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving_model.model import ItemMeta, ServingModel
-from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnime, AddedAnimeStore
+from anime2vec.store.added_anime import ASSIGNED_IDS, MAX_ANIME_ID, AddedAnime, AnyAddedAnimeStore
 
 from .online_users import OnlineUsers
 from .settings import RankerSettings
@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 
 class Lifecycle:
     def __init__(
-        self, settings: RankerSettings, index: ItemIndex, store: AddedAnimeStore, users: OnlineUsers, metrics: Metrics
+        self,
+        settings: RankerSettings,
+        index: ItemIndex,
+        store: AnyAddedAnimeStore,
+        users: OnlineUsers,
+        metrics: Metrics,
     ):
         self.settings, self.index, self.store, self.users, self.metrics = settings, index, store, users, metrics
         self.served: Serving | None = None

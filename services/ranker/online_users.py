@@ -26,13 +26,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from anime2vec.feedback import FeedbackEvent, FeedbackStore, RecordResult
+from anime2vec.feedback import FeedbackEvent, RecordResult
 from anime2vec.index.base import IndexUnavailable, ItemIndex, UserPoint
 from anime2vec.serving.metrics import Metrics
 from anime2vec.serving_model.users import OnlineUser, compute_user
+
+if TYPE_CHECKING:
+    from anime2vec.store.feedback_postgres import AnyFeedbackStore
 
 log = logging.getLogger(__name__)
 _STRIPES = 64
@@ -56,7 +60,7 @@ def _unpack(user_id: int, row: list) -> FeedbackEvent:
 
 
 class OnlineUsers:
-    def __init__(self, store: FeedbackStore, index: ItemIndex, metrics: Metrics):
+    def __init__(self, store: AnyFeedbackStore, index: ItemIndex, metrics: Metrics):
         self.store, self.index, self.metrics = store, index, metrics
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
         self.previous_versions: list[str] = []  # versions served before the current one, newest first

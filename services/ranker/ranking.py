@@ -96,7 +96,8 @@ class CatalogueFilter:
 
     def _any_genre(self, names) -> np.ndarray:
         cols = [self.genre_col[g.casefold()] for g in names if g.casefold() in self.genre_col]
-        return self.genre[:, cols].any(axis=1) if cols else np.zeros(len(self.item_ids), bool)
+        # numpy's stubs type .any(axis=...) as bool | array; row-wise over a 2-d array it is an array
+        return self.genre[:, cols].any(axis=1) if cols else np.zeros(len(self.item_ids), bool)  # type: ignore[return-value]
 
     def mask(self, f: SearchFilter) -> np.ndarray:
         m = np.ones(len(self.item_ids), bool)

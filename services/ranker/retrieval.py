@@ -13,7 +13,7 @@ way for every kind:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -138,9 +138,10 @@ class Retriever:
         cands, served, reasons = self._candidates(s, q, page, flt, requested)
         for r in reasons:
             self.metrics.fallbacks.labels(service="ranker", reason=r).inc()
-        if page.rerank:
-            cands = mmr(cands, page.diversity, q.dislikes)
-        return self._response(request, s, opts, q, page, cands, served, reasons)
+        ranked: Sequence[Candidate | None] = cands
+        if page.rerank:  # fetched from position 0 (see _candidates): no None placeholders to drop
+            ranked = mmr([c for c in cands if c is not None], page.diversity, q.dislikes)
+        return self._response(request, s, opts, q, page, ranked, served, reasons)
 
     def _page_of(self, request, s: Serving, opts: common_pb2.RecommendOptions, q: Query) -> Page:
         limit, diversity = validate_options(
@@ -151,8 +152,8 @@ class Retriever:
         return Page(offset, limit, diversity, rerank, self.settings.rerank_pool)
 
     def _candidates(
-        self, s: Serving, q: Query, page: Page, flt: SearchFilter, requested: int
-    ) -> tuple[list[Candidate | None], int, list[str]]:
+        self, s: Serving, q: Query, page: Page, flt: SearchFilter, requested: common_pb2.Strategy
+    ) -> tuple[list[Candidate | None], common_pb2.Strategy, list[str]]:
         """Ranked candidates at their absolute positions (None before `page.offset` when only the page
         was fetched), the strategy that served, and why the ones before it could not."""
         chain = {
@@ -227,8 +228,8 @@ class Retriever:
         opts: common_pb2.RecommendOptions,
         q: Query,
         page: Page,
-        cands: list[Candidate | None],
-        served: int,
+        cands: Sequence[Candidate | None],
+        served: common_pb2.Strategy,
         reasons: list[str],
     ) -> ranker_pb2.RankedList:
         shown = [c for c in cands[page.offset : page.offset + page.limit] if c is not None]

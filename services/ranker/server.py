@@ -12,6 +12,7 @@ import torch
 from anime2vec.bundle import BundleError, load_bundle
 from anime2vec.index.backends import open_index
 from anime2vec.index.base import IndexUnavailable
+from anime2vec.index.edge import EdgeItemIndex
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics
@@ -41,15 +42,16 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
         search_batch=settings.search_batch,
         on_batch=metrics.search_batch_size.observe,
     )
-    embedded = not settings.qdrant_url  # its state is ours to check and repair (services/ranker/recovery.py)
-    if embedded:
-        recover_alias(index, settings.data_dir)
+    # without a Qdrant URL the index is embedded: its state is ours to check and repair (services/ranker/recovery.py)
+    embedded = index if isinstance(index, EdgeItemIndex) else None
+    if embedded is not None:
+        recover_alias(embedded, settings.data_dir)
     stores = open_stores(settings, metrics)  # PostgreSQL when A2V_RANKER_STORE_DSN is set, else SQLite files
     encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=settings.outbound_tls())
     servicer = RankerServicer(settings, index, stores.added, metrics, encoder=encoder, feedback=stores.feedback)
     model = ServingModel(first_valid_bundle(pick_bundles(settings, index)), device=settings.device or None)
-    if embedded:
-        recover_collections(index, model.version, settings.data_dir)
+    if embedded is not None:
+        recover_collections(embedded, model.version, settings.data_dir)
     servicer.lifecycle.activate(model)
     if index.alias_target() is None:
         index.set_alias(model.version)
@@ -84,7 +86,7 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
 
 def first_valid_bundle(paths: list[Path]):
     """The first of `paths` that loads and verifies; when none does, the first one's error."""
-    first_error = None
+    first_error: BundleError | None = None
     for path in paths:
         try:
             return load_bundle(path)
@@ -92,6 +94,7 @@ def first_valid_bundle(paths: list[Path]):
             first_error = first_error or e
             if len(paths) > 1:
                 log.error("not serving %s: %s; trying an older bundle", path.name, e)
+    assert first_error is not None, "no bundle to load"  # pick_bundles never gives an empty list
     raise first_error
 
 

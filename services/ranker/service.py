@@ -8,6 +8,7 @@ served state and what requests read from it: state.py; users updated by feedback
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from anime2vec.serving.feedback_input import FEEDBACK_KINDS, feedback_problems, 
 from anime2vec.serving.metrics import Metrics
 from anime2vec.serving.pagination import decode_page_token, encode_page_token, request_digest
 from anime2vec.serving_model.users import wmf_scores
-from anime2vec.store.added_anime import AddedAnimeStore
+from anime2vec.store.added_anime import AnyAddedAnimeStore
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
 from .catalogue_writes import MAX_SYNOPSIS, CatalogueWriter
@@ -28,6 +29,9 @@ from .online_users import OnlineUsers
 from .retrieval import Query, Retriever, wmf_refusal
 from .settings import RankerSettings
 from .state import Serving, anchor_of, content_of, model_info, next_model_status
+
+if TYPE_CHECKING:
+    from anime2vec.store.feedback_postgres import AnyFeedbackStore
 
 log = logging.getLogger(__name__)
 S = common_pb2
@@ -44,10 +48,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         self,
         settings: RankerSettings,
         index: ItemIndex,
-        store: AddedAnimeStore,
+        store: AnyAddedAnimeStore,
         metrics: Metrics,
         encoder: EncoderClient | None = None,
-        feedback: FeedbackStore | None = None,
+        feedback: AnyFeedbackStore | None = None,
     ):
         self.settings, self.index, self.store, self.metrics = settings, index, store, metrics
         self.feedback = feedback or FeedbackStore(settings.data_dir / "feedback.sqlite")
@@ -203,6 +207,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
                 problems.append(("anime_id", "must be > 0"))
             bad += [(f"events[{i}].{f}", d) for f, d in problems]
             if not problems:
+                assert kind is not None  # else feedback_problems reported the kind
                 out.append(
                     FeedbackEvent(
                         e.event_id, int(e.user_id), int(e.anime_id), kind, e.score or None, occurred_at_seconds(e)

@@ -79,10 +79,10 @@ def held_out_items(model: ServingModel) -> frozenset[int]:
     """Anime ids of the bundle's val/test items (positions in split.*_items) that the model has
     no factors for: their interactions exist but were held out of training."""
     arrays = model.bundle.arrays
-    pos = [np.asarray(arrays[k], np.int64) for k in ("split.val_items", "split.test_items") if k in arrays]
-    if not pos:
+    parts = [np.asarray(arrays[k], np.int64) for k in ("split.val_items", "split.test_items") if k in arrays]
+    if not parts:
         return frozenset()
-    pos = np.concatenate(pos)
+    pos = np.concatenate(parts)
     pos = pos[(pos >= 0) & (pos < len(model.item_ids))]
     return frozenset(int(a) for a in model.item_ids[pos[~model.warm[pos]]])
 

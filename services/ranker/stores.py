@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from anime2vec.feedback import FeedbackStore
 from anime2vec.serving.metrics import Metrics
-from anime2vec.store.added_anime import AddedAnimeStore, PostgresAddedAnimeStore
+from anime2vec.store.added_anime import AddedAnimeStore, AnyAddedAnimeStore, PostgresAddedAnimeStore
 from anime2vec.store.observe import metrics_observer
 
 from .recovery import StoreUnavailable, open_store
 from .settings import RankerSettings
+
+if TYPE_CHECKING:  # imported when used: PostgreSQL only
+    from anime2vec.store.feedback_postgres import AnyFeedbackStore
+    from anime2vec.store.postgres import Database
 
 log = logging.getLogger("services.ranker")
 
 
 @dataclass
 class RankerStores:
-    added: object  # AddedAnimeStore | PostgresAddedAnimeStore
-    feedback: object  # FeedbackStore | PostgresFeedbackStore
-    database: object | None = None  # anime2vec.store.postgres.Database when on PostgreSQL
+    added: AnyAddedAnimeStore
+    feedback: AnyFeedbackStore
+    database: Database | None = None  # when on PostgreSQL
 
     @property
     def backend(self) -> str:

@@ -2,17 +2,21 @@
 
 Register a model by adding a factory to MODEL_FACTORIES: it takes (dataset, content) and returns an
 UNFITTED model whose randomness is fixed by its own seed. Models with `learns_preferences = True`
-must also beat popularity at recommending in-cluster items.
+must also beat popularity at recommending in-cluster items. The served model itself (a real bundle
+loaded into the ranker's ServingModel, through `ServedRecommender`, the adapter every offline
+evaluation of a bundle uses) passes the same contract on the sample data it was trained on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from anime2vec.bundle import load_bundle
 from anime2vec.data.dataset import Dataset
 from anime2vec.models.base import Queries, Recommender
 from anime2vec.models.bilinear import ContentBilinear
@@ -24,6 +28,10 @@ from anime2vec.models.itemknn import ItemKNN
 from anime2vec.models.popularity import Popularity
 from anime2vec.models.rp3beta import RP3beta
 from anime2vec.models.wmf import WMF
+from anime2vec.retrain import base_dataset
+from anime2vec.serving_model.model import ServingModel
+from anime2vec.serving_model.recommender import ServedRecommender
+from tests.sample_bundles import fast_config, train_fast_bundle
 
 Factory = Callable[[Dataset, np.ndarray], Recommender]
 MODEL_FACTORIES: list[tuple[str, Factory]] = [
@@ -124,10 +132,19 @@ def world():
     return block_dataset()
 
 
-@pytest.fixture(scope="module", params=MODEL_FACTORIES, ids=[name for name, _ in MODEL_FACTORIES])
-def fitted(request, world) -> Recommender:
-    ds, content, _ = world
-    return request.param[1](ds, content).fit(ds.train)
+@dataclass
+class Case:
+    """A fitted model with the data it answers on: queries of each kind and a candidate set that
+    mixes warm and cold items."""
+
+    model: Recommender
+    ds: Dataset
+    queries: dict[str, Queries]
+    mixed_items: np.ndarray
+
+    @property
+    def n_items(self) -> int:
+        return self.ds.n_items
 
 
 def _query_kinds(ds: Dataset) -> dict[str, Queries]:
@@ -140,43 +157,73 @@ def _query_kinds(ds: Dataset) -> dict[str, Queries]:
     }
 
 
+@pytest.fixture(scope="module")
+def served_bundle(tmp_path_factory):
+    """(bundle path, its dataset): a real bundle of the sample data (tiny-random encoder)."""
+    root = tmp_path_factory.mktemp("served")
+    cfg = fast_config(root / "models", root / "cache")
+    path = train_fast_bundle(cfg)
+    return path, base_dataset(cfg)[1]
+
+
+def served_case(path, ds: Dataset) -> Case:
+    model = ServedRecommender(ServingModel(load_bundle(path)), ds.item_ids, ds.user_ids, ds.train, name="served")
+    tr = ds.train_items
+    liked = [tr[:3], tr[10:11], [tr[20], ds.val_items[0]], tr[30:35]]
+    queries = {
+        "users": Queries.of_users(ds.train_users[::97]),
+        "liked": Queries.of_liked(liked, weights=[[5, 1, 1], [2], [1, 3], [1, 1, 1, 1, 1]]),
+    }
+    return Case(model, ds, queries, np.r_[tr[::7], ds.test_items[::3]])
+
+
+@pytest.fixture(
+    scope="module",
+    params=[*MODEL_FACTORIES, ("served-bundle", None)],
+    ids=[*(name for name, _ in MODEL_FACTORIES), "served-bundle"],
+)
+def case(request, world) -> Case:
+    if request.param[1] is None:
+        return served_case(*request.getfixturevalue("served_bundle"))
+    ds, content, _ = world
+    model = request.param[1](ds, content).fit(ds.train)
+    return Case(model, ds, _query_kinds(ds), np.r_[np.arange(N_ITEMS)[::3], TEST_ITEMS])
+
+
 KINDS = ("users", "liked")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_score_shape_dtype_and_finite(fitted, world, kind):
-    ds = world[0]
-    q = _query_kinds(ds)[kind]
-    items = np.r_[np.arange(N_ITEMS)[::3], TEST_ITEMS]  # warm and cold items together
+def test_score_shape_dtype_and_finite(case, kind):
+    fitted, q, items = case.model, case.queries[kind], case.mixed_items  # warm and cold items together
     s = fitted.score(q, items)
     assert isinstance(s, np.ndarray) and s.shape == (len(q), len(items)) and s.dtype == np.float32
     assert np.isfinite(s).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_scores_follow_the_item_order(fitted, world, kind):
-    q = _query_kinds(world[0])[kind]
-    items = np.arange(N_ITEMS)
-    perm = np.random.default_rng(1).permutation(N_ITEMS)
+def test_scores_follow_the_item_order(case, kind):
+    fitted, q = case.model, case.queries[kind]
+    items = np.arange(case.n_items)
+    perm = np.random.default_rng(1).permutation(case.n_items)
     np.testing.assert_allclose(fitted.score(q, items[perm]), fitted.score(q, items)[:, perm], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_batch_invariance(fitted, world, kind):
-    q = _query_kinds(world[0])[kind]
-    items = np.arange(N_ITEMS)
+def test_batch_invariance(case, kind):
+    fitted, q = case.model, case.queries[kind]
+    items = np.arange(case.n_items)
     together = fitted.score(q, items)
     one_by_one = np.vstack([fitted.score(q.slice(i, i + 1), items) for i in range(len(q))])
     np.testing.assert_allclose(one_by_one, together, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_recommend_respects_candidates_and_exclusions(fitted, world, kind):
-    ds = world[0]
-    q = _query_kinds(ds)[kind]
+def test_recommend_respects_candidates_and_exclusions(case, kind):
+    fitted, q = case.model, case.queries[kind]
     rng = np.random.default_rng(2)
-    items = np.sort(rng.choice(N_ITEMS, size=25, replace=False))
-    exclude = sp.csr_matrix((rng.random((len(q), N_ITEMS)) < 0.3).astype(np.float32))
+    items = np.sort(rng.choice(case.n_items, size=25, replace=False))
+    exclude = sp.csr_matrix((rng.random((len(q), case.n_items)) < 0.3).astype(np.float32))
     idx, scores = fitted.recommend(q, k=10, items=items, exclude=exclude, batch_size=3)
     assert idx.shape == scores.shape == (len(q), 10)
     full = fitted.score(q, items)
@@ -196,12 +243,12 @@ def test_recommend_respects_candidates_and_exclusions(fitted, world, kind):
             assert full[r, np.searchsorted(items, rest)].max(initial=-np.inf) <= scores[r][-1] + 1e-6
 
 
-def test_recommend_pads_when_too_few_candidates_remain(fitted, world):
-    q = _query_kinds(world[0])["liked"]
+def test_recommend_pads_when_too_few_candidates_remain(case):
+    fitted, q = case.model, case.queries["liked"]
     items = np.arange(6)
     exclude = sp.csr_matrix(
         (np.ones(len(q) * 3, np.float32), (np.repeat(np.arange(len(q)), 3), np.tile([0, 2, 4], len(q)))),
-        shape=(len(q), N_ITEMS),
+        shape=(len(q), case.n_items),
     )
     idx, scores = fitted.recommend(q, k=6, items=items, exclude=exclude)
     assert (np.sort(idx[:, :3], axis=1) == [1, 3, 5]).all()
@@ -215,6 +262,35 @@ def test_determinism(world):
             a = factory(ds, content).fit(ds.train).score(q, np.arange(N_ITEMS))
             b = factory(ds, content).fit(ds.train).score(q, np.arange(N_ITEMS))
             np.testing.assert_array_equal(a, b, err_msg=f"{name} / {kind}")
+
+
+def test_the_served_model_is_deterministic_and_scores_as_the_ranker_does(served_bundle):
+    """Two loads of one bundle score alike; and the adapter's scores are the ranker's ServingModel
+    arithmetic (query vector · served item vectors) for a known user and for favourites."""
+    path, ds = served_bundle
+    a, b = served_case(path, ds), served_case(path, ds)
+    for q in a.queries.values():
+        np.testing.assert_array_equal(a.model.score(q, np.arange(ds.n_items)), b.model.score(q, np.arange(ds.n_items)))
+    m = a.model.model
+    assert m.has_vectors and np.array_equal(m.item_ids, ds.item_ids)
+    u = int(ds.train_users[0])
+    want = m.item_tower @ m.user_vector(int(ds.user_ids[u]))
+    np.testing.assert_allclose(a.model.score(Queries.of_users([u]), np.arange(ds.n_items))[0], want, rtol=1e-6)
+    liked = a.queries["liked"]
+    want = m.item_tower @ m.favourites_vector([int(x) for x in ds.item_ids[liked.liked[0]]], [5.0, 1.0, 1.0])
+    np.testing.assert_allclose(a.model.score(liked.slice(0, 1), np.arange(ds.n_items))[0], want, rtol=1e-6)
+
+
+def test_the_served_model_answers_not_found_with_nothing(served_bundle):
+    """A user the bundle never saw and favourites it knows none of: the ranker answers NOT_FOUND,
+    so the adapter ranks nothing for them (recall 0), and counts it."""
+    path, ds = served_bundle
+    users = np.r_[ds.user_ids, [987_654_321]]
+    model = ServedRecommender(ServingModel(load_bundle(path)), ds.item_ids, users, ds.train)
+    idx, scores = model.recommend(Queries.of_users([len(users) - 1, 0]), k=5)
+    assert (idx[0] == -1).all() and np.isneginf(scores[0]).all()
+    assert (idx[1] >= 0).all()
+    assert model.served_by == {"not_found": 1, "dropoutnet": 1}
 
 
 def in_cluster_precision(model: Recommender, ds: Dataset, item_cluster: np.ndarray, kind: str, k: int = 5) -> float:
@@ -244,7 +320,10 @@ def test_the_fixture_defeats_popularity(world):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_quality_beats_popularity(fitted, world, kind):
+def test_quality_beats_popularity(case, world, kind):
+    fitted = case.model
+    if case.ds is not world[0]:
+        pytest.skip("the two-cluster world only (the served bundle's quality: tests/e2e, the retrain gate)")
     if not getattr(fitted, "learns_preferences", False):
         pytest.skip(f"{fitted.name} does not learn preferences")
     ds, _, item_cluster = world

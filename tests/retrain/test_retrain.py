@@ -20,12 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from anime2vec import cli
 from anime2vec.bundle import list_bundles, load_bundle, write_bundle
 from anime2vec.feedback import FeedbackEvent, FeedbackStore
-from anime2vec.pipeline import SERVING_MODEL, TrainConfig, evaluate, export_bundle, fit_models, prepare
 from anime2vec.retrain import DECISION_LOG, RetrainConfig, base_dataset, run
 from anime2vec.rollout import open_rollout
 from anime2vec.runlocal import ServiceProcess, standard_specs
 from anime2vec.v1 import common_pb2, ranker_pb2_grpc
 from tests.e2e.support import STARTUP_TIMEOUT_S, free_ports
+from tests.sample_bundles import fast_config, train_fast_bundle
 
 NEW_USERS = 60
 EVENTS_PER_USER = 12
@@ -45,22 +45,6 @@ ITEM_ARRAYS = (
     "hybrid.C",
     "hybrid.item_content",
 )
-
-
-def fast_config(store: Path, cache: Path) -> TrainConfig:
-    cfg = TrainConfig(
-        sample=True,
-        encoder="tiny-random",
-        progress=False,
-        store=store,
-        cache_dir=cache,
-        models=("popularity", "wmf", SERVING_MODEL),
-        val_queries=50,
-        wmf_grid=({"factors": 32, "regularization": 0.05, "alpha": 10.0},),
-        ease_lambdas=(300.0,),
-        bilinear_grid=({"lam": 10.0, "mu": 10.0},),
-    )
-    return cfg
 
 
 def copy_bundle(src: Path, store: Path, version: str, shuffle_seed: int | None = None) -> Path:
@@ -124,9 +108,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrain")
     store, data_dir, cache = root / "models", root / "ranker", root / "cache"
     cfg = fast_config(store, cache)
-    p = prepare(cfg)
-    models, selection = fit_models(p)
-    base = export_bundle(p, models, selection, evaluate(p, models))
+    base = train_fast_bundle(cfg)
     r = open_rollout(store, data_dir)
     try:
         r.build(base.name)
