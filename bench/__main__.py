@@ -282,24 +282,29 @@ def gateway_analysis(g: dict) -> list[str]:
             + "; ".join(f"`{r['function']}` {r['self_ms_per_request']:.2f} ms" for r in top)
             + "."
         )
-        query = next((r for r in prof["top_self"] if "EdgeShard" in r["function"]), None)
-        mode = g["bundle"].get("search_mode", "quantized")
-        scan = (
-            "every float32 vector, 4× the int8 bytes the floor reads"
-            if mode == "exact"
-            else "the int8 copies, then float32 rescoring of the best"
-        )
-        if query and "cpu_to_floor" in prof:
+        engine = next((r for r in prof["top_self"] if "EdgeShard" in r["function"]), None)
+        memory = next((r for r in prof["top_self"] if "memory_scan.py" in r["function"]), None)
+        if memory and "cpu_to_floor" in prof:
             lines.append(
-                f"The Qdrant query ({mode} mode: a scan of {scan}) is {query['self_ms_per_request']:.2f} ms, "
-                f"{query['self_share']:.0%} of the handler, and holds the GIL, so one ranker process runs one "
+                f"The exact search over the served vectors in memory (one float32 matrix-vector product, 4× the "
+                f"int8 bytes the floor reads) is {memory['self_ms_per_request']:.2f} ms, {memory['self_share']:.0%} "
+                f"of the handler: the unfiltered request's distance to the ≤ 2.5× target is that product itself. "
+                f"A request with a selective filter costs {prof['cpu_ms_per_request']['filtered']:.2f} ms of CPU "
+                f"({prof['cpu_to_floor']['filtered']:.1f}× the int8 floor). BLAS runs outside the GIL, so "
+                f"concurrent requests search on both cores of one ranker process."
+            )
+        elif engine and "cpu_to_floor" in prof:
+            mode = g["bundle"].get("search_mode", "quantized")
+            scan = (
+                "every float32 vector, 4× the int8 bytes the floor reads"
+                if mode == "exact"
+                else "the int8 copies, then float32 rescoring of the best"
+            )
+            lines.append(
+                f"The Qdrant query ({mode} mode: a scan of {scan}) is {engine['self_ms_per_request']:.2f} ms, "
+                f"{engine['self_share']:.0%} of the handler, and holds the GIL, so one ranker process runs one "
                 f"search at a time (searches that meet are coalesced into one engine call: "
-                f"A2V_RANKER_SEARCH_BATCH). A request whose filter is answered in memory costs "
-                f"{prof['cpu_ms_per_request']['filtered']:.2f} ms of CPU ({prof['cpu_to_floor']['filtered']:.1f}× the "
-                f"int8 floor): the unfiltered request's distance to the ≤ 2.5× target is the exact scan itself. "
-                f"Beyond one core, throughput comes from more ranker processes, which the embedded engine cannot "
-                f"give (it locks its directory to one process) and the server backend can (Qdrant server + ranker "
-                f"replicas, deploy/k8s/overlays/production)."
+                f"A2V_RANKER_SEARCH_BATCH)."
             )
     return lines
 
@@ -329,7 +334,7 @@ def scale_conclusion(s: dict) -> list[str]:
         "collection into shards across nodes, so an exact (or HNSW) search fans out and each node scans a third of the "
         "vectors, and the memory of a million-item index is spread too; replicas of a shard add read throughput and "
         "survive a node loss. Ranker replicas (3–8, HPA at 70% CPU) scale the request path, which is bound by one "
-        "Python process per replica (the search holds the GIL), and the gateway (3–10) and encoder (2–6) scale the same "
+        "Python process per replica (the search itself runs outside the GIL, the rest of a request inside it), and the gateway (3–10) and encoder (2–6) scale the same "
         "way. Training is not served: past a few million users it needs a bigger node (memory) or a GPU train Job, "
         "not more replicas.",
     ]

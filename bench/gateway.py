@@ -152,7 +152,7 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
     (plain, with explanations, with a selective filter) against the int8 read floor, and cProfile's
     top costs."""
     from anime2vec.v1 import common_pb2, ranker_pb2
-    from services.ranker.server import start
+    from services.ranker.server import one_thread_per_request, start
     from services.ranker.settings import RankerSettings
 
     settings = RankerSettings.from_env(
@@ -165,9 +165,11 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
         alias_poll_s=0,
     )
     import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as services/ranker/server.py main() runs it
+    pools = {p["prefix"]: p["num_threads"] for p in threadpool_info()}
+    one_thread_per_request()  # as services/ranker/server.py main() runs it
     running, servicer = start(settings)
     try:
         requests = [ranker_pb2.RecommendFromFavouritesRequest(liked_ids=f) for f in favourites]
@@ -179,7 +181,7 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
                 )
                 for f in favourites
             ],
-            # bench/search.py's filter: answered in memory (services/ranker/filtered_scan.py)
+            # bench/search.py's filter: answered in memory (services/ranker/memory_scan.py)
             "filtered": [
                 ranker_pb2.RecommendFromFavouritesRequest(
                     liked_ids=f,
@@ -212,6 +214,7 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
     finally:
         running.stop()
         torch.set_num_threads(threads)
+        threadpool_limits(pools)  # as they were: keyed by library prefix
     stats = pstats.Stats(profiler, stream=io.StringIO())
     total = stats.total_tt
     rows = []

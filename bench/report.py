@@ -37,7 +37,8 @@ def _md_search(s: dict) -> list[str]:
         "",
         f"Vectors: {s['source']}.",
         "Baseline: exact numpy dot-product top-k over the same vectors (float32 BLAS). Modes: `exact` (served by "
-        "default) scans every float32 vector; `quantized` scans int8 copies and rescores the best "
+        "default, from the vectors in memory: `ranker in-memory`; Qdrant's exact scan with "
+        "A2V_RANKER_SEARCH_IN_MEMORY=false) scans every float32 vector; `quantized` scans int8 copies and rescores the best "
         f"{s['oversampling']:g}× the page in float32 (at most 400 vectors: top-100 rescores 4×). Cases run "
         f"interleaved query by query, so a stall of the machine hits all alike. Filtered: {', '.join(s['filter']['include_genres'])}, "
         f"{s['filter']['year_min']}–{s['filter']['year_max']} ({s['filter']['matching_items']:,} items match).",
@@ -59,7 +60,8 @@ def _md_search(s: dict) -> list[str]:
             f"Against the tools a user would pick instead (p50, served `{s['served_mode']}` mode, top-{s['served_page']}, "
             "everything on one thread):",
             "",
-            f"- unfiltered: {u['served_p50_ms']:.2f} ms = {u['vs_int8_read_floor']:.1f}× the int8 read floor (target "
+            f"- unfiltered (served by `{u.get('served_case', 'qdrant')}`): {u['served_p50_ms']:.2f} ms = "
+            f"{u['vs_int8_read_floor']:.1f}× the int8 read floor (target "
             f"≤ {t['floor_ratio']:g}×: {_yes(t.get('floor_met'))}; {u.get('vs_float32_read_floor', float('nan')):.1f}× "
             f"one pass over the float32 vectors, which the exact mode reads), {u['vs_numpy_1_thread']:.1f}× numpy, "
             f"{u['vs_faiss_flat']:.1f}× faiss flat",

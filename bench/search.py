@@ -6,10 +6,10 @@ one engine query:
               the int8 copy of the vectors (what the quantised scan must at least read);
   filtered:   numpy over only the matching rows (gathered per query: what a user with the mask would
               write), faiss with an `IDSelectorBatch` of them, and numpy scanning everything then masking.
-              The ranker answers a selective filter in memory (services/ranker/filtered_scan.py): that
-              path is the served filtered case, measured with its block of matching vectors cached (a
-              filter seen before) and built on the query (a filter seen first); Qdrant's filtered
-              search, which serves broad filters, stays as a line.
+  The ranker answers exact searches in memory (services/ranker/memory_scan.py): that path is the
+  served case, unfiltered and filtered (its block of matching vectors cached: a filter seen before;
+  and built on the query: a filter seen first); Qdrant's searches, which serve with
+  A2V_RANKER_SEARCH_IN_MEMORY=false or in the quantized mode, stay as lines.
 
 Vectors and queries are the served ones when a full-data bundle is in the model store: the bundle's
 item vectors and, as queries, favourites vectors (3 popular anime, as the gateway bench sends) and
@@ -166,34 +166,32 @@ def _peer_runs(vectors: np.ndarray, mask: np.ndarray) -> dict[str, Callable[[np.
 
 
 def _in_memory_runs(cat: dict, vectors: np.ndarray) -> dict[str, Callable[[np.ndarray], list]]:
-    """The ranker's in-memory filtered search over the same vectors (empty when FILTER is too broad
-    for it here: then Qdrant serves it, as in the ranker)."""
-    from services.ranker.filtered_scan import FilteredScan
+    """The ranker's in-memory exact search over the same vectors, unfiltered and under FILTER."""
+    from services.ranker.memory_scan import MemoryScan
     from services.ranker.ranking import CatalogueFilter
 
     ids = np.arange(len(vectors))
     years = [None if y < 0 else int(y) for y in np.asarray(cat["years"])]
     filt = CatalogueFilter(ids, [list(g) for g in cat["genres"]], [str(t) for t in cat["types"]], years)
-    scan = FilteredScan(ids, vectors, filt)
-    if scan.block(FILTER) is None:
-        return {}
-    runs: dict[str, Callable[[np.ndarray], list]] = {
-        f"ranker in-memory filtered top-{k}": lambda q, k=k: [h.anime_id for h in scan.search(q, FILTER, k, {})]
-        for k in LIMITS
-    }
+    scan = MemoryScan(ids, vectors, filt)
+    none = SearchFilter()
+    runs: dict[str, Callable[[np.ndarray], list]] = {}
+    for k in LIMITS:
+        runs[f"ranker in-memory top-{k}"] = lambda q, k=k: [h.anime_id for h in scan.search(q, none, k, {})]
+        runs[f"ranker in-memory filtered top-{k}"] = lambda q, k=k: [h.anime_id for h in scan.search(q, FILTER, k, {})]
     runs[f"ranker in-memory filtered, filter seen first top-{SERVED_PAGE}"] = lambda q: [
-        h.anime_id for h in FilteredScan(ids, vectors, filt).search(q, FILTER, SERVED_PAGE, {})
+        h.anime_id for h in MemoryScan(ids, vectors, filt).search(q, FILTER, SERVED_PAGE, {})
     ]
     return runs
 
 
-def _served_filtered(mode: str, in_memory: bool, k: int) -> str:
-    """The case that is what the ranker serves for FILTER at top-k."""
+def _served(mode: str, k: int, filtered: bool) -> str:
+    """The case that is what the ranker serves at top-k (the ranker's defaults)."""
     from services.ranker.settings import RankerSettings
 
-    if in_memory and RankerSettings.model_fields["filter_in_memory"].default:
-        return f"ranker in-memory filtered top-{k}"
-    return f"qdrant {mode} filtered top-{k}"
+    if mode == "exact" and RankerSettings.model_fields["search_in_memory"].default:
+        return f"ranker in-memory{' filtered' if filtered else ''} top-{k}"
+    return f"qdrant {mode}{' filtered' if filtered else ''} top-{k}"
 
 
 def _qdrant_run(index, k: int, flt: SearchFilter | None, exact: bool) -> Callable[[np.ndarray], list]:
@@ -290,8 +288,7 @@ def run_search_bench(
             for filtered in (False, True):
                 runs[f"numpy{' filtered' if filtered else ''}"] = _numpy_run(vectors, mask if filtered else None)
             runs.update(_peer_runs(vectors, mask))
-            in_memory = _in_memory_runs(cat, vectors)
-            runs.update(in_memory)
+            runs.update(_in_memory_runs(cat, vectors))
             times, found = _single_threaded(runs, queries)
         finally:
             index.close()
@@ -304,14 +301,15 @@ def run_search_bench(
     }
     mode = served_mode()
     page = f"top-{SERVED_PAGE}"
-    served = [f"qdrant {mode} {page}", _served_filtered(mode, bool(in_memory), SERVED_PAGE)]
-    served_top100 = [f"qdrant {mode} top-100", _served_filtered(mode, bool(in_memory), 100)]
+    served = [_served(mode, SERVED_PAGE, False), _served(mode, SERVED_PAGE, True)]
+    served_top100 = [_served(mode, 100, False), _served(mode, 100, True)]
     floor = cases["int8 read floor"]["p50_ms"]
     matching = cases[f"numpy matching rows {page}"]["p50_ms"]
     served_unfiltered = cases[served[0]]["p50_ms"]
     served_filtered = cases[served[1]]["p50_ms"]
     peers = {
         "unfiltered": {
+            "served_case": served[0],
             "served_p50_ms": served_unfiltered,
             "vs_numpy_1_thread": served_unfiltered / cases[f"numpy {page}"]["p50_ms"],
             "vs_faiss_flat": served_unfiltered / cases[f"faiss flat {page}"]["p50_ms"],

@@ -121,13 +121,14 @@ def test_cheapest_parts_write_a_complete_report(tmp_path):
     qdrant = {n: r for n, r in s["recall"].items() if n.startswith("qdrant")}
     assert len(qdrant) == 8 and all(0.5 <= r <= 1.0 for r in qdrant.values())
     mode = s["served_mode"]
-    # the peers and the ranker's in-memory filtered search are exact: the same ids as numpy
+    # the peers and the ranker's in-memory search are exact: the same ids as numpy
     peers = {n: r for n, r in s["recall"].items() if not n.startswith("qdrant")}
-    assert len(peers) == 7 and set(peers.values()) == {1.0}, peers
-    # a selective filter is served in memory: that case is the served filtered one
+    assert len(peers) == 9 and set(peers.values()) == {1.0}, peers
+    # exact searches are served in memory: those cases are the served ones
     served_filtered = s["peers"]["filtered"]["served_case"]
     assert served_filtered == "ranker in-memory filtered top-11"
-    assert s["targets"]["served_recall"] == min(qdrant[f"qdrant {mode} top-11"], peers[served_filtered])
+    assert s["peers"]["unfiltered"]["served_case"] == "ranker in-memory top-11" and mode == "exact"
+    assert s["targets"]["served_recall"] == 1.0
     for side in ("unfiltered", "filtered"):
         assert all(v > 0 for k, v in s["peers"][side].items() if k != "served_case")
     assert s["peers"]["filtered"]["vs_numpy_matching_rows"] == pytest.approx(

@@ -31,7 +31,7 @@ class Metrics:
     encoder_queue_depth: Gauge  # a2v_encoder_queue_depth
     qdrant_query: Histogram  # a2v_qdrant_query_seconds{operation}
     search_batch_size: Histogram  # a2v_search_batch_size
-    memory_searches: Counter  # a2v_memory_searches_total: filtered searches answered without Qdrant
+    memory_searches: Counter  # a2v_memory_searches_total: searches answered without Qdrant
     model_offline_metric: Gauge  # a2v_model_offline_metric{version,scenario,metric}
     bundle_load_failures: Counter  # a2v_bundle_load_failures_total{service,reason}
     feedback_events: Counter  # a2v_feedback_events_total{kind,outcome}
@@ -111,8 +111,7 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         memory_searches=Counter(
             "a2v_memory_searches",
-            "Searches with a selective filter answered from the served vectors in memory instead of by Qdrant "
-            "(unit: searches).",
+            "Searches answered from the served vectors in memory instead of by Qdrant (unit: searches).",
             registry=r,
         ),
         model_offline_metric=Gauge(

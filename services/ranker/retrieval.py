@@ -4,9 +4,9 @@ scores, what it excludes, what explanations are anchored on); `Retriever.page` d
 way for every kind:
 
     options (limit, diversity) and the page token → the page (offset, limit) and how deep to fetch
-    strategy chain: DropoutNet/hybrid query vector → Qdrant search with the payload filter (a selective
-      filter: the matching anime's vectors in memory, filtered_scan.py, the same exact ranking); else WMF
-      scores, else popularity, ranked in memory with the same filter (CatalogueFilter)
+    strategy chain: DropoutNet/hybrid query vector → the exact search under the filter, over the served
+      vectors in memory (memory_scan.py; Qdrant's search when that is off or in the quantized mode); else
+      WMF scores, else popularity, ranked in memory with the same filter (CatalogueFilter)
     re-rank (diversity by MMR, dislikes) over a fixed pool, so pages never repeat
     the page's recommendations, explanations when asked, the next page token
 """
@@ -28,7 +28,7 @@ from anime2vec.serving.pagination import decode_page_token, encode_page_token, r
 from anime2vec.v1 import common_pb2, ranker_pb2
 
 from .explanations import Anchor, explain
-from .filtered_scan import Block, ScanHit
+from .memory_scan import Block, ScanHit
 from .ranking import Candidate, mmr, reranked, search_filter, validate_options
 from .settings import RankerSettings
 from .state import Serving, content_of, has_cold, subject_of
@@ -170,14 +170,15 @@ class Retriever:
                     reasons.append("this model has no DropoutNet weights")
                     continue
                 start = 0 if page.rerank else page.offset
-                block = s.scan.block(flt) if self.settings.filter_in_memory and s.scan is not None else None
+                in_memory = self.settings.search_in_memory and self.settings.search_mode == "exact"
+                block = s.scan.block(flt) if in_memory and s.scan is not None else None
                 # an engine search: searches running meanwhile wait for ours, one batch
                 with nullcontext() if block is not None else self.index.search_expected():
                     vec = q.vector_fn(s)
                     if vec is None:
                         reasons.append("DropoutNet cannot build a query vector for this request")
                         continue
-                    if block is not None:  # a selective filter: scored in memory (filtered_scan.py)
+                    if block is not None:  # scored in memory (memory_scan.py)
                         self.metrics.memory_searches.inc()
                         return [None] * start + self._scanned(s, block, vec, flt, page.fetch)[start:], served, reasons
                     hits = self.index.search(
@@ -216,7 +217,7 @@ class Retriever:
 
     @staticmethod
     def _scanned(s: Serving, block: Block, vec: np.ndarray, flt: SearchFilter, fetch: int) -> list[Candidate]:
-        """A selective filter's top `fetch`, scored in memory over its block (filtered_scan.py)."""
+        """The top `fetch` under `flt`, scored in memory over its block (memory_scan.py)."""
         assert s.scan is not None
         hits = s.scan.scan(block, vec, flt, fetch, dict(s.extra))  # dict(): one atomic copy against writers
         return [Candidate(h.anime_id, h.score, _payload(s, h), content_of(s, h.anime_id)) for h in hits]

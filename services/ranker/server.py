@@ -98,6 +98,19 @@ def first_valid_bundle(paths: list[Path]):
     raise first_error
 
 
+def one_thread_per_request() -> None:
+    """Torch and BLAS on one thread each, for the whole process. A request's math is one query
+    through a tower and one matrix-vector product over the served vectors (memory_scan.py):
+    concurrency comes from the RPC threads (BLAS runs outside the GIL), and intra-op threads only
+    contend with them. Measured with BLAS left at its default (a thread per core, spinning): 23x the
+    int8 floor in CPU per request instead of 10x, and throughput falling from 130 to 48 req/s at 16
+    requests in flight (bench/gateway.py); torch likewise stalled (5 ms vs up to 190 ms)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)  # process-wide: kept after the call returns
+
+
 def main() -> int:
     try:
         settings = RankerSettings.from_env()
@@ -105,9 +118,7 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "ranker")
-    # A request's tensors are tiny (one query through a tower): intra-op threads only contend with the
-    # RPC threads, and on a busy machine they stall on each other (bench/: 5 ms vs up to 190 ms).
-    torch.set_num_threads(1)
+    one_thread_per_request()
     try:
         running, _ = start(settings)
     except (BundleError, IndexUnavailable, StoreUnavailable) as e:

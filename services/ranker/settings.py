@@ -63,11 +63,11 @@ class RankerSettings(OutboundTLSSettings):
     search_oversampling: float = Field(
         DEFAULT_OVERSAMPLING, ge=1.0, le=32.0, description="quantized mode: candidates rescored per result wanted"
     )
-    filter_in_memory: bool = Field(
+    search_in_memory: bool = Field(
         True,
-        description="answer searches whose filter keeps at most a quarter of the catalogue from the served "
-        "vectors in memory (services/ranker/filtered_scan.py: the same exact ranking, ~3x faster than the "
-        "engine's filtered scan); false: every search goes to Qdrant",
+        description="exact mode: answer searches from the served vectors in memory (services/ranker/"
+        "memory_scan.py: the same exact ranking, faster than the engine's scan and outside the GIL); Qdrant "
+        "stays the store of record. false: every search goes to Qdrant",
     )
     search_batch: int = Field(
         16,

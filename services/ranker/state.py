@@ -17,7 +17,7 @@ from anime2vec.serving_model.model import ItemMeta, ServingModel
 from anime2vec.v1 import common_pb2, ranker_pb2
 
 from .explanations import Anchor, Subject, TermIndex, term_index
-from .filtered_scan import FilteredScan
+from .memory_scan import MemoryScan
 from .ranking import Candidate, CatalogueFilter
 
 S = common_pb2
@@ -42,7 +42,7 @@ class Serving:
     # applied (catalog_follower.py asks for the later ones), `applied` the revision of each anime
     added_revision: int = 0
     applied: dict[int, int] = field(default_factory=dict)
-    scan: FilteredScan | None = None  # selective filters, answered in memory (None: no item vectors)
+    scan: MemoryScan | None = None  # exact searches, answered in memory (None: no item vectors)
 
     @property
     def version(self) -> str:
@@ -71,7 +71,7 @@ def load_serving(model: ServingModel) -> Serving:
         terms=term_index(cat, model.content),
         held_out=held_out_items(model),
         example_users=example_users(model),
-        scan=FilteredScan(model.item_ids, model.item_tower, filt) if model.has_vectors else None,
+        scan=MemoryScan(model.item_ids, model.item_tower, filt) if model.has_vectors else None,
     )
 
 

@@ -35,11 +35,11 @@ def dsn(request) -> str:
 @pytest.fixture
 def pair(request, tmp_path_factory, tmp_path, dsn):
     bundle, encoder = session_bundle_and_encoder(tmp_path_factory, request.config.add_cleanup)
-    # B sends even selective filters to Qdrant, so that a filter only an anime added through A matches
-    # proves B's own index holds it (A answers such filters from memory, the default)
+    # B sends every search to Qdrant, so that a filter only an anime added through A matches proves B's
+    # own index holds it (A answers from memory, the default)
     rankers = [
         Ranker(tmp_path / name, bundle, encoder, env={"STORE_DSN": dsn, "CATALOG_FOLLOW_S": "0.5", **extra})
-        for name, extra in (("a", {}), ("b", {"FILTER_IN_MEMORY": "false"}))
+        for name, extra in (("a", {}), ("b", {"SEARCH_IN_MEMORY": "false"}))
     ]
     for r in rankers:
         r.start()

@@ -244,7 +244,7 @@ def test_every_filter_gives_the_exact_filtered_top_k(index):
 
 
 def test_payload_matches_is_the_engines_filter_in_python():
-    """The ranker scores its added anime outside the engine (services/ranker/filtered_scan.py) with
+    """The ranker scores its added anime outside the engine (services/ranker/memory_scan.py) with
     payload_matches: the same cases give the same anime as the engine's search above."""
     for flt, allowed in FILTER_CASES:
         got = {

@@ -100,12 +100,13 @@ def test_options_are_validated_with_the_field_named():
     assert validate_options(common_pb2.RecommendOptions(), 10, 100, 10) == (10, 0.0)
 
 
-def test_the_filtered_scan_ranks_exactly_with_exclusions_and_added_anime():
-    """Selective filters are answered in memory (services/ranker/filtered_scan.py): the exact top-k of
-    the matching rows, minus excluded ids and bundle rows an added anime replaces, merged with the
-    added anime that pass; broad filters and no filter are left to the engine."""
+def test_the_memory_scan_ranks_exactly_with_exclusions_and_added_anime():
+    """Exact searches are answered in memory (services/ranker/memory_scan.py): the exact top-k of
+    the rows a filter keeps (every row without one), minus excluded ids and bundle rows an added
+    anime replaces, merged with the added anime that pass; a selective filter's rows are copied
+    together and cached, a broad one's are gathered from the full product."""
     from anime2vec.serving_model.model import ItemMeta
-    from services.ranker.filtered_scan import FilteredScan
+    from services.ranker.memory_scan import MemoryScan
 
     rng = np.random.default_rng(0)
     n = 400
@@ -114,11 +115,25 @@ def test_the_filtered_scan_ranks_exactly_with_exclusions_and_added_anime():
     vectors = rng.normal(size=(n, 16)).astype(np.float32)
     filt = CatalogueFilter(ids, genres, types=["TV"] * n, years=[2000] * n)
     # room for two blocks of 40 rows (16 float32 each, and their row numbers)
-    scan = FilteredScan(ids, vectors, filt, max_fraction=0.25, cached_bytes=2 * 40 * (16 * 4 + 8))
+    block_bytes = 40 * (16 * 4 + 8)
+    scan = MemoryScan(ids, vectors, filt, max_fraction=0.25, cached_bytes=2 * block_bytes + 360 * 8 - 1)
     q = rng.normal(size=16).astype(np.float32)
     mecha = SearchFilter(include_genres=("mecha",))
-    assert scan.search(q, SearchFilter(), 10, {}) is None  # restricts nothing
-    assert scan.search(q, SearchFilter(include_genres=("Comedy",)), 10, {}) is None  # 90%: the engine's
+
+    def exact_top(rows, k, gone=()):
+        rows = np.setdiff1d(rows, [r for r in range(n) if int(ids[r]) in gone])
+        return [int(ids[r]) for r in rows[np.argsort(-(vectors[rows] @ q))][:k]]
+
+    # no filter: every row, nothing copied or cached
+    assert scan.block(SearchFilter()) is scan.everything and not scan._blocks
+    got = scan.search(q, SearchFilter(exclude_ids=(int(ids[3]),)), 10, {})
+    assert [h.anime_id for h in got] == exact_top(np.arange(n), 10, gone={int(ids[3])})
+    # a broad filter (90%): its rows, gathered from the full product
+    comedy = SearchFilter(include_genres=("Comedy",))
+    broad = scan.block(comedy)
+    assert broad.vectors is None and not broad.full and len(broad.rows) == 360
+    comedy_rows = np.flatnonzero([g == ["Comedy"] for g in genres])
+    assert [h.anime_id for h in scan.search(q, comedy, 10, {})] == exact_top(comedy_rows, 10)
 
     rows = np.flatnonzero([g == ["Mecha"] for g in genres])
     exact = rows[np.argsort(-(vectors[rows] @ q))]
@@ -137,9 +152,9 @@ def test_the_filtered_scan_ranks_exactly_with_exclusions_and_added_anime():
 
     scan.search(q, SearchFilter(types=("TV",), include_genres=("mecha",)), 3, {})
     scan.search(q, SearchFilter(year_min=1990, include_genres=("mecha",)), 3, {})
-    # over the byte budget, the least recently used go first (the broad filter's refusal, then mecha alone)
-    assert len(scan._blocks) == 2 and scan._bytes == 2 * 40 * (16 * 4 + 8)
-    assert scan.key(mecha) not in scan._blocks
+    # over the byte budget, the least recently used go first (the broad filter's rows, then mecha alone)
+    assert len(scan._blocks) == 2 and scan._bytes == 2 * block_bytes
+    assert scan.key(mecha) not in scan._blocks and scan.key(comedy) not in scan._blocks
 
     # a filter no bundle anime passes: only the added anime that pass it, exclusions or not
     nothing = SearchFilter(include_genres=("mecha",), types=("Movie",), exclude_ids=(best, 7))

@@ -1,13 +1,22 @@
-"""Filtered searches answered in memory: the served vectors of the anime a selective filter matches,
-kept together per filter, scored with one matrix product.
+"""Exact searches answered in memory: the served vectors times the query vector.
 
-Qdrant checks a filter through its payload index and scores the matching points one at a time; for a
-filter that keeps a few hundred anime that is ~3x slower than numpy over just those rows
-(bench/search.py). The vectors are the ones the bundle indexed (`ServingModel.item_tower`) and, for
-anime added at run time, the ones written to Qdrant with them (`ItemMeta.vector`), so the ranking is
-the exact search's; Qdrant stays the store of record and serves every other search. A filter that
-keeps more than MAX_FRACTION of the catalogue goes to Qdrant: its block would be most of the vectors
-again, for no gain over the engine's own scan.
+The embedded Qdrant engine scans the float32 vectors point by point with the GIL held (5.4-5.9 ms per
+unfiltered query on the full catalogue, 1.5x a one-thread numpy product: bench/search.py), and checks
+a filter through its payload index one point at a time (~3x slower than numpy over just the matching
+rows). Here the vectors are the ones the bundle indexed (`ServingModel.item_tower`) and, for anime
+added at run time, the ones written to Qdrant with them (`ItemMeta.vector`), so the ranking is the
+exact search's. Qdrant stays the store of record (collections per version, the alias, added anime)
+and answers when this is turned off (A2V_RANKER_SEARCH_IN_MEMORY=false) or the quantized mode is on.
+
+Blocks: an unfiltered search scores every row; a filter that keeps at most MAX_FRACTION of the
+catalogue gets its matching rows' vectors copied together (cached per filter, least recently used
+dropped), a broader one scores every row and keeps its matching rows.
+
+One matrix-vector product per search, never a batched product: BLAS releases the GIL, so concurrent
+searches already run on every core, and a batch (GEMM) sums in another order than a lone query
+(GEMV), so a query's scores, and the order of near-ties across the pages of a list, would depend on
+what else was being searched at the time. (Batching would read the vectors once for many queries,
+but packing them costs 2.5 lone queries: bench numbers in docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -31,14 +40,16 @@ CACHED_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Block:
-    """The bundle rows one filter keeps (sorted) and their vectors, contiguous."""
+    """The bundle rows a search may return (sorted) and, for a selective filter, their vectors
+    together; `vectors` None: every row is scored and `rows` kept (`full`: all of them)."""
 
     rows: np.ndarray
-    vectors: np.ndarray
+    vectors: np.ndarray | None
+    full: bool = False
 
 
 def _size(block: Block | None) -> int:
-    return 0 if block is None else block.vectors.nbytes + block.rows.nbytes
+    return 0 if block is None else block.rows.nbytes + (0 if block.vectors is None else block.vectors.nbytes)
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ class ScanHit:
     added: ItemMeta | None  # the added anime (it replaces the bundle row of the same id)
 
 
-class FilteredScan:
+class MemoryScan:
     def __init__(
         self,
         item_ids: np.ndarray,
@@ -58,10 +69,11 @@ class FilteredScan:
         max_fraction: float = MAX_FRACTION,
         cached_bytes: int = CACHED_BYTES,
     ):
-        self.item_ids, self.vectors, self.filt = item_ids, vectors, filt
+        self.item_ids, self.vectors, self.filt = item_ids, np.ascontiguousarray(vectors, np.float32), filt
         self.max_rows = int(max_fraction * len(item_ids))
         self.cached_bytes = cached_bytes
-        self._blocks: OrderedDict[tuple, Block | None] = OrderedDict()
+        self.everything = Block(np.arange(len(item_ids)), None, full=True)
+        self._blocks: OrderedDict[tuple, Block] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -78,11 +90,11 @@ class FilteredScan:
         )
         return None if key == ((), (), (), None, None, False) else key
 
-    def block(self, flt: SearchFilter) -> Block | None:
-        """The rows `flt` keeps, or None when it is not selective (left to the engine)."""
+    def block(self, flt: SearchFilter) -> Block:
+        """The rows `flt` keeps: every row for no filter, a copied block for a selective one."""
         key = self.key(flt)
         if key is None:
-            return None
+            return self.everything
         with self._lock:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
@@ -91,38 +103,44 @@ class FilteredScan:
         rows = np.flatnonzero(
             self.filt.mask(SearchFilter(genres, not_genres, types, year_min, year_max, cold_only=cold_only))
         )
-        block = Block(rows, np.ascontiguousarray(self.vectors[rows])) if len(rows) <= self.max_rows else None
+        block = Block(rows, np.ascontiguousarray(self.vectors[rows]) if len(rows) <= self.max_rows else None)
         with self._lock:
-            if key not in self._blocks:  # another request may have built it meanwhile
+            if key in self._blocks:  # another request built it meanwhile
+                block = self._blocks[key]
+                self._blocks.move_to_end(key)
+            else:
                 self._blocks[key] = block
                 self._bytes += _size(block)
             while self._bytes > self.cached_bytes and len(self._blocks) > 1:
                 self._bytes -= _size(self._blocks.popitem(last=False)[1])
         return block
 
-    def search(
-        self, query: np.ndarray, flt: SearchFilter, limit: int, added: dict[int, ItemMeta]
-    ) -> list[ScanHit] | None:
+    def search(self, query: np.ndarray, flt: SearchFilter, limit: int, added: dict[int, ItemMeta]) -> list[ScanHit]:
         """The exact top `limit` under `flt`, best first, over the bundle's anime and the added ones
-        (`added` replaces bundle rows of the same id); None when the filter is left to the engine."""
-        block = self.block(flt)
-        return None if block is None else self.scan(block, query, flt, limit, added)
+        (`added` replaces bundle rows of the same id)."""
+        return self.scan(self.block(flt), query, flt, limit, added)
 
     def scan(
         self, block: Block, query: np.ndarray, flt: SearchFilter, limit: int, added: dict[int, ItemMeta]
     ) -> list[ScanHit]:
         """`search` over a block already looked up for `flt` (the ranker looks it up to choose the path)."""
         query = np.asarray(query, np.float32)
-        scores = block.vectors @ query
+        if block.vectors is not None:
+            scores = block.vectors @ query
+        else:
+            scores = self.vectors @ query
+            if not block.full:
+                scores = scores[block.rows]
+        rows = block.rows
         gone = np.asarray([self.filt.pos[a] for a in {*flt.exclude_ids, *added} if a in self.filt.pos], np.int64)
-        if len(gone) and len(block.rows):  # excluded, or replaced by an added anime of the same id
-            at = np.searchsorted(block.rows, gone)
-            at = at[(at < len(block.rows)) & (block.rows[np.minimum(at, len(block.rows) - 1)] == gone)]
+        if len(gone) and len(rows):  # excluded, or replaced by an added anime of the same id
+            at = np.searchsorted(rows, gone)
+            at = at[(at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == gone)]
             scores[at] = -np.inf
         k = min(limit, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(len(scores))
         hits = [
-            ScanHit(int(self.item_ids[block.rows[i]]), float(scores[i]), int(block.rows[i]), None)
+            ScanHit(int(self.item_ids[rows[i]]), float(scores[i]), int(rows[i]), None)
             for i in top
             if scores[i] > -np.inf
         ]
