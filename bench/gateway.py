@@ -36,6 +36,8 @@ API_KEY = "bench-key"
 GATEWAY_METHOD = "/anime2vec.v1.GatewayService/Recommend"
 RANKER_METHOD = "/anime2vec.v1.RankerService/RecommendFromFavourites"
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
+PROCESS_CONCURRENCY = (4, 8, 16)  # requests in flight when ranker processes are compared
+TARGET_TWO_PROCESSES = 1.7  # two ranker processes' best throughput / one's
 # the ranker's CPU per favourites request against one pass over the int8 vectors (issue 16); the
 # gateway / echo ratio is reported as context only: it mostly measures Python gRPC on shared cores
 TARGET_CPU_TO_FLOOR, TARGET_P99_MS = 2.5, 20.0
@@ -351,6 +353,7 @@ def run_gateway_bench(
             ]
             open_loop = {r["name"]: r for r in run_plan(open_plan)}
             errors = {name: sum(sum(s["errors"].values()) for s in steps) for name, steps in by.items()}
+            processes = _ranker_processes(procs, specs, work, bundle, rk_payloads, step_s, warmup_s, progress)
         finally:
             for baseline in (relay, echo):
                 if baseline is not None:
@@ -411,12 +414,79 @@ def run_gateway_bench(
         "open_loop_half_max": open_loop,
         "latency_c1_ms": {name: s.get("p50_ms") for name, s in c1.items()},
         "profile_ranker_in_process": profile,
+        "ranker_processes": processes,
         "targets": {
+            "two_processes": TARGET_TWO_PROCESSES,
+            "two_processes_met": bool(processes.get("ratio", 0.0) >= TARGET_TWO_PROCESSES),
             "cpu_to_floor": TARGET_CPU_TO_FLOOR,
             "cpu_to_floor_met": bool(profile.get("cpu_to_floor", {}).get("plain", np.inf) <= TARGET_CPU_TO_FLOOR),
             "p99_ms_at_half_max": TARGET_P99_MS,
             "p99_met": bool(p99_half <= TARGET_P99_MS),
         },
+    }
+
+
+def _ranker_processes(procs, specs, work: Path, bundle: Path, payloads, step_s, warmup_s, progress) -> dict:
+    """Throughput as ranker processes are added (1, then 2: this machine's cores), against ideal
+    linear scaling. The second process serves the same bundle from its own copy of the embedded
+    collection (the engine locks its directory to one process); one client channel spreads the
+    calls over both (round robin). Each count's best over PROCESS_CONCURRENCY, steps alternating."""
+    import shutil
+
+    ports = free_ports(2)
+    spec = next(
+        s
+        for s in standard_specs(
+            "127.0.0.1",
+            {"encoder": (procs["encoder"].spec.grpc_port, 0), "ranker": tuple(ports), "gateway": (0, 0)},
+            encoder_model="minilm",
+            model_store=bundle.parent,
+            bundle=bundle.name,
+            ranker_data_dir=work / "ranker-2",
+            gateway_env={},
+        )
+        if s.name == "ranker"
+    )
+    second = ServiceProcess(spec, work / "logs" / "ranker-2.log")
+    try:
+        progress(
+            f"a second ranker process (cores: {os.cpu_count()}): 1 vs 2 processes × {len(PROCESS_CONCURRENCY)} steps"
+        )
+        second.start()
+        second.wait_serving(STARTUP_TIMEOUT_S)
+        one = procs["ranker"].spec.address
+        both = f"ipv4:{one},{spec.address}"
+        rr = (("grpc.lb_policy_name", "round_robin"),)
+        plan = [
+            Step(
+                f"{n}",
+                addr,
+                RANKER_METHOD,
+                payloads,
+                (),
+                concurrency=c,
+                duration_s=step_s,
+                warmup_s=warmup_s,
+                options=opts,
+                extra={"processes": n},
+            )
+            for c in PROCESS_CONCURRENCY
+            for n, addr, opts in ((1, one, ()), (2, both, rr))
+        ]
+        steps = run_plan(plan)
+    except Exception as e:  # a measurement that failed is reported, the others are kept
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        second.stop()
+        shutil.rmtree(work / "ranker-2", ignore_errors=True)
+    best = {n: max((s for s in steps if s["processes"] == n), key=lambda s: s["throughput_rps"]) for n in (1, 2)}
+    return {  # keys as strings: the report is read back from JSON
+        "steps": steps,
+        "best_rps": {str(n): b["throughput_rps"] for n, b in best.items()},
+        "best_at": {str(n): b["concurrency"] for n, b in best.items()},
+        "ratio": best[2]["throughput_rps"] / best[1]["throughput_rps"],
+        "ideal": 2.0,
+        "cores": os.cpu_count(),
     }
 
 

@@ -40,6 +40,9 @@ class Step:
     warmup_s: float = 1.0
     timeout_s: float = 10.0
     extra: dict = field(default_factory=dict)  # copied into the result (e.g. the concurrency step)
+    # channel options, e.g. (("grpc.lb_policy_name", "round_robin"),) to spread calls over the
+    # addresses of an "ipv4:host:port,host:port" target
+    options: tuple = ()
 
 
 def summarise(latencies: list[float], errors: dict[str, int], window_s: float) -> dict:
@@ -129,7 +132,7 @@ async def _open(call, step: Step) -> dict:
 async def _run_step(step: Step) -> dict:
     import grpc
 
-    async with grpc.aio.insecure_channel(step.address) as channel:
+    async with grpc.aio.insecure_channel(step.address, options=list(step.options)) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
         call = channel.unary_unary(step.method)  # no (de)serializers: bytes in, bytes out
         for p in step.payloads[:3]:  # connect and touch the path before timing

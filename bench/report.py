@@ -194,6 +194,20 @@ def _md_gateway(g: dict) -> list[str]:
             f"- the ranker's searches during the sweep: {sb['searches']:,.0f} in {sb['calls']:,.0f} engine calls, "
             f"{sb['mean']:.2f} per call (concurrent searches coalesced, A2V_RANKER_SEARCH_BATCH)"
         )
+    rp = g.get("ranker_processes", {})
+    if "ratio" in rp:
+        per = ", ".join(
+            f"{s['processes']}×{s['concurrency']} in flight: {s['throughput_rps']:.0f}" for s in rp["steps"]
+        )
+        lines.append(
+            f"- ranker processes (the same bundle, each with its own copy of the embedded collection; one client "
+            f"channel, round robin): 1 process {rp['best_rps']['1']:.0f} req/s, 2 processes {rp['best_rps']['2']:.0f} = "
+            f"**{rp['ratio']:.2f}×** (ideal {rp['ideal']:g}× on {rp['cores']} cores; target ≥ "
+            f"{t.get('two_processes', 1.7):g}×: {_yes(t.get('two_processes_met'))}); steps (processes × in flight: "
+            f"req/s): {per}"
+        )
+    elif rp:
+        lines.append(f"- ranker processes: not measured ({rp.get('error')})")
     prof = g.get("profile_ranker_in_process", {})
     if "cpu_ms_per_request" in prof:
         cpu, ratio = prof["cpu_ms_per_request"], prof["cpu_to_floor"]

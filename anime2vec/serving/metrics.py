@@ -32,6 +32,7 @@ class Metrics:
     qdrant_query: Histogram  # a2v_qdrant_query_seconds{operation}
     search_batch_size: Histogram  # a2v_search_batch_size
     memory_searches: Counter  # a2v_memory_searches_total: searches answered without Qdrant
+    memory_search: Histogram  # a2v_memory_search_seconds: their latency
     model_offline_metric: Gauge  # a2v_model_offline_metric{version,scenario,metric}
     bundle_load_failures: Counter  # a2v_bundle_load_failures_total{service,reason}
     feedback_events: Counter  # a2v_feedback_events_total{kind,outcome}
@@ -112,6 +113,14 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         memory_searches=Counter(
             "a2v_memory_searches",
             "Searches answered from the served vectors in memory instead of by Qdrant (unit: searches).",
+            registry=r,
+        ),
+        memory_search=Histogram(
+            "a2v_memory_search_seconds",
+            "Latency of a search answered from the served vectors in memory (the exact search's product, "
+            "exclusions and top-k).",
+            unit="seconds",
+            buckets=_QDRANT_BUCKETS,
             registry=r,
         ),
         model_offline_metric=Gauge(

@@ -180,7 +180,9 @@ class Retriever:
                         continue
                     if block is not None:  # scored in memory (memory_scan.py)
                         self.metrics.memory_searches.inc()
-                        return [None] * start + self._scanned(s, block, vec, flt, page.fetch)[start:], served, reasons
+                        with self.metrics.memory_search.time():
+                            found = self._scanned(s, block, vec, flt, page.fetch)
+                        return [None] * start + found[start:], served, reasons
                     hits = self.index.search(
                         vec,
                         limit=page.fetch - start,

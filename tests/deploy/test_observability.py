@@ -98,6 +98,7 @@ def test_dashboard_covers_every_concern_and_uses_only_recorded_series():
         "a2v:ranker_model_versions:count",
         'up{job="qdrant"}',
         "a2v_qdrant_query_seconds_bucket",
+        "a2v_memory_search_seconds_bucket",
         "a2v_model_info",
         "store:a2v_store_write_seconds:p99_5m",
         "a2v_store_errors_total",

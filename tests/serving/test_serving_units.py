@@ -135,6 +135,7 @@ def test_every_metric_has_help_and_the_agreed_name():
         "a2v_qdrant_query_seconds",
         "a2v_search_batch_size",
         "a2v_memory_searches",
+        "a2v_memory_search_seconds",
         "a2v_model_offline_metric",
         "a2v_bundle_load_failures",
         "a2v_feedback_events",
