@@ -163,13 +163,13 @@ def _rows(m: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
     return out
 
 
-def _minus(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
+def minus(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
     """Binary a AND NOT b."""
     a = _binary(a)
     return _binary(a - a.multiply(_binary(b)))
 
 
-def _rng(seed: int, purpose: str) -> np.random.Generator:
+def seeded_rng(seed: int, purpose: str) -> np.random.Generator:
     """One independent, reproducible stream per purpose, whatever else draws from the seed."""
     return np.random.default_rng([seed, zlib.crc32(purpose.encode())])
 
@@ -177,7 +177,7 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
 def _subsample(users: np.ndarray, max_queries: int | None, seed: int, family: str) -> np.ndarray:
     if max_queries is None or len(users) <= max_queries:
         return users
-    return np.sort(_rng(seed, f"subsample/{family}").choice(users, size=max_queries, replace=False))
+    return np.sort(seeded_rng(seed, f"subsample/{family}").choice(users, size=max_queries, replace=False))
 
 
 def _with_positives(m: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
@@ -191,7 +191,7 @@ def _favourites(ds: Dataset, split: str, fav_ks: tuple[int, ...], seed: int, max
     pool = np.asarray(pool, dtype=np.int64)
     users = pool[heldout[pool].getnnz(axis=1) >= max(fav_ks) + 1]
     users = _subsample(users, max_queries, seed, "favourites")
-    rng = _rng(seed, "favourites/ties")
+    rng = seeded_rng(seed, "favourites/ties")
     ordered: list[tuple[np.ndarray, np.ndarray]] = []  # per user: items, confidences, best first
     for u in users:
         lo, hi = heldout.indptr[u], heldout.indptr[u + 1]
@@ -209,8 +209,8 @@ def _favourites(ds: Dataset, split: str, fav_ks: tuple[int, ...], seed: int, max
                 name=f"fav_k{k}",
                 queries=Queries.of_liked(liked, weights=weights),
                 candidates=np.asarray(ds.train_items, dtype=np.int64),
-                truth=_index_rows(rest, ds.n_items),
-                exclude=_index_rows(liked, ds.n_items),
+                truth=index_rows(rest, ds.n_items),
+                exclude=index_rows(liked, ds.n_items),
                 split=split,
                 family="favourites",
                 users=users,
@@ -219,7 +219,7 @@ def _favourites(ds: Dataset, split: str, fav_ks: tuple[int, ...], seed: int, max
     return out
 
 
-def _index_rows(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+def index_rows(rows: list[np.ndarray], n_items: int) -> sp.csr_matrix:
     r = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
     c = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return _binary(sp.csr_matrix((np.ones(len(c), np.float32), (r, c)), shape=(len(rows), n_items)))
@@ -255,10 +255,10 @@ def scenarios(
         truth = _rows(cold, users)
         q = Queries.of_users(users)
         out.append(Scenario("cold_test_items", q, cold_items, truth, None, split, "cold", users))
-        out.append(Scenario("cold_whole", q, all_items, truth, _minus(known[users], truth), split, "cold", users))
+        out.append(Scenario("cold_whole", q, all_items, truth, minus(known[users], truth), split, "cold", users))
         if titles is not None:
             history = _rows(ds.train, users)
-            kept = _minus(truth, _franchise_hits(history, truth, np.asarray(titles)))
+            kept = minus(truth, _franchise_hits(history, truth, np.asarray(titles)))
             has = kept.getnnz(axis=1) > 0
             if has.any():
                 u2, t2 = users[has], _rows(kept, np.flatnonzero(has))
@@ -268,7 +268,7 @@ def scenarios(
                         Queries.of_users(u2),
                         all_items,
                         t2,
-                        _minus(known[u2], t2),
+                        minus(known[u2], t2),
                         split,
                         "cold",
                         u2,
@@ -290,7 +290,7 @@ def scenarios(
         truth = _rows(warm, users)
         out.append(
             Scenario(
-                "warm", Queries.of_users(users), all_items, truth, _minus(known[users], truth), split, "warm", users
+                "warm", Queries.of_users(users), all_items, truth, minus(known[users], truth), split, "warm", users
             )
         )
     if fav_ks:
@@ -512,7 +512,9 @@ class Experiment:
             # WMF's all-zero cold items, then resolve at random instead of by item index, which
             # on MAL follows age and hence popularity and would flatter whoever ties most.
             cands = (
-                _rng(self.seed, f"ties/{sc.name}/{start}").permutation(sc.candidates) if sc.shuffle else sc.candidates
+                seeded_rng(self.seed, f"ties/{sc.name}/{start}").permutation(sc.candidates)
+                if sc.shuffle
+                else sc.candidates
             )
             position = np.full(self.dataset.n_items, -1, dtype=np.int64)
             position[cands] = np.arange(len(cands))

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 from ..models.base import Recommender  # noqa: E402
 from ..models.mmr import cosine_matrix, mmr_order  # noqa: E402
 from . import metrics  # noqa: E402
-from .protocol import Scenario, _rng  # noqa: E402
+from .protocol import Scenario, seeded_rng  # noqa: E402
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, ..., 0.9
 POOL = 500  # services/ranker/settings.py RankerSettings.rerank_pool's default
@@ -73,7 +73,7 @@ def tradeoff_curve(
         stop = min(start + batch_size, n)
         q = scenario.queries.slice(start, stop)
         cands = (
-            _rng(seed, f"ties/{scenario.name}/{start}").permutation(scenario.candidates)
+            seeded_rng(seed, f"ties/{scenario.name}/{start}").permutation(scenario.candidates)
             if scenario.shuffle
             else scenario.candidates
         )

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..bundle import load_bundle
 from ..data.dataset import Dataset
-from ..evaluation.protocol import Experiment, Scenario, scenarios
+from ..evaluation.protocol import Experiment, Scenario, index_rows, minus, scenarios, seeded_rng
 from ..feedback import FeedbackEvent
 from ..models.base import Queries
 from ..serving_model.model import ServingModel
@@ -60,10 +58,6 @@ class GateEvaluation:
         }
 
 
-def _rng(seed: int, purpose: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(purpose.encode())])
-
-
 def gate_scenarios(
     ds: Dataset, fb: FeedbackData, names: set[str], seed: int = 0, max_queries: int | None = None
 ) -> GateEvaluation:
@@ -80,18 +74,19 @@ def gate_scenarios(
         exclude = sc.exclude
         if sc.family != "favourites":
             extra = [
-                [
-                    item_pos[int(e.anime_id)]
-                    for e in fb.train_events.get(int(ds.user_ids[u]), ())
-                    if int(e.anime_id) in item_pos
-                ]
+                np.array(
+                    [
+                        item_pos[int(e.anime_id)]
+                        for e in fb.train_events.get(int(ds.user_ids[u]), ())
+                        if int(e.anime_id) in item_pos
+                    ],
+                    np.int64,
+                )
                 for u in sc.users
             ]
-            listed = _rows(extra, ds.n_items)
-            exclude = listed if exclude is None else ((exclude + listed) > 0).astype(np.float32)
-            exclude = (exclude - exclude.multiply(sc.truth > 0)).tocsr()  # a truth item is never excluded
-            exclude.eliminate_zeros()
-        cands = _rng(seed, f"gate/{sc.name}").permutation(sc.candidates)
+            listed = index_rows(extra, ds.n_items)
+            exclude = minus(listed if exclude is None else exclude + listed, sc.truth)  # truth is never excluded
+        cands = seeded_rng(seed, f"gate/{sc.name}").permutation(sc.candidates)
         out.append(dataclasses.replace(sc, exclude=exclude, candidates=cands, shuffle=False))
     user_ids = np.asarray(ds.user_ids, np.int64)
     if "recent" in names and fb.recent:
@@ -99,18 +94,19 @@ def gate_scenarios(
         outside = [q.user_id for q in fb.recent if q.user_id not in user_pos]
         user_ids = np.r_[user_ids, np.asarray(outside, np.int64)]
         user_pos.update({u: len(ds.user_ids) + j for j, u in enumerate(outside)})
-        truth = [[item_pos[int(a)] for a in q.truth] for q in fb.recent]
+        truth = [np.array([item_pos[int(a)] for a in q.truth], np.int64) for q in fb.recent]
         exclude = [
-            [item_pos[int(a)] for a in np.setdiff1d(q.exclude, q.truth) if int(a) in item_pos] for q in fb.recent
+            np.array([item_pos[int(a)] for a in np.setdiff1d(q.exclude, q.truth) if int(a) in item_pos], np.int64)
+            for q in fb.recent
         ]
         users = np.array([user_pos[q.user_id] for q in fb.recent], np.int64)
         out.append(
             Scenario(
                 name="recent",
                 queries=Queries.of_users(users),
-                candidates=_rng(seed, "gate/recent").permutation(ds.n_items),
-                truth=_rows(truth, ds.n_items),
-                exclude=_rows(exclude, ds.n_items),
+                candidates=seeded_rng(seed, "gate/recent").permutation(ds.n_items),
+                truth=index_rows(truth, ds.n_items),
+                exclude=index_rows(exclude, ds.n_items),
                 split="test",
                 family="warm",
                 users=users,
@@ -119,17 +115,6 @@ def gate_scenarios(
             )
         )
     return GateEvaluation(ds, out, user_ids, dict(fb.train_events), seed)
-
-
-def _rows(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
-    """Binary (len(rows), n_items) matrix of item indices per row."""
-    r = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
-    c = np.fromiter((i for x in rows for i in x), np.int64, count=int(sum(len(x) for x in rows)))
-    m = sp.csr_matrix((np.ones(len(c), np.float32), (r, c)), shape=(len(rows), n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    m.sort_indices()
-    return m
 
 
 # ---- the gate -------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class ServedRecommender(Recommender):
         self._col = np.array([model.pos.get(int(a), -1) for a in self.item_ids], np.int64)
         self.served_by: dict[str, int] = {}
         self._counting = False
+        self._last: dict[tuple, tuple[np.ndarray | None, str]] = {}
 
     def fit(self, train: sp.csr_matrix) -> ServedRecommender:
         return self  # a bundle is trained already; evaluating it never refits it
@@ -79,24 +80,39 @@ class ServedRecommender(Recommender):
         col = self._col[np.asarray(items, np.int64)]
         have = col >= 0
         out = np.zeros((len(queries), len(col)), np.float32)
+        # an Experiment scores each batch twice (its top lists, then the full-ranking MRR): the
+        # previous call's answers are reused, so each query's vector is built once
+        answers: dict[tuple, tuple[np.ndarray | None, str]] = {}
         for r in range(len(queries)):
-            s = self.bundle_scores(queries, r)
+            key = self._key(queries, r)
+            s, by = answers[key] = answers.get(key) or self._last.get(key) or self.bundle_scores(queries, r)
+            if self._counting:
+                self.served_by[by] = self.served_by.get(by, 0) + 1
             if s is None:
                 out[r] = -np.inf
             else:
                 out[r, have] = s[col[have]]
+        self._last = answers
         return out
 
-    def bundle_scores(self, queries: Queries, r: int) -> np.ndarray | None:
-        """Query r's scores over the bundle's items (model.item_ids order); None: NOT_FOUND."""
+    @staticmethod
+    def _key(queries: Queries, r: int) -> tuple:
+        if queries.liked is not None:
+            w = None if queries.liked_weights is None else tuple(queries.liked_weights[r].tolist())
+            return ("liked", tuple(queries.liked[r].tolist()), w)
+        assert queries.users is not None
+        return ("user", int(queries.users[r]))
+
+    def bundle_scores(self, queries: Queries, r: int) -> tuple[np.ndarray | None, str]:
+        """Query r's scores over the bundle's items (model.item_ids order) and the path that
+        answered; None: NOT_FOUND."""
         m = self.model
         if queries.liked is not None:
             anime = self.item_ids[queries.liked[r]]
             weights = None if queries.liked_weights is None else queries.liked_weights[r]
             keep = [j for j, a in enumerate(anime) if int(a) in m.pos]
             if not keep:
-                self._count("not_found")
-                return None
+                return None, "not_found"
             liked = [int(anime[j]) for j in keep]
             w = None if weights is None else [float(weights[j]) for j in keep]
             vec = m.favourites_vector(liked, w) if m.has_vectors else None
@@ -110,32 +126,21 @@ class ServedRecommender(Recommender):
         if uid in m.user_pos:
             vec = m.user_vector(uid) if m.has_vectors else None
             return self._answer(vec, lambda: m.wmf_scores_user(uid))
-        self._count("not_found")
-        return None
+        return None, "not_found"
 
-    def _answer(self, vec: np.ndarray | None, wmf: Callable[[], np.ndarray | None]) -> np.ndarray:
+    def _answer(self, vec: np.ndarray | None, wmf: Callable[[], np.ndarray | None]) -> tuple[np.ndarray, str]:
         if vec is not None:
-            self._count("dropoutnet")
-            return self.model.item_tower @ vec
+            return self.model.item_tower @ vec, "dropoutnet"
         s = wmf()
-        if s is not None:
-            self._count("wmf")
-            return s
-        self._count("popularity")
-        return self.model.popularity
-
-    def _count(self, by: str) -> None:
-        if self._counting:
-            self.served_by[by] = self.served_by.get(by, 0) + 1
+        return (s, "wmf") if s is not None else (self.model.popularity, "popularity")
 
 
 class ServedPopularity(ServedRecommender):
     """The ranker's last fallback of one bundle (MAL members, then training counts): the floor a
     first bundle must beat."""
 
-    def bundle_scores(self, queries: Queries, r: int) -> np.ndarray | None:
-        self._count("popularity")
-        return self.model.popularity
+    def bundle_scores(self, queries: Queries, r: int) -> tuple[np.ndarray | None, str]:
+        return self.model.popularity, "popularity"
 
 
 def training_leak(model: ServedRecommender, scenarios: Sequence) -> float:
