@@ -3,10 +3,22 @@
 Serves the newest full bundle of the requested data (full by default, the sample with --sample).
 Without one it trains the quick bundle (minutes: no MiniLM encodings), serves it, and trains the
 full bundle in the background, which the quality gate then promotes (anime2vec/next_bundle.py).
-It starts the encoder, ranker and gateway as child processes, waits until each one's health
-check says SERVING, prints how to call them, and on Ctrl-C / SIGTERM stops them in order
-(gateway, ranker, encoder), each through its own graceful SIGTERM shutdown. If any of them dies,
-the others are stopped too and the exit status is 1. Ctrl-C / SIGTERM at any stage, training
+It starts the encoder, the ranker processes (--ranker-processes, default one per CPU core
+available, at most 4) and the gateway as child processes, waits until each one's health check says
+SERVING, prints how to call them, and on Ctrl-C / SIGTERM stops them in order (gateway, rankers,
+encoder), each through its own graceful SIGTERM shutdown. If any of them dies, the others are
+stopped too and the exit status is 1.
+
+Several ranker processes use several cores (one ranker is bound to about one by the GIL and the
+embedded engine's locks, and the engine locks its directory to one process). Each has its own data
+directory with its own copy of the embedded collections (`<state>/<mode>/ranker-<i>` beside the
+first one's `ranker`), its own gRPC and metrics ports (after the first ranker's), and they share
+what replicas share through PostgreSQL in Kubernetes, here through the first one's data directory:
+the SQLite stores of record (anime added through AddAnime, feedback events; A2V_RANKER_STORE_DIR),
+followed by every process (services/ranker/catalog_follower.py), and the collection alias
+(A2V_RANKER_ALIAS_DATA_DIR), which the quality gate moves and every process follows, building its
+own copy of the new version's collection. The gateway calls them in turn (one round-robin channel
+over the list of addresses). Ctrl-C / SIGTERM at any stage, training
 included, stops every child with what it started (anime2vec.process_groups); the exit status is
 then 0 once serving, 128 + the signal before. Every child runs in its own session, so a runner
 killed with SIGKILL leaves them running (it prints the services' pids once they serve).
@@ -20,6 +32,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +63,12 @@ class ServiceSpec:
     metrics_port: int
     env: dict[str, str] = field(default_factory=dict)  # settings without the prefix, e.g. {"MODEL": "minilm"}
     tls: ClientTLS | None = None  # how to dial it when it serves TLS (TLS_CERT_FILE in env); None: plaintext
+    instance: int = 0  # several processes of one service (the ranker): 0, 1, 2, ...
+
+    @property
+    def label(self) -> str:
+        """The process's name: "ranker" for the first of a service, "ranker-1", "ranker-2", ... for the others."""
+        return self.name if self.instance == 0 else f"{self.name}-{self.instance}"
 
     @property
     def address(self) -> str:
@@ -107,6 +126,16 @@ def bundle_encoder_dir(bundle: Path) -> Path | None:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def ranker_labels(processes: int) -> list[str]:
+    """The names of `processes` ranker processes: "ranker", "ranker-1", "ranker-2", ..."""
+    return ["ranker"] + [f"ranker-{i}" for i in range(1, processes)]
+
+
+def ranker_data_dirs(first: Path, processes: int) -> list[Path]:
+    """Each ranker process's data dir: `first`, then `<first>-1`, `<first>-2`, ... beside it."""
+    return [first] + [first.with_name(f"{first.name}-{i}") for i in range(1, processes)]
+
+
 def standard_specs(
     host: str,
     ports: Mapping[str, tuple[int, int]],
@@ -120,12 +149,35 @@ def standard_specs(
     follow_alias: bool = False,
     next_model_file: Path | None = None,
 ) -> list[ServiceSpec]:
-    """The three services wired to each other. ports: name → (gRPC, metrics). encoder_model_dir:
-    the encoder the bundle was trained with when it is not the stock MiniLM (a pre-trained one).
-    follow_alias: the ranker starts on `bundle` and then follows the collection alias (make run,
-    whose quality gate promotes the full bundle); else it serves exactly `bundle`."""
+    """The services wired to each other. ports: name → (gRPC, metrics); "ranker-1", "ranker-2", ...
+    (ranker_labels) add ranker processes to the first: each with its own data dir (ranker_data_dirs),
+    all sharing the first one's SQLite stores of record and following its collection alias, and the
+    gateway calling them in turn. encoder_model_dir: the encoder the bundle was trained with when it
+    is not the stock MiniLM (a pre-trained one). follow_alias: the rankers start on `bundle` and then
+    follow the collection alias (make run, whose quality gate promotes the full bundle); else they
+    serve exactly `bundle`."""
     encoder_address = f"{host}:{ports['encoder'][0]}"
     encoder_env = {"MODEL": encoder_model, **({"MODEL_DIR": str(encoder_model_dir)} if encoder_model_dir else {})}
+    processes = 1
+    while f"ranker-{processes}" in ports:
+        processes += 1
+    rankers = []
+    for i, (label, data_dir) in enumerate(zip(ranker_labels(processes), ranker_data_dirs(ranker_data_dir, processes))):
+        env = {
+            "MODEL_STORE": str(model_store),
+            "BUNDLE": bundle,
+            "DATA_DIR": str(data_dir),
+            "ENCODER_ADDRESS": encoder_address,
+            "ALIAS_POLL_S": "2" if follow_alias else "0",
+            **({"NEXT_MODEL_FILE": str(next_model_file)} if next_model_file else {}),
+        }
+        if i > 0:  # the first one's stores of record and alias: what replicas share through PostgreSQL and Qdrant
+            env |= {"STORE_DIR": str(ranker_data_dir), "ALIAS_DATA_DIR": str(ranker_data_dir)}
+        rankers.append(
+            ServiceSpec(
+                "ranker", "services.ranker.server", "anime2vec.v1.RankerService", host, *ports[label], env, instance=i
+            )
+        )
     return [
         ServiceSpec(
             "encoder",
@@ -135,28 +187,19 @@ def standard_specs(
             *ports["encoder"],
             env=encoder_env,
         ),
-        ServiceSpec(
-            "ranker",
-            "services.ranker.server",
-            "anime2vec.v1.RankerService",
-            host,
-            *ports["ranker"],
-            env={
-                "MODEL_STORE": str(model_store),
-                "BUNDLE": bundle,
-                "DATA_DIR": str(ranker_data_dir),
-                "ENCODER_ADDRESS": encoder_address,
-                "ALIAS_POLL_S": "2" if follow_alias else "0",
-                **({"NEXT_MODEL_FILE": str(next_model_file)} if next_model_file else {}),
-            },
-        ),
+        *rankers,
         ServiceSpec(
             "gateway",
             "services.gateway.server",
             "anime2vec.v1.GatewayService",
             host,
             *ports["gateway"],
-            env={"RANKER_ADDRESS": f"{host}:{ports['ranker'][0]}", "ENCODER_ADDRESS": encoder_address, **gateway_env},
+            env={
+                # several: a list the gateway calls in turn (round robin; services/gateway/downstream.py)
+                "RANKER_ADDRESS": ",".join(r.address for r in rankers),
+                "ENCODER_ADDRESS": encoder_address,
+                **gateway_env,
+            },
         ),
     ]
 
@@ -171,7 +214,7 @@ class ServiceProcess:
 
     def start(self) -> None:
         if self.proc is not None and self.alive():
-            raise RuntimeError(f"{self.spec.name} is already running (pid {self.proc.pid})")
+            raise RuntimeError(f"{self.spec.label} is already running (pid {self.proc.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             # Its own session: a terminal's Ctrl-C reaches only the parent, which stops the services
@@ -189,6 +232,15 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def terminate(self) -> None:
+        """SIGTERM to its process group without waiting: several processes then drain at once (stop() waits)."""
+        if self.alive():
+            assert self.proc is not None
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def wait_serving(self, timeout_s: float) -> None:
         """Block until the health check reports the service SERVING; RuntimeError (with the log's
         tail) when the process exits first or the time runs out."""
@@ -200,7 +252,7 @@ class ServiceProcess:
                 if not self.alive():
                     code = None if self.proc is None else self.proc.returncode
                     raise RuntimeError(
-                        f"{self.spec.name} exited with status {code} before serving; last log lines:\n{self.log_tail()}"
+                        f"{self.spec.label} exited with status {code} before serving; last log lines:\n{self.log_tail()}"
                     )
                 try:
                     if health.Check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
@@ -209,7 +261,7 @@ class ServiceProcess:
                     pass  # not listening yet, or the service is not registered yet
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"{self.spec.name} not SERVING after {timeout_s:.0f} s; last log lines:\n{self.log_tail()}"
+                        f"{self.spec.label} not SERVING after {timeout_s:.0f} s; last log lines:\n{self.log_tail()}"
                     )
                 time.sleep(0.25)
 
@@ -229,6 +281,42 @@ class ServiceProcess:
 
 
 # ---- make run ----------------------------------------------------------------------------------
+
+DEFAULT_MAX_RANKER_PROCESSES = 4  # the default's cap: past it, each process's copy of the model costs more than it adds
+MAX_RANKER_PROCESSES = 16
+
+
+def default_ranker_processes() -> int:
+    """One ranker process per CPU core this process may run on, at most DEFAULT_MAX_RANKER_PROCESSES."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, DEFAULT_MAX_RANKER_PROCESSES))
+
+
+def _process_count(value: str) -> int:
+    """--ranker-processes / A2V_RANKER_PROCESSES: a whole number in 1..MAX_RANKER_PROCESSES."""
+    try:
+        n = int(value.strip())
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_RANKER_PROCESSES:
+        raise argparse.ArgumentTypeError(
+            f"the number of ranker processes must be a whole number from 1 to {MAX_RANKER_PROCESSES}, got {value!r}"
+        )
+    return n
+
+
+def ranker_processes_from_env(env: Mapping[str, str]) -> int:
+    """A2V_RANKER_PROCESSES when set (ArgumentTypeError naming it when bad), else the default."""
+    value = env.get("A2V_RANKER_PROCESSES", "")
+    if not value.strip():
+        return default_ranker_processes()
+    try:
+        return _process_count(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"A2V_RANKER_PROCESSES: {e}") from None
 
 
 def ensure_bundle(store: Path, sample: bool, report_dir: Path) -> tuple[Path, bool]:
@@ -337,6 +425,8 @@ def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, log
             f"pid {p.proc.pid})"
         )
 
+    rankers = "\n".join(line(name, "") for name in procs if procs[name].spec.name == "ranker")
+
     key_line = (
         f"  export A2V_API_KEY=$(cat {_shown(key_file)})   # this machine's key, generated once "
         f"(read, feedback, catalog)"
@@ -347,7 +437,7 @@ def usage(procs: dict[str, ServiceProcess], key: str | None, key_file: Path, log
     return f"""
 anime2vec is running (Ctrl-C stops it):
 {line("gateway", "public API, ")}
-{line("ranker", "")}
+{rankers}
 {line("encoder", "")}
   logs     {_shown(logs)}/
 
@@ -392,13 +482,22 @@ def main(argv: list[str] | None = None) -> int:
         "--base-port",
         type=int,
         default=50050,
-        help="gRPC ports: gateway on this one, encoder and ranker on the next two (default 50050)",
+        help="gRPC ports: gateway on this one, encoder on the next, then one per ranker process (default 50050: "
+        "rankers on 50052, 50053, ...)",
     )
     ap.add_argument(
         "--metrics-base-port",
         type=int,
         default=9100,
-        help="metrics ports: gateway, encoder, ranker from this one on (default 9100)",
+        help="metrics ports: gateway, encoder, then the ranker processes, from this one on (default 9100)",
+    )
+    ap.add_argument(
+        "--ranker-processes",
+        type=_process_count,
+        default=None,
+        metavar="N",
+        help=f"ranker processes, 1 to {MAX_RANKER_PROCESSES} (default: $A2V_RANKER_PROCESSES, else one per CPU core "
+        f"available to this process, at most {DEFAULT_MAX_RANKER_PROCESSES}: {default_ranker_processes()} here)",
     )
     ap.add_argument("--encoder-model", default="minilm", choices=["minilm", "tiny-random"])
     ap.add_argument(
@@ -415,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0.0 <= a.gate_tolerance < 1.0:
         ap.error(f"--gate-tolerance must be in [0, 1), got {a.gate_tolerance}")
+    if a.ranker_processes is None:
+        try:
+            a.ranker_processes = ranker_processes_from_env(os.environ)
+        except argparse.ArgumentTypeError as e:
+            ap.error(str(e))
+    g, m, n = a.base_port, a.metrics_base_port, a.ranker_processes
+    if min(g, m) < 1 or max(g, m) + 1 + n > 65535:
+        ap.error(f"--base-port and --metrics-base-port need {2 + n} ports each within 1..65535, got {g} and {m}")
 
     raise_on_signals()  # from the start: training and set-up stop on Ctrl-C / SIGTERM too
     procs: dict[str, ServiceProcess] = {}
@@ -422,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     status, serving = 0, False
     try:
         mode = "sample" if a.sample else "full"
-        g, m = a.base_port, a.metrics_base_port  # checked first: training can take minutes
-        if busy := ports_in_use(a.host, [g, g + 1, g + 2, m, m + 1, m + 2]):
+        # checked first: training can take minutes. gateway g, encoder g + 1, rankers g + 2, g + 3, ...; metrics alike
+        if busy := ports_in_use(a.host, [*range(g, g + 2 + n), *range(m, m + 2 + n)]):
             raise RuntimeError(
                 f"port(s) {', '.join(map(str, busy))} on {a.host} are in use (another `make run`?): "
                 f"stop it, or pass RUN_ARGS='--base-port N --metrics-base-port M'"
@@ -437,9 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         logs = a.state_dir / "logs"
         next_file = a.state_dir / mode / "next-model.json"
         next_file.unlink(missing_ok=True)
+        rankers = ranker_labels(n)
         specs = standard_specs(
             a.host,
-            {"gateway": (g, m), "encoder": (g + 1, m + 1), "ranker": (g + 2, m + 2)},
+            {"gateway": (g, m), "encoder": (g + 1, m + 1)}
+            | {label: (g + 2 + i, m + 2 + i) for i, label in enumerate(rankers)},
             encoder_model=a.encoder_model,
             model_store=store,
             bundle=bundle.name,
@@ -449,15 +558,16 @@ def main(argv: list[str] | None = None) -> int:
             follow_alias=True,
             next_model_file=next_file,
         )
-        procs = {s.name: ServiceProcess(s, logs / f"{s.name}.log") for s in specs}
+        procs = {s.label: ServiceProcess(s, logs / f"{s.label}.log") for s in specs}
         print(
             f"serving bundle {bundle.name} from {store}"
-            + (" (quick: TF-IDF and metadata content)" if train_full else ""),
+            + (" (quick: TF-IDF and metadata content)" if train_full else "")
+            + (f" with {n} ranker processes" if n > 1 else ""),
             flush=True,
         )
-        for name in ("encoder", "ranker"):  # both load models: start them together
+        for name in ("encoder", *rankers):  # they load models: start them together
             procs[name].start()
-        for name in ("encoder", "ranker"):
+        for name in ("encoder", *rankers):
             procs[name].wait_serving(a.startup_timeout)
         procs["gateway"].start()
         procs["gateway"].wait_serving(a.startup_timeout)
@@ -481,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
         assert dead[0].proc is not None  # every service was started above: this one exited
         print(
-            f"{dead[0].spec.name} exited with status {dead[0].proc.returncode}; stopping the others. "
+            f"{dead[0].spec.label} exited with status {dead[0].proc.returncode}; stopping the others. "
             f"Last log lines:\n{dead[0].log_tail()}",
             file=sys.stderr,
         )
@@ -501,10 +611,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"stopped the full bundle's {nxt.stage} (exit status {rc}); the next `make run` starts it again",
                     flush=True,
                 )
-            for name in ("gateway", "ranker", "encoder"):
-                rc = procs[name].stop() if name in procs else None
-                if rc is not None:
-                    print(f"stopped {name} (exit status {rc})", flush=True)
+            rankers = [name for name in procs if procs[name].spec.name == "ranker"]
+            for group in (["gateway"], rankers, ["encoder"]):
+                for name in group:  # the ranker processes finish their in-flight requests at once
+                    if name in procs:
+                        procs[name].terminate()
+                for name in group:
+                    rc = procs[name].stop() if name in procs else None
+                    if rc is not None:
+                        print(f"stopped {name} (exit status {rc})", flush=True)
     return status
 
 

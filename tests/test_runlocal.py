@@ -9,8 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from anime2vec.paths import REPO_ROOT
-from anime2vec.runlocal import OFFLINE_ENV, api_key_env, bundle_encoder_dir, standard_specs
+from anime2vec.runlocal import (
+    OFFLINE_ENV,
+    api_key_env,
+    bundle_encoder_dir,
+    default_ranker_processes,
+    ranker_processes_from_env,
+    standard_specs,
+)
+from anime2vec.runlocal import main as runlocal_main
 from services.gateway.auth import load_api_keys
 from services.gateway.settings import GatewaySettings
 from tests.processes import Output, Proc, descendants, free_port_runs, still_running
@@ -35,6 +45,64 @@ def _encoder_env(model_dir):
         encoder_model_dir=model_dir,
     )
     return next(s for s in specs if s.name == "encoder").env
+
+
+def test_several_ranker_processes_each_get_a_data_dir_and_ports_and_share_the_first_ones_store_and_alias():
+    ports = {"encoder": (1, 2), "gateway": (5, 6), "ranker": (3, 4)}
+    kw = dict(
+        encoder_model="minilm",
+        model_store=Path("/s"),
+        bundle="v1",
+        ranker_data_dir=Path("/d/ranker"),
+        gateway_env={},
+        follow_alias=True,
+    )
+    one = standard_specs("127.0.0.1", ports, **kw)
+    three = standard_specs("127.0.0.1", ports | {"ranker-1": (7, 8), "ranker-2": (9, 10)}, **kw)
+    first = next(s for s in one if s.name == "ranker")
+    rankers = [s for s in three if s.name == "ranker"]
+    assert [r.label for r in rankers] == ["ranker", "ranker-1", "ranker-2"]
+    assert rankers[0].env == first.env and (rankers[0].grpc_port, rankers[0].metrics_port) == (3, 4)  # as alone
+    assert "STORE_DIR" not in first.env and first.env["DATA_DIR"] == "/d/ranker"
+    for i, r in enumerate(rankers[1:], 1):
+        assert (r.grpc_port, r.metrics_port) == (5 + 2 * i, 6 + 2 * i)
+        # its own embedded collections, the first one's stores of record and alias
+        assert r.env["DATA_DIR"] == f"/d/ranker-{i}"
+        assert r.env["STORE_DIR"] == r.env["ALIAS_DATA_DIR"] == "/d/ranker"
+        assert {k: v for k, v in r.env.items() if k not in ("DATA_DIR", "STORE_DIR", "ALIAS_DATA_DIR")} == {
+            k: v for k, v in first.env.items() if k != "DATA_DIR"
+        }
+    gateway = next(s for s in three if s.name == "gateway")
+    assert gateway.env["RANKER_ADDRESS"] == "127.0.0.1:3,127.0.0.1:7,127.0.0.1:9"
+    assert next(s for s in one if s.name == "gateway").env["RANKER_ADDRESS"] == "127.0.0.1:3"
+    assert GatewaySettings(api_keys="k", ranker_address=gateway.env["RANKER_ADDRESS"])  # the gateway takes the list
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "17", "two", "1.5", " "])
+def test_bad_ranker_process_counts_are_refused_before_anything_starts(tmp_path, capsys, monkeypatch, value):
+    args = ["--sample", "--store", str(tmp_path / "m"), "--state-dir", str(tmp_path / "s")]
+    with pytest.raises(SystemExit) as exit_:
+        runlocal_main([*args, "--ranker-processes", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --ranker-processes: the number of ranker processes must be a whole number from 1 to 16" in err
+    if value.strip():  # an empty A2V_RANKER_PROCESSES means unset (the default)
+        monkeypatch.setenv("A2V_RANKER_PROCESSES", value)
+        with pytest.raises(SystemExit) as exit_:
+            runlocal_main(args)
+        assert exit_.value.code == 2
+        assert "A2V_RANKER_PROCESSES: the number of ranker processes must be a whole number" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_default_is_one_ranker_process_per_available_core_at_most_four(monkeypatch):
+    monkeypatch.delenv("A2V_RANKER_PROCESSES", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert default_ranker_processes() == min(cores, 4) == ranker_processes_from_env(os.environ)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_ranker_processes() == 4
+    assert ranker_processes_from_env({"A2V_RANKER_PROCESSES": "1"}) == 1  # today's single ranker
+    assert ranker_processes_from_env({"A2V_RANKER_PROCESSES": "8"}) == 8  # past the default's cap when asked
 
 
 def test_the_bundles_encoder_directory_reaches_the_encoder_service(tmp_path):
@@ -147,8 +215,20 @@ def _info(state: Path, grpc_base: int) -> dict:
     return json.loads(r.stdout)
 
 
+def _ranker_version(grpc_port: int) -> str:
+    """The version one ranker process serves, asked directly."""
+    import grpc
+
+    from anime2vec.v1 import common_pb2, ranker_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30).model.version
+
+
 def _start(store: Path, state: Path, *args: str) -> tuple[subprocess.Popen, Output, int]:
-    grpc_base, metrics_base = free_port_runs()
+    """The runner with two ranker processes (gateway, encoder, rankers on 4 consecutive ports)."""
+    grpc_base, metrics_base = free_port_runs(4)
     runner = subprocess.Popen(
         [
             sys.executable,
@@ -163,6 +243,8 @@ def _start(store: Path, state: Path, *args: str) -> tuple[subprocess.Popen, Outp
             str(grpc_base),
             "--metrics-base-port",
             str(metrics_base),
+            "--ranker-processes",
+            "2",
             *args,
         ],
         cwd=REPO_ROOT,
@@ -200,8 +282,8 @@ def _stop(runner: subprocess.Popen, out: Output) -> None:
 def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tmp_path):
     """First run on an empty store: the quick bundle is trained and served, the full one trains in
     the background (GetModelInfo says so) and SIGTERM stops that training too. Second run: the
-    quick bundle is reused, the full one trains again and the quality gate promotes it; the
-    ranker follows, and an anime added while the quick bundle served is served by the full one."""
+    quick bundle is reused, the full one trains again and the quality gate promotes it; both
+    ranker processes follow, and an anime added while the quick bundle served is served by the full one."""
     store, state = tmp_path / "models", tmp_path / "state"
     runner, out, port = _start(store, state)
     try:
@@ -241,10 +323,12 @@ def test_make_run_serves_the_quick_bundle_then_the_gate_promotes_the_full_one(tm
         promoted = lambda ls: any("[full bundle]" in x and ("promoted" in x or "keeps serving" in x) for x in ls)  # noqa: E731
         assert out.wait_for(promoted, 900, runner), out.text()
         assert "passed the quality gate and is promoted" in out.text(), out.text()
-        deadline = time.monotonic() + 60
-        while (info := _info(state, port))["version"] == quick:  # the ranker polls the alias
-            assert time.monotonic() < deadline, "the ranker did not follow the promotion"
+        deadline = time.monotonic() + 120
+        # every ranker process polls the alias; the second builds its copy of the collection first
+        while quick in {_ranker_version(port + 2), _ranker_version(port + 3)}:
+            assert time.monotonic() < deadline, "a ranker process did not follow the promotion"
             time.sleep(0.5)
+        info = _info(state, port)
         assert info["preset"] == "full" and not info.get("nextModel")
         similar = _client(state, port, "similar", "--id", aid, "--limit", "3")
         assert similar.returncode == 0 and "Alchemy Brothers Zero" in similar.stdout, similar.stderr
@@ -274,9 +358,11 @@ def test_make_run_refuses_ports_in_use_before_training(tmp_path):
                 "--state-dir",
                 str(tmp_path / "s"),
                 "--base-port",
-                str(port - 2),
+                str(port - 2),  # the first ranker's port is taken
                 "--metrics-base-port",
-                str(free_port_runs()[1]),
+                str(free_port_runs(4)[1]),
+                "--ranker-processes",
+                "2",
             ],
             cwd=REPO_ROOT,
             env=os.environ | OFFLINE_ENV,

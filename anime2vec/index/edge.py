@@ -482,6 +482,12 @@ def _load_shard(path: Path) -> qe.EdgeShard:
         raise IndexUnavailable(f"{type(e).__name__}: {e}") from e
 
 
+def read_alias_file(path: Path) -> str | None:
+    """The version an embedded index's aliases.json at `path` names (None: none, or no file);
+    AliasUnreadable when it does not name one. For a ranker following another data dir's alias."""
+    return _read_alias(path)
+
+
 def _read_alias(path: Path) -> str | None:
     """The version aliases.json names (None: it names none); AliasUnreadable when it is not a
     JSON object whose alias is a version name."""

@@ -1,7 +1,9 @@
 """Calls from the gateway to the ranker: one channel with gRPC's own retry policy for the idempotent
 methods, a deadline on every call (the configured one, never past the caller's), and failures
 mapped to what the gateway's caller can act on, with the ranker's field names rewritten to the
-gateway request's ("liked_ids[2]" → "favourites[3].anime_id")."""
+gateway request's ("liked_ids[2]" → "favourites[3].anime_id"). Several ranker processes (a list of
+addresses, `make run`) share the one channel: gRPC's round_robin policy sends each call to the next
+ready one, and a retry after UNAVAILABLE to another."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from anime2vec.serving.server import time_remaining
 from anime2vec.serving.tls import ClientTLS, open_channel
 from anime2vec.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc
 
+from .settings import balanced_target
+
 log = logging.getLogger("services.gateway")
 
 RANKER_SERVICE = "anime2vec.v1.RankerService"
@@ -32,29 +36,35 @@ IDEMPOTENT_METHODS = (
     "ListCatalog",
     "RecordFeedback",
 )
-RETRY_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": RANKER_SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
-# Reconnect quickly after a ranker restart instead of gRPC's default backoff of up to 2 minutes.
-_CHANNEL_OPTIONS = [
-    ("grpc.enable_retries", 1),
-    ("grpc.service_config", RETRY_SERVICE_CONFIG),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+_RETRY_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": RANKER_SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+RETRY_SERVICE_CONFIG = json.dumps(_RETRY_CONFIG)
+# Several ranker processes: every call to the next ready one (one address keeps gRPC's default, pick_first).
+ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], **_RETRY_CONFIG})
+
+
+def _channel_options(balanced: bool) -> list[tuple[str, object]]:
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", ROUND_ROBIN_SERVICE_CONFIG if balanced else RETRY_SERVICE_CONFIG),
+        # Reconnect quickly after a ranker restart instead of gRPC's default backoff of up to 2 minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
 # Leave this much of the caller's deadline for the gateway's own work after the downstream answer.
 _MARGIN_S = 0.05
 # The ranker replaces a catalogue anime only when the call names it in this metadata
@@ -109,9 +119,13 @@ def _in_own_words(error: ServiceError, address: str) -> ServiceError:
 
 class Ranker:
     def __init__(self, address: str, timeout_s: float, max_message_bytes: int, tls: ClientTLS | None = None):
+        """address: host:port, or a comma-separated list of IP:port (settings.balanced_target), round robin."""
         self.address, self.timeout_s = address, timeout_s
+        balanced = balanced_target(address)
         self._channel = open_channel(
-            address, tls, options=[*_CHANNEL_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)]
+            balanced or address,
+            tls,
+            options=[*_channel_options(balanced is not None), ("grpc.max_receive_message_length", max_message_bytes)],
         )
         self.stub = ranker_pb2_grpc.RankerServiceStub(self._channel)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from anime2vec.serving.settings import OutboundTLSSettings
@@ -20,7 +21,12 @@ class GatewaySettings(OutboundTLSSettings):
     # Callers are many applications: one connection may hold half of MAX_CONCURRENT_RPCS (64).
     max_concurrent_rpcs_per_connection: int | None = Field(32, ge=1)
 
-    ranker_address: str = Field("127.0.0.1:50052", min_length=1, description="ranker service host:port")
+    ranker_address: str = Field(
+        "127.0.0.1:50052",
+        min_length=1,
+        description="ranker service host:port; or several ranker processes as a comma-separated list of "
+        "IP:port (127.0.0.1:50052,127.0.0.1:50053: `make run`), called in turn (gRPC round robin)",
+    )
     encoder_address: str = Field("127.0.0.1:50051", min_length=1, description="encoder service host:port (free text)")
     ranker_timeout_s: float = Field(
         5.0, gt=0, le=120, description="deadline of one ranker call (capped by the caller's)"
@@ -72,6 +78,12 @@ class GatewaySettings(OutboundTLSSettings):
         1024, ge=0, description="free-text query vectors kept, so the pages of one search rank the same vector"
     )
 
+    @field_validator("ranker_address")
+    @classmethod
+    def _ranker_list(cls, v: str) -> str:
+        balanced_target(v)  # a list must be IP literals of one family
+        return v
+
     @model_validator(mode="after")
     def _keys_configured(self):
         if not self.api_keys.get_secret_value().strip() and self.api_keys_file is None:
@@ -79,3 +91,31 @@ class GatewaySettings(OutboundTLSSettings):
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         return self
+
+
+def balanced_target(address: str) -> str | None:
+    """The gRPC target for a comma-separated list of ranker addresses, `ipv4:a:p,b:q` (or `ipv6:[a]:p,...`),
+    which a round-robin channel spreads calls over; None for one address (dialled as it is). ValueError
+    for a list whose entries are not IP:port of one address family (gRPC's ipv4:/ipv6: targets take
+    literals only; one DNS name that resolves to every ranker is the other way)."""
+    entries = [e.strip() for e in address.split(",")]
+    if len(entries) == 1:
+        return None
+    families = set()
+    for e in entries:
+        host, sep, port = e.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+            if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"a list of rankers takes IP:port entries (e.g. 127.0.0.1:50052,127.0.0.1:50053; IPv6 as "
+                f"[::1]:50052), got {e!r}"
+            ) from None
+        if ip.version == 6 and not host.startswith("["):
+            raise ValueError(f"write an IPv6 ranker address in brackets, [{host}]:{port}, got {e!r}")
+        families.add(ip.version)
+    if len(families) > 1:
+        raise ValueError("a list of rankers must be all IPv4 or all IPv6 addresses")
+    return f"ipv{families.pop()}:" + ",".join(entries)

@@ -7,8 +7,10 @@ revision it serves and applies them (Lifecycle.follow_added: re-embedded with it
 tower, upserted into its index, listed in its catalogue). It asks again as soon as PostgreSQL
 NOTIFYs a commit, and at least every A2V_RANKER_CATALOG_FOLLOW_S seconds whatever happens, so a
 missed notification (the listening connection was down) delays an anime by one period, never
-loses it. With the SQLite store the same loop only closes the window in which a model switch
-could miss this replica's own write.
+loses it. The SQLite stores have no notification: several ranker processes on one machine that
+share them (A2V_RANKER_STORE_DIR, `make run`) learn of each other's writes by this poll alone, every
+A2V_RANKER_CATALOG_FOLLOW_S; for a ranker alone on its files the loop only closes the window in which
+a model switch could miss its own write.
 
 The same loop reports the store's health: a2v_store_up (the last question reached the store),
 a2v_store_connections (the pool), a2v_added_anime_revision and a2v_catalog_follow_timestamp_seconds.

@@ -1,16 +1,23 @@
 """Which model version the ranker serves: the first one at start-up (`pick_bundles`), the swap to the
 version the collection alias points to (`maybe_follow_alias`, polled), re-embedding the anime added at
 run time into each version served, and serving those other replicas add (`follow_added`, polled by
-catalog_follower.py). The swap is one assignment: a request keeps the version it started with."""
+catalog_follower.py). The swap is one assignment: a request keeps the version it started with.
+
+The alias followed is the index's own, or (A2V_RANKER_ALIAS_DATA_DIR: several ranker processes on one
+machine, each with its own copy of the embedded collections) the one in another ranker's data dir: this
+process then builds its copy of the version's collection when it switches (`activate`), and points its
+own alias at what it serves."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from anime2vec.bundle import BundleError, list_bundles, load_bundle
-from anime2vec.index.base import ItemIndex, ItemPoint
+from anime2vec.index.base import AliasUnreadable, ItemIndex, ItemPoint
+from anime2vec.index.edge import read_alias_file
 from anime2vec.serving.errors import unavailable
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving_model.model import ItemMeta, ServingModel
@@ -39,6 +46,14 @@ class Lifecycle:
         self._alias_problem: str | None = None  # why the alias could not be read, last poll
         # writes of added anime (this replica's UpsertAnime, following other replicas') and serving them: one step
         self.write_lock = threading.Lock()
+        # another ranker's alias (its data dir's embedded index) this one follows; None: its own index's
+        self.alias_file = settings.alias_data_dir / "qdrant" / "aliases.json" if settings.alias_data_dir else None
+
+    def alias_target(self) -> str | None:
+        """The version the followed alias names (None: unset); AliasUnreadable when its record is damaged."""
+        if self.alias_file is None:
+            return self.index.alias_target()
+        return read_alias_file(self.alias_file)
 
     def activate(self, model: ServingModel) -> None:
         """Make `model` the served version: its collection must exist (built here if missing);
@@ -156,7 +171,7 @@ class Lifecycle:
         tried again only when the alias or the bundle's files change (re-hashing a large bundle on
         every poll would cost a core); a failed load (e.g. Qdrant unreachable) is retried each poll."""
         try:
-            target = self.index.alias_target()
+            target = self.alias_target()
         except Exception as e:  # e.g. a Qdrant server down for a moment: ask again next poll, keep the thread
             if str(e) != self._alias_problem:  # once per problem, not once per poll
                 log.warning(
@@ -186,6 +201,8 @@ class Lifecycle:
             return
         try:
             self.activate(ServingModel(bundle, device=self.settings.device or None))
+            if self.alias_file is not None and self.index.alias_target() != target:
+                self.index.set_alias(target)  # this data dir says what this process serves
         except Exception:
             log.exception("could not switch to %s; still serving %s", target, current)
             self.metrics.bundle_load_failures.labels(service="ranker", reason="error").inc()
@@ -211,13 +228,17 @@ def _bundle_files(path: Path) -> tuple:
     )
 
 
-def pick_bundles(settings: RankerSettings, index: ItemIndex) -> list[Path]:
-    """The bundle to serve first: [explicit setting], else [the alias target], else every bundle,
-    newest first (the ranker serves the first that verifies)."""
+def pick_bundles(settings: RankerSettings, alias_target: Callable[[], str | None]) -> list[Path]:
+    """The bundle to serve first: [explicit setting], else [the target of the alias followed], else
+    every bundle, newest first (the ranker serves the first that verifies)."""
     store = settings.model_store
     if settings.bundle:
         return [Path(settings.bundle) if Path(settings.bundle).is_absolute() else store / settings.bundle]
-    target = index.alias_target()
+    try:
+        target = alias_target()
+    except AliasUnreadable as e:  # another ranker's alias (its own recovers it); this one's was recovered before
+        log.warning("cannot read the alias followed (%s); serving the newest bundle that verifies", e)
+        target = None
     if target and (store / target).is_dir():
         return [store / target]
     found = list_bundles(store)

@@ -49,7 +49,9 @@ def start(settings: RankerSettings, metrics: Metrics | None = None) -> tuple[Run
     stores = open_stores(settings, metrics)  # PostgreSQL when A2V_RANKER_STORE_DSN is set, else SQLite files
     encoder = EncoderClient(settings.encoder_address, settings.encoder_timeout_s, tls=settings.outbound_tls())
     servicer = RankerServicer(settings, index, stores.added, metrics, encoder=encoder, feedback=stores.feedback)
-    model = ServingModel(first_valid_bundle(pick_bundles(settings, index)), device=settings.device or None)
+    model = ServingModel(
+        first_valid_bundle(pick_bundles(settings, servicer.lifecycle.alias_target)), device=settings.device or None
+    )
     if embedded is not None:
         recover_collections(embedded, model.version, settings.data_dir)
     servicer.lifecycle.activate(model)

@@ -54,7 +54,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
         feedback: AnyFeedbackStore | None = None,
     ):
         self.settings, self.index, self.store, self.metrics = settings, index, store, metrics
-        self.feedback = feedback or FeedbackStore(settings.data_dir / "feedback.sqlite")
+        self.feedback = feedback or FeedbackStore(settings.sqlite_dir / "feedback.sqlite")
         self.users = OnlineUsers(self.feedback, index, metrics)
         self.encoder = encoder or EncoderClient(settings.encoder_address, settings.encoder_timeout_s)
         self.lifecycle = Lifecycle(settings, index, store, self.users, metrics)

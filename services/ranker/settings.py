@@ -28,6 +28,18 @@ class RankerSettings(OutboundTLSSettings):
     data_dir: Path = Field(
         REPO_ROOT / "var" / "ranker", description="embedded Qdrant, the store of added anime and the feedback store"
     )
+    store_dir: Path | None = Field(
+        None,
+        description="without a DSN: the directory of the SQLite stores of record (added_anime.sqlite, "
+        "feedback.sqlite); empty: data_dir. Several ranker processes on one machine (`make run`) name one "
+        "directory, as replicas name one PostgreSQL database",
+    )
+    alias_data_dir: Path | None = Field(
+        None,
+        description="embedded index: follow the collection alias of the ranker whose data dir this is "
+        "(<dir>/qdrant/aliases.json) instead of this one's own, building this process's copy of each version's "
+        "collection itself; empty: its own. Several ranker processes on one machine all follow the first one's",
+    )
     qdrant_url: str = Field("", description="Qdrant server URL; empty: embedded Qdrant under data_dir")
     qdrant_api_key: str = Field("", description="API key for the Qdrant server", repr=False)
     encoder_address: str = Field("127.0.0.1:50051", description="encoder service host:port (UpsertAnime)")
@@ -81,7 +93,7 @@ class RankerSettings(OutboundTLSSettings):
         "",
         repr=False,
         description="PostgreSQL DSN (libpq key=value or postgresql:// URI) of the store of record shared by every "
-        "replica: feedback events and added anime; empty: SQLite files under data_dir (one ranker). "
+        "replica: feedback events and added anime; empty: SQLite files under store_dir (one machine). "
         "libpq's PG* variables (PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, ...) fill what it leaves out",
     )
     store_pool_size: int = Field(8, ge=1, le=100, description="most connections to PostgreSQL per replica")
@@ -90,8 +102,8 @@ class RankerSettings(OutboundTLSSettings):
         2.0,
         ge=0.1,
         le=300,
-        description="PostgreSQL store: at least this often each replica asks for anime added through other "
-        "replicas (a NOTIFY at commit wakes it sooner)",
+        description="at least this often each replica asks the store for anime added through other replicas "
+        "(PostgreSQL: a NOTIFY at commit wakes it sooner; SQLite stores shared by processes on one machine: this poll)",
     )
 
     @field_validator("store_dsn")
@@ -127,4 +139,15 @@ class RankerSettings(OutboundTLSSettings):
             object.__setattr__(self, "qdrant_api_key", os.environ["QDRANT_API_KEY"])
         if self.default_limit > self.max_limit:
             raise ValueError("default_limit must not exceed max_limit")
+        if self.store_dir is not None and self.store_dsn:
+            raise ValueError("store_dir names SQLite stores; with store_dsn the store of record is PostgreSQL: set one")
+        if self.alias_data_dir is not None and self.qdrant_url:
+            raise ValueError(
+                "alias_data_dir is for the embedded index; on a Qdrant server every ranker shares its alias"
+            )
         return self
+
+    @property
+    def sqlite_dir(self) -> Path:
+        """Where the SQLite stores of record are (without a DSN): store_dir, else data_dir."""
+        return self.store_dir if self.store_dir is not None else self.data_dir

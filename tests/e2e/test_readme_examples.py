@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from anime2vec.paths import REPO_ROOT
-from anime2vec.runlocal import OFFLINE_ENV
+from anime2vec.runlocal import OFFLINE_ENV, ranker_processes_from_env
 from tests.e2e.test_api import MAL_XML
 from tests.processes import Output, descendants, free_port_runs, still_running
 
@@ -121,8 +121,9 @@ def runner(tmp_path_factory, bundle):
     store = checkout / "models"
     store.mkdir()
     (store / bundle.name).symlink_to(bundle)
-    grpc_base, metrics_base = free_port_runs()
     env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_GATEWAY_API_KEYS")} | OFFLINE_ENV
+    # make run's default number of ranker processes (one per core, at most 4): gateway, encoder, then one port each
+    grpc_base, metrics_base = free_port_runs(2 + ranker_processes_from_env(env))
     proc = subprocess.Popen(
         [
             sys.executable,

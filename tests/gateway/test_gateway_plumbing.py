@@ -18,7 +18,7 @@ from services.gateway.auth import DEFAULT_SCOPES, METHOD_SCOPES, SCOPES, ApiKey,
 from services.gateway.catalog import CatalogueSync
 from services.gateway.downstream import deadline
 from services.gateway.service import TextVectors, _Problems
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import GatewaySettings, balanced_target
 
 
 def entry(anime_id: int, title: str, **kw) -> ranker_pb2.CatalogEntry:
@@ -142,6 +142,23 @@ def test_downstream_deadline_never_outlives_the_caller():
     with pytest.raises(ServiceError) as e:
         deadline(Ctx(0.01), 5.0)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_list_of_ranker_addresses_is_one_round_robin_target_of_ip_literals():
+    assert balanced_target("ranker:50052") is None and balanced_target("127.0.0.1:50052") is None  # dialled as is
+    assert balanced_target("127.0.0.1:50052, 127.0.0.1:50053") == "ipv4:127.0.0.1:50052,127.0.0.1:50053"
+    assert balanced_target("[::1]:50052,[::1]:50053") == "ipv6:[::1]:50052,[::1]:50053"
+    assert GatewaySettings(api_keys="k", ranker_address="127.0.0.1:1,127.0.0.1:2").ranker_address
+    for bad, says in (
+        ("ranker-0:50052,ranker-1:50052", "IP:port entries"),
+        ("127.0.0.1:50052,", "IP:port entries"),
+        ("127.0.0.1,127.0.0.1:50053", "IP:port entries"),
+        ("127.0.0.1:50052,127.0.0.1:99999", "IP:port entries"),
+        ("::1:50052,::1:50053", r"in brackets, \[::1\]:50052"),
+        ("127.0.0.1:50052,[::1]:50053", "all IPv4 or all IPv6"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            GatewaySettings(api_keys="k", ranker_address=bad)
 
 
 def test_several_unresolved_titles_name_every_field():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,70 @@ def test_a_store_that_cannot_be_opened_is_left_alone(tmp_path, store):
     with pytest.raises(StoreUnavailable, match="cannot be opened"):
         open_store(store, tmp_path / "store.sqlite", tmp_path, "the store")
     assert (tmp_path / "store.sqlite").is_dir() and not (tmp_path / "quarantine").exists()
+
+
+def test_a_store_another_ranker_process_has_open_is_never_moved_aside(tmp_path):
+    """Several ranker processes share one directory of stores (make run): the first has them open
+    and marked in use; a store a later one finds unreadable stays where it is (StoreUnavailable, the
+    later one does not start) instead of being moved from under the first."""
+    from services.ranker.stores import open_sqlite_stores
+
+    first = open_sqlite_stores(tmp_path, None)
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "feedback.sqlite").write_bytes(GARBAGE)
+        # the damage as a second process sees it: a file it cannot read (here: another file in its place)
+        (tmp_path / "feedback.sqlite").rename(tmp_path / "elsewhere" / "sound.sqlite")
+        (tmp_path / "elsewhere" / "feedback.sqlite").rename(tmp_path / "feedback.sqlite")
+        with pytest.raises(StoreUnavailable, match="another ranker process has it open: not moved aside"):
+            open_sqlite_stores(tmp_path, None)
+        assert (tmp_path / "feedback.sqlite").read_bytes() == GARBAGE and not (tmp_path / "quarantine").exists()
+    finally:
+        first.close()
+    second = open_sqlite_stores(tmp_path, None)  # alone now: recovered as a lone ranker's store is
+    second.close()
+    (moved,) = (tmp_path / "quarantine").rglob("feedback.sqlite")
+    assert moved.read_bytes() == GARBAGE
+
+
+def test_ranker_processes_starting_together_recover_a_damaged_store_once(tmp_path):
+    """Two processes open one damaged store at the same moment: one moves it aside and opens an
+    empty store, the other waits and opens that one (it must not move the fresh store aside too)."""
+    import subprocess
+    import sys
+
+    from anime2vec.paths import REPO_ROOT
+
+    (tmp_path / "added_anime.sqlite").write_bytes(GARBAGE)
+    go = tmp_path / "go"
+    script = (
+        "import sys, time, pathlib\n"
+        "import services.ranker.recovery as recovery\n"
+        "from services.ranker.stores import open_sqlite_stores\n"
+        # a slow move aside (a loaded machine): the other process reads the damaged file meanwhile unless it waits
+        "real = recovery.quarantine\n"
+        "recovery.quarantine = lambda *a: (time.sleep(0.5), real(*a))[1]\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "(d / f'ready-{sys.argv[2]}').touch()\n"
+        "while not (d / 'go').exists(): time.sleep(0.002)\n"
+        "s = open_sqlite_stores(d, None); s.added.put(int(sys.argv[2]), {'title': 't'}, [0.0], 'fp'); s.close()\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(aid)], cwd=REPO_ROOT, stderr=subprocess.PIPE)
+        for aid in (1, 2)
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{aid}").exists() for aid in (1, 2)):  # both imported: released together
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not get ready"
+        time.sleep(0.01)
+    go.touch()
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    (moved,) = (tmp_path / "quarantine").rglob("added_anime.sqlite")  # moved aside once
+    assert moved.read_bytes() == GARBAGE
+    store = AddedAnimeStore(tmp_path / "added_anime.sqlite")
+    assert [a.anime_id for a in store.all()] == [1, 2]  # both wrote into the one fresh store
+    store.close()
 
 
 def test_a_store_with_a_damaged_page_is_unreadable(tmp_path):
