@@ -164,7 +164,9 @@ def summary(result: dict) -> list[dict]:
                     "figure": f"ranker search p50, served {s['served_mode']} mode, unfiltered top-{s['served_page']}",
                     "baseline": f"one pass over the int8 vectors (read floor); numpy 1 thread {u['vs_numpy_1_thread']:.1f}×, "
                     f"faiss flat {u['vs_faiss_flat']:.1f}×",
-                    "result": f"{u['served_p50_ms']:.2f} ms = {u['vs_int8_read_floor']:.1f}× the floor",
+                    "result": f"{u['served_p50_ms']:.2f} ms = {u['vs_int8_read_floor']:.1f}× the floor "
+                    f"({s.get('search_precision', 'float32')}; {u.get('vs_float32_in_memory', float('nan')):.2f}× "
+                    "the float32 in-memory search)",
                     "target": f"≤ {t['floor_ratio']:g}×",
                     "met": t["floor_met"],
                 }

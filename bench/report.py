@@ -63,8 +63,9 @@ def _md_search(s: dict) -> list[str]:
             f"- unfiltered (served by `{u.get('served_case', 'qdrant')}`): {u['served_p50_ms']:.2f} ms = "
             f"{u['vs_int8_read_floor']:.1f}× the int8 read floor (target "
             f"≤ {t['floor_ratio']:g}×: {_yes(t.get('floor_met'))}; {u.get('vs_float32_read_floor', float('nan')):.1f}× "
-            f"one pass over the float32 vectors, which the exact mode reads), {u['vs_numpy_1_thread']:.1f}× numpy, "
-            f"{u['vs_faiss_flat']:.1f}× faiss flat",
+            f"one pass over the float32 vectors; search precision {s.get('search_precision', 'float32')}: "
+            f"{u.get('vs_float32_in_memory', float('nan')):.2f}× the same search in float32), "
+            f"{u['vs_numpy_1_thread']:.1f}× numpy, {u['vs_faiss_flat']:.1f}× faiss flat",
             f"- filtered (served by `{f.get('served_case', 'qdrant')}`): {f['served_p50_ms']:.2f} ms = "
             f"{f['vs_numpy_matching_rows']:.2f}× numpy over the matching rows "
             f"(target ≤ {t['filtered_ratio']:g}×: {_yes(t.get('filtered_met'))}), {f['vs_faiss_id_selector']:.1f}× faiss "

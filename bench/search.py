@@ -169,18 +169,25 @@ def _in_memory_runs(cat: dict, vectors: np.ndarray) -> dict[str, Callable[[np.nd
     """The ranker's in-memory exact search over the same vectors, unfiltered and under FILTER."""
     from services.ranker.memory_scan import MemoryScan
     from services.ranker.ranking import CatalogueFilter
+    from services.ranker.settings import RankerSettings
 
     ids = np.arange(len(vectors))
     years = [None if y < 0 else int(y) for y in np.asarray(cat["years"])]
     filt = CatalogueFilter(ids, [list(g) for g in cat["genres"]], [str(t) for t in cat["types"]], years)
-    scan = MemoryScan(ids, vectors, filt)
+    # the precision the ranker's default setting picks here ("auto": timed on these vectors), and
+    # float32 beside it
+    precision = RankerSettings.model_fields["search_precision"].default
+    scan = MemoryScan(ids, vectors, filt, precision=precision)
+    cat["search_precision"] = scan.precision
+    f32 = MemoryScan(ids, vectors, filt, precision="float32")
     none = SearchFilter()
     runs: dict[str, Callable[[np.ndarray], list]] = {}
     for k in LIMITS:
         runs[f"ranker in-memory top-{k}"] = lambda q, k=k: [h.anime_id for h in scan.search(q, none, k, {})]
         runs[f"ranker in-memory filtered top-{k}"] = lambda q, k=k: [h.anime_id for h in scan.search(q, FILTER, k, {})]
+        runs[f"ranker in-memory float32 top-{k}"] = lambda q, k=k: [h.anime_id for h in f32.search(q, none, k, {})]
     runs[f"ranker in-memory filtered, filter seen first top-{SERVED_PAGE}"] = lambda q: [
-        h.anime_id for h in MemoryScan(ids, vectors, filt).search(q, FILTER, SERVED_PAGE, {})
+        h.anime_id for h in MemoryScan(ids, vectors, filt, precision="float32").search(q, FILTER, SERVED_PAGE, {})
     ]
     return runs
 
@@ -216,17 +223,21 @@ def _interleaved(
 
 
 def _single_threaded(runs, queries):
-    """_interleaved with BLAS and faiss on one thread each: one engine query runs on one thread."""
+    """_interleaved with BLAS, torch and faiss on one thread each: one engine query runs on one thread,
+    and the ranker searches on one thread per request (services/ranker/server.py)."""
     import faiss
+    import torch
     from threadpoolctl import threadpool_limits
 
-    before = faiss.omp_get_max_threads()
+    before, torch_before = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
             return _interleaved(runs, queries)
     finally:
         faiss.omp_set_num_threads(before)
+        torch.set_num_threads(torch_before)
 
 
 def _summary(times: np.ndarray) -> dict[str, float]:
@@ -315,6 +326,7 @@ def run_search_bench(
             "vs_faiss_flat": served_unfiltered / cases[f"faiss flat {page}"]["p50_ms"],
             "vs_int8_read_floor": served_unfiltered / floor,
             "vs_float32_read_floor": served_unfiltered / cases["float32 read floor"]["p50_ms"],
+            "vs_float32_in_memory": served_unfiltered / cases[f"ranker in-memory float32 {page}"]["p50_ms"],
         },
         "filtered": {
             "served_case": served[1],
@@ -334,6 +346,7 @@ def run_search_bench(
         "source": cat["source"],
         "oversampling": DEFAULT_OVERSAMPLING,
         "served_mode": mode,
+        "search_precision": cat.get("search_precision"),
         "peers": peers,
         "served_page": SERVED_PAGE,
         "filter": {

@@ -58,7 +58,7 @@ class Lifecycle:
     def activate(self, model: ServingModel) -> None:
         """Make `model` the served version: its collection must exist (built here if missing);
         added anime are re-embedded with its item tower; then the swap is one assignment."""
-        serving = load_serving(model)
+        serving = load_serving(model, self.settings.search_precision)
         if not self.index.has_version(model.version):
             log.info("building the Qdrant collection for %s (%d items)", model.version, len(model.item_ids))
             self.index.create_version(

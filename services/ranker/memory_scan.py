@@ -17,21 +17,40 @@ searches already run on every core, and a batch (GEMM) sums in another order tha
 (GEMV), so a query's scores, and the order of near-ties across the pages of a list, would depend on
 what else was being searched at the time. (Batching would read the vectors once for many queries,
 but packing them costs 2.5 lone queries: bench numbers in docs/benchmarks.md.)
+
+Precision (A2V_RANKER_SEARCH_PRECISION): a product over every row reads 34 MB of float32 on the full
+catalogue, which bounds its speed. "int8" scans an int8 copy instead (a quarter of the bytes) and
+keeps the ranking exact. Each column j is scaled by c_j = max|x_ij| / 127 and rounded (x̂ = c ⊙ xq);
+the query side is (c ⊙ q) rounded the same way, and the int8 products are summed in int32, which
+is exact. So the float32 score differs from the approximate one by at most
+‖x_i − x̂_i‖·‖q‖ + ‖xq_i‖·‖c ⊙ q − its rounding‖ (plus the float32 sums' own error), a bound with
+only known quantities (`Int8Copy.slack`). Every row whose approximate score plus its bound reaches
+the k-th best lower bound is a candidate, and only those (tens to a few hundred) are scored in
+float32. "auto" (the default) times both on the served vectors when the scan is built and keeps the
+faster (the int8 product is torch's `_int_mm`; where a CPU lacks fast int8 it loses); the bound is
+checked on the served vectors there too, and a violation falls back to float32.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
 from anime2vec.index.base import SearchFilter, folded, payload_matches
 from anime2vec.serving_model.model import ItemMeta
 
 from .ranking import CatalogueFilter
 
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "float32", "int8")
 MAX_FRACTION = 0.25
 # the blocks kept, least recently used dropped first: a genre page's block is ~1 MB on the full catalogue
 # (a few hundred anime), the largest ~8.6 MB (a quarter of it)
@@ -46,6 +65,44 @@ class Block:
     rows: np.ndarray
     vectors: np.ndarray | None
     full: bool = False
+
+
+class Int8Copy:
+    """The vectors as int8 with one scale per column, and what the error bound needs per row."""
+
+    def __init__(self, vectors: np.ndarray):
+        x = vectors.astype(np.float64)
+        top = np.abs(x).max(axis=0)
+        self.scale = np.where(top > 0, top / 127.0, 1.0)  # c_j
+        q = np.clip(np.rint(x / self.scale), -127, 127)
+        self.codes = torch.from_numpy(q.astype(np.int8))  # (n, d); _int_mm reads its transpose view
+        self.residual = np.linalg.norm(x - q * self.scale, axis=1)  # ‖x_i − x̂_i‖
+        self.code_norm = np.linalg.norm(q, axis=1)  # ‖xq_i‖
+        self.norm = np.linalg.norm(x, axis=1)
+        # the float32 product's own error (≤ d·2⁻²⁴·‖x‖‖q‖ for the served score, again for the
+        # rescoring's), doubled for the float64 arithmetic of the bound itself
+        self.rounding = 4 * x.shape[1] * 2.0**-24
+
+    def scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate scores of every row and, per row, a bound on |float32 score − approximate|.
+        The query side, c ⊙ q (x̂·q = xq·(c ⊙ q)), is rounded to int8 twice: the codes, then their
+        remainder; both rows go through one int8 product (it reads the codes once either way)."""
+        qs = self.scale * query.astype(np.float64)
+        b1 = _unit(qs)
+        q1 = np.clip(np.rint(qs / b1), -127, 127)
+        rest = qs - q1 * b1
+        b2 = _unit(rest)
+        q2 = np.clip(np.rint(rest / b2), -127, 127)
+        dots = torch._int_mm(torch.from_numpy(np.stack([q1, q2]).astype(np.int8)), self.codes.t()).numpy()
+        qn = float(np.linalg.norm(query.astype(np.float64)))
+        left = float(np.linalg.norm(rest - q2 * b2))  # ‖c ⊙ q − its rounding‖
+        slack = self.residual * qn + self.code_norm * left + self.rounding * self.norm * qn
+        return dots[0] * b1 + dots[1] * b2, slack
+
+
+def _unit(v: np.ndarray) -> float:
+    top = float(np.abs(v).max()) if len(v) else 0.0
+    return top / 127.0 if top > 0 else 1.0
 
 
 def _size(block: Block | None) -> int:
@@ -68,9 +125,19 @@ class MemoryScan:
         filt: CatalogueFilter,
         max_fraction: float = MAX_FRACTION,
         cached_bytes: int = CACHED_BYTES,
+        precision: str = "float32",
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.item_ids, self.vectors, self.filt = item_ids, np.ascontiguousarray(vectors, np.float32), filt
         self.max_rows = int(max_fraction * len(item_ids))
+        self.precision = "float32"
+        self._int8: Int8Copy | None = None
+        if precision != "float32" and len(self.vectors):
+            self._int8 = Int8Copy(self.vectors)
+            self.precision = self._choose(precision)
+            if self.precision == "float32":
+                self._int8 = None
         self.cached_bytes = cached_bytes
         self.everything = Block(np.arange(len(item_ids)), None, full=True)
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
@@ -125,22 +192,27 @@ class MemoryScan:
     ) -> list[ScanHit]:
         """`search` over a block already looked up for `flt` (the ranker looks it up to choose the path)."""
         query = np.asarray(query, np.float32)
-        if block.vectors is not None:
-            scores = block.vectors @ query
-        else:
-            scores = self.vectors @ query
-            if not block.full:
-                scores = scores[block.rows]
         rows = block.rows
         gone = np.asarray([self.filt.pos[a] for a in {*flt.exclude_ids, *added} if a in self.filt.pos], np.int64)
+        at = np.zeros(0, np.int64)
         if len(gone) and len(rows):  # excluded, or replaced by an added anime of the same id
             at = np.searchsorted(rows, gone)
             at = at[(at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == gone)]
+        if block.vectors is None and self._int8 is not None:
+            at_rows, scores = self._int8_candidates(block, query, at, limit)
+        else:
+            if block.vectors is not None:
+                scores = block.vectors @ query
+            else:
+                scores = self.vectors @ query
+                if not block.full:
+                    scores = scores[rows]
             scores[at] = -np.inf
+            at_rows = np.arange(len(scores))
         k = min(limit, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(len(scores))
         hits = [
-            ScanHit(int(self.item_ids[rows[i]]), float(scores[i]), int(rows[i]), None)
+            ScanHit(int(self.item_ids[rows[at_rows[i]]]), float(scores[i]), int(rows[at_rows[i]]), None)
             for i in top
             if scores[i] > -np.inf
         ]
@@ -149,3 +221,72 @@ class MemoryScan:
                 hits.append(ScanHit(aid, float(meta.vector @ query), None, meta))
         hits.sort(key=lambda h: (-h.score, h.anime_id))
         return hits[:limit]
+
+    def _int8_candidates(
+        self, block: Block, query: np.ndarray, at: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in block.rows that can be in the exact top `limit` (see the module docstring),
+        with their float32 scores. `at`: positions never ranked (exclusions)."""
+        assert self._int8 is not None
+        approx, slack = self._int8.scores(query)
+        if not block.full:
+            approx, slack = approx[block.rows], slack[block.rows]
+        approx[at] = -np.inf
+        k = min(limit, len(approx) - len(at))
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lower = approx - slack
+        tau = np.partition(lower, len(lower) - k)[len(lower) - k]  # k rows score at least this
+        cand = np.flatnonzero(approx + slack >= tau)
+        return cand, self.vectors[block.rows[cand]] @ query
+
+    def _choose(self, precision: str, n_queries: int = 16, repeats: int = 3) -> str:
+        """Check the int8 bound on the served vectors (rows as queries, and means of three) and,
+        for "auto", time both full scans on them: the faster is kept."""
+        assert self._int8 is not None
+        rng = np.random.default_rng(0)
+        n = len(self.vectors)
+        picks = rng.integers(0, n, (n_queries, 3))
+        queries = [self.vectors[p[0]] for p in picks[: n_queries // 2]]
+        queries += [self.vectors[p].mean(axis=0) for p in picks[n_queries // 2 :]]
+        try:
+            for q in queries:
+                approx, slack = self._int8.scores(q)
+                if np.any(np.abs(approx - self.vectors @ q) > slack):
+                    log.warning("int8 scan: an error outside its bound on the served vectors; scanning float32")
+                    return "float32"
+        except RuntimeError as e:  # no int8 matrix product in this torch build
+            log.warning("int8 scan unavailable (%s); scanning float32", e)
+            return "float32"
+        if precision == "int8":
+            log.info("in-memory search: int8 (its bound held on the served vectors)")
+            return "int8"
+        full = Block(np.arange(n), None, full=True)
+        times: dict[str, list[float]] = {"float32": [], "int8": []}
+        int8 = self._int8
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the ranker searches: one thread per request (server.py)
+        try:
+            with threadpool_limits(1):
+                for _ in range(repeats):
+                    for name in times:  # interleaved: a neighbour's load hits both alike
+                        self._int8 = int8 if name == "int8" else None
+                        t0 = time.thread_time()  # this thread only: not the ranker's other requests
+                        for q in queries:
+                            self.scan(full, q, SearchFilter(), 11, {})
+                        times[name].append(time.thread_time() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        self._int8 = int8
+        f32, i8 = min(times["float32"]), min(times["int8"])
+        chosen = "int8" if i8 < 0.9 * f32 else "float32"
+        log.info(
+            "in-memory search: %s (%d queries over %d×%d: float32 %.2f ms, int8 %.2f ms per query)",
+            chosen,
+            len(queries),
+            n,
+            self.vectors.shape[1],
+            1e3 * f32 / len(queries),
+            1e3 * i8 / len(queries),
+        )
+        return chosen

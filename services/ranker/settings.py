@@ -81,6 +81,13 @@ class RankerSettings(OutboundTLSSettings):
         "memory_scan.py: the same exact ranking, faster than the engine's scan and outside the GIL); Qdrant "
         "stays the store of record. false: every search goes to Qdrant",
     )
+    search_precision: Literal["auto", "float32", "int8"] = Field(
+        "auto",
+        description="the in-memory search's product over every row: float32, or an int8 copy (a quarter of the "
+        "bytes, summed exactly in int32) whose candidates within a proven error bound are rescored in float32, so "
+        "the ranking stays exact (services/ranker/memory_scan.py); auto: the faster of the two, timed on the "
+        "served vectors when a bundle is loaded",
+    )
     search_batch: int = Field(
         16,
         ge=1,

@@ -55,7 +55,8 @@ class Serving:
         return cached[1]
 
 
-def load_serving(model: ServingModel) -> Serving:
+def load_serving(model: ServingModel, search_precision: str = "auto") -> Serving:
+    """search_precision: the in-memory search's (services/ranker/memory_scan.py)."""
     cat = model.catalog
     filt = CatalogueFilter(
         model.item_ids,
@@ -71,7 +72,9 @@ def load_serving(model: ServingModel) -> Serving:
         terms=term_index(cat, model.content),
         held_out=held_out_items(model),
         example_users=example_users(model),
-        scan=MemoryScan(model.item_ids, model.item_tower, filt) if model.has_vectors else None,
+        scan=MemoryScan(model.item_ids, model.item_tower, filt, precision=search_precision)
+        if model.has_vectors
+        else None,
     )
 
 
