@@ -24,7 +24,7 @@ keeps the ranking exact. Each column j is scaled by c_j = max|x_ij| / 127 and ro
 the query side is (c ⊙ q) rounded the same way, and the int8 products are summed in int32, which
 is exact. So the float32 score differs from the approximate one by at most
 ‖x_i − x̂_i‖·‖q‖ + ‖xq_i‖·‖c ⊙ q − its rounding‖ (plus the float32 sums' own error), a bound with
-only known quantities (`Int8Copy.slack`). Every row whose approximate score plus its bound reaches
+only known quantities (`Int8Copy.scores`). Every row whose approximate score plus its bound reaches
 the k-th best lower bound is a candidate, and only those (tens to a few hundred) are scored in
 float32. "auto" (the default) times both on the served vectors when the scan is built and keeps the
 faster (the int8 product is torch's `_int_mm`; where a CPU lacks fast int8 it loses); the bound is
@@ -198,7 +198,7 @@ class MemoryScan:
         if len(gone) and len(rows):  # excluded, or replaced by an added anime of the same id
             at = np.searchsorted(rows, gone)
             at = at[(at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == gone)]
-        if block.vectors is None and self._int8 is not None:
+        if block.vectors is None and self._int8 is not None and np.isfinite(query).all():
             at_rows, scores = self._int8_candidates(block, query, at, limit)
         else:
             if block.vectors is not None:
