@@ -296,14 +296,16 @@ def gateway_analysis(g: dict) -> list[str]:
             + "."
         )
         engine = next((r for r in prof["top_self"] if "EdgeShard" in r["function"]), None)
-        memory = next((r for r in prof["top_self"] if "memory_scan.py" in r["function"]), None)
+        # the whole in-memory search: MemoryScan.scan with what it calls (the int8 product or BLAS)
+        memory = prof.get("memory_search_ms_per_request")
         if memory and "cpu_to_floor" in prof:
             lines.append(
-                f"The exact search over the served vectors in memory (one float32 matrix-vector product, 4× the "
-                f"int8 bytes the floor reads) is {memory['self_ms_per_request']:.2f} ms, {memory['self_share']:.0%} "
-                f"of the handler: the unfiltered request's distance to the ≤ 2.5× target is that product itself. "
-                f"A request with a selective filter costs {prof['cpu_ms_per_request']['filtered']:.2f} ms of CPU "
-                f"({prof['cpu_to_floor']['filtered']:.1f}× the int8 floor). BLAS runs outside the GIL, so "
+                f"The exact search over the served vectors in memory (the product over every row, in the precision "
+                f"`A2V_RANKER_SEARCH_PRECISION` chose, with its rescoring) is {memory:.2f} ms, "
+                f"{memory / prof['profiled_ms_per_request']:.0%} of the handler under the profiler: most of the "
+                f"unfiltered request's distance to the ≤ 2.5× target is that product. A request with a selective "
+                f"filter costs {prof['cpu_ms_per_request']['filtered']:.2f} ms of CPU "
+                f"({prof['cpu_to_floor']['filtered']:.1f}× the int8 floor). The product runs outside the GIL, so "
                 f"concurrent requests search on both cores of one ranker process."
             )
         elif engine and "cpu_to_floor" in prof:
