@@ -18,17 +18,25 @@ searches already run on every core, and a batch (GEMM) sums in another order tha
 what else was being searched at the time. (Batching would read the vectors once for many queries,
 but packing them costs 2.5 lone queries: bench numbers in docs/benchmarks.md.)
 
+Every search ends the same way: the candidate rows are scored again in float64, row by row
+(`_row_scores`), and ordered by (score, anime id). A float32 BLAS product's last bits depend on a row's
+position in the matrix it is part of, so without this two searches could order exact or near ties
+differently, and page 2 of a list could repeat an anime of page 1. The candidates are every row whose
+float32 score comes within the product's own error bound of the k-th best (float32), or of the int8
+scan's bound (int8), so both precisions return the same page.
+
 Precision (A2V_RANKER_SEARCH_PRECISION): a product over every row reads 34 MB of float32 on the full
-catalogue, which bounds its speed. "int8" scans an int8 copy instead (a quarter of the bytes) and
-keeps the ranking exact. Each column j is scaled by c_j = max|x_ij| / 127 and rounded (x̂ = c ⊙ xq);
-the query side is (c ⊙ q) rounded the same way, and the int8 products are summed in int32, which
-is exact. So the float32 score differs from the approximate one by at most
-‖x_i − x̂_i‖·‖q‖ + ‖xq_i‖·‖c ⊙ q − its rounding‖ (plus the float32 sums' own error), a bound with
-only known quantities (`Int8Copy.scores`). Every row whose approximate score plus its bound reaches
-the k-th best lower bound is a candidate, and only those (tens to a few hundred) are scored in
-float32. "auto" (the default) times both on the served vectors when the scan is built and keeps the
-faster (the int8 product is torch's `_int_mm`; where a CPU lacks fast int8 it loses); the bound is
-checked on the served vectors there too, and a violation falls back to float32.
+catalogue. "int8" scans an int8 copy instead (a quarter of the bytes). Each column j is scaled by
+c_j = max|x_ij| / 127 and rounded (x̂ = c ⊙ xq); the query side (c ⊙ q) is rounded to int8 twice (codes,
+then remainder), and torch's `_int_mm` sums the products in int32, exactly where the CPU has VNNI or
+AMX (without, oneDNN pairs products into a saturating int16: `int8_products_exact` probes that at the
+served shape, and a CPU that fails scans float32). So |float32 score − approximate| ≤
+‖x_i − x̂_i‖·‖q‖ + ‖xq_i‖·‖c ⊙ q − its rounding‖ + the float32 product's own error, every term known
+(`Int8Copy.scores`), and the rows whose approximate score plus that bound reaches the k-th best lower
+bound are the candidates (tens to a few hundred; past an eighth of the rows the float32 product is
+cheaper and is used). "auto" (the default) checks the bound on the served vectors, times both on one
+thread at a first page and a re-ranking pool's depth, and keeps int8 when it takes under 0.9× the
+float32 time; served vectors that are not all finite, or a bound that fails, mean float32.
 """
 
 from __future__ import annotations
@@ -67,21 +75,71 @@ class Block:
     full: bool = False
 
 
+CHUNK = 4096  # rows converted at a time: the float64 work of a 16.7k x 516 copy stays ~17 MB, not ~280
+
+
+def _row_scores(vectors: np.ndarray, q64: np.ndarray) -> np.ndarray:
+    """Each row's dot product with the query in float64, row by row: a row's score does not depend on
+    which other rows are scored with it (a float32 BLAS product's last bits do: its kernel for the
+    last rows of a matrix differs), so two searches that rescore different rows agree on every score
+    and rank ties by anime id alike."""
+    return (vectors.astype(np.float64) * q64).sum(axis=1)
+
+
+def max_row_norm(vectors: np.ndarray) -> tuple[float, bool]:
+    """The largest norm of a finite row, and whether every row is finite."""
+    top, finite = 0.0, True
+    for c in _chunks(vectors):
+        sq = np.einsum("ij,ij->i", c, c, dtype=np.float64)
+        ok = np.isfinite(sq)
+        finite &= bool(ok.all())
+        if ok.any():
+            top = max(top, float(np.sqrt(sq[ok].max())))
+    return top, finite
+
+
+def _chunks(a: np.ndarray):
+    return (a[i : i + CHUNK] for i in range(0, len(a), CHUNK))
+
+
+def int8_products_exact(n: int, d: int) -> bool:
+    """Whether torch's int8 product sums exactly in int32 at this shape: with VNNI (or AMX) it
+    does; without, oneDNN pairs products into a saturating int16 first (an all-127 row times all-127
+    codes comes out as 65,280 instead of 16,129·d), and with one column it returns garbage. Probed
+    with the worst cases and random codes at the served shape."""
+    if d < 2 or n < 1:
+        return False
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
+    codes[: min(n, 4)] = np.array([127, -127, 127, -127])[: min(n, 4), None]
+    query = np.stack([np.full(d, 127), np.full(d, -127), rng.integers(-127, 128, d)]).astype(np.int8)
+    try:
+        got = torch._int_mm(torch.from_numpy(query), torch.from_numpy(codes).t()).numpy()
+    except RuntimeError:  # no int8 matrix product in this torch build
+        return False
+    return bool(np.array_equal(got, query.astype(np.int64) @ codes.astype(np.int64).T))
+
+
 class Int8Copy:
     """The vectors as int8 with one scale per column, and what the error bound needs per row."""
 
     def __init__(self, vectors: np.ndarray):
-        x = vectors.astype(np.float64)
-        top = np.abs(x).max(axis=0)
+        d = vectors.shape[1]
+        top = np.max([np.abs(c).max(axis=0) for c in _chunks(vectors)], axis=0).astype(np.float64)
         self.scale = np.where(top > 0, top / 127.0, 1.0)  # c_j
-        q = np.clip(np.rint(x / self.scale), -127, 127)
-        self.codes = torch.from_numpy(q.astype(np.int8))  # (n, d); _int_mm reads its transpose view
-        self.residual = np.linalg.norm(x - q * self.scale, axis=1)  # ‖x_i − x̂_i‖
-        self.code_norm = np.linalg.norm(q, axis=1)  # ‖xq_i‖
-        self.norm = np.linalg.norm(x, axis=1)
+        codes, residual, code_norm, norm = [], [], [], []
+        for chunk in _chunks(vectors):
+            x = chunk.astype(np.float64)
+            q = np.clip(np.rint(x / self.scale), -127, 127)
+            codes.append(q.astype(np.int8))
+            residual.append(np.linalg.norm(x - q * self.scale, axis=1))  # ‖x_i − x̂_i‖
+            code_norm.append(np.linalg.norm(q, axis=1))  # ‖xq_i‖
+            norm.append(np.linalg.norm(x, axis=1))
+        self.codes = torch.from_numpy(np.concatenate(codes))  # (n, d); _int_mm reads its transpose view
+        self.residual, self.code_norm, self.norm = (np.concatenate(a) for a in (residual, code_norm, norm))
         # the float32 product's own error (≤ d·2⁻²⁴·‖x‖‖q‖ for the served score, again for the
         # rescoring's), doubled for the float64 arithmetic of the bound itself
-        self.rounding = 4 * x.shape[1] * 2.0**-24
+        self.rounding = 4 * d * 2.0**-24
 
     def scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate scores of every row and, per row, a bound on |float32 score − approximate|.
@@ -131,18 +189,33 @@ class MemoryScan:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.item_ids, self.vectors, self.filt = item_ids, np.ascontiguousarray(vectors, np.float32), filt
         self.max_rows = int(max_fraction * len(item_ids))
+        # the float32 product's error bound, relative to max‖x‖·‖q‖ (see _float32_candidates)
+        self.rounding = 4 * self.vectors.shape[1] * 2.0**-24 if self.vectors.ndim == 2 else 0.0
+        self.max_norm, finite = max_row_norm(self.vectors)
         self.precision = "float32"
         self._int8: Int8Copy | None = None
         if precision != "float32" and len(self.vectors):
-            self._int8 = Int8Copy(self.vectors)
-            self.precision = self._choose(precision)
-            if self.precision == "float32":
-                self._int8 = None
+            n, d = self.vectors.shape
+            if not finite:
+                log.warning("in-memory search: the served vectors are not all finite; scanning float32")
+            elif not int8_products_exact(n, d):
+                log.warning("in-memory search: this CPU's int8 product does not sum exactly; scanning float32")
+            else:
+                self._int8 = Int8Copy(self.vectors)
+                self.precision = self._choose(precision)
+                if self.precision == "float32":
+                    self._int8 = None
         self.cached_bytes = cached_bytes
         self.everything = Block(np.arange(len(item_ids)), None, full=True)
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def clear_blocks(self) -> None:
+        """Forget the cached filter blocks (the bench measures a filter seen for the first time)."""
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
 
     @staticmethod
     def key(flt: SearchFilter) -> tuple | None:
@@ -198,35 +271,49 @@ class MemoryScan:
         if len(gone) and len(rows):  # excluded, or replaced by an added anime of the same id
             at = np.searchsorted(rows, gone)
             at = at[(at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == gone)]
-        if block.vectors is None and self._int8 is not None and np.isfinite(query).all():
-            at_rows, scores = self._int8_candidates(block, query, at, limit)
-        else:
-            if block.vectors is not None:
-                scores = block.vectors @ query
-            else:
-                scores = self.vectors @ query
-                if not block.full:
-                    scores = scores[rows]
-            scores[at] = -np.inf
-            at_rows = np.arange(len(scores))
-        k = min(limit, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(len(scores))
-        hits = [
-            ScanHit(int(self.item_ids[rows[at_rows[i]]]), float(scores[i]), int(rows[at_rows[i]]), None)
-            for i in top
-            if scores[i] > -np.inf
-        ]
+        hits: list[ScanHit] = []
+        q64 = query.astype(np.float64)
+        if np.isfinite(query).all():  # a query that is not finite ranks no bundle anime
+            cand = None
+            if block.vectors is None and self._int8 is not None:
+                cand = self._int8_candidates(block, query, at, limit)
+            if cand is None:
+                cand = self._float32_candidates(block, query, at, limit)
+            vectors = block.vectors[cand] if block.vectors is not None else self.vectors[rows[cand]]
+            scores = _row_scores(vectors, q64)
+            ids = self.item_ids[rows[cand]]
+            keep = np.flatnonzero(scores > -np.inf)  # not NaN (a damaged row)
+            order = keep[np.lexsort((ids[keep], -scores[keep]))][:limit]
+            hits = [ScanHit(int(ids[i]), float(scores[i]), int(rows[cand[i]]), None) for i in order]
         for aid, meta in added.items():
             if meta.vector is not None and payload_matches(meta.payload, flt):
-                hits.append(ScanHit(aid, float(meta.vector @ query), None, meta))
+                hits.append(ScanHit(aid, float(_row_scores(np.asarray(meta.vector)[None], q64)[0]), None, meta))
         hits.sort(key=lambda h: (-h.score, h.anime_id))
         return hits[:limit]
 
-    def _int8_candidates(
-        self, block: Block, query: np.ndarray, at: np.ndarray, limit: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Positions in block.rows that can be in the exact top `limit` (see the module docstring),
-        with their float32 scores. `at`: positions never ranked (exclusions)."""
+    def _float32_candidates(self, block: Block, query: np.ndarray, at: np.ndarray, limit: int) -> np.ndarray:
+        """Positions in block.rows whose float32 score comes within the product's own error of the
+        k-th best: every row the float64 scores (`_row_scores`) can put in the top `limit`."""
+        if block.vectors is not None:
+            scores = block.vectors @ query
+        else:
+            scores = self.vectors @ query
+            if not block.full:
+                scores = scores[block.rows]
+        scores[np.isnan(scores)] = -np.inf
+        scores[at] = -np.inf
+        k = min(limit, len(scores) - len(at))
+        if k <= 0:
+            return np.zeros(0, np.int64)
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        # |float32 − exact| ≤ d·2⁻²⁴·‖x‖‖q‖ for either score of a row; rounding is twice that, again
+        margin = self.rounding * self.max_norm * float(np.linalg.norm(query.astype(np.float64)))
+        return np.flatnonzero(scores >= kth - margin)
+
+    def _int8_candidates(self, block: Block, query: np.ndarray, at: np.ndarray, limit: int) -> np.ndarray | None:
+        """Positions in block.rows that can be in the exact top `limit` (see the module docstring);
+        None when they are so many that the float32 product over every row is cheaper. `at`:
+        positions never ranked (exclusions)."""
         assert self._int8 is not None
         approx, slack = self._int8.scores(query)
         if not block.full:
@@ -234,11 +321,11 @@ class MemoryScan:
         approx[at] = -np.inf
         k = min(limit, len(approx) - len(at))
         if k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return np.zeros(0, np.int64)
         lower = approx - slack
         tau = np.partition(lower, len(lower) - k)[len(lower) - k]  # k rows score at least this
         cand = np.flatnonzero(approx + slack >= tau)
-        return cand, self.vectors[block.rows[cand]] @ query
+        return None if len(cand) > len(approx) // 8 else cand
 
     def _choose(self, precision: str, n_queries: int = 16, repeats: int = 3) -> str:
         """Check the int8 bound on the served vectors (rows as queries, and means of three) and,
@@ -252,7 +339,7 @@ class MemoryScan:
         try:
             for q in queries:
                 approx, slack = self._int8.scores(q)
-                if np.any(np.abs(approx - self.vectors @ q) > slack):
+                if not np.all(np.abs(approx - self.vectors @ q) <= slack):  # NaN counts as outside
                     log.warning("int8 scan: an error outside its bound on the served vectors; scanning float32")
                     return "float32"
         except RuntimeError as e:  # no int8 matrix product in this torch build
@@ -272,8 +359,8 @@ class MemoryScan:
                     for name in times:  # interleaved: a neighbour's load hits both alike
                         self._int8 = int8 if name == "int8" else None
                         t0 = time.thread_time()  # this thread only: not the ranker's other requests
-                        for q in queries:
-                            self.scan(full, q, SearchFilter(), 11, {})
+                        for i, q in enumerate(queries):  # a first page, and a re-ranking pool's depth
+                            self.scan(full, q, SearchFilter(), 11 if i % 2 else 100, {})
                         times[name].append(time.thread_time() - t0)
         finally:
             torch.set_num_threads(threads)

@@ -90,8 +90,9 @@ def stack_processes(
         if ranker_address and spec.name == "gateway":
             spec.env["RANKER_ADDRESS"] = ranker_address
         if spec.name == "ranker":
-            # the int8 scan with float32 rescoring is what "auto" picks for a full-size bundle on this
-            # CPU; on the sample's small matrix it may pick either, so the tests pin the one that serves
+            # the int8 scan is what "auto" picks for a full-size bundle on this CPU; on the sample's small
+            # matrix it may pick either, so the tests pin it (a CPU without an exact int8 product scans
+            # float32 instead, with a warning in the ranker's log)
             spec.env["SEARCH_PRECISION"] = "int8"
         spec.env.update((env or {}).get(spec.name, {}))
         if spec.name in names:

@@ -165,66 +165,100 @@ def test_the_memory_scan_ranks_exactly_with_exclusions_and_added_anime():
 
 def _hard_vectors(n: int = 3000, dim: int = 64, seed: int = 1) -> np.ndarray:
     """Clustered rows (many near-ties) with norms spread over two orders of magnitude, columns of
-    very different scales and large coordinates that cancel: where a quantized product errs most."""
+    very different scales, large coordinates that cancel, one-hot columns (the served vectors'
+    groups) and exact duplicates (exact ties): where a quantized product errs most."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(30, dim)) * 3
     x = centres[rng.integers(0, 30, n)] + 0.05 * rng.normal(size=(n, dim))
     x[:, :4] += rng.normal(size=(n, 1)) * np.array([50.0, -50.0, 50.0, -50.0])  # cancels in many queries
-    x[:, -3:] = np.eye(3)[rng.integers(0, 3, n)]  # one-hot columns, as the served vectors' groups
-    return (x * rng.lognormal(0.0, 1.0, (n, 1))).astype(np.float32)
+    x[:, -3:] = np.eye(3)[rng.integers(0, 3, n)]
+    x = x * rng.lognormal(0.0, 1.0, (n, 1))
+    x[n // 2 : n // 2 + 200] = x[:200]  # 200 anime with the same vector as another
+    return x.astype(np.float32)
 
 
-def test_the_int8_scan_bound_holds_and_keeps_the_ranking_exact():
-    """A2V_RANKER_SEARCH_PRECISION=int8: the float32 score is within the int8 copy's bound of its
-    approximate one, and the candidates rescored in float32 give the float32 scan's exact top-k:
-    unfiltered, broad filter, exclusions, every page depth."""
+def _scans(vectors: np.ndarray):
     from services.ranker.memory_scan import MemoryScan
 
-    vectors = _hard_vectors()
-    n, dim = vectors.shape
+    n = len(vectors)
     ids = np.arange(10, 10 + n)
     genres = [["Mecha"] if i % 10 == 0 else ["Comedy"] for i in range(n)]
     filt = CatalogueFilter(ids, genres, types=["TV"] * n, years=[2000] * n)
-    f32 = MemoryScan(ids, vectors, filt, precision="float32")
-    i8 = MemoryScan(ids, vectors, filt, precision="int8")
+    return MemoryScan(ids, vectors, filt, precision="float32"), MemoryScan(ids, vectors, filt, precision="int8")
+
+
+def test_the_int8_scan_bound_holds_and_ranks_as_float32_does():
+    """A2V_RANKER_SEARCH_PRECISION=int8: the float32 score is within the int8 copy's bound of its
+    approximate one, and both paths rescore their candidates with the same float64 row products and
+    order them by (score, anime id): the same page, ties included, unfiltered, broad filter,
+    exclusions, every page depth, and a page is the start of every longer one."""
+    from services.ranker.memory_scan import int8_products_exact
+
+    vectors = _hard_vectors()
+    n, dim = vectors.shape
+    if not int8_products_exact(n, dim):
+        pytest.skip("this CPU's int8 product does not sum exactly (no VNNI): the ranker scans float32 here")
+    f32, i8 = _scans(vectors)
     assert i8.precision == "int8" and f32.precision == "float32" and i8._int8 is not None
     rng = np.random.default_rng(2)
     queries = [vectors[i] for i in rng.integers(0, n, 10)]
     queries += [vectors[rng.integers(0, n, 3)].mean(axis=0) for _ in range(10)]
     queries += [rng.normal(size=dim).astype(np.float32) for _ in range(5)]
+    queries += [np.zeros(dim, np.float32), vectors[0] * 1e-20, vectors[1] * 1e15]
     used = 0.0
     for q in queries:
         approx, slack = i8._int8.scores(q)
         err = np.abs(approx - (vectors.astype(np.float64) @ q.astype(np.float64)))
         assert np.all(err <= slack)
-        used = max(used, float(np.max(err / slack)))
+        used = max(used, float(np.max(err / np.maximum(slack, 1e-300))))
         for flt in (SearchFilter(), SearchFilter(include_genres=("Comedy",)), SearchFilter(exclude_ids=(10, 11, 12))):
-            for limit in (1, 11, 100, n):
+            longest = None
+            for limit in (n, 100, 11, 1):
                 want, got = f32.search(q, flt, limit, {}), i8.search(q, flt, limit, {})
-                assert [h.anime_id for h in got] == [h.anime_id for h in want]
-                assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-5, abs=1e-5)
+                assert [(h.anime_id, h.score) for h in got] == [(h.anime_id, h.score) for h in want]
+                if longest is None:
+                    longest = [h.anime_id for h in got]
+                assert [h.anime_id for h in got] == longest[:limit]
+            exact = (vectors.astype(np.float64) @ q.astype(np.float64))[[h.anime_id - 10 for h in want]]
+            assert [h.score for h in want] == pytest.approx(exact.tolist(), rel=1e-9, abs=1e-12)
     assert used > 0.05  # a bound that is not vacuous
-    # a query that is not finite never reaches the int8 rounding (it ranks as float32 does)
+    # a query that is not finite ranks no bundle anime, on either path
     bad = queries[0].copy()
     bad[0] = np.nan
-    assert [h.anime_id for h in i8.search(bad, SearchFilter(), 5, {})] == [
-        h.anime_id for h in f32.search(bad, SearchFilter(), 5, {})
-    ]
+    assert i8.search(bad, SearchFilter(), 5, {}) == [] == f32.search(bad, SearchFilter(), 5, {})
     # most of the catalogue is never rescored: the point of it
-    cand, _ = i8._int8_candidates(i8.block(SearchFilter()), queries[0], np.zeros(0, np.int64), 11)
-    assert 11 <= len(cand) < n // 4
+    cand = i8._int8_candidates(i8.block(SearchFilter()), queries[0], np.zeros(0, np.int64), 11)
+    assert cand is not None and 11 <= len(cand) < n // 8
+    # an all-zero query makes every row a candidate: the float32 product over every row is cheaper
+    assert i8._int8_candidates(i8.block(SearchFilter()), queries[-3], np.zeros(0, np.int64), 11) is None
 
 
-def test_the_int8_scan_falls_back_when_its_bound_fails(monkeypatch, caplog):
-    """A product that errs beyond the bound is caught when the scan is built: it scans float32 and
-    says so; an unknown precision is refused."""
+def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog):
+    """The scan falls back to float32, and says so, where its premises fail: a CPU whose int8 product
+    does not sum exactly (probed at the served shape), served vectors that are not all finite, an
+    error outside the bound on the served vectors; an unknown precision is refused."""
     from services.ranker import memory_scan
 
     vectors = _hard_vectors(n=500)
     ids = np.arange(len(vectors))
     filt = CatalogueFilter(ids, [["Comedy"]] * len(ids), types=["TV"] * len(ids), years=[2000] * len(ids))
+    assert not memory_scan.int8_products_exact(10, 1)  # one column: torch's product is not trusted
+    with monkeypatch.context() as m, caplog.at_level("WARNING"):
+        m.setattr(memory_scan, "int8_products_exact", lambda n, d: False)
+        scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
+    assert scan.precision == "float32" and scan._int8 is None and "does not sum exactly" in caplog.text
+    broken = vectors.copy()
+    broken[7, 3] = np.nan
+    scan = memory_scan.MemoryScan(ids, broken, filt, precision="int8")
+    assert scan.precision == "float32" and "not all finite" in caplog.text
+    # the damaged row is never ranked; the others are, as without it
+    got = [h.anime_id for h in scan.search(broken[8], SearchFilter(), 20, {})]
+    assert 7 not in got and len(got) == 20
+    if not memory_scan.int8_products_exact(*vectors.shape):
+        return  # the bound check below needs an exact int8 product
     real = memory_scan.Int8Copy.scores
     monkeypatch.setattr(memory_scan.Int8Copy, "scores", lambda self, q: (real(self, q)[0], 0.0 * real(self, q)[1]))
+    caplog.clear()
     with caplog.at_level("WARNING"):
         scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
     assert scan.precision == "float32" and scan._int8 is None
