@@ -97,3 +97,36 @@ def free_port_runs(n: int = 3) -> tuple[int, int]:
             if len(bases) == 2:
                 return bases[0], bases[1]
     raise RuntimeError("no free port range")
+
+
+def runlocal_argv(store: Path, state: Path, *args: str) -> list[str]:
+    """`python -m anime2vec.runlocal --sample` (what `make run SAMPLE=1` starts) on a model store and
+    state directory of the test's own, with `args` after them."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "anime2vec.runlocal",
+        "--sample",
+        "--store",
+        str(store),
+        "--state-dir",
+        str(state),
+        *args,
+    ]
+
+
+def start_runlocal(store: Path, state: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    """runlocal_argv started from the repository, its output (stdout and stderr) piped as text."""
+    from anime2vec.paths import REPO_ROOT
+
+    return subprocess.Popen(
+        runlocal_argv(store, state, *args),
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )

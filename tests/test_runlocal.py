@@ -23,7 +23,7 @@ from anime2vec.runlocal import (
 from anime2vec.runlocal import main as runlocal_main
 from services.gateway.auth import load_api_keys
 from services.gateway.settings import GatewaySettings
-from tests.processes import Output, Proc, descendants, free_port_runs, still_running
+from tests.processes import Output, Proc, descendants, free_port_runs, runlocal_argv, start_runlocal, still_running
 
 
 def _bundle(tmp_path: Path, model_dir) -> Path:
@@ -144,24 +144,7 @@ def test_configured_keys_are_left_alone(tmp_path, monkeypatch):
 
 def test_sigterm_during_training_stops_the_training_child_and_everything_it_started(tmp_path):
     env = os.environ | OFFLINE_ENV | {"A2V_CACHE_DIR": str(tmp_path / "cache")}  # a cold cache: training runs long
-    runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "anime2vec.runlocal",
-            "--sample",
-            "--store",
-            str(tmp_path / "models"),
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    runner = start_runlocal(tmp_path / "models", tmp_path / "state", env=env)
     out = Output(runner.stdout)
     seen: dict[int, Proc] = {}
     try:
@@ -229,30 +212,17 @@ def _ranker_version(grpc_port: int) -> str:
 def _start(store: Path, state: Path, *args: str) -> tuple[subprocess.Popen, Output, int]:
     """The runner with two ranker processes (gateway, encoder, rankers on 4 consecutive ports)."""
     grpc_base, metrics_base = free_port_runs(4)
-    runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "anime2vec.runlocal",
-            "--sample",
-            "--store",
-            str(store),
-            "--state-dir",
-            str(state),
-            "--base-port",
-            str(grpc_base),
-            "--metrics-base-port",
-            str(metrics_base),
-            "--ranker-processes",
-            "2",
-            *args,
-        ],
-        cwd=REPO_ROOT,
+    runner = start_runlocal(
+        store,
+        state,
+        "--base-port",
+        str(grpc_base),
+        "--metrics-base-port",
+        str(metrics_base),
+        "--ranker-processes",
+        "2",
+        *args,
         env=os.environ | OFFLINE_ENV,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
     return runner, Output(runner.stdout), grpc_base
 
@@ -348,22 +318,16 @@ def test_make_run_refuses_ports_in_use_before_training(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "anime2vec.runlocal",
-                "--sample",
-                "--store",
-                str(tmp_path / "m"),
-                "--state-dir",
-                str(tmp_path / "s"),
+            runlocal_argv(
+                tmp_path / "m",
+                tmp_path / "s",
                 "--base-port",
                 str(port - 2),  # the first ranker's port is taken
                 "--metrics-base-port",
                 str(free_port_runs(4)[1]),
                 "--ranker-processes",
                 "2",
-            ],
+            ),
             cwd=REPO_ROOT,
             env=os.environ | OFFLINE_ENV,
             capture_output=True,

@@ -98,6 +98,12 @@ def max_row_norm(vectors: np.ndarray) -> tuple[float, bool]:
     return top, finite
 
 
+def float32_rounding(dim: int) -> float:
+    """A bound on a float32 product's error relative to ‖x‖·‖q‖: ≤ dim·2⁻²⁴ for the served score,
+    again for a rescoring, doubled for the float64 arithmetic of the bounds themselves."""
+    return 4 * dim * 2.0**-24
+
+
 def _chunks(a: np.ndarray):
     return (a[i : i + CHUNK] for i in range(0, len(a), CHUNK))
 
@@ -137,9 +143,7 @@ class Int8Copy:
             norm.append(np.linalg.norm(x, axis=1))
         self.codes = torch.from_numpy(np.concatenate(codes))  # (n, d); _int_mm reads its transpose view
         self.residual, self.code_norm, self.norm = (np.concatenate(a) for a in (residual, code_norm, norm))
-        # the float32 product's own error (≤ d·2⁻²⁴·‖x‖‖q‖ for the served score, again for the
-        # rescoring's), doubled for the float64 arithmetic of the bound itself
-        self.rounding = 4 * d * 2.0**-24
+        self.rounding = float32_rounding(d)
 
     def scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate scores of every row and, per row, a bound on |float32 score − approximate|.
@@ -189,8 +193,7 @@ class MemoryScan:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.item_ids, self.vectors, self.filt = item_ids, np.ascontiguousarray(vectors, np.float32), filt
         self.max_rows = int(max_fraction * len(item_ids))
-        # the float32 product's error bound, relative to max‖x‖·‖q‖ (see _float32_candidates)
-        self.rounding = 4 * self.vectors.shape[1] * 2.0**-24 if self.vectors.ndim == 2 else 0.0
+        self.rounding = float32_rounding(self.vectors.shape[1])  # relative to max‖x‖·‖q‖ (_float32_candidates)
         self.max_norm, finite = max_row_norm(self.vectors)
         self.precision = "float32"
         self._int8: Int8Copy | None = None
@@ -336,15 +339,11 @@ class MemoryScan:
         picks = rng.integers(0, n, (n_queries, 3))
         queries = [self.vectors[p[0]] for p in picks[: n_queries // 2]]
         queries += [self.vectors[p].mean(axis=0) for p in picks[n_queries // 2 :]]
-        try:
-            for q in queries:
-                approx, slack = self._int8.scores(q)
-                if not np.all(np.abs(approx - self.vectors @ q) <= slack):  # NaN counts as outside
-                    log.warning("int8 scan: an error outside its bound on the served vectors; scanning float32")
-                    return "float32"
-        except RuntimeError as e:  # no int8 matrix product in this torch build
-            log.warning("int8 scan unavailable (%s); scanning float32", e)
-            return "float32"
+        for q in queries:  # int8_products_exact has shown the product runs here
+            approx, slack = self._int8.scores(q)
+            if not np.all(np.abs(approx - self.vectors @ q) <= slack):  # NaN counts as outside
+                log.warning("int8 scan: an error outside its bound on the served vectors; scanning float32")
+                return "float32"
         if precision == "int8":
             log.info("in-memory search: int8 (its bound held on the served vectors)")
             return "int8"

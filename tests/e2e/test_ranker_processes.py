@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV
 from anime2vec.v1 import common_pb2 as S
 from anime2vec.v1 import gateway_pb2, gateway_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from tests.load.support import metric, scrape
-from tests.processes import Output, descendants, free_port_runs, still_running
+from tests.processes import Output, descendants, free_port_runs, start_runlocal, still_running
 
 START_TIMEOUT_S = 600  # hang guards, never timing assertions
 FOLLOW_TIMEOUT_S = 60
@@ -86,30 +84,17 @@ def run(bundle, tmp_path_factory):
         for k, v in (os.environ | OFFLINE_ENV).items()
         if k not in ("A2V_GATEWAY_API_KEYS", "A2V_GATEWAY_API_KEYS_FILE", "A2V_RANKER_PROCESSES")
     }
-    runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "anime2vec.runlocal",
-            "--sample",
-            "--no-full",
-            "--store",
-            str(store),
-            "--state-dir",
-            str(state),
-            "--base-port",
-            str(grpc_base),
-            "--metrics-base-port",
-            str(metrics_base),
-            "--ranker-processes",
-            "2",
-        ],
-        cwd=REPO_ROOT,
+    runner = start_runlocal(
+        store,
+        state,
+        "--no-full",
+        "--base-port",
+        str(grpc_base),
+        "--metrics-base-port",
+        str(metrics_base),
+        "--ranker-processes",
+        "2",
         env=env,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
     out = Output(runner.stdout)
     seen: dict = {}

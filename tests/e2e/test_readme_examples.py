@@ -22,7 +22,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pytest
 from anime2vec.paths import REPO_ROOT
 from anime2vec.runlocal import OFFLINE_ENV, ranker_processes_from_env
 from tests.e2e.test_api import MAL_XML
-from tests.processes import Output, descendants, free_port_runs, still_running
+from tests.processes import Output, descendants, free_port_runs, start_runlocal, still_running
 
 SECTIONS = ("Quick start", "`make run`", "The command-line client", "Any RPC as JSON: `client call` (or grpcurl)")
 CLIENT = ".venv/bin/python -m anime2vec.client"
@@ -124,27 +123,14 @@ def runner(tmp_path_factory, bundle):
     env = {k: v for k, v in os.environ.items() if not k.startswith("A2V_GATEWAY_API_KEYS")} | OFFLINE_ENV
     # make run's default number of ranker processes (one per core, at most 4): gateway, encoder, then one port each
     grpc_base, metrics_base = free_port_runs(2 + ranker_processes_from_env(env))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "anime2vec.runlocal",
-            "--sample",
-            "--store",
-            str(store),
-            "--state-dir",
-            str(checkout / "var" / "run"),
-            "--base-port",
-            str(grpc_base),
-            "--metrics-base-port",
-            str(metrics_base),
-        ],
-        cwd=REPO_ROOT,
+    proc = start_runlocal(
+        store,
+        checkout / "var" / "run",
+        "--base-port",
+        str(grpc_base),
+        "--metrics-base-port",
+        str(metrics_base),
         env=env,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
     output = Output(proc.stdout)
     try:
