@@ -138,6 +138,64 @@ def _md_encoder(e: dict) -> list[str]:
     return lines + [""]
 
 
+def _md_encoder_cuda(e: dict) -> list[str]:
+    batches = list(e["texts_per_s"]["encoder"])
+    lines = [
+        f"## Encoder on CUDA: {e['model']} on {e['cuda']}",
+        "",
+        f"{e['texts']:,} texts ({e['text_source']}), max_length {e['max_length']}, {e['clock']}, best of "
+        f"{e['rounds']}; torch {e['torch']} (CUDA {e['cuda_runtime']})"
+        + (f"; {e['how']}" if e.get("how") else "")
+        + ". `encoder` is `TextEncoder` as the encoder service runs it on a GPU (precision "
+        f"**{e['precision']}**, autocast); beside it the same in fp32, and sentence-transformers `encode` on the "
+        "same GPU in fp32 (its default) and in fp16 (`.half()`, what a user would switch to).",
+        "",
+        "| loop | " + " | ".join(f"batch {b} (texts/s)" for b in batches) + " | lowest cosine vs CPU fp32 |",
+        "|---|" + "---:|" * (len(batches) + 1),
+    ]
+    cpu = e.get("min_cosine_vs_cpu_fp32") or {}
+    for name, rates in e["texts_per_s"].items():
+        cos = cpu.get(name)
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{rates[b]:,.0f}" for b in batches)
+            + f" | {'–' if cos is None else f'{cos:.7f}'} |"
+        )
+    t = e["targets"]
+    lines += [
+        "",
+        f"- served encoder: **{e['encoder_texts_per_s']:,.0f} texts/s** at batch {e['best_batch']} — target ≥ "
+        f"{t['cuda_texts_per_s']:,} texts/s: {_yes(t['cuda_met'])}; "
+        + ", ".join(
+            f"{r:.1f}× sentence-transformers fp16 at batch {b}"
+            for b, r in e["speedup_vs_sentence_transformers_fp16"].items()
+        )
+        + f"; peak GPU memory {e['peak_memory_gib']:.1f} GiB",
+    ]
+    if cpu:
+        lines.append(
+            f"- the GPU computes the CPU's vectors: lowest cosine of the served (fp16) vectors against fp32 "
+            f"vectors made on a CPU, over {e['reference_texts']} texts: {cpu['encoder']:.7f}"
+        )
+    if par := e.get("parallel_tokenizers"):
+        r, b = par["texts_per_s"], str(e["best_batch"])
+        lines.append(
+            f"- beside it, the same loops with TOKENIZERS_PARALLELISM unset (the tokenizers library's default, "
+            f"which a user of sentence-transformers would have; the project sets it false so that forked "
+            f"processes stay safe): encoder {r['encoder'][b]:,.0f}, sentence-transformers fp16 "
+            f"{r['sentence_transformers_fp16'][b]:,.0f} texts/s at batch {b} "
+            f"({r['encoder'][b] / r['sentence_transformers_fp16'][b]:.1f}×)"
+        )
+    for svc in e.get("service") or []:
+        lines.append(
+            f"- the encoder service on {svc['info']['device']} ({svc['info']['precision']}), forward batch "
+            f"{svc['encode_batch_size']}, micro-batches up to {svc['max_batch_texts']}: "
+            f"{svc['texts_per_s']:,.0f} texts/s over gRPC ({svc['clients']} clients × {svc['request_texts']} "
+            f"texts per request; lowest cosine vs in-process {svc['min_cosine_vs_in_process']:.6f})"
+        )
+    return lines + [""]
+
+
 def _md_gateway(g: dict) -> list[str]:
     b, t = g["best"], g["targets"]
     half = g["open_loop_half_max"]
@@ -412,6 +470,7 @@ def markdown(result: dict) -> str:
         ("gateway", _md_gateway),
         ("search", _md_search),
         ("encoder", _md_encoder),
+        ("encoder_cuda", _md_encoder_cuda),
         ("training", _md_training),
         ("scale", _md_scale),
     ):

@@ -168,3 +168,41 @@ def test_search_batches_reads_the_ranker_metric_over_http():
         assert search_batches(spec, since=first) == {"calls": 1.0, "searches": 8.0, "mean": 8.0}
     finally:
         http.close()
+
+
+def test_encoder_service_load_drives_the_service_over_a_socket():
+    """The GPU bench's service line, here on a CPU with the tiny random model: the service is started as
+    a process, every text goes through Encode, and its vectors are the in-process encoder's."""
+    from anime2vec.features.encoder import TextEncoder
+    from bench.encoder import encoder_service_load
+
+    texts = [f"anime number {i}: a story about {'mecha ' * (i % 7)}pirates" for i in range(120)]
+    expected = TextEncoder.tiny_random(precision="auto").encode(texts)
+    r = encoder_service_load(
+        texts,
+        expected,
+        device="cpu",
+        encode_batch_size=16,
+        max_batch_texts=64,
+        request_texts=8,
+        clients=4,
+        model="tiny-random",
+        progress=lambda m: None,
+    )
+    assert r["info"]["device"] == "cpu" and r["info"]["max_batch_texts"] == 64
+    assert r["info"]["model_name"].startswith("tiny-random-bert")
+    assert r["min_cosine_vs_in_process"] > 0.999 and r["texts_per_s"] > 0 and r["exit_code"] == 0
+
+
+def test_recorded_gpu_run_renders_in_the_report():
+    """reports/bench keeps the GPU figures measured on a lent machine; the summary and the section are
+    rendered from them, with the target read from the recorded numbers."""
+    from anime2vec.paths import REPO_ROOT
+    from bench.report import _md_encoder_cuda
+
+    c = json.loads((REPO_ROOT / "reports" / "bench" / "bench.json").read_text())["encoder_cuda"]
+    (row,) = [r for r in summary({"encoder_cuda": c}) if "CUDA" in r["figure"]]
+    assert row["met"] == (c["encoder_texts_per_s"] >= 5000) and c["cuda"] in row["figure"]
+    section = "\n".join(_md_encoder_cuda(c))
+    assert section.startswith("## Encoder on CUDA") and f"{c['encoder_texts_per_s']:,.0f} texts/s" in section
+    assert all(f"batch {b}" in section for b in c["texts_per_s"]["encoder"])

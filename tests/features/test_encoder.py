@@ -146,3 +146,23 @@ def test_encode_is_thread_safe():
 def test_defaults_to_cpu_without_cuda():
     enc = TextEncoder.tiny_random()
     assert enc.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_threaded_tokenization_is_the_tokenizers_own(sample_anime, monkeypatch):
+    """More texts than one chunk are tokenized in chunks on threads: the ids, their order and the
+    truncation must be exactly what the tokenizer's own call returns, and so must the vectors."""
+    import anime2vec.features.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "TOKENIZE_THREADS", 4)  # the threaded path even on a 1-core runner
+    enc = TextEncoder.tiny_random(max_length=64)
+    synopses = [s for s in sample_anime["synopsis"] if s.strip()]
+    texts = (
+        (synopses * 3)[: 3 * encoder_module.TOKENIZE_CHUNK + 17] + MIXED_LENGTHS + ["日本語のあらすじ", "word " * 500]
+    )
+    expected = enc._tokenizer(
+        texts, truncation=True, max_length=64, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
+    assert enc._tokenize(texts) == expected
+    assert max(len(x) for x in expected) == 64 and min(len(x) for x in expected) == 2  # truncated; "" is [CLS][SEP]
+    in_small_calls = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
+    np.testing.assert_allclose(enc.encode(texts), in_small_calls, atol=1e-5)
