@@ -40,6 +40,27 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (3.3k texts/s on an H200). Chunks are tokenized on threads instead; the Rust call releases the GIL.
 TOKENIZE_CHUNK = 256
 TOKENIZE_THREADS = max(1, min(8, os.cpu_count() or 1))
+_tokenize_pool: ThreadPoolExecutor | None = None  # shared by every encoder of the process
+_tokenize_pool_lock = threading.Lock()
+
+
+def _forget_tokenize_pool() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool when it needs one."""
+    global _tokenize_pool, _tokenize_pool_lock
+    _tokenize_pool, _tokenize_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_tokenize_pool)
+
+
+def _tokenize_threads() -> ThreadPoolExecutor:
+    global _tokenize_pool
+    with _tokenize_pool_lock:
+        if _tokenize_pool is None:
+            _tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        return _tokenize_pool
+
+
 # Config keys that describe how a checkpoint was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
 
@@ -176,7 +197,6 @@ class TextEncoder:
         self._backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
         self._backend.enable_truncation(max_length)
         self._backend.no_padding()
-        self._tokenize_pool: ThreadPoolExecutor | None = None
         self._pad_id = tokenizer.pad_token_id
         self._model = model.to(self.device).eval()
         self._forward = torch.compile(self._model, dynamic=True) if compile else self._model
@@ -247,10 +267,8 @@ class TextEncoder:
         `__call__(texts, truncation=True, max_length=...)` returns, in chunks on threads."""
         if len(texts) <= TOKENIZE_CHUNK or TOKENIZE_THREADS == 1:
             return [e.ids for e in self._backend.encode_batch(texts)]
-        if self._tokenize_pool is None:
-            self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
         chunks = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
-        return [e.ids for part in self._tokenize_pool.map(self._backend.encode_batch, chunks) for e in part]
+        return [e.ids for part in _tokenize_threads().map(self._backend.encode_batch, chunks) for e in part]
 
     def _encode_batch(self, ids: list[list[int]]) -> np.ndarray:
         width = max(len(x) for x in ids)

@@ -166,3 +166,30 @@ def test_threaded_tokenization_is_the_tokenizers_own(sample_anime, monkeypatch):
     assert max(len(x) for x in expected) == 64 and min(len(x) for x in expected) == 2  # truncated; "" is [CLS][SEP]
     in_small_calls = np.concatenate([enc.encode(texts[i : i + 100]) for i in range(0, len(texts), 100)])
     np.testing.assert_allclose(enc.encode(texts), in_small_calls, atol=1e-5)
+
+
+def test_a_forked_child_tokenizes_on_its_own_threads():
+    """The tokenizing threads are not inherited by fork: a child that encodes must not wait forever
+    on the parent's pool, it starts its own."""
+    import os
+    import signal
+    import time
+
+    import anime2vec.features.encoder as encoder_module
+
+    enc = TextEncoder.tiny_random(max_length=32)
+    texts = [f"text {i} about pirates and mecha" for i in range(3 * encoder_module.TOKENIZE_CHUNK)]
+    expected = enc._tokenize(texts)  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it tokenized the same ids
+        os._exit(0 if enc._tokenize(texts) == expected else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung tokenizing")
