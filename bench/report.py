@@ -133,8 +133,6 @@ def _md_encoder(e: dict) -> list[str]:
         )
     else:
         lines.append("- torch.compile: not measured in this run (`--compile`)")
-    if e["device"] != "cuda":
-        lines.append(f"- CUDA target (≥ {5000:,} texts/s at 256 tokens): not measured, no GPU on this machine")
     return lines + [""]
 
 
