@@ -5,7 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The stamp changes when the pins change, so `make` reinstalls exactly then.
-STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+# setup.py and the C source: the package install compiles the ranker's int8 kernel (anime2vec/native)
+BUILD_INPUTS := requirements.lock pyproject.toml setup.py anime2vec/native/int8dot.c
+STAMP := $(VENV)/.stamp-$(shell cat $(BUILD_INPUTS) | sha256sum | cut -c1-12)
 PROTOS := $(wildcard protos/anime2vec/v1/*.proto)
 GEN_STAMP := anime2vec/v1/.stamp
 export HF_HUB_OFFLINE := 1
@@ -22,7 +24,7 @@ help:
 
 setup: $(STAMP) $(GEN_STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, from the CPU wheel: anything later that asks for torch finds it satisfied.

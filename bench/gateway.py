@@ -467,23 +467,35 @@ def _ranker_processes(procs, specs, work: Path, bundle: Path, payloads, step_s, 
         one = procs["ranker"].spec.address
         both = f"ipv4:{one},{spec.address}"
         rr = (("grpc.lb_policy_name", "round_robin"),)
-        plan = [
-            Step(
-                f"{n}",
-                addr,
-                RANKER_METHOD,
-                payloads,
-                (),
-                concurrency=c,
-                duration_s=step_s,
-                warmup_s=warmup_s,
-                options=opts,
-                extra={"processes": n},
-            )
-            for c in PROCESS_CONCURRENCY
-            for n, addr, opts in ((1, one, ()), (2, both, rr))
-        ]
-        steps = run_plan(plan)
+        assert procs["ranker"].proc is not None and second.proc is not None  # both started above
+        pids = {1: [procs["ranker"].proc.pid], 2: [procs["ranker"].proc.pid, second.proc.pid]}
+        steps = []
+        for c in PROCESS_CONCURRENCY:
+            for n, addr, opts in ((1, one, ()), (2, both, rr)):
+                step = Step(
+                    f"{n}",
+                    addr,
+                    RANKER_METHOD,
+                    payloads,
+                    (),
+                    concurrency=c,
+                    duration_s=step_s,
+                    warmup_s=warmup_s,
+                    options=opts,
+                    extra={"processes": n},
+                )
+                # one step per load-generator run, so the rankers' CPU is read around each step
+                cpu0 = _process_cpu_s(pids[n])
+                (result,) = run_plan([step])
+                cpu = _process_cpu_s(pids[n]) - cpu0
+                loaded_s = warmup_s + step_s  # the rankers' busy time (the load generator's start is idle)
+                served = result["throughput_rps"] * loaded_s  # the warm-up at the same rate, estimated
+                result.update(
+                    ranker_cpu_s=cpu,
+                    ranker_cores=cpu / loaded_s,
+                    ranker_cpu_ms_per_request=1e3 * cpu / served if served else None,
+                )
+                steps.append(result)
     except Exception as e:  # a measurement that failed is reported, the others are kept
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -494,10 +506,29 @@ def _ranker_processes(procs, specs, work: Path, bundle: Path, payloads, step_s, 
         "steps": steps,
         "best_rps": {str(n): b["throughput_rps"] for n, b in best.items()},
         "best_at": {str(n): b["concurrency"] for n, b in best.items()},
+        # where the cores went at each count's best step: the rankers' CPU per request and cores busy,
+        # and the load generator's share of a core
+        "best_cpu": {
+            str(n): {
+                "ranker_cpu_ms_per_request": b.get("ranker_cpu_ms_per_request"),
+                "ranker_cores": b.get("ranker_cores"),
+                "client_cores": b.get("client_cpu_share"),
+            }
+            for n, b in best.items()
+        },
         "ratio": best[2]["throughput_rps"] / best[1]["throughput_rps"],
         "ideal": 2.0,
         "cores": os.cpu_count(),
     }
+
+
+def _process_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes (all their threads so far), from /proc."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _gateway_request(ids: list[int]):

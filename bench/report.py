@@ -263,6 +263,17 @@ def _md_gateway(g: dict) -> list[str]:
             f"{t.get('two_processes', 1.7):g}×: {_yes(t.get('two_processes_met'))}); steps (processes × in flight: "
             f"req/s): {per}"
         )
+        cpu = rp.get("best_cpu") or {}
+        if all((cpu.get(n) or {}).get("ranker_cpu_ms_per_request") for n in ("1", "2")):
+            lines.append(
+                "- where the cores went at each best step: "
+                + "; ".join(
+                    f"{n} process{'es' if n == '2' else ''}: ranker CPU {c['ranker_cpu_ms_per_request']:.1f} ms per "
+                    f"request, rankers {c['ranker_cores']:.2f} cores busy, load generator {c['client_cores']:.2f}"
+                    for n, c in cpu.items()
+                )
+                + f" (of {rp['cores']})"
+            )
     elif rp:
         lines.append(f"- ranker processes: not measured ({rp.get('error')})")
     prof = g.get("profile_ranker_in_process", {})

@@ -179,6 +179,7 @@ def _in_memory_runs(cat: dict, vectors: np.ndarray) -> dict[str, Callable[[np.nd
     precision = RankerSettings.model_fields["search_precision"].default
     scan = MemoryScan(ids, vectors, filt, precision=precision)
     cat["search_precision"] = scan.precision
+    cat["int8_kernel"] = scan.int8_kernel
     f32 = MemoryScan(ids, vectors, filt, precision="float32")
     none = SearchFilter()
     runs: dict[str, Callable[[np.ndarray], list]] = {}
@@ -350,6 +351,7 @@ def run_search_bench(
         "oversampling": DEFAULT_OVERSAMPLING,
         "served_mode": mode,
         "search_precision": cat.get("search_precision"),
+        "int8_kernel": cat.get("int8_kernel"),
         "peers": peers,
         "served_page": SERVED_PAGE,
         "filter": {

@@ -206,3 +206,32 @@ def test_recorded_gpu_run_renders_in_the_report():
     section = "\n".join(_md_encoder_cuda(c))
     assert section.startswith("## Encoder on CUDA") and f"{c['encoder_texts_per_s']:,.0f} texts/s" in section
     assert all(f"batch {b}" in section for b in c["texts_per_s"]["encoder"])
+
+
+def test_process_cpu_reads_what_a_process_burned():
+    """The ranker-processes step reads the rankers' CPU from /proc: a child burns 0.5 s of CPU between
+    two readings, and the difference is that (not the wall time around it)."""
+    import subprocess
+    import sys
+
+    from bench.gateway import _process_cpu_s
+
+    burn = (
+        "import sys, time\n"
+        "print('ready', flush=True); sys.stdin.readline()\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.5: pass\n"
+        "print('done', flush=True); sys.stdin.readline()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        before = _process_cpu_s([child.pid])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        burned = _process_cpu_s([child.pid]) - before
+    finally:
+        child.communicate("\n", timeout=30)
+    assert 0.45 <= burned <= 0.9, burned

@@ -28,9 +28,11 @@ scan's bound (int8), so both precisions return the same page.
 Precision (A2V_RANKER_SEARCH_PRECISION): a product over every row reads 34 MB of float32 on the full
 catalogue. "int8" scans an int8 copy instead (a quarter of the bytes). Each column j is scaled by
 c_j = max|x_ij| / 127 and rounded (x̂ = c ⊙ xq); the query side (c ⊙ q) is rounded to int8 twice (codes,
-then remainder), and torch's `_int_mm` sums the products in int32, exactly where the CPU has VNNI or
-AMX (without, oneDNN pairs products into a saturating int16: `int8_products_exact` probes that at the
-served shape, and a CPU that fails scans float32). So |float32 score − approximate| ≤
+then remainder), and the products are summed exactly in int32: by the compiled kernel
+(anime2vec/native/int8dot.c, AVX-512 VNNI, one pass over the codes) where it was built and the CPU
+has VNNI, else by torch's `_int_mm`, exact where the CPU has VNNI or AMX (without, oneDNN pairs
+products into a saturating int16: `int8_kernel` probes either at the served shape, and a CPU where
+neither is exact scans float32). So |float32 score − approximate| ≤
 ‖x_i − x̂_i‖·‖q‖ + ‖xq_i‖·‖c ⊙ q − its rounding‖ + the float32 product's own error, every term known
 (`Int8Copy.scores`), and the rows whose approximate score plus that bound reaches the k-th best lower
 bound are the candidates (tens to a few hundred; past an eighth of the rows the float32 product is
@@ -52,6 +54,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from anime2vec.index.base import SearchFilter, folded, payload_matches
+from anime2vec.native import int8dot
 from anime2vec.serving_model.model import ItemMeta
 
 from .ranking import CatalogueFilter
@@ -126,10 +129,26 @@ def int8_products_exact(n: int, d: int) -> bool:
     return bool(np.array_equal(got, query.astype(np.int64) @ codes.astype(np.int64).T))
 
 
-class Int8Copy:
-    """The vectors as int8 with one scale per column, and what the error bound needs per row."""
+def int8_kernel(n: int, d: int) -> str | None:
+    """Which exact int8 product the scan uses at this shape: "vnni" (the compiled kernel), "torch"
+    (`_int_mm`), or None (neither sums exactly here: scan float32). Each is probed with the worst
+    cases (all ±127) and random codes before it is trusted."""
+    if n >= 1 and int8dot.available(d):
+        rng = np.random.default_rng(0)
+        codes = rng.integers(-127, 128, (min(n, 1024), d)).astype(np.int8)
+        codes[: min(len(codes), 2)] = np.array([127, -127])[: min(len(codes), 2), None]
+        query = np.stack([np.full(d, 127), rng.integers(-127, 128, d)]).astype(np.int8)
+        if np.array_equal(int8dot.PaddedCodes(codes).dot2(query), query.astype(np.int64) @ codes.astype(np.int64).T):
+            return "vnni"
+        log.warning("the compiled int8 kernel disagreed with exact products; trying torch's")
+    return "torch" if int8_products_exact(n, d) else None
 
-    def __init__(self, vectors: np.ndarray):
+
+class Int8Copy:
+    """The vectors as int8 with one scale per column, and what the error bound needs per row.
+    `kernel`: "vnni" (anime2vec/native/int8dot.c) or "torch" (`_int_mm`), as `int8_kernel` chose."""
+
+    def __init__(self, vectors: np.ndarray, kernel: str = "torch"):
         d = vectors.shape[1]
         top = np.max([np.abs(c).max(axis=0) for c in _chunks(vectors)], axis=0).astype(np.float64)
         self.scale = np.where(top > 0, top / 127.0, 1.0)  # c_j
@@ -141,7 +160,13 @@ class Int8Copy:
             residual.append(np.linalg.norm(x - q * self.scale, axis=1))  # ‖x_i − x̂_i‖
             code_norm.append(np.linalg.norm(q, axis=1))  # ‖xq_i‖
             norm.append(np.linalg.norm(x, axis=1))
-        self.codes = torch.from_numpy(np.concatenate(codes))  # (n, d); _int_mm reads its transpose view
+        self.kernel = kernel
+        self.codes: torch.Tensor | None = None  # (n, d); _int_mm reads its transpose view
+        self.padded: int8dot.PaddedCodes | None = None  # the compiled kernel's layout
+        if kernel == "vnni":
+            self.padded = int8dot.PaddedCodes(np.concatenate(codes))
+        else:
+            self.codes = torch.from_numpy(np.concatenate(codes))
         self.residual, self.code_norm, self.norm = (np.concatenate(a) for a in (residual, code_norm, norm))
         self.rounding = float32_rounding(d)
 
@@ -155,7 +180,12 @@ class Int8Copy:
         rest = qs - q1 * b1
         b2 = _unit(rest)
         q2 = np.clip(np.rint(rest / b2), -127, 127)
-        dots = torch._int_mm(torch.from_numpy(np.stack([q1, q2]).astype(np.int8)), self.codes.t()).numpy()
+        rows = np.stack([q1, q2]).astype(np.int8)
+        if self.padded is not None:
+            dots = self.padded.dot2(rows)
+        else:
+            assert self.codes is not None
+            dots = torch._int_mm(torch.from_numpy(rows), self.codes.t()).numpy()
         qn = float(np.linalg.norm(query.astype(np.float64)))
         left = float(np.linalg.norm(rest - q2 * b2))  # ‖c ⊙ q − its rounding‖
         slack = self.residual * qn + self.code_norm * left + self.rounding * self.norm * qn
@@ -201,10 +231,10 @@ class MemoryScan:
             n, d = self.vectors.shape
             if not finite:
                 log.warning("in-memory search: the served vectors are not all finite; scanning float32")
-            elif not int8_products_exact(n, d):
+            elif (kernel := int8_kernel(n, d)) is None:
                 log.warning("in-memory search: this CPU's int8 product does not sum exactly; scanning float32")
             else:
-                self._int8 = Int8Copy(self.vectors)
+                self._int8 = Int8Copy(self.vectors, kernel)
                 self.precision = self._choose(precision)
                 if self.precision == "float32":
                     self._int8 = None
@@ -213,6 +243,11 @@ class MemoryScan:
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def int8_kernel(self) -> str | None:
+        """The int8 product the scan uses ("vnni", "torch"), None when it scans float32."""
+        return self._int8.kernel if self._int8 is not None else None
 
     def clear_blocks(self) -> None:
         """Forget the cached filter blocks (the bench measures a filter seen for the first time)."""
@@ -345,7 +380,9 @@ class MemoryScan:
                 log.warning("int8 scan: an error outside its bound on the served vectors; scanning float32")
                 return "float32"
         if precision == "int8":
-            log.info("in-memory search: int8 (its bound held on the served vectors)")
+            log.info(
+                "in-memory search: int8 with the %s product (its bound held on the served vectors)", self._int8.kernel
+            )
             return "int8"
         full = Block(np.arange(n), None, full=True)
         times: dict[str, list[float]] = {"float32": [], "int8": []}
@@ -367,12 +404,13 @@ class MemoryScan:
         f32, i8 = min(times["float32"]), min(times["int8"])
         chosen = "int8" if i8 < 0.9 * f32 else "float32"
         log.info(
-            "in-memory search: %s (%d queries over %d×%d: float32 %.2f ms, int8 %.2f ms per query)",
+            "in-memory search: %s (%d queries over %d×%d: float32 %.2f ms, int8 (%s) %.2f ms per query)",
             chosen,
             len(queries),
             n,
             self.vectors.shape[1],
             1e3 * f32 / len(queries),
+            int8.kernel,
             1e3 * i8 / len(queries),
         )
         return chosen

@@ -187,19 +187,26 @@ def _scans(vectors: np.ndarray):
     return MemoryScan(ids, vectors, filt, precision="float32"), MemoryScan(ids, vectors, filt, precision="int8")
 
 
-def test_the_int8_scan_bound_holds_and_ranks_as_float32_does():
-    """A2V_RANKER_SEARCH_PRECISION=int8: the float32 score is within the int8 copy's bound of its
-    approximate one, and both paths rescore their candidates with the same float64 row products and
-    order them by (score, anime id): the same page, ties included, unfiltered, broad filter,
-    exclusions, every page depth, and a page is the start of every longer one."""
-    from services.ranker.memory_scan import int8_products_exact
+@pytest.mark.parametrize("kernel", ["vnni", "torch"])
+def test_the_int8_scan_bound_holds_and_ranks_as_float32_does(kernel, monkeypatch):
+    """A2V_RANKER_SEARCH_PRECISION=int8, with each int8 product (the compiled VNNI kernel, torch's
+    `_int_mm`): the float32 score is within the int8 copy's bound of its approximate one, and both
+    paths rescore their candidates with the same float64 row products and order them by (score,
+    anime id): the same page, ties included, unfiltered, broad filter, exclusions, every page depth,
+    and a page is the start of every longer one."""
+    from anime2vec.native import int8dot
+    from services.ranker import memory_scan
 
     vectors = _hard_vectors()
     n, dim = vectors.shape
-    if not int8_products_exact(n, dim):
+    if kernel == "vnni" and not int8dot.available(dim):
+        pytest.skip("the compiled int8 kernel is not built here or this CPU has no AVX-512 VNNI")
+    if kernel == "torch" and not memory_scan.int8_products_exact(n, dim):
         pytest.skip("this CPU's int8 product does not sum exactly (no VNNI): the ranker scans float32 here")
+    monkeypatch.setattr(memory_scan, "int8_kernel", lambda n, d: kernel)
     f32, i8 = _scans(vectors)
     assert i8.precision == "int8" and f32.precision == "float32" and i8._int8 is not None
+    assert i8.int8_kernel == kernel and f32.int8_kernel is None
     rng = np.random.default_rng(2)
     queries = [vectors[i] for i in rng.integers(0, n, 10)]
     queries += [vectors[rng.integers(0, n, 3)].mean(axis=0) for _ in range(10)]
@@ -244,9 +251,14 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
     filt = CatalogueFilter(ids, [["Comedy"]] * len(ids), types=["TV"] * len(ids), years=[2000] * len(ids))
     assert not memory_scan.int8_products_exact(10, 1)  # one column: torch's product is not trusted
     with monkeypatch.context() as m, caplog.at_level("WARNING"):
-        m.setattr(memory_scan, "int8_products_exact", lambda n, d: False)
+        m.setattr(memory_scan, "int8_kernel", lambda n, d: None)
         scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
     assert scan.precision == "float32" and scan._int8 is None and "does not sum exactly" in caplog.text
+    if memory_scan.int8dot.available(vectors.shape[1]):  # a compiled kernel that sums wrong is not used
+        with monkeypatch.context() as m, caplog.at_level("WARNING"):
+            m.setattr(memory_scan.int8dot.PaddedCodes, "dot2", lambda self, q: np.zeros((2, self.n), np.int32))
+            kernel = memory_scan.int8_kernel(*vectors.shape)
+        assert kernel != "vnni" and "compiled int8 kernel disagreed" in caplog.text
     broken = vectors.copy()
     broken[7, 3] = np.nan
     scan = memory_scan.MemoryScan(ids, broken, filt, precision="int8")
@@ -254,7 +266,7 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
     # the damaged row is never ranked; the others are, as without it
     got = [h.anime_id for h in scan.search(broken[8], SearchFilter(), 20, {})]
     assert 7 not in got and len(got) == 20
-    if not memory_scan.int8_products_exact(*vectors.shape):
+    if memory_scan.int8_kernel(*vectors.shape) is None:
         return  # the bound check below needs an exact int8 product
     real = memory_scan.Int8Copy.scores
     monkeypatch.setattr(memory_scan.Int8Copy, "scores", lambda self, q: (real(self, q)[0], 0.0 * real(self, q)[1]))

@@ -1,0 +1,13 @@
+"""The one compiled part of the package; everything else is configured in pyproject.toml.
+
+The ranker's int8 scan kernel (anime2vec/native/int8dot.c), loaded with ctypes. Optional: where no C
+compiler is found the package installs without it and the scan uses torch's int8 product.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("anime2vec._int8dot", ["anime2vec/native/int8dot.c"], extra_compile_args=["-O3"], optional=True)
+    ]
+)
