@@ -24,6 +24,9 @@ int a2v_int8_supported(void) {
 
 int a2v_int8_max_stride(void) { return 64 * A2V_MAX_CHUNKS; }
 
+/* One row at a time, in order: a plain forward stream the hardware prefetcher follows (four rows
+ * interleaved measured 2x slower with a cold cache). Two accumulators per query row (even and odd
+ * chunks) keep two products in flight. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) int a2v_int8_dot2(
     const int8_t *restrict codes, size_t n, size_t stride, const uint8_t *restrict qu0,
     const uint8_t *restrict qu1, const int32_t *restrict rowsum128, int32_t *restrict out0,
@@ -35,31 +38,25 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) int a2v_int8_dot2(
         q0[c] = _mm512_loadu_si512(qu0 + 64 * c);
         q1[c] = _mm512_loadu_si512(qu1 + 64 * c);
     }
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) { /* four rows at a time: eight independent accumulators */
-        __m512i acc[8];
-        for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_si512();
-        for (size_t c = 0; c < chunks; c++) {
-            for (int r = 0; r < 4; r++) {
-                const __m512i x = _mm512_loadu_si512(codes + (i + r) * stride + 64 * c);
-                acc[2 * r] = _mm512_dpbusd_epi32(acc[2 * r], q0[c], x);
-                acc[2 * r + 1] = _mm512_dpbusd_epi32(acc[2 * r + 1], q1[c], x);
-            }
-        }
-        for (int r = 0; r < 4; r++) {
-            out0[i + r] = _mm512_reduce_add_epi32(acc[2 * r]) - rowsum128[i + r];
-            out1[i + r] = _mm512_reduce_add_epi32(acc[2 * r + 1]) - rowsum128[i + r];
-        }
-    }
-    for (; i < n; i++) {
+    for (size_t i = 0; i < n; i++) {
+        const int8_t *row = codes + i * stride;
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        for (size_t c = 0; c < chunks; c++) {
-            const __m512i x = _mm512_loadu_si512(codes + i * stride + 64 * c);
+        __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+        size_t c = 0;
+        for (; c + 2 <= chunks; c += 2) {
+            const __m512i x = _mm512_loadu_si512(row + 64 * c), y = _mm512_loadu_si512(row + 64 * c + 64);
+            a0 = _mm512_dpbusd_epi32(a0, q0[c], x);
+            a1 = _mm512_dpbusd_epi32(a1, q1[c], x);
+            b0 = _mm512_dpbusd_epi32(b0, q0[c + 1], y);
+            b1 = _mm512_dpbusd_epi32(b1, q1[c + 1], y);
+        }
+        if (c < chunks) {
+            const __m512i x = _mm512_loadu_si512(row + 64 * c);
             a0 = _mm512_dpbusd_epi32(a0, q0[c], x);
             a1 = _mm512_dpbusd_epi32(a1, q1[c], x);
         }
-        out0[i] = _mm512_reduce_add_epi32(a0) - rowsum128[i];
-        out1[i] = _mm512_reduce_add_epi32(a1) - rowsum128[i];
+        out0[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, b0)) - rowsum128[i];
+        out1[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(a1, b1)) - rowsum128[i];
     }
     return 0;
 }
