@@ -429,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         "errors": {},
     }
     earlier = args.out / "bench.json"
-    if args.update and earlier.is_file():
+    if earlier.is_file():
         old = json.loads(earlier.read_text())
-        # encoder_cuda is kept even when the encoder part runs again on a machine without a GPU: only
-        # a GPU run replaces it
-        for part in (*PARTS, "encoder_cuda"):
+        # --update keeps the parts not run now; encoder_cuda is kept by every run (a machine without a
+        # GPU cannot measure it again): only a GPU run replaces it, and the report dates it
+        for part in (*PARTS, "encoder_cuda") if args.update else ("encoder_cuda",):
             if part not in parts and part in old:
                 result[part] = old[part]
                 result.setdefault("part_runs", {})[part] = old.get("part_runs", {}).get(part, old["started"])

@@ -350,11 +350,13 @@ def encoder_service_load(
     address = f"127.0.0.1:{grpc_port}"
     try:
         channel = grpc.insecure_channel(address)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=300)
-        except grpc.FutureTimeoutError:
-            log.seek(0)
-            raise RuntimeError(f"the encoder service did not start; its log ends:\n{log.read()[-3000:]}") from None
+        ready = grpc.channel_ready_future(channel)
+        deadline = time.monotonic() + 300
+        while not ready.done():  # a service that exits at start-up is reported at once, not after 300 s
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"the encoder service did not start; its log ends:\n{log.read()[-3000:]}")
+            time.sleep(0.2)
         info = encoder_pb2_grpc.EncoderServiceStub(channel).GetInfo(encoder_pb2.GetInfoRequest(), timeout=30)
         channel.close()
         client = EncoderClient(address, timeout_s=120)
@@ -373,7 +375,11 @@ def encoder_service_load(
         client.close()
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave it holding the GPU
+            proc.kill()
+            proc.wait()
         log.close()
     result = {
         "info": {

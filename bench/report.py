@@ -168,14 +168,14 @@ def _md_encoder_cuda(e: dict) -> list[str]:
             f"{r:.1f}× sentence-transformers fp16 at batch {b}"
             for b, r in e["speedup_vs_sentence_transformers_fp16"].items()
         )
-        + f"; peak GPU memory {e['peak_memory_gib']:.1f} GiB",
+        + (f"; peak GPU memory {e['peak_memory_gib']:.1f} GiB" if e.get("peak_memory_gib") is not None else ""),
     ]
     if cpu:
         lines.append(
             f"- the GPU computes the CPU's vectors: lowest cosine of the served (fp16) vectors against fp32 "
             f"vectors made on a CPU, over {e['reference_texts']} texts: {cpu['encoder']:.7f}"
         )
-    if par := e.get("parallel_tokenizers"):
+    if (par := e.get("parallel_tokenizers")) and str(e["best_batch"]) in par["texts_per_s"]["encoder"]:
         r, b = par["texts_per_s"], str(e["best_batch"])
         lines.append(
             f"- beside it, the same loops with TOKENIZERS_PARALLELISM unset (the tokenizers library's default, "

@@ -39,7 +39,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # stay safe) and measured ~3,700 texts/s on one core: on a GPU that, not the model, capped the encoder
 # (3.3k texts/s on an H200). Chunks are tokenized on threads instead; the Rust call releases the GIL.
 TOKENIZE_CHUNK = 256
-TOKENIZE_THREADS = max(1, min(8, os.cpu_count() or 1))
+TOKENIZE_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))  # the cores this process may use
 _tokenize_pool: ThreadPoolExecutor | None = None  # shared by every encoder of the process
 _tokenize_pool_lock = threading.Lock()
 
@@ -195,7 +195,7 @@ class TextEncoder:
         # A copy of the Rust tokenizer with truncation set once: the transformers wrapper resets it on
         # every call, so one instance cannot be shared by threads.
         self._backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
-        self._backend.enable_truncation(max_length)
+        self._backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
         self._backend.no_padding()
         self._pad_id = tokenizer.pad_token_id
         self._model = model.to(self.device).eval()

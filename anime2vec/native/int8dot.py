@@ -25,15 +25,15 @@ def _library() -> ctypes.CDLL | None:
             _loaded = True
             spec = importlib.util.find_spec("anime2vec._int8dot")
             if spec is not None and spec.origin is not None:
-                try:
+                try:  # a library that does not load or lacks a symbol (a stale build) counts as absent
                     lib = ctypes.CDLL(spec.origin)
-                except OSError:
-                    lib = None
-                if lib is not None and lib.a2v_int8_supported():
-                    p = ctypes.c_void_p
-                    lib.a2v_int8_dot2.argtypes = [p, ctypes.c_size_t, ctypes.c_size_t, p, p, p, p, p]
-                    lib.a2v_int8_dot2.restype = ctypes.c_int
-                    _lib = lib
+                    if lib.a2v_int8_supported():
+                        p = ctypes.c_void_p
+                        lib.a2v_int8_dot2.argtypes = [p, ctypes.c_size_t, ctypes.c_size_t, p, p, p, p, p]
+                        lib.a2v_int8_dot2.restype = ctypes.c_int
+                        _lib = lib
+                except (OSError, AttributeError):
+                    _lib = None
         return _lib
 
 

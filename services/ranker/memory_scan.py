@@ -138,9 +138,16 @@ def int8_kernel(n: int, d: int) -> str | None:
         codes = rng.integers(-127, 128, (min(n, 1024), d)).astype(np.int8)
         codes[: min(len(codes), 2)] = np.array([127, -127])[: min(len(codes), 2), None]
         query = np.stack([np.full(d, 127), rng.integers(-127, 128, d)]).astype(np.int8)
-        if np.array_equal(int8dot.PaddedCodes(codes).dot2(query), query.astype(np.int64) @ codes.astype(np.int64).T):
-            return "vnni"
-        log.warning("the compiled int8 kernel disagreed with exact products; trying torch's")
+        try:
+            exact = np.array_equal(
+                int8dot.PaddedCodes(codes).dot2(query), query.astype(np.int64) @ codes.astype(np.int64).T
+            )
+        except Exception as e:  # a broken build must not stop the ranker: torch's product serves instead
+            log.warning("the compiled int8 kernel failed (%s); trying torch's", e)
+        else:
+            if exact:
+                return "vnni"
+            log.warning("the compiled int8 kernel disagreed with exact products; trying torch's")
     return "torch" if int8_products_exact(n, d) else None
 
 

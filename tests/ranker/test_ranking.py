@@ -259,6 +259,14 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
             m.setattr(memory_scan.int8dot.PaddedCodes, "dot2", lambda self, q: np.zeros((2, self.n), np.int32))
             kernel = memory_scan.int8_kernel(*vectors.shape)
         assert kernel != "vnni" and "compiled int8 kernel disagreed" in caplog.text
+
+        def broken(self, q):
+            raise RuntimeError("a2v_int8_dot2 refused stride 576")
+
+        with monkeypatch.context() as m, caplog.at_level("WARNING"):  # nor one that fails: the ranker still starts
+            m.setattr(memory_scan.int8dot.PaddedCodes, "dot2", broken)
+            scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
+        assert scan.int8_kernel != "vnni" and "compiled int8 kernel failed" in caplog.text
     broken = vectors.copy()
     broken[7, 3] = np.nan
     scan = memory_scan.MemoryScan(ids, broken, filt, precision="int8")
