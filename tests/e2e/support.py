@@ -54,6 +54,10 @@ class Stack:
                 self.gateway.GetModelInfo(common_pb2.GetModelInfoRequest(), metadata=AUTH, timeout=5)
                 if through_encoder:
                     self.gateway.SearchText(gateway_pb2.SearchTextRequest(query="ready"), metadata=AUTH, timeout=30)
+                    # the ranker's own channel to the encoder (AddAnime) reconnects on its back-off too, and no
+                    # call reaches it without a side effect: wait out that back-off's ceiling (2 s, ±20%,
+                    # anime2vec/serving/encoder_client.py) so the next test's first AddAnime finds it connected
+                    time.sleep(2.5)
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
