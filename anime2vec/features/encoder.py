@@ -39,7 +39,9 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # stay safe) and measured ~3,700 texts/s on one core: on a GPU that, not the model, capped the encoder
 # (3.3k texts/s on an H200). Chunks are tokenized on threads instead; the Rust call releases the GIL.
 TOKENIZE_CHUNK = 256
-TOKENIZE_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))  # the cores this process may use
+# the cores this process may use (its affinity, where the OS has one; a container's CPU quota is not seen)
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+TOKENIZE_THREADS = max(1, min(8, _CPUS))
 _tokenize_pool: ThreadPoolExecutor | None = None  # shared by every encoder of the process
 _tokenize_pool_lock = threading.Lock()
 
