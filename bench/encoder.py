@@ -314,73 +314,49 @@ def encoder_service_load(
     through Encode over a loopback socket: `clients` threads, `request_texts` texts per request, the
     service's micro-batcher combining them up to `max_batch_texts`. Reports GetInfo, texts/s end to end,
     and the lowest cosine between the service's vectors and `expected` (the same encoder in process)."""
-    import os
-    import socket
-    import subprocess
-    import sys
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
 
     import grpc
 
-    from anime2vec.paths import REPO_ROOT
+    from anime2vec.runlocal import ServiceProcess, ServiceSpec, free_ports
     from anime2vec.serving.encoder_client import EncoderClient
     from anime2vec.v1 import encoder_pb2, encoder_pb2_grpc
 
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    grpc_port, metrics_port = (s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
-    env = dict(
-        os.environ,
-        A2V_ENCODER_DEVICE=device,
-        A2V_ENCODER_MODEL=model,
-        A2V_ENCODER_GRPC_PORT=str(grpc_port),
-        A2V_ENCODER_METRICS_PORT=str(metrics_port),
-        A2V_ENCODER_ENCODE_BATCH_SIZE=str(encode_batch_size),
-        A2V_ENCODER_MAX_BATCH_TEXTS=str(max_batch_texts),
-        A2V_ENCODER_MAX_QUEUE_TEXTS=str(max(2048, 2 * clients * request_texts)),
+    env = {
+        "DEVICE": device,
+        "MODEL": model,
+        "ENCODE_BATCH_SIZE": str(encode_batch_size),
+        "MAX_BATCH_TEXTS": str(max_batch_texts),
+        "MAX_QUEUE_TEXTS": str(max(2048, 2 * clients * request_texts)),
+    }
+    spec = ServiceSpec(
+        "encoder", "services.encoder.server", "anime2vec.v1.EncoderService", "127.0.0.1", *free_ports(2), env=env
     )
-    log = tempfile.TemporaryFile("w+")  # the service's JSON log: shown only if it fails to start
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.encoder.server"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
-    )
-    address = f"127.0.0.1:{grpc_port}"
-    try:
-        channel = grpc.insecure_channel(address)
-        ready = grpc.channel_ready_future(channel)
-        deadline = time.monotonic() + 300
-        while not ready.done():  # a service that exits at start-up is reported at once, not after 300 s
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"the encoder service did not start; its log ends:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
-        info = encoder_pb2_grpc.EncoderServiceStub(channel).GetInfo(encoder_pb2.GetInfoRequest(), timeout=30)
-        channel.close()
-        client = EncoderClient(address, timeout_s=120)
-        chunks = [(i, texts[i : i + request_texts]) for i in range(0, len(texts), request_texts)]
-        client.encode(texts[:request_texts])  # warm-up: the service's first batch
-        out = np.zeros_like(expected)
-
-        def send(chunk):
-            start, part = chunk
-            out[start : start + len(part)] = client.encode(part)[0]
-
-        begin = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(send, chunks))
-        wall = time.perf_counter() - begin
-        client.close()
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryDirectory(prefix="a2v-bench-encoder-") as tmp:
+        service = ServiceProcess(spec, Path(tmp) / "encoder.log")
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # never leave it holding the GPU
-            proc.kill()
-            proc.wait()
-        log.close()
+            service.start()
+            service.wait_serving(300)  # its log's tail if it exits or does not serve in time
+            with grpc.insecure_channel(spec.address) as channel:
+                info = encoder_pb2_grpc.EncoderServiceStub(channel).GetInfo(encoder_pb2.GetInfoRequest(), timeout=30)
+            client = EncoderClient(spec.address, timeout_s=120)
+            chunks = [(i, texts[i : i + request_texts]) for i in range(0, len(texts), request_texts)]
+            client.encode(texts[:request_texts])  # warm-up: the service's first batch
+            out = np.zeros_like(expected)
+
+            def send(chunk):
+                start, part = chunk
+                out[start : start + len(part)] = client.encode(part)[0]
+
+            begin = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(send, chunks))
+            wall = time.perf_counter() - begin
+            client.close()
+        finally:
+            exit_code = service.stop()  # SIGTERM, then SIGKILL: never left holding the GPU
     result = {
         "info": {
             "device": info.device,
@@ -395,7 +371,7 @@ def encoder_service_load(
         "max_batch_texts": max_batch_texts,
         "texts_per_s": len(texts) / wall,
         "min_cosine_vs_in_process": float(np.min(np.sum(out * expected, axis=1))),
-        "exit_code": proc.returncode,
+        "exit_code": exit_code,
     }
     progress(
         f"  service on {info.device} ({info.precision}), forward batch {encode_batch_size}, micro-batch up to "
