@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The stamp changes when the pins change, so `make` reinstalls exactly then.
 # setup.py and the C source: the package install compiles the ranker's int8 kernel (anime2vec/native)
-BUILD_INPUTS := requirements.lock pyproject.toml setup.py anime2vec/native/int8dot.c
+BUILD_INPUTS := requirements.lock pyproject.toml setup.py anime2vec/native/scan.c
 STAMP := $(VENV)/.stamp-$(shell cat $(BUILD_INPUTS) | sha256sum | cut -c1-12)
 PROTOS := $(wildcard protos/anime2vec/v1/*.proto)
 GEN_STAMP := anime2vec/v1/.stamp

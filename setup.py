@@ -1,6 +1,6 @@
 """The one compiled part of the package; everything else is configured in pyproject.toml.
 
-The ranker's int8 scan kernel (anime2vec/native/int8dot.c), loaded with ctypes. Optional: where no C
+The ranker's int8 scan kernel (anime2vec/native/scan.c), loaded with ctypes. Optional: where no C
 compiler is found the package installs without it and the scan uses torch's int8 product.
 """
 
@@ -8,6 +8,12 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("anime2vec._int8dot", ["anime2vec/native/int8dot.c"], extra_compile_args=["-O3"], optional=True)
+        Extension(
+            "anime2vec._scan",
+            ["anime2vec/native/scan.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],  # sums rounded in the source's order
+            libraries=["m"],
+            optional=True,
+        )
     ]
 )

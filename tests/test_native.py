@@ -1,19 +1,22 @@
-"""The compiled int8 kernel (anime2vec/native/int8dot.c) against exact int64 products: every shape
-the layout pads differently, the extreme codes, and the widest input it accepts."""
+"""The compiled int8 kernel (anime2vec/native/scan.c) against exact int64 products: every shape
+the layout pads differently (and every count of rows in the last group of four), the extreme codes,
+the widest input it accepts; and its bounded top-k scan against the same arithmetic in numpy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from anime2vec.native import int8dot
+from anime2vec.native import scan as native_scan
 
 pytestmark = pytest.mark.skipif(
-    not int8dot.available(1), reason="the int8 kernel was not built here or this CPU has no AVX-512 VNNI"
+    not native_scan.available(1), reason="the int8 kernel was not built here or this CPU has no AVX-512 VNNI"
 )
 
 
-@pytest.mark.parametrize("n, d", [(0, 5), (1, 1), (3, 63), (4, 64), (5, 65), (9, 516), (1027, 516), (6, 4096)])
+@pytest.mark.parametrize(
+    "n, d", [(0, 5), (1, 1), (2, 2), (3, 63), (4, 64), (5, 65), (9, 516), (1027, 516), (6, 4096), (7, 4096)]
+)
 def test_the_kernel_sums_exactly(n, d):
     rng = np.random.default_rng(n * 7919 + d)
     codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
@@ -24,18 +27,132 @@ def test_the_kernel_sums_exactly(n, d):
         np.zeros((2, d)),
     ):
         q = q.astype(np.int8)
-        got = int8dot.PaddedCodes(codes).dot2(q)
+        got = native_scan.PaddedCodes(codes).dot2(q)
         assert got.dtype == np.int32 and got.shape == (2, n)
         assert np.array_equal(got, q.astype(np.int64) @ codes.astype(np.int64).T)
 
 
 def test_the_layout_and_its_limits():
     codes = np.arange(-60, 60, dtype=np.int8).reshape(2, 60)
-    padded = int8dot.PaddedCodes(codes)
+    padded = native_scan.PaddedCodes(codes)
     assert padded.stride == 64 and padded.codes.shape == (2, 64) and not padded.codes[:, 60:].any()
     assert padded.rowsum128.tolist() == [128 * int(r.sum()) for r in codes.astype(np.int64)]
     with pytest.raises(ValueError, match=r"\(2, 60\)"):
         padded.dot2(np.zeros((1, 60), np.int8))
-    assert int8dot.available(4096) and not int8dot.available(4097) and not int8dot.available(0)
+    assert native_scan.available(4096) and not native_scan.available(4097) and not native_scan.available(0)
     with pytest.raises(RuntimeError, match="not available"):
-        int8dot.PaddedCodes(np.zeros((1, 4097), np.int8))
+        native_scan.PaddedCodes(np.zeros((1, 4097), np.int8))
+
+
+def _reference_rounding(query, scale):
+    """The query's two int8 rows as services/ranker/memory_scan.py rounds them in numpy."""
+    qs = scale * query.astype(np.float64)
+    b1 = np.abs(qs).max() / 127 if np.abs(qs).max() > 0 else 1.0
+    q1 = np.clip(np.rint(qs / b1), -127, 127)
+    rest = qs - q1 * b1
+    b2 = np.abs(rest).max() / 127 if np.abs(rest).max() > 0 else 1.0
+    q2 = np.clip(np.rint(rest / b2), -127, 127)
+    left = np.linalg.norm(rest - q2 * b2)
+    l1 = np.sum(0.5 * np.abs(qs))
+    return np.stack([q1, q2]).astype(np.int8), b1, b2, np.linalg.norm(query.astype(np.float64)), left, l1
+
+
+def _reference_scan(codes, got, bounds, k, eligible):
+    """The scan's definition in numpy, on the rounding the kernel reports (Scan.q, w1, w2, qn, left, l1)."""
+    p = got.q.astype(np.int64) @ codes.astype(np.int64).T
+    approx = p[0] * got.w1 + p[1] * got.w2
+    slack = np.minimum(bounds.residual * got.qn, got.l1) + (bounds.f32 * got.qn + bounds.code_norm * got.left)
+    lower = approx - slack
+    ok = np.ones(len(approx), bool) if eligible is None else eligible
+    lower[~ok] = -np.inf
+    tau = np.partition(lower, len(lower) - k)[len(lower) - k]
+    return np.flatnonzero((approx + slack >= tau) & ok), tau
+
+
+@pytest.mark.parametrize("n, d", [(1, 3), (5, 65), (1027, 516), (300, 1000)])
+def test_the_scan_keeps_exactly_the_rows_that_can_reach_the_kth_best(n, d):
+    """The query is rounded as numpy rounds it, and the candidates and tau equal numpy's over the
+    exact products: every k, with and without an eligibility mask, with ties (repeated rows), with
+    bounds from zero to wider than the scores, at widths with the query in registers and beyond."""
+    rng = np.random.default_rng(n + d)
+    codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
+    codes[n // 2 :: 3] = codes[0]  # exact ties
+    padded = native_scan.PaddedCodes(codes)
+    scale = rng.random(d) + 0.01
+    checked = 0
+    for spread in (0.0, 1e-3, 10.0, 1e4):
+        # residuals on either side of l1 (the bound takes the smaller), so both branches are checked
+        bounds = native_scan.RowBounds(
+            scale, spread * rng.random(n), spread * rng.random(n) / 10, spread * rng.random(n)
+        )
+        for query in (rng.normal(size=d).astype(np.float32), np.zeros(d, np.float32)):
+            for eligible in (None, rng.random(n) < 0.7):
+                m = n if eligible is None else int(eligible.sum())
+                for k in sorted({1, 2, 11, m}):
+                    if not 1 <= k <= m:
+                        continue
+                    got = padded.scan(query, bounds, k, eligible)
+                    q, w1, w2, qn, left, l1 = _reference_rounding(query, scale)
+                    assert np.array_equal(got.q, q) and (got.w1, got.w2) == (w1, w2)
+                    assert got.l1 == pytest.approx(l1, rel=1e-12, abs=1e-300)
+                    assert got.qn == pytest.approx(qn, rel=1e-12) and got.left == pytest.approx(
+                        left, rel=1e-9, abs=1e-300
+                    )
+                    want, tau = _reference_scan(codes, got, bounds, k, eligible)
+                    assert got.tau == tau
+                    assert np.array_equal(got.rows, want)
+                    assert len(got.rows) >= k
+                    checked += 1
+    assert checked >= 8  # every bound spread, at least one k
+
+
+def test_the_scan_refuses_what_it_cannot_answer():
+    padded = native_scan.PaddedCodes(np.ones((4, 8), np.int8))
+    q = np.ones(8, np.float32)
+    bounds = native_scan.RowBounds(np.ones(8), np.zeros(4), np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match="k must be"):
+        padded.scan(q, bounds, 0)
+    with pytest.raises(ValueError, match="k must be"):
+        padded.scan(q, bounds, 2, np.array([True, False, False, False]))
+    with pytest.raises(ValueError, match="row bounds must be for"):
+        padded.scan(q, native_scan.RowBounds(np.ones(8), np.zeros(3), np.zeros(3), np.zeros(3)), 1)
+    with pytest.raises(ValueError, match=r"\(8,\)"):
+        padded.scan(np.ones(7, np.float32), bounds, 1)
+    with pytest.raises(ValueError, match="contiguous float64"):
+        native_scan.RowBounds(np.ones(8), np.zeros(4, np.float32), np.zeros(4), np.zeros(4))
+    assert padded.scan(q, bounds, 4).rows.tolist() == [0, 1, 2, 3]
+
+
+def test_row_scores_depend_on_the_row_alone():
+    """float64 scores of listed float32 rows: the same for a row whatever else is listed, in any
+    order, within float64 rounding of the exact sum; bad input refused."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(50, 517)).astype(np.float32)
+    q = rng.normal(size=517)
+    alone = np.array([native_scan.row_scores(v, np.array([i]), q)[0] for i in range(50)])
+    rows = rng.permutation(50)
+    assert np.array_equal(native_scan.row_scores(v, rows, q), alone[rows])
+    np.testing.assert_allclose(alone, v.astype(np.float64) @ q, rtol=1e-12, atol=1e-12)
+    assert native_scan.row_scores(v, np.zeros(0, np.int64), q).shape == (0,)
+    with pytest.raises(IndexError):
+        native_scan.row_scores(v, np.array([50]), q)
+    with pytest.raises(ValueError, match="float32"):
+        native_scan.row_scores(v.astype(np.float64), np.array([0]), q)
+
+
+def test_concurrent_scans_do_not_share_buffers():
+    """Threads scanning one PaddedCodes at once (the ranker's gRPC workers, the GIL released in the
+    call) each get the answer a lone scan gives: the candidate buffers are per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    n, d = 3000, 130
+    codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
+    padded = native_scan.PaddedCodes(codes)
+    bounds = native_scan.RowBounds(rng.random(d) + 0.1, rng.random(n), rng.random(n) / 10, rng.random(n))
+    queries = [rng.normal(size=d).astype(np.float32) for _ in range(24)]
+    alone = [padded.scan(q, bounds, 5 + i).rows for i, q in enumerate(queries)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda iq: padded.scan(iq[1], bounds, 5 + iq[0]).rows, enumerate(queries)))
+            assert all(np.array_equal(g, a) for g, a in zip(got, alone))

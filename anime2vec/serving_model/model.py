@@ -134,12 +134,11 @@ class ServingModel:
 
     def history_row(self, listed: dict[int, float]) -> sp.csr_matrix:
         """A (1, n_items) confidence row of catalogue anime (ids outside the catalogue are left out)."""
-        idx = [self.pos[a] for a in listed if a in self.pos]
-        w = [float(listed[a]) for a in listed if a in self.pos]
-        return sp.csr_matrix(
-            (np.asarray(w, np.float32), (np.zeros(len(idx), np.int64), np.asarray(idx, np.int64))),
-            shape=(1, len(self.item_ids)),
-        )
+        kept = [a for a in listed if a in self.pos]
+        idx = np.fromiter((self.pos[a] for a in kept), np.int64, len(kept))
+        w = np.fromiter((float(listed[a]) for a in kept), np.float32, len(kept))
+        order = np.argsort(idx, kind="stable")  # the canonical CSR a COO row becomes (same products, bit for bit)
+        return sp.csr_matrix((w[order], idx[order], np.array([0, len(kept)], np.int64)), shape=(1, len(self.item_ids)))
 
     def history_vector(
         self, history: sp.csr_matrix, request: str, n_liked: int, extra_content: np.ndarray | None = None

@@ -19,8 +19,9 @@ what else was being searched at the time. (Batching would read the vectors once 
 but packing them costs 2.5 lone queries: bench numbers in docs/benchmarks.md.)
 
 Every search ends the same way: the candidate rows are scored again in float64, row by row
-(`_row_scores`), and ordered by (score, anime id). A float32 BLAS product's last bits depend on a row's
-position in the matrix it is part of, so without this two searches could order exact or near ties
+(`native_scan.row_scores`: one fixed order of sums per row, compiled where the package's scan library
+was built, else numpy's), and ordered by (score, anime id). A float32 BLAS product's last bits depend
+on a row's position in the matrix it is part of, so without this two searches could order exact or near ties
 differently, and page 2 of a list could repeat an anime of page 1. The candidates are every row whose
 float32 score comes within the product's own error bound of the k-th best (float32), or of the int8
 scan's bound (int8), so both precisions return the same page.
@@ -28,14 +29,16 @@ scan's bound (int8), so both precisions return the same page.
 Precision (A2V_RANKER_SEARCH_PRECISION): a product over every row reads 34 MB of float32 on the full
 catalogue. "int8" scans an int8 copy instead (a quarter of the bytes). Each column j is scaled by
 c_j = max|x_ij| / 127 and rounded (x̂ = c ⊙ xq); the query side (c ⊙ q) is rounded to int8 twice (codes,
-then remainder), and the products are summed exactly in int32: by the compiled kernel
-(anime2vec/native/int8dot.c, AVX-512 VNNI, one pass over the codes) where it was built and the CPU
-has VNNI, else by torch's `_int_mm`, exact where the CPU has VNNI or AMX (without, oneDNN pairs
+then remainder), and the products are summed exactly in int32: by the compiled scan
+(anime2vec/native/scan.c, AVX-512 VNNI: the query's rounding, the products, the bound and the
+candidates below in one pass over the codes) where it was built and the CPU has VNNI, else by torch's
+`_int_mm` with the bound in numpy, exact where the CPU has VNNI or AMX (without, oneDNN pairs
 products into a saturating int16: `int8_kernel` probes either at the served shape, and a CPU where
 neither is exact scans float32). So |float32 score − approximate| ≤
-‖x_i − x̂_i‖·‖q‖ + ‖xq_i‖·‖c ⊙ q − its rounding‖ + the float32 product's own error, every term known
-(`Int8Copy.scores`), and the rows whose approximate score plus that bound reaches the k-th best lower
-bound are the candidates (tens to a few hundred; past an eighth of the rows the float32 product is
+min(‖x_i − x̂_i‖·‖q‖, Σ_j c_j/2·|q_j|) + ‖xq_i‖·‖c ⊙ q − its rounding‖ + the float32 product's own
+error, every term known (`Int8Copy.scores`), and the rows whose approximate score plus that bound
+reaches the k-th best lower bound are the candidates (tens for a favourites query on the served
+vectors, where Cauchy-Schwarz alone left ~550; past an eighth of the rows the float32 product is
 cheaper and is used). "auto" (the default) checks the bound on the served vectors, times both on one
 thread at a first page and a re-ranking pool's depth, and keeps int8 when it takes under 0.9× the
 float32 time; served vectors that are not all finite, or a bound that fails, mean float32.
@@ -54,7 +57,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from anime2vec.index.base import SearchFilter, folded, payload_matches
-from anime2vec.native import int8dot
+from anime2vec.native import scan as native_scan
 from anime2vec.serving_model.model import ItemMeta
 
 from .ranking import CatalogueFilter
@@ -81,12 +84,10 @@ class Block:
 CHUNK = 4096  # rows converted at a time: the float64 work of a 16.7k x 516 copy stays ~17 MB, not ~280
 
 
-def _row_scores(vectors: np.ndarray, q64: np.ndarray) -> np.ndarray:
-    """Each row's dot product with the query in float64, row by row: a row's score does not depend on
-    which other rows are scored with it (a float32 BLAS product's last bits do: its kernel for the
-    last rows of a matrix differs), so two searches that rescore different rows agree on every score
-    and rank ties by anime id alike."""
-    return (vectors.astype(np.float64) * q64).sum(axis=1)
+def _added_score(meta: ItemMeta, q64: np.ndarray) -> float:
+    """An added anime's score, summed as a bundle row's (its vector is the tower's float32 output)."""
+    v = np.asarray(meta.vector, np.float32)[None]
+    return float(native_scan.row_scores(v, np.zeros(1, np.int64), q64)[0])
 
 
 def max_row_norm(vectors: np.ndarray) -> tuple[float, bool]:
@@ -111,41 +112,44 @@ def _chunks(a: np.ndarray):
     return (a[i : i + CHUNK] for i in range(0, len(a), CHUNK))
 
 
-def int8_products_exact(n: int, d: int) -> bool:
-    """Whether torch's int8 product sums exactly in int32 at this shape: with VNNI (or AMX) it
-    does; without, oneDNN pairs products into a saturating int16 first (an all-127 row times all-127
-    codes comes out as 65,280 instead of 16,129·d), and with one column it returns garbage. Probed
-    with the worst cases and random codes at the served shape."""
-    if d < 2 or n < 1:
-        return False
+def _probe(n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (n, d) and three query rows with the worst cases (all ±127) and random values, and
+    their exact products."""
     rng = np.random.default_rng(0)
     codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
     codes[: min(n, 4)] = np.array([127, -127, 127, -127])[: min(n, 4), None]
     query = np.stack([np.full(d, 127), np.full(d, -127), rng.integers(-127, 128, d)]).astype(np.int8)
+    return codes, query, query.astype(np.int64) @ codes.astype(np.int64).T
+
+
+def int8_products_exact(n: int, d: int) -> bool:
+    """Whether torch's int8 product sums exactly in int32 at this shape: with VNNI (or AMX) it
+    does; without, oneDNN pairs products into a saturating int16 first (an all-127 row times all-127
+    codes comes out as 65,280 instead of 16,129·d), and with one column it returns garbage. Probed
+    at the served shape."""
+    if d < 2 or n < 1:
+        return False
+    codes, query, exact = _probe(n, d)
     try:
         got = torch._int_mm(torch.from_numpy(query), torch.from_numpy(codes).t()).numpy()
     except RuntimeError:  # no int8 matrix product in this torch build
         return False
-    return bool(np.array_equal(got, query.astype(np.int64) @ codes.astype(np.int64).T))
+    return bool(np.array_equal(got, exact))
 
 
 def int8_kernel(n: int, d: int) -> str | None:
     """Which exact int8 product the scan uses at this shape: "vnni" (the compiled kernel), "torch"
     (`_int_mm`), or None (neither sums exactly here: scan float32). Each is probed with the worst
     cases (all ±127) and random codes before it is trusted."""
-    if n >= 1 and int8dot.available(d):
-        rng = np.random.default_rng(0)
-        codes = rng.integers(-127, 128, (min(n, 1024), d)).astype(np.int8)
-        codes[: min(len(codes), 2)] = np.array([127, -127])[: min(len(codes), 2), None]
-        query = np.stack([np.full(d, 127), rng.integers(-127, 128, d)]).astype(np.int8)
+    if n >= 1 and native_scan.available(d):
+        codes, query, exact = _probe(min(n, 1024), d)  # the kernel's loop does not depend on n
         try:
-            exact = np.array_equal(
-                int8dot.PaddedCodes(codes).dot2(query), query.astype(np.int64) @ codes.astype(np.int64).T
-            )
+            padded = native_scan.PaddedCodes(codes)
+            ok = np.array_equal(padded.dot2(query[:2]), exact[:2]) and np.array_equal(padded.dot2(query[1:]), exact[1:])
         except Exception as e:  # a broken build must not stop the ranker: torch's product serves instead
             log.warning("the compiled int8 kernel failed (%s); trying torch's", e)
         else:
-            if exact:
+            if ok:
                 return "vnni"
             log.warning("the compiled int8 kernel disagreed with exact products; trying torch's")
     return "torch" if int8_products_exact(n, d) else None
@@ -153,7 +157,7 @@ def int8_kernel(n: int, d: int) -> str | None:
 
 class Int8Copy:
     """The vectors as int8 with one scale per column, and what the error bound needs per row.
-    `kernel`: "vnni" (anime2vec/native/int8dot.c) or "torch" (`_int_mm`), as `int8_kernel` chose."""
+    `kernel`: "vnni" (anime2vec/native/scan.c) or "torch" (`_int_mm`), as `int8_kernel` chose."""
 
     def __init__(self, vectors: np.ndarray, kernel: str = "torch"):
         d = vectors.shape[1]
@@ -169,34 +173,67 @@ class Int8Copy:
             norm.append(np.linalg.norm(x, axis=1))
         self.kernel = kernel
         self.codes: torch.Tensor | None = None  # (n, d); _int_mm reads its transpose view
-        self.padded: int8dot.PaddedCodes | None = None  # the compiled kernel's layout
+        self.padded: native_scan.PaddedCodes | None = None  # the compiled kernel's layout
         if kernel == "vnni":
-            self.padded = int8dot.PaddedCodes(np.concatenate(codes))
+            self.padded = native_scan.PaddedCodes(np.concatenate(codes))
         else:
             self.codes = torch.from_numpy(np.concatenate(codes))
-        self.residual, self.code_norm, self.norm = (np.concatenate(a) for a in (residual, code_norm, norm))
-        self.rounding = float32_rounding(d)
+        # per row, the bound's parts (`scores`): ‖x_i − x̂_i‖, the float32 rounding term's factor of ‖q‖
+        # (4·d·2⁻²⁴·‖x_i‖), ‖xq_i‖
+        self.residual = np.concatenate(residual)
+        self.f32 = float32_rounding(d) * np.concatenate(norm)
+        self.code_norm = np.concatenate(code_norm)
+        self.bounds = (
+            None if self.padded is None else native_scan.RowBounds(self.scale, self.residual, self.f32, self.code_norm)
+        )
 
-    def scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate scores of every row and, per row, a bound on |float32 score − approximate|.
-        The query side, c ⊙ q (x̂·q = xq·(c ⊙ q)), is rounded to int8 twice: the codes, then their
-        remainder; both rows go through one int8 product (it reads the codes once either way)."""
+    def _query(self, query: np.ndarray) -> tuple[np.ndarray, float, float, float, float, float]:
+        """The query side, c ⊙ q (x̂·q = xq·(c ⊙ q)), rounded to int8 twice: the codes, then their
+        remainder; both rows go through one int8 product (it reads the codes once either way).
+        Returns the two rows, their weights, ‖q‖, ‖c ⊙ q − its rounding‖ and Σ c_j/2·|q_j| (the
+        compiled scan rounds the query the same way, in C)."""
         qs = self.scale * query.astype(np.float64)
         b1 = _unit(qs)
         q1 = np.clip(np.rint(qs / b1), -127, 127)
         rest = qs - q1 * b1
         b2 = _unit(rest)
         q2 = np.clip(np.rint(rest / b2), -127, 127)
-        rows = np.stack([q1, q2]).astype(np.int8)
+        qn = float(np.linalg.norm(query.astype(np.float64)))
+        left = float(np.linalg.norm(rest - q2 * b2))
+        l1 = float(np.sum(0.5 * np.abs(qs)))  # Σ c_j/2·|q_j|
+        return np.stack([q1, q2]).astype(np.int8), b1, b2, qn, left, l1
+
+    def scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate scores of every row and, per row, a bound on |float32 score − approximate|:
+        the codes' error |(x_i − x̂_i)·q| ≤ min(‖x_i − x̂_i‖·‖q‖, Σ c_j/2·|q_j|) (Cauchy-Schwarz, and
+        each code within half a step; the second is ~6x tighter on the served vectors), plus the
+        query's rounding ‖xq_i‖·‖c ⊙ q − its rounding‖ and the float32 product's own error."""
+        rows, w1, w2, qn, left, l1 = self._query(query)
         if self.padded is not None:
             dots = self.padded.dot2(rows)
         else:
             assert self.codes is not None
             dots = torch._int_mm(torch.from_numpy(rows), self.codes.t()).numpy()
-        qn = float(np.linalg.norm(query.astype(np.float64)))
-        left = float(np.linalg.norm(rest - q2 * b2))  # ‖c ⊙ q − its rounding‖
-        slack = self.residual * qn + self.code_norm * left + self.rounding * self.norm * qn
-        return dots[0] * b1 + dots[1] * b2, slack
+        slack = np.minimum(self.residual * qn, l1) + (self.f32 * qn + self.code_norm * left)
+        return dots[0] * w1 + dots[1] * w2, slack
+
+    def candidates(self, query: np.ndarray, k: int, eligible: np.ndarray | None) -> np.ndarray:
+        """The rows (ascending) that can be in the exact top k of the eligible ones (None: all; at
+        least k): those whose approximate score plus its bound reaches tau, the k-th best approximate
+        score minus its bound. The compiled kernel does it all in its pass over the codes; otherwise
+        numpy over `scores`."""
+        if self.padded is not None:
+            assert self.bounds is not None
+            return self.padded.scan(query, self.bounds, k, eligible).rows
+        approx, slack = self.scores(query)
+        lower = approx - slack
+        if eligible is not None:
+            lower[~eligible] = -np.inf
+        tau = np.partition(lower, len(lower) - k)[len(lower) - k]  # k rows score at least this
+        keep = approx + slack >= tau
+        if eligible is not None:
+            keep &= eligible
+        return np.flatnonzero(keep)
 
 
 def _unit(v: np.ndarray) -> float:
@@ -324,21 +361,23 @@ class MemoryScan:
                 cand = self._int8_candidates(block, query, at, limit)
             if cand is None:
                 cand = self._float32_candidates(block, query, at, limit)
-            vectors = block.vectors[cand] if block.vectors is not None else self.vectors[rows[cand]]
-            scores = _row_scores(vectors, q64)
+            if block.vectors is not None:
+                scores = native_scan.row_scores(block.vectors, cand, q64)
+            else:
+                scores = native_scan.row_scores(self.vectors, rows[cand], q64)
             ids = self.item_ids[rows[cand]]
             keep = np.flatnonzero(scores > -np.inf)  # not NaN (a damaged row)
             order = keep[np.lexsort((ids[keep], -scores[keep]))][:limit]
             hits = [ScanHit(int(ids[i]), float(scores[i]), int(rows[cand[i]]), None) for i in order]
         for aid, meta in added.items():
             if meta.vector is not None and payload_matches(meta.payload, flt):
-                hits.append(ScanHit(aid, float(_row_scores(np.asarray(meta.vector)[None], q64)[0]), None, meta))
+                hits.append(ScanHit(aid, _added_score(meta, q64), None, meta))
         hits.sort(key=lambda h: (-h.score, h.anime_id))
         return hits[:limit]
 
     def _float32_candidates(self, block: Block, query: np.ndarray, at: np.ndarray, limit: int) -> np.ndarray:
         """Positions in block.rows whose float32 score comes within the product's own error of the
-        k-th best: every row the float64 scores (`_row_scores`) can put in the top `limit`."""
+        k-th best: every row the float64 scores (`native_scan.row_scores`) can put in the top `limit`."""
         if block.vectors is not None:
             scores = block.vectors @ query
         else:
@@ -360,17 +399,19 @@ class MemoryScan:
         None when they are so many that the float32 product over every row is cheaper. `at`:
         positions never ranked (exclusions)."""
         assert self._int8 is not None
-        approx, slack = self._int8.scores(query)
-        if not block.full:
-            approx, slack = approx[block.rows], slack[block.rows]
-        approx[at] = -np.inf
-        k = min(limit, len(approx) - len(at))
+        rows = block.rows
+        k = min(limit, len(rows) - len(at))
         if k <= 0:
             return np.zeros(0, np.int64)
-        lower = approx - slack
-        tau = np.partition(lower, len(lower) - k)[len(lower) - k]  # k rows score at least this
-        cand = np.flatnonzero(approx + slack >= tau)
-        return None if len(cand) > len(approx) // 8 else cand
+        eligible = None
+        if not block.full or len(at):
+            eligible = np.zeros(len(self.vectors), np.bool_)
+            eligible[rows] = True
+            eligible[rows[at]] = False
+        cand = self._int8.candidates(query, k, eligible)
+        if len(cand) > len(rows) // 8:
+            return None
+        return cand if block.full else np.searchsorted(rows, cand)
 
     def _choose(self, precision: str, n_queries: int = 16, repeats: int = 3) -> str:
         """Check the int8 bound on the served vectors (rows as queries, and means of three) and,

@@ -194,12 +194,12 @@ def test_the_int8_scan_bound_holds_and_ranks_as_float32_does(kernel, monkeypatch
     paths rescore their candidates with the same float64 row products and order them by (score,
     anime id): the same page, ties included, unfiltered, broad filter, exclusions, every page depth,
     and a page is the start of every longer one."""
-    from anime2vec.native import int8dot
+    from anime2vec.native import scan as native_scan
     from services.ranker import memory_scan
 
     vectors = _hard_vectors()
     n, dim = vectors.shape
-    if kernel == "vnni" and not int8dot.available(dim):
+    if kernel == "vnni" and not native_scan.available(dim):
         pytest.skip("the compiled int8 kernel is not built here or this CPU has no AVX-512 VNNI")
     if kernel == "torch" and not memory_scan.int8_products_exact(n, dim):
         pytest.skip("this CPU's int8 product does not sum exactly (no VNNI): the ranker scans float32 here")
@@ -254,9 +254,9 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
         m.setattr(memory_scan, "int8_kernel", lambda n, d: None)
         scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
     assert scan.precision == "float32" and scan._int8 is None and "does not sum exactly" in caplog.text
-    if memory_scan.int8dot.available(vectors.shape[1]):  # a compiled kernel that sums wrong is not used
+    if memory_scan.native_scan.available(vectors.shape[1]):  # a compiled kernel that sums wrong is not used
         with monkeypatch.context() as m, caplog.at_level("WARNING"):
-            m.setattr(memory_scan.int8dot.PaddedCodes, "dot2", lambda self, q: np.zeros((2, self.n), np.int32))
+            m.setattr(memory_scan.native_scan.PaddedCodes, "dot2", lambda self, q: np.zeros((2, self.n), np.int32))
             kernel = memory_scan.int8_kernel(*vectors.shape)
         assert kernel != "vnni" and "compiled int8 kernel disagreed" in caplog.text
 
@@ -264,7 +264,7 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
             raise RuntimeError("a2v_int8_dot2 refused stride 576")
 
         with monkeypatch.context() as m, caplog.at_level("WARNING"):  # nor one that fails: the ranker still starts
-            m.setattr(memory_scan.int8dot.PaddedCodes, "dot2", broken)
+            m.setattr(memory_scan.native_scan.PaddedCodes, "dot2", broken)
             scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
         assert scan.int8_kernel != "vnni" and "compiled int8 kernel failed" in caplog.text
     broken = vectors.copy()
