@@ -6,8 +6,10 @@ One load-generator process (bench/loadgen.py, grpc.aio) drives, at each concurre
 server, a relay in front of it (the same two Python gRPC hops as gateway → ranker, with no work),
 the ranker directly (RecommendFromFavourites: what the gateway calls) and the gateway, one after
 another, so all four see the same machine load. Then an open loop at half of the gateway's
-best throughput gives the latency a caller sees below saturation. Last, the ranker's request path
-is profiled in-process (cProfile) to say where the time goes.
+best throughput gives the latency a caller sees below saturation. Then, with the services
+stopped, 1 vs 2 ranker processes (bench/processes.py; skipped when the bench's `processes` part
+runs, which measures the same more widely). Last, the ranker's request path is profiled in-process
+(cProfile) to say where the time goes.
 """
 
 from __future__ import annotations
@@ -25,62 +27,27 @@ from pathlib import Path
 
 import numpy as np
 
-from anime2vec.bundle import newest_bundle
-from anime2vec.paths import REPO_ROOT, default_model_store
-from anime2vec.runlocal import OFFLINE_ENV, ServiceProcess, free_ports, standard_specs
+from anime2vec.paths import REPO_ROOT
+from anime2vec.runlocal import ServiceProcess, free_ports, standard_specs
 from bench.echo import METHOD as ECHO_METHOD
 from bench.loadgen import Step, run_plan
+from bench.processes import (
+    RANKER_METHOD,
+    TARGET_TWO_PROCESSES,
+    favourites_requests,
+    find_bundle,
+    run_processes_bench,
+)
 from services.ranker.settings import RankerSettings
 
 API_KEY = "bench-key"
 GATEWAY_METHOD = "/anime2vec.v1.GatewayService/Recommend"
-RANKER_METHOD = "/anime2vec.v1.RankerService/RecommendFromFavourites"
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
-PROCESS_CONCURRENCY = (4, 8, 16)  # requests in flight when ranker processes are compared
-TARGET_TWO_PROCESSES = 1.7  # two ranker processes' best throughput / one's
+PROCESS_COUNTS = (1, 2)  # ranker processes compared here (bench/processes.py: more where the cores allow)
 # the ranker's CPU per favourites request against one pass over the int8 vectors (issue 16); the
 # gateway / echo ratio is reported as context only: it mostly measures Python gRPC on shared cores
 TARGET_CPU_TO_FLOOR, TARGET_P99_MS = 2.5, 20.0
 STARTUP_TIMEOUT_S = 600
-
-
-def find_bundle(work: Path, progress) -> tuple[Path, str]:
-    """The newest full-data bundle in the model store, else a sample one, else one trained here on
-    the sample (a few minutes); returns (bundle dir, what it is)."""
-    store = default_model_store()
-    if (b := newest_bundle(store, "full")) is not None:
-        return b, "full data (models/)"
-    if (store / "sample").is_dir() and (b := newest_bundle(store / "sample", "sample")) is not None:
-        return b, "sample data (models/sample/)"
-    progress("no bundle in the model store: training one on the sample data (a few minutes)")
-    cmd = [
-        sys.executable,
-        "-m",
-        "anime2vec.cli",
-        "train",
-        "--sample",
-        "--epochs",
-        "8",
-        "--quiet",
-        "--store",
-        str(work / "models"),
-        "--report-dir",
-        str(work / "train-report"),
-    ]
-    subprocess.run(cmd, cwd=REPO_ROOT, env=os.environ | OFFLINE_ENV, check=True, capture_output=True)
-    b = newest_bundle(work / "models", "sample")
-    if b is None:
-        raise RuntimeError("training a sample bundle for the gateway bench produced none")
-    return b, "sample data (trained for this run)"
-
-
-def favourites_requests(bundle: Path, n: int = 64, k: int = 3, seed: int = 0) -> list[list[int]]:
-    """n favourites lists, each of k distinct popular anime ids (drawn from the top 500 by members)."""
-    with open(bundle / "catalog.jsonl", encoding="utf-8") as f:  # lines end at "\n" only (titles hold U+2028)
-        rows = [json.loads(line) for line in f if line.strip()]
-    popular = [r["anime_id"] for r in sorted(rows, key=lambda r: -(r.get("members") or 0))[:500]]
-    rng = np.random.default_rng(seed)
-    return [[int(a) for a in rng.choice(popular, size=k, replace=False)] for _ in range(n)]
 
 
 class EchoProcess:
@@ -129,17 +96,24 @@ class _Context:
         return "in-process"
 
 
-def int8_read_floor_ms(vectors: np.ndarray, passes: int = 50) -> float:
+def int8_read_floor_ms(vectors: np.ndarray, passes: int = 50, between=None) -> float:
     """CPU ms of one pass over the int8 copy of the item vectors: what any search over the catalogue
-    must at least read (bench/search.py's floor, measured here in the same process and run)."""
+    must at least read (bench/search.py's floor, measured here in the same process and run).
+    `between(i)`, when given, runs (untimed) before each pass: a request, so each pass finds the
+    caches as a request's search finds them (back to back, the 8.6 MB copy stays in the L3 cache
+    and the floor reads 3-6x lower than between requests or in bench/search.py)."""
     from bench.search import int8_words
 
     words = int8_words(vectors)
     words.sum()
-    start = time.process_time()
-    for _ in range(passes):
+    total = 0.0
+    for i in range(passes):
+        if between is not None:
+            between(i)
+        start = time.thread_time()
         words.sum()
-    return (time.process_time() - start) / passes * 1e3
+        total += time.thread_time() - start
+    return total / passes * 1e3
 
 
 def _cpu_ms_per_call(call, requests: list, calls: int) -> float:
@@ -202,7 +176,12 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
             kind: _cpu_ms_per_call(lambda r: servicer.RecommendFromFavourites(r, ctx), batch, calls)
             for kind, batch in kinds.items()
         }
-        floor_ms = int8_read_floor_ms(servicer.lifecycle.current().model.item_tower)
+        vectors = servicer.lifecycle.current().model.item_tower
+        # the floor as a request's search meets it (a request between passes), and back to back
+        floor_ms = int8_read_floor_ms(
+            vectors, calls, between=lambda i: servicer.RecommendFromFavourites(requests[i % len(requests)], ctx)
+        )
+        floor_back_to_back_ms = int8_read_floor_ms(vectors)
         times = []
         for i in range(calls):
             t0 = time.perf_counter()
@@ -236,6 +215,7 @@ def profile_ranker(bundle: Path, ranker_dir: Path, favourites: list[list[int]], 
         "calls": calls,
         "cpu_ms_per_request": cpu_ms,
         "int8_read_floor_ms": floor_ms,
+        "int8_read_floor_back_to_back_ms": floor_back_to_back_ms,
         "cpu_to_floor": {kind: ms / floor_ms for kind, ms in cpu_ms.items()},
         "p50_ms": float(np.percentile(t, 50)),
         "p99_ms": float(np.percentile(t, 99)),
@@ -284,6 +264,7 @@ def run_gateway_bench(
     warmup_s: float = 1.0,
     open_loop_s: float = 6.0,
     profile_calls: int = 200,
+    ranker_processes: bool = True,
     progress=print,
 ) -> dict:
     import grpc
@@ -363,13 +344,26 @@ def run_gateway_bench(
             ]
             open_loop = {r["name"]: r for r in run_plan(open_plan)}
             errors = {name: sum(sum(s["errors"].values()) for s in steps) for name, steps in by.items()}
-            processes = _ranker_processes(procs, specs, work, bundle, rk_payloads, step_s, warmup_s, progress)
         finally:
             for baseline in (relay, echo):
                 if baseline is not None:
                     baseline.stop()
             for name in ("gateway", "ranker", "encoder"):
                 procs[name].stop()
+        processes: dict | None = None
+        if ranker_processes:
+            try:
+                processes = run_processes_bench(
+                    bundle,
+                    PROCESS_COUNTS,
+                    step_s=step_s,
+                    warmup_s=warmup_s,
+                    payloads=rk_payloads,
+                    bundle_kind=bundle_kind,
+                    progress=progress,
+                )
+            except Exception as e:  # a measurement that failed is reported, the others are kept
+                processes = {"error": f"{type(e).__name__}: {e}"}
         profile: dict
         try:
             progress(f"profiling the ranker's favourites path in-process ({profile_calls} calls, cProfile)")
@@ -424,111 +418,22 @@ def run_gateway_bench(
         "open_loop_half_max": open_loop,
         "latency_c1_ms": {name: s.get("p50_ms") for name, s in c1.items()},
         "profile_ranker_in_process": profile,
-        "ranker_processes": processes,
+        **({"ranker_processes": processes} if processes is not None else {}),
         "targets": {
-            "two_processes": TARGET_TWO_PROCESSES,
-            "two_processes_met": bool(processes.get("ratio", 0.0) >= TARGET_TWO_PROCESSES),
+            **(
+                {
+                    "two_processes": TARGET_TWO_PROCESSES,
+                    "two_processes_met": (processes.get("targets") or {}).get("two_processes_met"),
+                }
+                if processes is not None
+                else {}
+            ),
             "cpu_to_floor": TARGET_CPU_TO_FLOOR,
             "cpu_to_floor_met": bool(profile.get("cpu_to_floor", {}).get("plain", np.inf) <= TARGET_CPU_TO_FLOOR),
             "p99_ms_at_half_max": TARGET_P99_MS,
             "p99_met": bool(p99_half <= TARGET_P99_MS),
         },
     }
-
-
-def _ranker_processes(procs, specs, work: Path, bundle: Path, payloads, step_s, warmup_s, progress) -> dict:
-    """Throughput as ranker processes are added (1, then 2: this machine's cores), against ideal
-    linear scaling. The second process serves the same bundle from its own copy of the embedded
-    collection (the engine locks its directory to one process); one client channel spreads the
-    calls over both (round robin). Each count's best over PROCESS_CONCURRENCY, steps alternating."""
-    import shutil
-
-    ports = free_ports(2)
-    spec = next(
-        s
-        for s in standard_specs(
-            "127.0.0.1",
-            {"encoder": (procs["encoder"].spec.grpc_port, 0), "ranker": tuple(ports), "gateway": (0, 0)},
-            encoder_model="minilm",
-            model_store=bundle.parent,
-            bundle=bundle.name,
-            ranker_data_dir=work / "ranker-2",
-            gateway_env={},
-        )
-        if s.name == "ranker"
-    )
-    second = ServiceProcess(spec, work / "logs" / "ranker-2.log")
-    try:
-        progress(
-            f"a second ranker process (cores: {os.cpu_count()}): 1 vs 2 processes × {len(PROCESS_CONCURRENCY)} steps"
-        )
-        second.start()
-        second.wait_serving(STARTUP_TIMEOUT_S)
-        one = procs["ranker"].spec.address
-        both = f"ipv4:{one},{spec.address}"
-        rr = (("grpc.lb_policy_name", "round_robin"),)
-        assert procs["ranker"].proc is not None and second.proc is not None  # both started above
-        pids = {1: [procs["ranker"].proc.pid], 2: [procs["ranker"].proc.pid, second.proc.pid]}
-        steps = []
-        for c in PROCESS_CONCURRENCY:
-            for n, addr, opts in ((1, one, ()), (2, both, rr)):
-                step = Step(
-                    f"{n}",
-                    addr,
-                    RANKER_METHOD,
-                    payloads,
-                    (),
-                    concurrency=c,
-                    duration_s=step_s,
-                    warmup_s=warmup_s,
-                    options=opts,
-                    extra={"processes": n},
-                )
-                # one step per load-generator run, so the rankers' CPU is read around each step
-                cpu0 = _process_cpu_s(pids[n])
-                (result,) = run_plan([step])
-                cpu = _process_cpu_s(pids[n]) - cpu0
-                loaded_s = warmup_s + step_s  # the rankers' busy time (the load generator's start is idle)
-                served = result["throughput_rps"] * loaded_s  # the warm-up at the same rate, estimated
-                result.update(
-                    ranker_cpu_s=cpu,
-                    ranker_cores=cpu / loaded_s,
-                    ranker_cpu_ms_per_request=1e3 * cpu / served if served else None,
-                )
-                steps.append(result)
-    except Exception as e:  # a measurement that failed is reported, the others are kept
-        return {"error": f"{type(e).__name__}: {e}"}
-    finally:
-        second.stop()
-        shutil.rmtree(work / "ranker-2", ignore_errors=True)
-    best = {n: max((s for s in steps if s["processes"] == n), key=lambda s: s["throughput_rps"]) for n in (1, 2)}
-    return {  # keys as strings: the report is read back from JSON
-        "steps": steps,
-        "best_rps": {str(n): b["throughput_rps"] for n, b in best.items()},
-        "best_at": {str(n): b["concurrency"] for n, b in best.items()},
-        # where the cores went at each count's best step: the rankers' CPU per request and cores busy,
-        # and the load generator's share of a core
-        "best_cpu": {
-            str(n): {
-                "ranker_cpu_ms_per_request": b.get("ranker_cpu_ms_per_request"),
-                "ranker_cores": b.get("ranker_cores"),
-                "client_cores": b.get("client_cpu_share"),
-            }
-            for n, b in best.items()
-        },
-        "ratio": best[2]["throughput_rps"] / best[1]["throughput_rps"],
-        "ideal": 2.0,
-        "cores": os.cpu_count(),
-    }
-
-
-def _process_cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes (all their threads so far), from /proc."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _gateway_request(ids: list[int]):

@@ -11,16 +11,19 @@ bytes, so the client does no protobuf work and costs the same for every target. 
   from the scheduled start, so a stalled server shows as latency (no coordinated omission).
 
 `run_plan(steps)` runs steps one after another in a child process (`python -m bench.loadgen`) and
-returns one dict per step.
+returns one dict per step; `cpus` pins that process to those cores. Several load-generator processes
+drive one target together when their steps share a `start_at` (bench/processes.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,9 @@ class Step:
     # channel options, e.g. (("grpc.lb_policy_name", "round_robin"),) to spread calls over the
     # addresses of an "ipv4:host:port,host:port" target
     options: tuple = ()
+    # wall-clock time (time.time()) at which the step's load starts, once connected: several
+    # load-generator processes then count the same window; None: at once
+    start_at: float | None = None
 
 
 def summarise(latencies: list[float], errors: dict[str, int], window_s: float) -> dict:
@@ -137,9 +143,17 @@ async def _run_step(step: Step) -> dict:
         call = channel.unary_unary(step.method)  # no (de)serializers: bytes in, bytes out
         for p in step.payloads[:3]:  # connect and touch the path before timing
             await call(p, metadata=step.metadata, timeout=step.timeout_s)
+        late_s = 0.0
+        if step.start_at is not None:
+            if (wait := step.start_at - time.time()) > 0:
+                await asyncio.sleep(wait)
+            else:  # this process started too slowly: its window begins after the others'
+                late_s = -wait
         cpu0, wall0 = time.process_time(), time.perf_counter()
         result = await (_open(call, step) if step.rate_rps else _closed(call, step))
         result["client_cpu_share"] = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        if step.start_at is not None:
+            result["late_start_s"] = late_s
     return {
         "name": step.name,
         "address": step.address,
@@ -162,19 +176,29 @@ def _child() -> int:
     return 0
 
 
-def run_plan(steps: list[Step], timeout_s: float | None = None) -> list[dict]:
-    """Run the steps in order in a fresh Python process (nothing imported but grpc and numpy)."""
-    budget = timeout_s or sum(s.warmup_s + s.duration_s + 30 for s in steps)
-    proc = subprocess.run(
+def run_plan(steps: list[Step], timeout_s: float | None = None, cpus: Collection[int] | None = None) -> list[dict]:
+    """Run the steps in order in a fresh Python process (nothing imported but grpc and numpy), on
+    `cpus` when given (Linux: its CPU affinity, set before it imports anything)."""
+    waits = [s.start_at - time.time() for s in steps if s.start_at is not None]
+    budget = timeout_s or sum(s.warmup_s + s.duration_s + 30 for s in steps) + max([0.0, *waits])
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.loadgen"],
-        input=pickle.dumps([asdict(s) for s in steps]),
-        capture_output=True,
-        timeout=budget,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[1],
     )
-    if proc.returncode != 0 or not proc.stdout:
-        raise RuntimeError(f"load generator exited with {proc.returncode}: {proc.stderr.decode()[-2000:]}")
-    status, value = pickle.loads(proc.stdout)
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(proc.pid, cpus)  # threads it starts later inherit the mask
+        stdout, stderr = proc.communicate(pickle.dumps([asdict(s) for s in steps]), timeout=budget)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode != 0 or not stdout:
+        raise RuntimeError(f"load generator exited with {proc.returncode}: {stderr.decode()[-2000:]}")
+    status, value = pickle.loads(stdout)
     if status != "ok":
         raise RuntimeError(f"load generator failed: {value}")
     return value

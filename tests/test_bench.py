@@ -214,7 +214,7 @@ def test_process_cpu_reads_what_a_process_burned():
     import subprocess
     import sys
 
-    from bench.gateway import _process_cpu_s
+    from bench.processes import _process_cpu_s
 
     burn = (
         "import sys, time\n"
@@ -235,3 +235,74 @@ def test_process_cpu_reads_what_a_process_burned():
     finally:
         child.communicate("\n", timeout=30)
     assert 0.45 <= burned <= 0.9, burned
+
+
+def test_core_plans_pin_rankers_apart_from_the_load_generator():
+    """Which CPU each ranker gets: physical cores of their own while they last (then SMT siblings,
+    flagged), the load generator at least one core per two rankers, the same at every count; too
+    few cores or no affinity: 1 vs 2 unpinned."""
+    from bench.processes import default_counts, plan_cores
+
+    flat16 = [[c] for c in range(16)]
+    p = plan_cores(list(range(16)), flat16, [1, 2, 4, 8])
+    assert p.pinned and p.counts == [1, 2, 4, 8] and p.ranker_cpus == list(range(8, 16))
+    assert p.client_cpus == list(range(8)) and p.own_physical_up_to is None and p.dropped == []
+    assert default_counts(16) == [1, 2, 4, 8] and plan_cores(list(range(16)), flat16, None).counts == [1, 2, 4, 8]
+    smt = [[c, c + 8] for c in range(8)]  # 8 physical cores, two threads each
+    p = plan_cores(sorted(range(16)), smt, [1, 2, 4, 8])
+    assert p.pinned and p.counts == [1, 2, 4, 8] and p.own_physical_up_to == 4
+    assert p.ranker_cpus == [4, 5, 6, 7, 12, 13, 14, 15] and sorted(p.client_cpus) == [0, 1, 2, 3, 8, 9, 10, 11]
+    p = plan_cores([0, 1, 2], None, [1, 2, 4, 8])  # 3 cores: 1 vs 2 pinned, the load generator on the third
+    assert p.pinned and p.counts == [1, 2] and p.dropped == [4, 8] and p.ranker_cpus == [1, 2] and p.client_cpus == [0]
+    for unpinned in (plan_cores([0, 1], None, None), plan_cores(None, None, [1, 2, 4])):
+        assert not unpinned.pinned and unpinned.counts == [1, 2]
+        assert "cores shared with the load generator" in unpinned.note
+
+
+@pytest.fixture(scope="module")
+def sample_bundle(tmp_path_factory):
+    from tests.sample_bundles import fast_config, train_fast_bundle
+
+    root = tmp_path_factory.mktemp("procs")
+    return train_fast_bundle(fast_config(root / "models", root / "cache"))
+
+
+@pytest.mark.timeout(300)
+def test_ranker_processes_measure_one_against_two(sample_bundle):
+    """Real ranker processes on the sample bundle, pinned where the OS can pin (here each ranker on the
+    last CPU and the load generator on the first: this machine may have only two), with no encoder
+    running; the result has the figures bench/report.py and the summary read."""
+    import os
+
+    from bench.__main__ import summary
+    from bench.processes import CorePlan, run_processes_bench, usable_cpus
+    from bench.report import markdown
+
+    cpus = usable_cpus()
+    plan = (
+        CorePlan(pinned=True, counts=[1, 2], ranker_cpus=[cpus[-1]] * 2, client_cpus=[cpus[0]], note="test")
+        if cpus
+        else None
+    )
+    r = run_processes_bench(
+        sample_bundle,
+        per_process_concurrency=(2,),
+        step_s=0.6,
+        warmup_s=0.2,
+        progress=lambda m: None,
+        plan=plan,
+    )
+    assert r["counts"] == [1, 2] and [s["processes"] for s in r["steps"]] == [1, 2]
+    for s in r["steps"]:
+        assert s["errors"] == {} and s["requests"] > 0 and s["concurrency"] == 2 * s["processes"]
+        assert s["ranker_cpu_ms_per_request"] > 0 and len(s["ranker_cores_each"]) == s["processes"]
+    assert r["ratio"] == pytest.approx(r["best_rps"]["2"] / r["best_rps"]["1"]) and r["ideal"] == 2.0
+    assert r["ideal_linear"] == {"1": 1.0, "2": 2.0} and r["bundle"]["items"] > 0 and r["bundle"]["vector_dim"] > 0
+    if cpus:
+        assert r["pinned"] and r["pinning"]["rankers"] == {"ranker": [cpus[-1]], "ranker-1": [cpus[-1]]}
+        assert r["pinning"]["load_generator"] == [cpus[0]] and r["steps"][1]["load_generator_cpus"] == [[cpus[0]]]
+        assert sorted(os.sched_getaffinity(0)) == cpus  # this process's own affinity is given back
+    result = {"machine": {"summary": "test", "cpu_count": 2, "cuda": None}, "started": "now", "processes": r}
+    (row,) = [x for x in summary(result) if x["figure"].startswith("ranker throughput")]
+    assert row["met"] == r["targets"]["two_processes_met"]
+    assert "## Ranker processes" in markdown(result | {"summary": summary(result)})
