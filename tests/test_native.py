@@ -110,8 +110,11 @@ def test_the_scan_refuses_what_it_cannot_answer():
     padded = native_scan.PaddedCodes(np.ones((4, 8), np.int8))
     q = np.ones(8, np.float32)
     bounds = native_scan.RowBounds(np.ones(8), np.zeros(4), np.zeros(4), np.zeros(4))
-    with pytest.raises(ValueError, match="k must be"):
-        padded.scan(q, bounds, 0)
+    for k in (0, -1, 5):
+        with pytest.raises(ValueError, match="k must be"):
+            padded.scan(q, bounds, k)
+    with pytest.raises(ValueError, match="finite"):
+        padded.scan(np.full(8, np.nan, np.float32), bounds, 1)
     with pytest.raises(ValueError, match="k must be"):
         padded.scan(q, bounds, 2, np.array([True, False, False, False]))
     with pytest.raises(ValueError, match="row bounds must be for"):

@@ -161,8 +161,8 @@ typedef struct {
 static inline __attribute__((always_inline)) A2V_TARGET int64_t scan_body(
     const int8_t *restrict codes, size_t n, const size_t chunks, const uint8_t *qu0, const uint8_t *qu1,
     const int32_t *restrict rowsum128, const double *restrict residual, const double *restrict f32,
-    const double *restrict code_norm,    const uint8_t *restrict eligible, size_t k, double *restrict heap, int64_t *restrict cand,
-    double *restrict upper, a2v_bound *b) {
+    const double *restrict code_norm, const uint8_t *restrict eligible, size_t k, double *restrict heap,
+    int64_t *restrict cand, double *restrict upper, a2v_bound *b) {
     __m512i q0[A2V_MAX_CHUNKS], q1[A2V_MAX_CHUNKS];
     load_query(chunks, qu0, qu1, q0, q1);
     const double w1 = b->w1, w2 = b->w2, qn = b->qn, left = b->left, l1 = b->l1;
@@ -186,7 +186,8 @@ static inline __attribute__((always_inline)) A2V_TARGET int64_t scan_body(
         } else {
             /* four rows at once, the same roundings as the scalar a_i and s_i (a product, then a sum);
              * most rows can neither enter the top k nor reach it, and are done here */
-            const __m512d pw = _mm512_permutexvar_pd(even, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)out)), w));
+            const __m512d p = _mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)out));
+            const __m512d pw = _mm512_permutexvar_pd(even, _mm512_mul_pd(p, w)); /* w1 * p1 | w2 * p2 */
             const __m256d a = _mm256_add_pd(_mm512_castpd512_pd256(pw), _mm512_extractf64x4_pd(pw, 1));
             const __m256d cs = _mm256_mul_pd(_mm256_loadu_pd(residual + i), qnv);
             const __m256d sl = _mm256_add_pd(_mm256_blendv_pd(l1v, cs, _mm256_cmp_pd(cs, l1v, _CMP_LT_OQ)),

@@ -121,6 +121,10 @@ class PaddedCodes:
         query = np.ascontiguousarray(query, np.float32)
         if query.shape != (self.d,):
             raise ValueError(f"the query must be ({self.d},), got {query.shape}")
+        if not np.isfinite(query).all():  # its rounding to int8 would be undefined
+            raise ValueError("the query must be finite")
+        if not 1 <= k <= self.n:
+            raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
         if bounds.scale.shape != (self.d,) or bounds.residual.shape != (self.n,):
             raise ValueError(f"the row bounds must be for ({self.n}, {self.d}) codes")
         if eligible is not None:
