@@ -54,19 +54,24 @@ def _reference_rounding(query, scale):
     q2 = np.clip(np.rint(rest / b2), -127, 127)
     left = np.linalg.norm(rest - q2 * b2)
     l1 = np.sum(0.5 * np.abs(qs))
-    return np.stack([q1, q2]).astype(np.int8), b1, b2, np.linalg.norm(query.astype(np.float64)), left, l1
+    qn = np.linalg.norm(query.astype(np.float64))
+    return np.stack([q1, q2]).astype(np.int8), b1, b2, qn, left, l1, np.linalg.norm(rest)
 
 
 def _reference_scan(codes, got, bounds, k, eligible):
     """The scan's definition in numpy, on the rounding the kernel reports (Scan.q, w1, w2, qn, left, l1)."""
     p = got.q.astype(np.int64) @ codes.astype(np.int64).T
-    approx = p[0] * got.w1 + p[1] * got.w2
-    slack = np.minimum(bounds.residual * got.qn, got.l1) + (bounds.f32 * got.qn + bounds.code_norm * got.left)
-    lower = approx - slack
+    a1 = p[0] * got.w1
+    approx = a1 + p[1] * got.w2
+    err = np.minimum(bounds.residual * got.qn, got.l1)
+    slack = err + (bounds.f32 * got.qn + bounds.code_norm * got.left)
+    s1 = err + (bounds.f32 * got.qn + bounds.code_norm * got.left1)
+    lower = np.minimum(np.maximum(a1 - s1, approx - slack), a1 + s1)
+    upper = np.maximum(np.minimum(a1 + s1, approx + slack), lower)
     ok = np.ones(len(approx), bool) if eligible is None else eligible
     lower[~ok] = -np.inf
     tau = np.partition(lower, len(lower) - k)[len(lower) - k]
-    return np.flatnonzero((approx + slack >= tau) & ok), tau
+    return np.flatnonzero((upper >= tau) & ok), tau
 
 
 @pytest.mark.parametrize("n, d", [(1, 3), (5, 65), (1027, 516), (300, 1000)])
@@ -92,9 +97,10 @@ def test_the_scan_keeps_exactly_the_rows_that_can_reach_the_kth_best(n, d):
                     if not 1 <= k <= m:
                         continue
                     got = padded.scan(query, bounds, k, eligible)
-                    q, w1, w2, qn, left, l1 = _reference_rounding(query, scale)
+                    q, w1, w2, qn, left, l1, left1 = _reference_rounding(query, scale)
                     assert np.array_equal(got.q, q) and (got.w1, got.w2) == (w1, w2)
                     assert got.l1 == pytest.approx(l1, rel=1e-12, abs=1e-300)
+                    assert got.left1 == pytest.approx(left1, rel=1e-9, abs=1e-300)
                     assert got.qn == pytest.approx(qn, rel=1e-12) and got.left == pytest.approx(
                         left, rel=1e-9, abs=1e-300
                     )
@@ -159,3 +165,61 @@ def test_concurrent_scans_do_not_share_buffers():
         for _ in range(5):
             got = list(pool.map(lambda iq: padded.scan(iq[1], bounds, 5 + iq[0]).rows, enumerate(queries)))
             assert all(np.array_equal(g, a) for g, a in zip(got, alone))
+
+
+def test_top_rows_orders_by_score_then_id_and_leaves_out_damaged_rows(monkeypatch):
+    """The best `limit` listed rows, score descending and ties by id (exact ties: repeated rows under
+    other ids), a NaN row left out, ids through id_rows (a filter's block); numpy's fallback gives the
+    same order."""
+    rng = np.random.default_rng(11)
+    v = rng.normal(size=(40, 70)).astype(np.float32)
+    v[5] = v[3]  # an exact tie: ordered by id
+    v[9, 4] = np.nan  # a damaged row
+    q = rng.normal(size=70)
+    ids = rng.permutation(1000)[:40].astype(np.int64)
+    listed = rng.permutation(40)
+    compiled = native_scan.top_rows(v, listed, ids, q, 12)
+    with monkeypatch.context() as m:
+        m.setattr(native_scan, "_library", lambda: None)
+        fallback = native_scan.top_rows(v, listed, ids, q, 12)
+    assert np.array_equal(compiled[0], fallback[0])
+    np.testing.assert_allclose(compiled[1], fallback[1], rtol=1e-12)
+    exact = v.astype(np.float64) @ q
+    good = [r for r in listed if np.isfinite(exact[r])]
+    want = sorted(good, key=lambda r: (-round(exact[r], 9), ids[r]))[:12]
+    assert listed[compiled[0]].tolist() == want and 9 not in listed[compiled[0]]
+    assert np.array_equal(compiled[1], native_scan.row_scores(v, listed[compiled[0]], q))
+    # a block of vectors whose ids come through id_rows; every row, and more than there are
+    block_rows = np.array([7, 3, 30, 5])
+    at, _ = native_scan.top_rows(np.ascontiguousarray(v[block_rows]), np.arange(4), ids, q, 10, id_rows=block_rows)
+    assert block_rows[at].tolist() == sorted(block_rows, key=lambda r: (-round(exact[r], 9), ids[r]))
+    assert native_scan.top_rows(v, np.zeros(0, np.int64), ids, q, 5)[0].shape == (0,)
+    with pytest.raises(IndexError):
+        native_scan.top_rows(v, np.array([40]), ids, q, 5)
+    with pytest.raises(IndexError):
+        native_scan.top_rows(v[:4], np.arange(4), ids, q, 5, id_rows=np.array([0, 1, 2, 4000]))
+
+
+def test_search_is_candidates_then_top_rows_in_one_call():
+    """PaddedCodes.search gives what candidates and top_rows give one after the other (bundle rows and
+    their scores), and None past max_cands."""
+    rng = np.random.default_rng(13)
+    n, d = 700, 100
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    scale = np.abs(v).max(axis=0).astype(np.float64) / 127
+    codes = np.clip(np.rint(v / scale), -127, 127)
+    residual = np.linalg.norm(v - codes * scale, axis=1)
+    padded = native_scan.PaddedCodes(codes.astype(np.int8))
+    bounds = native_scan.RowBounds(scale, residual, np.full(n, 1e-6), np.linalg.norm(codes, axis=1))
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    source = native_scan.RowSource(v, ids)
+    for i in range(5):
+        q = v[rng.integers(0, n, 3)].mean(axis=0)
+        eligible = None if i % 2 else rng.random(n) < 0.8
+        cand = padded.candidates(q, bounds, 7, eligible)
+        at, scores = native_scan.top_rows(v, cand, ids, q, 7)
+        got = padded.search(q, bounds, 7, eligible, source, 7, n)
+        assert got is not None and np.array_equal(got[0], cand[at]) and np.array_equal(got[1], scores)
+        assert padded.search(q, bounds, 7, eligible, source, 7, len(cand) - 1) is None
+    with pytest.raises(ValueError, match="source vectors"):
+        padded.search(q, bounds, 7, None, native_scan.RowSource(v[:10], ids[:10]), 7, n)

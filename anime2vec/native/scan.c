@@ -17,6 +17,7 @@
  * Built with -ffp-contract=off: the bound arithmetic rounds as numpy's (no fused multiply-add).
  * Loaded with ctypes, not imported: the library has no Python entry point. */
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
 #include <immintrin.h>
@@ -34,98 +35,74 @@ int a2v_int8_max_stride(void) { return 64 * A2V_MAX_CHUNKS; }
 
 #define A2V_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-/* One row against both query rows: two accumulators per query row (even and odd chunks) keep two
- * products in flight; the lanes are summed later, four rows at a time. Always inlined with `chunks`
- * a constant (see A2V_SPECIALISED), so the query's chunks stay in registers: loaded from memory for
- * every row they took more load slots than the codes (1.2x slower, measured). */
-static inline __attribute__((always_inline)) A2V_TARGET void dot_row(const int8_t *restrict row, const size_t chunks,
-                                                                     const __m512i *q0, const __m512i *q1,
-                                                                     __m512i *s0, __m512i *s1) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+#define A2V_INLINE static inline __attribute__((always_inline)) A2V_TARGET
+
+/* One row against one query row: two accumulators (even and odd chunks) keep two products in flight;
+ * the lanes are summed later, four rows at a time. Always inlined with `chunks` a constant (see
+ * A2V_SPECIALISED), so the query's chunks stay in registers: loaded from memory for every row they
+ * took more load slots than the codes (1.2x slower, measured). */
+A2V_INLINE __m512i dot_row(const int8_t *restrict row, const size_t chunks, const __m512i *q) {
+    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
     size_t c = 0;
     for (; c + 2 <= chunks; c += 2) {
-        const __m512i x = _mm512_loadu_si512(row + 64 * c), y = _mm512_loadu_si512(row + 64 * c + 64);
-        a0 = _mm512_dpbusd_epi32(a0, q0[c], x);
-        a1 = _mm512_dpbusd_epi32(a1, q1[c], x);
-        b0 = _mm512_dpbusd_epi32(b0, q0[c + 1], y);
-        b1 = _mm512_dpbusd_epi32(b1, q1[c + 1], y);
+        a = _mm512_dpbusd_epi32(a, q[c], _mm512_loadu_si512(row + 64 * c));
+        b = _mm512_dpbusd_epi32(b, q[c + 1], _mm512_loadu_si512(row + 64 * c + 64));
     }
-    if (c < chunks) {
-        const __m512i x = _mm512_loadu_si512(row + 64 * c);
-        a0 = _mm512_dpbusd_epi32(a0, q0[c], x);
-        a1 = _mm512_dpbusd_epi32(a1, q1[c], x);
-    }
-    *s0 = _mm512_add_epi32(a0, b0);
-    *s1 = _mm512_add_epi32(a1, b1);
+    if (c < chunks) a = _mm512_dpbusd_epi32(a, q[c], _mm512_loadu_si512(row + 64 * c));
+    return _mm512_add_epi32(a, b);
 }
 
-/* The lane sums of eight vectors at once (a transposing add tree: ~24 instructions where eight
- * separate reductions take ~70). */
-static inline __attribute__((always_inline)) A2V_TARGET __m256i sum8(const __m512i *v) {
+/* The lane sums of four vectors at once (a transposing add tree: ~10 instructions where four
+ * separate reductions take ~36). */
+A2V_INLINE __m128i sum4(const __m512i *v) {
     const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
     const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
-    const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[4], v[5]), _mm512_unpackhi_epi32(v[4], v[5]));
-    const __m512i t3 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[6], v[7]), _mm512_unpackhi_epi32(v[6], v[7]));
-    /* per 128-bit lane: u0 = (v0, v1, v2, v3) partial sums, u1 = (v4 .. v7) */
-    const __m512i u0 = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-    const __m512i u1 = _mm512_add_epi32(_mm512_unpacklo_epi64(t2, t3), _mm512_unpackhi_epi64(t2, t3));
-    /* lanes (u0.0 + u0.1, u0.2 + u0.3, u1.0 + u1.1, u1.2 + u1.3) */
-    const __m512i y = _mm512_add_epi32(_mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                       _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512i z = _mm512_shuffle_i32x4(y, y, _MM_SHUFFLE(3, 1, 2, 0));
-    return _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64(z, 1));
+    /* per 128-bit lane: (v0, v1, v2, v3) partial sums; then the four lanes added */
+    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m512i z = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_castsi512_si128(_mm512_add_epi32(z, _mm512_shuffle_i32x4(z, z, _MM_SHUFFLE(2, 3, 0, 1))));
 }
 
-/* Rows i .. i + m - 1 (m <= 4): out[2r], out[2r + 1] = row i + r times query rows 0 and 1. */
-static inline __attribute__((always_inline)) A2V_TARGET void dot_rows4(
-    const int8_t *restrict codes, size_t i, size_t m, const size_t chunks, const __m512i *q0, const __m512i *q1,
-    const int32_t *restrict rowsum128, int32_t *out) {
+/* Rows i .. i + m - 1 (m <= 4) times one query row (unsigned-shifted), the shift taken back: four
+ * int32 (zero past m). `fetch`: prefetch the row 16 ahead (the first pass over a group does; the
+ * hardware prefetcher alone left the products waiting on memory: 1.2x faster with a cold cache,
+ * measured; a prefetch past the end is harmless). */
+A2V_INLINE __m128i dot4(const int8_t *restrict codes, size_t i, size_t m, const size_t chunks, const __m512i *q,
+                        const int32_t *restrict rowsum128, int fetch) {
     const size_t stride = 64 * chunks;
-    __m512i v[8];
+    __m512i v[4];
     for (size_t r = 0; r < 4; r++) {
         if (r < m) {
-            /* the row 16 ahead: the hardware prefetcher alone left the products waiting on memory
-             * (1.2x faster with a cold cache, measured; a prefetch past the end is harmless) */
-            for (size_t c = 0; c < chunks; c++)
-                _mm_prefetch((const char *)(codes + (i + r + A2V_PREFETCH_ROWS) * stride + 64 * c), _MM_HINT_T0);
-            dot_row(codes + (i + r) * stride, chunks, q0, q1, &v[2 * r], &v[2 * r + 1]);
+            if (fetch)
+                for (size_t c = 0; c < chunks; c++)
+                    _mm_prefetch((const char *)(codes + (i + r + A2V_PREFETCH_ROWS) * stride + 64 * c), _MM_HINT_T0);
+            v[r] = dot_row(codes + (i + r) * stride, chunks, q);
         } else {
-            v[2 * r] = v[2 * r + 1] = _mm512_setzero_si512();
+            v[r] = _mm512_setzero_si512();
         }
     }
-    _mm256_storeu_si256((__m256i *)out, sum8(v));
-    for (size_t r = 0; r < m; r++) {
-        out[2 * r] -= rowsum128[i + r];
-        out[2 * r + 1] -= rowsum128[i + r];
-    }
+    int32_t shift[4] = {0, 0, 0, 0};
+    memcpy(shift, rowsum128 + i, m * sizeof(int32_t));
+    return _mm_sub_epi32(sum4(v), _mm_loadu_si128((const __m128i *)shift));
 }
 
-static inline __attribute__((always_inline)) A2V_TARGET void load_query(const size_t chunks, const uint8_t *qu0,
-                                                                        const uint8_t *qu1, __m512i *q0,
-                                                                        __m512i *q1) {
-    for (size_t c = 0; c < chunks; c++) {
-        q0[c] = _mm512_loadu_si512(qu0 + 64 * c);
-        q1[c] = _mm512_loadu_si512(qu1 + 64 * c);
-    }
+A2V_INLINE void load_query(const size_t chunks, const uint8_t *qu, __m512i *q) {
+    for (size_t c = 0; c < chunks; c++) q[c] = _mm512_loadu_si512(qu + 64 * c);
 }
 
-static inline __attribute__((always_inline)) A2V_TARGET void dot2_body(const int8_t *restrict codes, size_t n,
-                                                                       const size_t chunks, const uint8_t *qu0,
-                                                                       const uint8_t *qu1,
-                                                                       const int32_t *restrict rowsum128,
-                                                                       int32_t *restrict out0,
-                                                                       int32_t *restrict out1) {
+A2V_INLINE void dot2_body(const int8_t *restrict codes, size_t n, const size_t chunks, const uint8_t *qu0,
+                          const uint8_t *qu1, const int32_t *restrict rowsum128, int32_t *restrict out0,
+                          int32_t *restrict out1) {
     __m512i q0[A2V_MAX_CHUNKS], q1[A2V_MAX_CHUNKS];
-    load_query(chunks, qu0, qu1, q0, q1);
-    int32_t out[8];
+    load_query(chunks, qu0, q0);
+    load_query(chunks, qu1, q1);
+    int32_t p[4];
     for (size_t i = 0; i < n; i += 4) {
         const size_t m = n - i < 4 ? n - i : 4;
-        dot_rows4(codes, i, m, chunks, q0, q1, rowsum128, out);
-        for (size_t r = 0; r < m; r++) {
-            out0[i + r] = out[2 * r];
-            out1[i + r] = out[2 * r + 1];
-        }
+        _mm_storeu_si128((__m128i *)p, dot4(codes, i, m, chunks, q0, rowsum128, 1));
+        memcpy(out0 + i, p, m * sizeof(int32_t));
+        _mm_storeu_si128((__m128i *)p, dot4(codes, i, m, chunks, q1, rowsum128, 0));
+        memcpy(out1 + i, p, m * sizeof(int32_t));
     }
 }
 
@@ -154,60 +131,64 @@ static void sift_up(double *heap, size_t j, double v) {
 }
 
 typedef struct {
-    double w1, w2, qn, left, l1, tau;
+    double w1, w2, qn, left1, left, l1, tau;
 } a2v_bound;
 
-/* One pass of the scan (a2v_int8_scan); returns the rows kept against the running tau. */
-static inline __attribute__((always_inline)) A2V_TARGET int64_t scan_body(
-    const int8_t *restrict codes, size_t n, const size_t chunks, const uint8_t *qu0, const uint8_t *qu1,
-    const int32_t *restrict rowsum128, const double *restrict residual, const double *restrict f32,
-    const double *restrict code_norm, const uint8_t *restrict eligible, size_t k, double *restrict heap,
-    int64_t *restrict cand, double *restrict upper, a2v_bound *b) {
+/* Four doubles from p (m of them, zeros after: the last group of rows). */
+A2V_INLINE __m256d load4(const double *restrict p, size_t m) {
+    if (m == 4) return _mm256_loadu_pd(p);
+    double t[4] = {0, 0, 0, 0};
+    memcpy(t, p, m * sizeof(double));
+    return _mm256_loadu_pd(t);
+}
+
+/* One pass of the scan (a2v_int8_scan); returns the rows kept against the running tau. Each group of
+ * four rows is first multiplied by the query's first int8 row only: its bound, with that row's own
+ * rounding (left1), already says whether any of the four can reach the running k-th lower bound, and
+ * ~98% of rows cannot (the served vectors, favourites queries); only the others get the second
+ * row's products, their codes still in the L1 cache. */
+A2V_INLINE int64_t scan_body(const int8_t *restrict codes, size_t n, const size_t chunks, const uint8_t *qu0,
+                             const uint8_t *qu1, const int32_t *restrict rowsum128, const double *restrict residual,
+                             const double *restrict f32, const double *restrict code_norm,
+                             const uint8_t *restrict eligible, size_t k, double *restrict heap,
+                             int64_t *restrict cand, double *restrict upper, a2v_bound *b) {
     __m512i q0[A2V_MAX_CHUNKS], q1[A2V_MAX_CHUNKS];
-    load_query(chunks, qu0, qu1, q0, q1);
-    const double w1 = b->w1, w2 = b->w2, qn = b->qn, left = b->left, l1 = b->l1;
-    int32_t out[8];
+    load_query(chunks, qu0, q0);
+    load_query(chunks, qu1, q1);
+    const __m256d w1 = _mm256_set1_pd(b->w1), w2 = _mm256_set1_pd(b->w2), qn = _mm256_set1_pd(b->qn);
+    const __m256d left1 = _mm256_set1_pd(b->left1), left = _mm256_set1_pd(b->left), l1 = _mm256_set1_pd(b->l1);
     size_t filled = 0;
     int64_t kept = 0;
-    double kth = -__builtin_inf();
-    const __m512d w = _mm512_set_pd(w2, w1, w2, w1, w2, w1, w2, w1);
-    const __m512i even = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
-    const __m256d qnv = _mm256_set1_pd(qn), leftv = _mm256_set1_pd(left), l1v = _mm256_set1_pd(l1);
-    double av[4], sv[4];
+    double kth = -__builtin_inf(), lov[4], upv[4];
     for (size_t i = 0; i < n; i += 4) {
         const size_t m = n - i < 4 ? n - i : 4;
-        dot_rows4(codes, i, m, chunks, q0, q1, rowsum128, out);
-        if (m < 4) {
-            for (size_t r = 0; r < m; r++) {
-                av[r] = (double)out[2 * r] * w1 + (double)out[2 * r + 1] * w2;
-                const double cs = residual[i + r] * qn;
-                sv[r] = (cs < l1 ? cs : l1) + (f32[i + r] * qn + code_norm[i + r] * left);
-            }
-        } else {
-            /* four rows at once, the same roundings as the scalar a_i and s_i (a product, then a sum);
-             * most rows can neither enter the top k nor reach it, and are done here */
-            const __m512d p = _mm512_cvtepi32_pd(_mm256_loadu_si256((const __m256i *)out));
-            const __m512d pw = _mm512_permutexvar_pd(even, _mm512_mul_pd(p, w)); /* w1 * p1 | w2 * p2 */
-            const __m256d a = _mm256_add_pd(_mm512_castpd512_pd256(pw), _mm512_extractf64x4_pd(pw, 1));
-            const __m256d cs = _mm256_mul_pd(_mm256_loadu_pd(residual + i), qnv);
-            const __m256d sl = _mm256_add_pd(_mm256_blendv_pd(l1v, cs, _mm256_cmp_pd(cs, l1v, _CMP_LT_OQ)),
-                                             _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(f32 + i), qnv),
-                                                           _mm256_mul_pd(_mm256_loadu_pd(code_norm + i), leftv)));
-            uint32_t four = 0x01010101u; /* numpy bools are the bytes 0 and 1 */
-            if (eligible != NULL) memcpy(&four, eligible + i, 4);
-            if (filled >= k && four == 0x01010101u) {
-                const __m256d kv = _mm256_set1_pd(kth);
-                const int enter = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_sub_pd(a, sl), kv, _CMP_GT_OQ));
-                const int reach = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_add_pd(a, sl), kv, _CMP_GE_OQ));
-                if ((enter | reach) == 0) continue;
-            }
-            _mm256_storeu_pd(av, a);
-            _mm256_storeu_pd(sv, sl);
+        const __m256d a1 = _mm256_mul_pd(_mm256_cvtepi32_pd(dot4(codes, i, m, chunks, q0, rowsum128, 1)), w1);
+        const __m256d cs = _mm256_mul_pd(load4(residual + i, m), qn);
+        const __m256d codes_err = _mm256_blendv_pd(l1, cs, _mm256_cmp_pd(cs, l1, _CMP_LT_OQ)); /* min(cs, l1) */
+        const __m256d f32q = _mm256_mul_pd(load4(f32 + i, m), qn), norm = load4(code_norm + i, m);
+        const __m256d s1 = _mm256_add_pd(codes_err, _mm256_add_pd(f32q, _mm256_mul_pd(norm, left1)));
+        const __m256d up1 = _mm256_add_pd(a1, s1);
+        uint32_t four = 0x01010101u; /* numpy bools are the bytes 0 and 1 */
+        if (eligible != NULL) {
+            four = 0;
+            memcpy(&four, eligible + i, m);
         }
+        if (filled >= k && m == 4 && four == 0x01010101u &&
+            _mm256_movemask_pd(_mm256_cmp_pd(up1, _mm256_set1_pd(kth), _CMP_GE_OQ)) == 0)
+            continue; /* none of the four can reach the k-th best lower bound, nor enter the heap */
+        const __m256d p2 = _mm256_cvtepi32_pd(dot4(codes, i, m, chunks, q1, rowsum128, 0));
+        const __m256d a = _mm256_add_pd(a1, _mm256_mul_pd(p2, w2)); /* w1 * p1 + w2 * p2 */
+        const __m256d s = _mm256_add_pd(codes_err, _mm256_add_pd(f32q, _mm256_mul_pd(norm, left)));
+        /* both intervals hold the score: their intersection. Kept ordered (lo <= up1, up >= lo) even
+         * for bounds that failed, so skipping on up1 alone stays exact and the k rows that set tau
+         * are always kept; with bounds that hold, both clamps change nothing. */
+        const __m256d lo = _mm256_min_pd(_mm256_max_pd(_mm256_sub_pd(a1, s1), _mm256_sub_pd(a, s)), up1);
+        _mm256_storeu_pd(lov, lo);
+        _mm256_storeu_pd(upv, _mm256_max_pd(_mm256_min_pd(up1, _mm256_add_pd(a, s)), lo));
         for (size_t r = 0; r < m; r++) {
             const size_t row = i + r;
             if (eligible != NULL && !eligible[row]) continue;
-            const double lo = av[r] - sv[r], up = av[r] + sv[r];
+            const double lo = lov[r], up = upv[r];
             if (filled < k) {
                 sift_up(heap, filled++, lo);
                 if (filled == k) kth = heap[0];
@@ -290,10 +271,11 @@ static void round_query(const float *restrict query, size_t d, const double *res
         top2 = a > top2 ? a : top2;
     }
     const double b2 = unit(top2);
-    double left = 0;
+    double left = 0, left1 = 0;
     for (size_t j = 0; j < d; j++) {
         const double v = scale[j] * (double)query[j], r1 = round127(v / b1), rest = v - r1 * b1;
         const double r2 = round127(rest / b2), e = rest - r2 * b2;
+        left1 += rest * rest;
         left += e * e;
         qrows[j] = (int8_t)r1;
         qrows[d + j] = (int8_t)r2;
@@ -304,18 +286,20 @@ static void round_query(const float *restrict query, size_t d, const double *res
     b->w1 = b1;
     b->w2 = b2;
     b->qn = __builtin_sqrt(nq);
+    b->left1 = __builtin_sqrt(left1);
     b->left = __builtin_sqrt(left);
     b->l1 = l1;
 }
 
 /* The scan's candidates in one pass over the codes. The query (float32, d values) is rounded as
- * `round_query` says (its int8 rows into qrows, 2 x d; w1, w2, qn, left, l1 into bound[0..4]). Row
- * i's approximate score is a_i = w1 * p1_i + w2 * p2_i (the exact products with the two rows) and its
- * bound s_i = min(residual[i] * qn, l1) + (f32[i] * qn + code_norm[i] * left), where l1 = the sum of
- * c_j / 2 * |q_j| bounds the codes' error as residual[i] * qn (Cauchy-Schwarz) does, and is ~6x
- * tighter on the served vectors; tau (bound[5]) is the k-th best a_i - s_i over
- * the eligible rows (eligible NULL: all), and the candidates are the eligible rows with
- * a_i + s_i >= tau, written ascending to cand (room for n; `upper` and `heap`, n and k doubles, are
+ * `round_query` says (its int8 rows into qrows, 2 x d; w1, w2, qn, left, l1, tau, left1 into
+ * bound[0..6]). With p1, p2 the exact products of row i with the two rows and
+ * e_i = min(residual[i] * qn, l1) + f32[i] * qn (l1, the sum of c_j / 2 * |q_j|, bounds the codes' error
+ * as Cauchy-Schwarz's residual[i] * qn does, and is ~6x tighter on the served vectors), the row's
+ * score lies in w1 * p1 +- (e_i + code_norm[i] * left1) and in w1 * p1 + w2 * p2 +- (e_i + code_norm[i]
+ * * left); lo_i, up_i are the ends of their intersection (kept ordered: scan_body). tau is the k-th
+ * best lo_i over the eligible rows (eligible NULL: all), and the candidates are the eligible rows with
+ * up_i >= tau, written ascending to cand (room for n; `upper` and `heap`, n and k doubles, are
  * scratch). tau only grows during the pass, so the rows kept against the running tau are a superset,
  * cut at the final tau at the end. Returns the number of candidates; -1 for a stride or width it
  * cannot run, -2 for k = 0 or fewer eligible rows than k. */
@@ -357,25 +341,91 @@ A2V_TARGET int64_t a2v_int8_scan(const int8_t *restrict codes, size_t n, size_t 
     bound[3] = b.left;
     bound[4] = b.l1;
     bound[5] = b.tau;
+    bound[6] = b.left1;
     return m;
 }
 
-/* Each listed row's dot product with q in float64, summed in one fixed order (eight running sums over
- * the columns, added pairwise), so a row's score depends on that row alone, never on which other rows
- * are scored with it. Plain C: any x86-64 CPU; -ffp-contract=off keeps the order. */
+/* A row's dot product with q in float64, summed in one fixed order (eight running sums over the
+ * columns, added pairwise), so a row's score depends on that row alone, never on which other rows are
+ * scored with it. Plain C: any x86-64 CPU; -ffp-contract=off keeps the order. */
+static inline double row_dot(const float *restrict x, size_t d, const double *restrict q) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t j = 0;
+    for (; j + 8 <= d; j += 8)
+        for (size_t l = 0; l < 8; l++) s[l] += (double)x[j + l] * q[j + l];
+    for (size_t l = 0; j < d; j++, l++) s[l] += (double)x[j] * q[j];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* The listed rows are scattered: fetch the one two ahead (1.6x faster from memory, measured). */
+static inline void fetch_ahead(const float *vectors, size_t d, const int64_t *rows, size_t r, size_t m) {
+    if (r + 2 < m) {
+        const char *ahead = (const char *)(vectors + (size_t)rows[r + 2] * d);
+        for (size_t c = 0; c < d * sizeof(float); c += 64) __builtin_prefetch(ahead + c);
+    }
+}
+
 void a2v_rows_dot(const float *restrict vectors, size_t d, const int64_t *restrict rows, size_t m,
                   const double *restrict q, double *restrict out) {
     for (size_t r = 0; r < m; r++) {
-        const float *x = vectors + (size_t)rows[r] * d;
-        if (r + 2 < m) { /* the rows are scattered: fetch two ahead (1.6x faster from memory, measured) */
-            const char *ahead = (const char *)(vectors + (size_t)rows[r + 2] * d);
-            for (size_t c = 0; c < d * sizeof(float); c += 64) __builtin_prefetch(ahead + c);
-        }
-        double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        size_t j = 0;
-        for (; j + 8 <= d; j += 8)
-            for (size_t l = 0; l < 8; l++) s[l] += (double)x[j + l] * q[j + l];
-        for (size_t l = 0; j < d; j++, l++) s[l] += (double)x[j] * q[j];
-        out[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        fetch_ahead(vectors, d, rows, r, m);
+        out[r] = row_dot(vectors + (size_t)rows[r] * d, d, q);
     }
+}
+
+typedef struct {
+    double score;
+    int64_t id, at;
+} a2v_hit;
+
+static int best_first(const void *a, const void *b) {
+    const a2v_hit *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* The listed rows scored as a2v_rows_dot scores them, and the best `limit` of them in order: score
+ * descending, ties by id ascending (ids[id_rows ? id_rows[rows[r]] : rows[r]]); rows whose score is
+ * NaN or -inf (a damaged row) are left out. Writes the positions r into `at` and their scores into
+ * `out` (room for min(m, limit) each; `hits` is scratch for m); returns how many. */
+int64_t a2v_rows_top(const float *restrict vectors, size_t d, const int64_t *restrict rows, size_t m,
+                     const int64_t *restrict id_rows, const int64_t *restrict ids, const double *restrict q,
+                     size_t limit, a2v_hit *restrict hits, int64_t *restrict at, double *restrict out) {
+    size_t kept = 0;
+    for (size_t r = 0; r < m; r++) {
+        fetch_ahead(vectors, d, rows, r, m);
+        const double score = row_dot(vectors + (size_t)rows[r] * d, d, q);
+        if (!(score > -__builtin_inf())) continue;
+        const int64_t row = rows[r];
+        hits[kept].score = score;
+        hits[kept].id = ids[id_rows != NULL ? id_rows[row] : row];
+        hits[kept++].at = (int64_t)r;
+    }
+    qsort(hits, kept, sizeof(a2v_hit), best_first);
+    const size_t n = kept < limit ? kept : limit;
+    for (size_t i = 0; i < n; i++) {
+        at[i] = hits[i].at;
+        out[i] = hits[i].score;
+    }
+    return (int64_t)n;
+}
+
+/* A whole search over the codes in one call: a2v_int8_scan's candidates (the first 16 arguments, as
+ * there; more than max_cands of them: -3, and the caller scans float32 instead), then a2v_rows_top
+ * over them on the float32 vectors the codes were made from (n x d), with ids[row]. Writes the best
+ * min(limit, candidates) bundle rows to rows_out and their scores to scores_out (hits: scratch for n);
+ * returns how many, or a2v_int8_scan's error. */
+int64_t a2v_int8_search(const int8_t *codes, size_t n, size_t stride, const int32_t *rowsum128, const float *query,
+                        size_t d, const double *scale, const double *residual, const double *f32,
+                        const double *code_norm, const uint8_t *eligible, size_t k, double *heap, int64_t *cand,
+                        double *upper, int8_t *qrows, double *bound, const float *vectors, const int64_t *ids,
+                        const double *q64, size_t limit, size_t max_cands, a2v_hit *hits, int64_t *rows_out,
+                        double *scores_out) {
+    const int64_t m = a2v_int8_scan(codes, n, stride, rowsum128, query, d, scale, residual, f32, code_norm, eligible,
+                                    k, heap, cand, upper, qrows, bound);
+    if (m < 0) return m;
+    if ((size_t)m > max_cands) return -3;
+    const int64_t got = a2v_rows_top(vectors, d, cand, (size_t)m, NULL, ids, q64, limit, hits, rows_out, scores_out);
+    for (int64_t i = 0; i < got; i++) rows_out[i] = cand[rows_out[i]];
+    return got;
 }

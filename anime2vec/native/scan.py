@@ -4,7 +4,8 @@
 has AVX-512 VNNI, and d fits its register budget. `PaddedCodes(codes).dot2(q)` returns exactly
 `q.astype(int64) @ codes.astype(int64).T` for two query rows, as int32; `PaddedCodes.scan` runs the
 ranker's bounded top-k candidate scan on those products in the same pass (ScanBound says how).
-`row_scores` (any x86-64 CPU where the library was built) scores listed float32 rows in float64.
+`row_scores` and `top_rows` (any x86-64 CPU where the library was built) score listed float32 rows in
+float64, and order the best.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def _library() -> ctypes.CDLL | None:
                     lib.a2v_int8_scan.restype = ctypes.c_int64
                     lib.a2v_rows_dot.argtypes = [p, size, p, size, p, p]
                     lib.a2v_rows_dot.restype = None
+                    lib.a2v_rows_top.argtypes = [p, size, p, size, p, p, p, size, p, p, p]
+                    lib.a2v_rows_top.restype = ctypes.c_int64
+                    lib.a2v_int8_search.argtypes = lib.a2v_int8_scan.argtypes + [p, p, p, size, size, p, p, p]
+                    lib.a2v_int8_search.restype = ctypes.c_int64
                     _vnni = bool(lib.a2v_int8_supported())
                     _lib = lib
                 except (OSError, AttributeError):
@@ -112,12 +117,54 @@ class PaddedCodes:
     def scan(self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None = None) -> Scan:
         """The rows whose approximate score can reach the k-th best, in one pass over the codes. The
         query (float32, d values) times the column scales c is rounded to int8 twice (the codes, then
-        their remainder: `Scan.q`, weighted w1 and w2); row i's approximate score is
-        a_i = w1·p1_i + w2·p2_i (p: the exact products with those rows), its bound
-        s_i = min(residual_i·qn, l1) + f32_i·qn + code_norm_i·left (qn = ‖query‖, left = ‖the
-        remainder's rounding‖, l1 = Σ c_j/2·|q_j|), tau the k-th largest a_i − s_i over the eligible
-        rows, and the rows kept those with a_i + s_i ≥ tau (ascending). `eligible`: n bools (None:
-        every row), at least k of them true."""
+        their remainder: `Scan.q`, weighted w1 and w2). With p1, p2 the exact products of row i with
+        those rows and e_i = min(residual_i·qn, l1) + f32_i·qn (qn = ‖query‖, l1 = Σ c_j/2·|q_j|), two
+        intervals hold the row's float32 score: w1·p1 ± (e_i + code_norm_i·left1) (the first row alone)
+        and w1·p1 + w2·p2 ± (e_i + code_norm_i·left) (both; left1, left: what each leaves of c ⊙ q);
+        lo_i and up_i are their intersection's ends (kept ordered: lo_i ≤ the first interval's upper
+        end, up_i ≥ lo_i, which changes nothing where the bounds hold), tau the k-th largest lo_i over
+        the eligible rows, and the rows kept those with up_i ≥ tau (ascending). `eligible`: n bools
+        (None: every row), at least k of them true."""
+        kept, t = self._scan(query, bounds, k, eligible)
+        w1, w2, qn, left, l1, tau, left1 = t.bound.tolist()
+        return Scan(t.rows[:kept].copy(), tau, t.q.copy(), w1, w2, qn, left, l1, left1)
+
+    def candidates(
+        self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`scan`'s rows alone (the ranker's path: no rounding details to copy)."""
+        kept, t = self._scan(query, bounds, k, eligible)
+        return t.rows[:kept].copy()
+
+    def search(
+        self,
+        query: np.ndarray,
+        bounds: RowBounds,
+        k: int,
+        eligible: np.ndarray | None,
+        source: RowSource,
+        limit: int,
+        max_cands: int,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """`candidates`, then `top_rows` over them on `source` (the float32 rows the codes were made
+        from, and their ids), in one call: the best `limit` rows in `top_rows`' order (score
+        descending, ties by id) and their float64 scores; None when more than `max_cands` rows are
+        candidates (the caller's cue to scan float32 instead)."""
+        if source.vectors.shape != (self.n, self.d):
+            raise ValueError(f"the source vectors must be ({self.n}, {self.d})")
+        limit = max(0, min(int(limit), self.n))
+        q64 = np.ascontiguousarray(query, np.float64)
+        rows, scores = np.empty(limit, np.int64), np.empty(limit, np.float64)
+        after = (source.vectors_at, source.ids_at, q64.ctypes.data, limit, max_cands)
+        got, t = self._scan(query, bounds, k, eligible, search=(after, (rows.ctypes.data, scores.ctypes.data)))
+        if got == -3:
+            return None
+        return rows[:got], scores[:got]
+
+    def _scan(
+        self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None, search: tuple | None = None
+    ) -> tuple[int, _Scratch]:
+        """a2v_int8_scan (a2v_int8_search with `search`: its extra arguments, then the outputs)."""
         query = np.ascontiguousarray(query, np.float32)
         if query.shape != (self.d,):
             raise ValueError(f"the query must be ({self.d},), got {query.shape}")
@@ -134,7 +181,7 @@ class PaddedCodes:
         t = self._scratch(k)
         lib = _int8_library()
         assert lib is not None
-        kept = lib.a2v_int8_scan(
+        args = (
             self._codes_at,
             self.n,
             self.stride,
@@ -146,12 +193,15 @@ class PaddedCodes:
             k,
             *t.addresses,
         )
+        if search is None:
+            kept = lib.a2v_int8_scan(*args)
+        else:
+            kept = lib.a2v_int8_search(*args, *search[0], t.hits_at, *search[1])
         if kept == -2:
             raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
-        if kept < 0:
+        if kept < 0 and kept != -3:
             raise RuntimeError(f"a2v_int8_scan refused stride {self.stride}")
-        w1, w2, qn, left, l1, tau = t.bound.tolist()
-        return Scan(t.rows[:kept].copy(), tau, t.q.copy(), w1, w2, qn, left, l1)
+        return kept, t
 
     def _scratch(self, k: int) -> _Scratch:
         """This thread's buffers for a scan with this k (kept, not allocated per search: the n-row
@@ -165,9 +215,11 @@ class PaddedCodes:
 class _Scratch:
     def __init__(self, n: int, d: int, k: int):
         self.heap, self.rows, self.upper = np.empty(k, np.float64), np.empty(n, np.int64), np.empty(n, np.float64)
-        self.q, self.bound = np.empty((2, d), np.int8), np.empty(6, np.float64)
+        self.q, self.bound = np.empty((2, d), np.int8), np.empty(7, np.float64)
         # in a2v_int8_scan's order: heap, cand, upper, qrows, bound
         self.addresses = tuple(a.ctypes.data for a in (self.heap, self.rows, self.upper, self.q, self.bound))
+        self.hits = np.empty((n, 3), np.float64)  # a2v_int8_search's (score, id, position) structs
+        self.hits_at = self.hits.ctypes.data
 
 
 @dataclass(frozen=True)
@@ -192,6 +244,26 @@ class RowBounds:
 
 
 @dataclass(frozen=True)
+class RowSource:
+    """The float32 rows (n, d, C-contiguous) the codes were made from and their ids (n, int64): what
+    `PaddedCodes.search` rescores its candidates from."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    vectors_at: int = field(init=False, repr=False, compare=False)
+    ids_at: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        v, ids = self.vectors, self.ids
+        if v.dtype != np.float32 or v.ndim != 2 or not v.flags.c_contiguous:
+            raise ValueError("vectors must be a C-contiguous float32 matrix")
+        if ids.dtype != np.int64 or ids.shape != (len(v),) or not ids.flags.c_contiguous:
+            raise ValueError("ids must be contiguous int64, one per row")
+        object.__setattr__(self, "vectors_at", v.ctypes.data)  # frozen: set once here
+        object.__setattr__(self, "ids_at", ids.ctypes.data)
+
+
+@dataclass(frozen=True)
 class Scan:
     """`PaddedCodes.scan`'s answer: the candidate rows, tau, and the query's rounding it used."""
 
@@ -203,6 +275,7 @@ class Scan:
     qn: float
     left: float
     l1: float
+    left1: float  # ‖c ⊙ q − its first int8 row‖: the bound of the first row's products alone
 
 
 def row_scores_compiled() -> bool:
@@ -229,3 +302,58 @@ def row_scores(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarr
     if len(rows):
         lib.a2v_rows_dot(vectors.ctypes.data, d, rows.ctypes.data, len(rows), q.ctypes.data, out.ctypes.data)
     return out
+
+
+def top_rows(
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    ids: np.ndarray,
+    q: np.ndarray,
+    limit: int,
+    id_rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The listed rows of `vectors` scored as `row_scores` scores them, and the best `limit` in order:
+    score descending, ties by id ascending (the id of vectors' row i: ids[id_rows[i]], or ids[i]
+    without id_rows); a row whose score is NaN or −∞ (a damaged row) is left out. Returns the
+    positions in `rows` and their scores. One compiled call where the library was built (the
+    ordering included), else numpy's sums (rounded in another order) and lexsort."""
+    rows = np.ascontiguousarray(rows, np.int64)
+    q = np.ascontiguousarray(q, np.float64)
+    ids = np.ascontiguousarray(ids, np.int64)
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags.c_contiguous:
+        raise ValueError("vectors must be a C-contiguous float32 matrix")
+    n, d = vectors.shape
+    if q.shape != (d,):
+        raise ValueError(f"the query must be ({d},), got {q.shape}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError("a row outside the vectors")
+    if id_rows is not None:
+        id_rows = np.ascontiguousarray(id_rows, np.int64)
+        if id_rows.shape != (n,) or (n and (id_rows.min() < 0 or id_rows.max() >= len(ids))):
+            raise IndexError("id_rows must map every row of the vectors into ids")
+    elif n > len(ids):
+        raise IndexError("fewer ids than rows")
+    limit = max(0, min(int(limit), len(rows)))
+    lib = _library()
+    if lib is None:
+        scores = (vectors[rows].astype(np.float64) * q).sum(axis=1)
+        of = ids[id_rows[rows]] if id_rows is not None else ids[rows]
+        keep = np.flatnonzero(scores > -np.inf)
+        order = keep[np.lexsort((of[keep], -scores[keep]))][:limit]
+        return order, scores[order]
+    hits = np.empty((max(len(rows), 1), 3), np.float64)  # (score, id, position) structs, 24 bytes each
+    at, out = np.empty(limit, np.int64), np.empty(limit, np.float64)
+    got = lib.a2v_rows_top(
+        vectors.ctypes.data,
+        d,
+        rows.ctypes.data,
+        len(rows),
+        None if id_rows is None else id_rows.ctypes.data,
+        ids.ctypes.data,
+        q.ctypes.data,
+        limit,
+        hits.ctypes.data,
+        at.ctypes.data,
+        out.ctypes.data,
+    )
+    return at[:got], out[:got]

@@ -187,11 +187,11 @@ class Int8Copy:
             None if self.padded is None else native_scan.RowBounds(self.scale, self.residual, self.f32, self.code_norm)
         )
 
-    def _query(self, query: np.ndarray) -> tuple[np.ndarray, float, float, float, float, float]:
+    def _query(self, query: np.ndarray) -> tuple[np.ndarray, float, float, float, float, float, float]:
         """The query side, c ⊙ q (x̂·q = xq·(c ⊙ q)), rounded to int8 twice: the codes, then their
         remainder; both rows go through one int8 product (it reads the codes once either way).
-        Returns the two rows, their weights, ‖q‖, ‖c ⊙ q − its rounding‖ and Σ c_j/2·|q_j| (the
-        compiled scan rounds the query the same way, in C)."""
+        Returns the two rows, their weights, ‖q‖, ‖c ⊙ q − its rounding‖, Σ c_j/2·|q_j| and
+        ‖c ⊙ q − its first row‖ (the compiled scan rounds the query the same way, in C)."""
         qs = self.scale * query.astype(np.float64)
         b1 = _unit(qs)
         q1 = np.clip(np.rint(qs / b1), -127, 127)
@@ -201,36 +201,46 @@ class Int8Copy:
         qn = float(np.linalg.norm(query.astype(np.float64)))
         left = float(np.linalg.norm(rest - q2 * b2))
         l1 = float(np.sum(0.5 * np.abs(qs)))  # Σ c_j/2·|q_j|
-        return np.stack([q1, q2]).astype(np.int8), b1, b2, qn, left, l1
+        return np.stack([q1, q2]).astype(np.int8), b1, b2, qn, left, l1, float(np.linalg.norm(rest))
 
     def scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate scores of every row and, per row, a bound on |float32 score − approximate|:
         the codes' error |(x_i − x̂_i)·q| ≤ min(‖x_i − x̂_i‖·‖q‖, Σ c_j/2·|q_j|) (Cauchy-Schwarz, and
         each code within half a step; the second is ~6x tighter on the served vectors), plus the
         query's rounding ‖xq_i‖·‖c ⊙ q − its rounding‖ and the float32 product's own error."""
-        rows, w1, w2, qn, left, l1 = self._query(query)
+        approx, slack, _, _ = self._intervals(query)
+        return approx, slack
+
+    def _intervals(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`scores`, and the same for the query's first int8 row alone (its own rounding's bound)."""
+        rows, w1, w2, qn, left, l1, left1 = self._query(query)
         if self.padded is not None:
             dots = self.padded.dot2(rows)
         else:
             assert self.codes is not None
             dots = torch._int_mm(torch.from_numpy(rows), self.codes.t()).numpy()
-        slack = np.minimum(self.residual * qn, l1) + (self.f32 * qn + self.code_norm * left)
-        return dots[0] * w1 + dots[1] * w2, slack
+        err = np.minimum(self.residual * qn, l1)
+        f32q = self.f32 * qn
+        a1 = dots[0] * w1
+        return a1 + dots[1] * w2, err + (f32q + self.code_norm * left), a1, err + (f32q + self.code_norm * left1)
 
     def candidates(self, query: np.ndarray, k: int, eligible: np.ndarray | None) -> np.ndarray:
         """The rows (ascending) that can be in the exact top k of the eligible ones (None: all; at
         least k): those whose approximate score plus its bound reaches tau, the k-th best approximate
-        score minus its bound. The compiled kernel does it all in its pass over the codes; otherwise
-        numpy over `scores`."""
+        score minus its bound, each bound the tighter of two (the query's first int8 row alone, and
+        both: `native_scan.PaddedCodes.scan`). The compiled kernel does it all in its pass over the
+        codes, skipping the second row's products for rows the first already rules out; otherwise
+        numpy, the same arithmetic."""
         if self.padded is not None:
             assert self.bounds is not None
-            return self.padded.scan(query, self.bounds, k, eligible).rows
-        approx, slack = self.scores(query)
-        lower = approx - slack
+            return self.padded.candidates(query, self.bounds, k, eligible)
+        approx, slack, a1, s1 = self._intervals(query)
+        # both intervals hold the score: their intersection, kept ordered (as the compiled scan)
+        lower = np.minimum(np.maximum(a1 - s1, approx - slack), a1 + s1)
         if eligible is not None:
             lower[~eligible] = -np.inf
         tau = np.partition(lower, len(lower) - k)[len(lower) - k]  # k rows score at least this
-        keep = approx + slack >= tau
+        keep = np.maximum(np.minimum(a1 + s1, approx + slack), lower) >= tau
         if eligible is not None:
             keep &= eligible
         return np.flatnonzero(keep)
@@ -271,6 +281,7 @@ class MemoryScan:
         self.max_norm, finite = max_row_norm(self.vectors)
         self.precision = "float32"
         self._int8: Int8Copy | None = None
+        self._source: native_scan.RowSource | None = None
         if precision != "float32" and len(self.vectors):
             n, d = self.vectors.shape
             if not finite:
@@ -279,6 +290,8 @@ class MemoryScan:
                 log.warning("in-memory search: this CPU's int8 product does not sum exactly; scanning float32")
             else:
                 self._int8 = Int8Copy(self.vectors, kernel)
+                if self._int8.padded is not None:  # the compiled search rescores from these
+                    self._source = native_scan.RowSource(self.vectors, np.ascontiguousarray(item_ids, np.int64))
                 self.precision = self._choose(precision)
                 if self.precision == "float32":
                     self._int8 = None
@@ -356,24 +369,33 @@ class MemoryScan:
         hits: list[ScanHit] = []
         q64 = query.astype(np.float64)
         if np.isfinite(query).all():  # a query that is not finite ranks no bundle anime
-            cand = None
+            top = None
             if block.vectors is None and self._int8 is not None:
-                cand = self._int8_candidates(block, query, at, limit)
-            if cand is None:
-                cand = self._float32_candidates(block, query, at, limit)
-            if block.vectors is not None:
-                scores = native_scan.row_scores(block.vectors, cand, q64)
-            else:
-                scores = native_scan.row_scores(self.vectors, rows[cand], q64)
-            ids = self.item_ids[rows[cand]]
-            keep = np.flatnonzero(scores > -np.inf)  # not NaN (a damaged row)
-            order = keep[np.lexsort((ids[keep], -scores[keep]))][:limit]
-            hits = [ScanHit(int(ids[i]), float(scores[i]), int(rows[cand[i]]), None) for i in order]
+                top = self._int8_top(block, query, q64, at, limit)
+            if top is None:
+                top = self._float32_top(block, query, q64, at, limit)
+            picked, scores = top  # bundle rows, best first, and their float64 scores
+            found = zip(self.item_ids[picked].tolist(), scores.tolist(), picked.tolist())
+            hits = [ScanHit(a, s, r, None) for a, s, r in found]
         for aid, meta in added.items():
             if meta.vector is not None and payload_matches(meta.payload, flt):
                 hits.append(ScanHit(aid, _added_score(meta, q64), None, meta))
         hits.sort(key=lambda h: (-h.score, h.anime_id))
         return hits[:limit]
+
+    def _float32_top(
+        self, block: Block, query: np.ndarray, q64: np.ndarray, at: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 product's candidates, rescored in float64: the best `limit` bundle rows by
+        (score, anime id) and their scores; a damaged row (a NaN score) is left out."""
+        cand = self._float32_candidates(block, query, at, limit)
+        rows = block.rows
+        if block.vectors is not None:
+            at_, scores = native_scan.top_rows(block.vectors, cand, self.item_ids, q64, limit, id_rows=rows)
+            return rows[cand[at_]], scores
+        listed = cand if block.full else rows[cand]
+        at_, scores = native_scan.top_rows(self.vectors, listed, self.item_ids, q64, limit)
+        return listed[at_], scores
 
     def _float32_candidates(self, block: Block, query: np.ndarray, at: np.ndarray, limit: int) -> np.ndarray:
         """Positions in block.rows whose float32 score comes within the product's own error of the
@@ -394,24 +416,33 @@ class MemoryScan:
         margin = self.rounding * self.max_norm * float(np.linalg.norm(query.astype(np.float64)))
         return np.flatnonzero(scores >= kth - margin)
 
-    def _int8_candidates(self, block: Block, query: np.ndarray, at: np.ndarray, limit: int) -> np.ndarray | None:
-        """Positions in block.rows that can be in the exact top `limit` (see the module docstring);
-        None when they are so many that the float32 product over every row is cheaper. `at`:
-        positions never ranked (exclusions)."""
+    def _int8_top(
+        self, block: Block, query: np.ndarray, q64: np.ndarray, at: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """`_float32_top` from the int8 scan's candidates (see the module docstring): one compiled call
+        with the VNNI kernel, else torch's product, numpy's bound and `top_rows`. None when the
+        candidates are so many that the float32 product over every row is cheaper. `at`: positions in
+        block.rows never ranked (exclusions)."""
         assert self._int8 is not None
         rows = block.rows
         k = min(limit, len(rows) - len(at))
         if k <= 0:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0)
         eligible = None
         if not block.full or len(at):
             eligible = np.zeros(len(self.vectors), np.bool_)
             eligible[rows] = True
             eligible[rows[at]] = False
-        cand = self._int8.candidates(query, k, eligible)
-        if len(cand) > len(rows) // 8:
+        most = len(rows) // 8
+        int8 = self._int8
+        if int8.padded is not None:
+            assert int8.bounds is not None and self._source is not None
+            return int8.padded.search(query, int8.bounds, k, eligible, self._source, limit, most)
+        cand = int8.candidates(query, k, eligible)  # rows of the catalogue
+        if len(cand) > most:
             return None
-        return cand if block.full else np.searchsorted(rows, cand)
+        at_, scores = native_scan.top_rows(self.vectors, cand, self.item_ids, q64, limit)
+        return cand[at_], scores
 
     def _choose(self, precision: str, n_queries: int = 16, repeats: int = 3) -> str:
         """Check the int8 bound on the served vectors (rows as queries, and means of three) and,

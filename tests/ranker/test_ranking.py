@@ -234,10 +234,13 @@ def test_the_int8_scan_bound_holds_and_ranks_as_float32_does(kernel, monkeypatch
     bad[0] = np.nan
     assert i8.search(bad, SearchFilter(), 5, {}) == [] == f32.search(bad, SearchFilter(), 5, {})
     # most of the catalogue is never rescored: the point of it
-    cand = i8._int8_candidates(i8.block(SearchFilter()), queries[0], np.zeros(0, np.int64), 11)
-    assert cand is not None and 11 <= len(cand) < n // 8
+    cand = i8._int8.candidates(queries[0], 11, None)
+    assert 11 <= len(cand) < n // 8
+    none = np.zeros(0, np.int64)
+    assert i8._int8_top(i8.block(SearchFilter()), queries[0], queries[0].astype(np.float64), none, 11) is not None
     # an all-zero query makes every row a candidate: the float32 product over every row is cheaper
-    assert i8._int8_candidates(i8.block(SearchFilter()), queries[-3], np.zeros(0, np.int64), 11) is None
+    zero = queries[-3]
+    assert i8._int8_top(i8.block(SearchFilter()), zero, zero.astype(np.float64), none, 11) is None
 
 
 def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog):
