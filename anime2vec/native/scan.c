@@ -10,9 +10,11 @@
  * by signed, and 128 * (row sum) subtracted again. Every sum is exact in int32: |codes| <= 127,
  * q + 128 <= 255 and at most 4096 columns give |sum| < 2^31.
  *
- * Two entry points share one product loop (`dot_rows4`): a2v_int8_dot2 returns the products;
- * a2v_int8_scan also applies the scan's error bound and keeps, in the same pass, the k-th best lower
- * bound and the rows that can reach it (numpy over the products cost as much as the products).
+ * The int8 entry points share one product loop (`dot4`): a2v_int8_dot2 returns the products (the
+ * load-time probe, torch-free tests); a2v_int8_scan also rounds the query, applies the scan's error
+ * bound and keeps, in the same pass, the k-th best lower bound and the rows that can reach it (numpy
+ * over the products cost as much as the products); a2v_int8_search adds the float64 rescoring and
+ * ordering (a2v_rows_top, plain C like a2v_rows_dot: any x86-64 CPU).
  *
  * Built with -ffp-contract=off: the bound arithmetic rounds as numpy's (no fused multiply-add).
  * Loaded with ctypes, not imported: the library has no Python entry point. */
