@@ -39,9 +39,11 @@ min(‖x_i − x̂_i‖·‖q‖, Σ_j c_j/2·|q_j|) + ‖xq_i‖·‖c ⊙ q �
 error, every term known (`Int8Copy.scores`), and the rows whose approximate score plus that bound
 reaches the k-th best lower bound are the candidates (tens for a favourites query on the served
 vectors, where Cauchy-Schwarz alone left ~550; past an eighth of the rows the float32 product is
-cheaper and is used). "auto" (the default) checks the bound on the served vectors, times both on one
-thread at a first page and a re-ranking pool's depth, and keeps int8 when it takes under 0.9× the
-float32 time; served vectors that are not all finite, or a bound that fails, mean float32.
+cheaper and is used). "int8" and "auto" (the default) check the bound on the served vectors and that
+the int8 search returns the float32 search's pages on them (the compiled scan end to end); "auto" then
+times both on one thread at a first page and a re-ranking pool's depth, and keeps int8 when it takes
+under 0.9× the float32 time; served vectors that are not all finite, a bound that fails or a page that
+differs mean float32.
 """
 
 from __future__ import annotations
@@ -445,7 +447,8 @@ class MemoryScan:
         return cand[at_], scores
 
     def _choose(self, precision: str, n_queries: int = 16, repeats: int = 3) -> str:
-        """Check the int8 bound on the served vectors (rows as queries, and means of three) and,
+        """Check the int8 bound on the served vectors (rows as queries, and means of three), and that
+        the int8 search returns the float32 search's pages on them (the compiled scan end to end);
         for "auto", time both full scans on them: the faster is kept."""
         assert self._int8 is not None
         rng = np.random.default_rng(0)
@@ -458,14 +461,30 @@ class MemoryScan:
             if not np.all(np.abs(approx - self.vectors @ q) <= slack):  # NaN counts as outside
                 log.warning("int8 scan: an error outside its bound on the served vectors; scanning float32")
                 return "float32"
+        full = Block(np.arange(n), None, full=True)
+        int8 = self._int8
+        for i, q in enumerate(queries):  # a first page, and a re-ranking pool's depth
+            pages = []
+            for scan in (int8, None):
+                self._int8 = scan
+                pages.append(
+                    [(h.anime_id, h.score) for h in self.scan(full, q, SearchFilter(), 11 if i % 2 else 100, {})]
+                )
+            self._int8 = int8
+            if pages[0] != pages[1]:
+                log.warning(
+                    "int8 scan (%s product): a page unlike the float32 search's on the served vectors; scanning float32",
+                    int8.kernel,
+                )
+                return "float32"
         if precision == "int8":
             log.info(
-                "in-memory search: int8 with the %s product (its bound held on the served vectors)", self._int8.kernel
+                "in-memory search: int8 with the %s product (its bound held on the served vectors, its pages were "
+                "the float32 search's)",
+                self._int8.kernel,
             )
             return "int8"
-        full = Block(np.arange(n), None, full=True)
         times: dict[str, list[float]] = {"float32": [], "int8": []}
-        int8 = self._int8
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as the ranker searches: one thread per request (server.py)
         try:

@@ -245,8 +245,9 @@ def test_the_int8_scan_bound_holds_and_ranks_as_float32_does(kernel, monkeypatch
 
 def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog):
     """The scan falls back to float32, and says so, where its premises fail: a CPU whose int8 product
-    does not sum exactly (probed at the served shape), served vectors that are not all finite, an
-    error outside the bound on the served vectors; an unknown precision is refused."""
+    does not sum exactly (probed at the served shape), a compiled kernel that fails or sums wrong, a
+    compiled scan whose pages differ from the float32 search's, served vectors that are not all
+    finite, an error outside the bound on the served vectors; an unknown precision is refused."""
     from services.ranker import memory_scan
 
     vectors = _hard_vectors(n=500)
@@ -270,6 +271,17 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
             m.setattr(memory_scan.native_scan.PaddedCodes, "dot2", broken)
             scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
         assert scan.int8_kernel != "vnni" and "compiled int8 kernel failed" in caplog.text
+
+        # nor a compiled scan that returns other pages than the float32 search (here: the worst rows)
+        def wrong(self, query, bounds, k, eligible, source, limit, most):
+            at, scores = memory_scan.native_scan.top_rows(source.vectors, np.arange(self.n), source.ids, -query, limit)
+            return at, -scores
+
+        with monkeypatch.context() as m, caplog.at_level("WARNING"):
+            m.setattr(memory_scan.native_scan.PaddedCodes, "search", wrong)
+            m.setattr(memory_scan, "int8_kernel", lambda n, d: "vnni")
+            scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
+        assert scan.precision == "float32" and "unlike the float32 search's" in caplog.text
     broken = vectors.copy()
     broken[7, 3] = np.nan
     scan = memory_scan.MemoryScan(ids, broken, filt, precision="int8")
