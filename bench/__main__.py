@@ -77,13 +77,10 @@ def machine() -> dict:
     """Where the numbers were taken: ratios travel between machines, absolute timings do not."""
     import torch
 
+    from bench.processes import cpu_model
+
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "summary": f"cuda {cuda}" if cuda else f"cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "cpu": cpu,

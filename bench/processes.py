@@ -247,13 +247,19 @@ def _process_cpu_s(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def machine_facts(cpus: Sequence[int] | None, cores: list[list[int]] | None) -> dict:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
+    return model
+
+
+def machine_facts(cpus: Sequence[int] | None, cores: list[list[int]] | None) -> dict:
+    model = cpu_model()
     try:
         quota = Path("/sys/fs/cgroup/cpu.max").read_text().strip()  # "max 100000": no CPU-time quota
     except OSError:

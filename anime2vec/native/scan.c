@@ -41,7 +41,7 @@ int a2v_int8_max_stride(void) { return 64 * A2V_MAX_CHUNKS; }
 
 /* One row against one query row: two accumulators (even and odd chunks) keep two products in flight;
  * the lanes are summed later, four rows at a time. Always inlined with `chunks` a constant (see
- * A2V_SPECIALISED), so the query's chunks stay in registers: loaded from memory for every row they
+ * A2V_EACH), so the query's chunks stay in registers: loaded from memory for every row they
  * took more load slots than the codes (1.2x slower, measured). */
 A2V_INLINE __m512i dot_row(const int8_t *restrict row, const size_t chunks, const __m512i *q) {
     __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
@@ -209,9 +209,8 @@ A2V_INLINE int64_t scan_body(const int8_t *restrict codes, size_t n, const size_
     return kept;
 }
 
-/* Kernels for 1 .. A2V_SPECIALISED chunks (up to 768 columns), with the query in registers; wider
+/* Kernels for 1 .. 12 chunks (up to 768 columns), with the query in registers; wider
  * rows run the same code with the query in memory. */
-#define A2V_SPECIALISED 12
 #define A2V_EACH(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
 #define A2V_DOT2(C)                                                                                      \
     static A2V_TARGET void dot2_##C(const int8_t *codes, size_t n, const uint8_t *qu0, const uint8_t *qu1, \

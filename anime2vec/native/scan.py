@@ -278,14 +278,8 @@ class Scan:
     left1: float  # ‖c ⊙ q − its first int8 row‖: the bound of the first row's products alone
 
 
-def row_scores_compiled() -> bool:
-    """Whether `row_scores` runs compiled here (else numpy: the same sums, rounded in another order)."""
-    return _library() is not None
-
-
-def row_scores(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """float64 dot products of vectors[rows] (float32, C-contiguous) with q, each summed in one fixed
-    order, so a row's score depends on that row alone, never on which others are scored with it."""
+def _listed(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` as int64 and `q` as float64, checked against `vectors` (the compiled loops trust them)."""
     rows = np.ascontiguousarray(rows, np.int64)
     q = np.ascontiguousarray(q, np.float64)
     if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags.c_contiguous:
@@ -295,6 +289,14 @@ def row_scores(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarr
         raise ValueError(f"the query must be ({d},), got {q.shape}")
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise IndexError("a row outside the vectors")
+    return rows, q
+
+
+def row_scores(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """float64 dot products of vectors[rows] (float32, C-contiguous) with q, each summed in one fixed
+    order, so a row's score depends on that row alone, never on which others are scored with it."""
+    rows, q = _listed(vectors, rows, q)
+    d = vectors.shape[1]
     lib = _library()
     if lib is None:
         return (vectors[rows].astype(np.float64) * q).sum(axis=1)
@@ -317,16 +319,9 @@ def top_rows(
     without id_rows); a row whose score is NaN or −∞ (a damaged row) is left out. Returns the
     positions in `rows` and their scores. One compiled call where the library was built (the
     ordering included), else numpy's sums (rounded in another order) and lexsort."""
-    rows = np.ascontiguousarray(rows, np.int64)
-    q = np.ascontiguousarray(q, np.float64)
+    rows, q = _listed(vectors, rows, q)
     ids = np.ascontiguousarray(ids, np.int64)
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags.c_contiguous:
-        raise ValueError("vectors must be a C-contiguous float32 matrix")
     n, d = vectors.shape
-    if q.shape != (d,):
-        raise ValueError(f"the query must be ({d},), got {q.shape}")
-    if len(rows) and (rows.min() < 0 or rows.max() >= n):
-        raise IndexError("a row outside the vectors")
     if id_rows is not None:
         id_rows = np.ascontiguousarray(id_rows, np.int64)
         if id_rows.shape != (n,) or (n and (id_rows.min() < 0 or id_rows.max() >= len(ids))):
