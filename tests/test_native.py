@@ -1,5 +1,5 @@
 """The compiled int8 kernel (anime2vec/native/scan.c) against exact int64 products: every shape
-the layout pads differently (and every count of rows in the last group of four), the extreme codes,
+the kernel masks differently (and every count of rows in the last group of four), the extreme codes,
 the widest input it accepts; and its bounded top-k scan against the same arithmetic in numpy."""
 
 from __future__ import annotations
@@ -15,7 +15,21 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    "n, d", [(0, 5), (1, 1), (2, 2), (3, 63), (4, 64), (5, 65), (9, 516), (1027, 516), (6, 4096), (7, 4096)]
+    "n, d",
+    [
+        (0, 5),
+        (1, 1),
+        (2, 2),
+        (3, 63),
+        (4, 64),
+        (5, 65),
+        (5, 100),
+        (9, 516),
+        (1027, 516),
+        (4, 840),
+        (3, 4095),
+        (6, 4096),
+    ],
 )
 def test_the_kernel_sums_exactly(n, d):
     rng = np.random.default_rng(n * 7919 + d)
@@ -27,21 +41,25 @@ def test_the_kernel_sums_exactly(n, d):
         np.zeros((2, d)),
     ):
         q = q.astype(np.int8)
-        got = native_scan.PaddedCodes(codes).dot2(q)
+        got = native_scan.Int8Codes(codes).dot2(q)
         assert got.dtype == np.int32 and got.shape == (2, n)
         assert np.array_equal(got, q.astype(np.int64) @ codes.astype(np.int64).T)
 
 
 def test_the_layout_and_its_limits():
     codes = np.arange(-60, 60, dtype=np.int8).reshape(2, 60)
-    padded = native_scan.PaddedCodes(codes)
-    assert padded.stride == 64 and padded.codes.shape == (2, 64) and not padded.codes[:, 60:].any()
+    padded = native_scan.Int8Codes(codes)
+    assert padded.width == 64 and padded.main.shape == (2, 0) and padded.tail.shape == (2, 64)
+    assert np.array_equal(padded.tail[:, :60], codes) and not padded.tail[:, 60:].any()
+    wide = native_scan.Int8Codes(np.ones((3, 516), np.int8))  # the served width: 8 chunks, 4 columns left
+    assert wide.main.shape == (3, 512) and wide.tail.shape == (3, 4) and wide.main.ctypes.data % 64 == 0
+    assert wide.nbytes == 3 * 516 + 3 * 4  # no padding kept (or read), only the row sums beside
     assert padded.rowsum128.tolist() == [128 * int(r.sum()) for r in codes.astype(np.int64)]
     with pytest.raises(ValueError, match=r"\(2, 60\)"):
         padded.dot2(np.zeros((1, 60), np.int8))
     assert native_scan.available(4096) and not native_scan.available(4097) and not native_scan.available(0)
     with pytest.raises(RuntimeError, match="not available"):
-        native_scan.PaddedCodes(np.zeros((1, 4097), np.int8))
+        native_scan.Int8Codes(np.zeros((1, 4097), np.int8))
 
 
 def _reference_rounding(query, scale):
@@ -74,7 +92,7 @@ def _reference_scan(codes, got, bounds, k, eligible):
     return np.flatnonzero((upper >= tau) & ok), tau
 
 
-@pytest.mark.parametrize("n, d", [(1, 3), (5, 65), (1027, 516), (300, 1000)])
+@pytest.mark.parametrize("n, d", [(1, 3), (5, 65), (70, 512), (1027, 516), (300, 1000)])
 def test_the_scan_keeps_exactly_the_rows_that_can_reach_the_kth_best(n, d):
     """The query is rounded as numpy rounds it, and the candidates and tau equal numpy's over the
     exact products: every k, with and without an eligibility mask, with ties (repeated rows), with
@@ -82,7 +100,7 @@ def test_the_scan_keeps_exactly_the_rows_that_can_reach_the_kth_best(n, d):
     rng = np.random.default_rng(n + d)
     codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
     codes[n // 2 :: 3] = codes[0]  # exact ties
-    padded = native_scan.PaddedCodes(codes)
+    padded = native_scan.Int8Codes(codes)
     scale = rng.random(d) + 0.01
     checked = 0
     for spread in (0.0, 1e-3, 10.0, 1e4):
@@ -113,7 +131,7 @@ def test_the_scan_keeps_exactly_the_rows_that_can_reach_the_kth_best(n, d):
 
 
 def test_the_scan_refuses_what_it_cannot_answer():
-    padded = native_scan.PaddedCodes(np.ones((4, 8), np.int8))
+    padded = native_scan.Int8Codes(np.ones((4, 8), np.int8))
     q = np.ones(8, np.float32)
     bounds = native_scan.RowBounds(np.ones(8), np.zeros(4), np.zeros(4), np.zeros(4))
     for k in (0, -1, 5):
@@ -150,14 +168,14 @@ def test_row_scores_depend_on_the_row_alone():
 
 
 def test_concurrent_scans_do_not_share_buffers():
-    """Threads scanning one PaddedCodes at once (the ranker's gRPC workers, the GIL released in the
+    """Threads scanning one Int8Codes at once (the ranker's gRPC workers, the GIL released in the
     call) each get the answer a lone scan gives: the candidate buffers are per thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(9)
     n, d = 3000, 130
     codes = rng.integers(-127, 128, (n, d)).astype(np.int8)
-    padded = native_scan.PaddedCodes(codes)
+    padded = native_scan.Int8Codes(codes)
     bounds = native_scan.RowBounds(rng.random(d) + 0.1, rng.random(n), rng.random(n) / 10, rng.random(n))
     queries = [rng.normal(size=d).astype(np.float32) for _ in range(24)]
     alone = [padded.scan(q, bounds, 5 + i).rows for i, q in enumerate(queries)]
@@ -201,7 +219,7 @@ def test_top_rows_orders_by_score_then_id_and_leaves_out_damaged_rows(monkeypatc
 
 
 def test_search_is_candidates_then_top_rows_in_one_call():
-    """PaddedCodes.search gives what candidates and top_rows give one after the other (bundle rows and
+    """Int8Codes.search gives what candidates and top_rows give one after the other (bundle rows and
     their scores), and None past max_cands."""
     rng = np.random.default_rng(13)
     n, d = 700, 100
@@ -209,7 +227,7 @@ def test_search_is_candidates_then_top_rows_in_one_call():
     scale = np.abs(v).max(axis=0).astype(np.float64) / 127
     codes = np.clip(np.rint(v / scale), -127, 127)
     residual = np.linalg.norm(v - codes * scale, axis=1)
-    padded = native_scan.PaddedCodes(codes.astype(np.int8))
+    padded = native_scan.Int8Codes(codes.astype(np.int8))
     bounds = native_scan.RowBounds(scale, residual, np.full(n, 1e-6), np.linalg.norm(codes, axis=1))
     ids = rng.permutation(10 * n)[:n].astype(np.int64)
     source = native_scan.RowSource(v, ids)

@@ -25,7 +25,8 @@ from .base import Queries, Recommender
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
+    # np.linalg.norm(x, axis=1)'s own arithmetic (sqrt of the summed squares), without its overhead
+    return x / np.maximum(np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True)), 1e-9)
 
 
 class ContentBilinear(Recommender):

@@ -64,6 +64,7 @@ GROUPS = ("warm", "paired", "text")
 WARM, PAIRED, TEXT = 0, 1, 2
 REQUESTS = ("users", "favourites", "text")
 POP_BUCKETS = (1, 3, 6)  # liked-list sizes ≤ 1, ≤ 3, ≤ 6, larger: one prior weight each
+_BUCKET_EDGES = np.asarray(POP_BUCKETS)  # searched per query: converted once
 GRIDS = {
     # never 0: cold anime are scored through the same content block (times their group's β)
     "content": (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5),
@@ -89,7 +90,7 @@ class Weights:
     offset: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GROUPS})
 
     def pop_for(self, n_liked: np.ndarray | int) -> np.ndarray:
-        return np.asarray(self.pop, np.float32)[np.searchsorted(POP_BUCKETS, np.asarray(n_liked), side="left")]
+        return np.asarray(self.pop, np.float32)[_BUCKET_EDGES.searchsorted(n_liked, side="left")]
 
     def as_dict(self) -> dict:
         return {
@@ -287,10 +288,29 @@ class Hybrid(Recommender):
         z = _unit_rows(z)
         return p, self.content_query(z), self.text_query(z)
 
+    def query_parts_listed(
+        self, rows: np.ndarray, weights: np.ndarray, extra_content: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`query_parts` of one history row given as its catalogue rows and confidences, in the
+        order the CSR row stores them, without building the matrix (scipy's constructor cost a
+        favourites request more than the products): each row's products w·P[i] added in that
+        order in float32, as scipy's CSR product adds them, so (p, f, t) are the same bit for
+        bit (tests/models/test_hybrid.py)."""
+        w = np.asarray(weights, np.float32)[:, None]
+        rows = np.asarray(rows, np.int64)
+        P, C = np.asarray(self.P), np.asarray(self.C)  # set by fit or from_state
+        p = (w * P[rows]).sum(axis=0, keepdims=True)  # axis 0: one row after another
+        z = (w * C[rows]).sum(axis=0, keepdims=True)
+        if extra_content is not None:
+            z = z + np.atleast_2d(extra_content)
+        z = _unit_rows(z)
+        return p, self.content_query(z), self.text_query(z)
+
     def content_query(self, z: np.ndarray) -> np.ndarray:
         """f = z·Wu divided by the spread of its scores over the catalogue (0 stays 0)."""
         f = np.atleast_2d(np.asarray(z, np.float32)) @ self.Wu
-        s = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", f, self.cov_content, f), 0.0))
+        # f·Σ·f per row (a product and a sum: einsum's generic loop cost 6x as much)
+        s = np.sqrt(np.maximum(((f @ self.cov_content) * f).sum(axis=1), 0.0))
         return (f / np.where(s > 1e-12, s, 1.0)[:, None]).astype(np.float32)
 
     def text_query(self, z: np.ndarray) -> np.ndarray:
@@ -301,15 +321,17 @@ class Hybrid(Recommender):
         self, p: np.ndarray, f: np.ndarray, t: np.ndarray, request: str, n_liked: np.ndarray | int
     ) -> np.ndarray:
         w = self.weights[request]
-        p, f, t = (np.atleast_2d(x).astype(np.float32) for x in (p, f, t))
+        p, f, t = (np.atleast_2d(np.asarray(x, np.float32)) for x in (p, f, t))
         bcf, bct = self.items.arrays()
         off = (
             np.array([w.offset[g] for g in GROUPS], np.float32)
             - w.cf * bcf * (p @ self.mu_cf.T)
             - w.content * bct * (f @ self.mu_content.T)
         )
-        pop = np.broadcast_to(w.pop_for(n_liked), (len(p),)).astype(np.float32)[:, None]
-        return (np.hstack([w.cf * p, w.content * f, pop, off, w.text * t]) / self._scales()).astype(np.float32)
+        pop = np.empty((len(p), 1), np.float32)
+        pop[:, 0] = w.pop_for(n_liked)  # one size, or one per row
+        blocks = np.concatenate([w.cf * p, w.content * f, pop, off, w.text * t], axis=1)
+        return (blocks / self._scales()).astype(np.float32, copy=False)
 
     def query_vectors(self, queries: Queries) -> np.ndarray:
         h = queries.history_matrix(self.train)
@@ -351,7 +373,8 @@ class Hybrid(Recommender):
         ranker's opt-in quantized mode) keep every block's precision instead of rounding the
         small-valued ones (the cf factors) to zero: measured, without it quantized search missed
         the top anime entirely."""
-        key = (tuple(self.items.arrays()[0]), tuple(self.items.arrays()[1]), id(self.q))
+        bcf, bct = self.items.arrays()
+        key = (bcf.tobytes(), bct.tobytes(), id(self.q))
         if getattr(self, "_scale_key", None) != key:
             raw = self._raw_items(self.q, self.item_content, self.pop, self.group, self.T)
             sizes = [self.q.shape[1], self.item_content.shape[1], 1, len(GROUPS), self.T.shape[1]]

@@ -5,10 +5,11 @@
  * the query in registers, with AVX-512 VNNI (vpdpbusd: 64 unsigned-by-signed byte products summed
  * into 16 int32 lanes per instruction).
  *
- * Layout (anime2vec/native/scan.py): rows padded with zeros to a stride that is a multiple of 64
- * bytes; the query shifted to unsigned (q + 128, padding 128) because vpdpbusd multiplies unsigned
- * by signed, and 128 * (row sum) subtracted again. Every sum is exact in int32: |codes| <= 127,
- * q + 128 <= 255 and at most 4096 columns give |sum| < 2^31.
+ * Layout (anime2vec/native/scan.py, `a2v_rows`): each row's whole 64-byte chunks in `main`, 64-byte
+ * aligned, and its d % 64 columns left in a slot of `tail`; the query shifted to unsigned (q + 128,
+ * 128 past d) because vpdpbusd multiplies unsigned by signed, and 128 * (row sum) subtracted again.
+ * Every sum is exact in int32: |codes| <= 127, q + 128 <= 255 and at most 4096 columns give
+ * |sum| < 2^31.
  *
  * The int8 entry points share one product loop (`dot4`): a2v_int8_dot2 returns the products (the
  * load-time probe, torch-free tests); a2v_int8_scan also rounds the query, applies the scan's error
@@ -25,7 +26,6 @@
 #include <immintrin.h>
 
 #define A2V_MAX_CHUNKS 64 /* 64 x 64 bytes: up to 4096 columns */
-#define A2V_PREFETCH_ROWS 16
 
 int a2v_int8_supported(void) {
     __builtin_cpu_init();
@@ -33,24 +33,30 @@ int a2v_int8_supported(void) {
            __builtin_cpu_supports("avx512vnni");
 }
 
-int a2v_int8_max_stride(void) { return 64 * A2V_MAX_CHUNKS; }
+int a2v_int8_max_width(void) { return 64 * A2V_MAX_CHUNKS; }
 
 #define A2V_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 #define A2V_INLINE static inline __attribute__((always_inline)) A2V_TARGET
 
 /* One row against one query row: two accumulators (even and odd chunks) keep two products in flight;
- * the lanes are summed later, four rows at a time. Always inlined with `chunks` a constant (see
- * A2V_EACH), so the query's chunks stay in registers: loaded from memory for every row they
- * took more load slots than the codes (1.2x slower, measured). */
-A2V_INLINE __m512i dot_row(const int8_t *restrict row, const size_t chunks, const __m512i *q) {
+ * the lanes are summed later, four rows at a time. A row is `full` whole chunks of 64 bytes in
+ * `main` (64-byte aligned: no load splits a cache line, which cost 1.5x with numpy's 16-byte
+ * aligned, padded rows, measured) and, for the d % 64 columns left, a slot in `tail`, read
+ * through `tmask` (no padding read: 516 columns padded to 576 read 12% more bytes than the codes
+ * hold). Always inlined with `full` a constant (see A2V_EACH), so the query's chunks stay in
+ * registers: loaded from memory for every row they took more load slots than the codes (1.2x
+ * slower, measured). */
+A2V_INLINE __m512i dot_row(const int8_t *restrict main, const int8_t *restrict tail, const size_t full,
+                           const __m512i *q, const __mmask64 tmask) {
     __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
     size_t c = 0;
-    for (; c + 2 <= chunks; c += 2) {
-        a = _mm512_dpbusd_epi32(a, q[c], _mm512_loadu_si512(row + 64 * c));
-        b = _mm512_dpbusd_epi32(b, q[c + 1], _mm512_loadu_si512(row + 64 * c + 64));
+    for (; c + 2 <= full; c += 2) {
+        a = _mm512_dpbusd_epi32(a, q[c], _mm512_load_si512(main + 64 * c));
+        b = _mm512_dpbusd_epi32(b, q[c + 1], _mm512_load_si512(main + 64 * c + 64));
     }
-    if (c < chunks) a = _mm512_dpbusd_epi32(a, q[c], _mm512_loadu_si512(row + 64 * c));
+    if (c < full) a = _mm512_dpbusd_epi32(a, q[c], _mm512_load_si512(main + 64 * c));
+    if (tmask) b = _mm512_dpbusd_epi32(b, q[full], _mm512_maskz_loadu_epi8(tmask, tail));
     return _mm512_add_epi32(a, b);
 }
 
@@ -65,45 +71,61 @@ A2V_INLINE __m128i sum4(const __m512i *v) {
     return _mm512_castsi512_si128(_mm512_add_epi32(z, _mm512_shuffle_i32x4(z, z, _MM_SHUFFLE(2, 3, 0, 1))));
 }
 
+/* The bytes of a row's slot in `tail` for d columns: d % 64 rounded up to a power of two (a slot
+ * then never crosses a cache line), 0 when d is whole chunks. */
+size_t a2v_int8_tail_bytes(size_t d) {
+    size_t t = d % 64, s = t ? 1 : 0;
+    while (s < t) s *= 2;
+    return s;
+}
+
+/* The codes' layout for d columns (`tmask`: the tail slot's bytes that are columns; 0 without a tail). */
+typedef struct {
+    const int8_t *main, *tail;
+    size_t full, d, slot;
+    __mmask64 tmask;
+} a2v_rows;
+
+static inline a2v_rows rows_of(const int8_t *main, const int8_t *tail, size_t d) {
+    a2v_rows r = {main, tail, d / 64, d, a2v_int8_tail_bytes(d), 0};
+    r.tmask = d % 64 ? (((__mmask64)1) << (d % 64)) - 1 : 0;
+    return r;
+}
+
 /* Rows i .. i + m - 1 (m <= 4) times one query row (unsigned-shifted), the shift taken back: four
- * int32 (zero past m). `fetch`: prefetch the row 16 ahead (the first pass over a group does; the
- * hardware prefetcher alone left the products waiting on memory: 1.2x faster with a cold cache,
- * measured; a prefetch past the end is harmless). */
-A2V_INLINE __m128i dot4(const int8_t *restrict codes, size_t i, size_t m, const size_t chunks, const __m512i *q,
-                        const int32_t *restrict rowsum128, int fetch) {
-    const size_t stride = 64 * chunks;
+ * int32 (zero past m). No software prefetch: with the rows aligned, the hardware's stream prefetcher
+ * alone was fastest with a cold cache (prefetching 8-32 rows ahead: 1.1-1.2x slower, measured; it
+ * had helped the unaligned rows before). */
+A2V_INLINE __m128i dot4(const a2v_rows *x, size_t i, size_t m, const size_t full, const __m512i *q,
+                        const int32_t *restrict rowsum128) {
     __m512i v[4];
-    for (size_t r = 0; r < 4; r++) {
-        if (r < m) {
-            if (fetch)
-                for (size_t c = 0; c < chunks; c++)
-                    _mm_prefetch((const char *)(codes + (i + r + A2V_PREFETCH_ROWS) * stride + 64 * c), _MM_HINT_T0);
-            v[r] = dot_row(codes + (i + r) * stride, chunks, q);
-        } else {
-            v[r] = _mm512_setzero_si512();
-        }
-    }
+    for (size_t r = 0; r < 4; r++)
+        v[r] = r < m ? dot_row(x->main + (i + r) * 64 * full, x->tail + (i + r) * x->slot, full, q, x->tmask)
+                     : _mm512_setzero_si512();
     int32_t shift[4] = {0, 0, 0, 0};
     memcpy(shift, rowsum128 + i, m * sizeof(int32_t));
     return _mm_sub_epi32(sum4(v), _mm_loadu_si128((const __m128i *)shift));
 }
 
-A2V_INLINE void load_query(const size_t chunks, const uint8_t *qu, __m512i *q) {
-    for (size_t c = 0; c < chunks; c++) q[c] = _mm512_loadu_si512(qu + 64 * c);
+/* The query rows' bytes for d columns: the whole chunks and one more (the tail's, 128 past d). */
+static inline size_t query_bytes(size_t d) { return 64 * (d / 64 + 1); }
+
+/* The query's `full` + 1 chunks (a constant count: they stay in registers). */
+A2V_INLINE void load_query(const size_t full, const uint8_t *qu, __m512i *q) {
+    for (size_t c = 0; c <= full; c++) q[c] = _mm512_loadu_si512(qu + 64 * c);
 }
 
-A2V_INLINE void dot2_body(const int8_t *restrict codes, size_t n, const size_t chunks, const uint8_t *qu0,
-                          const uint8_t *qu1, const int32_t *restrict rowsum128, int32_t *restrict out0,
-                          int32_t *restrict out1) {
-    __m512i q0[A2V_MAX_CHUNKS], q1[A2V_MAX_CHUNKS];
-    load_query(chunks, qu0, q0);
-    load_query(chunks, qu1, q1);
+A2V_INLINE void dot2_body(const a2v_rows *x, size_t n, const size_t full, const uint8_t *qu0, const uint8_t *qu1,
+                          const int32_t *restrict rowsum128, int32_t *restrict out0, int32_t *restrict out1) {
+    __m512i q0[A2V_MAX_CHUNKS + 1], q1[A2V_MAX_CHUNKS + 1];
+    load_query(full, qu0, q0);
+    load_query(full, qu1, q1);
     int32_t p[4];
     for (size_t i = 0; i < n; i += 4) {
         const size_t m = n - i < 4 ? n - i : 4;
-        _mm_storeu_si128((__m128i *)p, dot4(codes, i, m, chunks, q0, rowsum128, 1));
+        _mm_storeu_si128((__m128i *)p, dot4(x, i, m, full, q0, rowsum128));
         memcpy(out0 + i, p, m * sizeof(int32_t));
-        _mm_storeu_si128((__m128i *)p, dot4(codes, i, m, chunks, q1, rowsum128, 0));
+        _mm_storeu_si128((__m128i *)p, dot4(x, i, m, full, q1, rowsum128));
         memcpy(out1 + i, p, m * sizeof(int32_t));
     }
 }
@@ -149,14 +171,14 @@ A2V_INLINE __m256d load4(const double *restrict p, size_t m) {
  * rounding (left1), already says whether any of the four can reach the running k-th lower bound, and
  * ~98% of rows cannot (the served vectors, favourites queries); only the others get the second
  * row's products, their codes still in the L1 cache. */
-A2V_INLINE int64_t scan_body(const int8_t *restrict codes, size_t n, const size_t chunks, const uint8_t *qu0,
+A2V_INLINE int64_t scan_body(const a2v_rows *x, size_t n, const size_t full, const uint8_t *qu0,
                              const uint8_t *qu1, const int32_t *restrict rowsum128, const double *restrict residual,
                              const double *restrict f32, const double *restrict code_norm,
                              const uint8_t *restrict eligible, size_t k, double *restrict heap,
                              int64_t *restrict cand, double *restrict upper, a2v_bound *b) {
-    __m512i q0[A2V_MAX_CHUNKS], q1[A2V_MAX_CHUNKS];
-    load_query(chunks, qu0, q0);
-    load_query(chunks, qu1, q1);
+    __m512i q0[A2V_MAX_CHUNKS + 1], q1[A2V_MAX_CHUNKS + 1];
+    load_query(full, qu0, q0);
+    load_query(full, qu1, q1);
     const __m256d w1 = _mm256_set1_pd(b->w1), w2 = _mm256_set1_pd(b->w2), qn = _mm256_set1_pd(b->qn);
     const __m256d left1 = _mm256_set1_pd(b->left1), left = _mm256_set1_pd(b->left), l1 = _mm256_set1_pd(b->l1);
     size_t filled = 0;
@@ -164,7 +186,7 @@ A2V_INLINE int64_t scan_body(const int8_t *restrict codes, size_t n, const size_
     double kth = -__builtin_inf(), lov[4], upv[4];
     for (size_t i = 0; i < n; i += 4) {
         const size_t m = n - i < 4 ? n - i : 4;
-        const __m256d a1 = _mm256_mul_pd(_mm256_cvtepi32_pd(dot4(codes, i, m, chunks, q0, rowsum128, 1)), w1);
+        const __m256d a1 = _mm256_mul_pd(_mm256_cvtepi32_pd(dot4(x, i, m, full, q0, rowsum128)), w1);
         const __m256d cs = _mm256_mul_pd(load4(residual + i, m), qn);
         const __m256d codes_err = _mm256_blendv_pd(l1, cs, _mm256_cmp_pd(cs, l1, _CMP_LT_OQ)); /* min(cs, l1) */
         const __m256d f32q = _mm256_mul_pd(load4(f32 + i, m), qn), norm = load4(code_norm + i, m);
@@ -178,7 +200,7 @@ A2V_INLINE int64_t scan_body(const int8_t *restrict codes, size_t n, const size_
         if (filled >= k && m == 4 && four == 0x01010101u &&
             _mm256_movemask_pd(_mm256_cmp_pd(up1, _mm256_set1_pd(kth), _CMP_GE_OQ)) == 0)
             continue; /* none of the four can reach the k-th best lower bound, nor enter the heap */
-        const __m256d p2 = _mm256_cvtepi32_pd(dot4(codes, i, m, chunks, q1, rowsum128, 0));
+        const __m256d p2 = _mm256_cvtepi32_pd(dot4(x, i, m, full, q1, rowsum128));
         const __m256d a = _mm256_add_pd(a1, _mm256_mul_pd(p2, w2)); /* w1 * p1 + w2 * p2 */
         const __m256d s = _mm256_add_pd(codes_err, _mm256_add_pd(f32q, _mm256_mul_pd(norm, left)));
         /* both intervals hold the score: their intersection. Kept ordered (lo <= up1, up >= lo) even
@@ -209,39 +231,43 @@ A2V_INLINE int64_t scan_body(const int8_t *restrict codes, size_t n, const size_
     return kept;
 }
 
-/* Kernels for 1 .. 12 chunks (up to 768 columns), with the query in registers; wider
- * rows run the same code with the query in memory. */
-#define A2V_EACH(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
-#define A2V_DOT2(C)                                                                                      \
-    static A2V_TARGET void dot2_##C(const int8_t *codes, size_t n, const uint8_t *qu0, const uint8_t *qu1, \
-                                    const int32_t *rowsum128, int32_t *out0, int32_t *out1) {             \
-        dot2_body(codes, n, C, qu0, qu1, rowsum128, out0, out1);                                          \
+/* Kernels for 0 .. 12 whole chunks (up to 831 columns), with the query in registers; wider rows
+ * run the same code with the query in memory. */
+#define A2V_EACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
+#define A2V_DOT2(C)                                                                                 \
+    static A2V_TARGET void dot2_##C(const a2v_rows *x, size_t n, const uint8_t *qu0, const uint8_t *qu1, \
+                                    const int32_t *rowsum128, int32_t *out0, int32_t *out1) {         \
+        dot2_body(x, n, C, qu0, qu1, rowsum128, out0, out1);                                          \
     }
 #define A2V_SCAN(C)                                                                                          \
-    static A2V_TARGET int64_t scan_##C(const int8_t *codes, size_t n, const uint8_t *qu0, const uint8_t *qu1, \
+    static A2V_TARGET int64_t scan_##C(const a2v_rows *x, size_t n, const uint8_t *qu0, const uint8_t *qu1,   \
                                        const int32_t *rowsum128, const double *residual, const double *f32,   \
                                        const double *code_norm, const uint8_t *eligible, size_t k,            \
                                        double *heap, int64_t *cand, double *upper, a2v_bound *b) {            \
-        return scan_body(codes, n, C, qu0, qu1, rowsum128, residual, f32, code_norm, eligible, k, heap, cand,  \
+        return scan_body(x, n, C, qu0, qu1, rowsum128, residual, f32, code_norm, eligible, k, heap, cand,      \
                          upper, b);                                                                           \
     }
 A2V_EACH(A2V_DOT2)
 A2V_EACH(A2V_SCAN)
 
-A2V_TARGET int a2v_int8_dot2(const int8_t *restrict codes, size_t n, size_t stride, const uint8_t *restrict qu0,
-                             const uint8_t *restrict qu1, const int32_t *restrict rowsum128, int32_t *restrict out0,
-                             int32_t *restrict out1) {
-    if (stride % 64 != 0 || stride == 0 || stride / 64 > A2V_MAX_CHUNKS) return -1;
-    const size_t chunks = stride / 64;
-    switch (chunks) {
-#define A2V_CASE(C)                                          \
-    case C:                                                  \
-        dot2_##C(codes, n, qu0, qu1, rowsum128, out0, out1); \
+/* The products of n rows of d columns (laid out as `a2v_rows` says: `main` 64-byte aligned, n rows
+ * of 64 * (d / 64) bytes; `tail` n slots of a2v_int8_tail_bytes(d), NULL when that is 0) with two
+ * query rows of query_bytes(d) bytes, unsigned-shifted (the bytes past d: 128). Returns -1 for a
+ * width it cannot run or a `main` that is not aligned. */
+A2V_TARGET int a2v_int8_dot2(const int8_t *main, const int8_t *tail, size_t n, size_t d,
+                             const uint8_t *restrict qu0, const uint8_t *restrict qu1,
+                             const int32_t *restrict rowsum128, int32_t *restrict out0, int32_t *restrict out1) {
+    if (d == 0 || d > 64 * A2V_MAX_CHUNKS || (n && d >= 64 && (uintptr_t)main % 64 != 0)) return -1;
+    const a2v_rows x = rows_of(main, tail, d);
+    switch (x.full) {
+#define A2V_CASE(C)                                           \
+    case C:                                                   \
+        dot2_##C(&x, n, qu0, qu1, rowsum128, out0, out1);     \
         return 0;
         A2V_EACH(A2V_CASE)
 #undef A2V_CASE
         default:
-            dot2_body(codes, n, chunks, qu0, qu1, rowsum128, out0, out1);
+            dot2_body(&x, n, x.full, qu0, qu1, rowsum128, out0, out1);
             return 0;
     }
 }
@@ -255,9 +281,9 @@ static double round127(double v) {
 
 /* The query's side of the scan (services/ranker/memory_scan.py, Int8Copy._query, in numpy): c ⊙ q
  * rounded to int8 twice (the codes, then their remainder), shifted to unsigned for vpdpbusd; the
- * weights w1, w2, ‖q‖ and ‖c ⊙ q − its rounding‖ into b. */
-static void round_query(const float *restrict query, size_t d, const double *restrict scale, size_t stride,
-                        int8_t *restrict qrows, uint8_t *restrict qu0, uint8_t *restrict qu1, a2v_bound *b) {
+ * weights w1, w2, ‖q‖ and ‖c ⊙ q − its rounding‖ into b. 0 for a query that is not finite. */
+static int round_query(const float *restrict query, size_t d, const double *restrict scale,
+                       int8_t *restrict qrows, uint8_t *restrict qu0, uint8_t *restrict qu1, a2v_bound *b) {
     double top = 0, nq = 0, l1 = 0;
     for (size_t j = 0; j < d; j++) {
         const double v = scale[j] * (double)query[j], a = v < 0 ? -v : v;
@@ -265,6 +291,7 @@ static void round_query(const float *restrict query, size_t d, const double *res
         nq += (double)query[j] * (double)query[j];
         l1 += 0.5 * a; /* sum of c_j / 2 * |q_j|: each code is within c_j / 2 of its value */
     }
+    if (!(nq <= __DBL_MAX__)) return 0; /* an infinity or a NaN in the query (float32 values cannot overflow nq) */
     const double b1 = unit(top);
     double top2 = 0;
     for (size_t j = 0; j < d; j++) {
@@ -283,13 +310,14 @@ static void round_query(const float *restrict query, size_t d, const double *res
         qu0[j] = (uint8_t)(r1 + 128);
         qu1[j] = (uint8_t)(r2 + 128);
     }
-    for (size_t j = d; j < stride; j++) qu0[j] = qu1[j] = 128; /* the padding's codes are 0 */
+    for (size_t j = d; j < query_bytes(d); j++) qu0[j] = qu1[j] = 128; /* past the row: masked to 0 */
     b->w1 = b1;
     b->w2 = b2;
     b->qn = __builtin_sqrt(nq);
     b->left1 = __builtin_sqrt(left1);
     b->left = __builtin_sqrt(left);
     b->l1 = l1;
+    return 1;
 }
 
 /* The scan's candidates in one pass over the codes. The query (float32, d values) is rounded as
@@ -302,34 +330,32 @@ static void round_query(const float *restrict query, size_t d, const double *res
  * best lo_i over the eligible rows (eligible NULL: all), and the candidates are the eligible rows with
  * up_i >= tau, written ascending to cand (room for n; `upper` and `heap`, n and k doubles, are
  * scratch). tau only grows during the pass, so the rows kept against the running tau are a superset,
- * cut at the final tau at the end. Returns the number of candidates; -1 for a stride or width it
- * cannot run, -2 for k = 0 or fewer eligible rows than k. */
-A2V_TARGET int64_t a2v_int8_scan(const int8_t *restrict codes, size_t n, size_t stride,
-                                 const int32_t *restrict rowsum128, const float *restrict query, size_t d,
+ * cut at the final tau at the end. Returns the number of candidates; -1 for a width it cannot run,
+ * -2 for k = 0 or fewer eligible rows than k, -4 for a query that is not finite. */
+A2V_TARGET int64_t a2v_int8_scan(const int8_t *main, const int8_t *tail, size_t n, size_t d,
+                                 const int32_t *restrict rowsum128, const float *restrict query,
                                  const double *restrict scale, const double *restrict residual,
                                  const double *restrict f32, const double *restrict code_norm,
                                  const uint8_t *restrict eligible, size_t k,
                                  double *restrict heap, int64_t *restrict cand, double *restrict upper,
                                  int8_t *restrict qrows, double *restrict bound) {
-    if (stride % 64 != 0 || stride == 0 || stride / 64 > A2V_MAX_CHUNKS || d > stride || d + 64 <= stride)
-        return -1;
+    if (d == 0 || d > 64 * A2V_MAX_CHUNKS || (n && d >= 64 && (uintptr_t)main % 64 != 0)) return -1;
     if (k == 0) return -2;
-    uint8_t qu0[64 * A2V_MAX_CHUNKS] __attribute__((aligned(64)));
-    uint8_t qu1[64 * A2V_MAX_CHUNKS] __attribute__((aligned(64)));
+    uint8_t qu0[64 * (A2V_MAX_CHUNKS + 1)] __attribute__((aligned(64)));
+    uint8_t qu1[64 * (A2V_MAX_CHUNKS + 1)] __attribute__((aligned(64)));
     a2v_bound b;
-    round_query(query, d, scale, stride, qrows, qu0, qu1, &b);
-    const size_t chunks = stride / 64;
+    if (!round_query(query, d, scale, qrows, qu0, qu1, &b)) return -4;
+    const a2v_rows x = rows_of(main, tail, d);
     int64_t kept;
-    switch (chunks) {
+    switch (x.full) {
 #define A2V_CASE(C)                                                                                           \
     case C:                                                                                                   \
-        kept = scan_##C(codes, n, qu0, qu1, rowsum128, residual, f32, code_norm, eligible, k, heap, cand, upper, \
-                        &b);                                                                                  \
+        kept = scan_##C(&x, n, qu0, qu1, rowsum128, residual, f32, code_norm, eligible, k, heap, cand, upper, &b); \
         break;
         A2V_EACH(A2V_CASE)
 #undef A2V_CASE
         default:
-            kept = scan_body(codes, n, chunks, qu0, qu1, rowsum128, residual, f32, code_norm, eligible, k, heap, cand,
+            kept = scan_body(&x, n, x.full, qu0, qu1, rowsum128, residual, f32, code_norm, eligible, k, heap, cand,
                              upper, &b);
     }
     if (kept < 0) return kept;
@@ -411,21 +437,23 @@ int64_t a2v_rows_top(const float *restrict vectors, size_t d, const int64_t *res
     return (int64_t)n;
 }
 
-/* A whole search over the codes in one call: a2v_int8_scan's candidates (the first 16 arguments, as
+/* A whole search over the codes in one call: a2v_int8_scan's candidates (the first 17 arguments, as
  * there; more than max_cands of them: -3, and the caller scans float32 instead), then a2v_rows_top
  * over them on the float32 vectors the codes were made from (n x d), with ids[row]. Writes the best
  * min(limit, candidates) bundle rows to rows_out and their scores to scores_out (hits: scratch for n);
  * returns how many, or a2v_int8_scan's error. */
-int64_t a2v_int8_search(const int8_t *codes, size_t n, size_t stride, const int32_t *rowsum128, const float *query,
-                        size_t d, const double *scale, const double *residual, const double *f32,
-                        const double *code_norm, const uint8_t *eligible, size_t k, double *heap, int64_t *cand,
-                        double *upper, int8_t *qrows, double *bound, const float *vectors, const int64_t *ids,
-                        const double *q64, size_t limit, size_t max_cands, a2v_hit *hits, int64_t *rows_out,
-                        double *scores_out) {
-    const int64_t m = a2v_int8_scan(codes, n, stride, rowsum128, query, d, scale, residual, f32, code_norm, eligible,
-                                    k, heap, cand, upper, qrows, bound);
+int64_t a2v_int8_search(const int8_t *main, const int8_t *tail, size_t n, size_t d, const int32_t *rowsum128,
+                        const float *query,
+                        const double *scale, const double *residual, const double *f32, const double *code_norm,
+                        const uint8_t *eligible, size_t k, double *heap, int64_t *cand, double *upper, int8_t *qrows,
+                        double *bound, const float *vectors, const int64_t *ids, size_t limit, size_t max_cands,
+                        a2v_hit *hits, int64_t *rows_out, double *scores_out) {
+    const int64_t m = a2v_int8_scan(main, tail, n, d, rowsum128, query, scale, residual, f32, code_norm, eligible, k, heap,
+                                    cand, upper, qrows, bound);
     if (m < 0) return m;
     if ((size_t)m > max_cands) return -3;
+    double q64[64 * A2V_MAX_CHUNKS]; /* the query as float64: exactly numpy's query.astype(float64) */
+    for (size_t j = 0; j < d; j++) q64[j] = (double)query[j];
     const int64_t got = a2v_rows_top(vectors, d, cand, (size_t)m, NULL, ids, q64, limit, hits, rows_out, scores_out);
     for (int64_t i = 0; i < got; i++) rows_out[i] = cand[rows_out[i]];
     return got;

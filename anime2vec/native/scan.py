@@ -1,9 +1,9 @@
 """The ranker's compiled scan (scan.c, built as `anime2vec._scan`) behind a numpy interface.
 
 `available(d)` says whether its int8 part can run here at width d: the library was built, this CPU
-has AVX-512 VNNI, and d fits its register budget. `PaddedCodes(codes).dot2(q)` returns exactly
-`q.astype(int64) @ codes.astype(int64).T` for two query rows, as int32; `PaddedCodes.scan` runs the
-ranker's bounded top-k candidate scan on those products in the same pass (ScanBound says how).
+has AVX-512 VNNI, and d fits its register budget. `Int8Codes(codes).dot2(q)` returns exactly
+`q.astype(int64) @ codes.astype(int64).T` for two query rows, as int32; `Int8Codes.scan` runs the
+ranker's bounded top-k candidate scan on those products in the same pass (RowBounds says what it needs).
 `row_scores` and `top_rows` (any x86-64 CPU where the library was built) score listed float32 rows in
 float64, and order the best.
 """
@@ -33,16 +33,19 @@ def _library() -> ctypes.CDLL | None:
                 try:  # a library that does not load or lacks a symbol (a stale build) counts as absent
                     lib = ctypes.CDLL(spec.origin)
                     p, size = ctypes.c_void_p, ctypes.c_size_t
-                    lib.a2v_int8_dot2.argtypes = [p, size, size, p, p, p, p, p]
+                    lib.a2v_int8_dot2.argtypes = [p, p, size, size, p, p, p, p, p]
                     lib.a2v_int8_dot2.restype = ctypes.c_int
-                    lib.a2v_int8_scan.argtypes = [p, size, size, p, p, size, p, p, p, p, p, size, p, p, p, p, p]
+                    lib.a2v_int8_scan.argtypes = [p, p, size, size, p, p, p, p, p, p, p, size, p, p, p, p, p]
                     lib.a2v_int8_scan.restype = ctypes.c_int64
                     lib.a2v_rows_dot.argtypes = [p, size, p, size, p, p]
                     lib.a2v_rows_dot.restype = None
                     lib.a2v_rows_top.argtypes = [p, size, p, size, p, p, p, size, p, p, p]
                     lib.a2v_rows_top.restype = ctypes.c_int64
-                    lib.a2v_int8_search.argtypes = lib.a2v_int8_scan.argtypes + [p, p, p, size, size, p, p, p]
+                    lib.a2v_int8_tail_bytes.argtypes = [size]
+                    lib.a2v_int8_tail_bytes.restype = size
+                    lib.a2v_int8_search.argtypes = lib.a2v_int8_scan.argtypes + [p, p, size, size, p, p, p]
                     lib.a2v_int8_search.restype = ctypes.c_int64
+                    lib.a2v_int8_max_width.restype = ctypes.c_int
                     _vnni = bool(lib.a2v_int8_supported())
                     _lib = lib
                 except (OSError, AttributeError):
@@ -55,42 +58,54 @@ def _int8_library() -> ctypes.CDLL | None:
     return lib if _vnni else None
 
 
-def stride(d: int) -> int:
-    return -(-d // 64) * 64
-
-
 def available(d: int) -> bool:
     lib = _int8_library()
-    return lib is not None and 1 <= d and stride(d) <= lib.a2v_int8_max_stride()
+    return lib is not None and 1 <= d <= lib.a2v_int8_max_width()
 
 
-class PaddedCodes:
-    """int8 codes (n, d) in the kernel's layout: rows zero-padded to a multiple of 64 bytes, and
-    128 × each row's sum (the kernel's unsigned shift of the query, taken back)."""
+def _aligned(shape: tuple[int, int], align: int = 64) -> np.ndarray:
+    """A zeroed int8 array whose data starts on an `align`-byte boundary (numpy's start on 16)."""
+    size = shape[0] * shape[1]
+    raw = np.zeros(size + align, np.int8)
+    at = -raw.ctypes.data % align
+    return raw[at : at + size].reshape(shape)
+
+
+class Int8Codes:
+    """int8 codes (n, d) as the kernel reads them: each row's whole 64-byte chunks in `main` (rows
+    back to back, 64-byte aligned: no load splits a cache line) and its d % 64 columns left in a
+    slot of `tail` (a power of two of bytes, zero past d), so no padding is read; and 128 × each
+    row's sum (the kernel's unsigned shift of the query, taken back)."""
 
     def __init__(self, codes: np.ndarray, chunk: int = 4096):
         n, d = codes.shape
         if not available(d):
             raise RuntimeError("the int8 kernel is not available here (available(d) is False)")
-        self.n, self.d, self.stride = n, d, stride(d)
+        lib = _int8_library()
+        assert lib is not None
+        full = d // 64 * 64
+        self.n, self.d, self.width = n, d, full + 64  # width: the query rows' bytes (the tail's chunk too)
         self._local = threading.local()
-        self.codes = np.zeros((n, self.stride), np.int8)
+        self.main = _aligned((n, full))
+        self.tail = _aligned((n, lib.a2v_int8_tail_bytes(d)))
         self.rowsum128 = np.empty(n, np.int32)
         for i in range(0, n, chunk):
             part = codes[i : i + chunk]
-            self.codes[i : i + chunk, :d] = part
+            self.main[i : i + chunk] = part[:, :full]
+            self.tail[i : i + chunk, : d - full] = part[:, full:]
             self.rowsum128[i : i + chunk] = 128 * part.sum(axis=1, dtype=np.int32)
         # addresses taken once: `.ctypes.data` costs ~1 µs per access, a tenth of a small search
-        self._codes_at, self._rowsum_at = self.codes.ctypes.data, self.rowsum128.ctypes.data
+        self._main_at, self._rowsum_at = self.main.ctypes.data, self.rowsum128.ctypes.data
+        self._tail_at = self.tail.ctypes.data if self.tail.size else None
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.rowsum128.nbytes
+        return self.main.nbytes + self.tail.nbytes + self.rowsum128.nbytes
 
     def _shifted(self, q: np.ndarray) -> np.ndarray:
         if q.shape != (2, self.d):
             raise ValueError(f"query rows must be (2, {self.d}), got {q.shape}")
-        qu = np.full((2, self.stride), 128, np.uint8)
+        qu = np.full((2, self.width), 128, np.uint8)
         qu[:, : self.d] = (q.astype(np.int16) + 128).astype(np.uint8)
         return qu
 
@@ -101,9 +116,10 @@ class PaddedCodes:
         lib = _int8_library()
         assert lib is not None  # available() held when the codes were laid out
         status = lib.a2v_int8_dot2(
-            self.codes.ctypes.data,
+            self._main_at,
+            self._tail_at,
             self.n,
-            self.stride,
+            self.d,
             qu[0].ctypes.data,
             qu[1].ctypes.data,
             self.rowsum128.ctypes.data,
@@ -111,7 +127,7 @@ class PaddedCodes:
             out[1].ctypes.data,
         )
         if status != 0:
-            raise RuntimeError(f"a2v_int8_dot2 refused stride {self.stride}")
+            raise RuntimeError(f"a2v_int8_dot2 refused width {self.d}")
         return out
 
     def scan(self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None = None) -> Scan:
@@ -153,9 +169,8 @@ class PaddedCodes:
         if source.vectors.shape != (self.n, self.d):
             raise ValueError(f"the source vectors must be ({self.n}, {self.d})")
         limit = max(0, min(int(limit), self.n))
-        q64 = np.ascontiguousarray(query, np.float64)
         rows, scores = np.empty(limit, np.int64), np.empty(limit, np.float64)
-        after = (source.vectors_at, source.ids_at, q64.ctypes.data, limit, max_cands)
+        after = (source.vectors_at, source.ids_at, limit, max_cands)
         got, t = self._scan(query, bounds, k, eligible, search=(after, (rows.ctypes.data, scores.ctypes.data)))
         if got == -3:
             return None
@@ -164,12 +179,11 @@ class PaddedCodes:
     def _scan(
         self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None, search: tuple | None = None
     ) -> tuple[int, _Scratch]:
-        """a2v_int8_scan (a2v_int8_search with `search`: its extra arguments, then the outputs)."""
+        """a2v_int8_scan (a2v_int8_search with `search`: its extra arguments, then the outputs). The
+        library checks that the query is finite (its rounding to int8 would be undefined)."""
         query = np.ascontiguousarray(query, np.float32)
         if query.shape != (self.d,):
             raise ValueError(f"the query must be ({self.d},), got {query.shape}")
-        if not np.isfinite(query).all():  # its rounding to int8 would be undefined
-            raise ValueError("the query must be finite")
         if not 1 <= k <= self.n:
             raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
         if bounds.scale.shape != (self.d,) or bounds.residual.shape != (self.n,):
@@ -182,12 +196,12 @@ class PaddedCodes:
         lib = _int8_library()
         assert lib is not None
         args = (
-            self._codes_at,
+            self._main_at,
+            self._tail_at,
             self.n,
-            self.stride,
+            self.d,
             self._rowsum_at,
             query.ctypes.data,
-            self.d,
             *bounds.addresses,
             None if eligible is None else eligible.ctypes.data,
             k,
@@ -199,8 +213,10 @@ class PaddedCodes:
             kept = lib.a2v_int8_search(*args, *search[0], t.hits_at, *search[1])
         if kept == -2:
             raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
+        if kept == -4:
+            raise ValueError("the query must be finite")
         if kept < 0 and kept != -3:
-            raise RuntimeError(f"a2v_int8_scan refused stride {self.stride}")
+            raise RuntimeError(f"a2v_int8_scan refused width {self.d}")
         return kept, t
 
     def _scratch(self, k: int) -> _Scratch:
@@ -224,7 +240,7 @@ class _Scratch:
 
 @dataclass(frozen=True)
 class RowBounds:
-    """What `PaddedCodes.scan` needs besides the query: the codes' column scales c (d), and per row
+    """What `Int8Codes.scan` needs besides the query: the codes' column scales c (d), and per row
     ‖x_i − x̂_i‖, the float32 rounding term (its factor of ‖q‖) and ‖xq_i‖ (n each); float64."""
 
     scale: np.ndarray
@@ -246,7 +262,7 @@ class RowBounds:
 @dataclass(frozen=True)
 class RowSource:
     """The float32 rows (n, d, C-contiguous) the codes were made from and their ids (n, int64): what
-    `PaddedCodes.search` rescores its candidates from."""
+    `Int8Codes.search` rescores its candidates from."""
 
     vectors: np.ndarray
     ids: np.ndarray
@@ -265,7 +281,7 @@ class RowSource:
 
 @dataclass(frozen=True)
 class Scan:
-    """`PaddedCodes.scan`'s answer: the candidate rows, tau, and the query's rounding it used."""
+    """`Int8Codes.scan`'s answer: the candidate rows, tau, and the query's rounding it used."""
 
     rows: np.ndarray
     tau: float

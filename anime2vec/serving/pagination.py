@@ -35,7 +35,11 @@ def request_digest(request: Message, *extra: str) -> str:
 
 
 def encode_page_token(offset: int, digest: str) -> str:
-    raw = json.dumps({"o": offset, "d": digest}, separators=(",", ":")).encode()
+    # json.dumps({"o": offset, "d": digest}, separators=(",", ":")) for an int and a hex digest,
+    # written out (every page of every request issues one; dumps cost a tenth of a request's handler)
+    if not (isinstance(offset, int) and digest.isalnum() and digest.isascii()):
+        raise ValueError("a page token is an int offset and a hex digest")
+    raw = f'{{"o":{offset},"d":"{digest}"}}'.encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

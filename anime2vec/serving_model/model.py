@@ -144,8 +144,21 @@ class ServingModel:
         self, history: sp.csr_matrix, request: str, n_liked: int, extra_content: np.ndarray | None = None
     ) -> np.ndarray:
         """The query vector of one history row ("users" or "favourites" weights)."""
+        return self.listed_vector(history.indices, history.data, request, n_liked, extra_content)
+
+    def listed_vector(
+        self,
+        rows: np.ndarray,
+        weights: np.ndarray,
+        request: str,
+        n_liked: int,
+        extra_content: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`history_vector` of the row with confidences `weights` at catalogue `rows` (in the CSR
+        row's order): the same vector, bit for bit, without building the row."""
         assert self.hybrid is not None
-        return self.hybrid.serving_query_vectors(*self.hybrid.query_parts(history, extra_content), request, n_liked)[0]
+        parts = self.hybrid.query_parts_listed(rows, weights, extra_content)
+        return self.hybrid.serving_query_vectors(*parts, request, n_liked)[0]
 
     def favourites_vector(
         self, liked: list[int], weights: list[float] | None, extra: Mapping[int, ItemMeta] | None = None
@@ -160,12 +173,16 @@ class ServingModel:
         ]
         # start: the zero the default 0 adds, as an array (typed, and the same sum bit for bit)
         z = sum((w * r for r, w in outside), np.zeros_like(outside[0][0])) if outside else None
-        return self.history_vector(self.history_row(listed), "favourites", len(liked), z)
+        # history_row's canonical CSR order: by catalogue row (one per anime: the dict kept the last weight)
+        ordered = sorted((self.pos[a], w) for a, w in listed.items())
+        idx = np.array([i for i, _ in ordered], np.int64)
+        w = np.array([x for _, x in ordered], np.float32)
+        return self.listed_vector(idx, w, "favourites", len(liked), z)
 
     def user_vector(self, user_id: int) -> np.ndarray:
         i = self.user_pos[user_id]
-        h = self.train[i]
-        return self.history_vector(h, "users", int(h.nnz))
+        at = slice(self.train.indptr[i], self.train.indptr[i + 1])  # the training row, as stored
+        return self.listed_vector(self.train.indices[at], self.train.data[at], "users", at.stop - at.start)
 
     def whiten(self, raw: np.ndarray) -> np.ndarray | None:
         """Whitened encodings (n, dim); None for a bundle without a MiniLM block (no whitener)."""

@@ -27,6 +27,9 @@ class Candidate:
     reasons: list = field(default_factory=list)
 
 
+_STRATEGIES = frozenset(common_pb2.Strategy.values())
+
+
 def validate_options(
     opts: common_pb2.RecommendOptions, default_limit: int, max_limit: int, max_ids: int
 ) -> tuple[int, float]:
@@ -40,7 +43,7 @@ def validate_options(
     d = opts.diversity
     if not math.isfinite(d) or d < 0 or d > 1:
         bad.append(("options.diversity", f"must be in [0, 1], got {d}"))
-    if opts.strategy not in common_pb2.Strategy.values():
+    if opts.strategy not in _STRATEGIES:
         bad.append(("options.strategy", f"unknown strategy {opts.strategy}"))
     f = opts.filters
     for name in ("include_genres", "exclude_genres", "types"):

@@ -60,6 +60,7 @@ class Page:
     diversity: float
     rerank: bool
     pool: int  # how many candidates a re-rank orders (settings.rerank_pool)
+    digest: str  # the request's (pagination.request_digest): taken once, for the token read and the one issued
 
     @property
     def need(self) -> int:
@@ -147,9 +148,10 @@ class Retriever:
         limit, diversity = validate_options(
             opts, self.settings.default_limit, self.settings.max_limit, self.settings.max_ids
         )
-        offset = decode_page_token(opts.page_token, request_digest(request, s.version))
+        digest = request_digest(request, s.version)
+        offset = decode_page_token(opts.page_token, digest)
         rerank = diversity > 0 or (q.dislikes is not None and len(q.dislikes) > 0)
-        return Page(offset, limit, diversity, rerank, self.settings.rerank_pool)
+        return Page(offset, limit, diversity, rerank, self.settings.rerank_pool, digest)
 
     def _candidates(
         self, s: Serving, q: Query, page: Page, flt: SearchFilter, requested: common_pb2.Strategy
@@ -238,9 +240,7 @@ class Retriever:
         shown = [c for c in cands[page.offset : page.offset + page.limit] if c is not None]
         has_more = len(cands) > page.offset + page.limit
         resp = ranker_pb2.RankedList(
-            next_page_token=encode_page_token(page.offset + page.limit, request_digest(request, s.version))
-            if has_more
-            else "",
+            next_page_token=encode_page_token(page.offset + page.limit, page.digest) if has_more else "",
             served_by=S.ServedBy(
                 strategy=served,
                 model_version=s.version,

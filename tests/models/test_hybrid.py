@@ -162,6 +162,27 @@ def test_serving_vectors_rank_exactly_like_the_score(hybrid, sample, request_typ
     assert np.abs(hybrid.query_vectors(q) @ hybrid.serving_item_vectors(items).T - expected).max() < 1e-4
 
 
+@pytest.mark.parametrize("request_type", ["users", "favourites"])
+def test_a_listed_history_gives_the_csr_rows_query_parts_bit_for_bit(hybrid, sample, request_type):
+    """The served path (`query_parts_listed`: the row's catalogue rows and confidences, no matrix)
+    computes what the CSR product computes, to the last bit: short and long histories, every
+    group, with content rows of anime outside the catalogue added."""
+    h = queries(hybrid, sample["ds"])[request_type].history_matrix(hybrid.train)
+    assert h.shape[0] >= 7 and h.getnnz(axis=1).max() >= (20 if request_type == "users" else 5)  # short and long
+    extra = np.random.default_rng(1).normal(size=(1, hybrid.C.shape[1])).astype(np.float32)
+    for i in range(h.shape[0]):
+        row = h[i]
+        for added in (None, extra):
+            want = hybrid.query_parts(row, added)
+            got = hybrid.query_parts_listed(row.indices, row.data, added)
+            for w, g in zip(want, got):
+                assert g.dtype == np.float32 and g.shape == w.shape
+                np.testing.assert_array_equal(g, w)
+    empty = hybrid.query_parts_listed(np.zeros(0, np.int64), np.zeros(0, np.float32))  # nothing in the catalogue
+    for w, g in zip(hybrid.query_parts(h[:1] * 0), empty):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_offsets_and_item_weights_act_on_their_group_only(hybrid, sample):
     q = queries(hybrid, sample["ds"])["favourites"]
     items = np.arange(sample["ds"].n_items)

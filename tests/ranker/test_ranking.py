@@ -237,10 +237,10 @@ def test_the_int8_scan_bound_holds_and_ranks_as_float32_does(kernel, monkeypatch
     cand = i8._int8.candidates(queries[0], 11, None)
     assert 11 <= len(cand) < n // 8
     none = np.zeros(0, np.int64)
-    assert i8._int8_top(i8.block(SearchFilter()), queries[0], queries[0].astype(np.float64), none, 11) is not None
+    assert i8._int8_top(i8.block(SearchFilter()), queries[0], none, 11) is not None
     # an all-zero query makes every row a candidate: the float32 product over every row is cheaper
     zero = queries[-3]
-    assert i8._int8_top(i8.block(SearchFilter()), zero, zero.astype(np.float64), none, 11) is None
+    assert i8._int8_top(i8.block(SearchFilter()), zero, none, 11) is None
 
 
 def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog):
@@ -260,15 +260,15 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
     assert scan.precision == "float32" and scan._int8 is None and "does not sum exactly" in caplog.text
     if memory_scan.native_scan.available(vectors.shape[1]):  # a compiled kernel that sums wrong is not used
         with monkeypatch.context() as m, caplog.at_level("WARNING"):
-            m.setattr(memory_scan.native_scan.PaddedCodes, "dot2", lambda self, q: np.zeros((2, self.n), np.int32))
+            m.setattr(memory_scan.native_scan.Int8Codes, "dot2", lambda self, q: np.zeros((2, self.n), np.int32))
             kernel = memory_scan.int8_kernel(*vectors.shape)
         assert kernel != "vnni" and "compiled int8 kernel disagreed" in caplog.text
 
         def broken(self, q):
-            raise RuntimeError("a2v_int8_dot2 refused stride 576")
+            raise RuntimeError("a2v_int8_dot2 refused width 516")
 
         with monkeypatch.context() as m, caplog.at_level("WARNING"):  # nor one that fails: the ranker still starts
-            m.setattr(memory_scan.native_scan.PaddedCodes, "dot2", broken)
+            m.setattr(memory_scan.native_scan.Int8Codes, "dot2", broken)
             scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
         assert scan.int8_kernel != "vnni" and "compiled int8 kernel failed" in caplog.text
 
@@ -278,7 +278,7 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
             return at, -scores
 
         with monkeypatch.context() as m, caplog.at_level("WARNING"):
-            m.setattr(memory_scan.native_scan.PaddedCodes, "search", wrong)
+            m.setattr(memory_scan.native_scan.Int8Codes, "search", wrong)
             m.setattr(memory_scan, "int8_kernel", lambda n, d: "vnni")
             scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
         assert scan.precision == "float32" and "unlike the float32 search's" in caplog.text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import grpc
 import pytest
 from pydantic_settings import SettingsConfigDict
@@ -59,6 +62,11 @@ def _request(
 def test_page_token_round_trip_and_binding():
     digest = request_digest(_request(), "v1")
     token = encode_page_token(30, digest)
+    for offset in (0, 30, 10**12):  # the written-out JSON is json.dumps's, byte for byte
+        raw = json.dumps({"o": offset, "d": digest}, separators=(",", ":")).encode()
+        assert encode_page_token(offset, digest) == base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    with pytest.raises(ValueError):
+        encode_page_token(1, 'x"}')  # not a digest: never written into the JSON
     # the digest ignores the token itself, so the follow-up request verifies
     assert request_digest(_request(token), "v1") == digest
     assert decode_page_token(token, request_digest(_request(token), "v1")) == 30
