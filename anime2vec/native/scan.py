@@ -165,58 +165,47 @@ class Int8Codes:
         """`candidates`, then `top_rows` over them on `source` (the float32 rows the codes were made
         from, and their ids), in one call: the best `limit` rows in `top_rows`' order (score
         descending, ties by id) and their float64 scores; None when more than `max_cands` rows are
-        candidates (the caller's cue to scan float32 instead)."""
-        if source.vectors.shape != (self.n, self.d):
-            raise ValueError(f"the source vectors must be ({self.n}, {self.d})")
-        limit = max(0, min(int(limit), self.n))
-        rows, scores = np.empty(limit, np.int64), np.empty(limit, np.float64)
-        after = (source.vectors_at, source.ids_at, limit, max_cands)
-        got, t = self._scan(query, bounds, k, eligible, search=(after, (rows.ctypes.data, scores.ctypes.data)))
-        if got == -3:
-            return None
-        return rows[:got], scores[:got]
+        candidates (the caller's cue to scan float32 instead). `searcher` keeps the bounds and
+        source for many searches."""
+        return self.searcher(bounds, source)(query, k, eligible, limit, max_cands)
 
-    def _scan(
-        self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None, search: tuple | None = None
-    ) -> tuple[int, _Scratch]:
-        """a2v_int8_scan (a2v_int8_search with `search`: its extra arguments, then the outputs). The
+    def searcher(self, bounds: RowBounds, source: RowSource) -> Int8Search:
+        return Int8Search(self, bounds, source)
+
+    def _checked(self, query: np.ndarray, k: int, eligible: np.ndarray | None) -> tuple[np.ndarray, int | None]:
+        """The query as the library reads it, and the address of `eligible` (None: every row). The
         library checks that the query is finite (its rounding to int8 would be undefined)."""
         query = np.ascontiguousarray(query, np.float32)
         if query.shape != (self.d,):
             raise ValueError(f"the query must be ({self.d},), got {query.shape}")
         if not 1 <= k <= self.n:
             raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
+        if eligible is None:
+            return query, None
+        eligible = np.ascontiguousarray(eligible, np.bool_)
+        if eligible.shape != (self.n,):
+            raise ValueError(f"eligible must be ({self.n},), got {eligible.shape}")
+        return query, eligible.ctypes.data
+
+    def _refused(self, status: int, k: int) -> None:
+        if status == -2:
+            raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
+        if status == -4:
+            raise ValueError("the query must be finite")
+        raise RuntimeError(f"a2v_int8_scan refused width {self.d}")
+
+    def _scan(self, query: np.ndarray, bounds: RowBounds, k: int, eligible: np.ndarray | None) -> tuple[int, _Scratch]:
+        """a2v_int8_scan: the candidates' count, and the scratch that holds them."""
         if bounds.scale.shape != (self.d,) or bounds.residual.shape != (self.n,):
             raise ValueError(f"the row bounds must be for ({self.n}, {self.d}) codes")
-        if eligible is not None:
-            eligible = np.ascontiguousarray(eligible, np.bool_)
-            if eligible.shape != (self.n,):
-                raise ValueError(f"eligible must be ({self.n},), got {eligible.shape}")
+        query, at = self._checked(query, k, eligible)
         t = self._scratch(k)
         lib = _int8_library()
         assert lib is not None
-        args = (
-            self._main_at,
-            self._tail_at,
-            self.n,
-            self.d,
-            self._rowsum_at,
-            query.ctypes.data,
-            *bounds.addresses,
-            None if eligible is None else eligible.ctypes.data,
-            k,
-            *t.addresses,
-        )
-        if search is None:
-            kept = lib.a2v_int8_scan(*args)
-        else:
-            kept = lib.a2v_int8_search(*args, *search[0], t.hits_at, *search[1])
-        if kept == -2:
-            raise ValueError(f"k must be between 1 and the number of eligible rows, got {k}")
-        if kept == -4:
-            raise ValueError("the query must be finite")
-        if kept < 0 and kept != -3:
-            raise RuntimeError(f"a2v_int8_scan refused width {self.d}")
+        head = (self._main_at, self._tail_at, self.n, self.d, self._rowsum_at, query.ctypes.data)
+        kept = lib.a2v_int8_scan(*head, *bounds.addresses, at, k, *t.addresses)
+        if kept < 0:
+            self._refused(kept, k)
         return kept, t
 
     def _scratch(self, k: int) -> _Scratch:
@@ -228,6 +217,52 @@ class Int8Codes:
         return t
 
 
+class Int8Search:
+    """`Int8Codes.search` for one set of row bounds and source rows, checked and their addresses
+    taken once: the ranker's call per request, with as little Python around the pass as it needs
+    (each layer of it costs the most when the pass has just flushed the caches)."""
+
+    def __init__(self, codes: Int8Codes, bounds: RowBounds, source: RowSource):
+        n, d = codes.n, codes.d
+        if bounds.scale.shape != (d,) or bounds.residual.shape != (n,):
+            raise ValueError(f"the row bounds must be for ({n}, {d}) codes")
+        if source.vectors.shape != (n, d):
+            raise ValueError(f"the source vectors must be ({n}, {d})")
+        lib = _int8_library()
+        assert lib is not None  # available() held when the codes were laid out
+        self.codes, self.bounds, self.source = codes, bounds, source  # kept alive: the library reads them
+        self._fn = lib.a2v_int8_search
+        self._head = (codes._main_at, codes._tail_at, n, d, codes._rowsum_at)
+        self._rows = (*bounds.addresses,)
+        self._from = (source.vectors_at, source.ids_at)
+
+    def __call__(
+        self, query: np.ndarray, k: int, eligible: np.ndarray | None, limit: int, max_cands: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """As `Int8Codes.search`."""
+        c = self.codes
+        query, at = c._checked(query, k, eligible)
+        limit = max(0, min(int(limit), c.n))
+        t = c._scratch(k)
+        got = self._fn(
+            *self._head,
+            query.ctypes.data,
+            *self._rows,
+            at,
+            k,
+            *t.addresses,
+            *self._from,
+            limit,
+            max_cands,
+            *t.search_out,
+        )
+        if got == -3:
+            return None
+        if got < 0:
+            c._refused(got, k)
+        return t.out_rows[:got].copy(), t.out_scores[:got].copy()  # the scratch serves the next search
+
+
 class _Scratch:
     def __init__(self, n: int, d: int, k: int):
         self.heap, self.rows, self.upper = np.empty(k, np.float64), np.empty(n, np.int64), np.empty(n, np.float64)
@@ -235,7 +270,8 @@ class _Scratch:
         # in a2v_int8_scan's order: heap, cand, upper, qrows, bound
         self.addresses = tuple(a.ctypes.data for a in (self.heap, self.rows, self.upper, self.q, self.bound))
         self.hits = np.empty((n, 3), np.float64)  # a2v_int8_search's (score, id, position) structs
-        self.hits_at = self.hits.ctypes.data
+        self.out_rows, self.out_scores = np.empty(n, np.int64), np.empty(n, np.float64)  # and its answer
+        self.search_out = (self.hits.ctypes.data, self.out_rows.ctypes.data, self.out_scores.ctypes.data)
 
 
 @dataclass(frozen=True)

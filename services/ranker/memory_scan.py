@@ -292,7 +292,7 @@ class MemoryScan:
         self.max_norm, finite = max_row_norm(self.vectors)
         self.precision = "float32"
         self._int8: Int8Copy | None = None
-        self._source: native_scan.RowSource | None = None
+        self._search: native_scan.Int8Search | None = None  # the compiled search (rescoring from self.vectors)
         if precision != "float32" and len(self.vectors):
             n, d = self.vectors.shape
             if not finite:
@@ -301,8 +301,9 @@ class MemoryScan:
                 log.warning("in-memory search: this CPU's int8 product does not sum exactly; scanning float32")
             else:
                 self._int8 = Int8Copy(self.vectors, kernel)
-                if self._int8.compiled is not None:  # the compiled search rescores from these
-                    self._source = native_scan.RowSource(self.vectors, np.ascontiguousarray(item_ids, np.int64))
+                if self._int8.compiled is not None and self._int8.bounds is not None:
+                    source = native_scan.RowSource(self.vectors, np.ascontiguousarray(item_ids, np.int64))
+                    self._search = self._int8.compiled.searcher(self._int8.bounds, source)
                 self.precision = self._choose(precision)
                 if self.precision == "float32":
                     self._int8 = None
@@ -458,11 +459,9 @@ class MemoryScan:
             eligible[rows] = True
             eligible[rows[at]] = False
         most = len(rows) // 8
-        int8 = self._int8
-        if int8.compiled is not None:
-            assert int8.bounds is not None and self._source is not None
-            return int8.compiled.search(query, int8.bounds, k, eligible, self._source, limit, most)
-        cand = int8.candidates(query, k, eligible)  # rows of the catalogue
+        if self._search is not None:
+            return self._search(query, k, eligible, limit, most)
+        cand = self._int8.candidates(query, k, eligible)  # rows of the catalogue
         if len(cand) > most:
             return None
         at_, scores = native_scan.top_rows(self.vectors, cand, self.item_ids, query.astype(np.float64), limit)

@@ -273,12 +273,13 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
         assert scan.int8_kernel != "vnni" and "compiled int8 kernel failed" in caplog.text
 
         # nor a compiled scan that returns other pages than the float32 search (here: the worst rows)
-        def wrong(self, query, bounds, k, eligible, source, limit, most):
-            at, scores = memory_scan.native_scan.top_rows(source.vectors, np.arange(self.n), source.ids, -query, limit)
+        def wrong(self, query, k, eligible, limit, most):
+            v, ids = self.source.vectors, self.source.ids
+            at, scores = memory_scan.native_scan.top_rows(v, np.arange(len(v)), ids, -query, limit)
             return at, -scores
 
         with monkeypatch.context() as m, caplog.at_level("WARNING"):
-            m.setattr(memory_scan.native_scan.Int8Codes, "search", wrong)
+            m.setattr(memory_scan.native_scan.Int8Search, "__call__", wrong)
             m.setattr(memory_scan, "int8_kernel", lambda n, d: "vnni")
             scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
         assert scan.precision == "float32" and "unlike the float32 search's" in caplog.text
