@@ -65,11 +65,21 @@ def _md_search(s: dict) -> list[str]:
             f"≤ {t['floor_ratio']:g}×: {_yes(t.get('floor_met'))}; {u.get('vs_float32_read_floor', float('nan')):.1f}× "
             f"one pass over the float32 vectors; search precision {s.get('search_precision', 'float32')}: "
             f"{u.get('vs_float32_in_memory', float('nan')):.2f}× the same search in float32), "
-            f"{u['vs_numpy_1_thread']:.1f}× numpy, {u['vs_faiss_flat']:.1f}× faiss flat",
+            f"{u['vs_numpy_1_thread']:.1f}× numpy, {u['vs_faiss_flat']:.1f}× faiss flat"
+            + (
+                f"; per query against the floor pass of the same rotation, median {u['paired_vs_int8_read_floor']:.2f}×"
+                if "paired_vs_int8_read_floor" in u
+                else ""
+            ),
             f"- filtered (served by `{f.get('served_case', 'qdrant')}`): {f['served_p50_ms']:.2f} ms = "
             f"{f['vs_numpy_matching_rows']:.2f}× numpy over the matching rows "
             f"(target ≤ {t['filtered_ratio']:g}×: {_yes(t.get('filtered_met'))}), {f['vs_faiss_id_selector']:.1f}× faiss "
-            f"with an id selector, {f['vs_numpy_scan_all_and_mask']:.1f}× numpy scanning everything then masking",
+            f"with an id selector, {f['vs_numpy_scan_all_and_mask']:.1f}× numpy scanning everything then masking"
+            + (
+                f"; per query, median {f['paired_vs_numpy_matching_rows']:.2f}× numpy over the matching rows"
+                if "paired_vs_numpy_matching_rows" in f
+                else ""
+            ),
             f"- served recall: {t.get('served_recall', float('nan')):.4f} at top-{s['served_page']}, "
             f"{t.get('served_recall_top100', float('nan')):.4f} at top-100 (target 1.0 / ≥ 0.999: "
             f"{_yes(t.get('served_recall_met'))})",
@@ -280,9 +290,10 @@ def _md_gateway(g: dict) -> list[str]:
     if "cpu_ms_per_request" in prof:
         cpu, ratio = prof["cpu_ms_per_request"], prof["cpu_to_floor"]
         lines += [
-            f"- the ranker's CPU per favourites request (in-process, process CPU time): {cpu['plain']:.2f} ms = "
-            f"**{ratio['plain']:.1f}×** one pass over the int8 vectors ({prof['int8_read_floor_ms']:.2f} ms, same "
-            f"run, a request between passes"
+            f"- the ranker's CPU per favourites request (in-process, the calling thread's CPU time, median of "
+            f"{prof['calls']} rounds that run every kind of request once and a pass over the int8 vectors after the "
+            f"plain one): {cpu['plain']:.2f} ms = **{ratio['plain']:.1f}×** one pass over the int8 vectors "
+            f"({prof['int8_read_floor_ms']:.2f} ms, a request between passes"
             + (
                 f"; back to back, cache-hot: {prof['int8_read_floor_back_to_back_ms']:.2f} ms"
                 if "int8_read_floor_back_to_back_ms" in prof

@@ -329,6 +329,9 @@ def run_search_bench(
             "vs_numpy_1_thread": served_unfiltered / cases[f"numpy {page}"]["p50_ms"],
             "vs_faiss_flat": served_unfiltered / cases[f"faiss flat {page}"]["p50_ms"],
             "vs_int8_read_floor": served_unfiltered / floor,
+            # per query, the served search over the floor pass of the same rotation (seconds apart, one
+            # machine state): the median of those ratios, beside the ratio of the two p50s (the target's)
+            "paired_vs_int8_read_floor": float(np.median(times[served[0]] / times["int8 read floor"])),
             "vs_float32_read_floor": served_unfiltered / cases["float32 read floor"]["p50_ms"],
             "vs_float32_in_memory": served_unfiltered / cases[f"ranker in-memory float32 {page}"]["p50_ms"],
         },
@@ -336,6 +339,7 @@ def run_search_bench(
             "served_case": served[1],
             "served_p50_ms": served_filtered,
             "vs_numpy_matching_rows": served_filtered / matching,
+            "paired_vs_numpy_matching_rows": float(np.median(times[served[1]] / times[f"numpy matching rows {page}"])),
             "vs_faiss_id_selector": served_filtered / cases[f"faiss id selector {page}"]["p50_ms"],
             "vs_numpy_scan_all_and_mask": served_filtered / cases[f"numpy scan all + mask {page}"]["p50_ms"],
         },

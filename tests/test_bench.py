@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.__main__ import scale_conclusion, summary
-from bench.gateway import EchoProcess
+from bench.gateway import EchoProcess, interleaved_cpu_ms
 from bench.loadgen import Step, run_plan
 from bench.report import markdown, write_report
 from bench.scale import curve, run_scale_bench
@@ -206,6 +206,26 @@ def test_recorded_gpu_run_renders_in_the_report():
     section = "\n".join(_md_encoder_cuda(c))
     assert section.startswith("## Encoder on CUDA") and f"{c['encoder_texts_per_s']:,.0f} texts/s" in section
     assert all(f"batch {b}" in section for b in c["texts_per_s"]["encoder"])
+
+
+def test_the_request_cpu_and_its_floor_are_measured_side_by_side():
+    """Every kind runs once per round, in a rotating order, with a floor pass right after each plain
+    request; the medians are of the calling thread's CPU, so a kind that burns more reads more."""
+    order: list[str] = []
+
+    def call(request):
+        kind, n = request
+        order.append(kind)
+        sum(range(n))  # CPU on this thread
+
+    kinds = {"plain": [("plain", 20_000)], "explain": [("explain", 400_000)], "filtered": [("filtered", 1)]}
+    words = np.arange(1 << 16, dtype=np.uint64)
+    ms, floor = interleaved_cpu_ms(kinds, call, words, 9)
+    assert set(ms) == {"plain", "explain", "filtered"} and floor > 0
+    assert ms["explain"] > ms["plain"] > ms["filtered"] > 0
+    rounds = [order[i : i + 3] for i in range(0, 27, 3)]
+    assert all(sorted(r) == ["explain", "filtered", "plain"] for r in rounds)
+    assert len({tuple(r) for r in rounds}) == 3  # the order rotates: no kind always runs first
 
 
 def test_process_cpu_reads_what_a_process_burned():
