@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from anime2vec.serving import errors
+from anime2vec.serving import errors, heap
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics, set_model_info
 from anime2vec.serving.server import RunningServer, build_server, time_remaining
@@ -163,7 +163,9 @@ def main() -> int:
             "precision_check": encoder.precision_check,
         },
     )
-    start(settings, encoder).wait_for_termination()
+    running = start(settings, encoder)
+    heap.settle()  # the model loaded: full collections no longer walk it (anime2vec/serving/heap.py)
+    running.wait_for_termination()
     return 0
 
 

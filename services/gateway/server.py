@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from anime2vec.serving import heap
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.limits import LearntLimits
 from anime2vec.serving.logging import configure_logging
@@ -92,6 +93,7 @@ def main() -> int:
     except RuntimeError as e:  # a port in use
         log.error("cannot start: %s", e)
         return 1
+    heap.settle()  # full collections no longer walk what start-up loaded (anime2vec/serving/heap.py)
     running.wait_for_termination()
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from anime2vec.bundle import BundleError, list_bundles, load_bundle
 from anime2vec.index.base import AliasUnreadable, ItemIndex, ItemPoint
 from anime2vec.index.edge import read_alias_file
+from anime2vec.serving import heap
 from anime2vec.serving.errors import unavailable
 from anime2vec.serving.metrics import Metrics, set_model_info
 from anime2vec.serving_model.model import ItemMeta, ServingModel
@@ -69,7 +70,9 @@ class Lifecycle:
         self._replay_added(serving)
         with self._swap:
             previous, self.served = self.served, serving
-        self.users.version_switched(previous.version if previous else None, model.version)
+        before = previous.version if previous else None
+        del previous  # the old version's last reference here: resettle() below may collect it
+        self.users.version_switched(before, model.version)
         set_model_info(
             self.metrics,
             "ranker",
@@ -79,6 +82,7 @@ class Lifecycle:
             offline_metrics(model.manifest),
         )
         log.info("serving model %s", model.version)
+        heap.resettle()
 
     def _replay_added(self, serving: Serving) -> None:
         m, points = serving.model, []

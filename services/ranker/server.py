@@ -13,6 +13,7 @@ from anime2vec.bundle import BundleError, load_bundle
 from anime2vec.index.backends import open_index
 from anime2vec.index.base import IndexUnavailable
 from anime2vec.index.edge import EdgeItemIndex
+from anime2vec.serving import heap
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics
@@ -126,6 +127,7 @@ def main() -> int:
     except (BundleError, IndexUnavailable, StoreUnavailable) as e:
         log.error("cannot start: %s", e)
         return 1
+    heap.settle()  # the bundle loaded: full collections no longer walk it (anime2vec/serving/heap.py)
     running.wait_for_termination()
     return 0
 
