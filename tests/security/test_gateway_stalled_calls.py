@@ -117,6 +117,10 @@ def test_stalled_health_checks_hold_only_the_probe_slots(gateway):
         # unfixed, the first LIMIT fill every slot and the rest are refused at once
         wait_until(lambda: sum(s.done() for s in stalled) >= n - LIMIT, GUARD_S, "the checks reached the gateway")
         assert authenticated_calls(gateway) == Counter({C.OK: 10})
+        # fixed, all but the 8 probe slots' holders are refused at once; on a loaded machine not all of the
+        # refusals are back by the time the calls above are answered (seen: 57 of 72), so wait for them
+        # (unfixed, the rest come back only when REQUEST_TIMEOUT_S ends them, and the codes below differ)
+        wait_until(lambda: sum(s.done() for s in stalled) >= n - 8, GUARD_S, "the refusals came back")
         codes = sum((s.codes() for s in stalled), Counter())
         assert codes == Counter({C.RESOURCE_EXHAUSTED: n - 8})  # all but the 8 probe slots' holders
         wait_until(lambda: sum(s.done() for s in stalled) == n, GUARD_S, "the 8 were ended (REQUEST_TIMEOUT_S)")
