@@ -41,10 +41,10 @@ int a2v_int8_max_width(void) { return 64 * A2V_MAX_CHUNKS; }
 
 /* One row against one query row: two accumulators (even and odd chunks) keep two products in flight;
  * the lanes are summed later, four rows at a time. A row is `full` whole chunks of 64 bytes in
- * `main` (64-byte aligned: no load splits a cache line, which cost 1.5x with numpy's 16-byte
- * aligned, padded rows, measured) and, for the d % 64 columns left, a slot in `tail`, read
- * through `tmask` (no padding read: 516 columns padded to 576 read 12% more bytes than the codes
- * hold). Always inlined with `full` a constant (see A2V_EACH), so the query's chunks stay in
+ * `main` (64-byte aligned: no load splits a cache line) and, for the d % 64 columns left, a slot in
+ * `tail`, read through `tmask` (no padding read: 516 columns padded to 576 read 12% more bytes than
+ * the codes hold). With no software prefetch (dot4) this layout measured 1.0-1.07x the int8 read
+ * floor with a cold cache, the padded rows 1.24-1.65x in the same runs. Always inlined with `full` a constant (see A2V_EACH), so the query's chunks stay in
  * registers: loaded from memory for every row they took more load slots than the codes (1.2x
  * slower, measured). */
 A2V_INLINE __m512i dot_row(const int8_t *restrict main, const int8_t *restrict tail, const size_t full,

@@ -306,7 +306,7 @@ class MemoryScan:
                     self._search = self._int8.compiled.searcher(self._int8.bounds, source)
                 self.precision = self._choose(precision)
                 if self.precision == "float32":
-                    self._int8 = None
+                    self._int8 = self._search = None  # nor their ~9 MB of codes kept
         self.cached_bytes = cached_bytes
         self.everything = Block(np.arange(len(item_ids)), None, full=True)
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()

@@ -297,7 +297,7 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
     caplog.clear()
     with caplog.at_level("WARNING"):
         scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
-    assert scan.precision == "float32" and scan._int8 is None
+    assert scan.precision == "float32" and scan._int8 is None and scan._search is None
     assert "outside its bound" in caplog.text
     with pytest.raises(ValueError, match="precision"):
         memory_scan.MemoryScan(ids, vectors, filt, precision="int4")
