@@ -218,6 +218,26 @@ def test_top_rows_orders_by_score_then_id_and_leaves_out_damaged_rows(monkeypatc
         native_scan.top_rows(v[:4], np.arange(4), ids, q, 5, id_rows=np.array([0, 1, 2, 4000]))
 
 
+def test_top_rows_kept_for_many_calls_answers_as_a_fresh_one():
+    """A TopRows kept across calls (the ranker's, per block) gives each call what a fresh top_rows
+    gives, as its scratch grows from 1 row to every row; an answer is a copy, not the scratch."""
+    rng = np.random.default_rng(17)
+    v = rng.normal(size=(300, 33)).astype(np.float32)
+    ids = rng.permutation(5000)[:300].astype(np.int64)
+    kept = native_scan.TopRows(v, ids)
+    first = None
+    for m in (1, 5, 64, 65, 300, 3):
+        listed = rng.permutation(300)[:m]
+        q = rng.normal(size=33)
+        got, want = kept(listed, q, 10), native_scan.top_rows(v, listed, ids, q, 10)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        if first is None:
+            first = (got, tuple(a.copy() for a in got))
+    assert all(np.array_equal(a, b) for a, b in zip(*first))  # later calls did not overwrite it
+    with pytest.raises(IndexError):
+        native_scan.TopRows(v, ids[:10])
+
+
 def test_search_is_candidates_then_top_rows_in_one_call():
     """Int8Codes.search gives what candidates and top_rows give one after the other (bundle rows and
     their scores), and None past max_cands."""

@@ -49,6 +49,7 @@ differs mean float32.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -83,6 +84,7 @@ class Block:
     rows: np.ndarray
     vectors: np.ndarray | None
     full: bool = False
+    top: native_scan.TopRows | None = None  # the rescoring over `vectors` (with them)
 
 
 CHUNK = 4096  # rows converted at a time: the float64 work of a 16.7k x 516 copy stays ~17 MB, not ~280
@@ -290,6 +292,7 @@ class MemoryScan:
         self.max_rows = int(max_fraction * len(item_ids))
         self.rounding = float32_rounding(self.vectors.shape[1])  # relative to max‖x‖·‖q‖ (_float32_candidates)
         self.max_norm, finite = max_row_norm(self.vectors)
+        self._top = native_scan.TopRows(self.vectors, np.asarray(item_ids))  # the rescoring over every row
         self.precision = "float32"
         self._int8: Int8Copy | None = None
         self._search: native_scan.Int8Search | None = None  # the compiled search (rescoring from self.vectors)
@@ -353,7 +356,10 @@ class MemoryScan:
         rows = np.flatnonzero(
             self.filt.mask(SearchFilter(genres, not_genres, types, year_min, year_max, cold_only=cold_only))
         )
-        block = Block(rows, np.ascontiguousarray(self.vectors[rows]) if len(rows) <= self.max_rows else None)
+        block = Block(rows, None)
+        if len(rows) <= self.max_rows:
+            vectors = np.ascontiguousarray(self.vectors[rows])
+            block = Block(rows, vectors, top=native_scan.TopRows(vectors, self.item_ids, id_rows=rows))
         with self._lock:
             if key in self._blocks:  # another request built it meanwhile
                 block = self._blocks[key]
@@ -410,16 +416,18 @@ class MemoryScan:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The float32 product's candidates, rescored in float64: the best `limit` bundle rows by
         (score, anime id) and their scores; a damaged row (a NaN score) is left out."""
-        cand = self._float32_candidates(block, query, at, limit)
+        cand = self._float32_candidates(block, query, q64, at, limit)
         rows = block.rows
-        if block.vectors is not None:
-            at_, scores = native_scan.top_rows(block.vectors, cand, self.item_ids, q64, limit, id_rows=rows)
+        if block.top is not None:
+            at_, scores = block.top(cand, q64, limit)
             return rows[cand[at_]], scores
         listed = cand if block.full else rows[cand]
-        at_, scores = native_scan.top_rows(self.vectors, listed, self.item_ids, q64, limit)
+        at_, scores = self._top(listed, q64, limit)
         return listed[at_], scores
 
-    def _float32_candidates(self, block: Block, query: np.ndarray, at: np.ndarray, limit: int) -> np.ndarray:
+    def _float32_candidates(
+        self, block: Block, query: np.ndarray, q64: np.ndarray, at: np.ndarray, limit: int
+    ) -> np.ndarray:
         """Positions in block.rows whose float32 score comes within the product's own error of the
         k-th best: every row the float64 scores (`native_scan.row_scores`) can put in the top `limit`."""
         if block.vectors is not None:
@@ -435,7 +443,7 @@ class MemoryScan:
             return np.zeros(0, np.int64)
         kth = np.partition(scores, len(scores) - k)[len(scores) - k]
         # |float32 − exact| ≤ d·2⁻²⁴·‖x‖‖q‖ for either score of a row; rounding is twice that, again
-        margin = self.rounding * self.max_norm * float(np.linalg.norm(query.astype(np.float64)))
+        margin = self.rounding * self.max_norm * math.sqrt(float(q64 @ q64))
         return np.flatnonzero(scores >= kth - margin)
 
     def _int8_top(
@@ -464,7 +472,7 @@ class MemoryScan:
         cand = self._int8.candidates(query, k, eligible)  # rows of the catalogue
         if len(cand) > most:
             return None
-        at_, scores = native_scan.top_rows(self.vectors, cand, self.item_ids, query.astype(np.float64), limit)
+        at_, scores = self._top(cand, query.astype(np.float64), limit)
         return cand[at_], scores
 
     def _choose(self, precision: str, n_queries: int = 16, repeats: int = 3) -> str:
