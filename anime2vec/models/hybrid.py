@@ -283,10 +283,7 @@ class Hybrid(Recommender):
         serving time), which only the content side knows."""
         p = np.asarray(history @ self.P, dtype=np.float32)
         z = np.asarray(history @ self.C, dtype=np.float32)
-        if extra_content is not None:
-            z = z + np.atleast_2d(extra_content)
-        z = _unit_rows(z)
-        return p, self.content_query(z), self.text_query(z)
+        return self._parts(p, z, extra_content)
 
     def query_parts_listed(
         self, rows: np.ndarray, weights: np.ndarray, extra_content: np.ndarray | None = None
@@ -301,6 +298,12 @@ class Hybrid(Recommender):
         P, C = np.asarray(self.P), np.asarray(self.C)  # set by fit or from_state
         p = (w * P[rows]).sum(axis=0, keepdims=True)  # axis 0: one row after another
         z = (w * C[rows]).sum(axis=0, keepdims=True)
+        return self._parts(p, z, extra_content)
+
+    def _parts(
+        self, p: np.ndarray, z: np.ndarray, extra_content: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, f, t) from x·P and x·C (both query_parts paths)."""
         if extra_content is not None:
             z = z + np.atleast_2d(extra_content)
         z = _unit_rows(z)

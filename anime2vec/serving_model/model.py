@@ -132,14 +132,6 @@ class ServingModel:
 
     has_dropoutnet = has_vectors  # the name older callers use
 
-    def history_row(self, listed: dict[int, float]) -> sp.csr_matrix:
-        """A (1, n_items) confidence row of catalogue anime (ids outside the catalogue are left out)."""
-        kept = [a for a in listed if a in self.pos]
-        idx = np.fromiter((self.pos[a] for a in kept), np.int64, len(kept))
-        w = np.fromiter((float(listed[a]) for a in kept), np.float32, len(kept))
-        order = np.argsort(idx, kind="stable")  # the canonical CSR a COO row becomes (same products, bit for bit)
-        return sp.csr_matrix((w[order], idx[order], np.array([0, len(kept)], np.int64)), shape=(1, len(self.item_ids)))
-
     def history_vector(
         self, history: sp.csr_matrix, request: str, n_liked: int, extra_content: np.ndarray | None = None
     ) -> np.ndarray:
@@ -173,7 +165,7 @@ class ServingModel:
         ]
         # start: the zero the default 0 adds, as an array (typed, and the same sum bit for bit)
         z = sum((w * r for r, w in outside), np.zeros_like(outside[0][0])) if outside else None
-        # history_row's canonical CSR order: by catalogue row (one per anime: the dict kept the last weight)
+        # the canonical CSR row's order: by catalogue row (one per anime: the dict kept the last weight)
         ordered = sorted((self.pos[a], w) for a, w in listed.items())
         idx = np.array([i for i, _ in ordered], np.int64)
         w = np.array([x for _, x in ordered], np.float32)
