@@ -142,7 +142,7 @@ class Retriever:
         ranked: Sequence[Candidate | None] = cands
         if page.rerank:  # fetched from position 0 (see _candidates): no None placeholders to drop
             ranked = mmr([c for c in cands if c is not None], page.diversity, q.dislikes)
-        return self._response(request, s, opts, q, page, ranked, served, reasons)
+        return self._response(s, opts, q, page, ranked, served, reasons)
 
     def _page_of(self, request, s: Serving, opts: common_pb2.RecommendOptions, q: Query) -> Page:
         limit, diversity = validate_options(
@@ -228,7 +228,6 @@ class Retriever:
 
     def _response(
         self,
-        request,
         s: Serving,
         opts: common_pb2.RecommendOptions,
         q: Query,
