@@ -80,26 +80,17 @@ size_t a2v_int8_tail_bytes(size_t d) {
 }
 
 /* The codes' layout for d columns (`tmask`: the tail slot's bytes that are columns; 0 without a
- * tail), and `fetch`: the float32 rows a search rescores its candidates from (NULL for a scan). */
+ * tail). */
 typedef struct {
     const int8_t *main, *tail;
     size_t full, d, slot;
     __mmask64 tmask;
-    const float *fetch;
 } a2v_rows;
 
-static inline a2v_rows rows_of(const int8_t *main, const int8_t *tail, size_t d, const float *fetch) {
-    a2v_rows r = {main, tail, d / 64, d, a2v_int8_tail_bytes(d), 0, fetch};
+static inline a2v_rows rows_of(const int8_t *main, const int8_t *tail, size_t d) {
+    a2v_rows r = {main, tail, d / 64, d, a2v_int8_tail_bytes(d), 0};
     r.tmask = d % 64 ? (((__mmask64)1) << (d % 64)) - 1 : 0;
     return r;
-}
-
-/* A candidate's float32 row, asked for as soon as the scan keeps it: the rescoring finds it in the
- * cache instead of waiting on memory for each scattered row. */
-static inline void fetch_row(const a2v_rows *x, size_t row) {
-    const char *at = (const char *)(x->fetch + row * x->d);
-    for (size_t b = 0; b < x->d * sizeof(float); b += 64) __builtin_prefetch(at + b, 0, 2);
-    __builtin_prefetch(at + x->d * sizeof(float) - 1, 0, 2);
 }
 
 /* Rows i .. i + m - 1 (m <= 4) times one query row (unsigned-shifted), the shift taken back: four
@@ -231,7 +222,6 @@ A2V_INLINE int64_t scan_body(const a2v_rows *x, size_t n, const size_t full, con
                 kth = heap[0];
             }
             if (up >= kth) {
-                if (x->fetch) fetch_row(x, row);
                 cand[kept] = (int64_t)row;
                 upper[kept++] = up;
             }
@@ -269,7 +259,7 @@ A2V_TARGET int a2v_int8_dot2(const int8_t *main, const int8_t *tail, size_t n, s
                              const uint8_t *restrict qu0, const uint8_t *restrict qu1,
                              const int32_t *restrict rowsum128, int32_t *restrict out0, int32_t *restrict out1) {
     if (d == 0 || d > 64 * A2V_MAX_CHUNKS || (n && d >= 64 && (uintptr_t)main % 64 != 0)) return -1;
-    const a2v_rows x = rows_of(main, tail, d, NULL);
+    const a2v_rows x = rows_of(main, tail, d);
     switch (x.full) {
 #define A2V_CASE(C)                                           \
     case C:                                                   \
@@ -343,20 +333,20 @@ static int round_query(const float *restrict query, size_t d, const double *rest
  * scratch). tau only grows during the pass, so the rows kept against the running tau are a superset,
  * cut at the final tau at the end. Returns the number of candidates; -1 for a width it cannot run,
  * -2 for k = 0 or fewer eligible rows than k, -4 for a query that is not finite. */
-static A2V_TARGET int64_t scan_impl(const int8_t *main, const int8_t *tail, size_t n, size_t d,
-                                    const int32_t *restrict rowsum128, const float *restrict query,
-                                    const double *restrict scale, const double *restrict residual,
-                                    const double *restrict f32, const double *restrict code_norm,
-                                    const uint8_t *restrict eligible, size_t k, double *restrict heap,
-                                    int64_t *restrict cand, double *restrict upper, int8_t *restrict qrows,
-                                    double *restrict bound, const float *fetch) {
+A2V_TARGET int64_t a2v_int8_scan(const int8_t *main, const int8_t *tail, size_t n, size_t d,
+                                 const int32_t *restrict rowsum128, const float *restrict query,
+                                 const double *restrict scale, const double *restrict residual,
+                                 const double *restrict f32, const double *restrict code_norm,
+                                 const uint8_t *restrict eligible, size_t k, double *restrict heap,
+                                 int64_t *restrict cand, double *restrict upper, int8_t *restrict qrows,
+                                 double *restrict bound) {
     if (d == 0 || d > 64 * A2V_MAX_CHUNKS || (n && d >= 64 && (uintptr_t)main % 64 != 0)) return -1;
     if (k == 0) return -2;
     uint8_t qu0[64 * (A2V_MAX_CHUNKS + 1)] __attribute__((aligned(64)));
     uint8_t qu1[64 * (A2V_MAX_CHUNKS + 1)] __attribute__((aligned(64)));
     a2v_bound b;
     if (!round_query(query, d, scale, qrows, qu0, qu1, &b)) return -4;
-    const a2v_rows x = rows_of(main, tail, d, fetch);
+    const a2v_rows x = rows_of(main, tail, d);
     int64_t kept;
     switch (x.full) {
 #define A2V_CASE(C)                                                                                           \
@@ -383,16 +373,6 @@ static A2V_TARGET int64_t scan_impl(const int8_t *main, const int8_t *tail, size
     return m;
 }
 
-A2V_TARGET int64_t a2v_int8_scan(const int8_t *main, const int8_t *tail, size_t n, size_t d,
-                                 const int32_t *restrict rowsum128, const float *restrict query,
-                                 const double *restrict scale, const double *restrict residual,
-                                 const double *restrict f32, const double *restrict code_norm,
-                                 const uint8_t *restrict eligible, size_t k, double *restrict heap,
-                                 int64_t *restrict cand, double *restrict upper, int8_t *restrict qrows,
-                                 double *restrict bound) {
-    return scan_impl(main, tail, n, d, rowsum128, query, scale, residual, f32, code_norm, eligible, k, heap, cand, upper,
-                     qrows, bound, NULL);
-}
 
 /* A row's dot product with q in float64, summed in one fixed order (eight running sums over the
  * columns, added pairwise), so a row's score depends on that row alone, never on which other rows are
@@ -463,15 +443,18 @@ int64_t a2v_rows_top(const float *restrict vectors, size_t d, const int64_t *res
  * there; more than max_cands of them: -3, and the caller scans float32 instead), then a2v_rows_top
  * over them on the float32 vectors the codes were made from (n x d), with ids[row]. Writes the best
  * min(limit, candidates) bundle rows to rows_out and their scores to scores_out (hits: scratch for n);
- * returns how many, or a2v_int8_scan's error. */
+ * returns how many, or a2v_int8_scan's error. The candidates' rows are not prefetched as the pass keeps
+ * them: it keeps ~100 against the running tau for the ~26 left at the end (top-11, the served vectors),
+ * and fetching them all made the whole call 1.05-1.08x slower with a cold cache (measured side by side);
+ * the rescoring's own fetch two rows ahead costs ~15 us for those 26 rows from memory. */
 int64_t a2v_int8_search(const int8_t *main, const int8_t *tail, size_t n, size_t d, const int32_t *rowsum128,
                         const float *query,
                         const double *scale, const double *residual, const double *f32, const double *code_norm,
                         const uint8_t *eligible, size_t k, double *heap, int64_t *cand, double *upper, int8_t *qrows,
                         double *bound, const float *vectors, const int64_t *ids, size_t limit, size_t max_cands,
                         a2v_hit *hits, int64_t *rows_out, double *scores_out) {
-    const int64_t m = scan_impl(main, tail, n, d, rowsum128, query, scale, residual, f32, code_norm, eligible, k, heap,
-                                cand, upper, qrows, bound, vectors);
+    const int64_t m = a2v_int8_scan(main, tail, n, d, rowsum128, query, scale, residual, f32, code_norm, eligible, k, heap,
+                                cand, upper, qrows, bound);
     if (m < 0) return m;
     if ((size_t)m > max_cands) return -3;
     double q64[64 * A2V_MAX_CHUNKS]; /* the query as float64: exactly numpy's query.astype(float64) */
