@@ -212,13 +212,17 @@ def _qdrant_run(index, k: int, flt: SearchFilter | None, exact: bool) -> Callabl
 def _interleaved(
     runs: dict[str, Callable[[np.ndarray], list]], queries: np.ndarray
 ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Every case on each query in turn (the order rotating), so a stall of this shared machine
-    falls on all cases alike instead of on whichever case ran during it."""
+    """Every case on each query in turn, in an order shuffled per query (seeded), so a stall of this
+    shared machine falls on all cases alike, and so does whatever the case before left in the caches:
+    each case follows every other about equally often. (A rotation keeps each case's predecessor
+    fixed: the served search always came after numpy's scan-all-and-mask, the floor after faiss.)"""
     names = list(runs)
     times = {n: [] for n in names}
     found = {n: [] for n in names}
-    for i, q in enumerate(queries):
-        for n in names[i % len(names) :] + names[: i % len(names)]:
+    rng = np.random.default_rng(0)
+    for q in queries:
+        for at in rng.permutation(len(names)):
+            n = names[at]
             start = time.perf_counter()
             got = runs[n](q)
             times[n].append(time.perf_counter() - start)

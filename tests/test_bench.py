@@ -228,6 +228,22 @@ def test_the_request_cpu_and_its_floor_are_measured_side_by_side():
     assert len({tuple(r) for r in rounds}) == 3  # the order rotates: no kind always runs first
 
 
+def test_search_cases_follow_each_other_in_a_shuffled_order():
+    """Each query runs every case once, and no case always comes after the same one: what a case
+    leaves in the caches must fall on all the others alike (a rotation kept each one's predecessor)."""
+    from bench.search import _interleaved
+
+    order: list[str] = []
+    names = [f"case {i}" for i in range(6)]
+    runs = {n: (lambda q, n=n: order.append(n) or [n, float(q[0])]) for n in names}
+    times, found = _interleaved(runs, np.arange(60, dtype=np.float64)[:, None])
+    assert all(len(times[n]) == 60 and found[n] == [[n, float(i)] for i in range(60)] for n in names)
+    rounds = [order[i : i + 6] for i in range(0, 360, 6)]
+    assert all(sorted(r) == names for r in rounds)
+    before = {n: {a for a, b in zip(order, order[1:]) if b == n} for n in names}
+    assert all(len(before[n]) >= 4 for n in names)  # each follows most of the others
+
+
 def test_process_cpu_reads_what_a_process_burned():
     """The ranker-processes step reads the rankers' CPU from /proc: a child burns 0.5 s of CPU between
     two readings, and the difference is that (not the wall time around it)."""
