@@ -41,6 +41,9 @@ def start(settings: GatewaySettings, metrics: Metrics | None = None) -> tuple[Ru
 
     def on_loaded(info: common_pb2.ModelInfo) -> None:
         set_model_info(metrics, "gateway", info.version, info.encoder_name, info.encoder_dim)
+        # the title index is built after start-up settled the heap: without this, each full collection
+        # walked it with every request waiting (~100 ms every ~10 s under load, measured)
+        heap.resettle()
         if running is not None:
             running.set_serving(SERVICE_NAME, True)
 
