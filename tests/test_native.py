@@ -296,3 +296,20 @@ def test_search_is_candidates_then_top_rows_in_one_call():
         assert padded.search(q, bounds, 7, eligible, source, 7, len(cand) - 1) is None
     with pytest.raises(ValueError, match="source vectors"):
         padded.search(q, bounds, 7, None, native_scan.RowSource(v[:10], ids[:10]), 7, n)
+    # the ranker's form: one call of the library's Python entry point, (id, score, row) tuples
+    searcher = padded.searcher(bounds, source)
+    rows, scores = padded.search(q, bounds, 7, None, source, 7, n)
+    assert searcher.records(q, 7, None, 7, n) == list(zip(ids[rows].tolist(), scores.tolist(), rows.tolist()))
+    assert searcher.records(np.full(d, np.nan, np.float32), 7, None, 7, n) == []  # nothing ranks against it
+    for bad in (q.astype(np.float64), q[:50]):
+        with pytest.raises(ValueError, match=rf"\({d},\) float32"):
+            searcher.records(bad, 7, None, 7, n)
+    with pytest.raises(ValueError, match="not C-contiguous"):  # numpy's refusal of the buffer
+        searcher.records(np.ascontiguousarray(np.stack([q, q]).T)[:, 0], 7, None, 7, n)
+    with pytest.raises(ValueError, match="eligible"):
+        searcher.records(q, 7, np.ones(n - 1, np.bool_), 7, n)
+    for k in (0, n + 1):
+        with pytest.raises(ValueError, match="k must be"):
+            searcher.records(q, k, None, 7, n)
+    with pytest.raises(ValueError, match="k must be"):  # fewer eligible rows than k
+        searcher.records(q, 7, np.arange(n) < 3, 7, n)

@@ -20,12 +20,13 @@ import numpy as np
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_module = None  # the same library imported: its `search`, the ranker's call per request
 _vnni = False
 _loaded = False
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _vnni, _loaded
+    global _lib, _vnni, _loaded, _module
     with _lock:
         if not _loaded:
             _loaded = True
@@ -44,13 +45,12 @@ def _library() -> ctypes.CDLL | None:
                     lib.a2v_rows_top.restype = ctypes.c_int64
                     lib.a2v_int8_tail_bytes.argtypes = [size]
                     lib.a2v_int8_tail_bytes.restype = size
-                    lib.a2v_int8_search.argtypes = lib.a2v_int8_scan.argtypes + [p, p, size, size, p, p, p]
-                    lib.a2v_int8_search.restype = ctypes.c_int64
                     lib.a2v_int8_max_width.restype = ctypes.c_int
+                    _module = importlib.import_module("anime2vec._scan")
                     _vnni = bool(lib.a2v_int8_supported())
                     _lib = lib
-                except (OSError, AttributeError):
-                    _lib = None
+                except (OSError, AttributeError, ImportError):
+                    _lib = _module = None
         return _lib
 
 
@@ -67,7 +67,7 @@ def available(d: int) -> bool:
 _HUGE_PAGE = 2 << 20
 
 
-def _aligned(shape: tuple[int, int], align: int = 64) -> np.ndarray:
+def aligned_int8(shape: tuple[int, int], align: int = 64) -> np.ndarray:
     """A zeroed int8 array whose data starts on an `align`-byte boundary (numpy's start on 16). From
     2 MiB up, its own anonymous mapping asked for transparent huge pages (madvise; honoured where the
     kernel's THP setting is `madvise` or `always`) and started on a 2 MiB boundary. The pass over the
@@ -106,8 +106,8 @@ class Int8Codes:
         full = d // 64 * 64
         self.n, self.d, self.width = n, d, full + 64  # width: the query rows' bytes (the tail's chunk too)
         self._local = threading.local()
-        self.main = _aligned((n, full))
-        self.tail = _aligned((n, lib.a2v_int8_tail_bytes(d)))
+        self.main = aligned_int8((n, full))
+        self.tail = aligned_int8((n, lib.a2v_int8_tail_bytes(d)))
         self.rowsum128 = np.empty(n, np.int32)
         for i in range(0, n, chunk):
             part = codes[i : i + chunk]
@@ -248,39 +248,39 @@ class Int8Search:
             raise ValueError(f"the row bounds must be for ({n}, {d}) codes")
         if source.vectors.shape != (n, d):
             raise ValueError(f"the source vectors must be ({n}, {d})")
-        lib = _int8_library()
-        assert lib is not None  # available() held when the codes were laid out
+        assert _int8_library() is not None and _module is not None  # available() held when the codes were laid out
         self.codes, self.bounds, self.source = codes, bounds, source  # kept alive: the library reads them
-        self._fn = lib.a2v_int8_search
-        self._head = (codes._main_at, codes._tail_at, n, d, codes._rowsum_at)
-        self._rows = (*bounds.addresses,)
-        self._from = (source.vectors_at, source.ids_at)
+        self._search = _module.search
+        self._fixed = (
+            codes._main_at,
+            codes._tail_at,
+            n,
+            d,
+            codes._rowsum_at,
+            *bounds.addresses,
+            source.vectors_at,
+            source.ids_at,
+        )
+
+    def records(
+        self, query: np.ndarray, k: int, eligible: np.ndarray | None, limit: int, max_cands: int
+    ) -> list[tuple[int, float, int]] | None:
+        """As `Int8Codes.search`, the answer as (id, score, row) tuples, best first: one call of the
+        library's Python entry point (scan.c `search`), which checks the query and `eligible`. A
+        query that is not finite gets [] (nothing ranks against it)."""
+        if eligible is not None:
+            eligible = np.ascontiguousarray(eligible, np.bool_)
+        t = self.codes._scratch(k)
+        return self._search(self._fixed, t.everything, query, eligible, k, min(limit, self.codes.n), max_cands)
 
     def __call__(
         self, query: np.ndarray, k: int, eligible: np.ndarray | None, limit: int, max_cands: int
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """As `Int8Codes.search`."""
-        c = self.codes
-        query, at = c._checked(query, k, eligible)
-        limit = max(0, min(int(limit), c.n))
-        t = c._scratch(k)
-        got = self._fn(
-            *self._head,
-            query.ctypes.data,
-            *self._rows,
-            at,
-            k,
-            *t.addresses,
-            *self._from,
-            limit,
-            max_cands,
-            *t.search_out,
-        )
-        if got == -3:
+        """As `Int8Codes.search`: the rows and their scores as arrays."""
+        got = self.records(np.ascontiguousarray(query, np.float32), k, eligible, limit, max_cands)
+        if got is None:
             return None
-        if got < 0:
-            c._refused(got, k)
-        return t.out_rows[:got].copy(), t.out_scores[:got].copy()  # the scratch serves the next search
+        return np.array([r for _, _, r in got], np.int64), np.array([s for _, s, _ in got], np.float64)
 
 
 class _Scratch:
@@ -291,7 +291,8 @@ class _Scratch:
         self.addresses = tuple(a.ctypes.data for a in (self.heap, self.rows, self.upper, self.q, self.bound))
         self.hits = np.empty((n, 3), np.float64)  # a2v_int8_search's (score, id, position) structs
         self.out_rows, self.out_scores = np.empty(n, np.int64), np.empty(n, np.float64)  # and its answer
-        self.search_out = (self.hits.ctypes.data, self.out_rows.ctypes.data, self.out_scores.ctypes.data)
+        search_out = (self.hits.ctypes.data, self.out_rows.ctypes.data, self.out_scores.ctypes.data)
+        self.everything = self.addresses + search_out  # in scan.c `search`'s order
 
 
 @dataclass(frozen=True)

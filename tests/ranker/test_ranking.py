@@ -276,10 +276,10 @@ def test_the_int8_scan_is_not_used_where_it_cannot_be_exact(monkeypatch, caplog)
         def wrong(self, query, k, eligible, limit, most):
             v, ids = self.source.vectors, self.source.ids
             at, scores = memory_scan.native_scan.top_rows(v, np.arange(len(v)), ids, -query, limit)
-            return at, -scores
+            return list(zip(ids[at].tolist(), (-scores).tolist(), at.tolist()))
 
         with monkeypatch.context() as m, caplog.at_level("WARNING"):
-            m.setattr(memory_scan.native_scan.Int8Search, "__call__", wrong)
+            m.setattr(memory_scan.native_scan.Int8Search, "records", wrong)
             m.setattr(memory_scan, "int8_kernel", lambda n, d: "vnni")
             scan = memory_scan.MemoryScan(ids, vectors, filt, precision="int8")
         assert scan.precision == "float32" and "unlike the float32 search's" in caplog.text
