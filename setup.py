@@ -1,7 +1,8 @@
 """The one compiled part of the package; everything else is configured in pyproject.toml.
 
-The ranker's int8 scan kernel (anime2vec/native/scan.c), loaded with ctypes. Optional: where no C
-compiler is found the package installs without it and the scan uses torch's int8 product.
+The ranker's int8 scan kernel (anime2vec/native/scan.c), loaded with ctypes and imported for its one
+Python entry point (the search per request). Optional: where no C compiler (or no Python headers) is
+found the package installs without it and the scan uses torch's int8 product.
 """
 
 from setuptools import Extension, setup

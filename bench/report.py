@@ -40,7 +40,10 @@ def _md_search(s: dict) -> list[str]:
         "default, from the vectors in memory: `ranker in-memory`; Qdrant's exact scan with "
         "A2V_RANKER_SEARCH_IN_MEMORY=false) scans every float32 vector; `quantized` scans int8 copies and rescores the best "
         f"{s['oversampling']:g}× the page in float32 (at most 400 vectors: top-100 rescores 4×). Cases run "
-        f"interleaved query by query, so a stall of the machine hits all alike. Filtered: {', '.join(s['filter']['include_genres'])}, "
+        "interleaved query by query in an order shuffled per query, so a stall of the machine, and what the case "
+        "before left in the caches, fall on all alike. The int8 read floor sums a copy of the codes' bytes "
+        "allocated as the ranker's codes are (huge pages where the kernel gives them). "
+        f"Filtered: {', '.join(s['filter']['include_genres'])}, "
         f"{s['filter']['year_min']}–{s['filter']['year_max']} ({s['filter']['matching_items']:,} items match).",
         "",
         "| case | p50 ms | p99 ms | p50 / numpy | recall vs exact |",
@@ -67,7 +70,7 @@ def _md_search(s: dict) -> list[str]:
             f"{u.get('vs_float32_in_memory', float('nan')):.2f}× the same search in float32), "
             f"{u['vs_numpy_1_thread']:.1f}× numpy, {u['vs_faiss_flat']:.1f}× faiss flat"
             + (
-                f"; per query against the floor pass of the same rotation, median {u['paired_vs_int8_read_floor']:.2f}×"
+                f"; per query against the floor pass of the same round, median {u['paired_vs_int8_read_floor']:.2f}×"
                 if "paired_vs_int8_read_floor" in u
                 else ""
             ),

@@ -340,7 +340,7 @@ def run_search_bench(
             "vs_numpy_1_thread": served_unfiltered / cases[f"numpy {page}"]["p50_ms"],
             "vs_faiss_flat": served_unfiltered / cases[f"faiss flat {page}"]["p50_ms"],
             "vs_int8_read_floor": served_unfiltered / floor,
-            # per query, the served search over the floor pass of the same rotation (seconds apart, one
+            # per query, the served search over the floor pass of the same round (milliseconds apart, one
             # machine state): the median of those ratios, beside the ratio of the two p50s (the target's)
             "paired_vs_int8_read_floor": float(np.median(times[served[0]] / times["int8 read floor"])),
             "vs_float32_read_floor": served_unfiltered / cases["float32 read floor"]["p50_ms"],

@@ -5,7 +5,8 @@ has AVX-512 VNNI, and d fits its register budget. `Int8Codes(codes).dot2(q)` ret
 `q.astype(int64) @ codes.astype(int64).T` for two query rows, as int32; `Int8Codes.scan` runs the
 ranker's bounded top-k candidate scan on those products in the same pass (RowBounds says what it needs).
 `row_scores` and `top_rows` (any x86-64 CPU where the library was built) score listed float32 rows in
-float64, and order the best.
+float64, and order the best. `Int8Search.records`, the ranker's call per request, is the scan and the
+rescoring through the library's one Python entry point (no ctypes on that path); the rest go through ctypes.
 """
 
 from __future__ import annotations
