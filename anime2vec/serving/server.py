@@ -324,6 +324,31 @@ def _tolerant(deserialize: Callable | None) -> Callable | None:
     return parse
 
 
+# SIGTERM and SIGINT from the start of a service's main(): one that arrives while the service loads, or
+# settles its heap right after it starts serving, is remembered and stops the server gracefully as soon as
+# it waits (`wait_for_termination`). Taken only there, such a signal killed the process outright (exit
+# -15, nothing shut down in order), e.g. a pod stopped just as it turned ready.
+_signals_received: list[int] = []
+_signal_pending = threading.Event()
+_signal_target: RunningServer | None = None
+
+
+def handle_stop_signals() -> None:
+    """Take SIGTERM and SIGINT from now on (a service's main(), before it starts; main thread only)."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # only record and set an event: logging from a signal handler can deadlock on the logging lock
+        # the interrupted code holds
+        _signals_received.append(signum)
+        if _signal_target is not None:
+            _signal_target.request_stop()
+        else:
+            _signal_pending.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
 class RunningServer:
     """A started server. `wait_for_termination()` blocks until SIGTERM/SIGINT (or `request_stop`),
     then shuts down gracefully: health NOT_SERVING, in-flight RPCs get `shutdown_grace_s`, then
@@ -366,21 +391,19 @@ class RunningServer:
         self._stop_requested.set()
 
     def wait_for_termination(self, handle_signals: bool = True) -> None:
-        received: list[int] = []
+        """Serve until `request_stop`, or with `handle_signals` a SIGTERM or SIGINT (also one taken by
+        `handle_stop_signals` before this server existed), then stop gracefully."""
+        global _signal_target
         if handle_signals:
-            # The handler only records and sets an event: logging from a signal handler can
-            # deadlock on the logging lock the interrupted code holds.
-            def on_signal(signum: int, _frame: object) -> None:
-                received.append(signum)
+            _signal_target = self  # before the check below: a signal now stops this server directly
+            handle_stop_signals()
+            if _signal_pending.is_set():
                 self.request_stop()
-
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, on_signal)
         # Short waits keep the main thread responsive to signals.
         while not self._stop_requested.wait(0.5):
             pass
-        if received:
-            log.info("received %s, shutting down", signal.Signals(received[0]).name)
+        if handle_signals and _signals_received:
+            log.info("received %s, shutting down", signal.Signals(_signals_received[0]).name)
         self.stop()
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ import grpc
 from anime2vec.serving import errors, heap
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics, set_model_info
-from anime2vec.serving.server import RunningServer, build_server, time_remaining
+from anime2vec.serving.server import RunningServer, build_server, handle_stop_signals, time_remaining
 from anime2vec.serving.settings import SettingsError
 from anime2vec.v1 import encoder_pb2, encoder_pb2_grpc
 
@@ -147,6 +147,7 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "encoder")
+    handle_stop_signals()  # a stop signal while starting stops it once it serves, gracefully
     try:
         encoder = load_encoder(settings)
     except (OSError, ValueError) as e:

@@ -14,7 +14,7 @@ from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.limits import LearntLimits
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics, set_model_info
-from anime2vec.serving.server import RunningServer, build_server
+from anime2vec.serving.server import RunningServer, build_server, handle_stop_signals
 from anime2vec.serving.settings import SettingsError
 from anime2vec.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, ranker_pb2
 
@@ -91,6 +91,7 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "gateway")
+    handle_stop_signals()  # a stop signal while starting stops it once it serves, gracefully
     try:
         running, _ = start(settings)
     except RuntimeError as e:  # a port in use

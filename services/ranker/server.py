@@ -17,7 +17,7 @@ from anime2vec.serving import heap
 from anime2vec.serving.encoder_client import EncoderClient
 from anime2vec.serving.logging import configure_logging
 from anime2vec.serving.metrics import Metrics, create_metrics
-from anime2vec.serving.server import RunningServer, build_server
+from anime2vec.serving.server import RunningServer, build_server, handle_stop_signals
 from anime2vec.serving.settings import SettingsError
 from anime2vec.serving_model.model import ServingModel
 from anime2vec.v1 import ranker_pb2, ranker_pb2_grpc
@@ -121,6 +121,7 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "ranker")
+    handle_stop_signals()  # a stop signal while starting stops it once it serves, gracefully
     one_thread_per_request()
     try:
         running, _ = start(settings)

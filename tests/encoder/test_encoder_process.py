@@ -121,6 +121,18 @@ def test_serves_over_a_socket_and_exits_cleanly_on_sigterm(encoder_process):
     _wait_for(lines, "stopped", timeout=10)
 
 
+def test_a_sigterm_while_starting_stops_it_gracefully_once_it_serves(encoder_process):
+    """A stop signal sent as the model has loaded, before the server serves (a pod stopped as it
+    starts): taken only once the server waited for it, it killed the process (exit -15)."""
+    proc, lines = encoder_process
+    _wait_for(lines, "model loaded")
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(lines, "serving", timeout=60)  # it finishes starting ...
+    stopping = _wait_for(lines, "received SIGTERM, shutting down", timeout=60)  # ... then stops in order
+    assert proc.wait(60) == 0 and stopping["level"] == "INFO"
+    _wait_for(lines, "stopped", timeout=10)
+
+
 def test_invalid_configuration_exits_2_naming_the_variable():
     proc, lines = _launch(_env(A2V_ENCODER_MODEL="gpt-9", A2V_ENCODER_MAX_WAIT_MS="-1"))
     assert proc.wait(120) == 2
