@@ -30,6 +30,7 @@ import numpy as np
 
 from anime2vec.index.backends import open_index
 from anime2vec.index.base import DEFAULT_OVERSAMPLING, ItemPoint, SearchFilter
+from anime2vec.native.scan import aligned_int8
 
 N_ITEMS = 16_686  # the served catalogue (anime with a synopsis)
 LIMITS = (11, 100)
@@ -139,8 +140,6 @@ def int8_words(vectors: np.ndarray) -> np.ndarray:
     read floor of any search over the catalogue. In memory allocated as the ranker's codes are
     (`aligned_int8`: huge pages where the kernel gives them): wherever numpy's allocation landed in
     4 KiB pages the same sum took 1.3-1.5x as long, and the floor moved from run to run with it."""
-    from anime2vec.native.scan import aligned_int8
-
     lo, hi = np.quantile(vectors, [0.01, 0.99])
     int8 = np.clip(np.round((vectors - lo) / (hi - lo) * 255 - 128), -128, 127).astype(np.int8)
     size = int8.size // 8 * 8

@@ -384,12 +384,12 @@ class MemoryScan:
         query = np.ascontiguousarray(query, np.float32)
         at = self._never_ranked(block.rows, flt, added)
         top: Iterable[tuple[int, float, int]] | None = None
-        if block.vectors is None and self._int8 is not None and self._search is not None:
-            # the compiled search checks the query itself (numpy's check cost ~0.02 ms with a cold cache)
-            top = self._int8_top(block, query, at, limit)
-        elif not np.isfinite(query).all():  # a query that is not finite ranks no bundle anime
+        int8 = block.vectors is None and self._int8 is not None
+        # a query that is not finite ranks no bundle anime; the compiled search checks that itself
+        # (numpy's check cost ~0.02 ms with a cold cache)
+        if not (int8 and self._search is not None) and not np.isfinite(query).all():
             top = ()
-        elif block.vectors is None and self._int8 is not None:
+        elif int8:
             top = self._int8_top(block, query, at, limit)
         if top is None:
             picked, scores = self._float32_top(block, query, query.astype(np.float64), at, limit)
